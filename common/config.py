@@ -1,0 +1,115 @@
+"""Configuration both sides share: the stream a consumer asks for, and where the daemon lives.
+
+A stream is defined by `(split, rank, world_size)` plus the batch shape and packing:
+rank `r` of `W` reads row groups `r, r+W, r+2W, ...` of the split's global row-group
+sequence and packs them into windows of `batch_size * seq_len + 1` tokens.
+
+The run directory holds the daemon's control socket (`<run_dir>/control`), its
+worker socket and its lock file. It is private to the user (mode 0700).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenfeed.common.errors import ConfigError
+
+RUN_DIR_ENV = "TOKENFEED_RUN_DIR"
+CONTROL_SOCKET_NAME = "control"
+WORKER_SOCKET_NAME = "workers"
+SPLITS = ("train", "val")
+PACKINGS = ("concat", "bestfit")
+# AF_UNIX paths are limited to 108 bytes on Linux (sun_path), terminator included.
+MAX_IPC_PATH_BYTES = 107
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamSpec:
+    """What a consumer asks the daemon for; equal specs may share one ring."""
+
+    split: str = "train"
+    rank: int = 0
+    world_size: int = 1
+    batch_size: int
+    seq_len: int
+    packing: str = "concat"
+    shuffle_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"split={self.split!r} is unknown; use one of {SPLITS}")
+        if self.world_size < 1:
+            raise ConfigError(f"world_size={self.world_size} must be >= 1")
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(
+                f"rank={self.rank} is outside [0, world_size={self.world_size}); "
+                "pass the rank of this process among world_size ranks"
+            )
+        if self.batch_size < 1 or self.seq_len < 1:
+            raise ConfigError(
+                f"batch_size={self.batch_size} and seq_len={self.seq_len} must both be >= 1"
+            )
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"packing={self.packing!r} is unknown; use one of {PACKINGS}")
+
+    @property
+    def window_tokens(self) -> int:
+        """Tokens in one slot: B*T+1 for concat (inputs and targets overlap by one)."""
+        if self.packing == "bestfit":
+            return self.batch_size * (self.seq_len + 1)
+        return self.batch_size * self.seq_len + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StreamSpec:
+        fields = {"split", "rank", "world_size", "batch_size", "seq_len", "packing", "shuffle_seed"}
+        unknown = set(d) - fields
+        if unknown:
+            raise ConfigError(f"stream spec has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def default_run_dir() -> Path:
+    """`$TOKENFEED_RUN_DIR`, else `<tmp>/tokenfeed-<uid>`: one daemon per user per node."""
+    env = os.environ.get(RUN_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(tempfile.gettempdir()) / f"tokenfeed-{os.getuid()}"
+
+
+def resolve_run_dir(run_dir: str | os.PathLike[str] | None) -> Path:
+    return Path(run_dir).expanduser().absolute() if run_dir else default_run_dir().absolute()
+
+
+def ipc_address(run_dir: Path, name: str) -> str:
+    path = str(run_dir / name)
+    if len(path.encode()) > MAX_IPC_PATH_BYTES:
+        raise ConfigError(
+            f"socket path {path!r} is {len(path.encode())} bytes, over the "
+            f"{MAX_IPC_PATH_BYTES}-byte limit of Unix sockets; pass a shorter --run-dir"
+        )
+    return f"ipc://{path}"
+
+
+def control_address(run_dir: Path) -> str:
+    return ipc_address(run_dir, CONTROL_SOCKET_NAME)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create `path` with mode 0700, or check that an existing one is ours and private."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise ConfigError(
+            f"run dir {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+            f"pass --run-dir or set {RUN_DIR_ENV} to a directory of your own"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)

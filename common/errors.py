@@ -1,0 +1,48 @@
+"""Errors shared by the daemon, its workers and the consumer client.
+
+Every error names the offending value and the fix. `UserInputError` and its
+subclasses are user mistakes: the CLI prints them as one line on stderr and exits
+with code 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+
+class TokenfeedError(Exception):
+    """Base class of every error tokenfeed raises on purpose."""
+
+
+class UserInputError(TokenfeedError):
+    """A bad flag, path, file or argument; the message says what to change."""
+
+
+class DataError(UserInputError):
+    """The corpus cannot be read as asked: no files, missing column, bad split."""
+
+
+class TokenizerError(UserInputError):
+    """The tokenizer spec names nothing that can be loaded offline."""
+
+
+class ConfigError(UserInputError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class StateMismatchError(UserInputError):
+    """A saved feed state does not match the stream it is loaded into."""
+
+
+class ProtocolError(TokenfeedError):
+    """A control message is malformed, of an unknown op or of another protocol version."""
+
+
+class DaemonUnavailableError(TokenfeedError):
+    """No daemon answers on the control socket."""
+
+
+class DaemonGoneError(TokenfeedError):
+    """The daemon shut down or stopped answering while a consumer was attached."""
+
+
+class StreamFailedError(TokenfeedError):
+    """The daemon could not produce a stream (a row group kept failing, say)."""

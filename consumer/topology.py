@@ -1,0 +1,53 @@
+"""Where this training rank sits: rank, world size and device, read once.
+
+Order of precedence: explicit arguments, then an initialized `torch.distributed`
+process group, then the `RANK` / `WORLD_SIZE` / `LOCAL_RANK` variables that
+torchrun sets, then a single process on CPU or `cuda:LOCAL_RANK`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tokenfeed.common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_topology(
+    rank: int | None, world_size: int | None, device: str | torch.device | None
+) -> Topology:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank() if rank is None else rank
+        world_size = dist.get_world_size() if world_size is None else world_size
+    rank = rank if rank is not None else (_env_int("RANK") or 0)
+    world_size = world_size if world_size is not None else (_env_int("WORLD_SIZE") or 1)
+    if device is None:
+        local = _env_int("LOCAL_RANK") or 0
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device={device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} asked for, but CUDA is not available; use 'cpu'")
+    return Topology(rank, world_size, dev)

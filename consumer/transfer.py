@@ -1,0 +1,108 @@
+"""Slot -> (inputs, targets) tensors on the device, never aliasing the ring.
+
+CPU: one pass copies the slot into two fresh tensors (int32 inputs, int64
+targets); the slot can be released as soon as `copy` returns.
+
+CUDA: the whole ring is registered as pinned memory (`cudaHostRegister`), so one
+`non_blocking` copy per batch moves the raw slot to a fresh device buffer on a
+side stream; widening to int32/int64 happens on the GPU on that stream. An event
+recorded after the last kernel tells when the slot's bytes are no longer needed;
+the caller's stream waits on that event before it touches the tensors.
+
+Layouts: `concat` slots hold B*T+1 tokens (inputs = w[:-1], targets = w[1:]);
+`bestfit` slots hold B rows of T+1 tokens (inputs = row[:-1], targets = row[1:]).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenfeed.common.errors import TokenfeedError
+from tokenfeed.common.ring import Ring
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class CpuTransfer:
+    def __init__(self, ring: Ring, batch_size: int, seq_len: int, packing: str) -> None:
+        self.ring, self.B, self.T, self.packing = ring, batch_size, seq_len, packing
+
+    def copy(self, slot: int) -> tuple[Batch, Any]:
+        src = self.ring.slots[slot]
+        x = torch.empty((self.B, self.T), dtype=torch.int32)
+        y = torch.empty((self.B, self.T), dtype=torch.int64)
+        if self.packing == "bestfit":
+            rows = src.reshape(self.B, self.T + 1)
+            np.copyto(x.numpy(), rows[:, :-1], casting="unsafe")
+            np.copyto(y.numpy(), rows[:, 1:], casting="unsafe")
+        else:
+            np.copyto(x.numpy().reshape(-1), src[:-1], casting="unsafe")
+            np.copyto(y.numpy().reshape(-1), src[1:], casting="unsafe")
+        return (x, y), None
+
+    @staticmethod
+    def done(token: Any) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class CudaTransfer:
+    def __init__(
+        self, ring: Ring, batch_size: int, seq_len: int, packing: str, device: torch.device
+    ) -> None:
+        self.ring, self.B, self.T, self.packing, self.device = (
+            ring, batch_size, seq_len, packing, device
+        )
+        self.unsigned16 = ring.layout.itemsize == 2
+        self._base = int(np.frombuffer(ring.segment.mm, dtype=np.uint8).ctypes.data)
+        self._size = ring.segment.size
+        err = torch.cuda.cudart().cudaHostRegister(self._base, self._size, 0)
+        if int(err) != 0:
+            raise TokenfeedError(
+                f"cudaHostRegister of the {self._size >> 20} MiB ring failed (error {int(err)}); "
+                "check the memlock limit (ulimit -l) of the training process"
+            )
+        signed = np.int16 if self.unsigned16 else np.int32  # same bits; torch lacks uint copies
+        self.host = torch.from_numpy(ring.slots.view(signed))
+        self.stream = torch.cuda.Stream(device)
+
+    def copy(self, slot: int) -> tuple[Batch, torch.cuda.Event]:
+        with torch.cuda.stream(self.stream):
+            raw = torch.empty(self.host.shape[1], dtype=self.host.dtype, device=self.device)
+            raw.copy_(self.host[slot], non_blocking=True)
+            wide = raw.to(torch.int64)
+            if self.unsigned16:
+                wide &= 0xFFFF
+            if self.packing == "bestfit":
+                rows = wide.view(self.B, self.T + 1)
+                x, y = rows[:, :-1].to(torch.int32), rows[:, 1:].contiguous()
+            else:
+                x, y = wide[:-1].view(self.B, self.T).to(torch.int32), wide[1:].view(self.B, self.T)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return (x, y), event
+
+    @staticmethod
+    def done(event: torch.cuda.Event) -> bool:
+        return bool(event.query())
+
+    def close(self) -> None:
+        self.stream.synchronize()
+        del self.host
+        torch.cuda.cudart().cudaHostUnregister(self._base)
+
+
+def make_transfer(
+    ring: Ring, batch_size: int, seq_len: int, packing: str, device: torch.device
+) -> CpuTransfer | CudaTransfer:
+    if device.type == "cuda":
+        return CudaTransfer(ring, batch_size, seq_len, packing, device)
+    return CpuTransfer(ring, batch_size, seq_len, packing)

@@ -1,0 +1,156 @@
+"""The `tokenfeed` command: serve, stop, status, scale, demo.
+
+User mistakes (`UserInputError`) print one line on stderr and exit with code 2;
+an unreachable daemon prints one line and exits with code 1. No tracebacks for
+either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tokenfeed.common.config import resolve_run_dir
+from tokenfeed.common.control import request
+from tokenfeed.common.errors import DaemonUnavailableError, TokenfeedError, UserInputError
+from tokenfeed.producer.config import DEFAULT_TOKENIZER, DaemonConfig
+
+
+def _add_run_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", help="daemon run dir (default: $TOKENFEED_RUN_DIR, "
+                   "else <tmp>/tokenfeed-<uid>)")
+
+
+def _add_data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--data", required=required, help="folder of *.parquet shards")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                   help="tiktoken encoding name or tokenizer directory "
+                   f"(default: {DEFAULT_TOKENIZER}, bundled, offline)")
+    p.add_argument("--bos", help="BOS special token (default: <|bos|>, else <|endoftext|>)")
+    p.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
+    p.add_argument("--slots", type=int, default=8, help="ring slots (batches) per stream")
+    p.add_argument("--val-files", type=int, default=1, help="last N files form the val split")
+    p.add_argument("--text-column", default="text", help="Parquet column holding the text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenfeed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the node daemon in the foreground")
+    _add_data_flags(serve, required=True)
+    _add_run_dir(serve)
+    serve.add_argument("--linger-s", type=float, default=300.0,
+                       help="keep a stream warm this long after its last consumer leaves")
+    serve.add_argument("--max-ring-mib", type=int, default=8192,
+                       help="upper bound on all rings together, in MiB of /dev/shm")
+    serve.add_argument("--log-level", default="INFO")
+
+    stop = sub.add_parser("stop", help="stop the daemon")
+    _add_run_dir(stop)
+
+    status = sub.add_parser("status", help="streams, queue depth and workers of the daemon")
+    _add_run_dir(status)
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
+                        help="refresh every SECONDS (default 1) until Ctrl-C")
+
+    scale = sub.add_parser("scale", help="resize the worker pool of a running daemon")
+    scale.add_argument("--workers", type=int, required=True)
+    _add_run_dir(scale)
+
+    demo = sub.add_parser("demo", help="daemon + two consumer ranks on a sample corpus")
+    _add_data_flags(demo, required=False)
+    demo.add_argument("--batches", type=int, default=300, help="batches per rank")
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--seq-len", type=int, default=1024)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from tokenfeed.producer.daemon import serve
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s tokenfeed %(levelname)s %(name)s: %(message)s")
+    serve(DaemonConfig(
+        data_dir=Path(args.data).expanduser(), run_dir=resolve_run_dir(args.run_dir),
+        tokenizer=args.tokenizer, bos=args.bos, workers=args.workers, slots=args.slots,
+        val_files=args.val_files, text_column=args.text_column, linger_s=args.linger_s,
+        max_ring_bytes=args.max_ring_mib << 20,
+    ))
+
+
+def format_status(s: dict[str, Any]) -> str:
+    w = s["workers"]
+    lines = [
+        f"daemon {s['daemon_id']}  pid {s['pid']}  up {s['uptime_s']:.0f} s  "
+        f"tokenizer {s['tokenizer']}  workers {w['alive']}/{w['target']} ({w['busy']} busy)  "
+        f"tokens delivered {s['tokens_delivered']:,}",
+        f"{'stream':>6} {'split':<5} {'rank':>7} {'B x T':>11} {'depth':>7} {'cons':>4} "
+        f"{'batches':>8} {'epoch':>5} {'unit':>7}  error",
+    ]
+    for st in s["streams"]:
+        pos = st["position"]
+        lines.append(
+            f"{st['stream']:>6} {st['split']:<5} {st['rank']:>3}/{st['world_size']:<3} "
+            f"{st['batch_size']:>4} x {st['seq_len']:<5}"
+            f"{st['depth']:>3}/{st['slots']:<3} {st['consumers']:>4} {st['batches']:>8} "
+            f"{pos['epoch']:>5} {pos['unit']:>7}  {st['error'] or ''}"
+        )
+    if not s["streams"]:
+        lines.append("(no streams: no consumer has attached yet)")
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> None:
+    run_dir = resolve_run_dir(args.run_dir)
+    while True:
+        s = request(run_dir, "status")
+        s.pop("v", None)
+        s.pop("op", None)
+        text = json.dumps(s, indent=2) if args.json else format_status(s)
+        if args.watch is None:
+            print(text)
+            return
+        print("\033[2J\033[H" + text, flush=True)
+        time.sleep(args.watch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            _serve(args)
+        elif args.command == "stop":
+            request(resolve_run_dir(args.run_dir), "stop")
+            print(f"tokenfeed daemon at {resolve_run_dir(args.run_dir)} stopping")
+        elif args.command == "status":
+            _status(args)
+        elif args.command == "scale":
+            reply = request(resolve_run_dir(args.run_dir), "scale", workers=args.workers)
+            print(f"worker pool resized to {reply['workers']}")
+        elif args.command == "demo":
+            from tokenfeed.producer.demo import run_demo
+
+            return run_demo(args)
+    except UserInputError as e:
+        print(f"tokenfeed: error: {e}", file=sys.stderr)
+        return 2
+    except DaemonUnavailableError as e:
+        print(f"tokenfeed: {e}", file=sys.stderr)
+        return 1
+    except TokenfeedError as e:
+        print(f"tokenfeed: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

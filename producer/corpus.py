@@ -1,0 +1,210 @@
+"""Build a small real-text Parquet corpus offline, from text that ships with CPython.
+
+Sources, all English prose read from the running interpreter's install:
+
+- each topic of `pydoc_data.topics.topics` (the language reference help, ~0.47 MB);
+- per stdlib module, its docstring followed by its class and function docstrings, read by
+  parsing the `.py` source with `ast` (nothing is imported); test directories and
+  site-packages are skipped, and so is any document under 200 characters;
+- the stdlib's `.txt` files (LICENSE.txt, idlelib's NEWS.txt, ...) except grammar files.
+
+A text that two sources share is kept once.
+
+CPython 3.11 yields about 2.4 MB of UTF-8 in all (543 documents, ~2.3 s to parse). The
+sources are listed in sorted order and shuffled with `random.Random(0)`, so one Python
+install always gives the same corpus. Documents are taken in that order, skipping any that
+would pass `target_bytes`, until fewer than 200 bytes are left (300 kB comes within 200
+bytes after ~150 sources, ~0.5 s): sources are parsed lazily, so a small target parses
+only a few modules. Nothing repeats: a target above what the install holds returns
+everything there is.
+
+Layout on disk: `shard_00000.parquet`, `shard_00001.parquet`, ... each with a string
+column of text (nulls allowed) and an int64 `id` column (the document's global index),
+written in row groups of `rows_per_group` rows. Each shard is written to a temporary name
+and renamed, so a crash never leaves a truncated shard under its final name.
+
+Failure behaviour: bad sizes or counts raise `ConfigError` naming the value and the fix;
+stdlib sources that cannot be read or parsed are skipped (logged at debug level).
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import random
+import sysconfig
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tokenfeed.common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MIN_DOC_CHARS = 200
+SHUFFLE_SEED = 0
+SKIPPED_DIRS = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+)
+ID_COLUMN = "id"
+SHARD_NAME = "shard_{:05d}.parquet"
+
+_DocNode = ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def _docstrings(node: _DocNode) -> Iterator[str]:
+    """Docstrings of `node` and of the classes and functions inside it, in source order."""
+    doc = ast.get_docstring(node, clean=True)
+    if doc:
+        yield doc
+    for child in node.body:
+        if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            yield from _docstrings(child)
+
+
+def _module_document(path: Path) -> str | None:
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (OSError, SyntaxError, ValueError) as e:
+        logger.debug("skipping %s: %s", path, e)
+        return None
+    return "\n\n".join(_docstrings(tree))
+
+
+def _text_document(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        logger.debug("skipping %s: %s", path, e)
+        return None
+
+
+def _stdlib_files(stdlib: Path) -> list[Path]:
+    """The stdlib's .py and .txt files, sorted by relative path, outside test dirs."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
+        rel_dir = Path(dirpath).relative_to(stdlib)
+        for name in filenames:
+            is_text = name.endswith(".txt") and not name.endswith("Grammar.txt")
+            if name.endswith(".py") or is_text:
+                found.append((rel_dir / name).as_posix())
+    return [stdlib / rel for rel in sorted(found)]
+
+
+def _sources() -> list[tuple[str, str]]:
+    """Every document source as (kind, key), in a fixed shuffled order."""
+    import pydoc_data.topics  # data only: one dict of help texts
+
+    sources = [("topic", key) for key in sorted(pydoc_data.topics.topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in _stdlib_files(stdlib):
+        sources.append(("module" if path.suffix == ".py" else "text", str(path)))
+    random.Random(SHUFFLE_SEED).shuffle(sources)
+    return sources
+
+
+def _document(kind: str, key: str) -> str | None:
+    if kind == "topic":
+        import pydoc_data.topics
+
+        return pydoc_data.topics.topics[key]
+    if kind == "module":
+        return _module_document(Path(key))
+    return _text_document(Path(key))
+
+
+def sample_documents(target_bytes: int) -> list[str]:
+    """English documents from the CPython install, at most `target_bytes` of UTF-8 in all."""
+    if target_bytes < 1:
+        raise ConfigError(f"target_bytes is {target_bytes}; ask for at least 1 byte.")
+    docs: list[str] = []
+    seen: set[str] = set()  # help topics "if" and "else" share one text
+    total_bytes = 0
+    for kind, key in _sources():
+        doc = _document(kind, key)
+        if doc is None or len(doc) < MIN_DOC_CHARS or doc in seen:
+            continue
+        doc_bytes = len(doc.encode("utf-8"))
+        if total_bytes + doc_bytes > target_bytes:
+            continue  # a smaller document further on may still fit
+        docs.append(doc)
+        seen.add(doc)
+        total_bytes += doc_bytes
+        if target_bytes - total_bytes < MIN_DOC_CHARS:
+            break  # no document is that short: the target is met
+    logger.debug("sampled %d documents, %d bytes (target %d)", len(docs), total_bytes, target_bytes)
+    return docs
+
+
+def write_shards(
+    docs: Sequence[str | None],
+    out_dir: Path,
+    *,
+    num_files: int,
+    rows_per_group: int,
+    text_column: str = "text",
+) -> list[Path]:
+    """Split `docs` contiguously and evenly over `num_files` Parquet shards in `out_dir`."""
+    if num_files < 1:
+        raise ConfigError(f"num_files is {num_files}; write at least 1 file.")
+    if rows_per_group < 1:
+        raise ConfigError(f"rows_per_group is {rows_per_group}; use at least 1 row per group.")
+    if len(docs) < num_files:
+        raise ConfigError(
+            f"{len(docs)} documents cannot fill {num_files} files; lower num_files to at "
+            f"most {len(docs)} or pass more documents."
+        )
+    if not text_column or text_column == ID_COLUMN:
+        raise ConfigError(
+            f"text_column is {text_column!r}; pick a non-empty name other than {ID_COLUMN!r}."
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base, extra = divmod(len(docs), num_files)
+    paths: list[Path] = []
+    start = 0
+    for index in range(num_files):
+        stop = start + base + (1 if index < extra else 0)
+        table = pa.table(
+            {
+                text_column: pa.array(docs[start:stop], type=pa.string()),
+                ID_COLUMN: pa.array(range(start, stop), type=pa.int64()),
+            }
+        )
+        path = out_dir / SHARD_NAME.format(index)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            pq.write_table(table, tmp, row_group_size=rows_per_group)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        paths.append(path)
+        start = stop
+    return paths
+
+
+def build_sample_corpus(
+    out_dir: Path,
+    *,
+    target_bytes: int = 4_000_000,
+    num_files: int = 8,
+    row_groups_per_file: int = 4,
+) -> list[Path]:
+    """Write `sample_documents(target_bytes)` as Parquet shards; returns their paths.
+
+    Rows per group are chosen so every file splits into `row_groups_per_file`
+    groups of nearly equal size: with one short tail group per file, rank striding
+    would hand every tail to the same rank.
+    """
+    docs = sample_documents(target_bytes)
+    docs_per_file = -(-len(docs) // num_files)
+    return write_shards(
+        docs,
+        out_dir,
+        num_files=num_files,
+        rows_per_group=max(1, -(-docs_per_file // row_groups_per_file)),
+    )

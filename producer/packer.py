@@ -1,0 +1,76 @@
+"""Packers turn a rank's ordered row-group token arrays into fixed windows.
+
+`ConcatPacker` (the default) concatenates every document of the rank's stream and
+cuts consecutive, non-overlapping windows of `B*T+1` tokens: batch k is
+`stream[k*L:(k+1)*L]`. A position in the stream is `(unit, offset)`: the next
+token is at `offset` of the rank's `unit`-th row group. A position derives only
+from the last token written (never from how many units happen to be buffered),
+so the same window always carries the same cursor, however workers were
+scheduled, and resuming at `(unit, offset)` re-reads that unit and drops
+`offset` tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class _Chunk:
+    unit: int
+    tokens: np.ndarray
+    doc_starts: np.ndarray
+    pos: int
+
+
+class ConcatPacker:
+    def __init__(self, window_tokens: int, start: dict[str, Any]) -> None:
+        self.window_tokens = window_tokens
+        self.next_unit = int(start["unit"])  # next unit to accept from the reorder buffer
+        self._skip = int(start["offset"])
+        self._chunks: deque[_Chunk] = deque()
+        self.buffered_tokens = 0
+        self.position: dict[str, Any] = {"unit": self.next_unit, "offset": self._skip, "doc": 0}
+
+    def push(self, unit: int, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
+        assert unit == self.next_unit, (unit, self.next_unit)
+        self.next_unit += 1
+        pos, self._skip = min(self._skip, len(tokens)), 0
+        self._chunks.append(_Chunk(unit, tokens, doc_starts, pos))
+        self.buffered_tokens += len(tokens) - pos
+
+    def ready(self) -> bool:
+        return self.buffered_tokens >= self.window_tokens
+
+    def fill(self, out: np.ndarray) -> dict[str, Any]:
+        """Write the next window into `out`; return the position right after it."""
+        need, written = self.window_tokens, 0
+        last: _Chunk | None = None
+        while need:
+            chunk = self._chunks[0]
+            take = min(need, len(chunk.tokens) - chunk.pos)
+            if take:
+                out[written : written + take] = chunk.tokens[chunk.pos : chunk.pos + take]
+                chunk.pos += take
+                written += take
+                need -= take
+                last = chunk
+            if chunk.pos == len(chunk.tokens):
+                self._chunks.popleft()
+        self.buffered_tokens -= self.window_tokens
+        assert last is not None
+        if last.pos < len(last.tokens):
+            doc = int(np.searchsorted(last.doc_starts, last.pos, side="right")) - 1
+            self.position = {"unit": last.unit, "offset": last.pos, "doc": doc}
+        else:
+            self.position = {"unit": last.unit + 1, "offset": 0, "doc": 0}
+        return self.position
+
+    @staticmethod
+    def resume_key(cursor: dict[str, Any]) -> tuple[Any, ...]:
+        """The part of a cursor that defines where the stream continues."""
+        return (int(cursor["unit"]), int(cursor["offset"]))
