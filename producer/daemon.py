@@ -40,7 +40,12 @@ from tokenfeed.common.config import (
     ipc_address,
 )
 from tokenfeed.common.control import error_kind
-from tokenfeed.common.errors import ConfigError, ProtocolError, TokenfeedError
+from tokenfeed.common.errors import (
+    ConfigError,
+    ProtocolError,
+    StateMismatchError,
+    TokenfeedError,
+)
 from tokenfeed.common.ring import Ring, RingLayout, token_dtype
 from tokenfeed.common.shm import segment_name, unlink_daemon_segments
 from tokenfeed.producer.config import DaemonConfig
@@ -101,14 +106,17 @@ class Daemon:
         for name in (CONTROL_SOCKET_NAME, WORKER_SOCKET_NAME):
             (self.run_dir / name).unlink(missing_ok=True)
 
-    def _setup(self) -> None:
+    def _validate(self) -> None:
+        """Check every input before touching anything shared: bad input exits cleanly."""
         cfg = self.config
-        # Validate inputs before touching anything shared: bad input exits cleanly.
         control_address(self.run_dir)
         self.dataset = scan_dataset(cfg.data_dir, text_column=cfg.text_column,
                                     val_files=cfg.val_files)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
         self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize
+
+    def _setup(self) -> None:
+        cfg = self.config
         self._take_lock()
         self._clean_predecessor()
         self.daemon_id = f"{os.getpid()}-{secrets.token_hex(3)}"
@@ -137,17 +145,22 @@ class Daemon:
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT or a `stop` request; always clean up."""
+        self._validate()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._setup()
             self._loop()
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            self._teardown()
+            # Our handler stays during teardown: a second SIGTERM must not cut the clean-up.
+            try:
+                self._teardown()
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.stopping = signal.Signals(signum).name
+        if self.stopping is None:
+            self.stopping = signal.Signals(signum).name
 
     def _loop(self) -> None:
         next_beat = 0.0
@@ -276,6 +289,7 @@ class Daemon:
         except TypeError as e:
             raise ConfigError(f"bad stream spec: {e}") from None
         plan = self.dataset.split(spec.split)
+        self._check_expectations(msg.get("expect") or {})
         start = msg.get("start") or {"unit": 0, "offset": 0}
         if not isinstance(start, dict) or not all(
             isinstance(start.get(k), int) and start[k] >= 0 for k in ("unit", "offset")
@@ -301,6 +315,24 @@ class Daemon:
         log.info("consumer %s attached to stream %d (%s rank %d/%d) at batch %d",
                  identity.decode(errors="replace"), stream.sid, spec.split, spec.rank,
                  spec.world_size, seq)
+
+    def _check_expectations(self, expect: dict[str, Any]) -> None:
+        """A saved feed state must resume on the same data and tokenizer."""
+        if not isinstance(expect, dict):
+            raise ProtocolError("attach: 'expect' must be a map")
+        saved, now = expect.get("fingerprint"), self.dataset.fingerprint
+        if saved and saved != now:
+            raise StateMismatchError(
+                f"the saved state's dataset fingerprint {saved} differs from this daemon's {now} "
+                f"({self.config.data_dir}: file names, sizes or row groups changed); resume on "
+                "the same data, or start without load_state_dict()"
+            )
+        saved, now = expect.get("tokenizer"), self.tokenizer.identity
+        if saved and saved != now:
+            raise StateMismatchError(
+                f"the saved state's tokenizer identity {saved} differs from this daemon's {now} "
+                f"({self.tokenizer.name}); serve with the tokenizer the state was saved with"
+            )
 
     def _find_stream(
         self, spec: StreamSpec, start: dict[str, Any]
@@ -365,6 +397,8 @@ class Daemon:
     # -- shutdown -----------------------------------------------------------
 
     def _teardown(self) -> None:
+        if self._lock_fd is None:  # another daemon holds the run dir: nothing here is ours
+            return
         reason = self.stopping or "daemon exiting"
         log.info("shutting down (%s)", reason)
         if hasattr(self, "control"):
@@ -378,11 +412,11 @@ class Daemon:
         if hasattr(self, "control"):
             self.control.close(linger=500)  # let the shutdown notices reach the consumers
             self.ctx.term()
-        if self._lock_fd is not None:
-            for name in (CONTROL_SOCKET_NAME, WORKER_SOCKET_NAME, INFO_NAME):
-                (self.run_dir / name).unlink(missing_ok=True)
+        for name in (CONTROL_SOCKET_NAME, WORKER_SOCKET_NAME, INFO_NAME):
+            (self.run_dir / name).unlink(missing_ok=True)
+        if hasattr(self, "daemon_id"):
             unlink_daemon_segments(self.daemon_id)  # anything a code path above missed
-            os.close(self._lock_fd)
+        os.close(self._lock_fd)
 
 
 def serve(config: DaemonConfig) -> None:

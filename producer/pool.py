@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,11 +235,16 @@ class WorkerPool:
         return Failure(lost, f"worker {w.wid} died with exit code {code}", worker_died=True)
 
     def close(self) -> None:
+        """Ask ready workers to exit, stop the ones still starting, kill what lingers."""
         for w in list(self.workers.values()):
-            with contextlib.suppress(zmq.ZMQError):
-                self._retire(w)
+            if w.ready:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._retire(w)
+            else:  # not connected yet: a message would be dropped by the ROUTER
+                w.process.terminate()
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
         for w in list(self.workers.values()):
-            w.process.join(timeout=JOIN_TIMEOUT_S)
+            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(timeout=JOIN_TIMEOUT_S)

@@ -235,6 +235,7 @@ class Stream:
             **self.spec.to_dict(),
             "depth": self.depth,
             "slots": len(self.slots),
+            "token_bytes": self.ring.layout.itemsize,
             "consumers": len(self.consumers),
             "batches": self.batches,
             "units_inflight": len(self.inflight),

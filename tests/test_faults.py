@@ -1,0 +1,165 @@
+"""Crashes and shutdowns: no hang, no corrupt batch, no shared memory left after the next start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import msgpack
+import pytest
+import zmq
+from conftest import Daemon, assert_batch_equals, pid_alive, worker_pids
+
+from tokenfeed.common import protocol
+from tokenfeed.common.config import control_address
+from tokenfeed.common.errors import DaemonGoneError, StateMismatchError
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(corpus):
+    """One daemon for tests that only poke its control socket."""
+    daemon = Daemon(corpus, workers=1, slots=2)
+    yield daemon
+    assert daemon.stop() == 0
+    assert daemon.segments() == []
+    daemon.cleanup()
+
+
+def drain_until_error(feed, limit_s: float) -> tuple[type[BaseException], float]:
+    start = time.monotonic()
+    with pytest.raises(DaemonGoneError) as info:
+        while time.monotonic() - start < limit_s:
+            next(feed)
+    return info.type, time.monotonic() - start
+
+
+def test_sigterm_makes_every_attached_consumer_raise_within_10_s(start_daemon):
+    daemon = start_daemon(workers=2)
+    feeds = [daemon.feed(2, 64, rank=r, world_size=2) for r in range(2)]
+    for f in feeds:
+        next(f)
+    pids = worker_pids(daemon)
+    daemon.signal(signal.SIGTERM)
+    for f in feeds:
+        _, elapsed = drain_until_error(f, limit_s=10.0)
+        assert elapsed < 10.0
+        f.close()
+    assert daemon.proc.wait(timeout=30) == 0
+    assert daemon.segments() == []
+    assert not (daemon.run_dir / "control").exists()
+    assert not any(pid_alive(p) for p in pids)
+
+
+def test_shutdown_error_tells_how_to_resume(start_daemon):
+    daemon = start_daemon(workers=1)
+    with daemon.feed(2, 64) as feed:
+        next(feed)
+        daemon.signal(signal.SIGTERM)
+        with pytest.raises(DaemonGoneError, match="state_dict"):
+            for _ in range(10_000):
+                next(feed)
+
+
+def test_killed_daemon_is_noticed_by_consumer_and_cleaned_by_next_start(start_daemon, corpus):
+    daemon = start_daemon(workers=2)
+    feed = daemon.feed(2, 64)
+    next(feed)
+    pids = worker_pids(daemon)
+    left = daemon.segments()
+    assert left, "a running stream owns a ring segment"
+    daemon.signal(signal.SIGKILL)
+    daemon.proc.wait(timeout=10)
+    _, elapsed = drain_until_error(feed, limit_s=10.0)
+    assert elapsed < 10.0
+    feed.close()
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)  # orphaned workers notice their parent is gone within a second
+    assert not any(pid_alive(p) for p in pids)
+    # The segments outlive the crash, until a daemon starts on the same run dir.
+    assert daemon.segments() == left
+    successor = start_daemon(workers=1, run_dir=daemon.run_dir)
+    assert daemon.segments() == []
+    assert successor.status()["streams"] == []
+
+
+def test_worker_killed_mid_stream_is_respawned_and_batches_stay_exact(start_daemon, oracle):
+    daemon = start_daemon(workers=2)
+    b, t, n = 2, 128, 60
+    want = oracle(batch_size=b, seq_len=t, n=n)
+    with daemon.feed(b, t, prefetch=1) as feed:
+        for k in range(n):
+            if k in (5, 25):
+                os.kill(worker_pids(daemon)[0], signal.SIGKILL)
+            assert_batch_equals(next(feed), want[k], f"batch {k}")
+    status = daemon.status()
+    assert status["workers"]["alive"] == 2
+
+
+def test_second_daemon_on_the_same_run_dir_is_refused(start_daemon, corpus):
+    import subprocess
+    import sys
+
+    daemon = start_daemon(workers=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenfeed.producer", "serve", "--data", str(corpus),
+         "--run-dir", str(daemon.run_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "already serves" in result.stderr and "Traceback" not in result.stderr
+    assert daemon.status()["daemon_id"] == daemon.daemon_id
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"\xc1 not msgpack",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"v": 1}),
+        msgpack.packb({"v": 99, "op": "ping"}),
+        msgpack.packb({"v": 1, "op": "no-such-op"}),
+        msgpack.packb({"v": 1, "op": "attach", "spec": "not a map"}),
+        msgpack.packb({"v": 1, "op": "attach", "spec": {"batch_size": 0, "seq_len": 8}}),
+        msgpack.packb({"v": 1, "op": "release", "stream": "x", "seq": 1}),
+        msgpack.packb({"v": 1, "op": "scale", "workers": 0}),
+        b"x" * (protocol.MAX_FRAME_BYTES + 1),
+    ],
+)
+def test_malformed_control_message_gets_error_reply_and_daemon_survives(shared_daemon, frame):
+    daemon = shared_daemon
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(control_address(daemon.run_dir))
+        sock.send(frame)
+        assert sock.poll(5000), "no reply to a malformed message"
+        reply = protocol.decode(sock.recv())
+        assert reply["op"] == "error" and reply["message"]
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    assert daemon.status()["daemon_id"] == daemon.daemon_id
+
+
+def test_state_from_another_dataset_is_refused(start_daemon):
+    daemon = start_daemon(workers=1)
+    with daemon.feed(2, 64) as feed:
+        next(feed)
+        state = feed.state_dict()
+    state["fingerprint"] = "0000000000000000"
+    with daemon.feed(2, 64) as feed:
+        feed.load_state_dict(state)
+        with pytest.raises(StateMismatchError, match="fingerprint"):
+            next(feed)
+
+
+def test_state_for_another_batch_shape_is_refused(start_daemon):
+    daemon = start_daemon(workers=1)
+    with daemon.feed(2, 64) as feed:
+        next(feed)
+        state = feed.state_dict()
+    with daemon.feed(4, 64) as feed, pytest.raises(StateMismatchError, match="batch_size"):
+        feed.load_state_dict(state)

@@ -1,0 +1,183 @@
+"""Control-plane framing (common/protocol.py) and the client helpers (common/control.py)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from tokenfeed.common import protocol
+from tokenfeed.common.control import ERROR_KINDS, connect, error_from_reply, error_kind
+from tokenfeed.common.errors import (
+    DaemonUnavailableError,
+    ProtocolError,
+    TokenfeedError,
+    TokenizerError,
+)
+
+
+def pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+# -- encode / decode ---------------------------------------------------------
+
+
+def test_encode_decode_round_trips_fields_op_and_version() -> None:
+    fields = {
+        "stream": 3,
+        "cursor": {"unit": 7, "offset": 12, "doc": 2},
+        "name": "tokenfeed-1-abc-s0",
+        "blob": b"\x00\xff",
+        "ratio": 0.25,
+        "items": [1, 2, 3],
+        "none": None,
+    }
+    msg = protocol.decode(protocol.encode("ready", **fields))
+    assert msg == {**fields, "v": protocol.PROTOCOL_VERSION, "op": "ready"}
+
+
+def test_decode_rejects_bytes_that_are_not_msgpack() -> None:
+    with pytest.raises(ProtocolError, match="not valid msgpack"):
+        protocol.decode(b"\xc1 this is not msgpack")
+
+
+def test_decode_rejects_trailing_bytes_after_a_message() -> None:
+    with pytest.raises(ProtocolError, match="not valid msgpack"):
+        protocol.decode(protocol.encode("ping") + b"\x00")
+
+
+def test_decode_rejects_a_msgpack_list() -> None:
+    with pytest.raises(ProtocolError, match="list"):
+        protocol.decode(pack([protocol.PROTOCOL_VERSION, "ping"]))
+
+
+def test_decode_rejects_a_map_without_version() -> None:
+    with pytest.raises(ProtocolError, match="'v'"):
+        protocol.decode(pack({"op": "ping"}))
+
+
+def test_decode_rejects_a_map_without_op() -> None:
+    with pytest.raises(ProtocolError, match="'op'"):
+        protocol.decode(pack({"v": protocol.PROTOCOL_VERSION}))
+
+
+def test_decode_rejects_a_non_integer_version() -> None:
+    with pytest.raises(ProtocolError, match="integer 'v'"):
+        protocol.decode(pack({"v": "1", "op": "ping"}))
+
+
+def test_decode_rejects_another_version_and_says_to_upgrade_both_sides() -> None:
+    other = protocol.PROTOCOL_VERSION + 1
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode(pack({"v": other, "op": "ping"}))
+    message = str(info.value)
+    assert f"v{other}" in message
+    assert f"v{protocol.PROTOCOL_VERSION}" in message
+    assert "upgrade the daemon and the client together" in message
+
+
+def test_decode_rejects_a_frame_over_max_frame_bytes() -> None:
+    frame = protocol.encode("ping", pad=b"x" * protocol.MAX_FRAME_BYTES)
+    assert len(frame) > protocol.MAX_FRAME_BYTES
+    with pytest.raises(ProtocolError, match=f"{len(frame)} bytes exceeds"):
+        protocol.decode(frame)
+
+
+def test_decode_accepts_a_frame_of_exactly_max_frame_bytes() -> None:
+    pad_bytes = protocol.MAX_FRAME_BYTES
+    while len(protocol.encode("ping", pad=b"x" * pad_bytes)) > protocol.MAX_FRAME_BYTES:
+        pad_bytes -= 1  # the framing overhead is a few bytes
+    frame = protocol.encode("ping", pad=b"x" * pad_bytes)
+    assert len(frame) == protocol.MAX_FRAME_BYTES
+    assert protocol.decode(frame)["op"] == "ping"
+
+
+# -- field -------------------------------------------------------------------
+
+
+def test_field_returns_a_value_of_the_asked_type() -> None:
+    msg = protocol.decode(protocol.encode("release", stream=2, seq=9))
+    assert protocol.field(msg, "seq", int) == 9
+
+
+def test_field_accepts_any_type_of_a_tuple() -> None:
+    msg = {"v": 1, "op": "scale", "workers": 2.5}
+    assert protocol.field(msg, "workers", (int, float)) == 2.5
+
+
+def test_field_rejects_a_missing_field_naming_it_and_the_op() -> None:
+    with pytest.raises(ProtocolError, match="op 'release': field 'seq'"):
+        protocol.field({"v": 1, "op": "release"}, "seq", int)
+
+
+def test_field_rejects_a_value_of_the_wrong_type() -> None:
+    with pytest.raises(ProtocolError, match="field 'spec'"):
+        protocol.field({"v": 1, "op": "attach", "spec": [1, 2]}, "spec", dict)
+
+
+def test_field_rejects_a_bool_where_an_int_is_required() -> None:
+    with pytest.raises(ProtocolError, match="field 'seq'"):
+        protocol.field({"v": 1, "op": "release", "seq": True}, "seq", int)
+
+
+def test_field_accepts_a_bool_where_a_bool_is_required() -> None:
+    assert protocol.field({"v": 1, "op": "x", "flag": False}, "flag", bool) is False
+
+
+# -- error replies -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(ERROR_KINDS))
+def test_error_reply_round_trips_to_the_same_exception_class(kind: str) -> None:
+    cls = ERROR_KINDS[kind]
+    error = cls(f"something about {kind} went wrong")
+    assert error_kind(error) == kind
+    frame = protocol.encode("error", message=str(error), kind=error_kind(error))
+    raised = error_from_reply(protocol.decode(frame))
+    assert type(raised) is cls
+    assert str(raised) == str(error)
+
+
+def test_error_kind_of_an_unlisted_error_is_internal() -> None:
+    assert error_kind(TokenizerError("no such encoding")) == "internal"
+
+
+def test_error_from_reply_of_an_unknown_kind_is_a_tokenfeed_error() -> None:
+    raised = error_from_reply({"v": 1, "op": "error", "message": "boom", "kind": "internal"})
+    assert type(raised) is TokenfeedError
+    assert str(raised) == "boom"
+
+
+# -- connect -----------------------------------------------------------------
+
+
+@pytest.fixture
+def short_run_dir() -> Iterator[Path]:
+    """An empty run dir short enough for a Unix socket path (pytest's tmp_path may not be)."""
+    path = Path(tempfile.mkdtemp(prefix="tf-proto-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_connect_without_a_socket_file_raises_daemon_unavailable_naming_serve(
+    short_run_dir: Path,
+) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        with pytest.raises(DaemonUnavailableError) as info:
+            connect(ctx, short_run_dir)
+    finally:
+        ctx.term()
+    message = str(info.value)
+    assert "tokenfeed serve" in message
+    assert str(short_run_dir) in message
