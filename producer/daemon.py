@@ -50,6 +50,7 @@ from tokenfeed.common.ring import Ring, RingLayout, token_dtype
 from tokenfeed.common.shm import segment_name, unlink_daemon_segments
 from tokenfeed.producer.config import DaemonConfig
 from tokenfeed.producer.dataset import scan_dataset
+from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Failure, WorkerPool
 from tokenfeed.producer.stream import Stream
 from tokenfeed.producer.tokenizer import load_tokenizer
@@ -290,11 +291,10 @@ class Daemon:
             raise ConfigError(f"bad stream spec: {e}") from None
         plan = self.dataset.split(spec.split)
         self._check_expectations(msg.get("expect") or {})
-        start = msg.get("start") or {"unit": 0, "offset": 0}
-        if not isinstance(start, dict) or not all(
-            isinstance(start.get(k), int) and start[k] >= 0 for k in ("unit", "offset")
-        ):
-            raise ProtocolError(f"attach: start {start!r} lacks non-negative 'unit' and 'offset'")
+        start = msg.get("start")
+        if start is not None and not isinstance(start, dict):
+            raise ProtocolError(f"attach: start {start!r} is not a map")
+        start = make_packer(spec, start).position  # validated, canonical
         self._forget(identity)
         stream, seq = self._find_stream(spec, start)
         if stream is None:

@@ -14,9 +14,39 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+
+from tokenfeed.common.config import StreamSpec
+from tokenfeed.common.errors import StateMismatchError
+
+
+class Packer(Protocol):
+    """What a stream needs from a packing mode.
+
+    `position` is the JSON-serialisable state right after the last window filled
+    (the resume point); a packer built with `start=position` produces the same
+    windows that followed it. `next_unit` is the next unit `push` expects: after a
+    resume, the earliest unit the state still needs.
+    """
+
+    next_unit: int
+    buffered_tokens: int
+    position: dict[str, Any]
+
+    def push(self, unit: int, tokens: np.ndarray, doc_starts: np.ndarray) -> None: ...
+    def ready(self) -> bool: ...
+    def fill(self, out: np.ndarray) -> dict[str, Any]: ...
+    def resume_key(self, position: dict[str, Any]) -> tuple[Any, ...]: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+def make_packer(spec: StreamSpec, start: dict[str, Any] | None) -> Packer:
+    """The packer of `spec.packing`, at `start` (None: the beginning of the stream)."""
+    if spec.packing == "concat":
+        return ConcatPacker(spec.window_tokens, start or {"unit": 0, "offset": 0})
+    raise StateMismatchError(f"packing {spec.packing!r} is not available in this daemon")
 
 
 @dataclass
@@ -29,7 +59,12 @@ class _Chunk:
 
 class ConcatPacker:
     def __init__(self, window_tokens: int, start: dict[str, Any]) -> None:
+        if not all(isinstance(start.get(k), int) and start[k] >= 0 for k in ("unit", "offset")):
+            raise StateMismatchError(
+                f"concat position {start!r} lacks non-negative integers 'unit' and 'offset'"
+            )
         self.window_tokens = window_tokens
+        self.tokens_packed = 0
         self.next_unit = int(start["unit"])  # next unit to accept from the reorder buffer
         self._skip = int(start["offset"])
         self._chunks: deque[_Chunk] = deque()
@@ -62,6 +97,7 @@ class ConcatPacker:
             if chunk.pos == len(chunk.tokens):
                 self._chunks.popleft()
         self.buffered_tokens -= self.window_tokens
+        self.tokens_packed += self.window_tokens
         assert last is not None
         if last.pos < len(last.tokens):
             doc = int(np.searchsorted(last.doc_starts, last.pos, side="right")) - 1
@@ -70,7 +106,9 @@ class ConcatPacker:
             self.position = {"unit": last.unit + 1, "offset": 0, "doc": 0}
         return self.position
 
-    @staticmethod
-    def resume_key(cursor: dict[str, Any]) -> tuple[Any, ...]:
+    def resume_key(self, position: dict[str, Any]) -> tuple[Any, ...]:
         """The part of a cursor that defines where the stream continues."""
-        return (int(cursor["unit"]), int(cursor["offset"]))
+        return (position.get("unit"), position.get("offset"))
+
+    def stats(self) -> dict[str, Any]:
+        return {"tokens_packed": self.tokens_packed, "tokens_cropped": 0}

@@ -27,7 +27,7 @@ import numpy as np
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.ring import Ring
 from tokenfeed.producer.dataset import SplitPlan
-from tokenfeed.producer.packer import ConcatPacker
+from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Result, Task
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Stream:
         self.plan = plan
         self.ring = ring
         self.column = column
-        self.packer = ConcatPacker(spec.window_tokens, start)
+        self.packer = make_packer(spec, start)
         self.start = dict(self.packer.position)
         self.slots = [Slot() for _ in range(ring.layout.slot_count)]
         self.free: deque[int] = deque(range(ring.layout.slot_count))
@@ -94,11 +94,11 @@ class Stream:
 
     def seq_at(self, cursor: dict[str, Any]) -> int | None:
         """Seq of a still-held batch that starts at `cursor`, or of the next one to fill."""
-        key = ConcatPacker.resume_key(cursor)
+        key = self.packer.resume_key(cursor)
         for seq in sorted(self.by_seq):
-            if ConcatPacker.resume_key(self.slots[self.by_seq[seq]].before) == key:
+            if self.packer.resume_key(self.slots[self.by_seq[seq]].before) == key:
                 return seq
-        if ConcatPacker.resume_key(self.packer.position) == key:
+        if self.packer.resume_key(self.packer.position) == key:
             return self.next_seq
         return None
 
@@ -243,5 +243,6 @@ class Stream:
             "documents": self.documents,
             "skipped_values": self.skipped,
             "position": self.next_position(),
+            **self.packer.stats(),
             "error": self.error,
         }

@@ -52,7 +52,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def oracle(corpus: Path, encoding: tiktoken.Encoding) -> Callable[..., list[np.ndarray]]:
     """Reference windows for (split, rank, world_size, batch_size, seq_len, n), cached."""
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def windows(split: str, rank: int, world_size: int, batch_size: int, seq_len: int,
                 n: int) -> list[np.ndarray]:
         return reference_windows(
@@ -128,7 +128,8 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"daemon ignored SIGTERM for {timeout_s} s:\n{self.log()}") from None
+            log = self.log()
+            raise AssertionError(f"daemon ignored SIGTERM for {timeout_s} s:\n{log}") from None
 
     def cleanup(self) -> None:
         if self.proc.poll() is None:

@@ -60,13 +60,17 @@ def test_last_rank_of_a_world_is_valid() -> None:
 def test_stream_spec_defaults_to_train_rank_zero_of_one_concat() -> None:
     spec = StreamSpec(batch_size=2, seq_len=3)
     assert (spec.split, spec.rank, spec.world_size, spec.packing, spec.shuffle_seed) == (
-        "train", 0, 1, "concat", None,
+        "train",
+        0,
+        1,
+        "concat",
+        None,
     )
 
 
 def test_stream_spec_needs_keyword_arguments() -> None:
     with pytest.raises(TypeError):
-        StreamSpec("train", 0, 1, 4, 16)  # type: ignore[misc]
+        StreamSpec("train", 0, 1, 4, 16)
 
 
 # -- window_tokens -----------------------------------------------------------------
@@ -84,11 +88,25 @@ def test_bestfit_window_is_batch_times_seq_plus_one_each_row() -> None:
 
 
 def test_stream_spec_round_trips_through_a_dict() -> None:
-    spec = StreamSpec(split="val", rank=3, world_size=4, batch_size=8, seq_len=1024,
-                      packing="bestfit", shuffle_seed=1234)
+    spec = StreamSpec(
+        split="val",
+        rank=3,
+        world_size=4,
+        batch_size=8,
+        seq_len=1024,
+        packing="bestfit",
+        shuffle_seed=1234,
+    )
     d = spec.to_dict()
-    assert d == {"split": "val", "rank": 3, "world_size": 4, "batch_size": 8,
-                 "seq_len": 1024, "packing": "bestfit", "shuffle_seed": 1234}
+    assert d == {
+        "split": "val",
+        "rank": 3,
+        "world_size": 4,
+        "batch_size": 8,
+        "seq_len": 1024,
+        "packing": "bestfit",
+        "shuffle_seed": 1234,
+    }
     assert StreamSpec.from_dict(d) == spec
 
 

@@ -18,6 +18,8 @@ from tokenfeed.common.errors import ProtocolError
 from tokenfeed.common.ring import (
     EMPTY_SEQ,
     HEADER,
+    LAYOUT_VERSION,
+    MAGIC,
     PAGE_BYTES,
     SLOT_META,
     Ring,
@@ -42,8 +44,9 @@ def make_ring(daemon_id: str) -> Iterator[Callable[..., Ring]]:
     """Create rings under this test's daemon id; close and unlink them at teardown."""
     rings: list[Ring] = []
 
-    def make(what: str = "s0", *, slot_count: int = 3, slot_tokens: int = 1000,
-             itemsize: int = 2) -> Ring:
+    def make(
+        what: str = "s0", *, slot_count: int = 3, slot_tokens: int = 1000, itemsize: int = 2
+    ) -> Ring:
         layout = RingLayout(slot_count=slot_count, slot_tokens=slot_tokens, itemsize=itemsize)
         ring = Ring.create(segment_name(daemon_id, what), layout)
         rings.append(ring)
@@ -196,6 +199,52 @@ def test_attach_rejects_a_header_whose_offsets_disagree_with_its_layout(
     HEADER.pack_into(ring.segment.mm, 0, *fields)
     with pytest.raises(ProtocolError, match="inconsistent header"):
         Ring.attach(ring.segment.name)
+
+
+@pytest.mark.xfail(
+    reason="Ring.attach (common/ring.py) unpacks the header without checking the segment "
+    "size: a segment under 64 bytes raises struct.error, not ProtocolError",
+    strict=True,
+)
+def test_attach_rejects_a_segment_shorter_than_the_header(daemon_id: str) -> None:
+    name = segment_name(daemon_id, "short")
+    segment = Segment.create(name, HEADER.size // 4)
+    try:
+        with pytest.raises(ProtocolError):
+            Ring.attach(name)
+    finally:
+        segment.unlink()
+        segment.close()
+
+
+@pytest.mark.xfail(
+    reason="Ring.attach (common/ring.py) never compares the segment size with "
+    "layout.size_bytes: a segment smaller than its header's layout raises numpy's "
+    "ValueError from the slots view, not ProtocolError",
+    strict=True,
+)
+def test_attach_rejects_a_segment_smaller_than_its_header_layout(daemon_id: str) -> None:
+    name = segment_name(daemon_id, "small")
+    layout = RingLayout(slot_count=4, slot_tokens=100, itemsize=2)  # needs 5 pages
+    segment = Segment.create(name, PAGE_BYTES)
+    try:
+        HEADER.pack_into(
+            segment.mm,
+            0,
+            MAGIC,
+            LAYOUT_VERSION,
+            layout.itemsize,
+            layout.slot_count,
+            0,
+            layout.slot_tokens,
+            layout.data_offset,
+            layout.slot_stride,
+        )
+        with pytest.raises(ProtocolError):
+            Ring.attach(name)
+    finally:
+        segment.unlink()
+        segment.close()
 
 
 # -- segments --------------------------------------------------------------------
