@@ -41,6 +41,13 @@ class StreamSpec:
     shuffle_seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("rank", "world_size", "batch_size", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name}={value!r} must be an integer")
+        seed = self.shuffle_seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ConfigError(f"shuffle_seed={seed!r} must be None or a non-negative integer")
         if self.split not in SPLITS:
             raise ConfigError(f"split={self.split!r} is unknown; use one of {SPLITS}")
         if self.world_size < 1:
@@ -70,10 +77,15 @@ class StreamSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamSpec:
         fields = {"split", "rank", "world_size", "batch_size", "seq_len", "packing", "shuffle_seed"}
+        if not isinstance(d, dict):
+            raise ConfigError(f"stream spec {d!r} is not a map")
         unknown = set(d) - fields
         if unknown:
             raise ConfigError(f"stream spec has unknown fields {sorted(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:  # a required field is missing
+            raise ConfigError(f"bad stream spec: {e}") from None
 
 
 def default_run_dir() -> Path:

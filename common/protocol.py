@@ -62,7 +62,7 @@ def decode(frame: bytes) -> Message:
     if not isinstance(msg, dict):
         raise ProtocolError(f"message is a {type(msg).__name__}, expected a map")
     version, op = msg.get("v"), msg.get("op")
-    if not isinstance(version, int) or not isinstance(op, str):
+    if not isinstance(version, int) or isinstance(version, bool) or not isinstance(op, str):
         raise ProtocolError("message lacks an integer 'v' and a string 'op'")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(

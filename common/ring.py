@@ -103,19 +103,27 @@ class Ring:
     @classmethod
     def attach(cls, name: str) -> Ring:
         segment = Segment.attach(name)
-        magic, version, itemsize, slot_count, _, slot_tokens, data_offset, stride = (
-            HEADER.unpack_from(segment.mm, 0)
-        )
-        if magic != MAGIC or version != LAYOUT_VERSION:
-            segment.close()
-            raise ProtocolError(
-                f"segment {name} has magic {magic!r} layout v{version}; this client reads "
-                f"{MAGIC!r} v{LAYOUT_VERSION}: upgrade the daemon and the client together"
+        try:
+            if segment.size < HEADER.size:
+                raise ProtocolError(f"segment {name} ({segment.size} bytes) is not a ring")
+            magic, version, itemsize, slot_count, _, slot_tokens, data_offset, stride = (
+                HEADER.unpack_from(segment.mm, 0)
             )
-        layout = RingLayout(slot_count=slot_count, slot_tokens=slot_tokens, itemsize=itemsize)
-        if (layout.data_offset, layout.slot_stride) != (data_offset, stride):
+            if magic != MAGIC or version != LAYOUT_VERSION:
+                raise ProtocolError(
+                    f"segment {name} has magic {magic!r} layout v{version}; this client reads "
+                    f"{MAGIC!r} v{LAYOUT_VERSION}: upgrade the daemon and the client together"
+                )
+            if itemsize not in (2, 4):
+                raise ProtocolError(f"segment {name} has token size {itemsize}, not 2 or 4")
+            layout = RingLayout(slot_count=slot_count, slot_tokens=slot_tokens, itemsize=itemsize)
+            if (layout.data_offset, layout.slot_stride) != (data_offset, stride) or (
+                layout.size_bytes > segment.size
+            ):
+                raise ProtocolError(f"segment {name} has an inconsistent header")
+        except BaseException:
             segment.close()
-            raise ProtocolError(f"segment {name} has an inconsistent header")
+            raise
         return cls(segment, layout)
 
     def publish(self, slot: int, seq: int, n_tokens: int) -> None:

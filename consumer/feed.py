@@ -162,7 +162,10 @@ class TokenFeed:
                 f"feed state version {state.get('version') if isinstance(state, dict) else None}"
                 f" is not {STATE_VERSION}; it comes from another tokenfeed version"
             )
-        saved = StreamSpec.from_dict(state["spec"])
+        try:
+            saved = StreamSpec.from_dict(state["spec"])
+        except (KeyError, ConfigError) as e:
+            raise StateMismatchError(f"feed state has no valid stream spec ({e})") from None
         diffs = [
             f"{k}: saved {v!r}, now {getattr(self.spec, k)!r}"
             for k, v in saved.to_dict().items()

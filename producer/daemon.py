@@ -285,10 +285,7 @@ class Daemon:
 
     def _attach(self, identity: bytes, msg: protocol.Message) -> None:
         spec_fields = protocol.field(msg, "spec", dict)
-        try:
-            spec = StreamSpec.from_dict(spec_fields)
-        except TypeError as e:
-            raise ConfigError(f"bad stream spec: {e}") from None
+        spec = StreamSpec.from_dict(spec_fields)
         plan = self.dataset.split(spec.split)
         self._check_expectations(msg.get("expect") or {})
         start = msg.get("start")

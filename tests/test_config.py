@@ -241,11 +241,6 @@ def test_ensure_private_dir_keeps_an_existing_private_dir_and_its_files(tmp_path
     assert (run_dir / "lock").read_text() == "123"
 
 
-@pytest.mark.xfail(
-    reason="StreamSpec.__post_init__ (common/config.py) checks ranges only, not types: "
-    "2.5, True and 0.5 pass and fail later deep inside the daemon",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "overrides",
     [{"batch_size": 2.5}, {"seq_len": True}, {"rank": 0.5, "world_size": 2}],

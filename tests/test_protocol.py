@@ -74,11 +74,6 @@ def test_decode_rejects_a_non_integer_version() -> None:
         protocol.decode(pack({"v": "1", "op": "ping"}))
 
 
-@pytest.mark.xfail(
-    reason="decode (common/protocol.py) checks isinstance(v, int), which a bool passes, "
-    "and True == 1: a frame with v=true is accepted as protocol v1",
-    strict=True,
-)
 def test_decode_rejects_a_bool_version() -> None:
     with pytest.raises(ProtocolError):
         protocol.decode(pack({"v": True, "op": "ping"}))

@@ -201,11 +201,6 @@ def test_attach_rejects_a_header_whose_offsets_disagree_with_its_layout(
         Ring.attach(ring.segment.name)
 
 
-@pytest.mark.xfail(
-    reason="Ring.attach (common/ring.py) unpacks the header without checking the segment "
-    "size: a segment under 64 bytes raises struct.error, not ProtocolError",
-    strict=True,
-)
 def test_attach_rejects_a_segment_shorter_than_the_header(daemon_id: str) -> None:
     name = segment_name(daemon_id, "short")
     segment = Segment.create(name, HEADER.size // 4)
@@ -217,12 +212,6 @@ def test_attach_rejects_a_segment_shorter_than_the_header(daemon_id: str) -> Non
         segment.close()
 
 
-@pytest.mark.xfail(
-    reason="Ring.attach (common/ring.py) never compares the segment size with "
-    "layout.size_bytes: a segment smaller than its header's layout raises numpy's "
-    "ValueError from the slots view, not ProtocolError",
-    strict=True,
-)
 def test_attach_rejects_a_segment_smaller_than_its_header_layout(daemon_id: str) -> None:
     name = segment_name(daemon_id, "small")
     layout = RingLayout(slot_count=4, slot_tokens=100, itemsize=2)  # needs 5 pages
