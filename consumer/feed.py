@@ -20,6 +20,7 @@ import contextlib
 import logging
 import queue
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +95,17 @@ class TokenFeed:
             current.wait_event(item.event)
             item.inputs.record_stream(current)
             item.targets.record_stream(current)
+        link.taken(item.seq)
         self._cursor = item.cursor
         self.batches_returned += 1
         return item.inputs, item.targets
+
+    def take(self, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Exactly `n` batches, e.g. one evaluation pass: `for x, y in val.take(20): ...`."""
+        if n < 0:
+            raise ConfigError(f"take(n={n}): n must be >= 0")
+        for _ in range(n):
+            yield next(self)
 
     def _wait(self, link: Link) -> Any:
         deadline = time.monotonic() + self.stall_timeout_s

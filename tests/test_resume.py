@@ -1,0 +1,92 @@
+"""Exact resume: state_dict() after k batches continues bit-identically, warm or cold."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import assert_batch_equals
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_resume_on_a_fresh_daemon_continues_bit_identically_across_epochs(
+    start_daemon, oracle, workers
+):
+    b, t, n, k = 4, 256, 50, 23  # the train split is ~33k tokens: batch 23+ is in epoch 1
+    want = oracle(batch_size=b, seq_len=t, n=n)
+    first = start_daemon(workers=workers)
+    with first.feed(b, t) as feed:
+        for i in range(k):
+            assert_batch_equals(next(feed), want[i], f"batch {i}")
+        state = json.loads(json.dumps(feed.state_dict()))  # what a checkpoint stores
+    assert first.stop() == 0
+    second = start_daemon(workers=workers)
+    with second.feed(b, t) as feed:
+        feed.load_state_dict(state)
+        epochs = set()
+        for i in range(k, n):
+            assert_batch_equals(next(feed), want[i], f"resumed batch {i}")
+            epochs.add(feed.epoch)
+    assert len(epochs) > 1 or min(epochs) >= 1
+
+
+def test_resume_of_each_rank_of_three(start_daemon, oracle):
+    b, t, n, k = 2, 128, 30, 11
+    daemon = start_daemon(workers=2)
+    states = []
+    for rank in range(3):
+        with daemon.feed(b, t, rank=rank, world_size=3) as feed:
+            for _ in range(k):
+                next(feed)
+            states.append(feed.state_dict())
+    for rank in range(3):
+        want = oracle(rank=rank, world_size=3, batch_size=b, seq_len=t, n=n)
+        with daemon.feed(b, t, rank=rank, world_size=3) as feed:
+            feed.load_state_dict(states[rank])
+            for i in range(k, n):
+                assert_batch_equals(next(feed), want[i], f"rank {rank} batch {i}")
+
+
+def test_state_dict_is_small_and_json_serialisable(start_daemon):
+    daemon = start_daemon(workers=1)
+    with daemon.feed(2, 64) as feed:
+        next(feed)
+        encoded = json.dumps(feed.state_dict())
+    assert len(encoded) < 64 * 1024
+
+
+def test_warm_reattach_takes_first_batch_from_the_filled_ring(start_daemon, oracle):
+    b, t, n, k = 4, 256, 20, 5
+    want = oracle(batch_size=b, seq_len=t, n=n)
+    daemon = start_daemon(workers=2, slots=8)
+    with daemon.feed(b, t) as feed:
+        for i in range(k):
+            next(feed)
+        state = feed.state_dict()
+    deadline = time.monotonic() + 30
+    while daemon.status()["streams"][0]["depth"] < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the lingering stream keeps filling its ring
+    (before,) = daemon.status()["streams"]
+    with daemon.feed(b, t) as feed:
+        feed.load_state_dict(state)
+        t0 = time.perf_counter()
+        first = next(feed)
+        first_batch_s = time.perf_counter() - t0
+        assert_batch_equals(first, want[k], "first batch after re-attach")
+        for i in range(k + 1, n):
+            assert_batch_equals(next(feed), want[i], f"batch {i}")
+        (after,) = daemon.status()["streams"]
+    assert after["stream"] == before["stream"], "re-attach must reuse the warm stream"
+    assert first_batch_s < 1.0  # generous bound for a loaded CI machine; README quotes the figure
+
+
+def test_new_val_feed_starts_from_the_beginning_each_time(start_daemon, oracle):
+    want = oracle(split="val", batch_size=2, seq_len=64, n=6)
+    daemon = start_daemon(workers=2)
+    for _ in range(2):
+        with daemon.feed(2, 64, split="val") as feed:
+            got = list(feed.take(6))
+        assert len(got) == 6
+        for i, batch in enumerate(got):
+            assert_batch_equals(batch, want[i], f"val batch {i}")
