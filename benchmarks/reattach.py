@@ -59,13 +59,15 @@ def main() -> None:
          "--run-dir", str(run_dir), "--workers", "2", "--slots", str(slots),
          "--log-level", "WARNING"],
     )
-    warm, cold = [], []
+    warm: list[float] = []
+    cold: list[float] = []
+    state: dict | None = None
     try:
         wait_ready(run_dir)
         b, t = args.batch_size, args.seq_len
         for r in range(args.rounds):
             with TokenFeed(b, t, run_dir=run_dir, device="cpu") as feed:
-                if r:
+                if state is not None:
                     feed.load_state_dict(state)
                 for _ in range(3):
                     next(feed)

@@ -5,11 +5,11 @@ caller (up to `prefetch` batches) and releases each slot once its copy is done
 (at once on CPU, when the copy's CUDA event completes on GPU) AND the caller has
 taken the batch: until then the daemon keeps the slot, so a consumer that stops
 and re-attaches at its `state_dict()` finds its next batch still in the ring
-(warm re-attach, no re-tokenization). It also sends heartbeats, and watches the daemon's: silence longer than
-DAEMON_SILENCE_S, a `shutdown` or an `error` is stored in `self.error` and ends
-the thread, so the caller raises instead of waiting forever. Preparing batches
-here keeps `next()` a queue pop (a sleeping caller's wake-up costs tens of µs on
-a 2-core node).
+(warm re-attach, no re-tokenization). It also sends heartbeats and watches the
+daemon's: silence longer than DAEMON_SILENCE_S, a `shutdown` or an `error` is
+stored in `self.error` and ends the thread, so the caller raises instead of
+waiting forever. Preparing batches here keeps `next()` a queue pop (a sleeping
+caller's wake-up costs tens of µs on a 2-core node).
 """
 
 from __future__ import annotations

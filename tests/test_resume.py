@@ -61,7 +61,7 @@ def test_warm_reattach_takes_first_batch_from_the_filled_ring(start_daemon, orac
     want = oracle(batch_size=b, seq_len=t, n=n)
     daemon = start_daemon(workers=2, slots=8)
     with daemon.feed(b, t) as feed:
-        for i in range(k):
+        for _ in range(k):
             next(feed)
         state = feed.state_dict()
     deadline = time.monotonic() + 30
