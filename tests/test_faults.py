@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import msgpack
@@ -98,9 +101,6 @@ def test_worker_killed_mid_stream_is_respawned_and_batches_stay_exact(start_daem
 
 
 def test_second_daemon_on_the_same_run_dir_is_refused(start_daemon, corpus):
-    import subprocess
-    import sys
-
     daemon = start_daemon(workers=1)
     result = subprocess.run(
         [sys.executable, "-m", "tokenfeed.producer", "serve", "--data", str(corpus),
@@ -163,3 +163,38 @@ def test_state_for_another_batch_shape_is_refused(start_daemon):
         state = feed.state_dict()
     with daemon.feed(4, 64) as feed, pytest.raises(StateMismatchError, match="batch_size"):
         feed.load_state_dict(state)
+
+
+def test_killed_consumer_is_dropped_and_its_slots_reclaimed_for_the_others(
+    start_daemon, oracle, tmp_path
+):
+    daemon = start_daemon("--consumer-timeout-s", "2", workers=2, slots=4)
+    b, t, n = 2, 64, 40
+    want = oracle(batch_size=b, seq_len=t, n=n)
+    survivor = daemon.feed(b, t)
+    try:
+        assert_batch_equals(next(survivor), want[0], "batch 0")
+        # A second consumer joins the same stream at the survivor's position, in its own
+        # process, takes one batch, then holds its read-ahead slots until it is killed.
+        state = tmp_path / "state.json"
+        state.write_text(json.dumps(survivor.state_dict()))
+        victim = subprocess.Popen(
+            [sys.executable, "-m", "tokenfeed.consumer", "--run-dir", str(daemon.run_dir),
+             "--batch-size", str(b), "--seq-len", str(t), "--batches", "1000",
+             "--step-s", "60", "--state", str(state)],
+        )
+        deadline = time.monotonic() + 30
+        while daemon.status()["streams"][0]["consumers"] < 2:
+            assert time.monotonic() < deadline, "the second consumer never joined the stream"
+            time.sleep(0.05)
+        assert len(daemon.status()["streams"]) == 1
+        victim.kill()
+        victim.wait()
+        for k in range(1, n):
+            assert_batch_equals(next(survivor), want[k], f"batch {k}")
+        deadline = time.monotonic() + 10
+        while (s := daemon.status()["streams"][0])["consumers"] != 1 or s["depth"] < 4:
+            assert time.monotonic() < deadline, f"victim not dropped or slots not reclaimed: {s}"
+            time.sleep(0.05)
+    finally:
+        survivor.close()
