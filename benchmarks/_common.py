@@ -28,6 +28,7 @@ from tokenfeed.common.shm import SHM_DIR, segment_name
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+STARTED_IDS: list[str] = []  # daemon ids this process started, for `leftover_segments`
 
 
 class DaemonProcess:
@@ -52,6 +53,7 @@ class DaemonProcess:
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
             self.daemon_id = str(self._wait_ready()["daemon_id"])
+            STARTED_IDS.append(self.daemon_id)
         except BaseException:
             self.stop()
             raise
@@ -148,6 +150,41 @@ def rss_kib(pid: int | str = "self", field: str = "VmRSS") -> int:
     return 0
 
 
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int | str = "self") -> float:
+    """utime + stime of a process (all its threads), in seconds; 0 if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
+    first_line = Path("/proc/stat").read_text().splitlines()[0]
+    fields = [int(v) for v in first_line.split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / TICKS_PER_S
+
+
+def wait_quiet(max_wait_s: float = 60.0, busy_cores: float = 0.15) -> float:
+    """Wait until the machine is idle (others' tests skew every figure); returns seconds waited.
+
+    Idle: under `busy_cores` cores busy over half a second. Gives up after `max_wait_s`
+    (the figures then carry the "other CPU" column that shows the contention).
+    """
+    start = time.monotonic()
+    while time.monotonic() - start < max_wait_s:
+        b0, t0 = machine_busy_s(), time.monotonic()
+        time.sleep(0.5)
+        if (machine_busy_s() - b0) / (time.monotonic() - t0) < busy_cores:
+            break
+    return time.monotonic() - start
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
@@ -159,7 +196,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     numeric = [all(_is_number(r[i]) for r in cells[1:]) for i in range(len(header))]
 
     def line(r: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric))
+        cols = zip(r, widths, numeric, strict=True)
+        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in cols)
 
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out.extend(line(r) for r in cells[1:])
@@ -185,4 +223,5 @@ def machine_line() -> str:
 
 
 def leftover_segments() -> list[str]:
-    return sorted(p.name for p in SHM_DIR.glob("tokenfeed-*"))
+    """Segments in /dev/shm of the daemons this process started (others' are not counted)."""
+    return sorted(p.name for d in STARTED_IDS for p in SHM_DIR.glob(segment_name(d, "") + "*"))

@@ -1,5 +1,8 @@
 """Packers turn a rank's ordered row-group token arrays into fixed windows.
 
+Two modes (`StreamSpec.packing`): `concat`, here, and `bestfit` (B rows of T+1
+tokens, each starting at a BOS), in `bestfit.py`.
+
 `ConcatPacker` (the default) concatenates every document of the rank's stream and
 cuts consecutive, non-overlapping windows of `B*T+1` tokens: batch k is
 `stream[k*L:(k+1)*L]`. A position in the stream is `(unit, offset)`: the next
@@ -20,6 +23,7 @@ import numpy as np
 
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import StateMismatchError
+from tokenfeed.producer.bestfit import DEFAULT_BUFFER_DOCS, DEFAULT_MIN_TAIL, BestFitPacker
 
 
 class Packer(Protocol):
@@ -46,6 +50,13 @@ def make_packer(spec: StreamSpec, start: dict[str, Any] | None) -> Packer:
     """The packer of `spec.packing`, at `start` (None: the beginning of the stream)."""
     if spec.packing == "concat":
         return ConcatPacker(spec.window_tokens, start or {"unit": 0, "offset": 0})
+    if spec.packing == "bestfit":
+        # buffer_docs / min_tail become StreamSpec fields when the spec grows them.
+        return BestFitPacker(
+            spec.batch_size, spec.seq_len, start,
+            buffer_docs=getattr(spec, "buffer_docs", DEFAULT_BUFFER_DOCS),
+            min_tail=getattr(spec, "min_tail", DEFAULT_MIN_TAIL),
+        )
     raise StateMismatchError(f"packing {spec.packing!r} is not available in this daemon")
 
 

@@ -8,14 +8,27 @@ rule of the contract as a short function in the order the data flows.
    files are "val", the others "train".
 2. Global row-group sequence: every row group of every file of the split, files in
    order, row groups in order. Its length is N; the infinite stream repeats it once
-   per epoch (no shuffle).
+   per epoch. With `shuffle_seed=s`, epoch e visits it in the order
+   `numpy.random.default_rng([s, e]).permutation(N)`.
 3. Rank striding: rank r of W reads global positions g = r, r+W, r+2W, ... of that
-   infinite stream: epoch g // N, ordinal g % N. No per-file striding.
-4. Documents: only `text_column` is read; nulls and non-`str` values are skipped (and
-   counted); a document's tokens are `[bos_id] + enc.encode_ordinary(text)`.
+   infinite stream: epoch, ordinal = divmod(g, N); the row group is sequence[ordinal]
+   (shuffled: sequence[perm_e[ordinal]]). No per-file striding.
+4. Documents: only `text_column` is read; with a shuffle seed, all the row group's
+   values (nulls included) are first permuted by
+   `numpy.random.default_rng([s, e, ordinal]).permutation(n_rows)`; nulls and non-`str`
+   values are skipped (and counted); a document's tokens are
+   `[bos_id] + enc.encode_ordinary(text)`.
 5. Packing (`concat`): the rank's documents are concatenated; window k is
    stream[k*L:(k+1)*L] with L = batch_size*seq_len + 1; inputs = w[:-1] as (B, T)
    int32, targets = w[1:] as (B, T) int64.
+6. Packing (`bestfit`): window k is B rows of T+1 tokens (inputs = row[:-1], targets =
+   row[1:]), each row filled from a buffer of pieces kept in the order they entered:
+   before every placement the buffer is refilled with the next documents to
+   `buffer_docs` pieces; with r tokens left in the row, the longest piece of length
+   <= r goes in whole (ties: earliest), else the first r tokens of the shortest piece
+   (ties: earliest), whose rest re-enters the buffer last as [bos_id] + rest when it
+   is at least `min_tail` tokens long (min_tail=None: never, nanochat's rule) and is
+   discarded otherwise.
 
 Failure behaviour: a bad argument (unknown split, rank outside [0, W), an empty split,
 a non-positive shape) raises ValueError naming the value. A rank whose row groups hold
@@ -27,7 +40,7 @@ take a few seconds.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +74,15 @@ def row_group_sequence(files: list[Path]) -> list[tuple[Path, int]]:
     return [(path, i) for path in files for i in range(pq.ParquetFile(path).num_row_groups)]
 
 
+def epoch_order(n: int, shuffle_seed: int | None, epoch: int) -> list[int]:
+    """Which sequence entry each ordinal of `epoch` visits: file order, or a seeded permutation."""
+    if shuffle_seed is None:
+        return list(range(n))
+    return [int(i) for i in np.random.default_rng([shuffle_seed, epoch]).permutation(n)]
+
+
 def rank_row_groups(
-    files: list[Path], *, rank: int, world_size: int
+    files: list[Path], *, rank: int, world_size: int, shuffle_seed: int | None = None
 ) -> Iterator[tuple[int, int, Path, int]]:
     """Infinite: (epoch, ordinal, file, row group) at global positions rank, rank+W, ..."""
     if world_size < 1:
@@ -75,17 +95,28 @@ def rank_row_groups(
         raise ValueError(f"files {[str(f) for f in files]} hold no row groups")
     g = rank
     while True:
-        path, index = sequence[g % n]
-        yield g // n, g % n, path, index
+        epoch, ordinal = divmod(g, n)
+        path, index = sequence[epoch_order(n, shuffle_seed, epoch)[ordinal]]
+        yield epoch, ordinal, path, index
         g += world_size
 
 
-def read_texts(path: Path, row_group: int, text_column: str = "text") -> tuple[list[str], int]:
-    """The row group's documents in order, and how many null / non-str values were skipped."""
+def read_texts(
+    path: Path, row_group: int, text_column: str = "text", row_seed: list[int] | None = None
+) -> tuple[list[str], int]:
+    """The row group's documents in order, and how many null / non-str values were skipped.
+
+    With `row_seed`, the rows (nulls included) are first put in the order
+    `numpy.random.default_rng(row_seed).permutation(n_rows)`.
+    """
     table = pq.ParquetFile(path).read_row_group(row_group, columns=[text_column])
+    values = table.column(text_column).to_pylist()
+    if row_seed is not None:
+        order = np.random.default_rng(row_seed).permutation(len(values))
+        values = [values[i] for i in order]
     texts: list[str] = []
     skipped = 0
-    for value in table.column(text_column).to_pylist():
+    for value in values:
         if isinstance(value, str):
             texts.append(value)
         else:
@@ -103,18 +134,31 @@ def rank_documents(
     world_size: int,
     val_files: int = 1,
     text_column: str = "text",
+    shuffle_seed: int | None = None,
 ) -> Iterator[list[int]]:
     """Infinite: each document's tokens, BOS first, in the rank's row-group order."""
     files = split_files(Path(data_dir), split, val_files)
-    n = len(row_group_sequence(files))
+    sequence = row_group_sequence(files)
+    n = len(sequence)
     # Within N consecutive strides a rank visits every ordinal it will ever visit
     # ((r + kW) mod N covers the residue class of r mod gcd(N, W)), so N empty row
     # groups in a row means the stream can never yield: fail instead of spinning.
+    # Shuffled, every row group reaches those ordinals in some epoch, so the stream
+    # is dead only when no row group of the split holds a document.
     empty_in_a_row = 0
-    for _epoch, _ordinal, path, index in rank_row_groups(files, rank=rank, world_size=world_size):
-        texts, _skipped = read_texts(path, index, text_column)
+    row_groups = rank_row_groups(
+        files, rank=rank, world_size=world_size, shuffle_seed=shuffle_seed
+    )
+    for epoch, ordinal, path, index in row_groups:
+        row_seed = None if shuffle_seed is None else [shuffle_seed, epoch, ordinal]
+        texts, _skipped = read_texts(path, index, text_column, row_seed)
         empty_in_a_row = 0 if texts else empty_in_a_row + 1
         if empty_in_a_row >= n:
+            if shuffle_seed is not None and any(
+                read_texts(p, i, text_column)[0] for p, i in sequence
+            ):
+                empty_in_a_row = 0
+                continue
             raise ValueError(
                 f"rank {rank} of {world_size} in split {split!r} of {data_dir} reads no "
                 f"document in column {text_column!r}"
@@ -136,6 +180,7 @@ def reference_windows(
     num_batches: int,
     val_files: int = 1,
     text_column: str = "text",
+    shuffle_seed: int | None = None,
 ) -> list[np.ndarray]:
     """The first `num_batches` concat windows: int64 arrays of batch_size*seq_len+1 tokens."""
     if batch_size < 1 or seq_len < 1:
@@ -152,6 +197,7 @@ def reference_windows(
         world_size=world_size,
         val_files=val_files,
         text_column=text_column,
+        shuffle_seed=shuffle_seed,
     )
     windows: list[np.ndarray] = []
     pending: list[int] = []  # stream tokens not yet in a window, in order
@@ -177,6 +223,7 @@ def reference_batches(
     num_batches: int,
     val_files: int = 1,
     text_column: str = "text",
+    shuffle_seed: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The first `num_batches` (inputs int32 (B, T), targets int64 (B, T)) pairs."""
     windows = reference_windows(
@@ -191,6 +238,7 @@ def reference_batches(
         num_batches=num_batches,
         val_files=val_files,
         text_column=text_column,
+        shuffle_seed=shuffle_seed,
     )
     return [
         (
@@ -199,3 +247,106 @@ def reference_batches(
         )
         for w in windows
     ]
+
+
+def bestfit_windows(
+    docs: Iterable[list[int]],
+    *,
+    bos_id: int,
+    batch_size: int,
+    seq_len: int,
+    num_batches: int,
+    buffer_docs: int,
+    min_tail: int | None,
+) -> tuple[list[np.ndarray], int]:
+    """Rule 6 on any document stream: (the first `num_batches` windows, tokens discarded).
+
+    A finite `docs` ends the list early, at the first window that would need a document
+    past its end (the windows a packer can cut from those documents alone).
+    """
+    if batch_size < 1 or seq_len < 1 or buffer_docs < 1:
+        raise ValueError(
+            f"batch_size={batch_size}, seq_len={seq_len} and buffer_docs={buffer_docs} "
+            "must all be >= 1"
+        )
+    docs = iter(docs)
+    row_tokens = seq_len + 1
+    buffer: list[list[int]] = []  # pieces, in the order they entered
+    windows: list[np.ndarray] = []
+    discarded = 0
+    while len(windows) < num_batches:
+        discarded_before_window = discarded
+        window: list[int] = []
+        for _row in range(batch_size):
+            row: list[int] = []
+            while len(row) < row_tokens:
+                while len(buffer) < buffer_docs:
+                    doc = next(docs, None)
+                    if doc is None:
+                        return windows, discarded_before_window
+                    buffer.append(list(doc))
+                room = row_tokens - len(row)
+                best = None  # longest piece that fits; strict > keeps the earliest of a length
+                for i, piece in enumerate(buffer):
+                    if len(piece) <= room and (best is None or len(piece) > len(buffer[best])):
+                        best = i
+                if best is not None:
+                    row.extend(buffer.pop(best))
+                    continue
+                shortest = 0  # nothing fits: strict < keeps the earliest shortest
+                for i, piece in enumerate(buffer):
+                    if len(piece) < len(buffer[shortest]):
+                        shortest = i
+                piece = buffer.pop(shortest)
+                row.extend(piece[:room])
+                rest = piece[room:]
+                if min_tail is not None and len(rest) >= min_tail:
+                    buffer.append([bos_id, *rest])
+                else:
+                    discarded += len(rest)
+            window.extend(row)
+        windows.append(np.array(window, dtype=np.int64))
+    return windows, discarded
+
+
+def reference_bestfit_windows(
+    data_dir: Path,
+    *,
+    enc: Any,
+    bos_id: int,
+    split: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int,
+    seq_len: int,
+    num_batches: int,
+    buffer_docs: int = 1000,
+    min_tail: int | None,
+    val_files: int = 1,
+    text_column: str = "text",
+    shuffle_seed: int | None = None,
+) -> list[np.ndarray]:
+    """The first `num_batches` bestfit windows: int64 arrays of batch_size*(seq_len+1) tokens."""
+    if num_batches < 0:
+        raise ValueError(f"num_batches={num_batches} must be >= 0")
+    docs = rank_documents(
+        data_dir,
+        enc=enc,
+        bos_id=bos_id,
+        split=split,
+        rank=rank,
+        world_size=world_size,
+        val_files=val_files,
+        text_column=text_column,
+        shuffle_seed=shuffle_seed,
+    )
+    windows, _discarded = bestfit_windows(
+        docs,
+        bos_id=bos_id,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        num_batches=num_batches,
+        buffer_docs=buffer_docs,
+        min_tail=min_tail,
+    )
+    return windows
