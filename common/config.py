@@ -24,6 +24,7 @@ CONTROL_SOCKET_NAME = "control"
 WORKER_SOCKET_NAME = "workers"
 SPLITS = ("train", "val")
 PACKINGS = ("concat", "bestfit")
+MAX_BUFFER_DOCS = 2000  # keeps a bestfit feed state under 64 KB
 # AF_UNIX paths are limited to 108 bytes on Linux (sun_path), terminator included.
 MAX_IPC_PATH_BYTES = 107
 
@@ -39,15 +40,25 @@ class StreamSpec:
     seq_len: int
     packing: str = "concat"
     shuffle_seed: int | None = None
+    buffer_docs: int = 1000  # bestfit: documents to choose from (nanochat's buffer_size)
+    min_tail: int | None = 32  # bestfit: shorter cropped tails are discarded; None: all are
 
     def __post_init__(self) -> None:
-        for name in ("rank", "world_size", "batch_size", "seq_len"):
+        for name in ("rank", "world_size", "batch_size", "seq_len", "buffer_docs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{name}={value!r} must be an integer")
         seed = self.shuffle_seed
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ConfigError(f"shuffle_seed={seed!r} must be None or a non-negative integer")
+        if not 1 <= self.buffer_docs <= MAX_BUFFER_DOCS:
+            raise ConfigError(
+                f"buffer_docs={self.buffer_docs} must be in [1, {MAX_BUFFER_DOCS}] "
+                "(the feed state lists every buffered document)"
+            )
+        tail = self.min_tail
+        if tail is not None and (not isinstance(tail, int) or isinstance(tail, bool) or tail < 1):
+            raise ConfigError(f"min_tail={tail!r} must be None or an integer >= 1")
         if self.split not in SPLITS:
             raise ConfigError(f"split={self.split!r} is unknown; use one of {SPLITS}")
         if self.world_size < 1:
@@ -76,7 +87,8 @@ class StreamSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamSpec:
-        fields = {"split", "rank", "world_size", "batch_size", "seq_len", "packing", "shuffle_seed"}
+        fields = {"split", "rank", "world_size", "batch_size", "seq_len", "packing",
+                  "shuffle_seed", "buffer_docs", "min_tail"}
         if not isinstance(d, dict):
             raise ConfigError(f"stream spec {d!r} is not a map")
         unknown = set(d) - fields

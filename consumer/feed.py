@@ -55,6 +55,8 @@ class TokenFeed:
         run_dir: str | Path | None = None,
         packing: str = "concat",
         shuffle_seed: int | None = None,
+        buffer_docs: int = 1000,
+        min_tail: int | None = 32,
         prefetch: int = 2,
         stall_timeout_s: float = 300.0,
     ) -> None:
@@ -62,6 +64,7 @@ class TokenFeed:
         self.spec = StreamSpec(
             split=split, rank=topo.rank, world_size=topo.world_size, batch_size=batch_size,
             seq_len=seq_len, packing=packing, shuffle_seed=shuffle_seed,
+            buffer_docs=buffer_docs, min_tail=min_tail,
         )
         if prefetch < 1:
             raise ConfigError(f"prefetch={prefetch} must be >= 1")

@@ -32,7 +32,11 @@ class Packer(Protocol):
     `position` is the JSON-serialisable state right after the last window filled
     (the resume point); a packer built with `start=position` produces the same
     windows that followed it. `next_unit` is the next unit `push` expects: after a
-    resume, the earliest unit the state still needs.
+    resume, the earliest unit the state still needs. `buffered_tokens` is what the
+    stream may count as pushed and not yet packed when it sizes its read-ahead
+    (bestfit: negative, a shortfall, while it lacks documents). `needs_unit(u)` is
+    False for a unit whose content the packer ignores (bestfit, resuming: units
+    between the buffer's references), which a stream may push empty instead.
     """
 
     next_unit: int
@@ -44,6 +48,7 @@ class Packer(Protocol):
     def fill(self, out: np.ndarray) -> dict[str, Any]: ...
     def resume_key(self, position: dict[str, Any]) -> tuple[Any, ...]: ...
     def stats(self) -> dict[str, Any]: ...
+    def needs_unit(self, unit: int) -> bool: ...
 
 
 def make_packer(spec: StreamSpec, start: dict[str, Any] | None) -> Packer:
@@ -123,3 +128,6 @@ class ConcatPacker:
 
     def stats(self) -> dict[str, Any]:
         return {"tokens_packed": self.tokens_packed, "tokens_cropped": 0}
+
+    def needs_unit(self, unit: int) -> bool:
+        return True

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from tokenfeed.common.config import StreamSpec
+from tokenfeed.common.errors import TokenfeedError
 from tokenfeed.common.ring import Ring
 from tokenfeed.producer.dataset import SplitPlan
 from tokenfeed.producer.packer import make_packer
@@ -33,6 +34,8 @@ from tokenfeed.producer.pool import Result, Task
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+_NO_TOKENS = np.zeros(0, dtype=np.uint32)
+_NO_STARTS = np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -133,6 +136,12 @@ class Stream:
         return Task(self.sid, unit, ref.path, ref.row_group, self.column, doc_seed)
 
     def _advance(self) -> int:
+        # After a bestfit resume, units between the buffer's oldest piece and the read
+        # position hold nothing the packer needs: they are pushed empty, not tokenized.
+        while not self.packer.needs_unit(self.next_unit):
+            task = Task(self.sid, self.next_unit, "", -1, self.column)
+            self.results[self.next_unit] = Result(task, _NO_TOKENS, _NO_STARTS, 0)
+            self.next_unit += 1
         unit = self.next_unit
         self.next_unit += 1
         return unit
@@ -155,6 +164,8 @@ class Stream:
     def on_result(self, result: Result) -> None:
         unit = result.task.unit
         self.inflight.discard(unit)
+        if unit < self.packer.next_unit or unit in self.results:
+            return  # a duplicate (re-run after a worker death that had in fact finished)
         self.results[unit] = result
         self.units_done += 1
         self.documents += len(result.doc_starts)
@@ -170,7 +181,12 @@ class Stream:
         while True:
             while self.packer.next_unit in self.results:
                 r = self.results.pop(self.packer.next_unit)
-                self.packer.push(r.task.unit, r.tokens, r.doc_starts)
+                try:
+                    self.packer.push(r.task.unit, r.tokens, r.doc_starts)
+                except TokenfeedError as e:  # a resumed position the data cannot hold
+                    self.error = f"stream {self.sid}: {e}"
+                    log.error(self.error)
+                    return filled
             if not (self.free and self.packer.ready()):
                 return filled
             slot_index = self.free.popleft()
@@ -242,7 +258,7 @@ class Stream:
             "units_done": self.units_done,
             "documents": self.documents,
             "skipped_values": self.skipped,
-            "position": self.next_position(),
+            "position": {k: v for k, v in self.next_position().items() if k != "buffer"},
             **self.packer.stats(),
             "error": self.error,
         }

@@ -106,6 +106,8 @@ def test_stream_spec_round_trips_through_a_dict() -> None:
         "seq_len": 1024,
         "packing": "bestfit",
         "shuffle_seed": 1234,
+        "buffer_docs": 1000,
+        "min_tail": 32,
     }
     assert StreamSpec.from_dict(d) == spec
 

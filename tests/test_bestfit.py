@@ -1,0 +1,424 @@
+"""Best-fit packing: BestFitPacker against the oracle's rule, then the daemon end to end.
+
+Unit tests use synthetic documents whose tokens are a global counter after a BOS
+(token 0), so every row can be decomposed into the document pieces it holds.
+End-to-end tests run real daemons with the default buffer (1000 pieces): the
+~30-document train split is read ~30 times over before the first batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import BOS_ID
+from oracle import bestfit_windows, reference_bestfit_windows
+
+from tokenfeed.common.config import StreamSpec
+from tokenfeed.common.errors import StateMismatchError
+from tokenfeed.producer.bestfit import DEFAULT_BUFFER_DOCS, DEFAULT_MIN_TAIL, BestFitPacker
+from tokenfeed.producer.packer import make_packer
+
+BOS = 0
+Unit = tuple[np.ndarray, np.ndarray]  # (tokens uint32, doc_starts int64)
+
+
+def make_docs(n: int, seed: int = 0, max_len: int = 90) -> list[list[int]]:
+    """n documents of 1..max_len tokens: BOS, then the next ids of a global counter."""
+    rng = np.random.default_rng(seed)
+    docs, first = [], 1
+    for _ in range(n):
+        length = int(rng.integers(1, max_len + 1))
+        docs.append([BOS, *range(first, first + length - 1)])
+        first += length - 1
+    return docs
+
+
+def make_units(docs: list[list[int]], seed: int = 0) -> list[Unit]:
+    """The documents split into units of 0..5 documents (empty units included)."""
+    rng = np.random.default_rng(seed + 1)
+    units, i = [], 0
+    while i < len(docs):
+        group = docs[i : i + int(rng.integers(0, 6))]
+        i += len(group)
+        tokens = np.array([t for d in group for t in d], dtype=np.uint32)
+        starts = np.cumsum([0] + [len(d) for d in group[:-1]]) if group else []
+        units.append((tokens, np.asarray(starts, dtype=np.int64)))
+    return units
+
+
+Drained = list[tuple[np.ndarray, dict[str, Any]]]
+
+
+def drain(packer: BestFitPacker, units: list[Unit], *, lazily: bool) -> Drained:
+    """Every window the packer can cut from units[packer.next_unit:], with its position.
+
+    lazily: push one unit, fill what is ready, repeat. Otherwise push all, then fill.
+    """
+    out: Drained = []
+
+    def fill_ready() -> None:
+        while packer.ready():
+            window = np.empty(packer.window_tokens, dtype=np.uint32)
+            out.append((window, json.loads(json.dumps(packer.fill(window)))))
+
+    for u in range(packer.next_unit, len(units)):
+        packer.push(u, *units[u])
+        if lazily:
+            fill_ready()
+    fill_ready()
+    return out
+
+
+# (batch_size, seq_len, buffer_docs, min_tail): rows shorter and longer than documents,
+# a buffer of one, tails always / sometimes / never (nanochat's rule) kept.
+CONFIGS = [(2, 32, 8, 4), (3, 63, 16, 1), (1, 200, 5, None), (4, 17, 1, 8), (2, 40, 30, 40)]
+
+
+@functools.cache
+def reference(b: int, t: int, buffer_docs: int, min_tail: int | None) -> tuple[list[Any], int]:
+    return bestfit_windows(make_docs(400), bos_id=BOS, batch_size=b, seq_len=t,
+                           num_batches=10**9, buffer_docs=buffer_docs, min_tail=min_tail)
+
+
+def packed(b: int, t: int, buffer_docs: int, min_tail: int | None,
+           start: dict[str, Any] | None = None, *, lazily: bool = False
+           ) -> tuple[BestFitPacker, Drained]:
+    packer = BestFitPacker(b, t, start, buffer_docs=buffer_docs, min_tail=min_tail)
+    return packer, drain(packer, make_units(make_docs(400)), lazily=lazily)
+
+
+# -- windows -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_windows_match_the_oracle(config: tuple[int, int, int, int | None]) -> None:
+    want, _ = reference(*config)
+    _, got = packed(*config)
+    assert len(want) > 5
+    assert [w.tolist() for w, _ in got] == [w.tolist() for w in want]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_tokens_cropped_match_the_oracle(config: tuple[int, int, int, int | None]) -> None:
+    _, want_cropped = reference(*config)
+    packer, got = packed(*config)
+    assert packer.stats()["tokens_cropped"] == want_cropped
+    assert packer.stats()["tokens_packed"] == len(got) * packer.window_tokens
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_row_starts_with_bos(config: tuple[int, int, int, int | None]) -> None:
+    b, t = config[:2]
+    _, got = packed(*config)
+    for k, (window, _) in enumerate(got):
+        assert (window.reshape(b, t + 1)[:, 0] == BOS).all(), f"window {k}"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_rows_are_full_of_document_pieces(config: tuple[int, int, int, int | None]) -> None:
+    """Each row is T+1 tokens of pieces: a BOS, then consecutive tokens of one document."""
+    b, t = config[:2]
+    doc_of = {tok: i for i, d in enumerate(make_docs(400)) for tok in d[1:]}
+    _, got = packed(*config)
+    for k, (window, _) in enumerate(got):
+        for row in window.reshape(b, t + 1).tolist():
+            assert len(row) == t + 1
+            assert row[0] == BOS
+            pieces, piece = [], []
+            for tok in row[1:]:  # split at the BOSes
+                if tok == BOS:
+                    pieces.append(piece)
+                    piece = []
+                else:
+                    piece.append(tok)
+            pieces.append(piece)
+            for p in pieces:
+                if p:
+                    assert p == list(range(p[0], p[0] + len(p))), f"window {k}"
+                    assert doc_of[p[0]] == doc_of[p[-1]], f"window {k}: spans documents"
+
+
+def test_a_cropped_tail_re_enters_the_buffer_with_a_bos() -> None:
+    # one 10-token document, rows of 4: BOS 1 2 3 | BOS 4 5 6 | BOS 7 8 9
+    tokens = np.array([BOS, *range(1, 10)], dtype=np.uint32)
+    packer = BestFitPacker(3, 3, buffer_docs=1, min_tail=1)
+    packer.push(0, tokens, np.array([0]))
+    packer.push(1, np.array([BOS, 10], dtype=np.uint32), np.array([0]))
+    out = np.empty(12, dtype=np.uint32)
+    packer.fill(out)
+    assert out.tolist() == [BOS, 1, 2, 3, BOS, 4, 5, 6, BOS, 7, 8, 9]
+    assert packer.stats()["tokens_cropped"] == 0
+
+
+def test_nanochat_rule_discards_every_cropped_tail() -> None:
+    tokens = np.array([BOS, *range(1, 10), BOS, 10, BOS, 11], dtype=np.uint32)
+    packer = BestFitPacker(2, 3, buffer_docs=1, min_tail=None)
+    packer.push(0, tokens, np.array([0, 10, 12]))
+    out = np.empty(8, dtype=np.uint32)
+    packer.fill(out)
+    assert out.tolist() == [BOS, 1, 2, 3, BOS, 10, BOS, 11]
+    assert packer.stats()["tokens_cropped"] == 6
+
+
+def test_fill_writes_into_a_uint16_buffer() -> None:
+    packer = BestFitPacker(1, 3, buffer_docs=1)
+    packer.push(0, np.array([BOS, 7, 8, 9, BOS], dtype=np.uint32), np.array([0, 4]))
+    out = np.zeros(4, dtype=np.uint16)
+    packer.fill(out)
+    assert out.tolist() == [BOS, 7, 8, 9]
+
+
+# -- readiness ---------------------------------------------------------------------
+
+
+def test_not_ready_until_every_placement_can_refill_the_buffer() -> None:
+    # buffer of 2, rows of 4: row 0 places doc 0 whole; row 1 must first refill
+    packer = BestFitPacker(2, 3, buffer_docs=2, min_tail=1)
+    packer.push(0, np.array([BOS, 1, 2, 3, BOS, 4, 5, 6, 7], dtype=np.uint32), np.array([0, 4]))
+    assert not packer.ready()
+    packer.push(1, np.array([BOS, 8, 9, 10], dtype=np.uint32), np.array([0]))
+    assert packer.ready()
+    out = np.empty(8, dtype=np.uint32)
+    packer.fill(out)
+    assert out.tolist() == [BOS, 1, 2, 3, BOS, 8, 9, 10]
+
+
+def test_buffered_tokens_count_only_documents_outside_the_buffer() -> None:
+    packer = BestFitPacker(1, 3, buffer_docs=2, min_tail=1)
+    packer.push(0, np.array([BOS, 1, 2, 3, BOS, 5, BOS, 7, 8, 9, 10], dtype=np.uint32),
+                np.array([0, 4, 6]))
+    assert packer.buffered_tokens == 11
+    packer.fill(np.empty(4, dtype=np.uint32))  # docs 0 and 1 enter, doc 0 fills the row
+    assert packer.buffered_tokens == 5  # doc 1 waits in the buffer, doc 2 is unread
+
+
+def test_buffered_tokens_are_negative_while_starved() -> None:
+    """A long document can outweigh a window yet supply a single refill: ask for more."""
+    packer = BestFitPacker(2, 3, buffer_docs=1, min_tail=None)
+    packer.push(0, np.array([BOS, 1, BOS, *range(2, 100)], dtype=np.uint32), np.array([0, 2]))
+    assert packer.buffered_tokens == 101
+    assert not packer.ready()
+    assert packer.buffered_tokens < 0
+
+
+# -- positions and resume ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_positions_do_not_depend_on_push_timing(config: tuple[int, int, int, int | None]) -> None:
+    _, eager = packed(*config, lazily=False)
+    _, lazy = packed(*config, lazily=True)
+    assert [p for _, p in eager] == [p for _, p in lazy]
+    assert [w.tolist() for w, _ in eager] == [w.tolist() for w, _ in lazy]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_resume_from_every_third_position_reproduces_the_rest(
+    config: tuple[int, int, int, int | None],
+) -> None:
+    _, full = packed(*config)
+    for k in range(0, len(full), 3):
+        position = full[k][1]
+        _, resumed = packed(*config, start=position, lazily=True)
+        rest = full[k + 1 :]
+        assert [w.tolist() for w, _ in resumed] == [w.tolist() for w, _ in rest], (
+            f"resume after window {k}"
+        )
+        assert [p for _, p in resumed] == [p for _, p in rest]
+
+
+def test_resume_starts_at_the_earliest_unit_the_position_names() -> None:
+    packer = BestFitPacker(
+        2, 8, {"unit": 9, "doc": 1, "buffer": [7, 2, 0, 0, 4, 0, 5, 1, 9, 0, 0, 0]},
+        buffer_docs=4,
+    )
+    assert packer.next_unit == 4
+    assert packer.position == {
+        "unit": 9, "doc": 1, "buffer": [7, 2, 0, 0, 4, 0, 5, 1, 9, 0, 0, 0]
+    }
+
+
+def test_units_the_packer_does_not_need_may_be_pushed_empty_on_resume() -> None:
+    config = (2, 32, 8, 4)
+    _, full = packed(*config)
+    units = make_units(make_docs(400))
+    empty = (np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64))
+    k = len(full) // 2
+    packer = BestFitPacker(2, 32, full[k][1], buffer_docs=8, min_tail=4)
+    skipped = 0
+    for u in range(packer.next_unit, len(units)):
+        needed = packer.needs_unit(u)
+        skipped += not needed
+        packer.push(u, *(units[u] if needed else empty))
+    got = []
+    while packer.ready():
+        window = np.empty(packer.window_tokens, dtype=np.uint32)
+        packer.fill(window)
+        got.append(window.tolist())
+    assert skipped > 10
+    assert got == [w.tolist() for w, _ in full[k + 1 :]]
+
+
+def test_resume_key_ignores_the_cursor_fields_the_stream_adds() -> None:
+    packer = BestFitPacker(2, 8)
+    position = {"unit": 3, "doc": 1, "buffer": [1, 0, 0, 0]}
+    assert packer.resume_key({**position, "epoch": 0, "row_group": 3}) == packer.resume_key(
+        position
+    )
+
+
+def test_position_of_a_full_buffer_is_under_64_kb_of_json() -> None:
+    # a long run: unit numbers in the millions, long documents cropped deep inside
+    flat = []
+    for i in range(1000):
+        flat += [2_000_000 + i, 99_999, 1_000_000 + i, 1]
+    packer = BestFitPacker(32, 2048, {"unit": 3_000_000, "doc": 0, "buffer": flat})
+    assert len(json.dumps(packer.position)) < 64 * 1024
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        {"unit": -1, "doc": 0, "buffer": []},
+        {"unit": 1, "doc": 0, "buffer": [0, 0, 0]},  # not a multiple of 4
+        {"unit": 1, "doc": 0, "buffer": [0, 0, 5, 0]},  # start > 0 must be a tail
+        {"unit": 1, "doc": 0, "buffer": [1, 0, 0, 0]},  # not read yet
+        {"unit": 1, "doc": 0, "buffer": [0, 0, 0, 0, 0, 0, 3, 1]},  # one doc twice
+        {"unit": 1, "doc": 0, "buffer": [0, 0, 0, 0] * 3},  # more pieces than the buffer
+        {"unit": 1, "doc": "0", "buffer": []},
+    ],
+)
+def test_malformed_position_raises_state_mismatch(position: dict[str, Any]) -> None:
+    with pytest.raises(StateMismatchError):
+        BestFitPacker(2, 8, position, buffer_docs=2)
+
+
+def test_position_naming_a_missing_document_raises_on_push() -> None:
+    packer = BestFitPacker(2, 8, {"unit": 1, "doc": 0, "buffer": [0, 5, 0, 0]}, buffer_docs=2)
+    with pytest.raises(StateMismatchError, match="document 5"):
+        packer.push(0, np.array([BOS, 1], dtype=np.uint32), np.array([0]))
+
+
+def test_unit_arrays_are_dropped_once_all_their_documents_are_in_the_buffer() -> None:
+    import weakref
+
+    units = make_units(make_docs(200), seed=3)
+    packer = BestFitPacker(2, 32, buffer_docs=8, min_tail=4)
+    refs = []
+    for u, (tokens, starts) in enumerate(units):
+        refs.append(weakref.ref(tokens))
+        packer.push(u, tokens, starts)
+        while packer.ready():
+            packer.fill(np.empty(packer.window_tokens, dtype=np.uint32))
+    del units, tokens, starts
+    alive = [u for u, r in enumerate(refs) if r() is not None]
+    assert len(refs) > 50
+    assert all(u >= packer.position["unit"] for u in alive), alive  # unread documents only
+
+
+def test_make_packer_builds_bestfit_for_a_bestfit_spec() -> None:
+    spec = StreamSpec(batch_size=2, seq_len=16, packing="bestfit")
+    packer = make_packer(spec, None)
+    assert isinstance(packer, BestFitPacker)
+    assert packer.window_tokens == spec.window_tokens
+    assert packer.position == {"unit": 0, "doc": 0, "buffer": []}
+
+
+# -- the daemon end to end ---------------------------------------------------------
+
+
+class CachedEncoding:
+    """The oracle re-reads the corpus ~30 times to fill its buffer: tokenize each text once."""
+
+    def __init__(self, enc: Any) -> None:
+        self.enc = enc
+        self.cache: dict[str, list[int]] = {}
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = self.enc.encode_ordinary(text)
+        return self.cache[text]
+
+
+@pytest.fixture(scope="module")
+def bestfit_oracle(corpus: Path, encoding: Any) -> Callable[..., list[np.ndarray]]:
+    enc = CachedEncoding(encoding)
+
+    @functools.cache
+    def windows(rank: int, world_size: int, b: int, t: int, n: int, seed: int | None
+                ) -> list[np.ndarray]:
+        return reference_bestfit_windows(
+            corpus, enc=enc, bos_id=BOS_ID, rank=rank, world_size=world_size, batch_size=b,
+            seq_len=t, num_batches=n, buffer_docs=DEFAULT_BUFFER_DOCS,
+            min_tail=DEFAULT_MIN_TAIL, shuffle_seed=seed,
+        )
+
+    def get(*, rank: int = 0, world_size: int = 1, batch_size: int, seq_len: int, n: int,
+            shuffle_seed: int | None = None) -> list[np.ndarray]:
+        return windows(rank, world_size, batch_size, seq_len, n, shuffle_seed)
+
+    return get
+
+
+def assert_rows_equal(batch: tuple[Any, Any], window: np.ndarray, where: str) -> None:
+    x, y = batch
+    b, t = x.shape
+    rows = window.reshape(b, t + 1)
+    assert str(x.dtype) == "torch.int32" and str(y.dtype) == "torch.int64"
+    np.testing.assert_array_equal(x.numpy(), rows[:, :-1], err_msg=where)
+    np.testing.assert_array_equal(y.numpy(), rows[:, 1:], err_msg=where)
+
+
+@pytest.mark.parametrize(("world_size", "workers"), [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_bestfit_batches_match_oracle(start_daemon, bestfit_oracle, world_size, workers):
+    daemon = start_daemon(workers=workers)
+    b, t, n = 2, 64, 25
+    feeds = [daemon.feed(b, t, rank=r, world_size=world_size, packing="bestfit")
+             for r in range(world_size)]
+    try:
+        got = [[next(f) for _ in range(n)] for f in feeds]
+    finally:
+        for f in feeds:
+            f.close()
+    for r in range(world_size):
+        want = bestfit_oracle(rank=r, world_size=world_size, batch_size=b, seq_len=t, n=n)
+        for k in range(n):
+            assert_rows_equal(got[r][k], want[k], f"rank {r} batch {k}")
+
+
+def test_bestfit_status_reports_tokens_packed_and_cropped(start_daemon):
+    daemon = start_daemon(workers=2)
+    with daemon.feed(2, 64, packing="bestfit") as feed:
+        for _ in range(5):
+            next(feed)
+        (stream,) = daemon.status()["streams"]
+    assert stream["tokens_packed"] == stream["batches"] * 2 * 65
+    assert 0 <= stream["tokens_cropped"] < stream["tokens_packed"]
+
+
+@pytest.mark.parametrize("shuffle_seed", [None, 7])
+def test_bestfit_resume_on_a_new_daemon_continues_bit_identically(
+    start_daemon, bestfit_oracle, shuffle_seed
+):
+    b, t, first, n = 4, 128, 6, 40
+    want = bestfit_oracle(batch_size=b, seq_len=t, n=n, shuffle_seed=shuffle_seed)
+    daemon = start_daemon(workers=2)
+    with daemon.feed(b, t, packing="bestfit", shuffle_seed=shuffle_seed, prefetch=4) as feed:
+        for k in range(first):
+            assert_rows_equal(next(feed), want[k], f"batch {k}")
+        state = json.loads(json.dumps(feed.state_dict()))
+    daemon.stop()
+    again = start_daemon(workers=2)
+    with again.feed(b, t, packing="bestfit", shuffle_seed=shuffle_seed) as resumed:
+        resumed.load_state_dict(state)
+        epochs = [resumed.epoch]
+        for k in range(first, n):
+            assert_rows_equal(next(resumed), want[k], f"resumed batch {k}")
+            epochs.append(resumed.epoch)
+    assert epochs[-1] > epochs[0], f"no epoch boundary crossed after the resume: {epochs}"
