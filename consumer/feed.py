@@ -9,8 +9,11 @@ attached on the first `next()`, so `load_state_dict()` can come in between.
 Batch k is the k-th run of B*T+1 consecutive tokens of this rank's stream.
 
 Failure behaviour: a daemon that shuts down or goes silent makes `next()` raise
-`DaemonGoneError` within DAEMON_SILENCE_S (after the batches already prepared);
-no batch for `stall_timeout_s` while the daemon is alive raises `TimeoutError`.
+`DaemonGoneError` within DAEMON_SILENCE_S (after the batches already prepared),
+or, with `reconnect_s > 0`, wait that long for a daemon to answer on the run dir
+again (a systemd restart, say) and re-attach at the position after the last
+batch returned, so the trainer continues as if nothing happened; no batch for
+`stall_timeout_s` while the daemon is alive raises `TimeoutError`.
 Tensors handed out are never written again by tokenfeed.
 """
 
@@ -30,7 +33,13 @@ import zmq
 from tokenfeed.common import protocol
 from tokenfeed.common.config import StreamSpec, resolve_run_dir
 from tokenfeed.common.control import connect, receive, request
-from tokenfeed.common.errors import ConfigError, StateMismatchError, TokenfeedError
+from tokenfeed.common.errors import (
+    ConfigError,
+    DaemonGoneError,
+    DaemonUnavailableError,
+    StateMismatchError,
+    TokenfeedError,
+)
 from tokenfeed.common.ring import Ring
 from tokenfeed.consumer.link import Link
 from tokenfeed.consumer.topology import resolve_topology
@@ -59,6 +68,7 @@ class TokenFeed:
         min_tail: int | None = 32,
         prefetch: int = 2,
         stall_timeout_s: float = 300.0,
+        reconnect_s: float = 0.0,
     ) -> None:
         topo = resolve_topology(rank, world_size, device)
         self.spec = StreamSpec(
@@ -72,6 +82,7 @@ class TokenFeed:
         self.run_dir = resolve_run_dir(run_dir)
         self.prefetch = prefetch
         self.stall_timeout_s = stall_timeout_s
+        self.reconnect_s = reconnect_s
         self._start: dict[str, Any] | None = None
         self._expect: dict[str, Any] = {}
         self._cursor: dict[str, Any] | None = None
@@ -92,7 +103,13 @@ class TokenFeed:
         try:
             item = link.batches.get_nowait()
         except queue.Empty:
-            item = self._wait(link)
+            try:
+                item = self._wait(link)
+            except DaemonGoneError as gone:
+                if self.reconnect_s <= 0:
+                    raise
+                link = self._reconnect(gone)
+                item = self._wait(link)
         if item.event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(item.event)
@@ -126,6 +143,24 @@ class TokenFeed:
                     f"no batch for {self.stall_timeout_s:.0f} s although the daemon is alive; "
                     "check `tokenfeed status` (workers, stream errors)"
                 )
+
+    def _reconnect(self, gone: DaemonGoneError) -> Link:
+        """Wait for a daemon on the run dir and re-attach after the last batch returned."""
+        log.warning("%s; waiting up to %.0f s for a daemon to re-attach", gone, self.reconnect_s)
+        self._drop_link()
+        if self._cursor is not None:
+            self._start = self._cursor
+        self._expect = {"fingerprint": self._info.get("fingerprint"),
+                        "tokenizer": self._info.get("tokenizer", {}).get("identity")}
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                request(self.run_dir, "ping", timeout_s=1.0, expect="pong")
+                return self._attach()
+            except DaemonUnavailableError:
+                if time.monotonic() > deadline:
+                    raise gone from None
+                time.sleep(0.2)
 
     def _attach(self) -> Link:
         if self._closed:
@@ -201,6 +236,9 @@ class TokenFeed:
         if self._closed:
             return
         self._closed = True
+        self._drop_link()
+
+    def _drop_link(self) -> None:
         link, self._link = self._link, None
         if link is not None:
             link.stop()

@@ -87,12 +87,13 @@ def _serve(args: argparse.Namespace) -> None:
     ))
 
 
-def format_status(s: dict[str, Any]) -> str:
+def format_status(s: dict[str, Any], tokens_per_s: float | None = None) -> str:
     w = s["workers"]
+    rate = f"  {tokens_per_s / 1e6:.2f} M tokens/s" if tokens_per_s is not None else ""
     lines = [
         f"daemon {s['daemon_id']}  pid {s['pid']}  up {s['uptime_s']:.0f} s  "
         f"tokenizer {s['tokenizer']}  workers {w['alive']}/{w['target']} ({w['busy']} busy)  "
-        f"tokens delivered {s['tokens_delivered']:,}",
+        f"tokens delivered {s['tokens_delivered']:,}{rate}",
         f"{'stream':>6} {'split':<5} {'rank':>7} {'B x T':>11} {'depth':>7} {'cons':>4} "
         f"{'batches':>8} {'epoch':>5} {'unit':>7}  error",
     ]
@@ -111,11 +112,17 @@ def format_status(s: dict[str, Any]) -> str:
 
 def _status(args: argparse.Namespace) -> None:
     run_dir = resolve_run_dir(args.run_dir)
+    previous: tuple[float, int] | None = None
     while True:
         s = request(run_dir, "status")
         s.pop("v", None)
         s.pop("op", None)
-        text = json.dumps(s, indent=2) if args.json else format_status(s)
+        now, delivered = time.monotonic(), int(s["tokens_delivered"])
+        rate = None
+        if previous is not None and now > previous[0]:
+            rate = (delivered - previous[1]) / (now - previous[0])  # between two refreshes
+        previous = (now, delivered)
+        text = json.dumps(s, indent=2) if args.json else format_status(s, rate)
         if args.watch is None:
             print(text)
             return

@@ -198,3 +198,16 @@ def test_killed_consumer_is_dropped_and_its_slots_reclaimed_for_the_others(
             time.sleep(0.05)
     finally:
         survivor.close()
+
+
+def test_consumer_with_reconnect_continues_exactly_across_a_daemon_restart(start_daemon, oracle):
+    b, t, n = 2, 128, 40
+    want = oracle(batch_size=b, seq_len=t, n=n)
+    first = start_daemon(workers=2)
+    with first.feed(b, t, reconnect_s=60) as feed:
+        for k in range(12):
+            assert_batch_equals(next(feed), want[k], f"batch {k}")
+        assert first.stop() == 0  # e.g. systemd restarting the node daemon
+        start_daemon(workers=1, run_dir=first.run_dir)
+        for k in range(12, n):
+            assert_batch_equals(next(feed), want[k], f"batch {k} after the restart")

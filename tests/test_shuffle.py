@@ -186,17 +186,18 @@ def test_shuffled_epochs_deliver_the_same_documents_in_other_orders(
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 def test_shuffled_resume_on_a_new_daemon_continues_bit_identically(start_daemon,
-                                                                   shuffled_oracle):
+                                                                   shuffled_oracle, workers):
     b, t, first, n = 4, 256, 10, 30  # the train split holds ~17 windows: epoch 0 -> 1
     want = shuffled_oracle(batch_size=b, seq_len=t, n=n)
-    daemon = start_daemon(workers=2)
+    daemon = start_daemon(workers=workers)
     with daemon.feed(b, t, shuffle_seed=SEED, prefetch=4) as feed:
         for k in range(first):
             assert_batch_equals(next(feed), want[k], f"batch {k}")
         state = json.loads(json.dumps(feed.state_dict()))
     daemon.stop()
-    again = start_daemon(workers=2)
+    again = start_daemon(workers=workers)
     with again.feed(b, t, shuffle_seed=SEED) as resumed:
         resumed.load_state_dict(state)
         assert resumed.epoch == 0
