@@ -24,7 +24,7 @@ CONTROL_SOCKET_NAME = "control"
 WORKER_SOCKET_NAME = "workers"
 SPLITS = ("train", "val")
 PACKINGS = ("concat", "bestfit")
-MAX_BUFFER_DOCS = 2000  # keeps a bestfit feed state under 64 KB
+MAX_BUFFER_DOCS = 1500  # a bestfit feed state lists them all: worst case ~60 KB
 # AF_UNIX paths are limited to 108 bytes on Linux (sun_path), terminator included.
 MAX_IPC_PATH_BYTES = 107
 

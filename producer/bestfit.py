@@ -1,53 +1,88 @@
 """Best-fit packing: each slot is B rows of T+1 tokens, every row starting at a BOS.
 
-This is nanochat's BOS-aligned best-fit loader, with one change: a cropped tail
-goes back into the buffer instead of being thrown away.
+This is nanochat's BOS-aligned best-fit loader, with two changes: a cropped tail
+goes back into the buffer instead of being thrown away, and no piece stays in the
+buffer for more than `max_age_docs` documents.
 
 The rank's document stream is concat's (units in order, each document BOS first).
-Before every placement the buffer is refilled, in stream order, to `buffer_docs`
-pieces; with `r` tokens left in the current row, the packer places
+`docs_read` counts the documents read from it into the buffer; a piece's `born` is
+the `docs_read` before its document was read (the document's index in the stream;
+a tail keeps its document's). Before every placement the buffer is refilled, in
+stream order, to `buffer_docs` pieces; with `r` tokens left in the current row,
+the packer places
 
-- the LONGEST buffered piece of length <= r, whole (ties: the one that entered
-  the buffer first); or, if none fits,
-- the first r tokens of the SHORTEST piece (ties: the earliest). The rest of it,
-  when at least `min_tail` tokens long, re-enters the buffer (as the newest piece)
-  prefixed with the document's BOS; a shorter rest is discarded (`tokens_cropped`).
+- if the OLDEST piece (least born; ties: the one that entered the buffer first)
+  has docs_read - born > `max_age_docs`: that piece, whole if it fits, else its
+  first r tokens (its rest handled as below); otherwise
+- the LONGEST buffered piece of length <= r, whole (ties: the earliest); or, if
+  none fits,
+- the first r tokens of the SHORTEST piece (ties: the earliest). The rest of a
+  cropped piece, when at least `min_tail` tokens long, re-enters the buffer (as
+  the newest piece, keeping its born) prefixed with the document's BOS; a shorter
+  rest is discarded (`tokens_cropped`).
+
+Without the age rule, a piece longer than a row leaves only when cropped as the
+shortest, so the buffer keeps the longest documents it has seen and its oldest
+reference trails the read position by the whole run. With it, every buffered
+document is among the last max(max_age_docs + 1, buffer_docs) read (tested, and
+tight). max_age_docs < buffer_docs makes the packing first in, first out: the
+oldest of buffer_docs pieces is always at least buffer_docs old. None means
+8 * buffer_docs (DEFAULT_MAX_AGE_DOCS = 8000 for the default buffer).
 
 Rows are always full. Share of the tokens read that is discarded, T=2048, B=32,
 1000 pieces, on the sample corpus (`sample_documents(4_000_000)`, cl100k, read 40
-times over) and on a synthetic stream of lognormal lengths (median 600 tokens,
-sigma 1), which reproduces nanochat's ~35% on FineWeb-Edu:
+times over, units of 16 documents) and on a synthetic stream of lognormal lengths
+(median 600 tokens, sigma 1, units of 1000 documents), which reproduces nanochat's
+~35% on FineWeb-Edu, without the age rule and with max_age_docs = 8000:
 
     min_tail                    None (nanochat)  1       32      128     512
-    sample corpus, 21M tokens   21.7%            0.00%   0.09%   0.95%   4.3%
-    lognormal, 150M tokens      31.9%            0.00%   0.03%   0.45%   4.6%
+    sample, 21M tokens, no age  21.7%            0.00%   0.09%   0.95%   4.3%
+    sample, max age 8000        36.9%            0.00%   0.15%   1.30%   2.0%
+    lognormal, 150M, no age     31.9%            0.00%   0.03%   0.45%   4.6%
+    lognormal, max age 8000     31.4%            0.00%   0.09%   1.06%   4.4%
 
-(nanochat's rule reaches 34.5% at 600M lognormal tokens.) With tails kept, 29%
-(sample) to 40% (lognormal) of the delivered tokens come from tails (a BOS, then
-a document's middle): the price of keeping them. `min_tail` = 32
-(DEFAULT_MIN_TAIL) keeps all but 0.1% of the tokens, keeps pieces of under 33
-tokens out of the buffer, and holds a tail's extra BOS under 3% of its tokens.
+(nanochat's rule reaches 34.5% at 600M lognormal tokens.) With nanochat's rule the
+age rule crops more pieces and drops their rests (sample: 21.7% -> 36.9%); with
+tails kept it costs little. At max age 8000 and min_tail 32, 39% (sample) and 34%
+(lognormal) of the delivered tokens come from tails (a BOS, then a document's
+middle; 29% and 40% without the age rule), and 44% and 40% are placed by the age
+rule (`tokens_by_age`): the long documents that best fit alone would keep. Smaller
+ages cost more best fit on the sample corpus (min_tail 32; lag: see Resume):
+
+    max_age_docs      2000    4000    8000    16000   none
+    from tails        44%     43%     39%     34%     29%
+    placed by age     58%     51%     44%     15%     0%
+    resume lag        126     251     501     1002    1355 units (the whole run)
+
+`min_tail` = 32 (DEFAULT_MIN_TAIL) keeps all but 0.2% of the tokens, keeps pieces
+of under 33 tokens out of the buffer, and holds a tail's extra BOS under 3% of its
+tokens.
 
 Position (JSON, the state right after the last window):
 
     {"unit": u, "doc": d,                      # next document to read from the stream
-     "buffer": [u0, d0, s0, t0, u1, ...]}      # buffer pieces in the order they entered
+     "docs_read": n,                           # documents read into the buffer so far
+     "buffer": [u0, d0, s0, t0, b0, u1, ...]}  # buffer pieces in the order they entered
 
 A piece is document `d_i` of unit `u_i` from token `s_i` of that document on;
 `t_i` = 1 marks a tail (a BOS, then document tokens `s_i..`), which is exactly
-`s_i > 0`. `(u, d)` is never `d == documents in u` (that is `(u + 1, 0)`), so a
-position depends only on the windows cut, never on how far ahead units were
-pushed. About 20 bytes per piece: < 32 KB of JSON for 1000 pieces.
+`s_i > 0`; `b_i` is its born (< n, growing with (u_i, d_i)). `(u, d)` is never
+`d == documents in u` (that is `(u + 1, 0)`), so a position depends only on the
+windows cut, never on how far ahead units were pushed. About 22 bytes a piece on
+the runs above, 28 with unit numbers in the millions, 40 at worst (deep tails,
+billions of documents read): < 41 KB of JSON for 1000 pieces (80 KB for 2000).
 
 Resume: the packer starts at the earliest unit the position names (`next_unit`),
 resolves the buffer's references as those units are pushed and reads documents
-again from `(u, d)`; `needs_unit` tells which units in between it ignores. Pieces
-longer than a row leave the buffer only when cropped as the shortest, so the
-buffer keeps the longest documents it has seen and its oldest reference trails
-the read position by the whole run (measured: all 600 units of a synthetic run).
-Each piece therefore owns a copy of its document's tokens: a unit's array is
-dropped once all its documents entered the buffer, and memory is the buffer's
-tokens plus the units not yet read, whatever the pieces' ages.
+again from `(u, d)`; `needs_unit` tells which units in between it ignores (they
+may be pushed empty, untokenized). By the age rule those units are at most the
+ones spanned by the last max(max_age_docs + 1, buffer_docs) documents read.
+Measured, the most units between `next_unit` and the read unit over the runs
+above: sample 501 (8001 documents) against 1355, all of the run, without the age
+rule; lognormal 9 (8001 documents) against 149, all of the run.
+Each piece owns a copy of its document's tokens: a unit's array is dropped once
+all its documents entered the buffer, and memory is the buffer's tokens plus the
+units not yet read (views would keep the units of up to max_age_docs documents).
 
 Readiness: `ready()` packs the next window in place into a scratch array and
 says True once all B rows are placed; `fill()` copies it out and only then moves
@@ -62,7 +97,8 @@ stream then keeps a pool's worth of units in flight instead of one per loop tick
 (tests: 20-36 s -> 2-4 s to the first window on the test corpus).
 
 Speed: 70-85M tokens/s on the sample corpus (T=2048, B=32, one core), ~3% of the
-time `encode_ordinary` takes for the same tokens (2.3M tokens/s).
+time `encode_ordinary` takes for the same tokens (2.3M tokens/s); the age rule's
+heap costs nothing measurable (median of 7: 75M before it, 73M off, 79M at 8000).
 
 Failure behaviour: a malformed position raises `StateMismatchError` at
 construction; a reference that the pushed data cannot hold (a document or offset
@@ -76,7 +112,8 @@ from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain
+from heapq import heapify, heappop, heappush
+from itertools import chain, pairwise
 from operator import itemgetter
 from typing import Any
 
@@ -87,13 +124,17 @@ from tokenfeed.common.errors import ConfigError, StateMismatchError
 DEFAULT_BUFFER_DOCS = 1000  # nanochat's buffer_size
 # Tails shorter than this are dropped; see the module docstring for the measurement.
 DEFAULT_MIN_TAIL = 32
+# max_age_docs=None means this many buffers' worth of documents; see the docstring.
+_AGE_BUFFERS = 8
+DEFAULT_MAX_AGE_DOCS = _AGE_BUFFERS * DEFAULT_BUFFER_DOCS
 _EMPTY = np.zeros(0, dtype=np.int64)
 _LAST = sys.maxsize  # sorts after every insertion counter in a (length, counter) key
 
-# A buffer piece: (document tokens, BOS first, owned; start; tail 0/1; unit; doc). A
-# tuple, not a dataclass: ~100k are made per second and a tuple is 5x cheaper.
-Piece = tuple[np.ndarray, int, int, int, int]
-_REF = itemgetter(3, 4, 1, 2)  # a piece's reference in a position: unit, doc, start, tail
+# A buffer piece: (document tokens, BOS first, owned; start; tail 0/1; unit; doc; born).
+# A tuple, not a dataclass: ~100k are made per second and a tuple is 5x cheaper.
+Piece = tuple[np.ndarray, int, int, int, int, int]
+_REF = itemgetter(3, 4, 1, 2, 5)  # a piece in a position: unit, doc, start, tail, born
+_FIELDS = 5  # integers a piece takes in a position
 
 
 @dataclass(slots=True)
@@ -105,35 +146,54 @@ class _Unit:
     next_doc: int  # first document not yet read
 
 
-def _parse_start(start: dict[str, Any], buffer_docs: int) -> tuple[int, int, list[int]]:
+def _parse_start(
+    start: dict[str, Any], buffer_docs: int
+) -> tuple[int, int, int, list[int]]:
     unit: Any = start.get("unit")
     doc: Any = start.get("doc", 0)
     flat: Any = start.get("buffer", [])
+    # Only differences of docs_read and born matter, so an empty buffer may omit it.
+    docs_read: Any = start.get("docs_read", None if flat else 0)
 
     def is_count(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-    if not (is_count(unit) and is_count(doc) and isinstance(flat, list)):
+    if not (is_count(unit) and is_count(doc) and is_count(docs_read)
+            and isinstance(flat, list)):
         raise StateMismatchError(
-            f"bestfit position lacks non-negative integers 'unit' and 'doc' and a list "
-            f"'buffer' (got unit={unit!r}, doc={doc!r}, buffer of type {type(flat).__name__})"
+            f"bestfit position lacks non-negative integers 'unit', 'doc' and 'docs_read' and "
+            f"a list 'buffer' (got unit={unit!r}, doc={doc!r}, docs_read={docs_read!r}, "
+            f"buffer of type {type(flat).__name__}); positions written before the age rule "
+            f"(4 integers a piece, no 'docs_read') cannot be resumed"
         )
-    if len(flat) % 4 or len(flat) // 4 > buffer_docs or not all(map(is_count, flat)):
+    if (len(flat) % _FIELDS or len(flat) // _FIELDS > buffer_docs
+            or not all(map(is_count, flat))):
         raise StateMismatchError(
-            f"bestfit position's buffer must be at most {buffer_docs} pieces of 4 non-negative "
-            f"integers (unit, doc, start, tail); got {len(flat)} values"
+            f"bestfit position's buffer must be at most {buffer_docs} pieces of {_FIELDS} "
+            f"non-negative integers (unit, doc, start, tail, born); got {len(flat)} values"
         )
-    seen = set()
-    for i in range(0, len(flat), 4):
-        u, d, s, t = flat[i : i + 4]
-        if t != (s > 0) or (u, d) >= (unit, doc) or (u, d) in seen:
+    refs = []
+    for i in range(0, len(flat), _FIELDS):
+        u, d, s, t, born = flat[i : i + _FIELDS]
+        if t != (s > 0) or (u, d) >= (unit, doc) or born >= docs_read:
             raise StateMismatchError(
-                f"bestfit position's buffer piece {i // 4} = {flat[i:i + 4]} is inconsistent: "
-                f"tail must be 1 exactly when start > 0, each document may appear once and "
-                f"must come before the next document to read ({unit}, {doc})"
+                f"bestfit position's buffer piece {i // _FIELDS} = {flat[i:i + _FIELDS]} is "
+                f"inconsistent: tail must be 1 exactly when start > 0, the document must come "
+                f"before the next one to read ({unit}, {doc}) and born before docs_read "
+                f"({docs_read})"
             )
-        seen.add((u, d))
-    return int(unit), int(doc), [int(v) for v in flat]
+        refs.append((u, d, born))
+    # born is the document's index in the stream: it orders documents as (unit, doc) does,
+    # and no document appears twice.
+    refs.sort()
+    for (u0, d0, b0), (u1, d1, b1) in pairwise(refs):
+        if (u0, d0) == (u1, d1) or b0 >= b1:
+            raise StateMismatchError(
+                f"bestfit position's buffer names documents ({u0}, {d0}) born {b0} and "
+                f"({u1}, {d1}) born {b1}: each document may appear once, and born must grow "
+                f"with (unit, doc)"
+            )
+    return int(unit), int(doc), int(docs_read), [int(v) for v in flat]
 
 
 class BestFitPacker:
@@ -145,27 +205,40 @@ class BestFitPacker:
         *,
         buffer_docs: int = DEFAULT_BUFFER_DOCS,
         min_tail: int | None = DEFAULT_MIN_TAIL,
+        max_age_docs: int | None = None,
     ) -> None:
         if buffer_docs < 1:
             raise ConfigError(f"buffer_docs={buffer_docs} must be >= 1")
         if min_tail is not None and min_tail < 1:
             raise ConfigError(f"min_tail={min_tail} must be >= 1, or None to discard every tail")
+        if max_age_docs is not None and max_age_docs < 0:
+            raise ConfigError(
+                f"max_age_docs={max_age_docs} must be >= 0, or None for "
+                f"{_AGE_BUFFERS} * buffer_docs"
+            )
         self.batch_size = batch_size
         self.row_tokens = seq_len + 1
         self.window_tokens = batch_size * self.row_tokens
         self.buffer_docs = buffer_docs
         self.min_tail = sys.maxsize if min_tail is None else min_tail
-        unit, doc, flat = _parse_start(start or {"unit": 0}, buffer_docs)
+        self.max_age_docs = _AGE_BUFFERS * buffer_docs if max_age_docs is None else max_age_docs
+        unit, doc, docs_read, flat = _parse_start(start or {"unit": 0}, buffer_docs)
         self._read = (unit, doc)  # next document to read
-        # The buffer: pieces by insertion counter (dict order is buffer order) and a
-        # sorted index of (length, counter) keys for O(log n) best-fit and shortest lookups.
+        self._docs_read = docs_read  # documents the stream has put into the buffer
+        # The buffer: pieces by insertion counter (dict order is buffer order), a sorted
+        # index of (length, counter) keys for O(log n) best-fit and shortest lookups, and a
+        # heap of (born, counter) for the oldest piece (entries of pieces gone are skipped
+        # when they surface, and the heap is rebuilt when they pass 3 buffers' worth).
         self._pieces: dict[int, Piece] = {}
         self._keys: list[tuple[int, int]] = []
+        self._ages: list[tuple[int, int]] = []
         self._unresolved: dict[int, list[int]] = {}  # unit -> counters of pieces it holds
-        for c, i in enumerate(range(0, len(flat), 4)):
-            u, d, s, t = flat[i : i + 4]
-            self._pieces[c] = (_EMPTY, s, t, u, d)
+        for c, i in enumerate(range(0, len(flat), _FIELDS)):
+            u, d, s, t, born = flat[i : i + _FIELDS]
+            self._pieces[c] = (_EMPTY, s, t, u, d, born)
+            self._ages.append((born, c))
             self._unresolved.setdefault(u, []).append(c)
+        heapify(self._ages)
         self._counter = len(self._pieces)
         self._pending: deque[_Unit] = deque()  # pushed units with documents still to read
         self._pending_tokens = 0
@@ -174,7 +247,8 @@ class BestFitPacker:
         self.tokens_packed = 0
         self.tokens_cropped = 0  # cut off and discarded (tails under min_tail)
         self.tokens_from_tails = 0  # delivered in re-entered tails, their BOS included
-        self._window_stats = [0, 0]  # cropped, from tails: of the window being packed
+        self.tokens_by_age = 0  # placed by the age rule instead of best fit
+        self._window_stats = [0, 0, 0]  # cropped, from tails, by age: of the window being packed
         self._seen = [0, 0, 0]  # units, documents, tokens pushed: means for estimates
         self._scratch = np.empty(self.window_tokens, dtype=np.int64)
         self._packing: Iterator[bool] | None = None  # packs windows into _scratch
@@ -190,14 +264,14 @@ class BestFitPacker:
         bounds = [*doc_starts.tolist(), len(tokens)]
         docs = len(bounds) - 1
         for c in self._unresolved.pop(unit, []):
-            _, start, tail, u, d = self._pieces[c]
+            _, start, tail, u, d, born = self._pieces[c]
             if d >= docs or bounds[d] + start >= bounds[d + 1]:
                 raise StateMismatchError(
                     f"bestfit position names document {d} from token {start} of unit {unit}, "
                     f"which holds {docs} documents there; the state belongs to other data"
                 )
             data = tokens[bounds[d] : bounds[d + 1]].copy()
-            self._pieces[c] = (data, start, tail, u, d)
+            self._pieces[c] = (data, start, tail, u, d, born)
             insort(self._keys, (len(data) - start + tail, c))
         read_unit, read_doc = self._read
         if unit >= read_unit:
@@ -246,7 +320,8 @@ class BestFitPacker:
         self.tokens_packed += self.window_tokens
         self.tokens_cropped += self._window_stats[0]
         self.tokens_from_tails += self._window_stats[1]
-        self._window_stats[:] = [0, 0]  # in place: the packing generator holds this list
+        self.tokens_by_age += self._window_stats[2]
+        self._window_stats[:] = [0, 0, 0]  # in place: the packing generator holds this list
         self.position = self._position()
         return self.position
 
@@ -260,9 +335,11 @@ class BestFitPacker:
         pushes before resuming). Nothing here is undone: pushes only append units, so a
         paused window continues exactly as if the documents had been there all along.
         """
-        keys, pieces, pending = self._keys, self._pieces, self._pending
+        keys, pieces, ages, pending = self._keys, self._pieces, self._ages, self._pending
         out, cap, min_tail = self._scratch, self.row_tokens, self.min_tail
-        buffer_docs = self.buffer_docs
+        buffer_docs, max_age_docs = self.buffer_docs, self.max_age_docs
+        ages_cap = 4 * buffer_docs  # rebuilt from the buffer past this: O(1) amortized
+        docs_read = self._docs_read
         stats = self._window_stats
         while True:
             for row_start in range(0, self.window_tokens, cap):
@@ -280,8 +357,11 @@ class BestFitPacker:
                         lo, hi = u.bounds[d], u.bounds[d + 1]
                         c = self._counter
                         self._counter = c + 1
-                        pieces[c] = (u.tokens[lo:hi].copy(), 0, 0, u.unit, d)
+                        pieces[c] = (u.tokens[lo:hi].copy(), 0, 0, u.unit, d, docs_read)
                         insort(keys, (hi - lo, c))
+                        heappush(ages, (docs_read, c))
+                        docs_read += 1
+                        self._docs_read = docs_read
                         self._pending_tokens -= hi - lo
                         u.next_doc = d = d + 1
                         if d == u.docs:
@@ -291,16 +371,30 @@ class BestFitPacker:
                             self._read = (u.unit, d)
                         del u  # a paused generator must not keep a read unit's array alive
                     room = cap - pos
-                    i = bisect_right(keys, (room, _LAST)) - 1
-                    if i >= 0:  # the longest piece that fits, the earliest of that length
-                        take = keys[i][0]
-                        if i and keys[i - 1][0] == take:
-                            i = bisect_left(keys, (take, -1))
-                        length = take
-                    else:  # nothing fits: crop the shortest (earliest) piece to the room left
-                        i, take = 0, room
-                        length = keys[0][0]
-                    data, start, tail, unit, doc = pieces.pop(keys.pop(i)[1])
+                    if len(ages) > ages_cap:  # under an old piece, entries of gone ones pile up
+                        ages[:] = [(piece[5], c) for c, piece in pieces.items()]
+                        heapify(ages)
+                    while ages[0][1] not in pieces:  # entries of pieces gone since
+                        heappop(ages)
+                    born, c = ages[0]
+                    if docs_read - born > max_age_docs:  # too old: the oldest goes next
+                        heappop(ages)
+                        data, start, tail, unit, doc, born = pieces.pop(c)
+                        length = len(data) - start + tail
+                        del keys[bisect_left(keys, (length, c))]
+                        take = min(length, room)
+                        stats[2] += take
+                    else:
+                        i = bisect_right(keys, (room, _LAST)) - 1
+                        if i >= 0:  # the longest piece that fits, the earliest of that length
+                            take = keys[i][0]
+                            if i and keys[i - 1][0] == take:
+                                i = bisect_left(keys, (take, -1))
+                            length = take
+                        else:  # nothing fits: crop the shortest (earliest) piece to the room
+                            i, take = 0, room
+                            length = keys[0][0]
+                        data, start, tail, unit, doc, born = pieces.pop(keys.pop(i)[1])
                     at = row_start + pos
                     if tail:
                         stats[1] += take
@@ -310,11 +404,12 @@ class BestFitPacker:
                         out[at : at + take] = data[start : start + take]
                     pos += take
                     rest = length - take
-                    if rest >= min_tail:
+                    if rest >= min_tail:  # keeps the document's born: its age goes on
                         c = self._counter
                         self._counter = c + 1
-                        pieces[c] = (data, start + take - tail, 1, unit, doc)
+                        pieces[c] = (data, start + take - tail, 1, unit, doc, born)
                         insort(keys, (rest + 1, c))
+                        heappush(ages, (born, c))
                     else:
                         stats[0] += rest
             yield True
@@ -323,12 +418,13 @@ class BestFitPacker:
 
     def _position(self) -> dict[str, Any]:
         flat = list(chain.from_iterable(map(_REF, self._pieces.values())))  # 3x a listcomp
-        return {"unit": self._read[0], "doc": self._read[1], "buffer": flat}
+        return {"unit": self._read[0], "doc": self._read[1], "docs_read": self._docs_read,
+                "buffer": flat}
 
     def resume_key(self, position: dict[str, Any]) -> tuple[Any, ...]:
         """The part of a cursor that defines where the stream continues."""
         flat = position.get("buffer")
-        return (position.get("unit"), position.get("doc"),
+        return (position.get("unit"), position.get("doc"), position.get("docs_read"),
                 tuple(flat) if isinstance(flat, list) else flat)
 
     def needs_unit(self, unit: int) -> bool:
@@ -338,4 +434,5 @@ class BestFitPacker:
 
     def stats(self) -> dict[str, Any]:
         return {"tokens_packed": self.tokens_packed, "tokens_cropped": self.tokens_cropped,
-                "tokens_from_tails": self.tokens_from_tails, "buffer_pieces": len(self._pieces)}
+                "tokens_from_tails": self.tokens_from_tails, "tokens_by_age": self.tokens_by_age,
+                "buffer_pieces": len(self._pieces)}

@@ -23,7 +23,7 @@ import numpy as np
 
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import StateMismatchError
-from tokenfeed.producer.bestfit import DEFAULT_BUFFER_DOCS, DEFAULT_MIN_TAIL, BestFitPacker
+from tokenfeed.producer.bestfit import BestFitPacker
 
 
 class Packer(Protocol):
@@ -59,8 +59,8 @@ def make_packer(spec: StreamSpec, start: dict[str, Any] | None) -> Packer:
         # buffer_docs / min_tail become StreamSpec fields when the spec grows them.
         return BestFitPacker(
             spec.batch_size, spec.seq_len, start,
-            buffer_docs=getattr(spec, "buffer_docs", DEFAULT_BUFFER_DOCS),
-            min_tail=getattr(spec, "min_tail", DEFAULT_MIN_TAIL),
+            buffer_docs=spec.buffer_docs,
+            min_tail=spec.min_tail,
         )
     raise StateMismatchError(f"packing {spec.packing!r} is not available in this daemon")
 

@@ -22,12 +22,16 @@ rule of the contract as a short function in the order the data flows.
    stream[k*L:(k+1)*L] with L = batch_size*seq_len + 1; inputs = w[:-1] as (B, T)
    int32, targets = w[1:] as (B, T) int64.
 6. Packing (`bestfit`): window k is B rows of T+1 tokens (inputs = row[:-1], targets =
-   row[1:]), each row filled from a buffer of pieces kept in the order they entered:
-   before every placement the buffer is refilled with the next documents to
-   `buffer_docs` pieces; with r tokens left in the row, the longest piece of length
-   <= r goes in whole (ties: earliest), else the first r tokens of the shortest piece
-   (ties: earliest), whose rest re-enters the buffer last as [bos_id] + rest when it
-   is at least `min_tail` tokens long (min_tail=None: never, nanochat's rule) and is
+   row[1:]), each row filled from a buffer of pieces kept in the order they entered.
+   Each piece has a `born`: the index in the rank's document stream of its document
+   (the count of documents read before it); `docs_read` counts the documents read. Before
+   every placement the buffer is refilled with the next documents to `buffer_docs`
+   pieces; with r tokens left in the row, if the oldest piece (least born; ties:
+   earliest) has docs_read - born > `max_age_docs`, it goes next: whole if it fits, else
+   its first r tokens. Otherwise the longest piece of length <= r goes in whole (ties:
+   earliest), else the first r tokens of the shortest piece (ties: earliest). The rest of
+   a cropped piece re-enters the buffer last as [bos_id] + rest, keeping its born, when
+   it is at least `min_tail` tokens long (min_tail=None: never, nanochat's rule) and is
    discarded otherwise.
 
 Failure behaviour: a bad argument (unknown split, rank outside [0, W), an empty split,
@@ -258,20 +262,22 @@ def bestfit_windows(
     num_batches: int,
     buffer_docs: int,
     min_tail: int | None,
+    max_age_docs: int,
 ) -> tuple[list[np.ndarray], int]:
     """Rule 6 on any document stream: (the first `num_batches` windows, tokens discarded).
 
     A finite `docs` ends the list early, at the first window that would need a document
     past its end (the windows a packer can cut from those documents alone).
     """
-    if batch_size < 1 or seq_len < 1 or buffer_docs < 1:
+    if batch_size < 1 or seq_len < 1 or buffer_docs < 1 or max_age_docs < 0:
         raise ValueError(
             f"batch_size={batch_size}, seq_len={seq_len} and buffer_docs={buffer_docs} "
-            "must all be >= 1"
+            f"must all be >= 1 and max_age_docs={max_age_docs} >= 0"
         )
     docs = iter(docs)
     row_tokens = seq_len + 1
-    buffer: list[list[int]] = []  # pieces, in the order they entered
+    buffer: list[tuple[int, list[int]]] = []  # (born, piece), in the order they entered
+    docs_read = 0
     windows: list[np.ndarray] = []
     discarded = 0
     while len(windows) < num_batches:
@@ -284,24 +290,32 @@ def bestfit_windows(
                     doc = next(docs, None)
                     if doc is None:
                         return windows, discarded_before_window
-                    buffer.append(list(doc))
+                    buffer.append((docs_read, list(doc)))
+                    docs_read += 1
                 room = row_tokens - len(row)
-                best = None  # longest piece that fits; strict > keeps the earliest of a length
-                for i, piece in enumerate(buffer):
-                    if len(piece) <= room and (best is None or len(piece) > len(buffer[best])):
-                        best = i
-                if best is not None:
-                    row.extend(buffer.pop(best))
-                    continue
-                shortest = 0  # nothing fits: strict < keeps the earliest shortest
-                for i, piece in enumerate(buffer):
-                    if len(piece) < len(buffer[shortest]):
-                        shortest = i
-                piece = buffer.pop(shortest)
+                oldest = 0  # strict < keeps the earliest of a born
+                for i, (born, _) in enumerate(buffer):
+                    if born < buffer[oldest][0]:
+                        oldest = i
+                chosen: int | None = None
+                if docs_read - buffer[oldest][0] > max_age_docs:
+                    chosen = oldest  # too old: placed next, whole or cropped
+                else:  # the longest piece that fits; strict > keeps the earliest of a length
+                    for i, (_, piece) in enumerate(buffer):
+                        if len(piece) <= room and (
+                            chosen is None or len(piece) > len(buffer[chosen][1])
+                        ):
+                            chosen = i
+                if chosen is None:  # nothing fits: strict < keeps the earliest shortest
+                    chosen = 0
+                    for i, (_, piece) in enumerate(buffer):
+                        if len(piece) < len(buffer[chosen][1]):
+                            chosen = i
+                born, piece = buffer.pop(chosen)
                 row.extend(piece[:room])
                 rest = piece[room:]
-                if min_tail is not None and len(rest) >= min_tail:
-                    buffer.append([bos_id, *rest])
+                if rest and min_tail is not None and len(rest) >= min_tail:
+                    buffer.append((born, [bos_id, *rest]))
                 else:
                     discarded += len(rest)
             window.extend(row)
@@ -322,6 +336,7 @@ def reference_bestfit_windows(
     num_batches: int,
     buffer_docs: int = 1000,
     min_tail: int | None,
+    max_age_docs: int,
     val_files: int = 1,
     text_column: str = "text",
     shuffle_seed: int | None = None,
@@ -348,5 +363,6 @@ def reference_bestfit_windows(
         num_batches=num_batches,
         buffer_docs=buffer_docs,
         min_tail=min_tail,
+        max_age_docs=max_age_docs,
     )
     return windows

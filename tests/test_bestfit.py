@@ -21,7 +21,12 @@ from oracle import bestfit_windows, reference_bestfit_windows
 
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import StateMismatchError
-from tokenfeed.producer.bestfit import DEFAULT_BUFFER_DOCS, DEFAULT_MIN_TAIL, BestFitPacker
+from tokenfeed.producer.bestfit import (
+    DEFAULT_BUFFER_DOCS,
+    DEFAULT_MAX_AGE_DOCS,
+    DEFAULT_MIN_TAIL,
+    BestFitPacker,
+)
 from tokenfeed.producer.packer import make_packer
 
 BOS = 0
@@ -75,21 +80,34 @@ def drain(packer: BestFitPacker, units: list[Unit], *, lazily: bool) -> Drained:
     return out
 
 
-# (batch_size, seq_len, buffer_docs, min_tail): rows shorter and longer than documents,
-# a buffer of one, tails always / sometimes / never (nanochat's rule) kept.
-CONFIGS = [(2, 32, 8, 4), (3, 63, 16, 1), (1, 200, 5, None), (4, 17, 1, 8), (2, 40, 30, 40)]
+NO_AGE = 10**9  # max_age_docs that never triggers: best fit alone
+
+# (batch_size, seq_len, buffer_docs, min_tail, max_age_docs): rows shorter and longer than
+# documents, a buffer of one, tails always / sometimes / never (nanochat's rule) kept, the
+# age rule off, at its default (8 buffers), tight (1-2 buffers) and 0 (first in, first out).
+Config = tuple[int, int, int, "int | None", int]
+CONFIGS: list[Config] = [
+    (2, 32, 8, 4, NO_AGE), (3, 63, 16, 1, 20), (1, 200, 5, None, 40), (4, 17, 1, 8, 0),
+    (2, 40, 30, 40, 45), (2, 32, 8, 4, 8), (2, 24, 12, 1, 96), (3, 31, 10, 2, 0),
+]
+# Where the age rule changes the windows: not with the rule off, a buffer of one (the only
+# piece is both the oldest and the best fit) or rows of 201 (any document fits whole).
+AGED = [c for c in CONFIGS if c[4] < NO_AGE and c[2] > 1 and c[1] < 200]
 
 
 @functools.cache
-def reference(b: int, t: int, buffer_docs: int, min_tail: int | None) -> tuple[list[Any], int]:
+def reference(b: int, t: int, buffer_docs: int, min_tail: int | None, max_age_docs: int
+              ) -> tuple[list[Any], int]:
     return bestfit_windows(make_docs(400), bos_id=BOS, batch_size=b, seq_len=t,
-                           num_batches=10**9, buffer_docs=buffer_docs, min_tail=min_tail)
+                           num_batches=10**9, buffer_docs=buffer_docs, min_tail=min_tail,
+                           max_age_docs=max_age_docs)
 
 
-def packed(b: int, t: int, buffer_docs: int, min_tail: int | None,
+def packed(b: int, t: int, buffer_docs: int, min_tail: int | None, max_age_docs: int,
            start: dict[str, Any] | None = None, *, lazily: bool = False
            ) -> tuple[BestFitPacker, Drained]:
-    packer = BestFitPacker(b, t, start, buffer_docs=buffer_docs, min_tail=min_tail)
+    packer = BestFitPacker(b, t, start, buffer_docs=buffer_docs, min_tail=min_tail,
+                           max_age_docs=max_age_docs)
     return packer, drain(packer, make_units(make_docs(400)), lazily=lazily)
 
 
@@ -97,7 +115,7 @@ def packed(b: int, t: int, buffer_docs: int, min_tail: int | None,
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_windows_match_the_oracle(config: tuple[int, int, int, int | None]) -> None:
+def test_windows_match_the_oracle(config: Config) -> None:
     want, _ = reference(*config)
     _, got = packed(*config)
     assert len(want) > 5
@@ -105,15 +123,23 @@ def test_windows_match_the_oracle(config: tuple[int, int, int, int | None]) -> N
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_tokens_cropped_match_the_oracle(config: tuple[int, int, int, int | None]) -> None:
+def test_tokens_cropped_match_the_oracle(config: Config) -> None:
     _, want_cropped = reference(*config)
     packer, got = packed(*config)
     assert packer.stats()["tokens_cropped"] == want_cropped
     assert packer.stats()["tokens_packed"] == len(got) * packer.window_tokens
 
 
+@pytest.mark.parametrize("config", AGED)
+def test_age_rule_places_old_pieces_out_of_best_fit_order(config: Config) -> None:
+    packer, got = packed(*config)
+    without, _ = reference(*config[:4], NO_AGE)
+    assert packer.stats()["tokens_by_age"] > 0
+    assert [w.tolist() for w, _ in got] != [w.tolist() for w in without][: len(got)]
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-def test_every_row_starts_with_bos(config: tuple[int, int, int, int | None]) -> None:
+def test_every_row_starts_with_bos(config: Config) -> None:
     b, t = config[:2]
     _, got = packed(*config)
     for k, (window, _) in enumerate(got):
@@ -121,7 +147,7 @@ def test_every_row_starts_with_bos(config: tuple[int, int, int, int | None]) -> 
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_rows_are_full_of_document_pieces(config: tuple[int, int, int, int | None]) -> None:
+def test_rows_are_full_of_document_pieces(config: Config) -> None:
     """Each row is T+1 tokens of pieces: a BOS, then consecutive tokens of one document."""
     b, t = config[:2]
     doc_of = {tok: i for i, d in enumerate(make_docs(400)) for tok in d[1:]}
@@ -154,6 +180,26 @@ def test_a_cropped_tail_re_enters_the_buffer_with_a_bos() -> None:
     packer.fill(out)
     assert out.tolist() == [BOS, 1, 2, 3, BOS, 4, 5, 6, BOS, 7, 8, 9]
     assert packer.stats()["tokens_cropped"] == 0
+
+
+def test_a_piece_past_max_age_goes_next_and_its_tail_keeps_its_age() -> None:
+    # document 0 (10 tokens) never fits rows of 4 while 2-token documents do; at age 3 > 2
+    # it is placed next: cropped to the room left, then its tail (born 0) row after row.
+    shorts = [t for i in range(1, 9) for t in (BOS, 100 + i)]
+    tokens = np.array([BOS, *range(1, 10), *shorts], dtype=np.uint32)
+    starts = np.array([0, *range(10, 26, 2)])
+    packer = BestFitPacker(3, 3, buffer_docs=2, min_tail=1, max_age_docs=2)
+    packer.push(0, tokens, starts)
+    out = np.empty(12, dtype=np.uint32)
+    position = packer.fill(out)
+    assert out.tolist() == [BOS, 101, BOS, 1, BOS, 2, 3, 4, BOS, 5, 6, 7]
+    assert position == {"unit": 0, "doc": 3, "docs_read": 3,
+                        "buffer": [0, 2, 0, 0, 2, 0, 0, 8, 1, 0]}
+    assert packer.stats()["tokens_by_age"] == 10
+    best_fit = BestFitPacker(3, 3, buffer_docs=2, min_tail=1, max_age_docs=NO_AGE)
+    best_fit.push(0, tokens, starts)
+    best_fit.fill(out)
+    assert out.tolist() == [BOS, 101, BOS, 102, BOS, 103, BOS, 104, BOS, 105, BOS, 106]
 
 
 def test_nanochat_rule_discards_every_cropped_tail() -> None:
@@ -211,7 +257,7 @@ def test_buffered_tokens_are_negative_while_starved() -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_positions_do_not_depend_on_push_timing(config: tuple[int, int, int, int | None]) -> None:
+def test_positions_do_not_depend_on_push_timing(config: Config) -> None:
     _, eager = packed(*config, lazily=False)
     _, lazy = packed(*config, lazily=True)
     assert [p for _, p in eager] == [p for _, p in lazy]
@@ -220,7 +266,7 @@ def test_positions_do_not_depend_on_push_timing(config: tuple[int, int, int, int
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_resume_from_every_third_position_reproduces_the_rest(
-    config: tuple[int, int, int, int | None],
+    config: Config,
 ) -> None:
     _, full = packed(*config)
     for k in range(0, len(full), 3):
@@ -233,24 +279,90 @@ def test_resume_from_every_third_position_reproduces_the_rest(
         assert [p for _, p in resumed] == [p for _, p in rest]
 
 
+@functools.cache
+def long_run(max_age_docs: int) -> tuple[list[Unit], list[int], Drained]:
+    """5000 documents of 1..300 tokens, rows of 65, 16 pieces: most pieces outgrow a row,
+    and without the age rule the longest stay in the buffer for good. Returns the units,
+    the unit of each document and every window with its position."""
+    units = make_units(make_docs(5000, seed=5, max_len=300), seed=5)
+    unit_of_doc = [u for u, (_, starts) in enumerate(units) for _ in range(len(starts))]
+    packer = BestFitPacker(4, 64, buffer_docs=16, min_tail=4, max_age_docs=max_age_docs)
+    return units, unit_of_doc, drain(packer, units, lazily=True)
+
+
+def oldest_reference(position: dict[str, Any]) -> tuple[int, int]:
+    """(age in documents, lag in units) of the position's oldest buffered piece."""
+    flat = position["buffer"]
+    return position["docs_read"] - min(flat[4::5]), position["unit"] - min(flat[0::5])
+
+
+@pytest.mark.parametrize("max_age_docs", [0, 16, 64, 300])
+def test_age_rule_bounds_how_far_the_oldest_reference_trails(max_age_docs: int) -> None:
+    # No piece outlives max_age_docs + 1 documents read (buffer_docs when larger: the
+    # buffer itself spans that many), so resume re-reads only the units they span.
+    _, unit_of_doc, run = long_run(max_age_docs)
+    bound = max(max_age_docs + 1, 16)
+    ages = []
+    for k, (_, position) in enumerate(run):
+        age, _ = oldest_reference(position)
+        ages.append(age)
+        assert age <= bound, f"window {k}"
+        first_unit = unit_of_doc[max(position["docs_read"] - bound, 0)]
+        assert min(position["buffer"][0::5]) >= first_unit
+    assert len(run) > 1500
+    assert max(ages) == bound  # the bound is tight
+
+
+def test_without_the_age_rule_the_oldest_reference_trails_by_the_whole_run() -> None:
+    units, _, run = long_run(NO_AGE)
+    age, lag = max(oldest_reference(position) for _, position in run)
+    assert age > 3000 and lag > len(units) // 3
+
+
+@pytest.mark.parametrize("max_age_docs", [16, 64])
+def test_resume_late_in_a_long_run_reproduces_the_rest_from_near_the_read_unit(
+    max_age_docs: int,
+) -> None:
+    units, unit_of_doc, full = long_run(max_age_docs)
+    bound = max(max_age_docs + 1, 16)
+    for k in range(len(full) // 2, len(full), 97):
+        position = full[k][1]
+        packer = BestFitPacker(4, 64, position, buffer_docs=16, min_tail=4,
+                               max_age_docs=max_age_docs)
+        assert packer.next_unit >= unit_of_doc[max(position["docs_read"] - bound, 0)]
+        resumed = drain(packer, units, lazily=True)
+        rest = full[k + 1 :]
+        assert [w.tolist() for w, _ in resumed] == [w.tolist() for w, _ in rest], (
+            f"resume after window {k}"
+        )
+        assert [p for _, p in resumed] == [p for _, p in rest]
+
+
+def test_oldest_piece_index_stays_bounded_when_the_rule_never_triggers() -> None:
+    # The oldest piece then stays for good and entries of pieces placed since never
+    # surface from the heap: it must be rebuilt, or it grows with the run.
+    units = make_units(make_docs(3000, seed=5, max_len=300), seed=5)
+    packer = BestFitPacker(4, 64, buffer_docs=16, min_tail=4, max_age_docs=NO_AGE)
+    drain(packer, units, lazily=True)
+    assert packer.position["docs_read"] > 2900
+    assert len(packer._ages) <= 4 * 16 + 1
+
+
 def test_resume_starts_at_the_earliest_unit_the_position_names() -> None:
-    packer = BestFitPacker(
-        2, 8, {"unit": 9, "doc": 1, "buffer": [7, 2, 0, 0, 4, 0, 5, 1, 9, 0, 0, 0]},
-        buffer_docs=4,
-    )
+    position = {"unit": 9, "doc": 1, "docs_read": 41,
+                "buffer": [7, 2, 0, 0, 30, 4, 0, 5, 1, 10, 9, 0, 0, 0, 40]}
+    packer = BestFitPacker(2, 8, position, buffer_docs=4)
     assert packer.next_unit == 4
-    assert packer.position == {
-        "unit": 9, "doc": 1, "buffer": [7, 2, 0, 0, 4, 0, 5, 1, 9, 0, 0, 0]
-    }
+    assert packer.position == position
 
 
 def test_units_the_packer_does_not_need_may_be_pushed_empty_on_resume() -> None:
-    config = (2, 32, 8, 4)
+    config = (2, 32, 8, 4, NO_AGE)
     _, full = packed(*config)
     units = make_units(make_docs(400))
     empty = (np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64))
     k = len(full) // 2
-    packer = BestFitPacker(2, 32, full[k][1], buffer_docs=8, min_tail=4)
+    packer = BestFitPacker(2, 32, full[k][1], buffer_docs=8, min_tail=4, max_age_docs=NO_AGE)
     skipped = 0
     for u in range(packer.next_unit, len(units)):
         needed = packer.needs_unit(u)
@@ -267,18 +379,20 @@ def test_units_the_packer_does_not_need_may_be_pushed_empty_on_resume() -> None:
 
 def test_resume_key_ignores_the_cursor_fields_the_stream_adds() -> None:
     packer = BestFitPacker(2, 8)
-    position = {"unit": 3, "doc": 1, "buffer": [1, 0, 0, 0]}
+    position = {"unit": 3, "doc": 1, "docs_read": 9, "buffer": [1, 0, 0, 0, 4]}
     assert packer.resume_key({**position, "epoch": 0, "row_group": 3}) == packer.resume_key(
         position
     )
 
 
 def test_position_of_a_full_buffer_is_under_64_kb_of_json() -> None:
-    # a long run: unit numbers in the millions, long documents cropped deep inside
+    # a long run: unit numbers in the millions, billions of documents read, long
+    # documents cropped deep inside
     flat = []
     for i in range(1000):
-        flat += [2_000_000 + i, 99_999, 1_000_000 + i, 1]
-    packer = BestFitPacker(32, 2048, {"unit": 3_000_000, "doc": 0, "buffer": flat})
+        flat += [2_000_000 + i, 99_999, 1_000_000 + i, 1, 5_000_000_000 + i]
+    position = {"unit": 3_000_000, "doc": 0, "docs_read": 5_000_009_000, "buffer": flat}
+    packer = BestFitPacker(32, 2048, position)
     assert len(json.dumps(packer.position)) < 64 * 1024
 
 
@@ -286,12 +400,19 @@ def test_position_of_a_full_buffer_is_under_64_kb_of_json() -> None:
     "position",
     [
         {"unit": -1, "doc": 0, "buffer": []},
-        {"unit": 1, "doc": 0, "buffer": [0, 0, 0]},  # not a multiple of 4
-        {"unit": 1, "doc": 0, "buffer": [0, 0, 5, 0]},  # start > 0 must be a tail
-        {"unit": 1, "doc": 0, "buffer": [1, 0, 0, 0]},  # not read yet
-        {"unit": 1, "doc": 0, "buffer": [0, 0, 0, 0, 0, 0, 3, 1]},  # one doc twice
-        {"unit": 1, "doc": 0, "buffer": [0, 0, 0, 0] * 3},  # more pieces than the buffer
+        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": [0, 0, 0, 0]},  # not a multiple of 5
+        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": [0, 0, 5, 0, 0]},  # start > 0: tail
+        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": [1, 0, 0, 0, 0]},  # not read yet
+        {"unit": 1, "doc": 0, "docs_read": 2,
+         "buffer": [0, 0, 0, 0, 0, 0, 0, 3, 1, 1]},  # one doc twice
+        {"unit": 2, "doc": 0, "docs_read": 9,
+         "buffer": [0, 0, 0, 0, 5, 1, 0, 0, 0, 4]},  # born does not grow with (unit, doc)
+        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": [0, 0, 0, 0, 2]},  # born >= docs_read
+        {"unit": 1, "doc": 0, "buffer": [0, 0, 0, 0, 0]},  # no docs_read, buffer not empty
+        {"unit": 4, "doc": 0, "docs_read": 9,
+         "buffer": [0, 0, 0, 0, 1, 0, 2, 0, 3, 0, 0, 0]},  # more pieces than the buffer
         {"unit": 1, "doc": "0", "buffer": []},
+        {"unit": 1, "doc": 0, "docs_read": -1, "buffer": []},
     ],
 )
 def test_malformed_position_raises_state_mismatch(position: dict[str, Any]) -> None:
@@ -300,7 +421,8 @@ def test_malformed_position_raises_state_mismatch(position: dict[str, Any]) -> N
 
 
 def test_position_naming_a_missing_document_raises_on_push() -> None:
-    packer = BestFitPacker(2, 8, {"unit": 1, "doc": 0, "buffer": [0, 5, 0, 0]}, buffer_docs=2)
+    position = {"unit": 1, "doc": 0, "docs_read": 1, "buffer": [0, 5, 0, 0, 0]}
+    packer = BestFitPacker(2, 8, position, buffer_docs=2)
     with pytest.raises(StateMismatchError, match="document 5"):
         packer.push(0, np.array([BOS, 1], dtype=np.uint32), np.array([0]))
 
@@ -327,7 +449,8 @@ def test_make_packer_builds_bestfit_for_a_bestfit_spec() -> None:
     packer = make_packer(spec, None)
     assert isinstance(packer, BestFitPacker)
     assert packer.window_tokens == spec.window_tokens
-    assert packer.position == {"unit": 0, "doc": 0, "buffer": []}
+    assert packer.position == {"unit": 0, "doc": 0, "docs_read": 0, "buffer": []}
+    assert packer.max_age_docs == 8 * spec.buffer_docs
 
 
 # -- the daemon end to end ---------------------------------------------------------
@@ -356,7 +479,7 @@ def bestfit_oracle(corpus: Path, encoding: Any) -> Callable[..., list[np.ndarray
         return reference_bestfit_windows(
             corpus, enc=enc, bos_id=BOS_ID, rank=rank, world_size=world_size, batch_size=b,
             seq_len=t, num_batches=n, buffer_docs=DEFAULT_BUFFER_DOCS,
-            min_tail=DEFAULT_MIN_TAIL, shuffle_seed=seed,
+            min_tail=DEFAULT_MIN_TAIL, max_age_docs=DEFAULT_MAX_AGE_DOCS, shuffle_seed=seed,
         )
 
     def get(*, rank: int = 0, world_size: int = 1, batch_size: int, seq_len: int, n: int,
@@ -402,19 +525,19 @@ def test_bestfit_status_reports_tokens_packed_and_cropped(start_daemon):
     assert 0 <= stream["tokens_cropped"] < stream["tokens_packed"]
 
 
-@pytest.mark.parametrize("shuffle_seed", [None, 7])
+@pytest.mark.parametrize(("shuffle_seed", "workers"), [(None, 1), (7, 3)])
 def test_bestfit_resume_on_a_new_daemon_continues_bit_identically(
-    start_daemon, bestfit_oracle, shuffle_seed
+    start_daemon, bestfit_oracle, shuffle_seed, workers
 ):
     b, t, first, n = 4, 128, 6, 40
     want = bestfit_oracle(batch_size=b, seq_len=t, n=n, shuffle_seed=shuffle_seed)
-    daemon = start_daemon(workers=2)
+    daemon = start_daemon(workers=workers)
     with daemon.feed(b, t, packing="bestfit", shuffle_seed=shuffle_seed, prefetch=4) as feed:
         for k in range(first):
             assert_rows_equal(next(feed), want[k], f"batch {k}")
         state = json.loads(json.dumps(feed.state_dict()))
     daemon.stop()
-    again = start_daemon(workers=2)
+    again = start_daemon(workers=workers)
     with again.feed(b, t, packing="bestfit", shuffle_seed=shuffle_seed) as resumed:
         resumed.load_state_dict(state)
         epochs = [resumed.epoch]
