@@ -56,7 +56,6 @@ def make_packer(spec: StreamSpec, start: dict[str, Any] | None) -> Packer:
     if spec.packing == "concat":
         return ConcatPacker(spec.window_tokens, start or {"unit": 0, "offset": 0})
     if spec.packing == "bestfit":
-        # buffer_docs / min_tail become StreamSpec fields when the spec grows them.
         return BestFitPacker(
             spec.batch_size, spec.seq_len, start,
             buffer_docs=spec.buffer_docs,

@@ -40,7 +40,7 @@ def encoding() -> tiktoken.Encoding:
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """5 files x 3 row groups of Python's documentation (~40k tokens): epochs come fast."""
+    """5 files x 3 row groups of Python's documentation (train ~17k tokens): epochs come fast."""
     docs = sample_documents(160_000)
     per_file = -(-len(docs) // 5)
     out = tmp_path_factory.mktemp("corpus")

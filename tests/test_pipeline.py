@@ -37,7 +37,7 @@ def test_all_ranks_concurrently_match_oracle(start_daemon, oracle, world_size, w
 def test_stream_crossing_epoch_boundary_matches_oracle(start_daemon, oracle):
     daemon = start_daemon(workers=2)
     b, t = 4, 256
-    n = 60  # ~61k tokens: the train split holds ~33k, so this runs into epoch 1 and beyond
+    n = 60  # ~61k tokens: the train split holds ~17k, so this runs through epochs 0 to 3
     want = oracle(batch_size=b, seq_len=t, n=n)
     with daemon.feed(b, t) as feed:
         epochs = []

@@ -13,7 +13,7 @@ from conftest import assert_batch_equals
 def test_resume_on_a_fresh_daemon_continues_bit_identically_across_epochs(
     start_daemon, oracle, workers
 ):
-    b, t, n, k = 4, 256, 50, 23  # the train split is ~33k tokens: batch 23+ is in epoch 1
+    b, t, n, k = 4, 256, 50, 23  # the train split is ~17k tokens (~17 batches): 23+ is epoch 1
     want = oracle(batch_size=b, seq_len=t, n=n)
     first = start_daemon(workers=workers)
     with first.feed(b, t) as feed:
