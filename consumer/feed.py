@@ -11,7 +11,8 @@ Batch k is the k-th run of B*T+1 consecutive tokens of this rank's stream.
 Failure behaviour: a daemon that shuts down or goes silent makes `next()` raise
 `DaemonGoneError` within DAEMON_SILENCE_S (after the batches already prepared),
 or, with `reconnect_s > 0`, wait that long for a daemon to answer on the run dir
-again (a systemd restart, say) and re-attach at the position after the last
+again (a systemd restart, say; the constructor waits as long for a daemon that is
+still starting) and re-attach at the position after the last
 batch returned, so the trainer continues as if nothing happened; no batch for
 `stall_timeout_s` while the daemon is alive raises `TimeoutError`.
 Tensors handed out are never written again by tokenfeed.
@@ -91,7 +92,8 @@ class TokenFeed:
         self._ring: Ring | None = None
         self._closed = False
         self.batches_returned = 0
-        request(self.run_dir, "ping", expect="pong")  # fail fast if no daemon answers
+        # Fail fast if no daemon answers, or, with reconnect_s, wait for one that is starting.
+        self._wait_for_daemon(self.reconnect_s)
 
     # -- iteration ----------------------------------------------------------
 
@@ -152,14 +154,22 @@ class TokenFeed:
             self._start = self._cursor
         self._expect = {"fingerprint": self._info.get("fingerprint"),
                         "tokenizer": self._info.get("tokenizer", {}).get("identity")}
-        deadline = time.monotonic() + self.reconnect_s
+        try:
+            self._wait_for_daemon(self.reconnect_s)
+        except DaemonUnavailableError:
+            raise gone from None
+        return self._attach()
+
+    def _wait_for_daemon(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                request(self.run_dir, "ping", timeout_s=1.0, expect="pong")
-                return self._attach()
+                request(self.run_dir, "ping", timeout_s=max(1.0, min(5.0, timeout_s)),
+                        expect="pong")
+                return
             except DaemonUnavailableError:
-                if time.monotonic() > deadline:
-                    raise gone from None
+                if time.monotonic() >= deadline:
+                    raise
                 time.sleep(0.2)
 
     def _attach(self) -> Link:

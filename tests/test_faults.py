@@ -211,3 +211,34 @@ def test_consumer_with_reconnect_continues_exactly_across_a_daemon_restart(start
         start_daemon(workers=1, run_dir=first.run_dir)
         for k in range(12, n):
             assert_batch_equals(next(feed), want[k], f"batch {k} after the restart")
+
+
+def test_feed_with_reconnect_waits_for_a_daemon_that_starts_later(corpus, oracle):
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    from tokenfeed.consumer import TokenFeed
+
+    run_dir = Path(tempfile.mkdtemp(prefix="tf-", dir="/tmp"))
+    started: list[Daemon] = []
+    later = threading.Timer(1.5, lambda: started.append(Daemon(corpus, run_dir=run_dir)))
+    later.start()
+    try:
+        with TokenFeed(2, 64, run_dir=run_dir, device="cpu", reconnect_s=60) as feed:
+            assert_batch_equals(next(feed), oracle(batch_size=2, seq_len=64, n=1)[0], "batch 0")
+    finally:
+        later.join()
+        for d in started:
+            assert d.stop() == 0
+            d.cleanup()
+
+
+def test_feed_without_daemon_fails_fast_with_how_to_start_one(tmp_path):
+    from tokenfeed.common.errors import DaemonUnavailableError
+    from tokenfeed.consumer import TokenFeed
+
+    start = time.monotonic()
+    with pytest.raises(DaemonUnavailableError, match="tokenfeed serve"):
+        TokenFeed(2, 64, run_dir=tmp_path, device="cpu")
+    assert time.monotonic() - start < 10
