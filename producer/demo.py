@@ -131,6 +131,7 @@ def _drive(
     progress = [0] * WORLD_SIZE
     finals: dict[int, dict[str, Any]] = {}
     start = last_print = time.perf_counter()
+    last_total = 0
     window = args.batch_size * args.seq_len
     while len(finals) < WORLD_SIZE:
         try:
@@ -143,7 +144,7 @@ def _drive(
                 break
         now = time.perf_counter()
         if now - last_print >= 1.0:
-            last_print = now
+            last_tick, last_print = last_print, now
             depth = "-"
             try:
                 s = request(run_dir, "status", timeout_s=1.0)
@@ -151,9 +152,14 @@ def _drive(
                                   if st["split"] == "train")
             except TokenfeedError:
                 pass
-            rate = sum(progress) * window / (now - start)
+            if not any(progress):
+                print(f"  [{now - start:5.1f} s] consumer ranks starting (importing torch, "
+                      f"attaching); queue depth per rank {depth or '-'}", flush=True)
+                continue
+            rate = (sum(progress) - last_total) * window / (now - last_tick)
             print(f"  [{now - start:5.1f} s] batches {' + '.join(map(str, progress))}  "
                   f"{rate / 1e6:6.2f} M tokens/s  queue depth per rank {depth}", flush=True)
+            last_total = sum(progress)
     for p in ranks:
         p.wait(timeout=60)
     elapsed = time.perf_counter() - start
@@ -171,8 +177,8 @@ def _drive(
         f = finals[rank]
         cur = f["state"]["cursor"]
         print(f"  rank {rank}     next() p50 {f['next_p50_us']:.0f} µs, p99 "
-              f"{f['next_p99_us']:.0f} µs; stopped in epoch {cur['epoch']} at row group "
-              f"{cur['row_group']}, document {cur['doc']}, token {cur['offset']}")
+              f"{f['next_p99_us']:.0f} µs; resumes in epoch {cur['epoch']} at row group "
+              f"{cur['row_group']} (document {cur['doc']}, token {cur['offset']} of the group)")
     leftovers = sorted(p.name for p in SHM_DIR.glob(segment_name(daemon_id, "") + "*"))
     alive = [pid for pid in [daemon.pid, *worker_pids] if _alive(pid)]
     print(f"  stopped    daemon exit code {daemon.returncode}; shared-memory segments left: "
