@@ -24,6 +24,9 @@ CONTROL_SOCKET_NAME = "control"
 WORKER_SOCKET_NAME = "workers"
 SPLITS = ("train", "val")
 PACKINGS = ("concat", "bestfit")
+MAX_WORLD_SIZE = 1 << 20
+MAX_WINDOW_TOKENS = 1 << 31  # one ring slot; far beyond any batch that fits a GPU
+MAX_POSITION = 1 << 53  # cursor integers stay exact in JSON (float64) and msgpack
 MAX_BUFFER_DOCS = 1500  # a bestfit feed state lists them all: worst case ~60 KB
 # AF_UNIX paths are limited to 108 bytes on Linux (sun_path), terminator included.
 MAX_IPC_PATH_BYTES = 107
@@ -49,8 +52,10 @@ class StreamSpec:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{name}={value!r} must be an integer")
         seed = self.shuffle_seed
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise ConfigError(f"shuffle_seed={seed!r} must be None or a non-negative integer")
+        if seed is not None and (
+            not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63
+        ):
+            raise ConfigError(f"shuffle_seed={seed!r} must be None or an integer in [0, 2**63)")
         if not 1 <= self.buffer_docs <= MAX_BUFFER_DOCS:
             raise ConfigError(
                 f"buffer_docs={self.buffer_docs} must be in [1, {MAX_BUFFER_DOCS}] "
@@ -61,8 +66,8 @@ class StreamSpec:
             raise ConfigError(f"min_tail={tail!r} must be None or an integer >= 1")
         if self.split not in SPLITS:
             raise ConfigError(f"split={self.split!r} is unknown; use one of {SPLITS}")
-        if self.world_size < 1:
-            raise ConfigError(f"world_size={self.world_size} must be >= 1")
+        if not 1 <= self.world_size <= MAX_WORLD_SIZE:
+            raise ConfigError(f"world_size={self.world_size} must be in [1, {MAX_WORLD_SIZE}]")
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(
                 f"rank={self.rank} is outside [0, world_size={self.world_size}); "
@@ -74,6 +79,11 @@ class StreamSpec:
             )
         if self.packing not in PACKINGS:
             raise ConfigError(f"packing={self.packing!r} is unknown; use one of {PACKINGS}")
+        if self.window_tokens > MAX_WINDOW_TOKENS:
+            raise ConfigError(
+                f"batch_size={self.batch_size} x seq_len={self.seq_len} makes a window of "
+                f"{self.window_tokens} tokens, over {MAX_WINDOW_TOKENS}; use a smaller batch"
+            )
 
     @property
     def window_tokens(self) -> int:

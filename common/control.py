@@ -20,6 +20,7 @@ from tokenfeed.common.errors import (
     ConfigError,
     DaemonUnavailableError,
     DataError,
+    DetachedError,
     ProtocolError,
     StateMismatchError,
     StreamFailedError,
@@ -32,6 +33,7 @@ ERROR_KINDS: dict[str, type[TokenfeedError]] = {
     "state": StateMismatchError,
     "protocol": ProtocolError,
     "stream": StreamFailedError,
+    "detached": DetachedError,
 }
 
 

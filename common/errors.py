@@ -44,5 +44,9 @@ class DaemonGoneError(TokenfeedError):
     """The daemon shut down or stopped answering while a consumer was attached."""
 
 
+class DetachedError(DaemonGoneError):
+    """The daemon dropped this consumer (silent past its timeout) and reclaimed its slots."""
+
+
 class StreamFailedError(TokenfeedError):
     """The daemon could not produce a stream (a row group kept failing, say)."""

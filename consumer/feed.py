@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,15 +183,24 @@ class TokenFeed:
                 "attach", spec=self.spec.to_dict(), start=self._start, expect=self._expect,
             ))
             reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
-            ring = Ring.attach(protocol.field(reply, "ring", str))
         except BaseException:
             sock.close(linger=0)
+            raise
+        ring = None
+        try:
+            ring = Ring.attach(protocol.field(reply, "ring", str))
+            transfer = make_transfer(ring, self.spec.batch_size, self.spec.seq_len,
+                                     self.spec.packing, self.device)
+        except BaseException:  # e.g. pinning refused: give the slots back before raising
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send(protocol.encode("detach"), zmq.NOBLOCK)
+            sock.close(linger=100)
+            if ring is not None:
+                ring.close()
             raise
         self._ring = ring
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]
-        transfer = make_transfer(ring, self.spec.batch_size, self.spec.seq_len,
-                                 self.spec.packing, self.device)
         self._link = Link(sock, ring, int(reply["stream"]), int(reply["start_seq"]), transfer,
                           self.prefetch, str(self.run_dir))
         self._link.start()
@@ -253,7 +263,10 @@ class TokenFeed:
         if link is not None:
             link.stop()
             link.join(timeout=5.0)
-            link.transfer.close()
+            if link.is_alive():  # stuck in a call: leave its socket and ring alone, not race
+                log.warning("tokenfeed link thread did not stop within 5 s; leaking it")
+                self._ring = None
+                return
             link.sock.close(linger=100)
         if self._ring is not None:
             self._ring.close()
@@ -265,6 +278,9 @@ class TokenFeed:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
+    def __del__(self, _finalizing: Any = sys.is_finalizing) -> None:
+        # Bound at definition: late in interpreter shutdown module globals are None.
+        if _finalizing():  # modules are being torn down; the OS reclaims everything
+            return
         with contextlib.suppress(Exception):
             self.close()

@@ -78,6 +78,7 @@ class Link(threading.Thread):
 
     def run(self) -> None:
         try:
+            self.transfer.bind_thread()
             self._loop()
         except TokenfeedError as e:
             self.error = e
@@ -85,6 +86,8 @@ class Link(threading.Thread):
             log.exception("tokenfeed link thread failed")
             self.error = TokenfeedError(f"consumer link thread failed: {type(e).__name__}: {e}")
         finally:
+            # Copies in flight read the ring: finish them before the daemon may reuse slots.
+            self.transfer.close()
             if self._stop_event.is_set():
                 with contextlib.suppress(zmq.ZMQError):
                     self.sock.send(protocol.encode("detach", stream=self.stream_id), zmq.NOBLOCK)

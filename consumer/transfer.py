@@ -50,6 +50,9 @@ class CpuTransfer:
     def done(token: Any) -> bool:
         return True
 
+    def bind_thread(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -64,15 +67,24 @@ class CudaTransfer:
         self.unsigned16 = ring.layout.itemsize == 2
         self._base = int(np.frombuffer(ring.segment.mm, dtype=np.uint8).ctypes.data)
         self._size = ring.segment.size
-        err = torch.cuda.cudart().cudaHostRegister(self._base, self._size, 0)
-        if int(err) != 0:
-            raise TokenfeedError(
-                f"cudaHostRegister of the {self._size >> 20} MiB ring failed (error {int(err)}); "
-                "check the memlock limit (ulimit -l) of the training process"
-            )
-        signed = np.int16 if self.unsigned16 else np.int32  # same bits; torch lacks uint copies
-        self.host = torch.from_numpy(ring.slots.view(signed))
-        self.stream = torch.cuda.Stream(device)
+        self._registered = False
+        # Register and create the stream on the feed's device, not the caller's current one
+        # (else every rank opens a context on GPU 0).
+        with torch.cuda.device(device):
+            err = int(torch.cuda.cudart().cudaHostRegister(self._base, self._size, 0))
+            if err != 0:
+                raise TokenfeedError(
+                    f"cudaHostRegister of the {self._size >> 20} MiB ring failed (cudaError "
+                    f"{err}); check the memlock limit (ulimit -l) of the training process"
+                )
+            self._registered = True
+            try:
+                signed = np.int16 if self.unsigned16 else np.int32  # same bits as the ring
+                self.host = torch.from_numpy(ring.slots.view(signed))
+                self.stream = torch.cuda.Stream(device)
+            except BaseException:
+                self.close()
+                raise
 
     def copy(self, slot: int) -> tuple[Batch, torch.cuda.Event]:
         with torch.cuda.stream(self.stream):
@@ -94,10 +106,21 @@ class CudaTransfer:
     def done(event: torch.cuda.Event) -> bool:
         return bool(event.query())
 
+    def bind_thread(self) -> None:
+        """Make the feed's device current in the link thread, which issues the copies."""
+        torch.cuda.set_device(self.device)
+
     def close(self) -> None:
-        self.stream.synchronize()
-        del self.host
-        torch.cuda.cudart().cudaHostUnregister(self._base)
+        """Wait for copies in flight, then unpin; idempotent."""
+        if not self._registered:
+            return
+        if hasattr(self, "stream"):
+            self.stream.synchronize()
+        if hasattr(self, "host"):
+            del self.host
+        with torch.cuda.device(self.device):
+            torch.cuda.cudart().cudaHostUnregister(self._base)
+        self._registered = False
 
 
 def make_transfer(

@@ -119,6 +119,7 @@ from typing import Any
 
 import numpy as np
 
+from tokenfeed.common.config import MAX_POSITION
 from tokenfeed.common.errors import ConfigError, StateMismatchError
 
 DEFAULT_BUFFER_DOCS = 1000  # nanochat's buffer_size
@@ -156,7 +157,7 @@ def _parse_start(
     docs_read: Any = start.get("docs_read", None if flat else 0)
 
     def is_count(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_POSITION
 
     if not (is_count(unit) and is_count(doc) and is_count(docs_read)
             and isinstance(flat, list)):

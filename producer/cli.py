@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upper bound on all rings together, in MiB of /dev/shm")
     serve.add_argument("--consumer-timeout-s", type=float, default=15.0,
                        help="drop a consumer silent this long and reclaim its slots")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default="INFO", type=str.upper,
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     stop = sub.add_parser("stop", help="stop the daemon")
     _add_run_dir(stop)

@@ -42,8 +42,10 @@ from tokenfeed.common.config import (
 from tokenfeed.common.control import error_kind
 from tokenfeed.common.errors import (
     ConfigError,
+    DetachedError,
     ProtocolError,
     StateMismatchError,
+    StreamFailedError,
     TokenfeedError,
 )
 from tokenfeed.common.ring import Ring, RingLayout, token_dtype
@@ -193,12 +195,15 @@ class Daemon:
 
     def _on_failure(self, failure: Failure) -> None:
         stream = self.streams.get(failure.task.stream)
-        if stream is None:
-            return
-        stream.on_failure(failure.task.unit, failure.error)
-        if stream.error is not None:
-            for identity in stream.consumers:
+        if stream is not None:
+            stream.on_failure(failure.task.unit, failure.error)
+
+    def _report_failed(self, stream: Stream) -> None:
+        """Tell a failed stream's consumers why, once each; they raise StreamFailedError."""
+        for identity in stream.consumers:
+            if identity not in stream.told:
                 self._send(identity, "error", kind="stream", message=stream.error)
+                stream.told.add(identity)
 
     def _schedule(self) -> None:
         idle = self.pool.idle()
@@ -207,10 +212,21 @@ class Daemon:
             if not hungry:
                 return
             stream = min(hungry, key=lambda s: (s.starvation(), len(s.inflight), s.sid))
-            self.pool.assign(idle.pop(), stream.next_task())
+            try:
+                self.pool.assign(idle[-1], stream.next_task())
+            except Exception as e:  # one stream's bad position must not stop the node's feed
+                log.exception("stream %d cannot be scheduled", stream.sid)
+                stream.error = f"stream {stream.sid} cannot be scheduled: {type(e).__name__}: {e}"
+                continue
+            idle.pop()
 
     def _advance_streams(self) -> None:
         for stream in self.streams.values():
+            if self.pool.broken and stream.error is None:
+                stream.error = self.pool.broken
+            if stream.error is not None:
+                self._report_failed(stream)
+                continue
             stream.reclaim()
             stream.pack()
             for identity, ready in stream.announcements():
@@ -255,6 +271,12 @@ class Daemon:
         op = msg["op"]
         if identity in self.peers:
             self.peers[identity] = time.monotonic()
+        elif op in ("heartbeat", "release"):
+            raise DetachedError(
+                f"the daemon dropped this consumer after {self.config.consumer_timeout_s:.0f} s "
+                "of silence (a stopped or overloaded process?); its slots went to others. "
+                "Resume from feed.state_dict(), or pass reconnect_s to re-attach by itself"
+            )
         if op == "heartbeat":
             return
         if op == "release":
@@ -288,6 +310,8 @@ class Daemon:
         spec = StreamSpec.from_dict(spec_fields)
         plan = self.dataset.split(spec.split)
         self._check_expectations(msg.get("expect") or {})
+        if self.pool.broken:
+            raise StreamFailedError(self.pool.broken)
         start = msg.get("start")
         if start is not None and not isinstance(start, dict):
             raise ProtocolError(f"attach: start {start!r} is not a map")
@@ -298,17 +322,18 @@ class Daemon:
             stream = self._new_stream(spec, plan, start)
             seq = 0
         assert seq is not None
-        stream.attach(identity, seq)
-        self.peers[identity] = time.monotonic()
-        self.peer_stream[identity] = stream.sid
         layout = stream.ring.layout
-        self._send(
-            identity, "attached", stream=stream.sid, ring=stream.ring.segment.name,
+        reply = protocol.encode(  # encoded first: a reply that cannot be sent attaches nothing
+            "attached", stream=stream.sid, ring=stream.ring.segment.name,
             slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
             start_seq=seq, start=stream.cursor(start), fingerprint=self.dataset.fingerprint,
             tokenizer={"name": self.tokenizer.name, "identity": self.tokenizer.identity,
                        "bos_id": self.tokenizer.bos_id, "n_vocab": self.tokenizer.n_vocab},
         )
+        stream.attach(identity, seq)
+        self.peers[identity] = time.monotonic()
+        self.peer_stream[identity] = stream.sid
+        self.control.send_multipart([identity, reply])
         log.info("consumer %s attached to stream %d (%s rank %d/%d) at batch %d",
                  identity.decode(errors="replace"), stream.sid, spec.split, spec.rank,
                  spec.world_size, seq)

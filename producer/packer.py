@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tokenfeed.common.config import StreamSpec
+from tokenfeed.common.config import MAX_POSITION, StreamSpec
 from tokenfeed.common.errors import StateMismatchError
 from tokenfeed.producer.bestfit import BestFitPacker
 
@@ -74,9 +74,13 @@ class _Chunk:
 
 class ConcatPacker:
     def __init__(self, window_tokens: int, start: dict[str, Any]) -> None:
-        if not all(isinstance(start.get(k), int) and start[k] >= 0 for k in ("unit", "offset")):
+        if not all(
+            isinstance(start.get(k), int) and 0 <= start[k] < MAX_POSITION
+            for k in ("unit", "offset")
+        ):
             raise StateMismatchError(
-                f"concat position {start!r} lacks non-negative integers 'unit' and 'offset'"
+                f"concat position {start!r} lacks integers 'unit' and 'offset' in "
+                f"[0, {MAX_POSITION})"
             )
         self.window_tokens = window_tokens
         self.tokens_packed = 0

@@ -30,6 +30,7 @@ from tokenfeed.producer.worker import worker_main
 
 log = logging.getLogger(__name__)
 
+MAX_START_FAILURES = 5  # workers dying before their hello, in a row: stop respawning
 STAGING_BYTES = 32 << 20  # pages are only committed when touched; grows on demand
 JOIN_TIMEOUT_S = 5.0
 
@@ -103,6 +104,8 @@ class WorkerPool:
         self.target = 0
         self._next_wid = 0
         self._mp = mp.get_context("spawn")
+        self.start_failures = 0
+        self.broken: str | None = None  # set when workers keep dying at start
 
     # -- size ---------------------------------------------------------------
 
@@ -157,14 +160,12 @@ class WorkerPool:
         return sum(1 for w in self.workers.values() if w.task is not None)
 
     def assign(self, w: Worker, task: Task) -> None:
-        w.task = task
-        self.socket.send_multipart([
-            f"w{w.wid}".encode(),
-            protocol.encode(
-                "unit", unit=task.key, path=task.path, row_group=task.row_group,
-                column=task.column, doc_seed=task.doc_seed,
-            ),
-        ])
+        msg = protocol.encode(
+            "unit", unit=task.key, path=task.path, row_group=task.row_group,
+            column=task.column, doc_seed=task.doc_seed,
+        )
+        w.task = task  # only once the message exists: a failed encode leaves the worker idle
+        self.socket.send_multipart([f"w{w.wid}".encode(), msg])
 
     def sentinels(self) -> dict[int, Worker]:
         return {w.process.sentinel: w for w in self.workers.values()}
@@ -183,6 +184,7 @@ class WorkerPool:
             op = msg["op"]
             if op == "hello":
                 w.ready = True
+                self.start_failures = 0
                 if w.retiring:  # shrunk before it finished starting
                     self._retire(w)
             elif op == "done" and w.task is not None:
@@ -226,9 +228,17 @@ class WorkerPool:
         code = w.process.exitcode
         lost = w.task
         self._remove(w)
+        if not w.ready and not w.retiring:
+            self.start_failures += 1
+            if self.start_failures >= MAX_START_FAILURES:
+                self.broken = (
+                    f"tokenizer workers died before starting {self.start_failures} times in a "
+                    f"row (last exit code {code}); see the daemon's log, fix, restart the daemon"
+                )
+                log.error(self.broken)
         if not w.retiring:
             log.warning("worker %d died (exit code %s); respawning", w.wid, code)
-        while self.size < self.target:
+        while self.size < self.target and self.broken is None:
             self._spawn()
         if lost is None:
             return None

@@ -77,6 +77,7 @@ class Stream:
         self.inflight: set[int] = set()
         self.results: dict[int, Result] = {}
         self.error: str | None = None
+        self.told: set[bytes] = set()  # consumers already sent `error`
         self.idle_since: float | None = None
         self.tokens_per_unit = 0.0  # running mean, for read-ahead sizing
         self.units_done = 0
@@ -114,6 +115,8 @@ class Stream:
     def wants_work(self, max_inflight: int) -> bool:
         if self.error is not None or len(self.inflight) >= max_inflight:
             return False
+        if self.retry:  # a lost unit blocks packing: finished later units must not hide it
+            return True
         window = self.spec.window_tokens
         wanted = (len(self.free) + 1) * window
         pending = sum(len(r.tokens) for r in self.results.values())

@@ -48,7 +48,7 @@ def test_invalid_stream_spec_is_a_config_error_naming_the_value(
 
 
 def test_world_size_zero_is_reported_as_world_size_not_rank() -> None:
-    with pytest.raises(ConfigError, match="world_size=0 must be >= 1"):
+    with pytest.raises(ConfigError, match=r"world_size=0 must be in \[1, "):
         StreamSpec(rank=0, world_size=0, batch_size=1, seq_len=1)
 
 
@@ -252,3 +252,12 @@ def test_non_integer_sizes_are_a_config_error(overrides: dict[str, Any]) -> None
     kwargs: dict[str, Any] = {"batch_size": 4, "seq_len": 16, **overrides}
     with pytest.raises(ConfigError):
         StreamSpec(**kwargs)
+
+
+def test_cursor_and_topology_integers_are_bounded() -> None:
+    with pytest.raises(ConfigError, match="world_size"):
+        StreamSpec(world_size=2**40, batch_size=1, seq_len=1)
+    with pytest.raises(ConfigError, match="shuffle_seed"):
+        StreamSpec(batch_size=1, seq_len=1, shuffle_seed=2**70)
+    with pytest.raises(ConfigError, match="smaller batch"):
+        StreamSpec(batch_size=2**20, seq_len=2**20)

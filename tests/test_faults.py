@@ -124,6 +124,11 @@ def test_second_daemon_on_the_same_run_dir_is_refused(start_daemon, corpus):
         msgpack.packb({"v": 1, "op": "attach", "spec": {"batch_size": 0, "seq_len": 8}}),
         msgpack.packb({"v": 1, "op": "release", "stream": "x", "seq": 1}),
         msgpack.packb({"v": 1, "op": "scale", "workers": 0}),
+        msgpack.packb({"v": 1, "op": "attach", "spec": {"batch_size": 2, "seq_len": 8},
+                       "start": {"unit": 2**62, "offset": 0}}),
+        msgpack.packb({"v": 1, "op": "attach", "spec": {"batch_size": 2, "seq_len": 8,
+                                                          "world_size": 2**40}}),
+        msgpack.packb({"v": 1, "op": "heartbeat"}),  # from a consumer the daemon never knew
         b"x" * (protocol.MAX_FRAME_BYTES + 1),
     ],
 )
@@ -242,3 +247,46 @@ def test_feed_without_daemon_fails_fast_with_how_to_start_one(tmp_path):
     with pytest.raises(DaemonUnavailableError, match="tokenfeed serve"):
         TokenFeed(2, 64, run_dir=tmp_path, device="cpu")
     assert time.monotonic() - start < 10
+
+
+def test_consumer_dropped_for_silence_is_told_so_not_that_the_daemon_died(start_daemon):
+    daemon = start_daemon("--consumer-timeout-s", "2", workers=1)
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "tokenfeed.consumer", "--run-dir", str(daemon.run_dir),
+         "--batch-size", "2", "--seq-len", "64", "--batches", "100000", "--step-s", "0.01"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not daemon.status()["streams"] or not daemon.status()["streams"][0]["batches"]:
+            assert time.monotonic() < deadline, "the consumer never attached"
+            time.sleep(0.05)
+        consumer.send_signal(signal.SIGSTOP)  # a stopped (or swapped-out) trainer
+        time.sleep(4)
+        consumer.send_signal(signal.SIGCONT)
+        _, err = consumer.communicate(timeout=30)
+    finally:
+        consumer.kill()
+        consumer.wait()
+    assert consumer.returncode == 1
+    assert "dropped this consumer" in err and "Traceback" not in err
+    assert daemon.status()["daemon_id"] == daemon.daemon_id
+
+
+def test_workers_that_keep_dying_at_start_fail_streams_instead_of_respawning_forever(
+    start_daemon, tmp_path, encoding
+):
+    import shutil
+
+    from tokenfeed.common.errors import StreamFailedError
+    from tokenfeed.producer.tokenizer import save_tokenizer_dir
+
+    save_tokenizer_dir(encoding, tmp_path / "tok", bos="<|endoftext|>")
+    daemon = start_daemon("--tokenizer", str(tmp_path / "tok"), workers=1)
+    shutil.rmtree(tmp_path / "tok")  # every new worker now fails to load the tokenizer
+    os.kill(worker_pids(daemon)[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    with daemon.feed(2, 64) as feed, pytest.raises(StreamFailedError, match="died before"):
+        while time.monotonic() < deadline:
+            next(feed)
+    assert daemon.status()["workers"]["alive"] == 0
