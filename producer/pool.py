@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import multiprocess as mp
@@ -75,7 +75,6 @@ class Worker:
     ready: bool = False
     task: Task | None = None
     retiring: bool = False
-    units_done: int = field(default=0)
 
 
 class WorkerPool:
@@ -208,7 +207,6 @@ class WorkerPool:
         ).copy()
         result = Result(w.task, tokens, starts, int(msg["skipped"]))
         w.task = None
-        w.units_done += 1
         return result
 
     def _grow(self, w: Worker, need_bytes: int) -> None:

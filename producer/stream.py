@@ -65,7 +65,6 @@ class Stream:
         self.ring = ring
         self.column = column
         self.packer = make_packer(spec, start)
-        self.start = dict(self.packer.position)
         self.slots = [Slot() for _ in range(ring.layout.slot_count)]
         self.free: deque[int] = deque(range(ring.layout.slot_count))
         self.by_seq: dict[int, int] = {}  # filled seq -> slot
