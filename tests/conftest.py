@@ -75,6 +75,28 @@ def assert_batch_equals(batch: tuple[Any, Any], window: np.ndarray, where: str =
     np.testing.assert_array_equal(y.cpu().numpy(), window[1:].reshape(b, t), err_msg=where)
 
 
+def drain_round_robin(feeds: list[Any], n: int) -> list[list[tuple[Any, Any]]]:
+    """n batches from each feed, interleaved the way concurrent ranks would pull them."""
+    out: list[list[tuple[Any, Any]]] = [[] for _ in feeds]
+    for _ in range(n):
+        for r, feed in enumerate(feeds):
+            out[r].append(next(feed))
+    return out
+
+
+def drain_all_ranks(
+    daemon: Daemon, batch_size: int, seq_len: int, world_size: int, n: int, **kwargs: Any
+) -> list[list[tuple[Any, Any]]]:
+    """n batches of every rank of `world_size`, all attached at once; feeds closed after."""
+    feeds = [daemon.feed(batch_size, seq_len, rank=r, world_size=world_size, **kwargs)
+             for r in range(world_size)]
+    try:
+        return drain_round_robin(feeds, n)
+    finally:
+        for f in feeds:
+            f.close()
+
+
 class Daemon:
     """A `tokenfeed serve` process on its own run dir."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import BOS_ID
+from conftest import BOS_ID, drain_all_ranks
 from oracle import bestfit_windows, reference_bestfit_windows
 
 from tokenfeed.common.config import StreamSpec
@@ -502,13 +502,7 @@ def assert_rows_equal(batch: tuple[Any, Any], window: np.ndarray, where: str) ->
 def test_bestfit_batches_match_oracle(start_daemon, bestfit_oracle, world_size, workers):
     daemon = start_daemon(workers=workers)
     b, t, n = 2, 64, 25
-    feeds = [daemon.feed(b, t, rank=r, world_size=world_size, packing="bestfit")
-             for r in range(world_size)]
-    try:
-        got = [[next(f) for _ in range(n)] for f in feeds]
-    finally:
-        for f in feeds:
-            f.close()
+    got = drain_all_ranks(daemon, b, t, world_size, n, packing="bestfit")
     for r in range(world_size):
         want = bestfit_oracle(rank=r, world_size=world_size, batch_size=b, seq_len=t, n=n)
         for k in range(n):

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from conftest import assert_batch_equals
-
-
-def drain_round_robin(feeds: list[Any], n: int) -> list[list[tuple[Any, Any]]]:
-    """n batches from each feed, interleaved the way concurrent ranks would pull them."""
-    out: list[list[tuple[Any, Any]]] = [[] for _ in feeds]
-    for _ in range(n):
-        for r, feed in enumerate(feeds):
-            out[r].append(next(feed))
-    return out
+from conftest import assert_batch_equals, drain_all_ranks, drain_round_robin
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -22,12 +11,7 @@ def drain_round_robin(feeds: list[Any], n: int) -> list[list[tuple[Any, Any]]]:
 def test_all_ranks_concurrently_match_oracle(start_daemon, oracle, world_size, workers):
     daemon = start_daemon(workers=workers)
     b, t, n = 2, 64, 40
-    feeds = [daemon.feed(b, t, rank=r, world_size=world_size) for r in range(world_size)]
-    try:
-        got = drain_round_robin(feeds, n)
-    finally:
-        for f in feeds:
-            f.close()
+    got = drain_all_ranks(daemon, b, t, world_size, n)
     for r in range(world_size):
         want = oracle(rank=r, world_size=world_size, batch_size=b, seq_len=t, n=n)
         for k in range(n):
