@@ -44,6 +44,11 @@ def token_dtype(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if n_vocab <= 2**16 else np.dtype(np.uint32)
 
 
+def token_dtype_of_size(itemsize: int) -> np.dtype:
+    """The token dtype stored with `itemsize` bytes (2: uint16, 4: uint32)."""
+    return np.dtype({2: np.uint16, 4: np.uint32}[itemsize])
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -56,7 +61,7 @@ class RingLayout:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype({2: np.uint16, 4: np.uint32}[self.itemsize])
+        return token_dtype_of_size(self.itemsize)
 
     @property
     def data_offset(self) -> int:
