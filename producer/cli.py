@@ -22,6 +22,7 @@ from tokenfeed.producer.config import (
     DEFAULT_STAGING_BYTES,
     DEFAULT_TASK_BYTES,
     DEFAULT_TOKENIZER,
+    TOKENIZER_BACKENDS,
     DaemonConfig,
 )
 
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens read ahead outside the rings, all streams together, in MiB")
     serve.add_argument("--task-kib", type=int, default=DEFAULT_TASK_BYTES >> 10,
                        help="text per worker task, in KiB: row groups are split into tasks")
+    serve.add_argument("--tokenizer-backend", default="auto", choices=TOKENIZER_BACKENDS,
+                       help="auto: the fastest installed backend proven identical to tiktoken "
+                       "on your documents at start (quicktok: pip install tokenfeed[fast])")
+    serve.add_argument("--on-backend-mismatch", default="fallback",
+                       choices=["fallback", "fail"],
+                       help="when a faster backend differs from tiktoken on your documents: "
+                       "use tiktoken (with a warning), or refuse to start")
     serve.add_argument("--consumer-timeout-s", type=float, default=15.0,
                        help="drop a consumer silent this long and reclaim its slots")
     serve.add_argument("--log-level", default="INFO", type=str.upper,
@@ -95,6 +103,7 @@ def _serve(args: argparse.Namespace) -> None:
         val_files=args.val_files, text_column=args.text_column, linger_s=args.linger_s,
         max_ring_bytes=args.max_ring_mib << 20, consumer_timeout_s=args.consumer_timeout_s,
         max_staging_bytes=args.max_staging_mib << 20, task_bytes=args.task_kib << 10,
+        tokenizer_backend=args.tokenizer_backend, on_backend_mismatch=args.on_backend_mismatch,
     ))
 
 

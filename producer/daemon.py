@@ -51,7 +51,8 @@ from tokenfeed.common.errors import (
 )
 from tokenfeed.common.ring import token_dtype
 from tokenfeed.common.shm import unlink_daemon_segments
-from tokenfeed.producer.config import DaemonConfig, check_workers
+from tokenfeed.producer.backends import verified_backend
+from tokenfeed.producer.config import PARITY_SAMPLE_BYTES, DaemonConfig, check_workers
 from tokenfeed.producer.dataset import scan_dataset
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Failure, Result, WorkerPool
@@ -115,6 +116,10 @@ class Daemon:
                                     val_files=cfg.val_files)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
         self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize
+        self.backend = verified_backend(
+            self.tokenizer, cfg.tokenizer_backend,
+            self.dataset.sample_texts(PARITY_SAMPLE_BYTES), cfg.on_backend_mismatch,
+        )
 
     def _setup(self) -> None:
         cfg = self.config
@@ -132,7 +137,7 @@ class Daemon:
         self.pool = WorkerPool(
             self.ctx, ipc_address(self.run_dir, WORKER_SOCKET_NAME),
             daemon_id=self.daemon_id, tokenizer_spec=cfg.tokenizer, bos=self.tokenizer.bos,
-            itemsize=self.itemsize, nice=cfg.worker_nice,
+            backend=self.backend, itemsize=self.itemsize, nice=cfg.worker_nice,
         )
         self.pool.resize(cfg.workers)
         self.registry = StreamRegistry(
@@ -143,9 +148,9 @@ class Daemon:
         )
         self.control.bind(control_address(self.run_dir))
         log.info(
-            "serving %s (train %d row groups, val %d) with %s, %d workers, at %s",
+            "serving %s (train %d row groups, val %d) with %s (%s), %d workers, at %s",
             cfg.data_dir, len(self.dataset.splits["train"]), len(self.dataset.splits["val"]),
-            self.tokenizer.name, cfg.workers, control_address(self.run_dir),
+            self.tokenizer.name, self.backend, cfg.workers, control_address(self.run_dir),
         )
 
     # -- main loop ----------------------------------------------------------
@@ -323,6 +328,7 @@ class Daemon:
             "uptime_s": time.time() - self.started,
             "data_dir": str(self.config.data_dir),
             "tokenizer": self.tokenizer.name,
+            "tokenizer_backend": self.backend,
             "workers": self.pool.stats(),
             "staging": {"bytes": self.registry.staged(),
                         "budget_bytes": self.config.max_staging_bytes},

@@ -71,6 +71,27 @@ class Dataset:
     splits: dict[str, SplitPlan]
     fingerprint: str  # hash of file names, sizes and row-group counts
 
+    def sample_texts(self, max_bytes: int) -> list[str]:
+        """Documents from the first row groups of every file, about `max_bytes` of text.
+
+        What a faster tokenizer backend must reproduce exactly before it is used: the
+        user's own text, a slice of each file so no one source dominates.
+        """
+        files = self.splits["train"].files + self.splits["val"].files
+        texts: list[str] = []
+        per_file = max(1, max_bytes // max(len(files), 1))
+        for path in files[:64]:
+            pf = pq.ParquetFile(path)
+            got = 0
+            for batch in pf.iter_batches(batch_size=64, columns=[self.text_column]):
+                for value in batch.column(0).to_pylist():
+                    if isinstance(value, str):
+                        texts.append(value)
+                        got += len(value)
+                if got >= per_file:
+                    break
+        return texts
+
     def split(self, name: str) -> SplitPlan:
         plan = self.splits.get(name)
         if plan is None or not plan.row_groups:

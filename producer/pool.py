@@ -112,10 +112,12 @@ class WorkerPool:
         daemon_id: str,
         tokenizer_spec: str,
         bos: str | None,
+        backend: str,
         itemsize: int,
         nice: int,
     ) -> None:
         self.address = address
+        self.backend = backend
         self.daemon_id = daemon_id
         self.tokenizer_spec = tokenizer_spec
         self.bos = bos
@@ -173,8 +175,8 @@ class WorkerPool:
                                               STAGING_BYTES))
             process = self._mp.Process(
                 target=worker_main,
-                args=(wid, self.address, self.tokenizer_spec, self.bos, self.itemsize,
-                      self.nice, os.getpid()),
+                args=(wid, self.address, self.tokenizer_spec, self.bos, self.backend,
+                      self.itemsize, self.nice, os.getpid()),
                 name=f"tokenfeed-worker-{wid}",
                 daemon=True,
             )

@@ -6,7 +6,8 @@ group's shuffled order when a `doc_seed` is given), and which of the worker's tw
 staging buffers (segments owned and unlinked by the daemon) to write into. A
 worker holds up to two tasks and works through them in order, so the daemon's
 round trip after a `done` never leaves its core idle. Each document becomes BOS +
-`encode_ordinary(text)`; the result is laid out in staging as
+`encode_ordinary(text)` (tiktoken, or a backend proven identical: backends.py); the
+result is laid out in staging as
 
     offset 0                      tokens (itemsize bytes each)
     starts_offset (8-aligned)     int64 start of each document in the token array
@@ -43,7 +44,8 @@ from tokenfeed.common import protocol
 from tokenfeed.common.errors import ProtocolError
 from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment
-from tokenfeed.producer.tokenizer import encode_document, load_tokenizer
+from tokenfeed.producer.backends import make_encoder
+from tokenfeed.producer.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +60,6 @@ def staging_layout(n_tokens: int, n_docs: int, itemsize: int) -> tuple[int, int]
     """(starts_offset, total bytes) of a result in staging."""
     starts_offset = -(-n_tokens * itemsize // 8) * 8
     return starts_offset, starts_offset + 8 * n_docs
-
-
-def tiktoken_batch(encoding: Any) -> EncodeBatch:
-    """`encode_ordinary` over a list of texts, one flat array (no thread pool: one core)."""
-
-    def encode_batch(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        parts = [encode_document(encoding, t) for t in texts]
-        lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
-        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-        return flat, lengths
-
-    return encode_batch
 
 
 class RowGroupReader:
@@ -175,6 +165,7 @@ def worker_main(
     address: str,
     tokenizer_spec: str,
     bos: str | None,
+    backend: str,
     itemsize: int,
     nice: int,
     parent_pid: int,
@@ -183,7 +174,7 @@ def worker_main(
     if nice:
         os.nice(nice)  # keep the trainer's latency tail short on shared cores
     tokenizer = load_tokenizer(tokenizer_spec, bos)
-    encode_batch = tiktoken_batch(tokenizer.encoding)
+    encode_batch = make_encoder(tokenizer, backend).encode_batch
     dtype = token_dtype_of_size(itemsize)
     reader = RowGroupReader()
     staging: dict[int, Segment] = {}  # buffer index -> mapped segment

@@ -17,6 +17,7 @@ import numpy.typing as npt
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
+from conftest import assert_batch_equals
 
 from tokenfeed.common.errors import TokenizerError
 from tokenfeed.producer import backends
@@ -383,3 +384,27 @@ def test_verified_backend_falls_back_to_tiktoken_with_a_warning(
 def test_verified_backend_refuses_an_unknown_mismatch_policy(tokenizer: Tokenizer) -> None:
     with pytest.raises(TokenizerError, match="on_mismatch is 'ignore'; choose one of fail"):
         verified_backend(tokenizer, "tiktoken", [], on_mismatch="ignore")
+
+
+# -- the daemon end to end ---------------------------------------------------------
+
+
+def test_daemon_drains_the_same_stream_bit_for_bit_with_either_backend(start_daemon, oracle):
+    pytest.importorskip("quicktok")
+    b, t, n = 4, 256, 25  # past the end of the ~17-batch epoch
+    got = {}
+    for backend in ("tiktoken", "quicktok"):
+        daemon = start_daemon("--tokenizer-backend", backend, "--task-kib", "1", workers=2)
+        assert daemon.status()["tokenizer_backend"] == backend
+        with daemon.feed(b, t) as feed:
+            got[backend] = [next(feed) for _ in range(n)]
+        assert daemon.stop() == 0
+    want = oracle(batch_size=b, seq_len=t, n=n)
+    for k in range(n):
+        for backend in got:
+            assert_batch_equals(got[backend][k], want[k], f"{backend} batch {k}")
+
+
+def test_daemon_auto_backend_uses_quicktok_when_installed(start_daemon):
+    pytest.importorskip("quicktok")
+    assert start_daemon(workers=1).status()["tokenizer_backend"] == "quicktok"
