@@ -4,10 +4,8 @@ A stream owns its ring segment, schedules its row groups as units (bounded
 read-ahead), reorders finished units, packs them in order into free slots, and
 tracks which attached consumer has been sent and has released which batch.
 
-Slot lifecycle: FREE -> filled with batch `seq` -> sent (`ready`) to every
-attached consumer -> reclaimed once every attached consumer was sent it and none
-still holds it. With no consumer attached, filled slots are kept (the stream is
-warm for a consumer that re-attaches at its position).
+Slots and the consumers holding them are `SlotTable`'s (slots.py): the stream fills
+and publishes, the table announces, releases and reclaims.
 
 Failure behaviour: a unit whose worker died is re-run (same input, same output);
 a unit that fails MAX_ATTEMPTS times fails the stream, and its consumers get an
@@ -19,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +28,7 @@ from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Result, Task
+from tokenfeed.producer.slots import Attachment, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +36,6 @@ MAX_ATTEMPTS = 3
 INITIAL_TOKENS_PER_TEXT_BYTE = 0.25  # English under cl100k; learnt from results as they come
 _NO_TOKENS = np.zeros(0, dtype=np.uint32)
 _NO_STARTS = np.zeros(0, dtype=np.int64)
-
-
-@dataclass
-class Attachment:
-    """One consumer's progress on a stream."""
-
-    identity: bytes
-    next_send: int  # seq of the next batch to announce to it
-    held: set[int] = field(default_factory=set)  # seqs announced and not yet released
-
-
-@dataclass
-class Slot:
-    seq: int = -1  # -1: free
-    before: dict[str, Any] = field(default_factory=dict)  # cursor of the batch's first token
-    after: dict[str, Any] = field(default_factory=dict)  # cursor right after the batch
 
 
 def cursor_at(plan: SplitPlan, spec: StreamSpec, position: dict[str, Any]) -> dict[str, Any]:
@@ -80,11 +62,7 @@ class Stream:
         self.column = column
         self.task_bytes = task_bytes
         self.packer = make_packer(spec, start)
-        self.slots = [Slot() for _ in range(ring.layout.slot_count)]
-        self.free: deque[int] = deque(range(ring.layout.slot_count))
-        self.by_seq: dict[int, int] = {}  # filled seq -> slot
-        self.next_seq = 0
-        self.consumers: dict[bytes, Attachment] = {}
+        self.table = SlotTable(ring)
         self.next_unit = self.packer.next_unit  # next (unit, part) to schedule
         self.next_part = 0
         self.retry: deque[tuple[int, int]] = deque()
@@ -114,19 +92,18 @@ class Stream:
 
     def seq_at(self, cursor: dict[str, Any]) -> int | None:
         """Seq of a still-held batch that starts at `cursor`, or of the next one to fill."""
-        key = self.packer.resume_key(cursor)
-        for seq in sorted(self.by_seq):
-            if self.packer.resume_key(self.slots[self.by_seq[seq]].before) == key:
-                return seq
-        if self.packer.resume_key(self.packer.position) == key:
-            return self.next_seq
-        return None
+        key = self.packer.resume_key
+        return self.table.seq_at(key, key(cursor), self.packer.position)
 
     # -- scheduling ---------------------------------------------------------
 
     @property
     def depth(self) -> int:
-        return len(self.by_seq)
+        return self.table.depth
+
+    @property
+    def consumers(self) -> dict[bytes, Attachment]:
+        return self.table.consumers
 
     def _ref(self, unit: int) -> RowGroupRef:
         epoch, ordinal = self.plan.unit_position(self.spec.rank, self.spec.world_size, unit)
@@ -153,7 +130,7 @@ class Stream:
             return True
         itemsize = self.ring.layout.itemsize
         task_tokens = self.task_bytes * self.tokens_per_text_byte
-        wanted = (len(self.free) + 1) * self.spec.window_tokens + pool_capacity * task_tokens
+        wanted = (len(self.table.free) + 1) * self.spec.window_tokens + pool_capacity * task_tokens
         pending = (self.staged_bytes + sum(self.inflight.values())) // itemsize
         return self.packer.buffered_tokens + pending < wanted
 
@@ -167,7 +144,7 @@ class Stream:
 
     def starvation(self) -> float:
         """Lower is hungrier: fraction of the ring already filled."""
-        return self.depth / len(self.slots)
+        return self.depth / self.ring.layout.slot_count
 
     def next_task(self) -> Task:
         if self.retry:
@@ -271,61 +248,34 @@ class Stream:
                     self.error = f"stream {self.sid}: {e}"
                     log.error(self.error)
                     return filled
-            if not (self.free and self.packer.ready()):
+            if not (self.table.free and self.packer.ready()):
                 return filled
-            slot_index = self.free.popleft()
-            slot = self.slots[slot_index]
-            slot.before = self.next_position()
-            self.packer.fill(self.ring.slots[slot_index])
-            slot.after = self.next_position()
-            slot.seq = self.next_seq
-            self.ring.publish(slot_index, slot.seq, self.spec.window_tokens)
-            self.by_seq[slot.seq] = slot_index
-            self.next_seq += 1
+            index = self.table.begin_fill()
+            before = self.next_position()
+            self.packer.fill(self.ring.slots[index])
+            self.table.publish(index, before, self.next_position())
             self.batches += 1
             filled = True
 
     def announcements(self) -> list[tuple[bytes, dict[str, Any]]]:
         """`ready` messages now due: each consumer gets each filled batch once, in order."""
-        out = []
-        for c in self.consumers.values():
-            while c.next_send in self.by_seq:
-                slot_index = self.by_seq[c.next_send]
-                out.append((c.identity, {
-                    "stream": self.sid, "slot": slot_index, "seq": c.next_send,
-                    "cursor": self.slots[slot_index].after,
-                }))
-                c.held.add(c.next_send)
-                c.next_send += 1
-        return out
+        return [(identity, {"stream": self.sid, "slot": index, "seq": seq, "cursor": after})
+                for identity, index, seq, after in self.table.announcements()]
 
     def reclaim(self) -> None:
-        """Free slots that every attached consumer was sent and released."""
-        if not self.consumers:
-            return
-        low = min(c.next_send for c in self.consumers.values())
-        held = set().union(*(c.held for c in self.consumers.values()))
-        for seq in sorted(self.by_seq):
-            if seq >= low:
-                break
-            if seq not in held:
-                slot_index = self.by_seq.pop(seq)
-                self.slots[slot_index].seq = -1
-                self.free.append(slot_index)
+        self.table.reclaim()
 
     # -- consumers ----------------------------------------------------------
 
     def attach(self, identity: bytes, first_seq: int) -> None:
-        self.consumers[identity] = Attachment(identity, first_seq)
+        self.table.attach(identity, first_seq)
         self.idle_since = None
 
     def release(self, identity: bytes, seq: int) -> None:
-        c = self.consumers.get(identity)
-        if c is not None:
-            c.held.discard(seq)
+        self.table.release(identity, seq)
 
     def detach(self, identity: bytes) -> None:
-        self.consumers.pop(identity, None)
+        self.table.detach(identity)
         if not self.consumers:
             self.idle_since = time.monotonic()
 
@@ -334,7 +284,7 @@ class Stream:
             "stream": self.sid,
             **self.spec.to_dict(),
             "depth": self.depth,
-            "slots": len(self.slots),
+            "slots": self.ring.layout.slot_count,
             "token_bytes": self.ring.layout.itemsize,
             "consumers": len(self.consumers),
             "batches": self.batches,

@@ -71,8 +71,9 @@ def test_windows_fill_free_slots_in_order_with_cursors(stream):
         stream.on_result(result_for(stream, unit, 100))
     stream.pack()
     assert stream.depth == 3  # 200 tokens -> three 64-token windows
-    assert [stream.slots[stream.by_seq[s]].after["unit"] for s in range(3)] == [0, 1, 1]
-    np.testing.assert_array_equal(stream.ring.slots[stream.by_seq[1]][:36], np.arange(64, 100))
+    assert [stream.table.slot_of(s).after["unit"] for s in range(3)] == [0, 1, 1]
+    window = stream.ring.slots[stream.table.by_seq[1]]
+    np.testing.assert_array_equal(window[:36], np.arange(64, 100))
 
 
 @pytest.fixture
@@ -112,7 +113,7 @@ def test_parts_finishing_out_of_order_pack_as_the_whole_row_group(split_stream):
     split_stream.on_result(part_result(tasks[0]))
     split_stream.pack()
     assert split_stream.depth == 1  # 100 tokens: one 64-token window
-    np.testing.assert_array_equal(split_stream.ring.slots[split_stream.by_seq[0]],
+    np.testing.assert_array_equal(split_stream.ring.slots[split_stream.table.by_seq[0]],
                                   np.arange(64, dtype=np.uint32) + 0)
     assert split_stream.staged_bytes == 0
 
@@ -127,7 +128,7 @@ def test_a_lost_part_is_rerun_alone(split_stream):
     split_stream.on_result(part_result(rerun))
     split_stream.on_result(part_result(tasks[2]))  # the lost run's late duplicate
     split_stream.pack()
-    window = split_stream.ring.slots[split_stream.by_seq[0]]
+    window = split_stream.ring.slots[split_stream.table.by_seq[0]]
     np.testing.assert_array_equal(window, np.arange(64, dtype=np.uint32))
 
 
