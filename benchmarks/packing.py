@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from tokenfeed.producer.bestfit import BestFitPacker
+from tokenfeed.producer.bestfit import BestFitPacker, buffer_pieces
 from tokenfeed.producer.corpus import sample_documents
 from tokenfeed.producer.tokenizer import encode_document, load_tokenizer
 
@@ -52,7 +52,7 @@ def pack_all(units: list[Unit], b: int, t: int, min_tail: int | None, max_age: i
         while packer.ready():
             position = packer.fill(out)
             if observe:  # a resume re-reads from the earliest unit the position names
-                earliest = min([position["unit"], *position["buffer"][0::5]])
+                earliest = min([position["unit"], *(p[0] for p in buffer_pieces(position))])
                 max_lag = max(max_lag, position["unit"] - earliest)
         elapsed += time.perf_counter() - t0
         if observe and u % 25 == 0:

@@ -27,7 +27,7 @@ PACKINGS = ("concat", "bestfit")
 MAX_WORLD_SIZE = 1 << 20
 MAX_WINDOW_TOKENS = 1 << 31  # one ring slot; far beyond any batch that fits a GPU
 MAX_POSITION = 1 << 53  # cursor integers stay exact in JSON (float64) and msgpack
-MAX_BUFFER_DOCS = 1500  # a bestfit feed state lists them all: worst case ~60 KB
+MAX_BUFFER_DOCS = 1500  # a bestfit feed state lists them all: worst case ~16 KB
 # AF_UNIX paths are limited to 108 bytes on Linux (sun_path), terminator included.
 MAX_IPC_PATH_BYTES = 107
 
