@@ -243,7 +243,10 @@ class Daemon:
         for sid, stream in list(self.streams.items()):
             if stream.consumers or stream.idle_since is None:
                 continue
-            if stream.error or now - stream.idle_since > self.config.linger_s:
+            # A val feed starts over at batch 0 each time, so nobody returns to an idle val
+            # stream's position: it goes at the next beat instead of lingering.
+            val = stream.spec.split == "val"
+            if stream.error or val or now - stream.idle_since > self.config.linger_s:
                 self._drop_stream(sid)
 
     def _send(self, identity: bytes, op: str, **fields: Any) -> None:
@@ -286,10 +289,16 @@ class Daemon:
         elif op == "attach":
             self._attach(identity, msg)
         elif op == "detach":
+            if identity in self.peer_stream:
+                log.info("consumer %s detached from stream %d",
+                         identity.decode(errors="replace"), self.peer_stream[identity])
             self._forget(identity)
         elif op == "ping":
+            tok = self.tokenizer  # consumers learn vocab_size and BOS before attaching
             self._send(identity, "pong", daemon_id=self.daemon_id, pid=os.getpid(),
-                       version=protocol.PROTOCOL_VERSION)
+                       version=protocol.PROTOCOL_VERSION,
+                       tokenizer={"name": tok.name, "identity": tok.identity,
+                                  "bos_id": tok.bos_id, "n_vocab": tok.n_vocab})
         elif op == "status":
             self._send(identity, "status", **self.status())
         elif op == "scale":
