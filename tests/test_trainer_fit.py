@@ -366,3 +366,15 @@ def test_a_tokenizer_file_is_refused_with_a_conversion_recipe_that_works(tmp_pat
     tok = load_tokenizer(target.group(1))
     assert (tok.n_vocab, tok.bos_id) == (257, 256)
     assert tok.encoding.encode_ordinary("hi there") == enc.encode_ordinary("hi there")
+
+
+def test_bestfit_feed_state_after_1000_batches_is_under_8_kb_of_json(start_daemon):
+    # The test corpus's row groups hold 2-3 documents: a unit for every piece or two of
+    # the 1000 buffered, the worst case for the compact buffer.
+    daemon = start_daemon(workers=2, slots=8)
+    with daemon.feed(2, 64, packing="bestfit", prefetch=4) as feed:
+        for _ in range(1000):
+            next(feed)
+        state = feed.state_dict()
+    assert len(json.dumps(state)) < 8 * 1024
+    assert len(json.dumps(state, indent=2)) < 8 * 1024 + 1024  # the buffer is one line
