@@ -2,7 +2,8 @@
 
 Rows of T+1 tokens that start at a BOS, filled from a buffer of documents. Compared
 in one run on the same documents: nanochat's rule (crop the shortest document when
-nothing fits, discard the rest), tokenfeed's (the rest returns to the buffer behind a
+nothing fits, discard the rest), the same with tokenfeed's age limit (the
+`packing="nanochat"` preset), tokenfeed's (the rest returns to the buffer behind a
 BOS when >= min_tail tokens) without and with its age limit (a document older than
 max_age_docs is placed next, which bounds how far back a resume must re-read).
 
@@ -99,6 +100,7 @@ def main() -> None:
     }
     rules = {
         "nanochat (discard tails)": (None, NO_AGE_LIMIT),
+        'packing="nanochat"': (None, None),  # nanochat's rule with the age limit
         "tokenfeed, no age limit": (32, NO_AGE_LIMIT),
         "tokenfeed (default)": (32, None),
     }
