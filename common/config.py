@@ -25,6 +25,7 @@ WORKER_SOCKET_NAME = "workers"
 SPLITS = ("train", "val")
 PACKINGS = ("concat", "bestfit")
 MAX_WORLD_SIZE = 1 << 20
+MAX_REPLICAS = 1024  # processes of one data-parallel rank sharing its stream (TP x PP)
 MAX_WINDOW_TOKENS = 1 << 31  # one ring slot; far beyond any batch that fits a GPU
 MAX_POSITION = 1 << 53  # cursor integers stay exact in JSON (float64) and msgpack
 MAX_BUFFER_DOCS = 1500  # a bestfit feed state lists them all: worst case ~16 KB

@@ -28,20 +28,27 @@ import atexit
 import contextlib
 import enum
 import logging
+import os
 import queue
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import zmq
 
 from tokenfeed.common import protocol
-from tokenfeed.common.config import PACKING_PRESETS, StreamSpec, resolve_run_dir
+from tokenfeed.common.config import (
+    MAX_REPLICAS,
+    PACKING_PRESETS,
+    StreamSpec,
+    resolve_run_dir,
+)
 from tokenfeed.common.control import connect, receive, request
 from tokenfeed.common.errors import (
     ConfigError,
@@ -54,7 +61,7 @@ from tokenfeed.common.errors import (
 from tokenfeed.common.ring import Ring
 from tokenfeed.consumer.link import Link
 from tokenfeed.consumer.state import select_state
-from tokenfeed.consumer.topology import resolve_topology
+from tokenfeed.consumer.topology import mesh_placement, resolve_topology
 from tokenfeed.consumer.transfer import make_transfer
 
 log = logging.getLogger(__name__)
@@ -128,6 +135,7 @@ class TokenFeed:
         buffer_docs: int | _Preset = PRESET,
         min_tail: int | _Preset | None = PRESET,
         vocab_size: int | None = None,
+        replicas: int = 1,
         prefetch: int = 2,
         stall_timeout_s: float = 300.0,
         reconnect_s: float = 0.0,
@@ -145,6 +153,14 @@ class TokenFeed:
         self.model_vocab_size = vocab_size
         if prefetch < 1:
             raise ConfigError(f"prefetch={prefetch} must be >= 1")
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
+                1 <= replicas <= MAX_REPLICAS):
+            raise ConfigError(
+                f"replicas={replicas!r} must be an integer in [1, {MAX_REPLICAS}]: the number "
+                "of processes on this node that read this data-parallel rank's batches")
+        # Sent with the first attach only: a replica that re-attaches later rejoins its
+        # group's stream at its own position, it does not start a new group there.
+        self.replicas = replicas
         self.device = topo.device
         self.run_dir = resolve_run_dir(run_dir)
         self.prefetch = prefetch
@@ -155,6 +171,7 @@ class TokenFeed:
         self._cursor: dict[str, Any] | None = None
         self._info: dict[str, Any] = {}
         self._link: Link | None = None
+        self._attached = False
         self._ring: Ring | None = None
         self._closed = False
         self._tokenizer: dict[str, Any] = {}
@@ -162,6 +179,25 @@ class TokenFeed:
         # Fail fast if no daemon answers, or, with reconnect_s, wait for one that is starting.
         self._wait_for_daemon(self.reconnect_s)
         _track(self)
+
+    @classmethod
+    def from_mesh(
+        cls, mesh: Any, batch_size: int, seq_len: int, *, dp_dim: str | Sequence[str] = "dp",
+        **kwargs: Any,
+    ) -> TokenFeed:
+        """A feed placed by a `torch.distributed` DeviceMesh: rank and world size from its
+        data-parallel dimension(s), `replicas` from the processes on this node that share
+        this data-parallel rank (the TP/PP peers), so they all read one stream.
+
+            mesh = init_device_mesh("cuda", (dp, tp), mesh_dim_names=("dp", "tp"))
+            feed = TokenFeed.from_mesh(mesh, 32, 2048, dp_dim="dp")
+        """
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE") or torch.cuda.device_count()
+                               or 1)
+        place = mesh_placement(np.asarray(mesh.mesh.tolist()), mesh.mesh_dim_names or (),
+                               dp_dim, mesh.get_rank(), local_world_size)
+        return cls(batch_size, seq_len, rank=place.rank, world_size=place.world_size,
+                   replicas=place.replicas, **kwargs)
 
     # -- iteration ----------------------------------------------------------
 
@@ -267,6 +303,7 @@ class TokenFeed:
         try:
             sock.send(protocol.encode(
                 "attach", spec=self.spec.to_dict(), start=self._start, expect=self._expect,
+                replicas=1 if self._attached else self.replicas,
             ))
             reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
         except BaseException:
@@ -295,6 +332,7 @@ class TokenFeed:
         self._ring = ring
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]
+        self._attached = True
         self._link = Link(sock, ring, int(reply["stream"]), int(reply["start_seq"]), transfer,
                           self.prefetch, str(self.run_dir))
         self._link.start()

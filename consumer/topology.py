@@ -8,8 +8,10 @@ torchrun sets, then a single process on CPU or `cuda:LOCAL_RANK`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenfeed.common.errors import ConfigError
@@ -51,3 +53,42 @@ def resolve_topology(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} asked for, but CUDA is not available; use 'cpu'")
     return Topology(rank, world_size, dev)
+
+
+@dataclass(frozen=True)
+class MeshPlacement:
+    rank: int  # data-parallel rank
+    world_size: int  # data-parallel degree
+    replicas: int  # processes on this node that read the same data-parallel rank
+
+
+def mesh_placement(
+    ranks: np.ndarray, dim_names: Sequence[str], dp_dims: str | Sequence[str], me: int,
+    local_world_size: int,
+) -> MeshPlacement:
+    """This process's data-parallel rank, degree and node-local replicas in a device mesh.
+
+    `ranks` is the mesh as an array of global ranks (`DeviceMesh.mesh`); `dp_dims` names
+    the data-parallel dimension(s) (two for HSDP, say), flattened in mesh order. The
+    replicas are the processes with the same data-parallel coordinates on this node
+    (global rank // `local_world_size`): the tensor- or pipeline-parallel peers that one
+    daemon serves from one stream.
+    """
+    dims = [dp_dims] if isinstance(dp_dims, str) else list(dp_dims)
+    names = list(dim_names)
+    unknown = [d for d in dims if d not in names]
+    if unknown:
+        raise ConfigError(f"dp_dim {unknown} is not a dimension of the mesh {names}; pass the "
+                          "name of its data-parallel dimension (or dimensions)")
+    where = np.argwhere(ranks == me)
+    if len(where) != 1:
+        raise ConfigError(f"rank {me} is not in the mesh {ranks.tolist()}")
+    coord = where[0]
+    axes = [names.index(d) for d in dims]
+    shape = [ranks.shape[a] for a in axes]
+    rank = int(np.ravel_multi_index([coord[a] for a in axes], shape)) if axes else 0
+    peers = ranks[tuple(int(coord[a]) if a in axes else slice(None)
+                        for a in range(ranks.ndim))]
+    node = me // local_world_size
+    replicas = int(np.count_nonzero(np.asarray(peers) // local_world_size == node))
+    return MeshPlacement(rank, int(np.prod(shape)), replicas)

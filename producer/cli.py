@@ -166,6 +166,14 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _consumers(stream: dict[str, Any]) -> str:
+    """Consumers attached, and of how many replicas when a group was declared."""
+    group = stream["replicas"]
+    if group["expected"] > 1:
+        return f"{group['attached']}/{group['expected']}"
+    return str(stream["consumers"])
+
+
 def format_status(s: dict[str, Any], tokens_per_s: float | None = None) -> str:
     w = s["workers"]
     rate = f"  {tokens_per_s / 1e6:.2f} M tokens/s" if tokens_per_s is not None else ""
@@ -173,15 +181,16 @@ def format_status(s: dict[str, Any], tokens_per_s: float | None = None) -> str:
         f"daemon {s['daemon_id']}  pid {s['pid']}  up {s['uptime_s']:.0f} s  "
         f"tokenizer {s['tokenizer']}  workers {w['alive']}/{w['target']} ({w['busy']} busy)  "
         f"tokens delivered {s['tokens_delivered']:,}{rate}",
-        f"{'stream':>6} {'split':<5} {'rank':>7} {'B x T':>11} {'depth':>7} {'cons':>4} "
-        f"{'batches':>8} {'epoch':>5} {'unit':>7}  error",
+        f"{'stream':>6} {'split':<5} {'rank':>7} {'B x T':>11} {'depth':>7} {'cons':>5} "
+        f"{'lag':>4} {'batches':>8} {'epoch':>5} {'unit':>7}  error",
     ]
     for st in s["streams"]:
         pos = st["position"]
         lines.append(
             f"{st['stream']:>6} {st['split']:<5} {st['rank']:>3}/{st['world_size']:<3} "
             f"{st['batch_size']:>4} x {st['seq_len']:<5}"
-            f"{st['depth']:>3}/{st['slots']:<3} {st['consumers']:>4} {st['batches']:>8} "
+            f"{st['depth']:>3}/{st['slots']:<3} {_consumers(st):>5} "
+            f"{st['replicas']['lag_batches']:>4} {st['batches']:>8} "
             f"{pos['epoch']:>5} {pos['unit']:>7}  {st['error'] or ''}"
         )
     if not s["streams"]:

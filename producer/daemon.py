@@ -34,6 +34,7 @@ import zmq
 from tokenfeed.common import protocol
 from tokenfeed.common.config import (
     CONTROL_SOCKET_NAME,
+    MAX_REPLICAS,
     WORKER_SOCKET_NAME,
     StreamSpec,
     control_address,
@@ -285,6 +286,10 @@ class Daemon:
             raise ProtocolError(f"attach: start {start!r} is not a map")
         start = make_packer(spec, start).position  # validated, canonical
         start_cursor = cursor_at(plan, spec, start)  # validated before anything is created
+        replicas = msg.get("replicas", 1)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
+                1 <= replicas <= MAX_REPLICAS):
+            raise ConfigError(f"replicas={replicas!r} must be an integer in [1, {MAX_REPLICAS}]")
         self.registry.forget(identity)
         found = self.registry.find(spec, start)
         stream, seq = found if found is not None else (None, 0)
@@ -303,7 +308,7 @@ class Daemon:
             if found is None:  # a failed attach leaves nothing behind
                 self.registry.drop(stream.sid)
             raise
-        self.registry.attach(identity, stream, seq)
+        self.registry.attach(identity, stream, seq, replicas)
         self.control.send_multipart([identity, reply])
         log.info("consumer %s attached to stream %d (%s rank %d/%d) at batch %d",
                  identity.decode(errors="replace"), stream.sid, spec.split, spec.rank,

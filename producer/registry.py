@@ -29,6 +29,9 @@ from tokenfeed.producer.stream import Stream
 log = logging.getLogger(__name__)
 
 Send = Callable[..., None]  # send(identity, op, **fields)
+# Replicas of a group are awaited this many consumer timeouts (60 s by default): long
+# enough for ranks that start seconds apart, short enough that a wrong count is noticed.
+REPLICA_WAIT_FACTOR = 4
 
 
 class StreamRegistry:
@@ -43,6 +46,7 @@ class StreamRegistry:
         self.max_ring_bytes = max_ring_bytes
         self.linger_s = linger_s
         self.consumer_timeout_s = consumer_timeout_s
+        self.replica_wait_s = REPLICA_WAIT_FACTOR * consumer_timeout_s
         self.text_column = text_column
         self.task_bytes = task_bytes
         self.on_error = on_error
@@ -114,8 +118,8 @@ class StreamRegistry:
 
     # -- consumers ----------------------------------------------------------
 
-    def attach(self, identity: bytes, stream: Stream, seq: int) -> None:
-        stream.attach(identity, seq)
+    def attach(self, identity: bytes, stream: Stream, seq: int, replicas: int = 1) -> None:
+        stream.attach(identity, seq, replicas, self.replica_wait_s)
         self.peers[identity] = time.monotonic()
         self.peer_stream[identity] = stream.sid
 
@@ -160,6 +164,12 @@ class StreamRegistry:
                 self.forget(identity)
             else:
                 self.send(identity, "heartbeat")
+        for stream in self.streams.values():
+            for r in stream.table.expire(now):
+                log.warning(
+                    "stream %d: %d of a group of %d replicas never attached at batch %d within "
+                    "%.0f s; no longer holding its batches for them (check replicas=)",
+                    stream.sid, r.missing, r.expected, r.seq, self.replica_wait_s)
         for sid, stream in list(self.streams.items()):
             if stream.consumers or stream.idle_since is None:
                 continue

@@ -9,6 +9,13 @@ re-attaches at their position (warm re-attach, `seq_at`). A consumer that detach
 or is dropped holds nothing any more, so its slots are reclaimed once its siblings
 on a shared stream are done with them.
 
+Replicas (the tensor- or pipeline-parallel processes of one data-parallel rank) that
+declare a group of N hold the group's batches for the N - 1 that have not attached
+yet: a reservation at the group's first seq counts as a consumer that was sent
+nothing, so the first replica runs ahead by the ring's depth and then waits, however
+late the others attach. A reservation no replica took within `wait_s` is dropped (a
+misconfigured N must not stall the group forever).
+
 The ring's per-slot seq is a seqlock: `begin_fill` sets it to WRITING before any token
 changes and `publish` writes the batch's seq after the last one, so a consumer that
 reads a slot it no longer holds (dropped while paused, its slot refilled for another
@@ -22,6 +29,7 @@ from a dropped consumer is harmless); nothing here raises on peer input.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +45,17 @@ class Attachment:
     identity: bytes
     next_send: int  # seq of the next batch to announce to it
     held: set[int] = field(default_factory=set)  # seqs announced and not yet released
+    replicas: int = 1  # the size of the group it declared
+
+
+@dataclass
+class Reservation:
+    """Replicas of a group expected at `seq` that have not attached yet."""
+
+    seq: int
+    expected: int  # the group's size, as declared
+    missing: int
+    deadline: float  # monotonic; dropped after it
 
 
 @dataclass
@@ -54,6 +73,7 @@ class SlotTable:
         self.by_seq: dict[int, int] = {}  # filled seq -> slot
         self.next_seq = 0
         self.consumers: dict[bytes, Attachment] = {}
+        self.reservations: dict[int, Reservation] = {}
 
     @property
     def depth(self) -> int:
@@ -102,7 +122,8 @@ class SlotTable:
         """Free the slots every attached consumer was sent and released; returns how many."""
         if not self.consumers:
             return 0
-        low = min(c.next_send for c in self.consumers.values())
+        low = min([c.next_send for c in self.consumers.values()]
+                  + [r.seq for r in self.reservations.values()])
         held = set().union(*(c.held for c in self.consumers.values()))
         freed = 0
         for seq in sorted(self.by_seq):
@@ -117,8 +138,37 @@ class SlotTable:
 
     # -- consumers ----------------------------------------------------------
 
-    def attach(self, identity: bytes, first_seq: int) -> None:
-        self.consumers[identity] = Attachment(identity, first_seq)
+    def attach(self, identity: bytes, first_seq: int, replicas: int = 1,
+               wait_s: float = 0.0) -> None:
+        """`identity` reads from `first_seq` on; as one of `replicas`, it joins (or starts)
+        the group at that seq, which holds its batches for the replicas still missing."""
+        self.consumers[identity] = Attachment(identity, first_seq, replicas=replicas)
+        group = self.reservations.get(first_seq)
+        if group is not None and replicas > 1:
+            group.missing -= 1
+            if group.missing <= 0:
+                del self.reservations[first_seq]
+        elif replicas > 1:
+            self.reservations[first_seq] = Reservation(
+                first_seq, replicas, replicas - 1, time.monotonic() + wait_s)
+
+    def expire(self, now: float) -> list[Reservation]:
+        """Drop the reservations past their deadline; returns them (to be logged)."""
+        gone = [r for r in self.reservations.values() if now > r.deadline]
+        for r in gone:
+            del self.reservations[r.seq]
+        return gone
+
+    def replicas(self) -> dict[str, int]:
+        """The largest group declared, consumers attached, replicas still awaited, and how
+        many batches the fastest consumer is ahead of the slowest."""
+        sent = [c.next_send for c in self.consumers.values()]
+        return {
+            "expected": max([c.replicas for c in self.consumers.values()], default=1),
+            "attached": len(self.consumers),
+            "awaited": sum(r.missing for r in self.reservations.values()),
+            "lag_batches": max(sent) - min(sent) if sent else 0,
+        }
 
     def detach(self, identity: bytes) -> None:
         self.consumers.pop(identity, None)

@@ -294,8 +294,9 @@ class Stream:
 
     # -- consumers ----------------------------------------------------------
 
-    def attach(self, identity: bytes, first_seq: int) -> None:
-        self.table.attach(identity, first_seq)
+    def attach(self, identity: bytes, first_seq: int, replicas: int = 1,
+               replica_wait_s: float = 0.0) -> None:
+        self.table.attach(identity, first_seq, replicas, replica_wait_s)
         self.idle_since = None
 
     def release(self, identity: bytes, seq: int) -> None:
@@ -314,6 +315,7 @@ class Stream:
             "slots": self.ring.layout.slot_count,
             "token_bytes": self.ring.layout.itemsize,
             "consumers": len(self.consumers),
+            "replicas": self.table.replicas(),
             "batches": self.batches,
             "tasks_inflight": len(self.inflight),
             "tasks_done": self.tasks_done,

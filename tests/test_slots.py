@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -106,3 +107,29 @@ def test_releases_of_strangers_and_unknown_seqs_are_ignored(table):
     table.release(A, 99)
     assert table.reclaim() == 0
     assert table.consumers[A].held == {0}
+
+
+def test_a_replica_group_holds_its_batches_until_every_replica_attached(table):
+    table.attach(A, 0, replicas=2, wait_s=60)
+    fill(table, 2)
+    table.announcements()
+    table.release(A, 0)
+    table.release(A, 1)
+    assert table.reclaim() == 0  # the second replica will want batch 0
+    assert table.replicas()["awaited"] == 1
+    table.attach(B, 0, replicas=2, wait_s=60)
+    assert table.replicas() == {"expected": 2, "attached": 2, "awaited": 0, "lag_batches": 2}
+    table.announcements()
+    table.release(B, 0)
+    assert table.reclaim() == 1
+
+
+def test_a_replica_group_no_one_joins_stops_holding_after_its_wait(table):
+    table.attach(A, 0, replicas=3, wait_s=0)
+    fill(table, 1)
+    table.announcements()
+    table.release(A, 0)
+    assert table.reclaim() == 0
+    (gone,) = table.expire(time.monotonic() + 1)
+    assert (gone.seq, gone.missing, gone.expected) == (0, 2, 3)
+    assert table.reclaim() == 1
