@@ -32,11 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-every", type=int, default=50)
     p.add_argument("--step-s", type=float, default=0.0, help="simulated training step per batch")
     p.add_argument("--state", help="JSON file of a feed.state_dict() to resume from")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="processes reading this rank's batches together (TP/PP peers)")
     args = p.parse_args(argv)
     try:
         feed = TokenFeed(
             args.batch_size, args.seq_len, split=args.split, rank=args.rank,
             world_size=args.world_size, device=args.device, run_dir=args.run_dir,
+            replicas=args.replicas,
         )
         if args.state:
             with open(args.state) as f:
