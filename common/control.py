@@ -22,6 +22,7 @@ from tokenfeed.common.errors import (
     DataError,
     DetachedError,
     ProtocolError,
+    ShmFullError,
     StateMismatchError,
     StreamFailedError,
     TokenfeedError,
@@ -34,6 +35,7 @@ ERROR_KINDS: dict[str, type[TokenfeedError]] = {
     "protocol": ProtocolError,
     "stream": StreamFailedError,
     "detached": DetachedError,
+    "shm_full": ShmFullError,
 }
 
 

@@ -49,7 +49,7 @@ from tokenfeed.common.errors import (
     TokenfeedError,
 )
 from tokenfeed.common.ring import Ring, RingLayout, token_dtype
-from tokenfeed.common.shm import segment_name, unlink_daemon_segments
+from tokenfeed.common.shm import ring_budget_warning, segment_name, unlink_daemon_segments
 from tokenfeed.producer.config import DaemonConfig
 from tokenfeed.producer.dataset import scan_dataset
 from tokenfeed.producer.packer import make_packer
@@ -137,6 +137,8 @@ class Daemon:
             itemsize=self.itemsize, nice=cfg.worker_nice,
         )
         self.pool.resize(cfg.workers)
+        if (budget_warning := ring_budget_warning(cfg.max_ring_bytes)) is not None:
+            log.warning(budget_warning)  # warn, not refuse: rings are made per attach, each checked
         self.control.bind(control_address(self.run_dir))
         log.info(
             "serving %s (train %d row groups, val %d) with %s, %d workers, at %s",
