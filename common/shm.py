@@ -2,7 +2,8 @@
 
 Segments live as files in `/dev/shm`, named `tokenfeed-<daemon_id>-<what>` so two
 daemons on one node never collide and a daemon can find what a crashed
-predecessor left behind. They are created with `os.open(O_CREAT | O_EXCL, 0o600)`
+predecessor left behind (the daemon id names the owning process, its start time
+and pid namespace, so a dead owner can be proven dead from the name alone). They are created with `os.open(O_CREAT | O_EXCL, 0o600)`
 and mapped with `mmap`, never through `multiprocessing.shared_memory`: in Python
 3.11 that registers every attach with the resource tracker, which unlinks the
 segment when the *attaching* process exits (CPython bpo-39959).

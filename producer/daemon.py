@@ -9,7 +9,8 @@ workers, scheduling (most-starved stream first), packing, heartbeats.
 Start-up takes an exclusive lock on `<run_dir>/daemon.lock`, so one daemon serves
 a run dir; holding it also proves any predecessor is dead, so the segments named
 in its `daemon.json` are unlinked before anything else happens (no manual
-clean-up after a crash or `kill -9`).
+clean-up after a crash or `kill -9`); so are this user's segments of any daemon
+that is provably dead, whatever its run dir (producer/owners.py).
 
 Failure behaviour: malformed or unknown control messages get an `error` reply and
 never stop the loop; SIGTERM/SIGINT/`stop` tell every consumer `shutdown`, join
@@ -23,7 +24,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import signal
 import time
 from typing import Any
@@ -52,6 +52,7 @@ from tokenfeed.common.ring import Ring, RingLayout, token_dtype
 from tokenfeed.common.shm import ring_budget_warning, segment_name, unlink_daemon_segments
 from tokenfeed.producer.config import DaemonConfig
 from tokenfeed.producer.dataset import scan_dataset
+from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Failure, WorkerPool
 from tokenfeed.producer.stream import Stream
@@ -122,10 +123,13 @@ class Daemon:
         cfg = self.config
         self._take_lock()
         self._clean_predecessor()
-        self.daemon_id = f"{os.getpid()}-{secrets.token_hex(3)}"
+        remove_stale_segments()  # of killed daemons on any run dir (Slurm: one per job)
+        self.daemon_id = new_daemon_id()
         info = {"daemon_id": self.daemon_id, "pid": os.getpid(), "started": self.started,
                 "data_dir": str(cfg.data_dir), "tokenizer": cfg.tokenizer}
-        (self.run_dir / INFO_NAME).write_text(json.dumps(info))
+        tmp = self.run_dir / f"{INFO_NAME}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.run_dir / INFO_NAME)  # readers never see a half-written file
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
