@@ -3,10 +3,11 @@
 Segments live as files in `/dev/shm`, named `tokenfeed-<daemon_id>-<what>` so two
 daemons on one node never collide and a daemon can find what a crashed
 predecessor left behind (the daemon id names the owning process, its start time
-and pid namespace, so a dead owner can be proven dead from the name alone). They are created with `os.open(O_CREAT | O_EXCL, 0o600)`
-and mapped with `mmap`, never through `multiprocessing.shared_memory`: in Python
-3.11 that registers every attach with the resource tracker, which unlinks the
-segment when the *attaching* process exits (CPython bpo-39959).
+and pid namespace, so a dead owner can be proven dead from the name alone). They
+are created with `os.open(O_CREAT | O_EXCL, 0o600)` and mapped with `mmap`,
+never through `multiprocessing.shared_memory`: in Python 3.11 that registers
+every attach with the resource tracker, which unlinks the segment when the
+*attaching* process exits (CPython bpo-39959).
 
 Every page of a new segment is reserved at creation (`posix_fallocate`): tmpfs
 otherwise commits pages on first write, and a write that finds `/dev/shm` full
@@ -109,9 +110,9 @@ def _reserve(fd: int, name: str, size: int) -> None:
         raise ShmFullError(
             f"cannot reserve {size:,} bytes ({size / 2**20:.1f} MiB) of {SHM_DIR} for segment "
             f"{name}: {free:,} bytes ({free / 2**20:.1f} MiB) free of {total / 2**20:.0f} MiB. "
-            "Give the daemon more shared memory (docker run --shm-size=2g, a Memory-backed "
-            "emptyDir on /dev/shm in Kubernetes: see deploy/), or ask for less: lower "
-            "--max-ring-mib, --slots, the batch size or --workers"
+            "Give the daemon more shared memory (docker run --shm-size=2g, or a larger "
+            "/dev/shm on the host: see deploy/), or ask for less: lower --max-ring-mib, "
+            "--slots, the batch size or --workers"
         ) from None
 
 

@@ -224,6 +224,11 @@ class TokenFeed:
             raise StateMismatchError(
                 "load_state_dict() after the first next(); call it on a fresh TokenFeed"
             )
+        missing = [k for k in ("version", "spec", "cursor") if not isinstance(state, dict)
+                   or k not in state]
+        if missing:
+            raise StateMismatchError(f"feed state {str(state)[:80]} has no {', '.join(missing)}; "
+                                     "pass the dict feed.state_dict() returned, unchanged")
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise StateMismatchError(
                 f"feed state version {state.get('version') if isinstance(state, dict) else None}"

@@ -278,9 +278,14 @@ class Daemon:
         if identity in self.peers:
             self.peers[identity] = time.monotonic()
         elif op in ("heartbeat", "release"):
+            up_s, timeout_s = time.time() - self.started, self.config.consumer_timeout_s
+            # Up for less than the timeout, this daemon cannot have dropped anyone for silence.
+            why = ("it restarted after this consumer attached to its predecessor"
+                   if up_s < timeout_s else f"it dropped this consumer after {timeout_s:.0f} s of "
+                   "silence (a stopped or overloaded process?) and gave its slots to others, or "
+                   "it restarted since this consumer attached")
             raise DetachedError(
-                f"the daemon dropped this consumer after {self.config.consumer_timeout_s:.0f} s "
-                "of silence (a stopped or overloaded process?); its slots went to others. "
+                f"the tokenfeed daemon (up {up_s:.1f} s) does not know this consumer: {why}. "
                 "Resume from feed.state_dict(), or pass reconnect_s to re-attach by itself"
             )
         if op == "heartbeat":
