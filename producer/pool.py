@@ -2,13 +2,24 @@
 
 Workers are OS processes (`multiprocess`, spawn start method: no inherited
 ZeroMQ state) that connect a DEALER to the daemon's ROUTER at
-`ipc://<run_dir>/workers`. Each owns nothing: its staging segment is created and
-unlinked here, so a crashed worker leaves no memory behind.
+`ipc://<run_dir>/workers` and speak the worker channel of common/protocol.py.
+Each owns nothing: its two staging buffers are segments created and unlinked
+here, so a crashed worker leaves no memory behind. A worker holds up to
+QUEUE_DEPTH tasks, one per staging buffer; a buffer is given a new task only
+after the result in it was copied out, so a worker never overwrites a result the
+daemon has not taken.
+
+Every frame on the worker socket is untrusted (any process of the user can
+connect): a message that is malformed, from an unknown identity, or about a task
+the worker does not hold is logged and dropped; a `done` whose sizes do not fit
+its staging buffer fails that task (it is re-run). Nothing a peer sends can stop
+the daemon's loop.
 
 Failure behaviour: a worker that dies (its process sentinel becomes readable) is
-reported with the unit it held so the caller can re-run it, and is replaced while
-the pool's target size says so. Shrinking retires idle workers first; a busy one
-retires after its unit.
+reported with the tasks it held so the caller can re-run them, and is replaced
+while the pool's target size says so. Growing spawns at most SPAWNS_PER_TICK
+workers per loop pass, so a large `scale` never stalls heartbeats. Shrinking
+retires idle workers first; a busy one retires after its tasks.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import multiprocess as mp
@@ -25,30 +36,38 @@ import numpy as np
 import zmq
 
 from tokenfeed.common import protocol
+from tokenfeed.common.errors import ProtocolError, TokenfeedError
+from tokenfeed.common.protocol import TaskKey
+from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment, segment_name
 from tokenfeed.producer.worker import worker_main
 
 log = logging.getLogger(__name__)
 
 MAX_START_FAILURES = 5  # workers dying before their hello, in a row: stop respawning
-STAGING_BYTES = 32 << 20  # pages are only committed when touched; grows on demand
+QUEUE_DEPTH = 2  # tasks a worker holds: it starts the next while the daemon takes the last
+STAGING_BYTES = 8 << 20  # per buffer; a task of ~1 MiB of text needs ~1 MiB; grows on demand
+SPAWNS_PER_TICK = 2  # a spawn costs a few ms of the loop; heartbeats go every 500 ms
 JOIN_TIMEOUT_S = 5.0
 
 
 @dataclass
 class Task:
-    """One row group of one stream, as sent to a worker."""
+    """Rows `rows[0]:rows[1]` of one row group: part `part` of a stream's unit."""
 
     stream: int
     unit: int
+    part: int
     path: str
     row_group: int
     column: str
+    rows: tuple[int, int]
     doc_seed: list[int] | None = None
+    text_bytes: int = 0  # of the rows, estimated from the footer: sizes the staging estimate
 
     @property
-    def key(self) -> list[int]:
-        return [self.stream, self.unit]
+    def key(self) -> TaskKey:
+        return (self.stream, self.unit, self.part)
 
 
 @dataclass
@@ -63,18 +82,25 @@ class Result:
 class Failure:
     task: Task
     error: str
-    worker_died: bool
 
 
 @dataclass
 class Worker:
     wid: int
     process: Any
-    staging: Segment
+    staging: list[Segment]  # one per buffer
     generation: int = 0
     ready: bool = False
-    task: Task | None = None
+    tasks: dict[int, Task] = field(default_factory=dict)  # buffer index -> task held
     retiring: bool = False
+    last_row_group: tuple[str, int] | None = None  # what its reader has decoded
+
+    @property
+    def identity(self) -> bytes:
+        return f"w{self.wid}".encode()
+
+    def buffer_of(self, key: TaskKey) -> int | None:
+        return next((b for b, t in self.tasks.items() if t.key == key), None)
 
 
 class WorkerPool:
@@ -86,18 +112,21 @@ class WorkerPool:
         daemon_id: str,
         tokenizer_spec: str,
         bos: str | None,
+        backend: str,
         itemsize: int,
         nice: int,
     ) -> None:
         self.address = address
+        self.backend = backend
         self.daemon_id = daemon_id
         self.tokenizer_spec = tokenizer_spec
         self.bos = bos
         self.itemsize = itemsize
         self.nice = nice
-        self.dtype = np.dtype({2: np.uint16, 4: np.uint32}[itemsize])
+        self.dtype = token_dtype_of_size(itemsize)
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_FRAME_BYTES)
         self.socket.bind(address)
         self.workers: dict[int, Worker] = {}
         self.target = 0
@@ -105,46 +134,69 @@ class WorkerPool:
         self._mp = mp.get_context("spawn")
         self.start_failures = 0
         self.broken: str | None = None  # set when workers keep dying at start
+        self.read_s = 0.0  # seconds workers spent reading Parquet, over all tasks
+        self.tokenize_s = 0.0
+        self.tasks_done = 0
+        self.dropped_messages = 0
 
     # -- size ---------------------------------------------------------------
 
     def resize(self, n: int) -> None:
-        """Grow at once; shrink by retiring idle workers first, busy ones after their unit."""
+        """Set the target size: growth happens in `tick`; shrinking retires idle workers first."""
         self.target = n
         live = [w for w in self.workers.values() if not w.retiring]
-        for _ in range(n - len(live)):
-            self._spawn()
         excess = len(live) - n
-        for w in sorted(live, key=lambda w: w.task is not None):
+        for w in sorted(live, key=lambda w: len(w.tasks)):
             if excess <= 0:
                 break
             w.retiring = True
             excess -= 1
-            if w.task is None:
+            if not w.tasks:
                 self._retire(w)
+
+    def tick(self) -> None:
+        """Spawn up to SPAWNS_PER_TICK of the workers the target still lacks."""
+        for _ in range(min(SPAWNS_PER_TICK, self.target - self.size)):
+            if self.broken is not None:
+                return
+            try:
+                self._spawn()
+            except TokenfeedError as e:  # e.g. no room in /dev/shm for its staging
+                self.broken = f"cannot start a tokenizer worker: {e}"
+                log.error(self.broken)
 
     def _spawn(self) -> None:
         wid = self._next_wid
         self._next_wid += 1
-        staging = Segment.create(segment_name(self.daemon_id, f"w{wid}-0"), STAGING_BYTES)
-        process = self._mp.Process(
-            target=worker_main,
-            args=(wid, self.address, self.tokenizer_spec, self.bos, self.itemsize,
-                  staging.name, self.nice, os.getpid()),
-            name=f"tokenfeed-worker-{wid}",
-            daemon=True,
-        )
-        process.start()
+        staging: list[Segment] = []
+        try:
+            for b in range(QUEUE_DEPTH):
+                staging.append(Segment.create(segment_name(self.daemon_id, f"w{wid}-{b}-0"),
+                                              STAGING_BYTES))
+            process = self._mp.Process(
+                target=worker_main,
+                args=(wid, self.address, self.tokenizer_spec, self.bos, self.backend,
+                      self.itemsize, self.nice, os.getpid()),
+                name=f"tokenfeed-worker-{wid}",
+                daemon=True,
+            )
+            process.start()
+        except BaseException:
+            for seg in staging:
+                seg.close()
+                seg.unlink()
+            raise
         self.workers[wid] = Worker(wid, process, staging)
         log.info("worker %d started (pid %d)", wid, process.pid)
 
     def _retire(self, w: Worker) -> None:
-        self.socket.send_multipart([f"w{w.wid}".encode(), protocol.encode("exit")])
+        self.socket.send_multipart([w.identity, protocol.encode("exit")])
 
     def _remove(self, w: Worker) -> None:
         self.workers.pop(w.wid, None)
-        w.staging.close()
-        w.staging.unlink()
+        for seg in w.staging:
+            seg.close()
+            seg.unlink()
 
     # -- work ---------------------------------------------------------------
 
@@ -152,79 +204,130 @@ class WorkerPool:
     def size(self) -> int:
         return sum(1 for w in self.workers.values() if not w.retiring)
 
-    def idle(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.ready and w.task is None and not w.retiring]
+    @property
+    def capacity(self) -> int:
+        """Tasks the pool can hold at once when every worker is up."""
+        return max(self.target, 1) * QUEUE_DEPTH
+
+    def free(self) -> list[Worker]:
+        """Workers that can take a task, least loaded first (an idle core before a queue)."""
+        ready = [w for w in self.workers.values()
+                 if w.ready and not w.retiring and len(w.tasks) < QUEUE_DEPTH]
+        return sorted(ready, key=lambda w: len(w.tasks))
 
     def busy_count(self) -> int:
-        return sum(1 for w in self.workers.values() if w.task is not None)
+        return sum(1 for w in self.workers.values() if w.tasks)
+
+    def inflight(self) -> int:
+        return sum(len(w.tasks) for w in self.workers.values())
 
     def assign(self, w: Worker, task: Task) -> None:
+        b = next(i for i in range(QUEUE_DEPTH) if i not in w.tasks)
         msg = protocol.encode(
-            "unit", unit=task.key, path=task.path, row_group=task.row_group,
-            column=task.column, doc_seed=task.doc_seed,
+            "task", task=list(task.key), buffer=b, staging=w.staging[b].name, path=task.path,
+            row_group=task.row_group, column=task.column, rows=list(task.rows),
+            doc_seed=task.doc_seed,
         )
-        w.task = task  # only once the message exists: a failed encode leaves the worker idle
-        self.socket.send_multipart([f"w{w.wid}".encode(), msg])
+        w.tasks[b] = task  # only once the message exists: a failed encode leaves the worker idle
+        w.last_row_group = (task.path, task.row_group)
+        self.socket.send_multipart([w.identity, msg])
 
     def sentinels(self) -> dict[int, Worker]:
         return {w.process.sentinel: w for w in self.workers.values()}
 
     def collect(self) -> list[Result | Failure]:
-        """Drain worker messages without blocking."""
+        """Drain worker messages without blocking; drop (and count) whatever is malformed."""
         out: list[Result | Failure] = []
-        while self.socket.poll(0):
-            identity, frame = self.socket.recv_multipart()
+        for _ in range(10_000):  # bounded: a flood must not starve the control socket
+            if not self.socket.poll(0):
+                break
+            frames = self.socket.recv_multipart()
             try:
-                msg = protocol.decode(frame)
-                w = self.workers[int(identity[1:])]
-            except Exception as e:
-                log.warning("dropping a worker message (%s)", e)
+                if len(frames) != 2:
+                    raise ProtocolError(f"expected 1 frame, got {len(frames) - 1}")
+                msg = protocol.decode_worker(frames[1])
+                w = self._worker_of(frames[0])
+                outcome = self._handle(w, msg)
+            except ProtocolError as e:
+                self.dropped_messages += 1
+                log.warning("dropped a worker-channel message from %r: %s", frames[0][:32], e)
                 continue
-            op = msg["op"]
-            if op == "hello":
-                w.ready = True
-                self.start_failures = 0
-                if w.retiring:  # shrunk before it finished starting
-                    self._retire(w)
-            elif op == "done" and w.task is not None:
-                out.append(self._take_result(w, msg))
-            elif op == "failed" and w.task is not None:
-                out.append(Failure(w.task, str(msg.get("error")), worker_died=False))
-                w.task = None
-            elif op == "grow":
-                self._grow(w, int(msg["need_bytes"]))
-            if w.retiring and w.task is None and op in ("done", "failed"):
+            if outcome is not None:
+                out.append(outcome)
+            if w.retiring and not w.tasks and msg["op"] in ("done", "failed", "grow"):
                 self._retire(w)
         return out
 
-    def _take_result(self, w: Worker, msg: protocol.Message) -> Result:
-        assert w.task is not None
-        n_tokens, n_docs = int(msg["n_tokens"]), int(msg["n_docs"])
-        # Copy out of staging so the worker is free for its next unit at once.
-        tokens = np.ndarray(n_tokens, dtype=self.dtype, buffer=w.staging.mm).copy()
-        starts = np.ndarray(
-            n_docs, dtype=np.int64, buffer=w.staging.mm, offset=int(msg["starts_offset"])
-        ).copy()
-        result = Result(w.task, tokens, starts, int(msg["skipped"]))
-        w.task = None
-        return result
+    def _worker_of(self, identity: bytes) -> Worker:
+        w = None
+        if identity[:1] == b"w" and identity[1:].isdigit() and len(identity) < 12:
+            w = self.workers.get(int(identity[1:]))
+        if w is None:
+            raise ProtocolError("not a live worker of this daemon")
+        return w
 
-    def _grow(self, w: Worker, need_bytes: int) -> None:
+    def _handle(self, w: Worker, msg: protocol.Message) -> Result | Failure | None:
+        op = msg["op"]
+        if op == "hello":
+            w.ready = True
+            self.start_failures = 0
+            if w.retiring:  # shrunk before it finished starting
+                self._retire(w)
+            return None
+        if op not in ("done", "failed", "grow"):
+            raise ProtocolError(f"op {op!r} is not sent by workers")
+        b = w.buffer_of(protocol.task_key(msg))
+        if b is None:
+            raise ProtocolError(f"task {msg['task']} is not held by worker {w.wid}")
+        if op == "grow":
+            return self._grow(w, b, msg["need_bytes"])
+        task = w.tasks.pop(b)
+        if op == "failed":
+            return Failure(task, msg["error"])
+        return self._take_result(w, b, task, msg)
+
+    def _take_result(
+        self, w: Worker, b: int, task: Task, msg: protocol.Message
+    ) -> Result | Failure:
+        n_tokens, n_docs, starts_offset = msg["n_tokens"], msg["n_docs"], msg["starts_offset"]
+        seg = w.staging[b]
+        if (n_tokens * self.itemsize > starts_offset or starts_offset % 8
+                or starts_offset + 8 * n_docs > seg.size or n_docs > n_tokens):
+            return Failure(task, f"worker {w.wid} reported {n_tokens} tokens and {n_docs} "
+                                 f"documents at offset {starts_offset}, which do not fit its "
+                                 f"{seg.size}-byte staging buffer")
+        # Copy out of staging so the buffer is free for the worker's next task at once.
+        tokens = np.ndarray(n_tokens, dtype=self.dtype, buffer=seg.mm).copy()
+        starts = np.ndarray(n_docs, dtype=np.int64, buffer=seg.mm, offset=starts_offset).copy()
+        self.read_s += msg["read_s"]
+        self.tokenize_s += msg["tokenize_s"]
+        self.tasks_done += 1
+        return Result(task, tokens, starts, msg["skipped"])
+
+    def _grow(self, w: Worker, b: int, need_bytes: int) -> Failure | None:
+        """A bigger staging buffer `b` for the task in it; on failure, fail that task."""
         w.generation += 1
-        size = max(need_bytes, 2 * w.staging.size)
-        new = Segment.create(segment_name(self.daemon_id, f"w{w.wid}-{w.generation}"), size)
-        w.staging.close()
-        w.staging.unlink()
-        w.staging = new
-        log.info("worker %d staging grown to %d MiB", w.wid, size >> 20)
-        reply = protocol.encode("staging", name=new.name)
-        self.socket.send_multipart([f"w{w.wid}".encode(), reply])
+        size = max(need_bytes, 2 * w.staging[b].size)
+        try:
+            new = Segment.create(
+                segment_name(self.daemon_id, f"w{w.wid}-{b}-{w.generation}"), size)
+        except (TokenfeedError, OSError) as e:
+            self.socket.send_multipart([w.identity, protocol.encode("staging", buffer=b,
+                                                                    name="")])
+            task = w.tasks.pop(b)
+            return Failure(task, f"no staging buffer of {size} bytes for worker {w.wid}: {e}")
+        w.staging[b].close()
+        w.staging[b].unlink()
+        w.staging[b] = new
+        log.info("worker %d staging buffer %d grown to %d MiB", w.wid, b, size >> 20)
+        self.socket.send_multipart([w.identity,
+                                    protocol.encode("staging", buffer=b, name=new.name)])
+        return None
 
-    def reap(self, w: Worker) -> Failure | None:
-        """A worker's sentinel fired: clean it up, respawn if needed, return its lost task."""
+    def reap(self, w: Worker) -> list[Failure]:
+        """A worker's sentinel fired: clean it up and return the tasks it held."""
         w.process.join(timeout=1.0)
         code = w.process.exitcode
-        lost = w.task
         self._remove(w)
         if not w.ready and not w.retiring:
             self.start_failures += 1
@@ -235,12 +338,18 @@ class WorkerPool:
                 )
                 log.error(self.broken)
         if not w.retiring:
-            log.warning("worker %d died (exit code %s); respawning", w.wid, code)
-        while self.size < self.target and self.broken is None:
-            self._spawn()
-        if lost is None:
-            return None
-        return Failure(lost, f"worker {w.wid} died with exit code {code}", worker_died=True)
+            log.warning("worker %d died (exit code %s); a new one replaces it", w.wid, code)
+        return [Failure(t, f"worker {w.wid} died with exit code {code}")
+                for t in w.tasks.values()]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "target": self.target, "alive": len(self.workers), "busy": self.busy_count(),
+            "tasks_inflight": self.inflight(), "tasks_done": self.tasks_done,
+            "read_s": round(self.read_s, 3), "tokenize_s": round(self.tokenize_s, 3),
+            "dropped_messages": self.dropped_messages,
+            "pids": [w.process.pid for w in self.workers.values()],
+        }
 
     def close(self) -> None:
         """Ask ready workers to exit, stop the ones still starting, kill what lingers."""

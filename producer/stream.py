@@ -4,10 +4,8 @@ A stream owns its ring segment, schedules its row groups as units (bounded
 read-ahead), reorders finished units, packs them in order into free slots, and
 tracks which attached consumer has been sent and has released which batch.
 
-Slot lifecycle: FREE -> filled with batch `seq` -> sent (`ready`) to every
-attached consumer -> reclaimed once every attached consumer was sent it and none
-still holds it. With no consumer attached, filled slots are kept (the stream is
-warm for a consumer that re-attaches at its position).
+Slots and the consumers holding them are `SlotTable`'s (slots.py): the stream fills
+and publishes, the table announces, releases and reclaims.
 
 Failure behaviour: a unit whose worker died is re-run (same input, same output);
 a unit that fails MAX_ATTEMPTS times fails the stream, and its consumers get an
@@ -19,77 +17,74 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from tokenfeed.common.config import StreamSpec
-from tokenfeed.common.errors import TokenfeedError
+from tokenfeed.common.config import MAX_POSITION, StreamSpec
+from tokenfeed.common.errors import StateMismatchError, TokenfeedError
 from tokenfeed.common.ring import Ring
-from tokenfeed.producer.dataset import SplitPlan
+from tokenfeed.producer.config import DEFAULT_TASK_BYTES
+from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Result, Task
+from tokenfeed.producer.slots import Attachment, SlotTable
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+INITIAL_TOKENS_PER_TEXT_BYTE = 0.25  # English under cl100k; learnt from results as they come
 _NO_TOKENS = np.zeros(0, dtype=np.uint32)
 _NO_STARTS = np.zeros(0, dtype=np.int64)
 
 
-@dataclass
-class Attachment:
-    """One consumer's progress on a stream."""
-
-    identity: bytes
-    next_send: int  # seq of the next batch to announce to it
-    held: set[int] = field(default_factory=set)  # seqs announced and not yet released
-
-
-@dataclass
-class Slot:
-    seq: int = -1  # -1: free
-    before: dict[str, Any] = field(default_factory=dict)  # cursor of the batch's first token
-    after: dict[str, Any] = field(default_factory=dict)  # cursor right after the batch
+def cursor_at(plan: SplitPlan, spec: StreamSpec, position: dict[str, Any]) -> dict[str, Any]:
+    """A packer position with the epoch and row-group ordinal its unit falls on."""
+    epoch, ordinal = plan.unit_position(spec.rank, spec.world_size, int(position["unit"]))
+    if epoch >= MAX_POSITION:
+        raise StateMismatchError(
+            f"position unit {position['unit']} of rank {spec.rank}/{spec.world_size} lies in "
+            f"epoch {epoch}, past the largest exact position {MAX_POSITION}; the state is "
+            "corrupt or from another data set"
+        )
+    return {**position, "epoch": epoch, "row_group": ordinal}
 
 
 class Stream:
     def __init__(
         self, sid: int, spec: StreamSpec, plan: SplitPlan, ring: Ring, column: str,
-        start: dict[str, Any],
+        start: dict[str, Any], *, task_bytes: int = DEFAULT_TASK_BYTES,
     ) -> None:
         self.sid = sid
         self.spec = spec
         self.plan = plan
         self.ring = ring
         self.column = column
+        self.task_bytes = task_bytes
         self.packer = make_packer(spec, start)
-        self.slots = [Slot() for _ in range(ring.layout.slot_count)]
-        self.free: deque[int] = deque(range(ring.layout.slot_count))
-        self.by_seq: dict[int, int] = {}  # filled seq -> slot
-        self.next_seq = 0
-        self.consumers: dict[bytes, Attachment] = {}
-        self.next_unit = self.packer.next_unit
-        self.retry: deque[int] = deque()
-        self.attempts: dict[int, int] = {}
-        self.inflight: set[int] = set()
-        self.results: dict[int, Result] = {}
+        self.table = SlotTable(ring)
+        self.next_unit = self.packer.next_unit  # next (unit, part) to schedule
+        self.next_part = 0
+        self.retry: deque[tuple[int, int]] = deque()
+        self.attempts: dict[tuple[int, int], int] = {}
+        self.inflight: dict[tuple[int, int], int] = {}  # (unit, part) -> estimated bytes
+        self.results: dict[int, dict[int, Result]] = {}  # unit -> finished parts
+        self.staged_bytes = 0  # bytes of the finished parts in `results`
         self.error: str | None = None
         self.told: set[bytes] = set()  # consumers already sent `error`
         self.idle_since: float | None = None
-        self.tokens_per_unit = 0.0  # running mean, for read-ahead sizing
+        self.tokens_per_text_byte = INITIAL_TOKENS_PER_TEXT_BYTE  # running, sizes estimates
+        self.tasks_done = 0
         self.units_done = 0
         self.documents = 0
         self.skipped = 0
         self.batches = 0
+        self._epoch_order: tuple[int, np.ndarray] = (-1, np.arange(0))
 
     # -- positions ----------------------------------------------------------
 
     def cursor(self, position: dict[str, Any]) -> dict[str, Any]:
-        epoch, ordinal = self.plan.unit_position(self.spec.rank, self.spec.world_size,
-                                                 int(position["unit"]))
-        return {**position, "epoch": epoch, "row_group": ordinal}
+        return cursor_at(self.plan, self.spec, position)
 
     def next_position(self) -> dict[str, Any]:
         """Cursor of the next batch to be filled."""
@@ -97,83 +92,148 @@ class Stream:
 
     def seq_at(self, cursor: dict[str, Any]) -> int | None:
         """Seq of a still-held batch that starts at `cursor`, or of the next one to fill."""
-        key = self.packer.resume_key(cursor)
-        for seq in sorted(self.by_seq):
-            if self.packer.resume_key(self.slots[self.by_seq[seq]].before) == key:
-                return seq
-        if self.packer.resume_key(self.packer.position) == key:
-            return self.next_seq
-        return None
+        key = self.packer.resume_key
+        return self.table.seq_at(key, key(cursor), self.packer.position)
 
     # -- scheduling ---------------------------------------------------------
 
     @property
     def depth(self) -> int:
-        return len(self.by_seq)
+        return self.table.depth
 
-    def wants_work(self, max_inflight: int) -> bool:
-        if self.error is not None or len(self.inflight) >= max_inflight:
+    @property
+    def consumers(self) -> dict[bytes, Attachment]:
+        return self.table.consumers
+
+    def _ref(self, unit: int) -> RowGroupRef:
+        epoch, ordinal = self.plan.unit_position(self.spec.rank, self.spec.world_size, unit)
+        return self.plan.row_groups[self._order(epoch)[ordinal]]
+
+    def _parts(self, unit: int) -> list[tuple[int, int]]:
+        return self._ref(unit).parts(self.task_bytes)
+
+    def staged(self) -> int:
+        """Bytes this stream holds or expects outside its ring: the staging budget's share."""
+        buffered = max(self.packer.buffered_tokens, 0) * self.ring.layout.itemsize
+        return self.staged_bytes + buffered + sum(self.inflight.values())
+
+    def wants_work(self, pool_capacity: int) -> bool:
+        """More tasks would be used: the ring has room, or the pool would idle without them.
+
+        Read-ahead covers the free slots plus one task per pool place (every worker busy
+        with a second task queued), whatever the ring's size; the daemon's staging budget
+        bounds it across streams.
+        """
+        if self.error is not None or len(self.inflight) >= pool_capacity:
             return False
-        if self.retry:  # a lost unit blocks packing: finished later units must not hide it
+        if self.head_unscheduled():
             return True
-        window = self.spec.window_tokens
-        wanted = (len(self.free) + 1) * window
-        pending = sum(len(r.tokens) for r in self.results.values())
-        estimate = self.tokens_per_unit or window
-        have = self.packer.buffered_tokens + pending + estimate * len(self.inflight)
-        return have < wanted
+        itemsize = self.ring.layout.itemsize
+        task_tokens = self.task_bytes * self.tokens_per_text_byte
+        wanted = (len(self.table.free) + 1) * self.spec.window_tokens + pool_capacity * task_tokens
+        pending = (self.staged_bytes + sum(self.inflight.values())) // itemsize
+        return self.packer.buffered_tokens + pending < wanted
+
+    def head_unscheduled(self) -> bool:
+        """Packing waits for a task not yet out: a lost part, or the rest of the next unit.
+
+        Parts are packed only as whole units, so finished parts of a unit that still
+        lacks one must never count as enough read-ahead (nor hold the budget against it).
+        """
+        return bool(self.retry) or self.next_unit <= self.packer.next_unit
 
     def starvation(self) -> float:
         """Lower is hungrier: fraction of the ring already filled."""
-        return self.depth / len(self.slots)
+        return self.depth / self.ring.layout.slot_count
 
     def next_task(self) -> Task:
-        unit = self.retry.popleft() if self.retry else self._advance()
-        self.inflight.add(unit)
+        if self.retry:
+            unit, part = self.retry.popleft()
+        else:
+            unit, part = self._advance()
         epoch, ordinal = self.plan.unit_position(self.spec.rank, self.spec.world_size, unit)
-        ref = self.plan.row_groups[self._order(epoch)[ordinal]]
+        ref = self._ref(unit)
+        rows = ref.parts(self.task_bytes)[part]
         doc_seed = None
         if self.spec.shuffle_seed is not None:
             doc_seed = [self.spec.shuffle_seed, epoch, ordinal]
-        return Task(self.sid, unit, ref.path, ref.row_group, self.column, doc_seed)
+        text_bytes = ref.text_bytes * (rows[1] - rows[0]) // max(ref.num_rows, 1)
+        estimate = int(text_bytes * self.tokens_per_text_byte * self.ring.layout.itemsize)
+        self.inflight[(unit, part)] = estimate
+        return Task(self.sid, unit, part, ref.path, ref.row_group, self.column, rows, doc_seed,
+                    text_bytes)
 
-    def _advance(self) -> int:
+    def _advance(self) -> tuple[int, int]:
+        """The next (unit, part) in stream order."""
         # After a bestfit resume, units between the buffer's oldest piece and the read
         # position hold nothing the packer needs: they are pushed empty, not tokenized.
-        while not self.packer.needs_unit(self.next_unit):
-            task = Task(self.sid, self.next_unit, "", -1, self.column)
-            self.results[self.next_unit] = Result(task, _NO_TOKENS, _NO_STARTS, 0)
+        while self.next_part == 0 and not self.packer.needs_unit(self.next_unit):
+            task = Task(self.sid, self.next_unit, 0, "", -1, self.column, (0, 0))
+            self.results[self.next_unit] = {0: Result(task, _NO_TOKENS, _NO_STARTS, 0)}
             self.next_unit += 1
-        unit = self.next_unit
-        self.next_unit += 1
-        return unit
+        unit, part = self.next_unit, self.next_part
+        if part + 1 < len(self._parts(unit)):
+            self.next_part += 1
+        else:
+            self.next_unit, self.next_part = unit + 1, 0
+        return unit, part
 
     def _order(self, epoch: int) -> np.ndarray:
-        n = len(self.plan)
-        if self.spec.shuffle_seed is None:
-            return np.arange(n)
-        return np.random.default_rng([self.spec.shuffle_seed, epoch]).permutation(n)
+        if self._epoch_order[0] != epoch:  # asked for every part: compute once per epoch
+            n = len(self.plan)
+            order = np.arange(n) if self.spec.shuffle_seed is None else (
+                np.random.default_rng([self.spec.shuffle_seed, epoch]).permutation(n))
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
-    def on_failure(self, unit: int, error: str) -> None:
-        self.inflight.discard(unit)
-        self.attempts[unit] = self.attempts.get(unit, 0) + 1
-        if self.attempts[unit] >= MAX_ATTEMPTS:
-            self.error = f"stream {self.sid}: unit {unit} failed {MAX_ATTEMPTS} times: {error}"
+    def on_failure(self, task: Task, error: str) -> None:
+        key = (task.unit, task.part)
+        if self.inflight.pop(key, None) is None:
+            return  # not ours to re-run (already finished, or scheduled again)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        if self.attempts[key] >= MAX_ATTEMPTS:
+            self.error = (f"stream {self.sid}: unit {task.unit} part {task.part} failed "
+                          f"{MAX_ATTEMPTS} times: {error}")
             log.error(self.error)
         else:
-            self.retry.appendleft(unit)
+            self.retry.appendleft(key)
 
     def on_result(self, result: Result) -> None:
-        unit = result.task.unit
-        self.inflight.discard(unit)
-        if unit < self.packer.next_unit or unit in self.results:
+        task = result.task
+        if self.inflight.pop((task.unit, task.part), None) is None:
             return  # a duplicate (re-run after a worker death that had in fact finished)
-        self.results[unit] = result
-        self.units_done += 1
+        self.results.setdefault(task.unit, {})[task.part] = result
+        self.staged_bytes += result.tokens.nbytes + result.doc_starts.nbytes
+        self.tasks_done += 1
         self.documents += len(result.doc_starts)
         self.skipped += result.skipped
-        n = len(result.tokens)
-        self.tokens_per_unit += (n - self.tokens_per_unit) / min(self.units_done, 16)
+        if task.text_bytes > 0:  # learn the corpus's tokens per byte of text for estimates
+            ratio = len(result.tokens) / task.text_bytes
+            self.tokens_per_text_byte += (ratio - self.tokens_per_text_byte) / min(
+                self.tasks_done, 16)
+
+    def _take_unit(self) -> Result | None:
+        """The packer's next unit once all its parts are in, its parts joined in order."""
+        unit = self.packer.next_unit
+        parts = self.results.get(unit)
+        if parts is None:
+            return None
+        skipped = 0 in parts and parts[0].task.row_group < 0  # pushed empty, see _advance
+        if not skipped and len(parts) < len(self._parts(unit)):
+            return None
+        del self.results[unit]
+        ordered = [parts[i] for i in range(len(parts))]
+        self.staged_bytes -= sum(r.tokens.nbytes + r.doc_starts.nbytes for r in ordered)
+        self.units_done += 1
+        if len(ordered) == 1:
+            return ordered[0]
+        offsets = np.cumsum([0] + [len(r.tokens) for r in ordered[:-1]])
+        return Result(
+            ordered[0].task,
+            np.concatenate([r.tokens for r in ordered]),
+            np.concatenate([r.doc_starts + off for r, off in zip(ordered, offsets, strict=True)]),
+            sum(r.skipped for r in ordered),
+        )
 
     # -- packing and delivery -----------------------------------------------
 
@@ -181,69 +241,41 @@ class Stream:
         """Move finished units into the packer in order and fill free slots; True if any."""
         filled = False
         while True:
-            while self.packer.next_unit in self.results:
-                r = self.results.pop(self.packer.next_unit)
+            while (r := self._take_unit()) is not None:
                 try:
                     self.packer.push(r.task.unit, r.tokens, r.doc_starts)
                 except TokenfeedError as e:  # a resumed position the data cannot hold
                     self.error = f"stream {self.sid}: {e}"
                     log.error(self.error)
                     return filled
-            if not (self.free and self.packer.ready()):
+            if not (self.table.free and self.packer.ready()):
                 return filled
-            slot_index = self.free.popleft()
-            slot = self.slots[slot_index]
-            slot.before = self.next_position()
-            self.packer.fill(self.ring.slots[slot_index])
-            slot.after = self.next_position()
-            slot.seq = self.next_seq
-            self.ring.publish(slot_index, slot.seq, self.spec.window_tokens)
-            self.by_seq[slot.seq] = slot_index
-            self.next_seq += 1
+            index = self.table.begin_fill()
+            before = self.next_position()
+            self.packer.fill(self.ring.slots[index])
+            self.table.publish(index, before, self.next_position())
             self.batches += 1
             filled = True
 
     def announcements(self) -> list[tuple[bytes, dict[str, Any]]]:
         """`ready` messages now due: each consumer gets each filled batch once, in order."""
-        out = []
-        for c in self.consumers.values():
-            while c.next_send in self.by_seq:
-                slot_index = self.by_seq[c.next_send]
-                out.append((c.identity, {
-                    "stream": self.sid, "slot": slot_index, "seq": c.next_send,
-                    "cursor": self.slots[slot_index].after,
-                }))
-                c.held.add(c.next_send)
-                c.next_send += 1
-        return out
+        return [(identity, {"stream": self.sid, "slot": index, "seq": seq, "cursor": after})
+                for identity, index, seq, after in self.table.announcements()]
 
     def reclaim(self) -> None:
-        """Free slots that every attached consumer was sent and released."""
-        if not self.consumers:
-            return
-        low = min(c.next_send for c in self.consumers.values())
-        held = set().union(*(c.held for c in self.consumers.values()))
-        for seq in sorted(self.by_seq):
-            if seq >= low:
-                break
-            if seq not in held:
-                slot_index = self.by_seq.pop(seq)
-                self.slots[slot_index].seq = -1
-                self.free.append(slot_index)
+        self.table.reclaim()
 
     # -- consumers ----------------------------------------------------------
 
     def attach(self, identity: bytes, first_seq: int) -> None:
-        self.consumers[identity] = Attachment(identity, first_seq)
+        self.table.attach(identity, first_seq)
         self.idle_since = None
 
     def release(self, identity: bytes, seq: int) -> None:
-        c = self.consumers.get(identity)
-        if c is not None:
-            c.held.discard(seq)
+        self.table.release(identity, seq)
 
     def detach(self, identity: bytes) -> None:
-        self.consumers.pop(identity, None)
+        self.table.detach(identity)
         if not self.consumers:
             self.idle_since = time.monotonic()
 
@@ -252,12 +284,14 @@ class Stream:
             "stream": self.sid,
             **self.spec.to_dict(),
             "depth": self.depth,
-            "slots": len(self.slots),
+            "slots": self.ring.layout.slot_count,
             "token_bytes": self.ring.layout.itemsize,
             "consumers": len(self.consumers),
             "batches": self.batches,
-            "units_inflight": len(self.inflight),
+            "tasks_inflight": len(self.inflight),
+            "tasks_done": self.tasks_done,
             "units_done": self.units_done,
+            "staged_bytes": self.staged(),
             "documents": self.documents,
             "skipped_values": self.skipped,
             "position": {k: v for k, v in self.next_position().items() if k != "buffer"},

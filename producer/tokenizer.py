@@ -406,5 +406,18 @@ def encode_document(enc: tiktoken.Encoding, text: str) -> npt.NDArray[np.uint32]
     With no special token allowed and none disallowed, `encode_to_numpy` encodes
     "<|endoftext|>" in the text as ordinary text, exactly like `encode_ordinary`, and
     skips building a Python list. The array views tiktoken's buffer: copy before writing.
+    A lone surrogate (no UTF-8 form) becomes U+FFFD, as `encode_ordinary` does.
     """
-    return enc.encode_to_numpy(text, disallowed_special=())
+    try:
+        return enc.encode_to_numpy(text, disallowed_special=())
+    except UnicodeEncodeError:
+        return enc.encode_to_numpy(utf8_encodable(text), disallowed_special=())
+
+
+def utf8_encodable(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD, exactly as tiktoken's `encode_ordinary`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text

@@ -1,41 +1,59 @@
-"""A producer worker process: read one row group, tokenize it, write it to staging.
+"""A producer worker process: read a range of a row group's documents, tokenize, stage.
 
-The daemon sends a `unit` (file, row group, optional document-order seed) over a
-ZeroMQ DEALER socket; the worker reads only the text column, prefixes each
-document with BOS, tokenizes it with `encode_ordinary` semantics into one token
-array, and writes into its staging segment (owned and unlinked by the daemon):
+The daemon sends `task` messages (common/protocol.py, the worker channel) over a
+ZeroMQ DEALER socket: rows `lo:hi` of one row group's text column (in the row
+group's shuffled order when a `doc_seed` is given), and which of the worker's two
+staging buffers (segments owned and unlinked by the daemon) to write into. A
+worker holds up to two tasks and works through them in order, so the daemon's
+round trip after a `done` never leaves its core idle. Each document becomes BOS +
+`encode_ordinary(text)` (tiktoken, or a backend proven identical: backends.py); the
+result is laid out in staging as
 
     offset 0                      tokens (itemsize bytes each)
     starts_offset (8-aligned)     int64 start of each document in the token array
 
-then replies `done` with the counts. Nothing is pickled; token data never touches
-the socket.
+then `done` carries the counts and the seconds spent reading and tokenizing.
+Nothing is pickled; token data never touches the socket.
+
+Parquet pages are decoded once per row group per worker: the decoded text column
+of the last row group is kept, so the parts of one row group that a worker gets
+share one read (and one shuffle permutation).
 
 Failure behaviour: an exception while reading or tokenizing becomes a `failed`
-reply naming the row group; a result larger than the staging segment asks the
-daemon for a bigger one (`grow`) and waits for it; a worker whose daemon died
-(parent pid changed) exits within a second.
+reply naming the row group; a result larger than its staging buffer asks the daemon
+for a bigger one (`grow`) and waits for it (an empty name: none could be made, and
+the daemon has failed the task itself); a malformed message is logged and dropped;
+a worker whose daemon died (parent pid changed) exits within a second.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zmq
 
 from tokenfeed.common import protocol
+from tokenfeed.common.errors import ProtocolError
+from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment
-from tokenfeed.producer.tokenizer import encode_document, load_tokenizer
+from tokenfeed.producer.backends import make_encoder
+from tokenfeed.producer.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 PARENT_CHECK_MS = 1000
 OPEN_FILES = 8  # ParquetFile objects kept open: footers are re-parsed otherwise
+
+# texts -> (all tokens, one flat uint32 array without BOS; int64 length of each text)
+EncodeBatch = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 
 def staging_layout(n_tokens: int, n_docs: int, itemsize: int) -> tuple[int, int]:
@@ -44,35 +62,102 @@ def staging_layout(n_tokens: int, n_docs: int, itemsize: int) -> tuple[int, int]
     return starts_offset, starts_offset + 8 * n_docs
 
 
-def tokenize_row_group(
-    pf: pq.ParquetFile,
-    row_group: int,
-    column: str,
-    encoding: Any,
-    bos_id: int,
-    doc_seed: list[int] | None,
+class RowGroupReader:
+    """Rows of a row group's text column; the last row group read stays decoded."""
+
+    def __init__(self) -> None:
+        self.files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+        self.key: tuple[str, int, str] | None = None
+        self.column: pa.ChunkedArray | None = None
+        self.order_seed: list[int] | None = None
+        self.order: np.ndarray | None = None
+        self.decodes = 0
+
+    def _file(self, path: str) -> pq.ParquetFile:
+        pf = self.files.get(path)
+        if pf is None:
+            pf = self.files[path] = pq.ParquetFile(path)
+            if len(self.files) > OPEN_FILES:
+                self.files.popitem(last=False)
+        self.files.move_to_end(path)
+        return pf
+
+    def values(
+        self, path: str, row_group: int, column: str, rows: Sequence[int],
+        doc_seed: list[int] | None,
+    ) -> list[Any]:
+        """Values `rows[0]:rows[1]` of the row group, in its seeded order if `doc_seed`."""
+        key = (path, row_group, column)
+        if key != self.key:
+            self.key = self.column = self.order = None  # a failed read keeps nothing stale
+            self.column = self._file(path).read_row_group(row_group, columns=[column]).column(0)
+            self.key = key
+            self.decodes += 1
+        assert self.column is not None
+        lo, hi = rows
+        if hi > len(self.column):
+            raise ValueError(f"rows {lo}:{hi} are past the row group's {len(self.column)} rows")
+        if doc_seed is None:
+            return self.column.slice(lo, hi - lo).to_pylist()
+        if self.order is None or self.order_seed != doc_seed:
+            self.order = np.random.default_rng(doc_seed).permutation(len(self.column))
+            self.order_seed = doc_seed
+        return self.column.take(pa.array(self.order[lo:hi])).to_pylist()
+
+
+def tokenize_documents(
+    values: list[Any], encode_batch: EncodeBatch, bos_id: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(tokens uint32, document starts int64, skipped values) of one row group."""
-    texts = pf.read_row_group(row_group, columns=[column]).column(0).to_pylist()
-    if doc_seed is not None:
-        order = np.random.default_rng(doc_seed).permutation(len(texts))
-        texts = [texts[i] for i in order]
-    bos = np.array([bos_id], dtype=np.uint32)
-    parts: list[np.ndarray] = []
-    starts: list[int] = []
-    skipped = 0
-    n = 0
-    for text in texts:
-        if not isinstance(text, str):
-            skipped += 1
-            continue
-        ids = encode_document(encoding, text)
-        starts.append(n)
-        parts.append(bos)
-        parts.append(ids)
-        n += 1 + len(ids)
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-    return tokens, np.asarray(starts, dtype=np.int64), skipped
+    """(tokens uint32 with a BOS before each document, document starts, skipped values)."""
+    texts = [v for v in values if isinstance(v, str)]
+    flat, lengths = encode_batch(texts)
+    starts = np.zeros(len(texts), dtype=np.int64)
+    np.cumsum(lengths[:-1] + 1, out=starts[1:])
+    tokens = np.empty(len(flat) + len(texts), dtype=np.uint32)
+    is_text = np.ones(len(tokens), dtype=bool)
+    is_text[starts] = False
+    tokens[starts] = bos_id
+    tokens[is_text] = flat
+    return tokens, starts, len(values) - len(texts)
+
+
+class _Channel:
+    """The worker's DEALER: messages in order, with those that arrive out of turn kept."""
+
+    def __init__(self, worker_id: int, address: str, parent_pid: int) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, f"w{worker_id}".encode())
+        self.sock.connect(address)
+        self.parent_pid = parent_pid
+        self.inbox: deque[protocol.Message] = deque()
+
+    def send(self, op: str, **fields: Any) -> None:
+        self.sock.send(protocol.encode(op, **fields))
+
+    def wait_for(self, *ops: str) -> protocol.Message | None:
+        """The first queued or incoming message of `ops` (or `exit`); None: the daemon died."""
+        for msg in self.inbox:
+            if msg["op"] in (*ops, "exit"):
+                self.inbox.remove(msg)
+                return msg
+        while os.getppid() == self.parent_pid:
+            if not self.sock.poll(PARENT_CHECK_MS):
+                continue
+            try:
+                msg = protocol.decode_worker(self.sock.recv())
+            except ProtocolError as e:
+                log.warning("worker dropped a malformed message: %s", e)
+                continue
+            if msg["op"] in (*ops, "exit"):
+                return msg
+            self.inbox.append(msg)
+        return None
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
 
 
 def worker_main(
@@ -80,8 +165,8 @@ def worker_main(
     address: str,
     tokenizer_spec: str,
     bos: str | None,
+    backend: str,
     itemsize: int,
-    staging_name: str,
     nice: int,
     parent_pid: int,
 ) -> None:
@@ -89,68 +174,56 @@ def worker_main(
     if nice:
         os.nice(nice)  # keep the trainer's latency tail short on shared cores
     tokenizer = load_tokenizer(tokenizer_spec, bos)
-    dtype = np.dtype({2: np.uint16, 4: np.uint32}[itemsize])
-    staging = Segment.attach(staging_name)
-    files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, f"w{worker_id}".encode())
-    sock.connect(address)
-    sock.send(protocol.encode("hello", worker=worker_id, pid=os.getpid()))
+    encode_batch = make_encoder(tokenizer, backend).encode_batch
+    dtype = token_dtype_of_size(itemsize)
+    reader = RowGroupReader()
+    staging: dict[int, Segment] = {}  # buffer index -> mapped segment
+    channel = _Channel(worker_id, address, parent_pid)
+    channel.send("hello", worker=worker_id, pid=os.getpid())
 
-    def wait_for(op: str) -> protocol.Message | None:
-        while True:
-            if os.getppid() != parent_pid:
-                return None
-            if sock.poll(PARENT_CHECK_MS):
-                msg = protocol.decode(sock.recv())
-                if msg["op"] in (op, "exit"):
-                    return msg
+    def buffer(index: int, name: str) -> Segment:
+        seg = staging.get(index)
+        if seg is None or seg.name != name:
+            if seg is not None:
+                seg.close()
+            seg = staging[index] = Segment.attach(name)
+        return seg
 
     try:
-        while True:
-            msg = wait_for("unit")
-            if msg is None or msg["op"] == "exit":
-                break
-            unit = msg["unit"]
-            path, row_group = msg["path"], msg["row_group"]
+        while (msg := channel.wait_for("task")) is not None and msg["op"] == "task":
+            task, path, row_group = msg["task"], msg["path"], msg["row_group"]
+            started = time.perf_counter()
             try:
-                pf = files.get(path)
-                if pf is None:
-                    pf = files[path] = pq.ParquetFile(path)
-                    if len(files) > OPEN_FILES:
-                        files.popitem(last=False)
-                files.move_to_end(path)
-                tokens, starts, skipped = tokenize_row_group(
-                    pf, row_group, msg["column"], tokenizer.encoding, tokenizer.bos_id,
-                    msg.get("doc_seed"),
-                )
-            except Exception as e:  # reported to the daemon, which fails the stream
-                sock.send(protocol.encode(
-                    "failed", unit=unit,
-                    error=f"{path} row group {row_group}: {type(e).__name__}: {e}",
-                ))
+                values = reader.values(path, row_group, msg["column"], msg["rows"],
+                                       msg["doc_seed"])
+                read_s = time.perf_counter() - started
+                tokens, starts, skipped = tokenize_documents(values, encode_batch,
+                                                             tokenizer.bos_id)
+                tokenize_s = time.perf_counter() - started - read_s
+                seg = buffer(msg["buffer"], msg["staging"])
+            except Exception as e:  # reported to the daemon, which re-runs or fails the task
+                channel.send("failed", task=task,
+                             error=f"{path} row group {row_group}: {type(e).__name__}: {e}")
                 continue
             starts_offset, need = staging_layout(len(tokens), len(starts), itemsize)
-            if need > staging.size:
-                sock.send(protocol.encode("grow", unit=unit, need_bytes=need))
-                reply = wait_for("staging")
+            if need > seg.size:
+                channel.send("grow", task=task, need_bytes=need)
+                reply = channel.wait_for("staging")
                 if reply is None or reply["op"] == "exit":
                     break
-                staging.close()
-                staging = Segment.attach(reply["name"])
-            out = np.ndarray(len(tokens), dtype=dtype, buffer=staging.mm)
+                if not reply["name"]:
+                    continue  # no room: the daemon failed this task
+                seg = buffer(reply["buffer"], reply["name"])
+            out = np.ndarray(len(tokens), dtype=dtype, buffer=seg.mm)
             np.copyto(out, tokens, casting="unsafe")
-            np.ndarray(len(starts), dtype=np.int64, buffer=staging.mm, offset=starts_offset)[:] = (
+            np.ndarray(len(starts), dtype=np.int64, buffer=seg.mm, offset=starts_offset)[:] = (
                 starts
             )
             del out
-            sock.send(protocol.encode(
-                "done", unit=unit, n_tokens=len(tokens), n_docs=len(starts), skipped=skipped,
-                starts_offset=starts_offset,
-            ))
+            channel.send("done", task=task, n_tokens=len(tokens), n_docs=len(starts),
+                         skipped=skipped, starts_offset=starts_offset, read_s=read_s,
+                         tokenize_s=tokenize_s)
     finally:
-        sock.close(linger=0)
-        ctx.term()
-        staging.close()
+        channel.close()
+        for seg in staging.values():
+            seg.close()

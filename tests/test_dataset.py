@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -110,15 +111,36 @@ def test_unknown_split_name_is_a_data_error(tmp_path: Path) -> None:
 def test_row_groups_follow_file_order_then_group_order(tmp_path: Path) -> None:
     write_corpus(tmp_path, {"a.parquet": 2, "b.parquet": 3, "c.parquet": 1, "z.parquet": 4})
     plan = scan_dataset(tmp_path, val_files=1).split("train")
-    assert plan.row_groups == (
-        RowGroupRef(str(tmp_path / "a.parquet"), 0),
-        RowGroupRef(str(tmp_path / "a.parquet"), 1),
-        RowGroupRef(str(tmp_path / "b.parquet"), 0),
-        RowGroupRef(str(tmp_path / "b.parquet"), 1),
-        RowGroupRef(str(tmp_path / "b.parquet"), 2),
-        RowGroupRef(str(tmp_path / "c.parquet"), 0),
-    )
+    assert [(r.path, r.row_group) for r in plan.row_groups] == [
+        (str(tmp_path / "a.parquet"), 0),
+        (str(tmp_path / "a.parquet"), 1),
+        (str(tmp_path / "b.parquet"), 0),
+        (str(tmp_path / "b.parquet"), 1),
+        (str(tmp_path / "b.parquet"), 2),
+        (str(tmp_path / "c.parquet"), 0),
+    ]
     assert len(plan) == 6
+
+
+def test_row_group_sizes_come_from_the_footer(tmp_path: Path) -> None:
+    texts = ["x" * 100, None, "y" * 300]
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string()),
+                             "id": pa.array([1, 2, 3])}), tmp_path / "a.parquet",
+                   row_group_size=3)
+    ref = scan_dataset(tmp_path, val_files=0).split("train").row_groups[0]
+    assert ref.num_rows == 3
+    assert 400 <= ref.text_bytes < 2000  # the text column only (pages may hold it twice)
+
+
+def test_parts_cover_every_row_once_in_order() -> None:
+    ref = RowGroupRef("a.parquet", 0, num_rows=1024, text_bytes=4_300_000)
+    parts = ref.parts(1 << 20)
+    assert len(parts) == 5
+    assert parts[0][0] == 0 and parts[-1][1] == 1024
+    assert all(hi == lo for (_, hi), (lo, _) in itertools.pairwise(parts))
+    assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
+    assert RowGroupRef("a.parquet", 0, 3, 10**9).parts(1024) == [(0, 1), (1, 2), (2, 3)]
+    assert RowGroupRef("a.parquet", 0, 0, 0).parts(1024) == [(0, 0)]
 
 
 def test_unit_position_strides_ranks_through_the_global_sequence(tmp_path: Path) -> None:

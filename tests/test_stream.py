@@ -22,7 +22,8 @@ SPEC = StreamSpec(batch_size=1, seq_len=63)
 def stream() -> Iterator[Stream]:
     layout = RingLayout(slot_count=4, slot_tokens=SPEC.window_tokens, itemsize=4)
     ring = Ring.create(segment_name(f"test-{uuid.uuid4().hex[:8]}", "s0"), layout)
-    plan = SplitPlan("train", ("a.parquet",), tuple(RowGroupRef("a.parquet", i) for i in range(6)))
+    plan = SplitPlan("train", ("a.parquet",),
+                     tuple(RowGroupRef("a.parquet", i, 10, 1000) for i in range(6)))
     try:
         yield Stream(0, SPEC, plan, ring, "text", None)
     finally:
@@ -33,7 +34,7 @@ def stream() -> Iterator[Stream]:
 def result_for(stream: Stream, unit: int, n_tokens: int) -> Result:
     """Unit `unit`'s tokens: unit*1000, unit*1000+1, ... (one document)."""
     tokens = np.arange(unit * 1000, unit * 1000 + n_tokens, dtype=np.uint32)
-    task = Task(stream.sid, unit, "a.parquet", unit, "text")
+    task = Task(stream.sid, unit, 0, "a.parquet", unit, "text", (0, 10))
     return Result(task, tokens, np.array([0], dtype=np.int64), 0)
 
 
@@ -42,8 +43,8 @@ def test_lost_head_unit_is_rescheduled_although_later_units_finished(stream):
     assert [t.unit for t in tasks] == [0, 1, 2]
     for unit in (1, 2):  # plenty of tokens, but unusable until unit 0 is back
         stream.on_result(result_for(stream, unit, 10 * SPEC.window_tokens))
-    stream.on_failure(0, "worker died")
-    assert stream.wants_work(max_inflight=4)
+    stream.on_failure(tasks[0], "worker died")
+    assert stream.wants_work(pool_capacity=4)
     assert stream.next_task().unit == 0
 
 
@@ -57,11 +58,11 @@ def test_duplicate_result_of_a_rerun_unit_is_ignored(stream):
 
 def test_unit_failing_three_times_fails_the_stream_with_its_reason(stream):
     for _ in range(3):
-        unit = stream.next_task().unit
-        assert unit == 0
-        stream.on_failure(unit, "a.parquet row group 0: boom")
+        task = stream.next_task()
+        assert task.unit == 0
+        stream.on_failure(task, "a.parquet row group 0: boom")
     assert stream.error is not None and "boom" in stream.error
-    assert not stream.wants_work(max_inflight=4)
+    assert not stream.wants_work(pool_capacity=4)
 
 
 def test_windows_fill_free_slots_in_order_with_cursors(stream):
@@ -70,5 +71,79 @@ def test_windows_fill_free_slots_in_order_with_cursors(stream):
         stream.on_result(result_for(stream, unit, 100))
     stream.pack()
     assert stream.depth == 3  # 200 tokens -> three 64-token windows
-    assert [stream.slots[stream.by_seq[s]].after["unit"] for s in range(3)] == [0, 1, 1]
-    np.testing.assert_array_equal(stream.ring.slots[stream.by_seq[1]][:36], np.arange(64, 100))
+    assert [stream.table.slot_of(s).after["unit"] for s in range(3)] == [0, 1, 1]
+    window = stream.ring.slots[stream.table.by_seq[1]]
+    np.testing.assert_array_equal(window[:36], np.arange(64, 100))
+
+
+@pytest.fixture
+def split_stream() -> Iterator[Stream]:
+    """Row groups of 10 rows and 4000 text bytes, in tasks of ~1 KiB: 4 parts each."""
+    layout = RingLayout(slot_count=4, slot_tokens=SPEC.window_tokens, itemsize=4)
+    ring = Ring.create(segment_name(f"test-{uuid.uuid4().hex[:8]}", "s0"), layout)
+    plan = SplitPlan("train", ("a.parquet",),
+                     tuple(RowGroupRef("a.parquet", i, 10, 4000) for i in range(6)))
+    try:
+        yield Stream(0, SPEC, plan, ring, "text", None, task_bytes=1024)
+    finally:
+        ring.close()
+        ring.segment.unlink()
+
+
+def part_result(task: Task) -> Result:
+    """Tokens unit*1000 + row*10 + k for k < 10 of each row of the part: one document a row."""
+    lo, hi = task.rows
+    tokens = np.concatenate([np.arange(10, dtype=np.uint32) + task.unit * 1000 + row * 10
+                             for row in range(lo, hi)])
+    return Result(task, tokens, np.arange(0, 10 * (hi - lo), 10, dtype=np.int64), 0)
+
+
+def test_row_group_is_split_into_even_row_ranges_in_order(split_stream):
+    tasks = [split_stream.next_task() for _ in range(5)]
+    assert [(t.unit, t.part, t.rows) for t in tasks] == [
+        (0, 0, (0, 2)), (0, 1, (2, 5)), (0, 2, (5, 7)), (0, 3, (7, 10)), (1, 0, (0, 2))]
+
+
+def test_parts_finishing_out_of_order_pack_as_the_whole_row_group(split_stream):
+    tasks = [split_stream.next_task() for _ in range(4)]
+    for task in reversed(tasks[1:]):
+        split_stream.on_result(part_result(task))
+    split_stream.pack()
+    assert split_stream.depth == 0  # part 0 is missing: nothing of the unit is packed
+    split_stream.on_result(part_result(tasks[0]))
+    split_stream.pack()
+    assert split_stream.depth == 1  # 100 tokens: one 64-token window
+    np.testing.assert_array_equal(split_stream.ring.slots[split_stream.table.by_seq[0]],
+                                  np.arange(64, dtype=np.uint32) + 0)
+    assert split_stream.staged_bytes == 0
+
+
+def test_a_lost_part_is_rerun_alone(split_stream):
+    tasks = [split_stream.next_task() for _ in range(4)]
+    for task in (tasks[0], tasks[1], tasks[3]):
+        split_stream.on_result(part_result(task))
+    split_stream.on_failure(tasks[2], "worker died")
+    rerun = split_stream.next_task()
+    assert (rerun.unit, rerun.part, rerun.rows) == (0, 2, (5, 7))
+    split_stream.on_result(part_result(rerun))
+    split_stream.on_result(part_result(tasks[2]))  # the lost run's late duplicate
+    split_stream.pack()
+    window = split_stream.ring.slots[split_stream.table.by_seq[0]]
+    np.testing.assert_array_equal(window, np.arange(64, dtype=np.uint32))
+
+
+def test_staged_bytes_count_finished_parts_until_packed(split_stream):
+    tasks = [split_stream.next_task() for _ in range(4)]
+    split_stream.on_result(part_result(tasks[3]))
+    assert split_stream.staged_bytes == 30 * 4 + 3 * 8
+    assert split_stream.staged() >= split_stream.staged_bytes
+
+
+def test_finished_parts_of_an_incomplete_unit_never_count_as_enough(split_stream):
+    first, second = split_stream.next_task(), split_stream.next_task()
+    for task in (first, second):  # far more tokens than the ring wants, but unpackable
+        tokens = np.arange(20 * SPEC.window_tokens, dtype=np.uint32)
+        split_stream.on_result(Result(task, tokens, np.array([0], dtype=np.int64), 0))
+    assert split_stream.wants_work(pool_capacity=4)
+    rest = split_stream.next_task()
+    assert (rest.unit, rest.part) == (0, 2)

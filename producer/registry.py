@@ -1,0 +1,169 @@
+"""The daemon's streams and the consumers attached to them.
+
+Owns every stream (and so every ring segment) from creation to unlink, which
+consumer is attached to which stream, and when each consumer was last heard.
+Rings together stay under `max_ring_bytes`: a new ring first evicts warm streams
+nobody uses, oldest first. A stream whose last consumer left stays warm for
+`linger_s` (a restarted trainer re-attaches to a filled ring) and is then dropped.
+
+Failure behaviour: a consumer silent past `consumer_timeout_s` is detached and its
+slots reclaimed; a stream that failed tells each consumer once (`error`) and is
+dropped once they are gone. Sends go through the daemon's `send`, which never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from tokenfeed.common.config import StreamSpec
+from tokenfeed.common.errors import ConfigError
+from tokenfeed.common.ring import Ring, RingLayout
+from tokenfeed.common.shm import segment_name
+from tokenfeed.producer.config import DEFAULT_TASK_BYTES
+from tokenfeed.producer.dataset import SplitPlan
+from tokenfeed.producer.stream import Stream
+
+log = logging.getLogger(__name__)
+
+Send = Callable[..., None]  # send(identity, op, **fields)
+
+
+class StreamRegistry:
+    def __init__(
+        self, *, daemon_id: str, itemsize: int, slots: int, max_ring_bytes: int,
+        linger_s: float, consumer_timeout_s: float, text_column: str, send: Send,
+        task_bytes: int = DEFAULT_TASK_BYTES,
+    ) -> None:
+        self.daemon_id = daemon_id
+        self.itemsize = itemsize
+        self.slots = slots
+        self.max_ring_bytes = max_ring_bytes
+        self.linger_s = linger_s
+        self.consumer_timeout_s = consumer_timeout_s
+        self.text_column = text_column
+        self.task_bytes = task_bytes
+        self.send = send
+        self.streams: dict[int, Stream] = {}
+        self.peers: dict[bytes, float] = {}  # consumer identity -> last heard (monotonic)
+        self.peer_stream: dict[bytes, int] = {}
+        self._next_sid = 0
+        self.tokens_delivered = 0
+
+    def __iter__(self) -> Iterator[Stream]:
+        return iter(self.streams.values())
+
+    def get(self, sid: int) -> Stream | None:
+        return self.streams.get(sid)
+
+    # -- streams ------------------------------------------------------------
+
+    def find(self, spec: StreamSpec, start: dict[str, Any]) -> tuple[Stream, int] | None:
+        """A live stream of `spec` that holds (or fills next) the batch at `start`."""
+        for stream in self.streams.values():
+            if stream.spec == spec and stream.error is None:
+                seq = stream.seq_at(start)
+                if seq is not None:
+                    return stream, seq
+        return None
+
+    def create(self, spec: StreamSpec, plan: SplitPlan, start: dict[str, Any]) -> Stream:
+        layout = RingLayout(slot_count=self.slots, slot_tokens=spec.window_tokens,
+                            itemsize=self.itemsize)
+        used = sum(s.ring.layout.size_bytes for s in self.streams.values())
+        for sid in sorted(self.streams, key=lambda i: self.streams[i].idle_since or float("inf")):
+            if used + layout.size_bytes <= self.max_ring_bytes:
+                break
+            if not self.streams[sid].consumers:  # evict warm streams nobody uses, oldest first
+                used -= self.streams[sid].ring.layout.size_bytes
+                self.drop(sid)
+        if used + layout.size_bytes > self.max_ring_bytes:
+            raise ConfigError(
+                f"a ring of {layout.size_bytes >> 20} MiB would take the daemon's rings to "
+                f"{(used + layout.size_bytes) >> 20} MiB, over --max-ring-mib "
+                f"{self.max_ring_bytes >> 20}; lower --slots or the batch size, or raise it"
+            )
+        sid = self._next_sid
+        self._next_sid += 1
+        ring = Ring.create(segment_name(self.daemon_id, f"s{sid}"), layout)
+        try:
+            stream = Stream(sid, spec, plan, ring, self.text_column, start,
+                            task_bytes=self.task_bytes)
+        except BaseException:
+            ring.close()
+            ring.segment.unlink()
+            raise
+        self.streams[sid] = stream
+        return stream
+
+    def drop(self, sid: int) -> None:
+        stream = self.streams.pop(sid)
+        for identity in list(stream.consumers):
+            self.peers.pop(identity, None)
+            self.peer_stream.pop(identity, None)
+        stream.ring.close()
+        stream.ring.segment.unlink()
+        log.info("stream %d closed", sid)
+
+    def drop_all(self) -> None:
+        for sid in list(self.streams):
+            self.drop(sid)
+
+    # -- consumers ----------------------------------------------------------
+
+    def attach(self, identity: bytes, stream: Stream, seq: int) -> None:
+        stream.attach(identity, seq)
+        self.peers[identity] = time.monotonic()
+        self.peer_stream[identity] = stream.sid
+
+    def heard(self, identity: bytes) -> bool:
+        """Note that `identity` spoke; False if it is not an attached consumer."""
+        if identity not in self.peers:
+            return False
+        self.peers[identity] = time.monotonic()
+        return True
+
+    def forget(self, identity: bytes) -> None:
+        self.peers.pop(identity, None)
+        sid = self.peer_stream.pop(identity, None)
+        stream = self.streams.get(sid) if sid is not None else None
+        if stream is not None:
+            stream.detach(identity)
+
+    # -- each loop pass -----------------------------------------------------
+
+    def advance(self, broken: str | None) -> None:
+        """Pack finished work into free slots and announce it; report failed streams."""
+        for stream in self.streams.values():
+            if broken and stream.error is None:
+                stream.error = broken
+            if stream.error is not None:
+                for identity in stream.consumers:
+                    if identity not in stream.told:
+                        self.send(identity, "error", kind="stream", message=stream.error)
+                        stream.told.add(identity)
+                continue
+            stream.reclaim()
+            stream.pack()
+            for identity, ready in stream.announcements():
+                self.send(identity, "ready", **ready)
+                self.tokens_delivered += stream.spec.window_tokens
+
+    def beat(self, now: float) -> None:
+        """Heartbeat live consumers, detach silent ones, drop streams past their linger."""
+        for identity, heard in list(self.peers.items()):
+            if now - heard > self.consumer_timeout_s:
+                log.warning("consumer %s silent for %.0f s; detaching it", identity, now - heard)
+                self.forget(identity)
+            else:
+                self.send(identity, "heartbeat")
+        for sid, stream in list(self.streams.items()):
+            if stream.consumers or stream.idle_since is None:
+                continue
+            if stream.error or now - stream.idle_since > self.linger_s:
+                self.drop(sid)
+
+    def staged(self) -> int:
+        return sum(s.staged() for s in self.streams.values())

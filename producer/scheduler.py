@@ -1,0 +1,65 @@
+"""Hand tasks to workers: most-starved stream first, read-ahead bounded by a memory budget.
+
+Each pass fills every free worker place (an idle worker first, then a worker's
+second, queued task) with the next task of the hungriest stream that wants work
+(`Stream.wants_work`: room in its ring, or a pool that would idle), hungriest =
+the least filled ring, then the fewest tasks in flight. A task goes to a worker
+whose reader already decoded its row group when one of the least loaded is such a
+worker, so the parts of a row group rarely decode its Parquet pages twice.
+
+The staging budget (`--max-staging-mib`) bounds the bytes held outside the rings
+by all streams together: finished parts not yet packed, tokens pushed into packers
+and not yet cut, and the estimated size of every task in flight. Once it is spent
+no new task starts, except the tasks packing waits for (a re-run of a lost task,
+the rest of the next unit to pack: holding them back could deadlock) and the first
+task of an idle pool (a document
+larger than the budget must still get through). Memory therefore stays bounded by
+the rings plus the budget plus one task, whatever the corpus size.
+
+Failure behaviour: a stream whose next task cannot be built (a position the data
+cannot hold) gets an error and is skipped; the others are still served.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from tokenfeed.producer.pool import Task, Worker, WorkerPool
+from tokenfeed.producer.stream import Stream
+
+log = logging.getLogger(__name__)
+
+def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int) -> int:
+    """Assign tasks while workers have room and the budget allows; returns how many."""
+    streams = list(streams)
+    free = pool.free()
+    staged = sum(s.staged() for s in streams)
+    assigned = 0
+    while free:
+        hungry = [s for s in streams if s.wants_work(pool.capacity)]
+        if not hungry:
+            break
+        stream = min(hungry, key=lambda s: (s.starvation(), len(s.inflight), s.sid))
+        over_budget = staged >= budget_bytes and pool.inflight() > 0
+        if over_budget and not stream.head_unscheduled():
+            break
+        try:
+            task = stream.next_task()
+        except Exception as e:  # one stream's bad position must not stop the node's feed
+            log.exception("stream %d cannot be scheduled", stream.sid)
+            stream.error = f"stream {stream.sid} cannot be scheduled: {type(e).__name__}: {e}"
+            continue
+        worker = _pick(free, task)
+        pool.assign(worker, task)
+        staged += stream.inflight[(task.unit, task.part)]
+        assigned += 1
+        free = pool.free()
+    return assigned
+
+
+def _pick(free: list[Worker], task: Task) -> Worker:
+    """Among the least loaded free workers, one that has the task's row group decoded."""
+    least = [w for w in free if len(w.tasks) == len(free[0].tasks)]
+    row_group = (task.path, task.row_group)
+    return next((w for w in least if w.last_row_group == row_group), least[0])

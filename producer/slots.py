@@ -1,0 +1,134 @@
+"""A stream's ring slots and who holds them: the one owner of the slot lifecycle.
+
+    FREE --begin_fill--> FILLING --publish--> FILLED(seq) --announcements--> sent to each
+    attached consumer once, in seq order, and held by it --release--> not held by it
+    FILLED, sent to every attached consumer and held by none --reclaim--> FREE
+
+With no consumer attached nothing is reclaimed: filled slots stay for a trainer that
+re-attaches at their position (warm re-attach, `seq_at`). A consumer that detaches
+or is dropped holds nothing any more, so its slots are reclaimed once its siblings
+on a shared stream are done with them.
+
+The ring's per-slot seq is a seqlock: `begin_fill` sets it to WRITING before any token
+changes and `publish` writes the batch's seq after the last one, so a consumer that
+reads a slot it no longer holds (dropped while paused, its slot refilled for another
+consumer) sees another seq after its copy and discards the copy instead of returning
+a torn batch (consumer/link.py). This relies on the slot's stores becoming visible in
+program order, as on x86-64 (TSO); the numpy writes are separate calls.
+
+Failure behaviour: releases of unknown consumers or seqs are ignored (a late release
+from a dropped consumer is harmless); nothing here raises on peer input.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenfeed.common.ring import Ring
+
+
+@dataclass
+class Attachment:
+    """One consumer's progress on a stream."""
+
+    identity: bytes
+    next_send: int  # seq of the next batch to announce to it
+    held: set[int] = field(default_factory=set)  # seqs announced and not yet released
+
+
+@dataclass
+class Slot:
+    seq: int = -1  # -1: free
+    before: dict[str, Any] = field(default_factory=dict)  # cursor of the batch's first token
+    after: dict[str, Any] = field(default_factory=dict)  # cursor right after the batch
+
+
+class SlotTable:
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+        self.slots = [Slot() for _ in range(ring.layout.slot_count)]
+        self.free: deque[int] = deque(range(ring.layout.slot_count))
+        self.by_seq: dict[int, int] = {}  # filled seq -> slot
+        self.next_seq = 0
+        self.consumers: dict[bytes, Attachment] = {}
+
+    @property
+    def depth(self) -> int:
+        """Filled slots, announced or not."""
+        return len(self.by_seq)
+
+    def slot_of(self, seq: int) -> Slot:
+        return self.slots[self.by_seq[seq]]
+
+    # -- filling ------------------------------------------------------------
+
+    def begin_fill(self) -> int:
+        """Take a free slot for the next batch; its ring seq reads WRITING until `publish`."""
+        index = self.free.popleft()
+        self.ring.invalidate(index)
+        return index
+
+    def publish(self, index: int, before: dict[str, Any], after: dict[str, Any]) -> int:
+        """The slot holds the next batch, which starts at `before` and ends at `after`."""
+        seq = self.next_seq
+        self.slots[index] = Slot(seq, before, after)
+        self.ring.publish(index, seq, self.ring.layout.slot_tokens)
+        self.by_seq[seq] = index
+        self.next_seq += 1
+        return seq
+
+    # -- delivery -----------------------------------------------------------
+
+    def announcements(self) -> list[tuple[bytes, int, int, dict[str, Any]]]:
+        """(consumer, slot, seq, cursor after) now due: each filled batch once each, in order."""
+        out = []
+        for c in self.consumers.values():
+            while c.next_send in self.by_seq:
+                index = self.by_seq[c.next_send]
+                out.append((c.identity, index, c.next_send, self.slots[index].after))
+                c.held.add(c.next_send)
+                c.next_send += 1
+        return out
+
+    def release(self, identity: bytes, seq: int) -> None:
+        c = self.consumers.get(identity)
+        if c is not None:
+            c.held.discard(seq)
+
+    def reclaim(self) -> int:
+        """Free the slots every attached consumer was sent and released; returns how many."""
+        if not self.consumers:
+            return 0
+        low = min(c.next_send for c in self.consumers.values())
+        held = set().union(*(c.held for c in self.consumers.values()))
+        freed = 0
+        for seq in sorted(self.by_seq):
+            if seq >= low:
+                break
+            if seq not in held:
+                index = self.by_seq.pop(seq)
+                self.slots[index].seq = -1
+                self.free.append(index)
+                freed += 1
+        return freed
+
+    # -- consumers ----------------------------------------------------------
+
+    def attach(self, identity: bytes, first_seq: int) -> None:
+        self.consumers[identity] = Attachment(identity, first_seq)
+
+    def detach(self, identity: bytes) -> None:
+        self.consumers.pop(identity, None)
+
+    def seq_at(
+        self, key: Callable[[dict[str, Any]], Any], wanted: Any, next_fill: dict[str, Any]
+    ) -> int | None:
+        """Seq of a filled batch whose start has `key` `wanted`, else of the next to fill
+        if `next_fill` has it, else None (that position is gone from this ring)."""
+        for seq in sorted(self.by_seq):
+            if key(self.slots[self.by_seq[seq]].before) == wanted:
+                return seq
+        return self.next_seq if key(next_fill) == wanted else None

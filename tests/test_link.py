@@ -1,0 +1,135 @@
+"""The consumer link's seqlock with a deferred (CUDA-like) copy, on CPU: real ring, real sockets.
+
+On CUDA a copy is queued and completes later; the batch may be handed out only once
+the copy's event is done AND the slot still holds the announced batch. A fake
+transfer whose copies complete when the test says so exercises that order without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import zmq
+
+from tokenfeed.common import protocol
+from tokenfeed.common.errors import DetachedError
+from tokenfeed.common.ring import Ring, RingLayout
+from tokenfeed.common.shm import segment_name
+from tokenfeed.consumer.link import Link
+
+
+class DeferredTransfer:
+    """Copies that complete only when `complete()` is called, like a CUDA event."""
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+        self.completed = False
+
+    def copy(self, slot: int) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
+        x = torch.from_numpy(self.ring.slots[slot][:-1].astype("int32").copy())
+        return (x, x.long()), object()
+
+    def done(self, token: Any) -> bool:
+        return self.completed
+
+    def bind_thread(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def ring() -> Iterator[Ring]:
+    layout = RingLayout(slot_count=2, slot_tokens=9, itemsize=4)
+    r = Ring.create(segment_name(f"test-{uuid.uuid4().hex[:8]}", "s0"), layout)
+    try:
+        yield r
+    finally:
+        r.close()
+        r.segment.unlink()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[zmq.Socket, zmq.Socket]]:
+    ctx = zmq.Context()
+    address = f"inproc://link-{uuid.uuid4().hex}"
+    daemon_side, feed_side = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    daemon_side.bind(address)
+    feed_side.connect(address)
+    try:
+        yield daemon_side, feed_side
+    finally:
+        daemon_side.close(linger=0)
+        feed_side.close(linger=0)
+        ctx.term()
+
+
+def start_link(ring: Ring, sock: zmq.Socket, transfer: DeferredTransfer) -> Link:
+    link = Link(sock, ring, 0, 0, transfer, prefetch=2, run_dir="/nowhere")  # type: ignore[arg-type]
+    link.start()
+    return link
+
+
+def announce(daemon_side: zmq.Socket, ring: Ring, slot: int, seq: int) -> None:
+    ring.invalidate(slot)
+    ring.slots[slot][:] = seq
+    ring.publish(slot, seq, ring.layout.slot_tokens)
+    daemon_side.send(protocol.encode("ready", stream=0, slot=slot, seq=seq, cursor={}))
+
+
+def wait_for(check, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_completed_copy_of_an_intact_slot_is_handed_out(ring, pair):
+    daemon_side, feed_side = pair
+    transfer = DeferredTransfer(ring)
+    link = start_link(ring, feed_side, transfer)
+    try:
+        announce(daemon_side, ring, 0, 0)
+        time.sleep(0.2)
+        assert link.batches.empty()  # the copy is still in flight
+        transfer.completed = True
+        batch = link.batches.get(timeout=5)
+        assert batch.seq == 0 and link.error is None
+    finally:
+        link.stop()
+        link.join(timeout=5)
+
+
+def test_a_slot_rewritten_before_the_copy_completed_is_discarded_with_detached(ring, pair):
+    daemon_side, feed_side = pair
+    transfer = DeferredTransfer(ring)
+    link = start_link(ring, feed_side, transfer)
+    try:
+        announce(daemon_side, ring, 0, 0)
+        time.sleep(0.2)
+        ring.invalidate(0)  # the daemon dropped this consumer and refills the slot
+        transfer.completed = True
+        wait_for(lambda: not link.is_alive())
+        assert isinstance(link.error, DetachedError)
+        assert link.batches.empty(), "a torn batch was handed out"
+    finally:
+        link.stop()
+        link.join(timeout=5)
+
+
+def test_an_announcement_of_a_slot_outside_the_ring_is_a_protocol_error(ring, pair):
+    daemon_side, feed_side = pair
+    link = start_link(ring, feed_side, DeferredTransfer(ring))
+    try:
+        daemon_side.send(protocol.encode("ready", stream=0, slot=7, seq=0, cursor={}))
+        wait_for(lambda: not link.is_alive())
+        assert "slot 7" in str(link.error)
+    finally:
+        link.stop()
+        link.join(timeout=5)
