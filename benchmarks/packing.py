@@ -2,7 +2,8 @@
 
 Rows of T+1 tokens that start at a BOS, filled from a buffer of documents. Compared
 in one run on the same documents: nanochat's rule (crop the shortest document when
-nothing fits, discard the rest), tokenfeed's (the rest returns to the buffer behind a
+nothing fits, discard the rest), the same with tokenfeed's age limit (the
+`packing="nanochat"` preset), tokenfeed's (the rest returns to the buffer behind a
 BOS when >= min_tail tokens) without and with its age limit (a document older than
 max_age_docs is placed next, which bounds how far back a resume must re-read).
 
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from tokenfeed.producer.bestfit import BestFitPacker
+from tokenfeed.producer.bestfit import BestFitPacker, buffer_pieces
 from tokenfeed.producer.corpus import sample_documents
 from tokenfeed.producer.tokenizer import encode_document, load_tokenizer
 
@@ -52,7 +53,7 @@ def pack_all(units: list[Unit], b: int, t: int, min_tail: int | None, max_age: i
         while packer.ready():
             position = packer.fill(out)
             if observe:  # a resume re-reads from the earliest unit the position names
-                earliest = min([position["unit"], *position["buffer"][0::5]])
+                earliest = min([position["unit"], *(p[0] for p in buffer_pieces(position))])
                 max_lag = max(max_lag, position["unit"] - earliest)
         elapsed += time.perf_counter() - t0
         if observe and u % 25 == 0:
@@ -99,6 +100,7 @@ def main() -> None:
     }
     rules = {
         "nanochat (discard tails)": (None, NO_AGE_LIMIT),
+        'packing="nanochat"': (None, None),  # nanochat's rule with the age limit
         "tokenfeed, no age limit": (32, NO_AGE_LIMIT),
         "tokenfeed (default)": (32, None),
     }

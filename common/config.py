@@ -27,7 +27,17 @@ PACKINGS = ("concat", "bestfit")
 MAX_WORLD_SIZE = 1 << 20
 MAX_WINDOW_TOKENS = 1 << 31  # one ring slot; far beyond any batch that fits a GPU
 MAX_POSITION = 1 << 53  # cursor integers stay exact in JSON (float64) and msgpack
-MAX_BUFFER_DOCS = 1500  # a bestfit feed state lists them all: worst case ~60 KB
+MAX_BUFFER_DOCS = 1500  # a bestfit feed state lists them all: worst case ~16 KB
+# Named packings a consumer may ask for: each sets the spec's (packing, buffer_docs,
+# min_tail). "bestfit" is tokenfeed's best fit (cropped tails of >= 32 tokens return to
+# the buffer: 0.09-0.15% of the tokens read are discarded); "nanochat" is nanochat's rule
+# (every cropped tail discarded: 31-37%), for numbers comparable with nanochat's own
+# loader. Both keep the age rule that bounds how far a resume re-reads (producer/bestfit.py).
+PACKING_PRESETS: dict[str, dict[str, Any]] = {
+    "concat": {"packing": "concat", "buffer_docs": 1000, "min_tail": 32},  # last two unused
+    "bestfit": {"packing": "bestfit", "buffer_docs": 1000, "min_tail": 32},
+    "nanochat": {"packing": "bestfit", "buffer_docs": 1000, "min_tail": None},
+}
 # AF_UNIX paths are limited to 108 bytes on Linux (sun_path), terminator included.
 MAX_IPC_PATH_BYTES = 107
 

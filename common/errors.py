@@ -28,6 +28,10 @@ class ConfigError(UserInputError):
     """A configuration value is out of range or inconsistent."""
 
 
+class VocabularyMismatchError(ConfigError):
+    """The model's vocabulary is smaller than the daemon's tokenizer: ids would overflow it."""
+
+
 class StateMismatchError(UserInputError):
     """A saved feed state does not match the stream it is loaded into."""
 

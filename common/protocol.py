@@ -6,7 +6,7 @@ protocol version `v` and an `op`; token data never travels here (it lives in
 shared memory) and nothing is pickled.
 
 Ops, client -> daemon:
-    ping {}                                   -> pong {daemon_id, pid, version}
+    ping {}                                   -> pong {daemon_id, pid, version, tokenizer}
     attach {spec, start, consumer}            -> attached {stream, ring, slots, ...} | error
     release {stream, seq}                     (no reply; frees the slot for reuse)
     heartbeat {}                              (no reply beyond the daemon's own beats)

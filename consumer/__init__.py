@@ -1,5 +1,6 @@
 """tokenfeed.consumer: the client that runs inside each training rank."""
 
 from tokenfeed.consumer.feed import TokenFeed
+from tokenfeed.consumer.state import gather_states
 
-__all__ = ["TokenFeed"]
+__all__ = ["TokenFeed", "gather_states"]

@@ -3,10 +3,14 @@
     feed = TokenFeed(batch_size=32, seq_len=2048)      # rank/world from torch.distributed or env
     x, y = next(feed)                                   # (B, T) int32, (B, T) int64 on the device
     ckpt["data"] = feed.state_dict()                    # position after the last batch returned
+    for x, y, state in feed.with_state(): ...          # state resumes AT this batch (prefetch)
 
-Construction checks that a daemon answers (fail fast, clear error); the stream is
-attached on the first `next()`, so `load_state_dict()` can come in between.
-Batch k is the k-th run of B*T+1 consecutive tokens of this rank's stream.
+Construction checks that a daemon answers (fail fast, clear error) and learns its
+tokenizer (`vocab_size`, `bos_id`, `tokenizer`; `vocab_size=V` is checked against
+it); the stream is attached on the first `next()`, so `load_state_dict()` can come
+in between. Batch k is the k-th run of B*T+1 consecutive tokens of this rank's stream.
+A feed still open at interpreter exit detaches then (atexit), so the daemon frees its
+slots at once instead of waiting out its consumer timeout.
 
 Failure behaviour: a daemon that shuts down or goes silent makes `next()` raise
 `DaemonGoneError` within DAEMON_SILENCE_S (after the batches already prepared),
@@ -20,11 +24,15 @@ Tensors handed out are never written again by tokenfeed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import enum
 import logging
 import queue
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +41,7 @@ import torch
 import zmq
 
 from tokenfeed.common import protocol
-from tokenfeed.common.config import StreamSpec, resolve_run_dir
+from tokenfeed.common.config import PACKING_PRESETS, StreamSpec, resolve_run_dir
 from tokenfeed.common.control import connect, receive, request
 from tokenfeed.common.errors import (
     ConfigError,
@@ -41,9 +49,11 @@ from tokenfeed.common.errors import (
     DaemonUnavailableError,
     StateMismatchError,
     TokenfeedError,
+    VocabularyMismatchError,
 )
 from tokenfeed.common.ring import Ring
 from tokenfeed.consumer.link import Link
+from tokenfeed.consumer.state import select_state
 from tokenfeed.consumer.topology import resolve_topology
 from tokenfeed.consumer.transfer import make_transfer
 
@@ -51,6 +61,55 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 ATTACH_TIMEOUT_S = 30.0
+
+
+class _Preset(enum.Enum):
+    VALUE = "the packing preset's value"
+
+
+PRESET = _Preset.VALUE  # a keyword left to the packing preset
+
+
+def _resolve_packing(
+    packing: str, buffer_docs: int | _Preset, min_tail: int | _Preset | None
+) -> dict[str, Any]:
+    """The spec fields of a packing preset, with the keywords the caller set."""
+    if packing not in PACKING_PRESETS:
+        raise ConfigError(f"packing={packing!r} is unknown; use one of {tuple(PACKING_PRESETS)}")
+    fields = dict(PACKING_PRESETS[packing])
+    if packing == "nanochat" and min_tail not in (PRESET, None):
+        raise ConfigError(
+            f"packing='nanochat' discards every cropped tail, so min_tail={min_tail!r} "
+            "contradicts it; use packing='bestfit' to keep tails of min_tail tokens or more"
+        )
+    if buffer_docs is not PRESET:
+        fields["buffer_docs"] = buffer_docs
+    if min_tail is not PRESET:
+        fields["min_tail"] = min_tail
+    return fields
+
+
+# Feeds still open, closed at interpreter exit. Weak: the hook never keeps a feed alive.
+_open_feeds: weakref.WeakSet[TokenFeed] = weakref.WeakSet()
+_atexit_lock = threading.Lock()
+_atexit_registered = False
+
+
+def _close_open_feeds() -> None:
+    """Detach every feed still open, so the daemon frees their slots now (a daemon
+    thread dies silently at exit: the daemon would wait out --consumer-timeout-s)."""
+    for feed in list(_open_feeds):
+        with contextlib.suppress(Exception):
+            feed.close()
+
+
+def _track(feed: TokenFeed) -> None:
+    global _atexit_registered
+    with _atexit_lock:
+        if not _atexit_registered:  # registered on first use: nothing happens at import
+            atexit.register(_close_open_feeds)
+            _atexit_registered = True
+    _open_feeds.add(feed)
 
 
 class TokenFeed:
@@ -66,8 +125,9 @@ class TokenFeed:
         run_dir: str | Path | None = None,
         packing: str = "concat",
         shuffle_seed: int | None = None,
-        buffer_docs: int = 1000,
-        min_tail: int | None = 32,
+        buffer_docs: int | _Preset = PRESET,
+        min_tail: int | _Preset | None = PRESET,
+        vocab_size: int | None = None,
         prefetch: int = 2,
         stall_timeout_s: float = 300.0,
         reconnect_s: float = 0.0,
@@ -75,9 +135,14 @@ class TokenFeed:
         topo = resolve_topology(rank, world_size, device)
         self.spec = StreamSpec(
             split=split, rank=topo.rank, world_size=topo.world_size, batch_size=batch_size,
-            seq_len=seq_len, packing=packing, shuffle_seed=shuffle_seed,
-            buffer_docs=buffer_docs, min_tail=min_tail,
+            seq_len=seq_len, shuffle_seed=shuffle_seed,
+            **_resolve_packing(packing, buffer_docs, min_tail),
         )
+        if vocab_size is not None and (
+            not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1
+        ):
+            raise ConfigError(f"vocab_size={vocab_size!r} must be None or an integer >= 1")
+        self.model_vocab_size = vocab_size
         if prefetch < 1:
             raise ConfigError(f"prefetch={prefetch} must be >= 1")
         self.device = topo.device
@@ -92,9 +157,11 @@ class TokenFeed:
         self._link: Link | None = None
         self._ring: Ring | None = None
         self._closed = False
+        self._tokenizer: dict[str, Any] = {}
         self.batches_returned = 0
         # Fail fast if no daemon answers, or, with reconnect_s, wait for one that is starting.
         self._wait_for_daemon(self.reconnect_s)
+        _track(self)
 
     # -- iteration ----------------------------------------------------------
 
@@ -122,6 +189,23 @@ class TokenFeed:
         self._cursor = item.cursor
         self.batches_returned += 1
         return item.inputs, item.targets
+
+    def with_state(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """`(inputs, targets, state)` batches, where `state` resumes AT this batch: a feed
+        that loads it returns this same batch first.
+
+        This is the shape of nanochat's loader, for loops that fetch the next batch
+        before the current step ends: a checkpoint taken between the prefetch and the
+        step stores the state that came with the prefetched batch, and a resume trains on
+        that batch next. (`state_dict()` after `next()` is the position AFTER the batch
+        returned: saved there, the prefetched batch would be skipped on resume.)
+        """
+        while True:
+            if self._link is None and not self._closed:
+                self._attach()  # so that even the first state names the data and tokenizer
+            state = self.state_dict()
+            inputs, targets = next(self)
+            yield inputs, targets, state
 
     def take(self, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Exactly `n` batches, e.g. one evaluation pass: `for x, y in val.take(20): ...`."""
@@ -165,8 +249,10 @@ class TokenFeed:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                request(self.run_dir, "ping", timeout_s=max(1.0, min(5.0, timeout_s)),
-                        expect="pong")
+                pong = request(self.run_dir, "ping", timeout_s=max(1.0, min(5.0, timeout_s)),
+                               expect="pong")
+                if isinstance(pong.get("tokenizer"), dict):
+                    self._learn_tokenizer(pong["tokenizer"])
                 return
             except DaemonUnavailableError:
                 if time.monotonic() >= deadline:
@@ -198,6 +284,14 @@ class TokenFeed:
             if ring is not None:
                 ring.close()
             raise
+        try:
+            self._learn_tokenizer(protocol.field(reply, "tokenizer", dict))
+        except BaseException:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send(protocol.encode("detach"), zmq.NOBLOCK)
+            sock.close(linger=100)
+            ring.close()
+            raise
         self._ring = ring
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]
@@ -205,6 +299,48 @@ class TokenFeed:
                           self.prefetch, str(self.run_dir))
         self._link.start()
         return self._link
+
+    # -- tokenizer ----------------------------------------------------------
+
+    def _learn_tokenizer(self, info: dict[str, Any]) -> None:
+        """Record the daemon's tokenizer facts; refuse a model vocabulary they overflow."""
+        n_vocab = info.get("n_vocab")
+        if not isinstance(n_vocab, int):
+            raise TokenfeedError(f"the daemon reported no tokenizer size ({info!r})")
+        if self.model_vocab_size is not None and self.model_vocab_size < n_vocab:
+            raise VocabularyMismatchError(
+                f"TokenFeed(vocab_size={self.model_vocab_size}) is smaller than the daemon's "
+                f"tokenizer {info.get('name')!r}, which has {n_vocab} token ids (BOS "
+                f"{info.get('bos_id')}): its ids would index past the model's embedding. "
+                f"Serve the tokenizer the model was built for (tokenfeed serve --tokenizer "
+                f"..., run dir {self.run_dir}) or build the model with vocab_size >= {n_vocab}"
+            )
+        self._tokenizer = dict(info)
+
+    def _tokenizer_fact(self, key: str) -> Any:
+        if key not in self._tokenizer:
+            raise TokenfeedError(
+                f"the daemon at {self.run_dir} did not report its tokenizer's {key!r} "
+                "(an older daemon?); it is known after the first next()"
+            )
+        return self._tokenizer[key]
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids of the daemon's tokenizer (special tokens included): every id < this."""
+        return int(self._tokenizer_fact("n_vocab"))
+
+    @property
+    def bos_id(self) -> int:
+        """The id that starts every document."""
+        return int(self._tokenizer_fact("bos_id"))
+
+    @property
+    def tokenizer(self) -> dict[str, str]:
+        """The daemon's tokenizer: `name` (encoding or directory name) and `identity`
+        (a digest of its ranks, specials and BOS; a resumed state must match it)."""
+        return {"name": str(self._tokenizer_fact("name")),
+                "identity": str(self._tokenizer_fact("identity"))}
 
     # -- position -----------------------------------------------------------
 
@@ -219,11 +355,15 @@ class TokenFeed:
                                                              self._expect.get("tokenizer")),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue at `state`: this feed's `state_dict()` (or a `with_state()` state), or a
+        job state of every rank (`gather_states`), whose entry for this rank is taken."""
         if self._link is not None:
             raise StateMismatchError(
                 "load_state_dict() after the first next(); call it on a fresh TokenFeed"
             )
+        if isinstance(state, list):
+            state = select_state(state, self.spec.rank, self.spec.world_size)
         missing = [k for k in ("version", "spec", "cursor") if not isinstance(state, dict)
                    or k not in state]
         if missing:
@@ -261,6 +401,7 @@ class TokenFeed:
         if self._closed:
             return
         self._closed = True
+        _open_feeds.discard(self)
         self._drop_link()
 
     def _drop_link(self) -> None:

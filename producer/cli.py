@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tokenfeed.common.config import resolve_run_dir
+from tokenfeed.common.config import ensure_private_dir, resolve_run_dir
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError, TokenfeedError, UserInputError
 from tokenfeed.producer.config import (
@@ -25,6 +26,11 @@ from tokenfeed.producer.config import (
     TOKENIZER_BACKENDS,
     DaemonConfig,
 )
+
+DETACHED_LOG_NAME = "daemon.log"  # in the run dir: the log of `serve --detach`
+# Start-up reads every file's Parquet footer and loads the tokenizer: seconds on a
+# large corpus, bounded here so a stuck start cannot hang a job script.
+DETACH_START_TIMEOUT_S = 300.0
 
 
 def _add_run_dir(p: argparse.ArgumentParser) -> None:
@@ -70,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="drop a consumer silent this long and reclaim its slots")
     serve.add_argument("--log-level", default="INFO", type=str.upper,
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--detach", action="store_true",
+                       help="run in the background (log: <run dir>/daemon.log); print the run "
+                       "dir and return once the daemon answers")
 
     stop = sub.add_parser("stop", help="stop the daemon")
     _add_run_dir(stop)
@@ -95,7 +104,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _serve_detached(args: argparse.Namespace, argv: list[str]) -> int:
+    """Start `serve` without --detach in its own session, logging to the run dir; return
+    once that process answers a ping (0, run dir on stdout) or exits (its exit code, its
+    error line on stderr)."""
+    run_dir = resolve_run_dir(args.run_dir)
+    ensure_private_dir(run_dir)
+    log_path = run_dir / DETACHED_LOG_NAME
+    # argparse takes "--de" ... "--detach" alike; the child must never detach again
+    cmd = [sys.executable, "-m", "tokenfeed.producer",
+           *[a for a in argv if not (len(a) >= 4 and "--detach".startswith(a))],
+           "--run-dir", str(run_dir)]
+    with open(log_path, "ab") as log_file:  # appended: a daemon already running keeps its log
+        start = log_file.tell()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + DETACH_START_TIMEOUT_S
+    while True:
+        code = proc.poll()
+        if code is not None:
+            with open(log_path, "rb") as f:
+                f.seek(start)
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            errors = [line for line in lines if line.startswith("tokenfeed: ")]
+            print(errors[-1] if errors else f"tokenfeed: error: the daemon exited with code "
+                  f"{code} at start; see {log_path}", file=sys.stderr)
+            return code or 1
+        try:  # the pid tells our daemon from one already serving this run dir
+            if request(run_dir, "ping", timeout_s=1.0, expect="pong").get("pid") == proc.pid:
+                break
+        except DaemonUnavailableError:
+            pass
+        if time.monotonic() > deadline:
+            print(f"tokenfeed: error: the daemon (pid {proc.pid}) did not answer within "
+                  f"{DETACH_START_TIMEOUT_S:.0f} s; see {log_path}, stop it with "
+                  f"`tokenfeed stop --run-dir {run_dir}`", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    print(str(run_dir))
+    print(f"tokenfeed daemon pid {proc.pid} serving; log {log_path}; stop with "
+          f"`tokenfeed stop --run-dir {run_dir}`", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.detach:
+        return _serve_detached(args, argv)
     from tokenfeed.producer.daemon import serve
 
     logging.basicConfig(level=args.log_level.upper(),
@@ -108,6 +162,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_staging_bytes=args.max_staging_mib << 20, task_bytes=args.task_kib << 10,
         tokenizer_backend=args.tokenizer_backend, on_backend_mismatch=args.on_backend_mismatch,
     ))
+    return 0
 
 
 def format_status(s: dict[str, Any], tokens_per_s: float | None = None) -> str:
@@ -154,10 +209,11 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            _serve(args)
+            return _serve(args, argv)
         elif args.command == "stop":
             request(resolve_run_dir(args.run_dir), "stop")
             print(f"tokenfeed daemon at {resolve_run_dir(args.run_dir)} stopping")

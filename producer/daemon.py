@@ -260,10 +260,16 @@ class Daemon:
         elif op == "attach":
             self._attach(identity, msg)
         elif op == "detach":
+            if identity in self.registry.peer_stream:
+                log.info("consumer %s detached from stream %d",
+                         identity.decode(errors="replace"), self.registry.peer_stream[identity])
             self.registry.forget(identity)
         elif op == "ping":
+            tok = self.tokenizer  # consumers learn vocab_size and BOS before attaching
             self._send(identity, "pong", daemon_id=self.daemon_id, pid=os.getpid(),
-                       version=protocol.PROTOCOL_VERSION)
+                       version=protocol.PROTOCOL_VERSION,
+                       tokenizer={"name": tok.name, "identity": tok.identity,
+                                  "bos_id": tok.bos_id, "n_vocab": tok.n_vocab})
         elif op == "status":
             self._send(identity, "status", **self.status())
         elif op == "scale":

@@ -162,7 +162,10 @@ class StreamRegistry:
         for sid, stream in list(self.streams.items()):
             if stream.consumers or stream.idle_since is None:
                 continue
-            if stream.error or now - stream.idle_since > self.linger_s:
+            # A val feed starts over at batch 0 each time, so nobody returns to an idle val
+            # stream's position: it goes at the next beat instead of lingering.
+            val = stream.spec.split == "val"
+            if stream.error or val or now - stream.idle_since > self.linger_s:
                 self.drop(sid)
 
     def staged(self) -> int:

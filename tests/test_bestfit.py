@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from tokenfeed.producer.bestfit import (
     DEFAULT_MAX_AGE_DOCS,
     DEFAULT_MIN_TAIL,
     BestFitPacker,
+    buffer_pieces,
 )
 from tokenfeed.producer.packer import make_packer
 
@@ -193,8 +194,9 @@ def test_a_piece_past_max_age_goes_next_and_its_tail_keeps_its_age() -> None:
     out = np.empty(12, dtype=np.uint32)
     position = packer.fill(out)
     assert out.tolist() == [BOS, 101, BOS, 1, BOS, 2, 3, 4, BOS, 5, 6, 7]
-    assert position == {"unit": 0, "doc": 3, "docs_read": 3,
-                        "buffer": [0, 2, 0, 0, 2, 0, 0, 8, 1, 0]}
+    assert {k: position[k] for k in ("unit", "doc", "docs_read")} == {
+        "unit": 0, "doc": 3, "docs_read": 3}
+    assert buffer_pieces(position) == [(0, 2, 0, 0, 2), (0, 0, 8, 1, 0)]
     assert packer.stats()["tokens_by_age"] == 10
     best_fit = BestFitPacker(3, 3, buffer_docs=2, min_tail=1, max_age_docs=NO_AGE)
     best_fit.push(0, tokens, starts)
@@ -292,8 +294,9 @@ def long_run(max_age_docs: int) -> tuple[list[Unit], list[int], Drained]:
 
 def oldest_reference(position: dict[str, Any]) -> tuple[int, int]:
     """(age in documents, lag in units) of the position's oldest buffered piece."""
-    flat = position["buffer"]
-    return position["docs_read"] - min(flat[4::5]), position["unit"] - min(flat[0::5])
+    pieces = buffer_pieces(position)
+    return (position["docs_read"] - min(p[4] for p in pieces),
+            position["unit"] - min(p[0] for p in pieces))
 
 
 @pytest.mark.parametrize("max_age_docs", [0, 16, 64, 300])
@@ -308,7 +311,7 @@ def test_age_rule_bounds_how_far_the_oldest_reference_trails(max_age_docs: int) 
         ages.append(age)
         assert age <= bound, f"window {k}"
         first_unit = unit_of_doc[max(position["docs_read"] - bound, 0)]
-        assert min(position["buffer"][0::5]) >= first_unit
+        assert min(p[0] for p in buffer_pieces(position)) >= first_unit
     assert len(run) > 1500
     assert max(ages) == bound  # the bound is tight
 
@@ -353,7 +356,8 @@ def test_resume_starts_at_the_earliest_unit_the_position_names() -> None:
                 "buffer": [7, 2, 0, 0, 30, 4, 0, 5, 1, 10, 9, 0, 0, 0, 40]}
     packer = BestFitPacker(2, 8, position, buffer_docs=4)
     assert packer.next_unit == 4
-    assert packer.position == position
+    assert buffer_pieces(packer.position) == buffer_pieces(position)
+    assert BestFitPacker(2, 8, packer.position, buffer_docs=4).position == packer.position
 
 
 def test_units_the_packer_does_not_need_may_be_pushed_empty_on_resume() -> None:
@@ -394,6 +398,114 @@ def test_position_of_a_full_buffer_is_under_64_kb_of_json() -> None:
     position = {"unit": 3_000_000, "doc": 0, "docs_read": 5_000_009_000, "buffer": flat}
     packer = BestFitPacker(32, 2048, position)
     assert len(json.dumps(packer.position)) < 64 * 1024
+
+
+def lognormal_units(docs_per_unit: int, n_docs: int = 80_000) -> Iterator[Unit]:
+    """Documents of FineWeb-Edu's length mix (lognormal, median 600 tokens, sigma 1)."""
+    rng = np.random.default_rng(11)
+    lengths = np.maximum(2, rng.lognormal(np.log(600), 1.0, n_docs).astype(np.int64))
+    for i in range(0, n_docs, docs_per_unit):
+        group = lengths[i : i + docs_per_unit]
+        tokens = np.ones(int(group.sum()), dtype=np.uint32)
+        starts = np.cumsum(group) - group
+        tokens[starts] = BOS
+        yield tokens, starts.astype(np.int64)
+
+
+@pytest.mark.parametrize("docs_per_unit", [1024, 16, 3])
+def test_position_after_1000_windows_of_nanochat_shape_is_under_8_kb_of_json(
+    docs_per_unit: int,
+) -> None:
+    # nanochat's shape (B=32, T=2048, 1000 buffered documents); FineWeb-Edu's row groups
+    # hold ~1024 documents, the test corpus's 2 to 3 (a unit per piece or two, the worst).
+    packer = BestFitPacker(32, 2048)
+    out = np.empty(packer.window_tokens, dtype=np.uint32)
+    windows = 0
+    for u, unit in enumerate(lognormal_units(docs_per_unit)):
+        packer.push(u, *unit)
+        while windows < 1000 and packer.ready():
+            packer.fill(out)
+            windows += 1
+        if windows == 1000:
+            break
+    assert windows == 1000
+    assert len(buffer_pieces(packer.position)) >= 999
+    assert len(json.dumps(packer.position)) < 8 * 1024
+    assert len(json.dumps(packer.position, indent=4)) < 8 * 1024  # one line, indented or not
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_compact_position_names_every_buffered_piece_in_order(config: Config) -> None:
+    b, t, buffer_docs, min_tail, max_age_docs = config
+    packer = BestFitPacker(b, t, buffer_docs=buffer_docs, min_tail=min_tail,
+                           max_age_docs=max_age_docs)
+    out = np.empty(packer.window_tokens, dtype=np.uint32)
+    checked = 0
+    for u, unit in enumerate(make_units(make_docs(400))):
+        packer.push(u, *unit)
+        while packer.ready():
+            position = packer.fill(out)
+            # (unit, doc, start, tail, born) of each piece, in the order they entered
+            pieces = [(p[3], p[4], p[1], p[2], p[5]) for p in packer._pieces.values()]
+            assert buffer_pieces(position) == pieces
+            again = BestFitPacker(b, t, position, buffer_docs=buffer_docs, min_tail=min_tail,
+                                  max_age_docs=max_age_docs)
+            assert again.position == position
+            checked += 1
+    assert checked > 20
+
+
+def test_position_in_the_earlier_five_integer_form_resumes_identically() -> None:
+    config = CONFIGS[0]
+    _, full = packed(*config)
+    k = len(full) // 2
+    position = full[k][1]
+    flat = [v for piece in buffer_pieces(position) for v in piece]
+    assert flat
+    old = {"unit": position["unit"], "doc": position["doc"],
+           "docs_read": position["docs_read"], "buffer": flat}
+    _, resumed = packed(*config, start=old, lazily=True)
+    assert [w.tolist() for w, _ in resumed] == [w.tolist() for w, _ in full[k + 1 :]]
+    assert [p for _, p in resumed] == [p for _, p in full[k + 1 :]]
+
+
+def compact(unit: int, doc: int, docs_read: int, values: list[int]) -> dict[str, Any]:
+    from tokenfeed.producer.bestfit import _varints_to_text
+
+    return {"unit": unit, "doc": doc, "docs_read": docs_read,
+            "buffer": _varints_to_text(np.array(values, dtype=np.int64))}
+
+
+def test_compact_helper_writes_what_the_packer_reads() -> None:
+    # one piece: age 1, unit 0 (back 1 from unit 1) whose document 0 has born 1 back of 2
+    position = compact(1, 0, 2, [1, 1, 0, 1, 1, 2])
+    assert buffer_pieces(position) == [(0, 1, 0, 0, 1)]
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": "!!"},  # not base64
+        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": "AQ="},  # not canonical base64
+        compact(1, 0, 2, [1, 1, 0, 1, 1]),  # a value short
+        compact(1, 0, 2, [0, 0, 0]),  # an empty buffer is ""
+        compact(1, 0, 2, [1, 1, 0, 1, 1, 2, 0]),  # a value over
+        compact(1, 0, 2, [1, 0, 0, 1]),  # a piece without a unit
+        compact(1, 0, 2, [3, 1, 0, 1, 1, 1, 1, 2]),  # more pieces than the buffer (2)
+        compact(1, 0, 2, [1, 1, 0, 3, 1, 2]),  # born before docs_read... age 3 > 2
+        compact(1, 0, 2, [1, 1, 0, 0, 1, 2]),  # age 0: born == docs_read
+        compact(1, 0, 2, [1, 1, 0, 1, 1, 0]),  # the unit begins after the piece
+        compact(2, 0, 4, [2, 2, 0, 2, 1, 1, 3, 0, 1]),  # steps (0, 1): units must ascend
+        compact(3, 0, 5, [2, 2, 0, 2, 1, 2, 3, 1, 1]),  # first unit holds no piece
+        compact(1, 0, 2, [1, 1, 1, 1, 1, 2, 0, 0]),  # a tail starting at token 0
+        compact(1, 0, 2, [1, 1, 1, 1, 1, 2, 1, 3]),  # a tail of piece 1 of 1
+        compact(1, 1, 3, [1, 1, 0, 2, 0, 2]),  # read unit's document 0 at born 1, not 2
+        compact(1, 0, 2, [1, 1, 0, 1, 2, 2]),  # unit -1
+    ],
+)
+def test_malformed_compact_position_raises_state_mismatch(position: dict[str, Any]) -> None:
+    with pytest.raises(StateMismatchError):
+        BestFitPacker(2, 8, position, buffer_docs=2)
 
 
 @pytest.mark.parametrize(
@@ -449,7 +561,7 @@ def test_make_packer_builds_bestfit_for_a_bestfit_spec() -> None:
     packer = make_packer(spec, None)
     assert isinstance(packer, BestFitPacker)
     assert packer.window_tokens == spec.window_tokens
-    assert packer.position == {"unit": 0, "doc": 0, "docs_read": 0, "buffer": []}
+    assert packer.position == {"unit": 0, "doc": 0, "docs_read": 0, "buffer": ""}
     assert packer.max_age_docs == 8 * spec.buffer_docs
 
 
