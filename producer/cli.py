@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["fallback", "fail"],
                        help="when a faster backend differs from tiktoken on your documents: "
                        "use tiktoken (with a warning), or refuse to start")
+    serve.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                       help="a row group that fails to read or tokenize 3 times: fail the "
+                       "streams that need it (naming it), or skip it (logged, in status)")
     serve.add_argument("--consumer-timeout-s", type=float, default=15.0,
                        help="drop a consumer silent this long and reclaim its slots")
     serve.add_argument("--log-level", default="INFO", type=str.upper,
@@ -161,6 +164,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         max_ring_bytes=args.max_ring_mib << 20, consumer_timeout_s=args.consumer_timeout_s,
         max_staging_bytes=args.max_staging_mib << 20, task_bytes=args.task_kib << 10,
         tokenizer_backend=args.tokenizer_backend, on_backend_mismatch=args.on_backend_mismatch,
+        on_error=args.on_error,
     ))
     return 0
 

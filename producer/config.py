@@ -54,6 +54,7 @@ class DaemonConfig:
     task_bytes: int = DEFAULT_TASK_BYTES  # text per worker task (a row group is split by this)
     tokenizer_backend: str = "auto"  # backends.py: the fastest one proven identical to tiktoken
     on_backend_mismatch: str = "fallback"  # or "fail": refuse to start
+    on_error: str = "fail"  # a row group that keeps failing: fail its streams, or "skip" it
 
     def __post_init__(self) -> None:
         check_workers(self.workers)
@@ -79,5 +80,7 @@ class DaemonConfig:
         if self.on_backend_mismatch not in ("fail", "fallback"):
             raise ConfigError(f"--on-backend-mismatch {self.on_backend_mismatch!r} must be "
                               "'fail' or 'fallback'")
+        if self.on_error not in ("fail", "skip"):
+            raise ConfigError(f"--on-error {self.on_error!r} must be 'fail' or 'skip'")
         if not self.text_column:
             raise ConfigError("--text-column must not be empty")

@@ -150,7 +150,7 @@ class Daemon:
             daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
             max_ring_bytes=cfg.max_ring_bytes, linger_s=cfg.linger_s,
             consumer_timeout_s=cfg.consumer_timeout_s, text_column=self.dataset.text_column,
-            task_bytes=cfg.task_bytes, send=self._send,
+            task_bytes=cfg.task_bytes, on_error=cfg.on_error, send=self._send,
         )
         self.control.bind(control_address(self.run_dir))
         log.info(

@@ -35,7 +35,7 @@ class StreamRegistry:
     def __init__(
         self, *, daemon_id: str, itemsize: int, slots: int, max_ring_bytes: int,
         linger_s: float, consumer_timeout_s: float, text_column: str, send: Send,
-        task_bytes: int = DEFAULT_TASK_BYTES,
+        task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
     ) -> None:
         self.daemon_id = daemon_id
         self.itemsize = itemsize
@@ -45,6 +45,7 @@ class StreamRegistry:
         self.consumer_timeout_s = consumer_timeout_s
         self.text_column = text_column
         self.task_bytes = task_bytes
+        self.on_error = on_error
         self.send = send
         self.streams: dict[int, Stream] = {}
         self.peers: dict[bytes, float] = {}  # consumer identity -> last heard (monotonic)
@@ -90,7 +91,7 @@ class StreamRegistry:
         ring = Ring.create(segment_name(self.daemon_id, f"s{sid}"), layout)
         try:
             stream = Stream(sid, spec, plan, ring, self.text_column, start,
-                            task_bytes=self.task_bytes)
+                            task_bytes=self.task_bytes, on_error=self.on_error)
         except BaseException:
             ring.close()
             ring.segment.unlink()

@@ -7,9 +7,10 @@ tracks which attached consumer has been sent and has released which batch.
 Slots and the consumers holding them are `SlotTable`'s (slots.py): the stream fills
 and publishes, the table announces, releases and reclaims.
 
-Failure behaviour: a unit whose worker died is re-run (same input, same output);
-a unit that fails MAX_ATTEMPTS times fails the stream, and its consumers get an
-error naming the row group.
+Failure behaviour: a task whose worker died is re-run (same input, same output);
+a task that fails MAX_ATTEMPTS times fails the stream (`on_error="fail"`), and its
+consumers get an error naming the file and row group; with `on_error="skip"` its
+whole row group delivers nothing instead, logged and listed in `describe()`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tokenfeed.producer.slots import Attachment, SlotTable
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+MAX_LISTED_SKIPS = 20  # status lists the latest skipped row groups, and counts them all
 INITIAL_TOKENS_PER_TEXT_BYTE = 0.25  # English under cl100k; learnt from results as they come
 _NO_TOKENS = np.zeros(0, dtype=np.uint32)
 _NO_STARTS = np.zeros(0, dtype=np.int64)
@@ -53,7 +55,7 @@ def cursor_at(plan: SplitPlan, spec: StreamSpec, position: dict[str, Any]) -> di
 class Stream:
     def __init__(
         self, sid: int, spec: StreamSpec, plan: SplitPlan, ring: Ring, column: str,
-        start: dict[str, Any], *, task_bytes: int = DEFAULT_TASK_BYTES,
+        start: dict[str, Any], *, task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
     ) -> None:
         self.sid = sid
         self.spec = spec
@@ -61,6 +63,7 @@ class Stream:
         self.ring = ring
         self.column = column
         self.task_bytes = task_bytes
+        self.on_error = on_error
         self.packer = make_packer(spec, start)
         self.table = SlotTable(ring)
         self.next_unit = self.packer.next_unit  # next (unit, part) to schedule
@@ -78,6 +81,7 @@ class Stream:
         self.units_done = 0
         self.documents = 0
         self.skipped = 0
+        self.skipped_row_groups: list[str] = []  # --on-error skip: "path#row_group", in order
         self.batches = 0
         self._epoch_order: tuple[int, np.ndarray] = (-1, np.arange(0))
 
@@ -191,12 +195,35 @@ class Stream:
         if self.inflight.pop(key, None) is None:
             return  # not ours to re-run (already finished, or scheduled again)
         self.attempts[key] = self.attempts.get(key, 0) + 1
-        if self.attempts[key] >= MAX_ATTEMPTS:
-            self.error = (f"stream {self.sid}: unit {task.unit} part {task.part} failed "
-                          f"{MAX_ATTEMPTS} times: {error}")
-            log.error(self.error)
-        else:
+        if self.attempts[key] < MAX_ATTEMPTS:
             self.retry.appendleft(key)
+        elif self.on_error == "skip":
+            self._skip_unit(task, error)
+        else:
+            self.error = (f"stream {self.sid}: {task.path} row group {task.row_group} (unit "
+                          f"{task.unit}, part {task.part}) failed {MAX_ATTEMPTS} times: {error}; "
+                          "fix or remove the file, or serve with --on-error skip")
+            log.error(self.error)
+
+    def _skip_unit(self, task: Task, error: str) -> None:
+        """--on-error skip: the whole row group delivers nothing, whichever part failed.
+
+        Whole, so the outcome does not depend on which parts happened to finish: a
+        resume that meets the same bad row group skips it the same way.
+        """
+        unit = task.unit
+        log.warning("stream %d: skipping %s row group %d (unit %d) after %d failures: %s",
+                    self.sid, task.path, task.row_group, unit, MAX_ATTEMPTS, error)
+        self.skipped_row_groups.append(f"{task.path}#{task.row_group}")
+        for part in self.results.pop(unit, {}).values():
+            self.staged_bytes -= part.tokens.nbytes + part.doc_starts.nbytes
+        for key in [k for k in self.inflight if k[0] == unit]:
+            del self.inflight[key]  # their results are dropped as strays when they come
+        self.retry = deque(k for k in self.retry if k[0] != unit)
+        empty = Task(self.sid, unit, 0, "", -1, self.column, (0, 0))
+        self.results[unit] = {0: Result(empty, _NO_TOKENS, _NO_STARTS, 0)}
+        if self.next_unit == unit:
+            self.next_unit, self.next_part = unit + 1, 0
 
     def on_result(self, result: Result) -> None:
         task = result.task
@@ -294,6 +321,8 @@ class Stream:
             "staged_bytes": self.staged(),
             "documents": self.documents,
             "skipped_values": self.skipped,
+            "skipped_row_groups": self.skipped_row_groups[-MAX_LISTED_SKIPS:],
+            "skipped_row_group_count": len(self.skipped_row_groups),
             "position": {k: v for k, v in self.next_position().items() if k != "buffer"},
             **self.packer.stats(),
             "error": self.error,

@@ -1,0 +1,103 @@
+"""Local peers cannot crash or stall the daemon: worker-socket frames, scale, attach cursors.
+
+Any process of the user can reach `<run_dir>/control` and `<run_dir>/workers`. Each
+test sends one kind of bad input that used to escape the daemon's loop (or block it),
+then checks that the daemon still answers and that a consumer still reads the oracle's
+batches.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+import zmq
+from conftest import assert_batch_equals, worker_pids
+
+from tokenfeed.common import protocol
+from tokenfeed.common.config import WORKER_SOCKET_NAME, ipc_address
+from tokenfeed.common.control import request
+from tokenfeed.common.errors import ConfigError, StateMismatchError
+from tokenfeed.producer.config import max_workers
+
+
+def raw(op: str, **fields) -> bytes:
+    return msgpack.packb({"v": protocol.PROTOCOL_VERSION, "op": op, **fields})
+
+
+BAD_WORKER_FRAMES = [
+    [b"x", b"y", b"z"],  # three frames
+    [raw("done", task=[0, 0, 0])],  # no n_tokens
+    [raw("done", task=[0, 0, 0], n_tokens=1 << 40, n_docs=1, starts_offset=1 << 43, skipped=0,
+         read_s=0.0, tokenize_s=0.0)],  # more bytes than any staging buffer
+    [raw("grow", task=[0, 0, 0], need_bytes="a lot")],  # not an integer
+    [raw("grow", task=[0, 0, 0], need_bytes=1 << 60)],  # a task it does not hold
+    [raw("hello", worker=0, pid=-1)],
+    [raw("failed", task=[0, 0], error="x")],
+    [b"\x92\x01"],  # msgpack, not a map
+]
+
+
+@pytest.mark.parametrize("frames", BAD_WORKER_FRAMES, ids=range(len(BAD_WORKER_FRAMES)))
+def test_bad_worker_channel_frames_are_dropped_and_the_feed_goes_on(start_daemon, oracle, frames):
+    daemon = start_daemon(workers=1)
+    want = oracle(batch_size=2, seq_len=64, n=20)
+    ctx = zmq.Context()
+    # As worker 0 would (the identity is taken) and as a worker that does not exist.
+    socks = [ctx.socket(zmq.DEALER) for _ in range(2)]
+    socks[0].setsockopt(zmq.IDENTITY, b"w0")
+    socks[1].setsockopt(zmq.IDENTITY, b"w7")
+    try:
+        with daemon.feed(2, 64) as feed:
+            got = [next(feed) for _ in range(5)]
+            for sock in socks:
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(ipc_address(daemon.run_dir, WORKER_SOCKET_NAME))
+                sock.send_multipart(frames)
+            time.sleep(0.3)
+            got += [next(feed) for _ in range(15)]
+        for k in range(20):
+            assert_batch_equals(got[k], want[k], f"batch {k}")
+        assert daemon.status()["workers"]["alive"] == 1
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        ctx.term()
+
+
+def test_scale_above_the_limit_is_a_clear_error(start_daemon):
+    daemon = start_daemon(workers=1)
+    with pytest.raises(ConfigError, match=rf"--workers 100000 must be in \[1, {max_workers()}\]"):
+        request(daemon.run_dir, "scale", workers=100000)
+    assert daemon.status()["workers"]["target"] == 1
+
+
+def test_scaling_to_the_limit_never_stalls_the_loop(start_daemon, oracle):
+    daemon = start_daemon(workers=1)
+    want = oracle(batch_size=2, seq_len=64, n=30)
+    with daemon.feed(2, 64) as feed:
+        got = [next(feed) for _ in range(5)]
+        request(daemon.run_dir, "scale", workers=max_workers())
+        slowest = 0.0
+        while len(worker_pids(daemon)) < max_workers():
+            start = time.monotonic()
+            daemon.status()
+            slowest = max(slowest, time.monotonic() - start)
+            got.append(next(feed))
+        assert slowest < 1.0, f"a status request waited {slowest:.2f} s while workers spawned"
+        request(daemon.run_dir, "scale", workers=1)
+        while len(got) < 30:
+            got.append(next(feed))
+    for k, batch in enumerate(got[:30]):
+        assert_batch_equals(batch, want[k], f"batch {k}")
+
+
+def test_attach_at_a_cursor_past_exact_integers_creates_nothing(start_daemon):
+    daemon = start_daemon(workers=1)
+    spec = {"batch_size": 2, "seq_len": 64, "rank": 0, "world_size": 1 << 20}
+    with pytest.raises(StateMismatchError, match="largest exact position"):
+        request(daemon.run_dir, "attach", expect="attached", spec=spec,
+                start={"unit": (1 << 53) - 1, "offset": 0})
+    status = daemon.status()  # answers: no orphan stream whose status cannot be encoded
+    assert status["streams"] == []
