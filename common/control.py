@@ -21,7 +21,9 @@ from tokenfeed.common.errors import (
     DaemonUnavailableError,
     DataError,
     DetachedError,
+    NotSharedError,
     ProtocolError,
+    ShmFullError,
     StateMismatchError,
     StreamFailedError,
     TokenfeedError,
@@ -34,6 +36,7 @@ ERROR_KINDS: dict[str, type[TokenfeedError]] = {
     "protocol": ProtocolError,
     "stream": StreamFailedError,
     "detached": DetachedError,
+    "shm_full": ShmFullError,
 }
 
 
@@ -53,7 +56,20 @@ def error_from_reply(msg: protocol.Message) -> TokenfeedError:
 def connect(ctx: zmq.Context[Any], run_dir: Path) -> zmq.Socket[Any]:
     """A DEALER connected to the daemon, or DaemonUnavailableError if no socket file exists."""
     address = control_address(run_dir)
-    if not (run_dir / "control").exists():
+    try:
+        present = (run_dir / "control").exists()
+    except PermissionError:  # the run dir is 0700: another user's daemon
+        try:
+            owner: int | str = run_dir.stat().st_uid
+        except OSError:
+            owner = "?"
+        raise NotSharedError(
+            f"cannot open the daemon's run dir {run_dir} (owner uid {owner}, mode 0700) as uid "
+            f"{os.geteuid()}: the trainer does not share the daemon's uid. Run the daemon as "
+            "the training job's user, or point --run-dir / TOKENFEED_RUN_DIR at your own "
+            "daemon: see deploy/"
+        ) from None
+    if not present:
         raise DaemonUnavailableError(
             f"no tokenfeed daemon at {address} (no socket file); start one with "
             f"`tokenfeed serve --data DIR --tokenizer SPEC --run-dir {run_dir}` "

@@ -54,3 +54,11 @@ class DetachedError(DaemonGoneError):
 
 class StreamFailedError(TokenfeedError):
     """The daemon could not produce a stream (a row group kept failing, say)."""
+
+
+class ShmFullError(TokenfeedError):
+    """`/dev/shm` has no room for a segment; names the bytes needed, the bytes free and the fix."""
+
+
+class NotSharedError(TokenfeedError):
+    """This process does not share `/dev/shm`, the run dir or the uid with the daemon."""

@@ -15,17 +15,20 @@ then writes the batch's `seq` (monotonic per stream, from 0) and sends
 copy has completed (on CUDA: its event), before handing the batch out: any other
 value means the slot was rewritten under it, which happens only to a consumer the
 daemon dropped, so it discards the copy and raises `DetachedError`.
+A ring the consumer cannot open (another /dev/shm, or another uid: segments are
+0600) is a `NotSharedError` that says which.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-from tokenfeed.common.errors import ProtocolError
-from tokenfeed.common.shm import Segment
+from tokenfeed.common.errors import NotSharedError, ProtocolError
+from tokenfeed.common.shm import SHM_DIR, Segment
 
 MAGIC = b"TOKFEED1"
 LAYOUT_VERSION = 1
@@ -78,6 +81,30 @@ class RingLayout:
         return self.data_offset + self.slot_count * self.slot_stride
 
 
+def _attach_shared(name: str) -> Segment:
+    """Map a ring the daemon created; say what this process does not share with it, if so."""
+    path = SHM_DIR / name
+    try:
+        return Segment.attach(name)
+    except FileNotFoundError:
+        raise NotSharedError(
+            f"the daemon's ring {path} does not exist in this process's {SHM_DIR}: the trainer "
+            f"does not share {SHM_DIR} with the daemon (another container or IPC namespace). "
+            "Run both with one /dev/shm (docker run --ipc=host, Kubernetes hostIPC or a "
+            "hostPath /dev/shm): see deploy/"
+        ) from None
+    except PermissionError:
+        try:
+            owner = f"uid {os.stat(path).st_uid}"
+        except OSError:
+            owner = "another user"
+        raise NotSharedError(
+            f"the daemon's ring {path} belongs to {owner} (mode 0600) and this process runs as "
+            f"uid {os.geteuid()}: the trainer does not share the daemon's uid. Run the daemon "
+            "as the training job's user (one daemon per user and node): see deploy/"
+        ) from None
+
+
 class Ring:
     """Typed views over a ring segment; the daemon writes, consumers read."""
 
@@ -109,7 +136,7 @@ class Ring:
 
     @classmethod
     def attach(cls, name: str) -> Ring:
-        segment = Segment.attach(name)
+        segment = _attach_shared(name)
         try:
             if segment.size < HEADER.size:
                 raise ProtocolError(f"segment {name} ({segment.size} bytes) is not a ring")

@@ -402,6 +402,11 @@ class TokenFeed:
             )
         if isinstance(state, list):
             state = select_state(state, self.spec.rank, self.spec.world_size)
+        missing = [k for k in ("version", "spec", "cursor") if not isinstance(state, dict)
+                   or k not in state]
+        if missing:
+            raise StateMismatchError(f"feed state {str(state)[:80]} has no {', '.join(missing)}; "
+                                     "pass the dict feed.state_dict() returned, unchanged")
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise StateMismatchError(
                 f"feed state version {state.get('version') if isinstance(state, dict) else None}"

@@ -3,6 +3,11 @@
 Order of precedence: explicit arguments, then an initialized `torch.distributed`
 process group, then the `RANK` / `WORLD_SIZE` / `LOCAL_RANK` variables that
 torchrun sets, then a single process on CPU or `cuda:LOCAL_RANK`.
+
+A CUDA device always leaves here with an index: `"cuda"` becomes
+`cuda:LOCAL_RANK` under torchrun, else the current device, because the link
+thread must `torch.cuda.set_device` it. An index past the visible devices is a
+`ConfigError` that names the count and `CUDA_VISIBLE_DEVICES`.
 """
 
 from __future__ import annotations
@@ -43,16 +48,36 @@ def resolve_topology(
         world_size = dist.get_world_size() if world_size is None else world_size
     rank = rank if rank is not None else (_env_int("RANK") or 0)
     world_size = world_size if world_size is not None else (_env_int("WORLD_SIZE") or 1)
+    asked = device
     if device is None:
-        local = _env_int("LOCAL_RANK") or 0
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ConfigError(f"device={device!r} is not a torch device ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} asked for, but CUDA is not available; use 'cpu'")
+    if dev.type == "cuda":
+        dev = _indexed_cuda(dev, asked)
     return Topology(rank, world_size, dev)
+
+
+def _indexed_cuda(dev: torch.device, asked: object) -> torch.device:
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={asked!r} asked for, but CUDA is not available; use 'cpu'")
+    local = _env_int("LOCAL_RANK")
+    if dev.index is not None:
+        index, source = dev.index, f"device={asked!r}"
+    elif local is not None:
+        index, source = local, f"LOCAL_RANK={local} (for device={asked!r})"
+    else:
+        index, source = torch.cuda.current_device(), f"the current device (for device={asked!r})"
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise ConfigError(
+            f"{source} names cuda:{index}, but this process sees {count} CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); launch one "
+            "rank per visible GPU (torchrun --nproc_per_node) or pass device='cuda:N'"
+        )
+    return torch.device("cuda", index)
 
 
 @dataclass(frozen=True)

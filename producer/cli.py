@@ -1,4 +1,4 @@
-"""The `tokenfeed` command: serve, stop, status, scale, demo.
+"""The `tokenfeed` command: serve, stop, status, scale, clean, demo.
 
 User mistakes (`UserInputError`) print one line on stderr and exit with code 2;
 an unreachable daemon prints one line and exits with code 1. No tracebacks for
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale = sub.add_parser("scale", help="resize the worker pool of a running daemon")
     scale.add_argument("--workers", type=int, required=True)
     _add_run_dir(scale)
+
+    clean = sub.add_parser("clean", help="remove shared memory left by killed daemons")
+    clean.add_argument("--dry-run", action="store_true", help="list, do not remove")
 
     demo = sub.add_parser("demo", help="daemon + two consumer ranks on a sample corpus")
     _add_data_flags(demo, required=False)
@@ -232,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "scale":
             reply = request(resolve_run_dir(args.run_dir), "scale", workers=args.workers)
             print(f"worker pool resized to {reply['workers']}")
+        elif args.command == "clean":
+            from tokenfeed.producer.owners import remove_stale_segments, stale_segments
+
+            names = stale_segments() if args.dry_run else remove_stale_segments()
+            done = "found" if args.dry_run else "removed"
+            print("\n".join([*names, f"{len(names)} segments of dead daemons {done}"]))
         elif args.command == "demo":
             from tokenfeed.producer.demo import run_demo
 

@@ -11,7 +11,8 @@ registry.py; this module wires them together and answers the control ops.
 Start-up takes an exclusive lock on `<run_dir>/daemon.lock`, so one daemon serves
 a run dir; holding it also proves any predecessor is dead, so the segments named
 in its `daemon.json` are unlinked before anything else happens (no manual
-clean-up after a crash or `kill -9`).
+clean-up after a crash or `kill -9`); so are this user's segments of any daemon
+that is provably dead, whatever its run dir (producer/owners.py).
 
 Failure behaviour: malformed or unknown control messages get an `error` reply and
 never stop the loop; SIGTERM/SIGINT/`stop` tell every consumer `shutdown`, join
@@ -24,7 +25,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import signal
 import time
 from typing import Any
@@ -51,10 +51,11 @@ from tokenfeed.common.errors import (
     TokenfeedError,
 )
 from tokenfeed.common.ring import token_dtype
-from tokenfeed.common.shm import unlink_daemon_segments
+from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
 from tokenfeed.producer.backends import verified_backend
 from tokenfeed.producer.config import PARITY_SAMPLE_BYTES, DaemonConfig, check_workers
 from tokenfeed.producer.dataset import scan_dataset
+from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Failure, Result, WorkerPool
 from tokenfeed.producer.registry import StreamRegistry
@@ -126,10 +127,13 @@ class Daemon:
         cfg = self.config
         self._take_lock()
         self._clean_predecessor()
-        self.daemon_id = f"{os.getpid()}-{secrets.token_hex(3)}"
+        remove_stale_segments()  # of killed daemons on any run dir (Slurm: one per job)
+        self.daemon_id = new_daemon_id()
         info = {"daemon_id": self.daemon_id, "pid": os.getpid(), "started": self.started,
                 "data_dir": str(cfg.data_dir), "tokenizer": cfg.tokenizer}
-        (self.run_dir / INFO_NAME).write_text(json.dumps(info))
+        tmp = self.run_dir / f"{INFO_NAME}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.run_dir / INFO_NAME)  # readers never see a half-written file
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -141,6 +145,8 @@ class Daemon:
             backend=self.backend, itemsize=self.itemsize, nice=cfg.worker_nice,
         )
         self.pool.resize(cfg.workers)
+        if (budget_warning := ring_budget_warning(cfg.max_ring_bytes)) is not None:
+            log.warning(budget_warning)  # warn, not refuse: rings are made per attach, each checked
         self.registry = StreamRegistry(
             daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
             max_ring_bytes=cfg.max_ring_bytes, linger_s=cfg.linger_s,
@@ -236,9 +242,14 @@ class Daemon:
     def _handle(self, identity: bytes, msg: protocol.Message) -> None:
         op = msg["op"]
         if not self.registry.heard(identity) and op in ("heartbeat", "release"):
+            up_s, timeout_s = time.time() - self.started, self.config.consumer_timeout_s
+            # Up for less than the timeout, this daemon cannot have dropped anyone for silence.
+            why = ("it restarted after this consumer attached to its predecessor"
+                   if up_s < timeout_s else f"it dropped this consumer after {timeout_s:.0f} s of "
+                   "silence (a stopped or overloaded process?) and gave its slots to others, or "
+                   "it restarted since this consumer attached")
             raise DetachedError(
-                f"the daemon dropped this consumer after {self.config.consumer_timeout_s:.0f} s "
-                "of silence (a stopped or overloaded process?); its slots went to others. "
+                f"the tokenfeed daemon (up {up_s:.1f} s) does not know this consumer: {why}. "
                 "Resume from feed.state_dict(), or pass reconnect_s to re-attach by itself"
             )
         if op == "heartbeat":

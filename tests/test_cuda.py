@@ -54,3 +54,15 @@ def test_bestfit_rows_on_cuda_match_cpu(start_daemon):
         for _ in range(10):
             (gx, gy), (cx, cy) = next(gpu), next(cpu)
             assert torch.equal(gx.cpu(), cx) and torch.equal(gy.cpu(), cy)
+
+
+def test_index_less_cuda_device_resolves_and_delivers_on_that_device(start_daemon, oracle):
+    daemon = start_daemon(workers=1)
+    b, t, n = 2, 64, 5
+    want = oracle(batch_size=b, seq_len=t, n=n)
+    with daemon.feed(b, t, device="cuda") as feed:  # the design document's own example
+        assert feed.device.index is not None
+        for k in range(n):
+            x, y = next(feed)
+            assert x.device == feed.device
+            assert_batch_equals((x, y), want[k], f"batch {k}")
