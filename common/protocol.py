@@ -7,7 +7,7 @@ shared memory) and nothing is pickled.
 
 Ops, client -> daemon:
     ping {}                                   -> pong {daemon_id, pid, version, tokenizer}
-    attach {spec, start, expect, replicas}    -> attached {stream, ring, slots, ...} | error
+    attach {spec, start, expect, replicas, rejoin} -> attached {stream, ring, slots, ...} | error
     release {stream, seq}                     (no reply; frees the slot for reuse)
     heartbeat {}                              (no reply beyond the daemon's own beats)
     detach {stream}                           (no reply)

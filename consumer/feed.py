@@ -304,6 +304,8 @@ class TokenFeed:
             sock.send(protocol.encode(
                 "attach", spec=self.spec.to_dict(), start=self._start, expect=self._expect,
                 replicas=1 if self._attached else self.replicas,
+                # A replica coming back must find its group's stream, not start a new one.
+                rejoin=self._attached and self.replicas > 1,
             ))
             reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
         except BaseException:

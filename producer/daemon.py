@@ -304,6 +304,13 @@ class Daemon:
         self.registry.forget(identity)
         found = self.registry.find(spec, start)
         stream, seq = found if found is not None else (None, 0)
+        if stream is None and msg.get("rejoin") is True:
+            raise StreamFailedError(
+                f"this replica's position (epoch {start_cursor['epoch']}, unit "
+                f"{start_cursor['unit']}) is no longer in its group's ring: the other replicas "
+                "moved on while it was away, so it cannot see their batches again; restart "
+                "the group from a checkpoint"
+            )
         if stream is None:
             stream = self.registry.create(spec, plan, start)
         layout = stream.ring.layout

@@ -151,3 +151,32 @@ def test_mesh_placement_names_an_unknown_dimension():
     with pytest.raises(ConfigError, match="'data'"):
         mesh_placement(np.arange(4).reshape(2, 2), ("dp", "tp"), "data", me=0,
                        local_world_size=4)
+
+
+def test_a_replica_back_after_its_group_moved_on_gets_a_clear_error(start_daemon):
+    daemon = start_daemon("--consumer-timeout-s", "2", workers=2, slots=4)
+    script = REPLICA.replace('replicas=int(sys.argv[3]))',
+                             'replicas=int(sys.argv[3]), reconnect_s=30)')
+    paused = subprocess.Popen([sys.executable, "-c", script, str(daemon.run_dir), "1000", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with daemon.feed(B, T, replicas=2) as sibling:
+            for _ in range(3):
+                next(sibling)
+            deadline = time.monotonic() + 60
+            while daemon.status()["streams"][0]["consumers"] < 2:  # the other one attached
+                assert time.monotonic() < deadline, "the paused replica never attached"
+                time.sleep(0.05)
+            time.sleep(0.5)  # and read a batch or two
+            paused.send_signal(signal.SIGSTOP)
+            for _ in range(60):  # dropped after 2 s; the group's ring moves far past it
+                next(sibling)
+            paused.send_signal(signal.SIGCONT)
+            _, err = paused.communicate(timeout=60)
+    finally:
+        if paused.poll() is None:
+            paused.send_signal(signal.SIGCONT)
+            paused.kill()
+            paused.wait()
+    assert paused.returncode != 0
+    assert "no longer in its group's ring" in err
