@@ -151,7 +151,9 @@ class Soak:
         """A consumer that exited on its own crashed: count it and start it again."""
         for name, proc in self.procs.items():
             if proc.poll() is not None and not self.stop_file.exists():
-                self.crashes.append(f"{name} exited with {proc.returncode}")
+                err = (self.work / f"{name}.err").read_text(errors="replace").strip()
+                last = err.splitlines()[-1] if err else ""
+                self.crashes.append(f"{name} exited with {proc.returncode}: {last[:300]}")
                 self.start_consumer(name)
 
     def later(self, delay_s: float, fn: Any) -> None:

@@ -214,8 +214,7 @@ class TokenFeed:
             except DaemonGoneError as gone:
                 if self.reconnect_s <= 0:
                     raise
-                link = self._reconnect(gone)
-                item = self._wait(link)
+                link, item = self._wait_reconnecting(gone)
         if item.event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(item.event)
@@ -266,6 +265,19 @@ class TokenFeed:
                     f"no batch for {self.stall_timeout_s:.0f} s although the daemon is alive; "
                     "check `tokenfeed status` (workers, stream errors)"
                 )
+
+    def _wait_reconnecting(self, gone: DaemonGoneError) -> tuple[Link, Any]:
+        """Re-attach and wait for the next batch, again and again for `reconnect_s`: the
+        daemon may restart (or drop this consumer) again while it re-attaches."""
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                link = self._reconnect(gone)
+                return link, self._wait(link)
+            except (DaemonGoneError, DaemonUnavailableError) as again:
+                if time.monotonic() > deadline:
+                    raise
+                gone = again if isinstance(again, DaemonGoneError) else gone
 
     def _reconnect(self, gone: DaemonGoneError) -> Link:
         """Wait for a daemon on the run dir and re-attach after the last batch returned."""
