@@ -9,7 +9,10 @@ Ops, client -> daemon:
     ping {}                                   -> pong {daemon_id, pid, version, tokenizer}
     attach {spec, start, expect, replicas, rejoin} -> attached {stream, ring, slots, ...} | error
     release {stream, seq}                     (no reply; frees the slot for reuse)
-    heartbeat {}                              (no reply beyond the daemon's own beats)
+    heartbeat {stall_s?, step_s?}             (no reply beyond the daemon's own beats)
+        optional, from consumers: cumulative seconds its caller waited inside next()
+        (stall_s) and spent between calls (step_s, its training step), since this
+        consumer attached; numbers in [0, MAX_COUNT), checked by `optional_seconds`
     detach {stream}                           (no reply)
     status {}                                 -> status {streams, workers, ...}
     scale {workers}                           -> ok {workers}
@@ -94,6 +97,18 @@ def field(msg: Message, name: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError(f"op {msg.get('op')!r}: field {name!r} is missing or not {kind}")
     return value
+
+
+def optional_seconds(msg: Message, name: str) -> float | None:
+    """An optional, finite, non-negative number of seconds, else ProtocolError naming it."""
+    value = msg.get(name)
+    if value is None:
+        return None
+    if (not isinstance(value, int | float) or isinstance(value, bool)
+            or not 0 <= value < MAX_COUNT):  # NaN fails both comparisons
+        raise ProtocolError(f"op {msg.get('op')!r}: field {name!r} = {value!r:.40} is not a "
+                            f"number of seconds in [0, {MAX_COUNT})")
+    return float(value)
 
 
 # -- the worker channel ------------------------------------------------------

@@ -8,10 +8,12 @@ once its copy is done (at once on CPU, when the copy's CUDA event completes on G
 AND the caller has taken the batch: until then the daemon keeps the slot, so a
 consumer that stops and re-attaches at its `state_dict()` finds its next batch still
 in the ring (warm re-attach, no re-tokenization). It also sends heartbeats and
-watches the daemon's: silence longer than DAEMON_SILENCE_S, a `shutdown` or an
-`error` is stored in `self.error` and ends the thread, so the caller raises instead
-of waiting forever. Preparing batches here keeps `next()` a queue pop (a sleeping
-caller's wake-up costs tens of µs on a 2-core node).
+watches the daemon's (a consumer's heartbeat carries `stall_s` and `step_s`, the
+seconds its caller waited inside next() and spent between calls): silence longer
+than DAEMON_SILENCE_S, a `shutdown` or an `error` is stored in `self.error` and ends
+the thread, so the caller raises instead of waiting forever. Preparing batches here
+keeps `next()` a queue pop (a sleeping caller's wake-up costs tens of µs on a 2-core
+node).
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ class Link(threading.Thread):
         self._copied: set[int] = set()
         self._returned: deque[int] = deque()  # seqs the caller took (appended by next())
         self._taken: set[int] = set()
+        # Seconds the caller waited inside next() and spent between calls, since this link
+        # attached: added by next() on the caller's thread, sent with every heartbeat.
+        self.stall_s = 0.0
+        self.step_s = 0.0
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -129,7 +135,8 @@ class Link(threading.Thread):
                 self._release(seq)
             now = time.monotonic()
             if now - last_beat >= protocol.HEARTBEAT_INTERVAL_S:
-                self.sock.send(protocol.encode("heartbeat"))
+                self.sock.send(protocol.encode("heartbeat", stall_s=self.stall_s,
+                                               step_s=self.step_s))
                 last_beat = now
             if now - last_heard > protocol.DAEMON_SILENCE_S:
                 raise DaemonGoneError(

@@ -53,7 +53,12 @@ from tokenfeed.common.errors import (
 from tokenfeed.common.ring import token_dtype
 from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
 from tokenfeed.producer.backends import verified_backend
-from tokenfeed.producer.config import PARITY_SAMPLE_BYTES, DaemonConfig, check_workers
+from tokenfeed.producer.config import (
+    PARITY_SAMPLE_BYTES,
+    DaemonConfig,
+    check_workers,
+    max_workers,
+)
 from tokenfeed.producer.dataset import scan_dataset
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.packer import make_packer
@@ -61,6 +66,7 @@ from tokenfeed.producer.pool import Failure, Result, WorkerPool
 from tokenfeed.producer.registry import StreamRegistry
 from tokenfeed.producer.scheduler import schedule
 from tokenfeed.producer.stream import cursor_at
+from tokenfeed.producer.telemetry import advice, totals, worker_summary
 from tokenfeed.producer.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,6 +83,7 @@ class Daemon:
         self.stopping: str | None = None
         self._lock_fd: int | None = None
         self.started = time.time()
+        self.worker_restarts = 0  # workers that died (not retired) and were replaced
 
     # -- start-up -----------------------------------------------------------
 
@@ -194,6 +201,7 @@ class Daemon:
             events = dict(poller.poll(int(LOOP_TICK_S * 1000)))
             for fd, worker in sentinels.items():
                 if fd in events:
+                    self.worker_restarts += not worker.retiring
                     for lost in self.pool.reap(worker):
                         self._on_outcome(lost)
             self._drain_control()
@@ -253,6 +261,7 @@ class Daemon:
                 "Resume from feed.state_dict(), or pass reconnect_s to re-attach by itself"
             )
         if op == "heartbeat":
+            self.registry.report(identity, msg)
             return
         if op == "release":
             stream = self.registry.get(protocol.field(msg, "stream", int))
@@ -351,19 +360,27 @@ class Daemon:
             )
 
     def status(self) -> dict[str, Any]:
-        return {
+        streams = self.registry.describe()
+        retired = self.registry.retired.as_list()
+        total = totals(streams, retired)
+        status = {
             "daemon_id": self.daemon_id,
             "pid": os.getpid(),
             "uptime_s": time.time() - self.started,
             "data_dir": str(self.config.data_dir),
             "tokenizer": self.tokenizer.name,
             "tokenizer_backend": self.backend,
-            "workers": self.pool.stats(),
+            "workers": worker_summary(self.pool.stats(), self.worker_restarts,
+                                      total["tokens_produced"], self.pool.size),
             "staging": {"bytes": self.registry.staged(),
                         "budget_bytes": self.config.max_staging_bytes},
             "tokens_delivered": self.registry.tokens_delivered,
-            "streams": [s.describe() for s in self.registry],
+            "streams": streams,
+            "totals": total,
+            "retired_streams": retired,
         }
+        status["advice"] = advice(status, max_workers())
+        return status
 
     # -- shutdown -----------------------------------------------------------
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from tokenfeed.common import protocol
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import ConfigError
 from tokenfeed.common.ring import Ring, RingLayout
@@ -25,6 +26,7 @@ from tokenfeed.common.shm import segment_name
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import SplitPlan
 from tokenfeed.producer.stream import Stream
+from tokenfeed.producer.telemetry import RateWindow, Retired, stream_counters, stream_extras
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,19 @@ class StreamRegistry:
         self.peer_stream: dict[bytes, int] = {}
         self._next_sid = 0
         self.tokens_delivered = 0
+        self.rates: dict[int, RateWindow] = {}  # sid -> its counters over the last seconds
+        self.retired = Retired({})  # counters of dropped streams
 
     def __iter__(self) -> Iterator[Stream]:
         return iter(self.streams.values())
 
     def get(self, sid: int) -> Stream | None:
         return self.streams.get(sid)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every stream's describe() with its rates, stall share and consumers."""
+        return [{**s.describe(), **stream_extras(s, self.rates.get(s.sid))}
+                for s in self.streams.values()]
 
     # -- streams ------------------------------------------------------------
 
@@ -105,12 +114,14 @@ class StreamRegistry:
 
     def drop(self, sid: int) -> None:
         stream = self.streams.pop(sid)
+        self.retired.add(stream)
+        self.rates.pop(sid, None)
         for identity in list(stream.consumers):
             self.peers.pop(identity, None)
             self.peer_stream.pop(identity, None)
         stream.ring.close()
         stream.ring.segment.unlink()
-        log.info("stream %d closed", sid)
+        log.info("stream %d closed", sid, extra={"stream": sid})
 
     def drop_all(self) -> None:
         for sid in list(self.streams):
@@ -129,6 +140,16 @@ class StreamRegistry:
             return False
         self.peers[identity] = time.monotonic()
         return True
+
+    def report(self, identity: bytes, msg: protocol.Message) -> None:
+        """A consumer's heartbeat: keep its stall and step seconds, when it sent them.
+        Both are untrusted: a wrong type or range is a ProtocolError (an error reply)."""
+        stall_s = protocol.optional_seconds(msg, "stall_s")
+        step_s = protocol.optional_seconds(msg, "step_s")
+        sid = self.peer_stream.get(identity)
+        stream = self.streams.get(sid) if sid is not None else None
+        if stream is not None and stall_s is not None and step_s is not None:
+            stream.table.report(identity, stall_s, step_s)
 
     def forget(self, identity: bytes) -> None:
         self.peers.pop(identity, None)
@@ -157,7 +178,10 @@ class StreamRegistry:
                 self.tokens_delivered += stream.spec.window_tokens
 
     def beat(self, now: float) -> None:
-        """Heartbeat live consumers, detach silent ones, drop streams past their linger."""
+        """Heartbeat live consumers, detach silent ones, drop streams past their linger;
+        sample every stream's counters for its rates."""
+        for sid, stream in self.streams.items():
+            self.rates.setdefault(sid, RateWindow()).sample(now, stream_counters(stream))
         for identity, heard in list(self.peers.items()):
             if now - heard > self.consumer_timeout_s:
                 log.warning("consumer %s silent for %.0f s; detaching it", identity, now - heard)

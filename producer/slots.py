@@ -46,6 +46,8 @@ class Attachment:
     next_send: int  # seq of the next batch to announce to it
     held: set[int] = field(default_factory=set)  # seqs announced and not yet released
     replicas: int = 1  # the size of the group it declared
+    stall_s: float = 0.0  # its caller's seconds waiting in next(), as last reported
+    step_s: float = 0.0  # its caller's seconds between next() calls, as last reported
 
 
 @dataclass
@@ -74,6 +76,11 @@ class SlotTable:
         self.next_seq = 0
         self.consumers: dict[bytes, Attachment] = {}
         self.reservations: dict[int, Reservation] = {}
+        self.consumed = 0  # batches released by some consumer: the highest released seq + 1
+        # Seconds reported by consumers, summed over every consumer this stream ever had
+        # (deltas of each one's cumulative figures), so the totals never go down.
+        self.stall_s = 0.0
+        self.step_s = 0.0
 
     @property
     def depth(self) -> int:
@@ -115,8 +122,19 @@ class SlotTable:
 
     def release(self, identity: bytes, seq: int) -> None:
         c = self.consumers.get(identity)
-        if c is not None:
+        if c is not None and seq in c.held:
             c.held.discard(seq)
+            self.consumed = max(self.consumed, seq + 1)
+
+    def report(self, identity: bytes, stall_s: float, step_s: float) -> None:
+        """A consumer's cumulative wait and step seconds (from its heartbeat). A figure
+        lower than the last one (a new link restarts its count) adds nothing."""
+        c = self.consumers.get(identity)
+        if c is None:
+            return
+        self.stall_s += max(stall_s - c.stall_s, 0.0)
+        self.step_s += max(step_s - c.step_s, 0.0)
+        c.stall_s, c.step_s = stall_s, step_s
 
     def reclaim(self) -> int:
         """Free the slots every attached consumer was sent and released; returns how many."""
