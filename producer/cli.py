@@ -86,11 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop the daemon")
     _add_run_dir(stop)
 
-    status = sub.add_parser("status", help="streams, queue depth and workers of the daemon")
+    status = sub.add_parser("status", help="per stream: depth, tokens/s, trainer stall; "
+                            "workers; one line of advice")
     _add_run_dir(status)
-    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.add_argument("--json", action="store_true",
+                        help="print the status as JSON (keys: README, `tokenfeed status`)")
     status.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
-                        help="refresh every SECONDS (default 1) until Ctrl-C")
+                        help="a live screen, redrawn every SECONDS (default 1) until Ctrl-C; "
+                        "with --json, one JSON document per refresh")
 
     scale = sub.add_parser("scale", help="resize the worker pool of a running daemon")
     scale.add_argument("--workers", type=int, required=True)
@@ -169,55 +172,24 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _consumers(stream: dict[str, Any]) -> str:
-    """Consumers attached, and of how many replicas when a group was declared."""
-    group = stream["replicas"]
-    if group["expected"] > 1:
-        return f"{group['attached']}/{group['expected']}"
-    return str(stream["consumers"])
-
-
-def format_status(s: dict[str, Any], tokens_per_s: float | None = None) -> str:
-    w = s["workers"]
-    rate = f"  {tokens_per_s / 1e6:.2f} M tokens/s" if tokens_per_s is not None else ""
-    lines = [
-        f"daemon {s['daemon_id']}  pid {s['pid']}  up {s['uptime_s']:.0f} s  "
-        f"tokenizer {s['tokenizer']}  workers {w['alive']}/{w['target']} ({w['busy']} busy)  "
-        f"tokens delivered {s['tokens_delivered']:,}{rate}",
-        f"{'stream':>6} {'split':<5} {'rank':>7} {'B x T':>11} {'depth':>7} {'cons':>5} "
-        f"{'lag':>4} {'batches':>8} {'epoch':>5} {'unit':>7}  error",
-    ]
-    for st in s["streams"]:
-        pos = st["position"]
-        lines.append(
-            f"{st['stream']:>6} {st['split']:<5} {st['rank']:>3}/{st['world_size']:<3} "
-            f"{st['batch_size']:>4} x {st['seq_len']:<5}"
-            f"{st['depth']:>3}/{st['slots']:<3} {_consumers(st):>5} "
-            f"{st['replicas']['lag_batches']:>4} {st['batches']:>8} "
-            f"{pos['epoch']:>5} {pos['unit']:>7}  {st['error'] or ''}"
-        )
-    if not s["streams"]:
-        lines.append("(no streams: no consumer has attached yet)")
-    return "\n".join(lines)
-
-
 def _status(args: argparse.Namespace) -> None:
+    from tokenfeed.producer.view import render_screen, watch
+
     run_dir = resolve_run_dir(args.run_dir)
-    previous: tuple[float, int] | None = None
-    while True:
+
+    def fetch() -> dict[str, Any]:
         s = request(run_dir, "status")
         s.pop("v", None)
         s.pop("op", None)
-        now, delivered = time.monotonic(), int(s["tokens_delivered"])
-        rate = None
-        if previous is not None and now > previous[0]:
-            rate = (delivered - previous[1]) / (now - previous[0])  # between two refreshes
-        previous = (now, delivered)
-        text = json.dumps(s, indent=2) if args.json else format_status(s, rate)
+        return s
+
+    if args.watch is not None and not args.json:
+        watch(fetch, args.watch)
+    while True:
+        s = fetch()
+        print(json.dumps(s, indent=2) if args.json else render_screen(s), flush=True)
         if args.watch is None:
-            print(text)
             return
-        print("\033[2J\033[H" + text, flush=True)
         time.sleep(args.watch)
 
 
