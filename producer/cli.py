@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "streams that need it (naming it), or skip it (logged, in status)")
     serve.add_argument("--consumer-timeout-s", type=float, default=15.0,
                        help="drop a consumer silent this long and reclaim its slots")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                       "(pip install tokenfeed[metrics]; 0: any free port)")
+    serve.add_argument("--metrics-host", default="127.0.0.1",
+                       help="address /metrics listens on (default 127.0.0.1; 0.0.0.0 for a "
+                       "scraper on another host or pod)")
     serve.add_argument("--log-level", default="INFO", type=str.upper,
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--detach", action="store_true",
@@ -167,7 +173,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         max_ring_bytes=args.max_ring_mib << 20, consumer_timeout_s=args.consumer_timeout_s,
         max_staging_bytes=args.max_staging_mib << 20, task_bytes=args.task_kib << 10,
         tokenizer_backend=args.tokenizer_backend, on_backend_mismatch=args.on_backend_mismatch,
-        on_error=args.on_error,
+        on_error=args.on_error, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     ))
     return 0
 

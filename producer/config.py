@@ -55,6 +55,8 @@ class DaemonConfig:
     tokenizer_backend: str = "auto"  # backends.py: the fastest one proven identical to tiktoken
     on_backend_mismatch: str = "fallback"  # or "fail": refuse to start
     on_error: str = "fail"  # a row group that keeps failing: fail its streams, or "skip" it
+    metrics_port: int | None = None  # serve Prometheus /metrics there (0: any free port)
+    metrics_host: str = "127.0.0.1"  # loopback by default: a scrape reveals paths and names
 
     def __post_init__(self) -> None:
         check_workers(self.workers)
@@ -82,5 +84,8 @@ class DaemonConfig:
                               "'fail' or 'fallback'")
         if self.on_error not in ("fail", "skip"):
             raise ConfigError(f"--on-error {self.on_error!r} must be 'fail' or 'skip'")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port {self.metrics_port} must be in [0, 65535] "
+                              "(0: any free port, shown by `tokenfeed status`)")
         if not self.text_column:
             raise ConfigError("--text-column must not be empty")

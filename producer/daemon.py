@@ -60,6 +60,7 @@ from tokenfeed.producer.config import (
     max_workers,
 )
 from tokenfeed.producer.dataset import scan_dataset
+from tokenfeed.producer.metrics import MetricsServer, check_available
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Failure, Result, WorkerPool
@@ -84,6 +85,7 @@ class Daemon:
         self._lock_fd: int | None = None
         self.started = time.time()
         self.worker_restarts = 0  # workers that died (not retired) and were replaced
+        self.metrics: MetricsServer | None = None
 
     # -- start-up -----------------------------------------------------------
 
@@ -121,6 +123,8 @@ class Daemon:
         """Check every input before touching anything shared: bad input exits cleanly."""
         cfg = self.config
         control_address(self.run_dir)
+        if cfg.metrics_port is not None:
+            check_available()
         self.dataset = scan_dataset(cfg.data_dir, text_column=cfg.text_column,
                                     val_files=cfg.val_files)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
@@ -160,6 +164,10 @@ class Daemon:
             consumer_timeout_s=cfg.consumer_timeout_s, text_column=self.dataset.text_column,
             task_bytes=cfg.task_bytes, on_error=cfg.on_error, send=self._send,
         )
+        if cfg.metrics_port is not None:
+            self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port)
+            self.metrics.publish(self.status())
+            log.info("metrics at %s", self.metrics.url)
         self.control.bind(control_address(self.run_dir))
         log.info(
             "serving %s (train %d row groups, val %d) with %s (%s), %d workers, at %s",
@@ -213,6 +221,8 @@ class Daemon:
             if now >= next_beat:
                 next_beat = now + protocol.HEARTBEAT_INTERVAL_S
                 self.registry.beat(now)
+                if self.metrics is not None:  # scrapes read this copy from their own thread
+                    self.metrics.publish(self.status())
 
     def _on_outcome(self, outcome: Result | Failure) -> None:
         stream = self.registry.get(outcome.task.stream)
@@ -367,6 +377,8 @@ class Daemon:
             "daemon_id": self.daemon_id,
             "pid": os.getpid(),
             "uptime_s": time.time() - self.started,
+            "started": self.started,
+            "metrics_url": self.metrics.url if self.metrics is not None else None,
             "data_dir": str(self.config.data_dir),
             "tokenizer": self.tokenizer.name,
             "tokenizer_backend": self.backend,
@@ -392,6 +404,8 @@ class Daemon:
         if hasattr(self, "registry"):
             for identity in list(self.registry.peers):
                 self._send(identity, "shutdown", reason=reason)
+        if self.metrics is not None:
+            self.metrics.close()
         if hasattr(self, "pool"):
             self.pool.close()
         if hasattr(self, "registry"):
