@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import subprocess
 import sys
 import time
@@ -85,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "scraper on another host or pod)")
     serve.add_argument("--log-level", default="INFO", type=str.upper,
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", default="text", choices=["text", "json"],
+                       help="json: one JSON object per line (time, level, daemon_id, stream, "
+                       "message) for log collectors")
     serve.add_argument("--detach", action="store_true",
                        help="run in the background (log: <run dir>/daemon.log); print the run "
                        "dir and return once the daemon answers")
@@ -163,9 +165,9 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     if args.detach:
         return _serve_detached(args, argv)
     from tokenfeed.producer.daemon import serve
+    from tokenfeed.producer.logs import configure as configure_logging
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s tokenfeed %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     serve(DaemonConfig(
         data_dir=Path(args.data).expanduser(), run_dir=resolve_run_dir(args.run_dir),
         tokenizer=args.tokenizer, bos=args.bos, workers=args.workers, slots=args.slots,

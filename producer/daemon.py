@@ -60,6 +60,7 @@ from tokenfeed.producer.config import (
     max_workers,
 )
 from tokenfeed.producer.dataset import scan_dataset
+from tokenfeed.producer.logs import set_daemon_id
 from tokenfeed.producer.metrics import MetricsServer, check_available
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.packer import make_packer
@@ -140,6 +141,7 @@ class Daemon:
         self._clean_predecessor()
         remove_stale_segments()  # of killed daemons on any run dir (Slurm: one per job)
         self.daemon_id = new_daemon_id()
+        set_daemon_id(self.daemon_id)
         info = {"daemon_id": self.daemon_id, "pid": os.getpid(), "started": self.started,
                 "data_dir": str(cfg.data_dir), "tokenizer": cfg.tokenizer}
         tmp = self.run_dir / f"{INFO_NAME}.{os.getpid()}.tmp"
