@@ -176,7 +176,6 @@ class TokenFeed:
         self._closed = False
         self._tokenizer: dict[str, Any] = {}
         self.batches_returned = 0
-        self._returned_at: float | None = None  # perf_counter when next() last returned
         # Fail fast if no daemon answers, or, with reconnect_s, wait for one that is starting.
         self._wait_for_daemon(self.reconnect_s)
         _track(self)
@@ -207,6 +206,10 @@ class TokenFeed:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         called = time.perf_counter()
+        if self._link is not None:  # the step since the last return ends; a wait begins
+            stall_s, step_s, mark, _ = self._link.timing
+            step_s += called - mark if mark is not None else 0.0
+            self._link.timing = (stall_s, step_s, called, True)
         link = self._link if self._link is not None else self._attach()
         try:
             item = link.batches.get_nowait()
@@ -225,13 +228,10 @@ class TokenFeed:
         link.taken(item.seq)
         self._cursor = item.cursor
         self.batches_returned += 1
-        # The daemon's stall figures: time in here (the trainer waits) against time between
-        # calls (its step). Two clock reads, ~0.1 µs.
+        # The wait ends, a step begins (a new link, after an attach, counts from zero).
         returned = time.perf_counter()
-        if self._returned_at is not None:
-            link.step_s += called - self._returned_at
-        link.stall_s += returned - called
-        self._returned_at = returned
+        stall_s, step_s, _, _ = link.timing
+        link.timing = (stall_s + returned - called, step_s, returned, False)
         return item.inputs, item.targets
 
     def with_state(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:

@@ -78,10 +78,11 @@ class Link(threading.Thread):
         self._copied: set[int] = set()
         self._returned: deque[int] = deque()  # seqs the caller took (appended by next())
         self._taken: set[int] = set()
-        # Seconds the caller waited inside next() and spent between calls, since this link
-        # attached: added by next() on the caller's thread, sent with every heartbeat.
-        self.stall_s = 0.0
-        self.step_s = 0.0
+        # (stall_s, step_s, mark, inside): seconds the caller waited inside next() and spent
+        # between calls up to `mark` (perf_counter), and whether it is inside next() since.
+        # next() replaces the whole tuple (atomic); heartbeats add the open interval, so a
+        # trainer blocked in next(), or busy with a long step, is seen while it lasts.
+        self.timing: tuple[float, float, float | None, bool] = (0.0, 0.0, None, False)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -89,6 +90,16 @@ class Link(threading.Thread):
     def taken(self, seq: int) -> None:
         """Called by next() on the caller's thread: the batch left the read-ahead."""
         self._returned.append(seq)  # deque.append is atomic; the link thread drains it
+
+    def seconds(self) -> tuple[float, float]:
+        """The caller's stall and step seconds so far, the interval now open included."""
+        stall_s, step_s, mark, inside = self.timing
+        if mark is not None:
+            if inside:
+                stall_s += time.perf_counter() - mark
+            else:
+                step_s += time.perf_counter() - mark
+        return stall_s, step_s
 
     def run(self) -> None:
         try:
@@ -135,8 +146,8 @@ class Link(threading.Thread):
                 self._release(seq)
             now = time.monotonic()
             if now - last_beat >= protocol.HEARTBEAT_INTERVAL_S:
-                self.sock.send(protocol.encode("heartbeat", stall_s=self.stall_s,
-                                               step_s=self.step_s))
+                stall_s, step_s = self.seconds()
+                self.sock.send(protocol.encode("heartbeat", stall_s=stall_s, step_s=step_s))
                 last_beat = now
             if now - last_heard > protocol.DAEMON_SILENCE_S:
                 raise DaemonGoneError(

@@ -100,7 +100,7 @@ def test_grafana_dashboard_uses_only_metrics_a_daemon_serves(start_daemon):
     daemon = start_daemon("--metrics-port", "0", workers=1)
     with daemon.feed(2, 64) as feed:
         next(feed)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not (served := scrape(daemon)).get("tokenfeed_ring_depth_batches"):
             assert time.monotonic() < deadline
             time.sleep(0.1)

@@ -37,7 +37,7 @@ def test_metrics_serve_every_family_with_units_and_bounded_labels(start_daemon):
     assert daemon.status()["metrics_url"].startswith("http://127.0.0.1:")
     with daemon.feed(2, 64) as feed:
         next(feed)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not (m := scrape(daemon)).get("tokenfeed_tokens_produced_total", {}).get(TRAIN0):
             assert time.monotonic() < deadline, "the stream never reached /metrics"
             time.sleep(0.1)
@@ -68,9 +68,10 @@ def test_depth_gauge_drains_and_stall_counter_rises_when_a_consumer_outruns_one_
             m = scrape(daemon)
             depths.append(m["tokenfeed_ring_depth_batches"][TRAIN0])
             stalls.append(m["tokenfeed_consumer_stall_seconds_total"][TRAIN0])
-            if min(depths) < 4 and stalls[-1] > stalls[0] > 0:
+            reported = [x for x in stalls if x > 0]  # the first heartbeat may come later
+            if min(depths) < 4 and reported and stalls[-1] > reported[0]:
                 break
-            assert time.monotonic() < deadline, f"depths {depths}, stall {stalls}"
+            assert time.monotonic() < deadline, f"depths {depths[-20:]}, stall {stalls[-20:]}"
         consumed = m["tokenfeed_tokens_consumed_total"][TRAIN0]
     assert consumed >= 16 * 2048
     assert m["tokenfeed_consumer_step_seconds_total"][TRAIN0] >= 0
