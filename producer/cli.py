@@ -19,6 +19,7 @@ from typing import Any
 from tokenfeed.common.config import ensure_private_dir, resolve_run_dir
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError, TokenfeedError, UserInputError
+from tokenfeed.producer import data_commands
 from tokenfeed.producer.config import (
     DEFAULT_STAGING_BYTES,
     DEFAULT_TASK_BYTES,
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batches", type=int, default=300, help="batches per rank")
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=1024)
+    data_commands.add_commands(sub)
     return parser
 
 
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             from tokenfeed.producer.demo import run_demo
 
             return run_demo(args)
+        elif args.command in data_commands.COMMANDS:
+            return data_commands.run(args)
     except UserInputError as e:
         print(f"tokenfeed: error: {e}", file=sys.stderr)
         return 2

