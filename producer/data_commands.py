@@ -1,6 +1,7 @@
 """The `tokenfeed` subcommands that prepare what `serve` needs: a tokenizer and the data.
 
     tokenfeed train-tokenizer --data DIR --vocab-size V --out DIR   (train_tokenizer.py)
+    tokenfeed import-tokenizer SRC --out DIR [--allow-pickle]      (importers.py)
 
 `add_commands` adds their parsers to the CLI's subparsers and `run` carries one out;
 `cli.main` dispatches here for every name in `COMMANDS` and maps errors to exit codes
@@ -22,7 +23,7 @@ from tokenfeed.producer.vocab import (
     SPLIT_PATTERN,
 )
 
-COMMANDS = ("train-tokenizer",)
+COMMANDS = ("train-tokenizer", "import-tokenizer")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,10 +52,33 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                        help="last N files form the val split, skipped here (as for serve)")
     train.add_argument("--text-column", default="text", help="Parquet column holding the text")
 
+    imp = sub.add_parser(
+        "import-tokenizer",
+        help="convert nanochat's tokenizer.pkl, a .tiktoken file or an HF tokenizer.json",
+        description="Write SRC as a tokenizer directory for `serve --tokenizer DIR`. SRC: "
+        "nanochat's tokenizer.pkl (or its directory; needs --allow-pickle), a .tiktoken "
+        "ranks file (needs --pattern; nanochat's special tokens are added after the ranks), "
+        "or a Hugging Face tokenizer.json of a byte-level BPE (GPT-2, Llama-3, Qwen style), "
+        "imported only when checked identical; anything else is refused, naming the "
+        "difference.",
+    )
+    imp.add_argument("src", help="tokenizer.pkl, a directory holding one, *.tiktoken or "
+                     "tokenizer.json")
+    imp.add_argument("--out", required=True, help="directory to write the tokenizer to")
+    imp.add_argument("--allow-pickle", action="store_true",
+                     help="read a pickle. RISK: unpickling can run code from the file; only "
+                     "tiktoken's Encoding class is resolved, but pass this only for a file "
+                     "you trust. The daemon never unpickles: it reads the directory written.")
+    imp.add_argument("--pattern", help=f"split regex of a .tiktoken file (nanochat's: "
+                     f"{SPLIT_PATTERN})")
+    imp.add_argument("--bos", help="document separator (default: <|bos|>, else <|endoftext|>)")
+
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "train-tokenizer":
         return _train(args)
+    if args.command == "import-tokenizer":
+        return _import(args)
     raise AssertionError(f"not a data command: {args.command}")
 
 
@@ -86,4 +110,18 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  {c.name:<{width}}  vocab {c.n_vocab:>7,}  tokens {c.tokens:>12,}  "
               f"{c.bytes_per_token:.3f} bytes/token")
     print(f"serve with it: tokenfeed serve --data {config.data_dir} --tokenizer {result.out_dir}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from tokenfeed.producer.importers import import_tokenizer
+    from tokenfeed.producer.tokenizer import load_tokenizer, save_tokenizer_dir
+
+    out = Path(args.out).expanduser()
+    enc, bos = import_tokenizer(Path(args.src).expanduser(), allow_pickle=args.allow_pickle,
+                                pattern=args.pattern, bos=args.bos)
+    save_tokenizer_dir(enc, out, bos=bos)
+    tok = load_tokenizer(str(out))
+    print(f"saved {out}: n_vocab {tok.n_vocab:,}, bos {tok.bos} = {tok.bos_id}, "
+          f"{len(enc.special_tokens_set)} special tokens, identity {tok.identity}")
     return 0
