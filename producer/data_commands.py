@@ -2,6 +2,7 @@
 
     tokenfeed train-tokenizer --data DIR --vocab-size V --out DIR   (train_tokenizer.py)
     tokenfeed import-tokenizer SRC --out DIR [--allow-pickle]      (importers.py)
+    tokenfeed download --base-url URL --num-shards N --out DIR     (download.py)
 
 `add_commands` adds their parsers to the CLI's subparsers and `run` carries one out;
 `cli.main` dispatches here for every name in `COMMANDS` and maps errors to exit codes
@@ -23,7 +24,8 @@ from tokenfeed.producer.vocab import (
     SPLIT_PATTERN,
 )
 
-COMMANDS = ("train-tokenizer", "import-tokenizer")
+PRESET_NAMES = ("fineweb-edu-100b", "climbmix-400b")
+COMMANDS = ("train-tokenizer", "import-tokenizer", "download")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -73,12 +75,36 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                      f"{SPLIT_PATTERN})")
     imp.add_argument("--bos", help="document separator (default: <|bos|>, else <|endoftext|>)")
 
+    # the preset names are repeated from download.PRESETS, which imports pyarrow;
+    # test_download checks that the two agree
+    dl = sub.add_parser(
+        "download",
+        help="fetch URL/shard_00000.parquet ... in parallel, with retries",
+        description="Fetch BASE_URL/shard_00000.parquet ... into --out with W parallel "
+        "workers: each file is streamed to NAME.tmp, checked (Content-Length, valid "
+        "Parquet) and renamed; connection errors, HTTP 5xx and truncated bodies are retried "
+        "with exponential back-off; files already complete are skipped. Exits 1 if a file "
+        "could not be fetched. With --dataset, the set's last shard (nanochat's val shard) "
+        "is fetched too, so the last file of --out is the val split.",
+    )
+    dl.add_argument("--base-url", help="folder URL of the shards (default: the preset's)")
+    dl.add_argument("--dataset", choices=PRESET_NAMES,
+                    help="a public shard set as nanochat names it")
+    dl.add_argument("--num-shards", type=int, required=True, help="shards 0 .. N-1")
+    dl.add_argument("--out", required=True, help="directory to write the shards to")
+    dl.add_argument("--workers", type=int, default=4, help="parallel downloads (default 4)")
+    dl.add_argument("--attempts", type=int, default=5, help="tries per file (default 5)")
+    dl.add_argument("--backoff-s", type=float, default=2.0,
+                    help="wait before the first retry, doubled for each next (default 2)")
+
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "train-tokenizer":
         return _train(args)
     if args.command == "import-tokenizer":
         return _import(args)
+    if args.command == "download":
+        return _download(args)
     raise AssertionError(f"not a data command: {args.command}")
 
 
@@ -125,3 +151,33 @@ def _import(args: argparse.Namespace) -> int:
     print(f"saved {out}: n_vocab {tok.n_vocab:,}, bos {tok.bos} = {tok.bos_id}, "
           f"{len(enc.special_tokens_set)} special tokens, identity {tok.identity}")
     return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from tokenfeed.common.errors import ConfigError
+    from tokenfeed.producer.download import PRESETS, DownloadConfig, download, shard_indices
+    from tokenfeed.producer.progress import Progress
+
+    if args.base_url is None and args.dataset is None:
+        raise ConfigError("pass --base-url URL or --dataset "
+                          f"{{{','.join(PRESET_NAMES)}}}")
+    if args.num_shards < 1:
+        raise ConfigError(f"--num-shards {args.num_shards} must be >= 1")
+    base_url = args.base_url or PRESETS[args.dataset].base_url
+    config = DownloadConfig(
+        base_url=base_url, indices=shard_indices(args.num_shards, args.dataset),
+        out_dir=Path(args.out).expanduser(), workers=args.workers, attempts=args.attempts,
+        backoff_s=args.backoff_s,
+    )
+    progress = Progress(f"download {len(config.indices)} files", total=0, unit="B",
+                        stream=sys.stderr)
+    try:
+        summary = download(config, progress)
+    finally:
+        progress.close()
+    print(f"{len(summary.fetched)} fetched ({summary.bytes_fetched:,} bytes, "
+          f"{summary.retries} retries), {len(summary.skipped)} already complete, "
+          f"{len(summary.failed)} failed; in {config.out_dir}")
+    for url, error in summary.failed:
+        print(f"tokenfeed: error: could not fetch {url}: {error}", file=sys.stderr)
+    return 1 if summary.failed else 0
