@@ -195,7 +195,10 @@ class _Fetcher:
                     open(tmp, "wb") as out:
                 length = response.headers.get("Content-Length")
                 expected = int(length) if length is not None and length.isdigit() else None
-                while chunk := response.read(CHUNK_BYTES):
+                # read1: what has arrived, up to a chunk, so that a slow server still
+                # shows progress and a stop is seen between chunks; a body cut short ends
+                # in b"" here (not IncompleteRead) and fails the Content-Length check
+                while chunk := response.read1(CHUNK_BYTES):
                     if self.stop.is_set():
                         raise _Permanent("interrupted")
                     out.write(chunk)

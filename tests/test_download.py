@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,8 +20,9 @@ from tokenfeed.producer.download import PRESETS, DownloadConfig, download, shard
 
 # What the server does for one request of a file; the script of each file is consumed
 # in order, then every request gets "ok".
-OK, ERROR_500, DROP, SHORT, SHORT_NO_LENGTH, NOT_FOUND = (
-    "ok", "500", "drop", "short", "short-no-length", "404")
+OK, ERROR_500, DROP, SHORT, SHORT_NO_LENGTH, NOT_FOUND, SLOW = (
+    "ok", "500", "drop", "short", "short-no-length", "404", "slow")
+SLOW_CHUNK_BYTES, SLOW_CHUNK_S = 512, 0.05
 
 
 class ShardServer:
@@ -57,6 +60,15 @@ class ShardServer:
                 if action != SHORT_NO_LENGTH:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if action == SLOW:
+                    try:
+                        for start in range(0, len(body), SLOW_CHUNK_BYTES):
+                            self.wfile.write(body[start : start + SLOW_CHUNK_BYTES])
+                            self.wfile.flush()
+                            time.sleep(SLOW_CHUNK_S)
+                    except OSError:  # the client went away
+                        self.close_connection = True
+                    return
                 if action in (SHORT, SHORT_NO_LENGTH):
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
@@ -202,3 +214,29 @@ def test_presets_add_nanochats_val_shard_and_match_the_cli_choices() -> None:
     assert shard_indices(3, "fineweb-edu-100b") == (0, 1, 2, 1822)
     assert shard_indices(5000, "fineweb-edu-100b")[-2:] == (1821, 1822)
     assert shard_indices(3, None) == (0, 1, 2)
+
+
+def test_ctrl_c_stops_the_download_exits_130_and_leaves_no_tmp(
+    serve, shards: dict[str, bytes], tmp_path: Path
+) -> None:
+    server = serve(shards, {name: [SLOW] for name in shards})
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenfeed.producer", "download", "--base-url", server.url,
+         "--num-shards", str(len(shards)), "--workers", "2", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(out.glob("*.tmp")):  # a download is under way
+            assert time.monotonic() < deadline and proc.poll() is None, "no download started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert list(out.glob("*.tmp")) == []
+    assert all((out / p.name).read_bytes() == shards[p.name] for p in out.iterdir())
