@@ -34,6 +34,7 @@ from tokenfeed.producer.slots import Attachment, SlotTable
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+WHOLE = -1  # the part number of a result that stands for its whole unit
 MAX_LISTED_SKIPS = 20  # status lists the latest skipped row groups, and counts them all
 INITIAL_TOKENS_PER_TEXT_BYTE = 0.25  # English under cl100k; learnt from results as they come
 _NO_TOKENS = np.zeros(0, dtype=np.uint32)
@@ -172,8 +173,7 @@ class Stream:
         # After a bestfit resume, units between the buffer's oldest piece and the read
         # position hold nothing the packer needs: they are pushed empty, not tokenized.
         while self.next_part == 0 and not self.packer.needs_unit(self.next_unit):
-            task = Task(self.sid, self.next_unit, 0, "", -1, self.column, (0, 0))
-            self.results[self.next_unit] = {0: Result(task, _NO_TOKENS, _NO_STARTS, 0)}
+            self.results[self.next_unit] = {WHOLE: self._empty(self.next_unit)}
             self.next_unit += 1
         unit, part = self.next_unit, self.next_part
         if part + 1 < len(self._parts(unit)):
@@ -220,8 +220,7 @@ class Stream:
         for key in [k for k in self.inflight if k[0] == unit]:
             del self.inflight[key]  # their results are dropped as strays when they come
         self.retry = deque(k for k in self.retry if k[0] != unit)
-        empty = Task(self.sid, unit, 0, "", -1, self.column, (0, 0))
-        self.results[unit] = {0: Result(empty, _NO_TOKENS, _NO_STARTS, 0)}
+        self.results[unit] = {WHOLE: self._empty(unit)}
         if self.next_unit == unit:
             self.next_unit, self.next_part = unit + 1, 0
 
@@ -239,28 +238,25 @@ class Stream:
             self.tokens_per_text_byte += (ratio - self.tokens_per_text_byte) / min(
                 self.tasks_done, 16)
 
+    def _empty(self, unit: int) -> Result:
+        """A unit that delivers nothing (skipped, or not needed by a resumed packer)."""
+        task = Task(self.sid, unit, WHOLE, "", -1, self.column, (0, 0))
+        return Result(task, _NO_TOKENS, _NO_STARTS, 0, _NO_STARTS)
+
     def _take_unit(self) -> Result | None:
         """The packer's next unit once all its parts are in, its parts joined in order."""
         unit = self.packer.next_unit
         parts = self.results.get(unit)
-        if parts is None:
-            return None
-        skipped = 0 in parts and parts[0].task.row_group < 0  # pushed empty, see _advance
-        if not skipped and len(parts) < len(self._parts(unit)):
+        if parts is None or (WHOLE not in parts and len(parts) < len(self._parts(unit))):
             return None
         del self.results[unit]
-        ordered = [parts[i] for i in range(len(parts))]
+        ordered = [parts[WHOLE]] if WHOLE in parts else [parts[i] for i in range(len(parts))]
         self.staged_bytes -= sum(r.tokens.nbytes + r.doc_starts.nbytes for r in ordered)
         self.units_done += 1
         if len(ordered) == 1:
             return ordered[0]
-        offsets = np.cumsum([0] + [len(r.tokens) for r in ordered[:-1]])
-        return Result(
-            ordered[0].task,
-            np.concatenate([r.tokens for r in ordered]),
-            np.concatenate([r.doc_starts + off for r, off in zip(ordered, offsets, strict=True)]),
-            sum(r.skipped for r in ordered),
-        )
+        return Result.of_rows(ordered[0].task, np.concatenate([r.tokens for r in ordered]),
+                              np.concatenate([r.row_tokens for r in ordered]))
 
     # -- packing and delivery -----------------------------------------------
 
