@@ -25,6 +25,7 @@ import numpy as np
 from tokenfeed.common.config import MAX_POSITION, StreamSpec
 from tokenfeed.common.errors import StateMismatchError, TokenfeedError
 from tokenfeed.common.ring import Ring
+from tokenfeed.producer.cache import TokenCache, file_order
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
 from tokenfeed.producer.packer import make_packer
@@ -57,6 +58,7 @@ class Stream:
     def __init__(
         self, sid: int, spec: StreamSpec, plan: SplitPlan, ring: Ring, column: str,
         start: dict[str, Any], *, task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
+        cache: TokenCache | None = None,
     ) -> None:
         self.sid = sid
         self.spec = spec
@@ -65,6 +67,8 @@ class Stream:
         self.column = column
         self.task_bytes = task_bytes
         self.on_error = on_error
+        self.cache = cache
+        self.units_cached = 0  # units served from the token cache
         self.packer = make_packer(spec, start)
         self.table = SlotTable(ring)
         self.next_unit = self.packer.next_unit  # next (unit, part) to schedule
@@ -168,6 +172,37 @@ class Stream:
         return Task(self.sid, unit, part, ref.path, ref.row_group, self.column, rows, doc_seed,
                     text_bytes)
 
+    def serve_cached(self) -> bool:
+        """Take the next unit from the token cache instead of the workers, if it is there."""
+        if self.cache is None or self.retry or self.next_part != 0 or self.error is not None:
+            return False
+        unit = self.next_unit
+        if not self.packer.needs_unit(unit):
+            return False  # _advance pushes it empty
+        ref = self._ref(unit)
+        cached = self.cache.get(ref.path, ref.row_group)
+        if cached is None or len(cached.row_tokens) != ref.num_rows:
+            return False
+        tokens, row_tokens = cached.in_order(self._row_order(unit))
+        task = Task(self.sid, unit, WHOLE, ref.path, ref.row_group, self.column,
+                    (0, ref.num_rows))
+        result = Result.of_rows(task, tokens, row_tokens)
+        self.results[unit] = {WHOLE: result}
+        self.staged_bytes += result.tokens.nbytes + result.doc_starts.nbytes
+        self.documents += len(result.doc_starts)
+        self.skipped += result.skipped
+        self.units_cached += 1
+        self.next_unit += 1
+        return True
+
+    def _row_order(self, unit: int) -> np.ndarray | None:
+        """The order a shuffled epoch reads the unit's rows in (None: file order)."""
+        if self.spec.shuffle_seed is None:
+            return None
+        epoch, ordinal = self.plan.unit_position(self.spec.rank, self.spec.world_size, unit)
+        n = self._ref(unit).num_rows
+        return np.random.default_rng([self.spec.shuffle_seed, epoch, ordinal]).permutation(n)
+
     def _advance(self) -> tuple[int, int]:
         """The next (unit, part) in stream order."""
         # After a bestfit resume, units between the buffer's oldest piece and the read
@@ -253,10 +288,16 @@ class Stream:
         ordered = [parts[WHOLE]] if WHOLE in parts else [parts[i] for i in range(len(parts))]
         self.staged_bytes -= sum(r.tokens.nbytes + r.doc_starts.nbytes for r in ordered)
         self.units_done += 1
-        if len(ordered) == 1:
-            return ordered[0]
-        return Result.of_rows(ordered[0].task, np.concatenate([r.tokens for r in ordered]),
-                              np.concatenate([r.row_tokens for r in ordered]))
+        joined = ordered[0] if len(ordered) == 1 else Result.of_rows(
+            ordered[0].task, np.concatenate([r.tokens for r in ordered]),
+            np.concatenate([r.row_tokens for r in ordered]))
+        if self.cache is not None and WHOLE not in parts:  # tokenized here: keep it
+            ref = self._ref(unit)
+            if len(joined.row_tokens) == ref.num_rows:
+                self.cache.put(ref.path, ref.row_group,
+                               *file_order(joined.tokens, joined.row_tokens,
+                                           self._row_order(unit)))
+        return joined
 
     # -- packing and delivery -----------------------------------------------
 
@@ -315,6 +356,7 @@ class Stream:
             "batches": self.batches,
             "tasks_inflight": len(self.inflight),
             "tasks_done": self.tasks_done,
+            "units_cached": self.units_cached,
             "units_done": self.units_done,
             "staged_bytes": self.staged(),
             "documents": self.documents,
