@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_START_FAILURES = 5  # workers dying before their hello, in a row: stop respawning
 QUEUE_DEPTH = 2  # tasks a worker holds: it starts the next while the daemon takes the last
-STAGING_BYTES = 8 << 20  # per buffer; a task of ~1 MiB of text needs ~1 MiB; grows on demand
+STAGING_BYTES = 4 << 20  # per buffer, reserved in /dev/shm: a 1 MiB-text task needs ~1 MiB; grows
 SPAWNS_PER_TICK = 2  # a spawn costs a few ms of the loop; heartbeats go every 500 ms
 JOIN_TIMEOUT_S = 5.0
 
