@@ -18,6 +18,7 @@ MIN_TASK_BYTES = 1 << 10
 TOKENIZER_BACKENDS = ("auto", "tiktoken", "quicktok")  # backends.BACKENDS, without its imports
 # Documents of the user's corpus a faster backend must reproduce exactly before it is used.
 PARITY_SAMPLE_BYTES = 2 << 20
+DEFAULT_CACHE_BYTES = 50 << 30  # token cache bound: FineWeb-Edu 10B tokens as uint32 is 40 GB
 # Tokens held outside the rings, all streams together (see scheduler.py).
 DEFAULT_STAGING_BYTES = 1 << 30
 
@@ -55,6 +56,8 @@ class DaemonConfig:
     tokenizer_backend: str = "auto"  # backends.py: the fastest one proven identical to tiktoken
     on_backend_mismatch: str = "fallback"  # or "fail": refuse to start
     on_error: str = "fail"  # a row group that keeps failing: fail its streams, or "skip" it
+    cache_dir: Path | None = None  # token cache (cache.py); None: tokenize every epoch
+    cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
         check_workers(self.workers)
@@ -80,6 +83,8 @@ class DaemonConfig:
         if self.on_backend_mismatch not in ("fail", "fallback"):
             raise ConfigError(f"--on-backend-mismatch {self.on_backend_mismatch!r} must be "
                               "'fail' or 'fallback'")
+        if self.cache_bytes < 1:
+            raise ConfigError(f"--cache-gib {self.cache_bytes / (1 << 30):g} must be > 0")
         if self.on_error not in ("fail", "skip"):
             raise ConfigError(f"--on-error {self.on_error!r} must be 'fail' or 'skip'")
         if not self.text_column:

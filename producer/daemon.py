@@ -53,6 +53,7 @@ from tokenfeed.common.errors import (
 from tokenfeed.common.ring import token_dtype
 from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
 from tokenfeed.producer.backends import verified_backend
+from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.config import PARITY_SAMPLE_BYTES, DaemonConfig, check_workers
 from tokenfeed.producer.dataset import scan_dataset
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
@@ -147,11 +148,16 @@ class Daemon:
         self.pool.resize(cfg.workers)
         if (budget_warning := ring_budget_warning(cfg.max_ring_bytes)) is not None:
             log.warning(budget_warning)  # warn, not refuse: rings are made per attach, each checked
+        self.cache: TokenCache | None = None
+        if cfg.cache_dir is not None:
+            self.cache = TokenCache(cfg.cache_dir, cfg.cache_bytes, self.tokenizer.identity,
+                                    self.itemsize, self.dataset.text_column)
         self.registry = StreamRegistry(
             daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
             max_ring_bytes=cfg.max_ring_bytes, linger_s=cfg.linger_s,
             consumer_timeout_s=cfg.consumer_timeout_s, text_column=self.dataset.text_column,
-            task_bytes=cfg.task_bytes, on_error=cfg.on_error, send=self._send,
+            task_bytes=cfg.task_bytes, on_error=cfg.on_error, cache=self.cache,
+            send=self._send,
         )
         self.control.bind(control_address(self.run_dir))
         log.info(
@@ -361,6 +367,7 @@ class Daemon:
             "workers": self.pool.stats(),
             "staging": {"bytes": self.registry.staged(),
                         "budget_bytes": self.config.max_staging_bytes},
+            "cache": self.cache.stats() if self.cache is not None else None,
             "tokens_delivered": self.registry.tokens_delivered,
             "streams": [s.describe() for s in self.registry],
         }
@@ -379,6 +386,9 @@ class Daemon:
             self.pool.close()
         if hasattr(self, "registry"):
             self.registry.drop_all()
+        cache: TokenCache | None = getattr(self, "cache", None)
+        if cache is not None:
+            cache.close()
         if hasattr(self, "control"):
             self.control.close(linger=500)  # let the shutdown notices reach the consumers
             self.ctx.term()
