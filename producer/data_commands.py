@@ -71,8 +71,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                      help="read a pickle. RISK: unpickling can run code from the file; only "
                      "tiktoken's Encoding class is resolved, but pass this only for a file "
                      "you trust. The daemon never unpickles: it reads the directory written.")
-    imp.add_argument("--pattern", help=f"split regex of a .tiktoken file (nanochat's: "
-                     f"{SPLIT_PATTERN})")
+    imp.add_argument("--pattern", help="split regex of a .tiktoken file, or 'nanochat' "
+                     "(train-tokenizer's default: GPT-4's with 1-2 digit numbers) or 'gpt2'")
     imp.add_argument("--bos", help="document separator (default: <|bos|>, else <|endoftext|>)")
 
     # the preset names are repeated from download.PRESETS, which imports pyarrow;
@@ -140,12 +140,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from tokenfeed.producer.importers import import_tokenizer
+    from tokenfeed.producer.importers import GPT2_PATTERN, import_tokenizer
     from tokenfeed.producer.tokenizer import load_tokenizer, save_tokenizer_dir
 
     out = Path(args.out).expanduser()
+    pattern = {"nanochat": SPLIT_PATTERN, "gpt2": GPT2_PATTERN}.get(args.pattern, args.pattern)
     enc, bos = import_tokenizer(Path(args.src).expanduser(), allow_pickle=args.allow_pickle,
-                                pattern=args.pattern, bos=args.bos)
+                                pattern=pattern, bos=args.bos)
     save_tokenizer_dir(enc, out, bos=bos)
     tok = load_tokenizer(str(out))
     print(f"saved {out}: n_vocab {tok.n_vocab:,}, bos {tok.bos} = {tok.bos_id}, "

@@ -155,3 +155,17 @@ def test_hf_merges_out_of_id_order_are_refused_naming_the_merge(
     (tmp_path / "tokenizer.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerError, match=r"merge 4 \(.*merge order and id order differ"):
         import_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_cli_imports_a_tiktoken_file_with_the_nanochat_pattern_by_name(
+    nanochat_encoding: tiktoken.Encoding, tmp_path: Path
+) -> None:
+    save_tokenizer_dir(nanochat_encoding, tmp_path / "dir", bos=BOS_TOKEN)
+    ranks = tmp_path / "bpe.tiktoken"
+    ranks.write_bytes((tmp_path / "dir" / RANKS_FILE).read_bytes())
+    result = tokenfeed("import-tokenizer", str(ranks), "--pattern", "nanochat", "--out",
+                       str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    tok = load_tokenizer(str(tmp_path / "out"))
+    assert tok.encoding._pat_str == SPLIT_PATTERN
+    assert tok.identity == load_tokenizer(str(tmp_path / "dir")).identity
