@@ -8,10 +8,11 @@ One file per row group, `<dir>/<key>.tok`, holding its rows in file order:
     tokens              itemsize * n_tokens: each row's BOS + encode_ordinary(text)
 
 `key` is a digest of what determines the tokens and nothing else: the shard's name,
-size and modification time, the row group's index, the text column, and the
-tokenizer's identity (the encoding, never the backend: backends are exact). A changed
-shard or another tokenizer therefore never reads stale tokens, and a shuffled epoch
-reads the same entry: rows are permuted when the entry is read, as a worker would.
+size and modification time when the daemon started (an object's, in object storage),
+the row group's index, the text column, and the tokenizer's identity (the encoding,
+never the backend: backends are exact). A changed shard or another tokenizer therefore
+never reads stale tokens, and a shuffled epoch reads the same entry: rows are permuted
+when the entry is read, as a worker would.
 
 Safe by construction: an entry is written to a unique temporary name and renamed into
 place, so a reader (this daemon or another of the same user sharing the directory)
@@ -112,24 +113,19 @@ class TokenCache:
 
     # -- keys -----------------------------------------------------------------
 
-    def path(self, shard: str, row_group: int) -> Path | None:
-        """The entry of a row group as the shard is now; None if the shard is unreadable."""
-        try:
-            st = os.stat(shard)
-        except OSError:
-            return None
-        key = "\0".join([os.path.basename(shard), str(st.st_size), str(st.st_mtime_ns),
-                         str(row_group), self.column, self.identity, str(self.itemsize)])
+    def path(self, shard: str, stamp: str, row_group: int) -> Path:
+        """The entry of a row group of `shard` as it was when the daemon started (`stamp`:
+        its size and modification time)."""
+        key = "\0".join([shard.rsplit("/", 1)[-1], stamp, str(row_group), self.column,
+                         self.identity, str(self.itemsize)])
         return self.root / (hashlib.sha256(key.encode()).hexdigest()[:32] + SUFFIX)
 
     # -- reads ----------------------------------------------------------------
 
-    def get(self, shard: str, row_group: int) -> CachedRows | None:
+    def get(self, shard: str, stamp: str, row_group: int) -> CachedRows | None:
         if not self.enabled:
             return None
-        path = self.path(shard, row_group)
-        if path is None:
-            return None
+        path = self.path(shard, stamp, row_group)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -179,12 +175,13 @@ class TokenCache:
 
     # -- writes ---------------------------------------------------------------
 
-    def put(self, shard: str, row_group: int, tokens: np.ndarray, row_tokens: np.ndarray) -> None:
+    def put(self, shard: str, stamp: str, row_group: int, tokens: np.ndarray,
+            row_tokens: np.ndarray) -> None:
         """Queue a row group's rows (file order) for writing; never blocks."""
         if not self.enabled:
             return
-        path = self.path(shard, row_group)
-        if path is None or path.exists():
+        path = self.path(shard, stamp, row_group)
+        if path.exists():
             return
         data = np.ascontiguousarray(tokens, dtype=self.dtype)
         rows = np.ascontiguousarray(row_tokens, dtype=np.int64)

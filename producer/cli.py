@@ -46,7 +46,8 @@ def _add_run_dir(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument("--data", required=required, help="folder of *.parquet shards")
+    p.add_argument("--data", required=required,
+                   help="folder of *.parquet shards, or a URL: s3://bucket/prefix, gs://...")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                    help="tiktoken encoding name or tokenizer directory "
                    f"(default: {DEFAULT_TOKENIZER}, bundled, offline)")
@@ -174,7 +175,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s tokenfeed %(levelname)s %(name)s: %(message)s")
     serve(DaemonConfig(
-        data_dir=Path(args.data).expanduser(), run_dir=resolve_run_dir(args.run_dir),
+        data_dir=args.data if "://" in args.data else Path(args.data).expanduser(),
+        run_dir=resolve_run_dir(args.run_dir),
         tokenizer=args.tokenizer, bos=args.bos, workers=args.workers, slots=args.slots,
         val_files=args.val_files, text_column=args.text_column, linger_s=args.linger_s,
         max_ring_bytes=args.max_ring_mib << 20, consumer_timeout_s=args.consumer_timeout_s,

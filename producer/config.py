@@ -39,7 +39,7 @@ def check_workers(workers: int) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
-    data_dir: Path
+    data_dir: Path | str  # a folder, or an object-storage URL such as s3://bucket/prefix
     run_dir: Path
     tokenizer: str = DEFAULT_TOKENIZER
     bos: str | None = None

@@ -55,7 +55,7 @@ from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
 from tokenfeed.producer.backends import verified_backend
 from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.config import PARITY_SAMPLE_BYTES, DaemonConfig, check_workers
-from tokenfeed.producer.dataset import scan_dataset
+from tokenfeed.producer.dataset import changed_shards, scan_dataset
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Failure, Result, WorkerPool
@@ -343,11 +343,18 @@ class Daemon:
         if not isinstance(expect, dict):
             raise ProtocolError("attach: 'expect' must be a map")
         saved, now = expect.get("fingerprint"), self.dataset.fingerprint
-        if saved and saved != now:
+        if saved is not None and not isinstance(saved, str):
+            raise ProtocolError("attach: expect.fingerprint must be a string")
+        if saved and saved.split(".")[0] != now.split(".")[0]:
+            among = changed_shards(saved, self.dataset)
+            which = (f"changed, added or removed among {', '.join(among[:20])}"
+                     if among else "a shard was removed" if among == [] else
+                     "file names, sizes or row groups changed")
             raise StateMismatchError(
-                f"the saved state's dataset fingerprint {saved} differs from this daemon's {now} "
-                f"({self.config.data_dir}: file names, sizes or row groups changed); resume on "
-                "the same data, or start without load_state_dict()"
+                f"the saved state's data differs from this daemon's {self.config.data_dir}: "
+                f"{which} (fingerprint {saved.split('.')[0]} saved, {now.split('.')[0]} now; "
+                "objects also by modification time); resume on the same data, or start "
+                "without load_state_dict()"
             )
         saved, now = expect.get("tokenizer"), self.tokenizer.identity
         if saved and saved != now:

@@ -180,7 +180,7 @@ class Stream:
         if not self.packer.needs_unit(unit):
             return False  # _advance pushes it empty
         ref = self._ref(unit)
-        cached = self.cache.get(ref.path, ref.row_group)
+        cached = self.cache.get(ref.path, ref.shard_stamp, ref.row_group)
         if cached is None or len(cached.row_tokens) != ref.num_rows:
             return False
         tokens, row_tokens = cached.in_order(self._row_order(unit))
@@ -294,7 +294,7 @@ class Stream:
         if self.cache is not None and WHOLE not in parts:  # tokenized here: keep it
             ref = self._ref(unit)
             if len(joined.row_tokens) == ref.num_rows:
-                self.cache.put(ref.path, ref.row_group,
+                self.cache.put(ref.path, ref.shard_stamp, ref.row_group,
                                *file_order(joined.tokens, joined.row_tokens,
                                            self._row_order(unit)))
         return joined

@@ -46,6 +46,7 @@ from tokenfeed.common.errors import ProtocolError
 from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment
 from tokenfeed.producer.backends import make_encoder
+from tokenfeed.producer.storage import open_parquet
 from tokenfeed.producer.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class RowGroupReader:
     def _file(self, path: str) -> pq.ParquetFile:
         pf = self.files.get(path)
         if pf is None:
-            pf = self.files[path] = pq.ParquetFile(path)
+            pf = self.files[path] = open_parquet(path)
             if len(self.files) > OPEN_FILES:
                 self.files.popitem(last=False)
         self.files.move_to_end(path)
