@@ -31,7 +31,7 @@ tasks and works through them in order). `WORKER_OPS` lists every op's fields and
 `decode_worker` checks them, so the daemon never trusts a frame on that socket either.
     worker -> daemon:
         hello  {worker, pid}
-        done   {task, n_tokens, n_docs, starts_offset, skipped, read_s, tokenize_s}
+        done   {task, n_tokens, n_rows, rows_offset, read_s, tokenize_s}
         failed {task, error}
         grow   {task, need_bytes}             the result does not fit its staging buffer
     daemon -> worker:
@@ -119,8 +119,8 @@ TaskKey = tuple[int, int, int]  # (stream, unit, part)
 # list, "seconds" a non-negative number, "rows" [lo, hi] with lo <= hi.
 WORKER_OPS: dict[str, dict[str, str]] = {
     "hello": {"worker": "count", "pid": "count"},
-    "done": {"task": "task", "n_tokens": "count", "n_docs": "count", "starts_offset": "count",
-             "skipped": "count", "read_s": "seconds", "tokenize_s": "seconds"},
+    "done": {"task": "task", "n_tokens": "count", "n_rows": "count", "rows_offset": "count",
+             "read_s": "seconds", "tokenize_s": "seconds"},
     "failed": {"task": "task", "error": "str"},
     "grow": {"task": "task", "need_bytes": "count"},
     "task": {"task": "task", "buffer": "count", "staging": "str", "path": "str",

@@ -59,6 +59,7 @@ from tokenfeed.common.errors import (
     VocabularyMismatchError,
 )
 from tokenfeed.common.ring import Ring
+from tokenfeed.consumer.docinfo import doc_info
 from tokenfeed.consumer.link import Link
 from tokenfeed.consumer.state import select_state
 from tokenfeed.consumer.topology import mesh_placement, resolve_topology
@@ -136,6 +137,7 @@ class TokenFeed:
         min_tail: int | _Preset | None = PRESET,
         vocab_size: int | None = None,
         replicas: int = 1,
+        doc_info: bool = False,
         prefetch: int = 2,
         stall_timeout_s: float = 300.0,
         reconnect_s: float = 0.0,
@@ -161,6 +163,7 @@ class TokenFeed:
         # Sent with the first attach only: a replica that re-attaches later rejoins its
         # group's stream at its own position, it does not start a new group there.
         self.replicas = replicas
+        self.doc_info = doc_info  # next() also yields the batch's DocInfo (docinfo.py)
         self.device = topo.device
         self.run_dir = resolve_run_dir(run_dir)
         self.prefetch = prefetch
@@ -204,7 +207,8 @@ class TokenFeed:
     def __iter__(self) -> TokenFeed:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[Any, ...]:
+        """(inputs, targets), or (inputs, targets, DocInfo) with `doc_info=True`."""
         called = time.perf_counter()
         if self._link is not None:  # the step since the last return ends; a wait begins
             stall_s, step_s, mark, _ = self._link.timing
@@ -232,9 +236,11 @@ class TokenFeed:
         returned = time.perf_counter()
         stall_s, step_s, _, _ = link.timing
         link.timing = (stall_s + returned - called, step_s, returned, False)
+        if self.doc_info:  # computed on the batch's device, on the caller's stream
+            return item.inputs, item.targets, doc_info(item.inputs, self.bos_id)
         return item.inputs, item.targets
 
-    def with_state(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    def with_state(self) -> Iterator[tuple[Any, ...]]:
         """`(inputs, targets, state)` batches, where `state` resumes AT this batch: a feed
         that loads it returns this same batch first.
 
@@ -248,10 +254,9 @@ class TokenFeed:
             if self._link is None and not self._closed:
                 self._attach()  # so that even the first state names the data and tokenizer
             state = self.state_dict()
-            inputs, targets = next(self)
-            yield inputs, targets, state
+            yield (*next(self), state)
 
-    def take(self, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def take(self, n: int) -> Iterator[tuple[Any, ...]]:
         """Exactly `n` batches, e.g. one evaluation pass: `for x, y in val.take(20): ...`."""
         if n < 0:
             raise ConfigError(f"take(n={n}): n must be >= 0")

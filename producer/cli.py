@@ -17,8 +17,15 @@ from typing import Any
 
 from tokenfeed.common.config import ensure_private_dir, resolve_run_dir
 from tokenfeed.common.control import request
-from tokenfeed.common.errors import DaemonUnavailableError, TokenfeedError, UserInputError
+from tokenfeed.common.errors import (
+    ConfigError,
+    DaemonUnavailableError,
+    TokenfeedError,
+    UserInputError,
+)
+from tokenfeed.producer import data_commands
 from tokenfeed.producer.config import (
+    DEFAULT_CACHE_BYTES,
     DEFAULT_STAGING_BYTES,
     DEFAULT_TASK_BYTES,
     DEFAULT_TOKENIZER,
@@ -38,7 +45,8 @@ def _add_run_dir(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument("--data", required=required, help="folder of *.parquet shards")
+    p.add_argument("--data", required=required,
+                   help="folder of *.parquet shards, or a URL: s3://bucket/prefix, gs://...")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                    help="tiktoken encoding name or tokenizer directory "
                    f"(default: {DEFAULT_TOKENIZER}, bundled, offline)")
@@ -71,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["fallback", "fail"],
                        help="when a faster backend differs from tiktoken on your documents: "
                        "use tiktoken (with a warning), or refuse to start")
+    serve.add_argument("--cache-dir", help="node-local token cache: row groups tokenized "
+                       "once are read from here in later epochs and later runs")
+    serve.add_argument("--cache-gib", type=float, default=DEFAULT_CACHE_BYTES / (1 << 30),
+                       help="bound of the token cache; least recently used entries go first")
     serve.add_argument("--on-error", default="fail", choices=["fail", "skip"],
                        help="a row group that fails to read or tokenize 3 times: fail the "
                        "streams that need it (naming it), or skip it (logged, in status)")
@@ -110,11 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     clean = sub.add_parser("clean", help="remove shared memory left by killed daemons")
     clean.add_argument("--dry-run", action="store_true", help="list, do not remove")
 
+    cache = sub.add_parser("cache", help="inspect or empty a token cache directory")
+    cache.add_argument("action", choices=["info", "clear"])
+    cache.add_argument("--cache-dir", required=True)
+
     demo = sub.add_parser("demo", help="daemon + two consumer ranks on a sample corpus")
     _add_data_flags(demo, required=False)
     demo.add_argument("--batches", type=int, default=300, help="batches per rank")
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=1024)
+    data_commands.add_commands(sub)
     return parser
 
 
@@ -169,7 +186,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
 
     configure_logging(args.log_level, args.log_format)
     serve(DaemonConfig(
-        data_dir=Path(args.data).expanduser(), run_dir=resolve_run_dir(args.run_dir),
+        data_dir=args.data if "://" in args.data else Path(args.data).expanduser(),
+        run_dir=resolve_run_dir(args.run_dir),
         tokenizer=args.tokenizer, bos=args.bos, workers=args.workers, slots=args.slots,
         val_files=args.val_files, text_column=args.text_column, linger_s=args.linger_s,
         max_ring_bytes=args.max_ring_mib << 20, consumer_timeout_s=args.consumer_timeout_s,
@@ -177,6 +195,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         tokenizer_backend=args.tokenizer_backend, on_backend_mismatch=args.on_backend_mismatch,
         on_error=args.on_error, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
+        cache_bytes=int(args.cache_gib * (1 << 30)),
     ))
     return 0
 
@@ -202,6 +222,20 @@ def _status(args: argparse.Namespace) -> None:
         time.sleep(args.watch)
 
 
+def _cache(args: argparse.Namespace) -> None:
+    root = Path(args.cache_dir).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"--cache-dir {root} is not a directory")
+    entries = sorted(root.glob("*.tok"))
+    size = sum(p.stat().st_size for p in entries)
+    if args.action == "clear":
+        for p in entries:
+            p.unlink(missing_ok=True)
+        print(f"removed {len(entries)} entries ({size / (1 << 20):.1f} MiB) from {root}")
+    else:
+        print(f"{root}: {len(entries)} row groups cached, {size / (1 << 20):.1f} MiB")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -222,10 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             names = stale_segments() if args.dry_run else remove_stale_segments()
             done = "found" if args.dry_run else "removed"
             print("\n".join([*names, f"{len(names)} segments of dead daemons {done}"]))
+        elif args.command == "cache":
+            _cache(args)
         elif args.command == "demo":
             from tokenfeed.producer.demo import run_demo
 
             return run_demo(args)
+        elif args.command in data_commands.COMMANDS:
+            return data_commands.run(args)
     except UserInputError as e:
         print(f"tokenfeed: error: {e}", file=sys.stderr)
         return 2

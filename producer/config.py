@@ -18,6 +18,7 @@ MIN_TASK_BYTES = 1 << 10
 TOKENIZER_BACKENDS = ("auto", "tiktoken", "quicktok")  # backends.BACKENDS, without its imports
 # Documents of the user's corpus a faster backend must reproduce exactly before it is used.
 PARITY_SAMPLE_BYTES = 2 << 20
+DEFAULT_CACHE_BYTES = 50 << 30  # token cache bound: FineWeb-Edu 10B tokens as uint32 is 40 GB
 # Tokens held outside the rings, all streams together (see scheduler.py).
 DEFAULT_STAGING_BYTES = 1 << 30
 
@@ -38,7 +39,7 @@ def check_workers(workers: int) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
-    data_dir: Path
+    data_dir: Path | str  # a folder, or an object-storage URL such as s3://bucket/prefix
     run_dir: Path
     tokenizer: str = DEFAULT_TOKENIZER
     bos: str | None = None
@@ -55,6 +56,8 @@ class DaemonConfig:
     tokenizer_backend: str = "auto"  # backends.py: the fastest one proven identical to tiktoken
     on_backend_mismatch: str = "fallback"  # or "fail": refuse to start
     on_error: str = "fail"  # a row group that keeps failing: fail its streams, or "skip" it
+    cache_dir: Path | None = None  # token cache (cache.py); None: tokenize every epoch
+    cache_bytes: int = DEFAULT_CACHE_BYTES
     metrics_port: int | None = None  # serve Prometheus /metrics there (0: any free port)
     metrics_host: str = "127.0.0.1"  # loopback by default: a scrape reveals paths and names
 
@@ -82,6 +85,8 @@ class DaemonConfig:
         if self.on_backend_mismatch not in ("fail", "fallback"):
             raise ConfigError(f"--on-backend-mismatch {self.on_backend_mismatch!r} must be "
                               "'fail' or 'fallback'")
+        if self.cache_bytes < 1:
+            raise ConfigError(f"--cache-gib {self.cache_bytes / (1 << 30):g} must be > 0")
         if self.on_error not in ("fail", "skip"):
             raise ConfigError(f"--on-error {self.on_error!r} must be 'fail' or 'skip'")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

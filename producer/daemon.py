@@ -53,13 +53,14 @@ from tokenfeed.common.errors import (
 from tokenfeed.common.ring import token_dtype
 from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
 from tokenfeed.producer.backends import verified_backend
+from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.config import (
     PARITY_SAMPLE_BYTES,
     DaemonConfig,
     check_workers,
     max_workers,
 )
-from tokenfeed.producer.dataset import scan_dataset
+from tokenfeed.producer.dataset import changed_shards, scan_dataset
 from tokenfeed.producer.logs import set_daemon_id
 from tokenfeed.producer.metrics import MetricsServer, check_available
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
@@ -160,11 +161,16 @@ class Daemon:
         self.pool.resize(cfg.workers)
         if (budget_warning := ring_budget_warning(cfg.max_ring_bytes)) is not None:
             log.warning(budget_warning)  # warn, not refuse: rings are made per attach, each checked
+        self.cache: TokenCache | None = None
+        if cfg.cache_dir is not None:
+            self.cache = TokenCache(cfg.cache_dir, cfg.cache_bytes, self.tokenizer.identity,
+                                    self.itemsize, self.dataset.text_column)
         self.registry = StreamRegistry(
             daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
             max_ring_bytes=cfg.max_ring_bytes, linger_s=cfg.linger_s,
             consumer_timeout_s=cfg.consumer_timeout_s, text_column=self.dataset.text_column,
-            task_bytes=cfg.task_bytes, on_error=cfg.on_error, send=self._send,
+            task_bytes=cfg.task_bytes, on_error=cfg.on_error, cache=self.cache,
+            send=self._send,
         )
         if cfg.metrics_port is not None:
             self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port)
@@ -358,11 +364,18 @@ class Daemon:
         if not isinstance(expect, dict):
             raise ProtocolError("attach: 'expect' must be a map")
         saved, now = expect.get("fingerprint"), self.dataset.fingerprint
-        if saved and saved != now:
+        if saved is not None and not isinstance(saved, str):
+            raise ProtocolError("attach: expect.fingerprint must be a string")
+        if saved and saved.split(".")[0] != now.split(".")[0]:
+            among = changed_shards(saved, self.dataset)
+            which = (f"changed, added or removed among {', '.join(among[:20])}"
+                     if among else "a shard was removed" if among == [] else
+                     "file names, sizes or row groups changed")
             raise StateMismatchError(
-                f"the saved state's dataset fingerprint {saved} differs from this daemon's {now} "
-                f"({self.config.data_dir}: file names, sizes or row groups changed); resume on "
-                "the same data, or start without load_state_dict()"
+                f"the saved state's data differs from this daemon's {self.config.data_dir}: "
+                f"{which} (fingerprint {saved.split('.')[0]} saved, {now.split('.')[0]} now; "
+                "objects also by modification time); resume on the same data, or start "
+                "without load_state_dict()"
             )
         saved, now = expect.get("tokenizer"), self.tokenizer.identity
         if saved and saved != now:
@@ -388,6 +401,7 @@ class Daemon:
                                       total["tokens_produced"], self.pool.size),
             "staging": {"bytes": self.registry.staged(),
                         "budget_bytes": self.config.max_staging_bytes},
+            "cache": self.cache.stats() if self.cache is not None else None,
             "tokens_delivered": self.registry.tokens_delivered,
             "streams": streams,
             "totals": total,
@@ -412,6 +426,9 @@ class Daemon:
             self.pool.close()
         if hasattr(self, "registry"):
             self.registry.drop_all()
+        cache: TokenCache | None = getattr(self, "cache", None)
+        if cache is not None:
+            cache.close()
         if hasattr(self, "control"):
             self.control.close(linger=500)  # let the shutdown notices reach the consumers
             self.ctx.term()

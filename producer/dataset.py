@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import zlib
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenfeed.common.errors import DataError
+from tokenfeed.producer.storage import is_url, list_shards, open_parquet
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ class RowGroupRef:
     row_group: int
     num_rows: int  # values of the text column, nulls included (from the footer)
     text_bytes: int  # the text column's uncompressed size (from the footer): sizes tasks
+    shard_stamp: str = ""  # "<size>:<mtime ns>" of its shard at start: keys the token cache
 
     def parts(self, task_bytes: int) -> list[tuple[int, int]]:
         """Row ranges `[lo, hi)` of about `task_bytes` of text each, evenly sized, in order.
@@ -66,10 +70,13 @@ class SplitPlan:
 
 @dataclass(frozen=True)
 class Dataset:
-    root: Path
+    root: Path | str  # a folder, or an object-storage URL (storage.py)
     text_column: str
     splits: dict[str, SplitPlan]
-    fingerprint: str  # hash of file names, sizes and row-group counts
+    # "<16 hex>.<4 hex x 16>": a hash of every shard's name, size and row-group count
+    # (and an object's modification time), then the same over 16 groups of shards
+    fingerprint: str
+    names: tuple[str, ...] = ()  # shard file names, sorted
 
     def sample_texts(self, max_bytes: int) -> list[str]:
         """Documents from the first row groups of every file, about `max_bytes` of text.
@@ -83,7 +90,7 @@ class Dataset:
         for path in files[:64]:
             got = 0
             try:
-                pf = pq.ParquetFile(path)
+                pf = open_parquet(path)
                 for i in range(pf.num_row_groups):
                     values = pf.read_row_group(i, columns=[self.text_column]).column(0)
                     for value in values.to_pylist():
@@ -120,13 +127,19 @@ def _row_group_size(meta: pq.ParquetFile, index: int, column: str) -> tuple[int,
     return rg.num_rows, text_bytes
 
 
-def scan_dataset(root: Path, *, text_column: str = "text", val_files: int = 1) -> Dataset:
+FINGERPRINT_BUCKETS = 16  # shards hashed in groups too, so a mismatch can name the shards
+
+
+def _bucket(name: str) -> int:
+    return zlib.crc32(name.encode()) % FINGERPRINT_BUCKETS
+
+
+def scan_dataset(root: Path | str, *, text_column: str = "text", val_files: int = 1) -> Dataset:
     """Read every shard's footer, check the text column, and plan both splits."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data dir {root} does not exist; pass --data DIR with your Parquet shards")
-    files = sorted(p for p in root.glob("*.parquet") if p.is_file())
-    if not files:
+    if not is_url(root):
+        root = Path(root).expanduser()
+    shards = list_shards(root)
+    if not shards:
         raise DataError(
             f"no *.parquet files in {root}; put the shards there "
             "(or run `tokenfeed demo` to see tokenfeed on a built-in sample corpus)"
@@ -134,10 +147,13 @@ def scan_dataset(root: Path, *, text_column: str = "text", val_files: int = 1) -
     if val_files < 0:
         raise DataError(f"--val-files {val_files} must be >= 0")
     digest = hashlib.sha256()
-    row_groups: dict[Path, list[tuple[int, int]]] = {}  # (num_rows, text_bytes) each
-    for path in files:
+    buckets = [hashlib.sha256() for _ in range(FINGERPRINT_BUCKETS)]
+    row_groups: dict[str, list[tuple[int, int]]] = {}  # (num_rows, text_bytes) each
+    stamps: dict[str, str] = {}
+    for shard in shards:
+        path = shard.path
         try:
-            meta = pq.ParquetFile(path)
+            meta = open_parquet(path)
         except Exception as e:
             raise DataError(
                 f"{path} is not a readable Parquet file ({e}); remove or fix it"
@@ -156,20 +172,40 @@ def scan_dataset(root: Path, *, text_column: str = "text", val_files: int = 1) -
             )
         row_groups[path] = [_row_group_size(meta, i, text_column)
                             for i in range(meta.num_row_groups)]
-        digest.update(f"{path.name}\0{path.stat().st_size}\0{meta.num_row_groups}\n".encode())
-    n_val = min(val_files, len(files))
-    train_files, val_list = files[: len(files) - n_val], files[len(files) - n_val :]
+        line = f"{shard.name}\0{shard.size}\0{meta.num_row_groups}"
+        if shard.version:  # object storage: a replaced object is another shard
+            line += f"\0{shard.version}"
+        digest.update(f"{line}\n".encode())
+        buckets[_bucket(shard.name)].update(f"{line}\n".encode())
+        mtime_ns = os.stat(path).st_mtime_ns if not is_url(path) else shard.version
+        stamps[path] = f"{shard.size}:{mtime_ns}"
+    n_val = min(val_files, len(shards))
+    paths = [s.path for s in shards]
+    train_files, val_list = paths[: len(paths) - n_val], paths[len(paths) - n_val :]
 
-    def plan(name: str, split_files: list[Path]) -> SplitPlan:
+    def plan(name: str, split_files: list[str]) -> SplitPlan:
         refs = tuple(
-            RowGroupRef(str(p), i, rows, size)
+            RowGroupRef(p, i, rows, size, stamps[p])
             for p in split_files for i, (rows, size) in enumerate(row_groups[p])
         )
-        return SplitPlan(name, tuple(str(p) for p in split_files), refs)
+        return SplitPlan(name, tuple(split_files), refs)
 
     return Dataset(
         root=root,
         text_column=text_column,
         splits={"train": plan("train", train_files), "val": plan("val", val_list)},
-        fingerprint=digest.hexdigest()[:16],
+        fingerprint=digest.hexdigest()[:16] + "." + "".join(b.hexdigest()[:4] for b in buckets),
+        names=tuple(s.name for s in shards),
     )
+
+
+def changed_shards(saved: str, dataset: Dataset) -> list[str] | None:
+    """Names of the shards among which a saved fingerprint and the dataset's differ
+    (changed, added or removed ones are among them); None if the saved one has no groups."""
+    parts = saved.split(".")
+    if len(parts) != 2 or len(parts[1]) != 4 * FINGERPRINT_BUCKETS:
+        return None
+    now = dataset.fingerprint.split(".")[1]
+    differ = {i for i in range(FINGERPRINT_BUCKETS)
+              if parts[1][4 * i:4 * i + 4] != now[4 * i:4 * i + 4]}
+    return [n for n in dataset.names if _bucket(n) in differ]

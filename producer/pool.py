@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_START_FAILURES = 5  # workers dying before their hello, in a row: stop respawning
 QUEUE_DEPTH = 2  # tasks a worker holds: it starts the next while the daemon takes the last
-STAGING_BYTES = 8 << 20  # per buffer; a task of ~1 MiB of text needs ~1 MiB; grows on demand
+STAGING_BYTES = 4 << 20  # per buffer, reserved in /dev/shm: a 1 MiB-text task needs ~1 MiB; grows
 SPAWNS_PER_TICK = 2  # a spawn costs a few ms of the loop; heartbeats go every 500 ms
 JOIN_TIMEOUT_S = 5.0
 
@@ -76,6 +76,13 @@ class Result:
     tokens: np.ndarray
     doc_starts: np.ndarray
     skipped: int
+    row_tokens: np.ndarray  # tokens of each row in the task's order; 0: skipped
+
+    @classmethod
+    def of_rows(cls, task: Task, tokens: np.ndarray, row_tokens: np.ndarray) -> Result:
+        starts = np.cumsum(row_tokens) - row_tokens
+        kept = row_tokens > 0
+        return cls(task, tokens, starts[kept], int(len(row_tokens) - kept.sum()), row_tokens)
 
 
 @dataclass
@@ -289,20 +296,23 @@ class WorkerPool:
     def _take_result(
         self, w: Worker, b: int, task: Task, msg: protocol.Message
     ) -> Result | Failure:
-        n_tokens, n_docs, starts_offset = msg["n_tokens"], msg["n_docs"], msg["starts_offset"]
+        n_tokens, n_rows, rows_offset = msg["n_tokens"], msg["n_rows"], msg["rows_offset"]
         seg = w.staging[b]
-        if (n_tokens * self.itemsize > starts_offset or starts_offset % 8
-                or starts_offset + 8 * n_docs > seg.size or n_docs > n_tokens):
-            return Failure(task, f"worker {w.wid} reported {n_tokens} tokens and {n_docs} "
-                                 f"documents at offset {starts_offset}, which do not fit its "
-                                 f"{seg.size}-byte staging buffer")
+        if (n_tokens * self.itemsize > rows_offset or rows_offset % 8
+                or rows_offset + 8 * n_rows > seg.size or n_rows != task.rows[1] - task.rows[0]):
+            return Failure(task, f"worker {w.wid} reported {n_tokens} tokens and {n_rows} rows "
+                                 f"at offset {rows_offset}, which do not fit its "
+                                 f"{seg.size}-byte staging buffer or its task's rows")
         # Copy out of staging so the buffer is free for the worker's next task at once.
         tokens = np.ndarray(n_tokens, dtype=self.dtype, buffer=seg.mm).copy()
-        starts = np.ndarray(n_docs, dtype=np.int64, buffer=seg.mm, offset=starts_offset).copy()
+        row_tokens = np.ndarray(n_rows, dtype=np.int64, buffer=seg.mm, offset=rows_offset).copy()
+        if int(row_tokens.sum()) != n_tokens or (row_tokens < 0).any():
+            return Failure(task, f"worker {w.wid} reported row lengths that do not add up to "
+                                 f"its {n_tokens} tokens")
         self.read_s += msg["read_s"]
         self.tokenize_s += msg["tokenize_s"]
         self.tasks_done += 1
-        return Result(task, tokens, starts, msg["skipped"])
+        return Result.of_rows(task, tokens, row_tokens)
 
     def _grow(self, w: Worker, b: int, need_bytes: int) -> Failure | None:
         """A bigger staging buffer `b` for the task in it; on failure, fail that task."""

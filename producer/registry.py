@@ -23,6 +23,7 @@ from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import ConfigError
 from tokenfeed.common.ring import Ring, RingLayout
 from tokenfeed.common.shm import segment_name
+from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import SplitPlan
 from tokenfeed.producer.stream import Stream
@@ -41,6 +42,7 @@ class StreamRegistry:
         self, *, daemon_id: str, itemsize: int, slots: int, max_ring_bytes: int,
         linger_s: float, consumer_timeout_s: float, text_column: str, send: Send,
         task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
+        cache: TokenCache | None = None,
     ) -> None:
         self.daemon_id = daemon_id
         self.itemsize = itemsize
@@ -52,6 +54,7 @@ class StreamRegistry:
         self.text_column = text_column
         self.task_bytes = task_bytes
         self.on_error = on_error
+        self.cache = cache
         self.send = send
         self.streams: dict[int, Stream] = {}
         self.peers: dict[bytes, float] = {}  # consumer identity -> last heard (monotonic)
@@ -104,7 +107,8 @@ class StreamRegistry:
         ring = Ring.create(segment_name(self.daemon_id, f"s{sid}"), layout)
         try:
             stream = Stream(sid, spec, plan, ring, self.text_column, start,
-                            task_bytes=self.task_bytes, on_error=self.on_error)
+                            task_bytes=self.task_bytes, on_error=self.on_error,
+                            cache=self.cache)
         except BaseException:
             ring.close()
             ring.segment.unlink()

@@ -7,6 +7,9 @@ the least filled ring, then the fewest tasks in flight. A task goes to a worker
 whose reader already decoded its row group when one of the least loaded is such a
 worker, so the parts of a row group rarely decode its Parquet pages twice.
 
+Units the token cache holds are served first, by the daemon itself (no worker), under
+the same read-ahead rule and budget.
+
 The staging budget (`--max-staging-mib`) bounds the bytes held outside the rings
 by all streams together: finished parts not yet packed, tokens pushed into packers
 and not yet cut, and the estimated size of every task in flight. Once it is spent
@@ -33,8 +36,12 @@ log = logging.getLogger(__name__)
 def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int) -> int:
     """Assign tasks while workers have room and the budget allows; returns how many."""
     streams = list(streams)
-    free = pool.free()
     staged = sum(s.staged() for s in streams)
+    for stream in streams:  # cached units first: no worker needed, memory speed
+        while (staged < budget_bytes and stream.wants_work(pool.capacity)
+               and stream.serve_cached()):
+            staged = sum(s.staged() for s in streams)
+    free = pool.free()
     assigned = 0
     while free:
         hungry = [s for s in streams if s.wants_work(pool.capacity)]

@@ -25,6 +25,7 @@ import numpy as np
 from tokenfeed.common.config import MAX_POSITION, StreamSpec
 from tokenfeed.common.errors import StateMismatchError, TokenfeedError
 from tokenfeed.common.ring import Ring
+from tokenfeed.producer.cache import TokenCache, file_order
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
 from tokenfeed.producer.packer import make_packer
@@ -34,6 +35,7 @@ from tokenfeed.producer.slots import Attachment, SlotTable
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+WHOLE = -1  # the part number of a result that stands for its whole unit
 MAX_LISTED_SKIPS = 20  # status lists the latest skipped row groups, and counts them all
 INITIAL_TOKENS_PER_TEXT_BYTE = 0.25  # English under cl100k; learnt from results as they come
 _NO_TOKENS = np.zeros(0, dtype=np.uint32)
@@ -56,6 +58,7 @@ class Stream:
     def __init__(
         self, sid: int, spec: StreamSpec, plan: SplitPlan, ring: Ring, column: str,
         start: dict[str, Any], *, task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
+        cache: TokenCache | None = None,
     ) -> None:
         self.sid = sid
         self.spec = spec
@@ -64,6 +67,8 @@ class Stream:
         self.column = column
         self.task_bytes = task_bytes
         self.on_error = on_error
+        self.cache = cache
+        self.units_cached = 0  # units served from the token cache
         self.packer = make_packer(spec, start)
         self.table = SlotTable(ring)
         self.next_unit = self.packer.next_unit  # next (unit, part) to schedule
@@ -167,13 +172,43 @@ class Stream:
         return Task(self.sid, unit, part, ref.path, ref.row_group, self.column, rows, doc_seed,
                     text_bytes)
 
+    def serve_cached(self) -> bool:
+        """Take the next unit from the token cache instead of the workers, if it is there."""
+        if self.cache is None or self.retry or self.next_part != 0 or self.error is not None:
+            return False
+        unit = self.next_unit
+        if not self.packer.needs_unit(unit):
+            return False  # _advance pushes it empty
+        ref = self._ref(unit)
+        cached = self.cache.get(ref.path, ref.shard_stamp, ref.row_group)
+        if cached is None or len(cached.row_tokens) != ref.num_rows:
+            return False
+        tokens, row_tokens = cached.in_order(self._row_order(unit))
+        task = Task(self.sid, unit, WHOLE, ref.path, ref.row_group, self.column,
+                    (0, ref.num_rows))
+        result = Result.of_rows(task, tokens, row_tokens)
+        self.results[unit] = {WHOLE: result}
+        self.staged_bytes += result.tokens.nbytes + result.doc_starts.nbytes
+        self.documents += len(result.doc_starts)
+        self.skipped += result.skipped
+        self.units_cached += 1
+        self.next_unit += 1
+        return True
+
+    def _row_order(self, unit: int) -> np.ndarray | None:
+        """The order a shuffled epoch reads the unit's rows in (None: file order)."""
+        if self.spec.shuffle_seed is None:
+            return None
+        epoch, ordinal = self.plan.unit_position(self.spec.rank, self.spec.world_size, unit)
+        n = self._ref(unit).num_rows
+        return np.random.default_rng([self.spec.shuffle_seed, epoch, ordinal]).permutation(n)
+
     def _advance(self) -> tuple[int, int]:
         """The next (unit, part) in stream order."""
         # After a bestfit resume, units between the buffer's oldest piece and the read
         # position hold nothing the packer needs: they are pushed empty, not tokenized.
         while self.next_part == 0 and not self.packer.needs_unit(self.next_unit):
-            task = Task(self.sid, self.next_unit, 0, "", -1, self.column, (0, 0))
-            self.results[self.next_unit] = {0: Result(task, _NO_TOKENS, _NO_STARTS, 0)}
+            self.results[self.next_unit] = {WHOLE: self._empty(self.next_unit)}
             self.next_unit += 1
         unit, part = self.next_unit, self.next_part
         if part + 1 < len(self._parts(unit)):
@@ -220,8 +255,7 @@ class Stream:
         for key in [k for k in self.inflight if k[0] == unit]:
             del self.inflight[key]  # their results are dropped as strays when they come
         self.retry = deque(k for k in self.retry if k[0] != unit)
-        empty = Task(self.sid, unit, 0, "", -1, self.column, (0, 0))
-        self.results[unit] = {0: Result(empty, _NO_TOKENS, _NO_STARTS, 0)}
+        self.results[unit] = {WHOLE: self._empty(unit)}
         if self.next_unit == unit:
             self.next_unit, self.next_part = unit + 1, 0
 
@@ -239,28 +273,31 @@ class Stream:
             self.tokens_per_text_byte += (ratio - self.tokens_per_text_byte) / min(
                 self.tasks_done, 16)
 
+    def _empty(self, unit: int) -> Result:
+        """A unit that delivers nothing (skipped, or not needed by a resumed packer)."""
+        task = Task(self.sid, unit, WHOLE, "", -1, self.column, (0, 0))
+        return Result(task, _NO_TOKENS, _NO_STARTS, 0, _NO_STARTS)
+
     def _take_unit(self) -> Result | None:
         """The packer's next unit once all its parts are in, its parts joined in order."""
         unit = self.packer.next_unit
         parts = self.results.get(unit)
-        if parts is None:
-            return None
-        skipped = 0 in parts and parts[0].task.row_group < 0  # pushed empty, see _advance
-        if not skipped and len(parts) < len(self._parts(unit)):
+        if parts is None or (WHOLE not in parts and len(parts) < len(self._parts(unit))):
             return None
         del self.results[unit]
-        ordered = [parts[i] for i in range(len(parts))]
+        ordered = [parts[WHOLE]] if WHOLE in parts else [parts[i] for i in range(len(parts))]
         self.staged_bytes -= sum(r.tokens.nbytes + r.doc_starts.nbytes for r in ordered)
         self.units_done += 1
-        if len(ordered) == 1:
-            return ordered[0]
-        offsets = np.cumsum([0] + [len(r.tokens) for r in ordered[:-1]])
-        return Result(
-            ordered[0].task,
-            np.concatenate([r.tokens for r in ordered]),
-            np.concatenate([r.doc_starts + off for r, off in zip(ordered, offsets, strict=True)]),
-            sum(r.skipped for r in ordered),
-        )
+        joined = ordered[0] if len(ordered) == 1 else Result.of_rows(
+            ordered[0].task, np.concatenate([r.tokens for r in ordered]),
+            np.concatenate([r.row_tokens for r in ordered]))
+        if self.cache is not None and WHOLE not in parts:  # tokenized here: keep it
+            ref = self._ref(unit)
+            if len(joined.row_tokens) == ref.num_rows:
+                self.cache.put(ref.path, ref.shard_stamp, ref.row_group,
+                               *file_order(joined.tokens, joined.row_tokens,
+                                           self._row_order(unit)))
+        return joined
 
     # -- packing and delivery -----------------------------------------------
 
@@ -319,6 +356,7 @@ class Stream:
             "batches": self.batches,
             "tasks_inflight": len(self.inflight),
             "tasks_done": self.tasks_done,
+            "units_cached": self.units_cached,
             "units_done": self.units_done,
             "staged_bytes": self.staged(),
             "documents": self.documents,

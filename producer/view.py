@@ -57,12 +57,19 @@ def header_lines(s: dict[str, Any]) -> list[str]:
     w = s["workers"]
     per_s = w.get("tokens_per_worker_cpu_s")
     skipped = (s.get("totals") or {}).get("skipped_values", 0)
-    return [
+    lines = [
         f"tokenfeed {s['daemon_id'][:24]}  up {_duration(s['uptime_s'])}  "
         f"{s['tokenizer']} ({s.get('tokenizer_backend', '?')})  {s.get('data_dir', '')}",
         f"workers {w['alive']}/{w['target']} alive, {w['busy']} busy  restarts "
         f"{w.get('restarts', 0)}  {_si(per_s)} tok/worker-s  skipped docs {skipped:,.0f}",
     ]
+    cache = s.get("cache")
+    if cache:  # --cache-dir: row groups tokenized once per node
+        looked = cache.get("hits", 0) + cache.get("misses", 0)
+        lines.append(f"cache {_si(cache.get('bytes', 0))}B of {_si(cache.get('max_bytes'))}B  "
+                     f"hits {_pct(cache.get('hits', 0) / looked if looked else None)}  "
+                     f"writes {cache.get('writes', 0)}  evicted {cache.get('evicted', 0)}")
+    return lines
 
 
 def stream_rows(s: dict[str, Any]) -> list[list[str]]:

@@ -10,7 +10,8 @@ round trip after a `done` never leaves its core idle. Each document becomes BOS 
 result is laid out in staging as
 
     offset 0                      tokens (itemsize bytes each)
-    starts_offset (8-aligned)     int64 start of each document in the token array
+    rows_offset (8-aligned)       int64 tokens of each row, in the task's order (0: a null
+                                  or non-string value, skipped; else BOS + the text's)
 
 then `done` carries the counts and the seconds spent reading and tokenizing.
 Nothing is pickled; token data never touches the socket.
@@ -45,6 +46,7 @@ from tokenfeed.common.errors import ProtocolError
 from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment
 from tokenfeed.producer.backends import make_encoder
+from tokenfeed.producer.storage import open_parquet
 from tokenfeed.producer.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,10 +58,10 @@ OPEN_FILES = 8  # ParquetFile objects kept open: footers are re-parsed otherwise
 EncodeBatch = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 
-def staging_layout(n_tokens: int, n_docs: int, itemsize: int) -> tuple[int, int]:
-    """(starts_offset, total bytes) of a result in staging."""
-    starts_offset = -(-n_tokens * itemsize // 8) * 8
-    return starts_offset, starts_offset + 8 * n_docs
+def staging_layout(n_tokens: int, n_rows: int, itemsize: int) -> tuple[int, int]:
+    """(rows_offset, total bytes) of a result in staging."""
+    rows_offset = -(-n_tokens * itemsize // 8) * 8
+    return rows_offset, rows_offset + 8 * n_rows
 
 
 class RowGroupReader:
@@ -76,7 +78,7 @@ class RowGroupReader:
     def _file(self, path: str) -> pq.ParquetFile:
         pf = self.files.get(path)
         if pf is None:
-            pf = self.files[path] = pq.ParquetFile(path)
+            pf = self.files[path] = open_parquet(path)
             if len(self.files) > OPEN_FILES:
                 self.files.popitem(last=False)
         self.files.move_to_end(path)
@@ -107,8 +109,9 @@ class RowGroupReader:
 
 def tokenize_documents(
     values: list[Any], encode_batch: EncodeBatch, bos_id: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(tokens uint32 with a BOS before each document, document starts, skipped values)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens uint32 with a BOS before each document, tokens of each value: 0 if skipped)."""
+    is_str = np.fromiter((isinstance(v, str) for v in values), dtype=bool, count=len(values))
     texts = [v for v in values if isinstance(v, str)]
     flat, lengths = encode_batch(texts)
     starts = np.zeros(len(texts), dtype=np.int64)
@@ -118,7 +121,9 @@ def tokenize_documents(
     is_text[starts] = False
     tokens[starts] = bos_id
     tokens[is_text] = flat
-    return tokens, starts, len(values) - len(texts)
+    row_tokens = np.zeros(len(values), dtype=np.int64)
+    row_tokens[is_str] = lengths + 1
+    return tokens, row_tokens
 
 
 class _Channel:
@@ -197,15 +202,14 @@ def worker_main(
                 values = reader.values(path, row_group, msg["column"], msg["rows"],
                                        msg["doc_seed"])
                 read_s = time.perf_counter() - started
-                tokens, starts, skipped = tokenize_documents(values, encode_batch,
-                                                             tokenizer.bos_id)
+                tokens, row_tokens = tokenize_documents(values, encode_batch, tokenizer.bos_id)
                 tokenize_s = time.perf_counter() - started - read_s
                 seg = buffer(msg["buffer"], msg["staging"])
             except Exception as e:  # reported to the daemon, which re-runs or fails the task
                 channel.send("failed", task=task,
                              error=f"{path} row group {row_group}: {type(e).__name__}: {e}")
                 continue
-            starts_offset, need = staging_layout(len(tokens), len(starts), itemsize)
+            rows_offset, need = staging_layout(len(tokens), len(row_tokens), itemsize)
             if need > seg.size:
                 channel.send("grow", task=task, need_bytes=need)
                 reply = channel.wait_for("staging")
@@ -216,12 +220,12 @@ def worker_main(
                 seg = buffer(reply["buffer"], reply["name"])
             out = np.ndarray(len(tokens), dtype=dtype, buffer=seg.mm)
             np.copyto(out, tokens, casting="unsafe")
-            np.ndarray(len(starts), dtype=np.int64, buffer=seg.mm, offset=starts_offset)[:] = (
-                starts
+            np.ndarray(len(row_tokens), dtype=np.int64, buffer=seg.mm, offset=rows_offset)[:] = (
+                row_tokens
             )
             del out
-            channel.send("done", task=task, n_tokens=len(tokens), n_docs=len(starts),
-                         skipped=skipped, starts_offset=starts_offset, read_s=read_s,
+            channel.send("done", task=task, n_tokens=len(tokens), n_rows=len(row_tokens),
+                         rows_offset=rows_offset, read_s=read_s,
                          tokenize_s=tokenize_s)
     finally:
         channel.close()

@@ -281,3 +281,26 @@ def test_fingerprint_changes_when_a_file_is_added(tmp_path: Path) -> None:
     before = scan_dataset(root).fingerprint
     write_shard(root / "c.parquet", 1)
     assert scan_dataset(root).fingerprint != before
+
+
+def test_fingerprint_of_local_files_keeps_the_format_saved_states_hold(tmp_path: Path) -> None:
+    """The part before the dot is what states saved before the shard groups carried."""
+    import hashlib
+
+    root = write_corpus(tmp_path, {"a.parquet": 2, "b.parquet": 1})
+    lines = "".join(f"{name}\0{(root / name).stat().st_size}\0{groups}\n"
+                    for name, groups in (("a.parquet", 2), ("b.parquet", 1)))
+    overall, groups = scan_dataset(root).fingerprint.split(".")
+    assert overall == hashlib.sha256(lines.encode()).hexdigest()[:16]
+    assert len(groups) == 64
+
+
+def test_a_changed_file_is_named_from_the_fingerprint_groups(tmp_path: Path) -> None:
+    from tokenfeed.producer.dataset import changed_shards
+
+    root = write_corpus(tmp_path, {"a.parquet": 2, "b.parquet": 1, "c.parquet": 1})
+    before = scan_dataset(root).fingerprint
+    write_shard(root / "b.parquet", 1, rows=20)
+    after = scan_dataset(root)
+    assert "b.parquet" in changed_shards(before, after)
+    assert changed_shards(before.split(".")[0], after) is None  # a state from before the groups

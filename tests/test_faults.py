@@ -80,8 +80,9 @@ def test_killed_daemon_is_noticed_by_consumer_and_cleaned_by_next_start(start_da
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)  # orphaned workers notice their parent is gone within a second
     assert not any(pid_alive(p) for p in pids)
-    # The segments outlive the crash, until a daemon starts on the same run dir.
-    assert daemon.segments() == left
+    # The segments outlive the crash until the next daemon starts (on this run dir, or any
+    # daemon of this user on the node: it removes segments of provably dead daemons).
+    assert set(daemon.segments()) <= set(left)
     successor = start_daemon(workers=1, run_dir=daemon.run_dir)
     assert daemon.segments() == []
     assert successor.status()["streams"] == []

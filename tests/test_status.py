@@ -116,3 +116,10 @@ def test_plain_and_rich_screens_show_the_same_figures():
         assert "1 41%" in screen and "2/8" in screen and "up 1h02m" in screen
         assert "advice: stream 3" in screen
         assert all(len(line) <= 80 for line in screen.splitlines()), screen
+
+
+def test_the_screen_shows_the_token_cache_when_there_is_one():
+    s = _status(cache={"hits": 30, "misses": 10, "bytes": 2 << 30, "max_bytes": 64 << 30,
+                       "writes": 10, "evicted": 0})
+    for screen in (render_text(s), render_screen(s)):
+        assert "cache 2.1GB of 68.7GB  hits 75%" in screen, screen

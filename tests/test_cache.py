@@ -1,0 +1,151 @@
+"""The token cache: cold, warm, shared by two daemons, damaged, bounded: always oracle-exact."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import assert_batch_equals
+from test_bestfit import assert_rows_equal, bestfit_oracle  # noqa: F401 (fixture)
+from test_shuffle import SEED, shuffled_oracle  # noqa: F401 (fixture)
+
+B, T = 4, 256
+EPOCHS_3 = 52  # ~17 batches an epoch of the train split: epochs 1 and 2 come from the cache
+
+
+def cache_args(path: Path, *extra: str) -> tuple[str, ...]:
+    return ("--cache-dir", str(path), "--task-kib", "4", *extra)
+
+
+def entries(path: Path) -> list[Path]:
+    return sorted(path.glob("*.tok"))
+
+
+def test_later_epochs_come_from_the_cache_exactly(start_daemon, oracle, tmp_path):
+    want = oracle(batch_size=B, seq_len=T, n=EPOCHS_3)
+    daemon = start_daemon(*cache_args(tmp_path / "cache"), workers=2)
+    with daemon.feed(B, T) as feed:
+        for k in range(EPOCHS_3):
+            assert_batch_equals(next(feed), want[k], f"batch {k}")
+        status = daemon.status()
+    (stream,) = status["streams"]
+    assert status["cache"]["writes"] >= 12  # every train row group, once
+    assert stream["units_cached"] > 0 and status["cache"]["hits"] == stream["units_cached"]
+    assert status["cache"]["corrupt"] == 0
+
+
+def test_shuffled_epochs_read_the_same_entries_in_their_own_order(start_daemon, tmp_path,
+                                                                  shuffled_oracle):  # noqa: F811
+    want = shuffled_oracle(batch_size=B, seq_len=T, n=EPOCHS_3)
+    daemon = start_daemon(*cache_args(tmp_path / "cache"), workers=2)
+    with daemon.feed(B, T, shuffle_seed=SEED) as feed:
+        for k in range(EPOCHS_3):
+            assert_batch_equals(next(feed), want[k], f"batch {k}")
+        assert daemon.status()["streams"][0]["units_cached"] > 0
+
+
+def test_bestfit_from_the_cache_is_exact(start_daemon, tmp_path, bestfit_oracle):  # noqa: F811
+    want = bestfit_oracle(batch_size=B, seq_len=128, n=60, shuffle_seed=7)
+    daemon = start_daemon(*cache_args(tmp_path / "cache"), workers=2)
+    with daemon.feed(B, 128, packing="bestfit", shuffle_seed=7) as feed:
+        for k in range(60):
+            assert_rows_equal(next(feed), want[k], f"batch {k}")
+        assert daemon.status()["streams"][0]["units_cached"] > 0
+
+
+def test_a_second_daemon_serves_from_the_first_ones_cache(start_daemon, oracle, tmp_path):
+    cache = tmp_path / "cache"
+    want = oracle(batch_size=B, seq_len=T, n=20)
+    first = start_daemon(*cache_args(cache), workers=2)
+    with first.feed(B, T) as feed:
+        for _ in range(20):
+            next(feed)
+    assert first.stop() == 0
+    second = start_daemon(*cache_args(cache), workers=1)
+    with second.feed(B, T) as feed:
+        for k in range(20):
+            assert_batch_equals(next(feed), want[k], f"batch {k}")
+        (stream,) = second.status()["streams"]
+    assert stream["units_cached"] >= 5 and stream["tasks_done"] == 0
+
+
+def test_damaged_entries_are_detected_and_rebuilt(start_daemon, oracle, tmp_path):
+    cache = tmp_path / "cache"
+    want = oracle(batch_size=B, seq_len=T, n=20)
+    first = start_daemon(*cache_args(cache), workers=2)
+    with first.feed(B, T) as feed:
+        for _ in range(20):
+            next(feed)
+    assert first.stop() == 0
+    torn, garbage = entries(cache)[:2]
+    sizes = {torn: torn.stat().st_size, garbage: garbage.stat().st_size}
+    with open(torn, "r+b") as f:
+        f.truncate(sizes[torn] // 2)
+    with open(garbage, "r+b") as f:
+        f.seek(sizes[garbage] // 2)
+        f.write(b"\x5a" * 64)
+    second = start_daemon(*cache_args(cache), workers=2)
+    with second.feed(B, T) as feed:
+        for k in range(20):
+            assert_batch_equals(next(feed), want[k], f"batch {k}")
+        status = second.status()
+    assert status["cache"]["corrupt"] == 2
+    assert second.stop() == 0  # flushes the rewrites
+    for path, size in sizes.items():
+        assert path.stat().st_size == size, f"{path.name} was not rebuilt"
+
+
+def test_two_daemons_filling_one_cache_at_once_never_read_a_partial_entry(start_daemon, oracle,
+                                                                         tmp_path):
+    cache = tmp_path / "cache"
+    want = oracle(batch_size=B, seq_len=T, n=EPOCHS_3)
+    daemons = [start_daemon(*cache_args(cache), workers=1) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def drain(daemon) -> None:
+        try:
+            with daemon.feed(B, T) as feed:
+                for k in range(EPOCHS_3):
+                    assert_batch_equals(next(feed), want[k], f"batch {k}")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=drain, args=(d,)) for d in daemons]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors[0]
+    for d in daemons:
+        assert d.status()["cache"]["corrupt"] == 0
+
+
+def test_the_cache_stays_within_its_bound(start_daemon, tmp_path):
+    cache = tmp_path / "cache"
+    bound = 12_000  # bytes: about two row groups of the test corpus
+    daemon = start_daemon(*cache_args(cache, "--cache-gib", str(bound / (1 << 30))), workers=2)
+    with daemon.feed(B, T) as feed:
+        for _ in range(EPOCHS_3):
+            next(feed)
+    assert daemon.stop() == 0
+    sizes = [p.stat().st_size for p in entries(cache)]
+    assert sizes and sum(sizes) <= max(bound, max(sizes))
+
+
+@pytest.mark.parametrize("action", ["info", "clear"])
+def test_cache_command_reports_and_clears(start_daemon, tmp_path, action):
+    cache = tmp_path / "cache"
+    daemon = start_daemon(*cache_args(cache), workers=1)
+    with daemon.feed(B, T) as feed:
+        for _ in range(20):
+            next(feed)
+    assert daemon.stop() == 0
+    n = len(entries(cache))
+    out = subprocess.run([sys.executable, "-m", "tokenfeed.producer", "cache", action,
+                          "--cache-dir", str(cache)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert str(n) in out.stdout
+    assert len(entries(cache)) == (0 if action == "clear" else n)
