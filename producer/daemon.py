@@ -87,6 +87,7 @@ class Daemon:
         self._lock_fd: int | None = None
         self.started = time.time()
         self.worker_restarts = 0  # workers that died (not retired) and were replaced
+        self.tokens_tokenized = 0  # tokens workers returned (status: per worker-second)
         self.metrics: MetricsServer | None = None
 
     # -- start-up -----------------------------------------------------------
@@ -233,6 +234,8 @@ class Daemon:
                     self.metrics.publish(self.status())
 
     def _on_outcome(self, outcome: Result | Failure) -> None:
+        if isinstance(outcome, Result):  # worker output only: cache hits cost no worker time
+            self.tokens_tokenized += len(outcome.tokens)
         stream = self.registry.get(outcome.task.stream)
         if stream is None:
             return  # the stream was dropped while its task was out
@@ -398,7 +401,7 @@ class Daemon:
             "tokenizer": self.tokenizer.name,
             "tokenizer_backend": self.backend,
             "workers": worker_summary(self.pool.stats(), self.worker_restarts,
-                                      total["tokens_produced"], self.pool.size),
+                                      self.tokens_tokenized, self.pool.size),
             "staging": {"bytes": self.registry.staged(),
                         "budget_bytes": self.config.max_staging_bytes},
             "cache": self.cache.stats() if self.cache is not None else None,

@@ -130,13 +130,13 @@ def totals(streams: list[dict[str, Any]], retired: list[dict[str, Any]]) -> dict
     return {name: sum(s.get(name, 0) for s in [*streams, *retired]) for name in COUNTERS}
 
 
-def worker_summary(pool: dict[str, Any], restarts: int, tokens_produced: float,
+def worker_summary(pool: dict[str, Any], restarts: int, tokens_tokenized: float,
                    size: int) -> dict[str, Any]:
     """The pool's own stats plus `count` (workers serving), `restarts` (deaths replaced)
-    and tokens packed per worker-second of reading and tokenizing."""
+    and tokens tokenized per worker-second of reading and tokenizing."""
     busy_s = float(pool.get("read_s", 0.0)) + float(pool.get("tokenize_s", 0.0))
-    return {**pool, "count": size, "restarts": restarts,
-            "tokens_per_worker_cpu_s": tokens_produced / busy_s if busy_s > 0 else None}
+    return {**pool, "count": size, "restarts": restarts, "tokens_tokenized": tokens_tokenized,
+            "tokens_per_worker_cpu_s": tokens_tokenized / busy_s if busy_s > 0 else None}
 
 
 def _label(s: dict[str, Any]) -> str:

@@ -61,6 +61,8 @@ def test_status_json_has_the_documented_keys(start_daemon):
         assert key in st, key
     assert st["capacity"] == 4 and st["consumers"] == 1
     assert st["tokens_per_s"]["produced"] is not None
+    assert s["workers"]["tokens_tokenized"] > 0
+    assert s["workers"]["tokens_per_worker_cpu_s"] > 0
 
 
 def test_status_screen_of_a_live_daemon_fits_80_columns(start_daemon):
