@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import os
 import shutil
 import signal
@@ -149,6 +150,29 @@ def assert_batch_equals(batch: tuple[Any, Any], window: np.ndarray, where: str =
     assert str(x.dtype) == "torch.int32" and str(y.dtype) == "torch.int64"
     np.testing.assert_array_equal(x.cpu().numpy(), window[:-1].reshape(b, t), err_msg=where)
     np.testing.assert_array_equal(y.cpu().numpy(), window[1:].reshape(b, t), err_msg=where)
+
+
+def consumer_script(batch_size: int, seq_len: int, step_s: float, **feed_kwargs: Any) -> str:
+    """A consumer process (`python -c SCRIPT RUN_DIR N`): N batches, one digest line each."""
+    kwargs = "".join(f", {k}={v!r}" for k, v in feed_kwargs.items())
+    return (
+        "import hashlib, sys, time\n"
+        "from tokenfeed.consumer import TokenFeed\n"
+        f"feed = TokenFeed({batch_size}, {seq_len}, run_dir=sys.argv[1], device='cpu'{kwargs})\n"
+        "for i in range(int(sys.argv[2])):\n"
+        "    x, y = next(feed)\n"
+        "    print(i, hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest(),"
+        " flush=True)\n"
+        f"    time.sleep({step_s})\n"
+        "feed.close()\n"
+    )
+
+
+def window_digest(window: np.ndarray, batch_size: int, seq_len: int) -> str:
+    """The digest `consumer_script` prints for the batch of a concat window."""
+    x = window[:-1].reshape(batch_size, seq_len).astype(np.int32)
+    y = window[1:].reshape(batch_size, seq_len).astype(np.int64)
+    return hashlib.sha1(x.tobytes() + y.tobytes()).hexdigest()
 
 
 def drain_round_robin(feeds: list[Any], n: int) -> list[list[tuple[Any, Any]]]:

@@ -24,6 +24,15 @@ def entries(path: Path) -> list[Path]:
     return sorted(path.glob("*.tok"))
 
 
+def fill(start_daemon, cache: Path, batches: int = 20) -> None:
+    """A daemon that reads `batches` batches into `cache`, then stops (flushing its writes)."""
+    daemon = start_daemon(*cache_args(cache), workers=2)
+    with daemon.feed(B, T) as feed:
+        for _ in range(batches):
+            next(feed)
+    assert daemon.stop() == 0
+
+
 def test_later_epochs_come_from_the_cache_exactly(start_daemon, oracle, tmp_path):
     want = oracle(batch_size=B, seq_len=T, n=EPOCHS_3)
     daemon = start_daemon(*cache_args(tmp_path / "cache"), workers=2)
@@ -59,11 +68,7 @@ def test_bestfit_from_the_cache_is_exact(start_daemon, tmp_path, bestfit_oracle)
 def test_a_second_daemon_serves_from_the_first_ones_cache(start_daemon, oracle, tmp_path):
     cache = tmp_path / "cache"
     want = oracle(batch_size=B, seq_len=T, n=20)
-    first = start_daemon(*cache_args(cache), workers=2)
-    with first.feed(B, T) as feed:
-        for _ in range(20):
-            next(feed)
-    assert first.stop() == 0
+    fill(start_daemon, cache)
     second = start_daemon(*cache_args(cache), workers=1)
     with second.feed(B, T) as feed:
         for k in range(20):
@@ -75,11 +80,7 @@ def test_a_second_daemon_serves_from_the_first_ones_cache(start_daemon, oracle, 
 def test_damaged_entries_are_detected_and_rebuilt(start_daemon, oracle, tmp_path):
     cache = tmp_path / "cache"
     want = oracle(batch_size=B, seq_len=T, n=20)
-    first = start_daemon(*cache_args(cache), workers=2)
-    with first.feed(B, T) as feed:
-        for _ in range(20):
-            next(feed)
-    assert first.stop() == 0
+    fill(start_daemon, cache)
     torn, garbage = entries(cache)[:2]
     sizes = {torn: torn.stat().st_size, garbage: garbage.stat().st_size}
     with open(torn, "r+b") as f:

@@ -8,7 +8,6 @@ replica that dies is dropped from the group so the others go on.
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import subprocess
 import sys
@@ -17,28 +16,20 @@ import time
 
 import numpy as np
 import pytest
-from conftest import assert_batch_equals
+from conftest import assert_batch_equals, consumer_script, window_digest
 
 from tokenfeed.common.errors import ConfigError
 from tokenfeed.consumer.topology import mesh_placement
 
 B, T = 2, 64
-REPLICA = f"""
-import hashlib, sys, time
-from tokenfeed.consumer import TokenFeed
-feed = TokenFeed({B}, {T}, run_dir=sys.argv[1], device="cpu", replicas=int(sys.argv[3]))
-for i in range(int(sys.argv[2])):
-    x, y = next(feed)
-    print(i, hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest(), flush=True)
-    time.sleep(0.01)
-feed.close()
-"""
+
+
+def replica_script(replicas: int, **kwargs: object) -> str:
+    return consumer_script(B, T, 0.01, replicas=replicas, **kwargs)
 
 
 def digest(window: np.ndarray) -> str:
-    x = window[:-1].reshape(B, T).astype(np.int32)
-    y = window[1:].reshape(B, T).astype(np.int64)
-    return hashlib.sha1(x.tobytes() + y.tobytes()).hexdigest()
+    return window_digest(window, B, T)
 
 
 def test_a_replica_attaching_after_five_batches_joins_the_same_stream(start_daemon, oracle):
@@ -94,7 +85,8 @@ def test_four_replicas_one_killed_the_other_three_go_on_exactly(start_daemon, or
     n, kill_after = 80, 20
     want = [digest(w) for w in oracle(batch_size=B, seq_len=T, n=n)]
     daemon = start_daemon("--consumer-timeout-s", "2", workers=2, slots=4)
-    procs = [subprocess.Popen([sys.executable, "-c", REPLICA, str(daemon.run_dir), str(n), "4"],
+    procs = [subprocess.Popen([sys.executable, "-c", replica_script(4), str(daemon.run_dir),
+                               str(n)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
     lines: list[list[str]] = [[] for _ in procs]
@@ -155,9 +147,8 @@ def test_mesh_placement_names_an_unknown_dimension():
 
 def test_a_replica_back_after_its_group_moved_on_gets_a_clear_error(start_daemon):
     daemon = start_daemon("--consumer-timeout-s", "2", workers=2, slots=4)
-    script = REPLICA.replace('replicas=int(sys.argv[3]))',
-                             'replicas=int(sys.argv[3]), reconnect_s=30)')
-    paused = subprocess.Popen([sys.executable, "-c", script, str(daemon.run_dir), "1000", "2"],
+    paused = subprocess.Popen([sys.executable, "-c", replica_script(2, reconnect_s=30),
+                               str(daemon.run_dir), "1000"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with daemon.feed(B, T, replicas=2) as sibling:

@@ -9,7 +9,6 @@ exactly as the oracle says.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -17,26 +16,10 @@ import sys
 import threading
 import time
 
-import numpy as np
-from conftest import assert_batch_equals, worker_pids
+from conftest import assert_batch_equals, consumer_script, window_digest, worker_pids
 
 B, T = 2, 64
-CONSUMER = f"""
-import hashlib, sys, time
-from tokenfeed.consumer import TokenFeed
-feed = TokenFeed({B}, {T}, run_dir=sys.argv[1], device="cpu", reconnect_s=60, prefetch=2)
-for i in range(int(sys.argv[2])):
-    x, y = next(feed)
-    print(i, hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest(), flush=True)
-    time.sleep(0.02)
-feed.close()
-"""
-
-
-def window_digest(window: np.ndarray) -> str:
-    x = window[:-1].reshape(B, T).astype(np.int32)
-    y = window[1:].reshape(B, T).astype(np.int64)
-    return hashlib.sha1(x.tobytes() + y.tobytes()).hexdigest()
+CONSUMER = consumer_script(B, T, 0.02, reconnect_s=60, prefetch=2)
 
 
 def wait_until(check, what: str, timeout_s: float = 30.0) -> None:
@@ -93,4 +76,4 @@ def test_paused_sibling_is_dropped_and_resumes_exactly_never_torn(start_daemon, 
     assert [line.split()[0] for line in lines] == [str(i) for i in range(n_paused)]
     for line in lines:
         i, digest = line.split()
-        assert digest == window_digest(want[int(i)]), f"paused consumer's batch {i} differs"
+        assert digest == window_digest(want[int(i)], B, T), f"paused consumer's batch {i} differs"
