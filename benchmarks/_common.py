@@ -8,7 +8,10 @@ reported and removed, so a benchmark never leaves shared memory behind.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
 import shutil
 import signal
 import statistics
@@ -25,6 +28,7 @@ import pyarrow.parquet as pq
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError
 from tokenfeed.common.shm import SHM_DIR, segment_name
+from tokenfeed.producer import corpus
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -123,6 +127,57 @@ class DaemonProcess:
                 path.unlink(missing_ok=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.log_path.unlink(missing_ok=True)
+
+
+CORPUS_CACHE_DIR = Path("/tmp")
+
+
+def installed_corpus(docs_per_group: int = 1024, groups_per_file: int = 1) -> tuple[Path, bool]:
+    """The installed corpus (`corpus.build_installed_corpus`) in a cache dir; (dir, was cached).
+
+    The dir, `/tmp/tokenfeed-corpus-<key>`, is keyed by the parameters, the Python
+    version, the builder's source and every source's (kind, path, size, mtime): a
+    changed install or builder gives a new dir. Built once (~25 s) into a temporary dir
+    and renamed, so a crash or a concurrent build never leaves a half-written corpus.
+    """
+    sources = corpus.installed_sources()
+    described: list[list[object]] = []
+    for kind, key in sources:
+        if kind == "topic":
+            described.append([kind, key])
+            continue
+        try:
+            st = os.stat(key)
+            described.append([kind, key, st.st_size, st.st_mtime_ns])
+        except OSError:
+            described.append([kind, key, None])
+    digest = hashlib.sha256(json.dumps({
+        "docs_per_group": docs_per_group, "groups_per_file": groups_per_file,
+        "python": platform.python_version(), "sources": described,
+        "builder": hashlib.sha256(Path(corpus.__file__).read_bytes()).hexdigest(),
+    }).encode()).hexdigest()[:16]
+    out = CORPUS_CACHE_DIR / f"tokenfeed-corpus-{digest}"
+    if out.is_dir():
+        return out, True
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=CORPUS_CACHE_DIR))
+    try:
+        corpus.build_installed_corpus(tmp, docs_per_group=docs_per_group,
+                                      groups_per_file=groups_per_file, sources=sources)
+        os.rename(tmp, out)
+    except OSError:
+        if not out.is_dir():  # not a concurrent build that won the rename
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, False
+
+
+def corpus_shape(files: Sequence[Path], texts: Sequence[str], tokens: int) -> str:
+    """Documents, MB of UTF-8 text and tokens per row group, averaged over `files`."""
+    groups = sum(pq.ParquetFile(f).num_row_groups for f in files)
+    text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return (f"{len(texts) / groups:,.0f} documents, {text_bytes / groups / 1e6:.2f} MB, "
+            f"{tokens / groups / 1e6:.2f} M tokens per row group")
 
 
 def train_files(data: Path, val_files: int = 1) -> list[Path]:

@@ -12,7 +12,9 @@ import pytest
 from tokenfeed.common.errors import ConfigError
 from tokenfeed.producer.corpus import (
     MIN_DOC_CHARS,
+    build_installed_corpus,
     build_sample_corpus,
+    installed_sources,
     sample_documents,
     write_shards,
 )
@@ -116,3 +118,28 @@ def test_default_build_takes_well_under_ten_seconds(tmp_path: Path) -> None:
     paths = build_sample_corpus(tmp_path)
     assert time.perf_counter() - start_s < 10.0
     assert len(paths) == 8
+
+
+def test_installed_sources_add_site_packages_to_the_stdlib() -> None:
+    keys = [key for _, key in installed_sources()]
+    assert any(key.endswith("numpy/__init__.py") for key in keys)  # a dependency's docstrings
+    assert not any("/tests/" in key for key in keys)
+    assert keys == [key for _, key in installed_sources()]
+
+
+def test_installed_corpus_has_full_row_groups_and_the_rest_last(tmp_path: Path) -> None:
+    sources = installed_sources()[:80]  # parsing all of site-packages takes ~20 s
+    paths = build_installed_corpus(tmp_path / "a", docs_per_group=8, groups_per_file=2,
+                                   sources=sources)
+    groups = []
+    for path in paths:
+        meta = pq.ParquetFile(path).metadata
+        groups.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    assert all(g == [8, 8] for g in groups[:-1])
+    assert 1 <= sum(groups[-1]) <= 16
+    texts = read_column(paths, "text")
+    assert len(set(texts)) == len(texts)
+    assert min(len(t) for t in texts) >= MIN_DOC_CHARS
+    again = build_installed_corpus(tmp_path / "b", docs_per_group=8, groups_per_file=2,
+                                   sources=sources)
+    assert read_column(again, "text") == texts

@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
 from conftest import assert_batch_equals
 from hypothesis import HealthCheck, given, settings
@@ -61,6 +62,7 @@ def drain(sock: zmq.Socket[Any]) -> None:
         sock.recv_multipart()
 
 
+@pytest.mark.timeout(600)
 def test_thousands_of_malformed_frames_on_both_sockets_break_nothing(start_daemon, oracle):
     daemon = start_daemon(workers=2)
     b, t, n = 2, 64, 60

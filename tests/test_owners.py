@@ -151,7 +151,8 @@ def test_killed_daemons_segments_are_removed_by_a_daemon_on_another_run_dir(star
         left = a.segments()
         assert any(name.endswith("-s0") for name in left), left
         kill_and_wait(a)
-    assert a.segments() == left, "nothing removed them yet"
+    # Nothing removed them yet (unless another daemon of this user started meanwhile).
+    assert set(a.segments()) <= set(left)
     b = start_daemon(workers=1)
     assert b.run_dir != a.run_dir
     assert a.segments() == []
