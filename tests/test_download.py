@@ -224,7 +224,9 @@ def test_ctrl_c_stops_the_download_exits_130_and_leaves_no_tmp(
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenfeed.producer", "download", "--base-url", server.url,
          "--num-shards", str(len(shards)), "--workers", "2", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A background job's children inherit SIGINT ignored (and then Python keeps it so).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 30
         while not list(out.glob("*.tmp")):  # a download is under way
