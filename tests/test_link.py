@@ -133,3 +133,45 @@ def test_an_announcement_of_a_slot_outside_the_ring_is_a_protocol_error(ring, pa
     finally:
         link.stop()
         link.join(timeout=5)
+
+
+# -- the CPU output pool ---------------------------------------------------------------
+
+
+def test_a_batch_the_caller_holds_is_never_reused():
+    from tokenfeed.consumer.transfer import BatchPool
+
+    pool = BatchPool(2, 3)
+    held = pool.take()
+    held[0].fill_(7)
+    for _ in range(20):
+        x, y = pool.take()
+        assert x is not held[0] and y is not held[1]
+        x.fill_(0)
+    assert bool((held[0] == 7).all())
+
+
+def test_a_view_of_a_dropped_batch_keeps_it_from_reuse():
+    from tokenfeed.consumer.transfer import BatchPool
+
+    pool = BatchPool(2, 3)
+    x, _ = pool.take()
+    row = x[0]  # e.g. kept by autograd or a logger
+    first = x.data_ptr()
+    del x, _
+    assert pool.take()[0].data_ptr() != first
+    del row
+    assert any(p[0].data_ptr() == first for p in pool.pairs)
+    reused = pool.take()  # the first pair is free again
+    assert reused[0].data_ptr() in {p[0].data_ptr() for p in pool.pairs}
+
+
+def test_released_batches_are_reused_so_memory_stays_flat():
+    from tokenfeed.consumer.transfer import POOL_PAIRS, BatchPool
+
+    pool = BatchPool(32, 2048)
+    seen = set()
+    for _ in range(200):
+        x, _y = pool.take()  # the previous batch is dropped on the next iteration
+        seen.add(x.data_ptr())
+    assert len(seen) <= 2 and len(pool.pairs) <= POOL_PAIRS
