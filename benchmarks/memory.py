@@ -1,6 +1,6 @@
 """Daemon memory vs dataset size: a 10-shard corpus against a 100-shard one.
 
-    python benchmarks/memory.py [--workers N] [--batches 300] [--rounds 2]
+    python benchmarks/memory.py [--workers N] [--batches 300] [--rounds 2] [--cache]
 
 Both corpora hold the CPython sample documents (`sample_documents`, ~2.4 MB, 543
 documents) in row groups of the same size (--rows-per-group, 14 by default, ~4 per
@@ -46,11 +46,13 @@ def sample(pids: list[int]) -> dict[str, int]:
 
 def run_one(
     data: Path, *, tokenizer: str, workers: int, slots: int, batch_size: int, seq_len: int,
-    batches: int,
+    batches: int, cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     peak: dict[str, dict[str, int]] = {"daemon": {}, "all": {}}
     now: dict[str, dict[str, int]] = {}
-    with DaemonProcess(data, workers=workers, slots=slots, tokenizer=tokenizer) as daemon:
+    extra = ["--cache-dir", str(cache_dir)] if cache_dir is not None else []
+    with DaemonProcess(data, workers=workers, slots=slots, tokenizer=tokenizer,
+                       extra=extra) as daemon:
         feed = TokenFeed(batch_size, seq_len, run_dir=daemon.run_dir, device="cpu", rank=0,
                          world_size=1)
         try:
@@ -70,7 +72,9 @@ def run_one(
         finally:
             feed.close()
     return {"peak": peak, "final": now, "elapsed_s": elapsed, "epoch": stream["position"]["epoch"],
-            "units": stream["units_done"], "workers": len(worker_pids)}
+            "units": stream["units_done"], "workers": len(worker_pids),
+            "cached": stream.get("units_cached", 0),
+            "cache_mib": (status.get("cache") or {}).get("bytes", 0) / (1 << 20)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=300, help="batches the consumer drains")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--rows-per-group", type=int, default=14)
+    p.add_argument("--cache", action="store_true",
+                   help="serve with a token cache per corpus (10x larger for 100 shards): "
+                   "the daemon's memory must not follow the cache's size")
     args = p.parse_args(argv)
 
     docs = sample_documents(10**9)  # everything the install holds
@@ -97,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             order = list(dirs) if r % 2 == 0 else list(reversed(dirs))
             for name in order:
+                cache = Path(tmp) / f"cache-{name.split()[0]}" if args.cache else None
                 results[name].append(run_one(
                     dirs[name], tokenizer=args.tokenizer, workers=args.workers,
                     slots=args.slots, batch_size=args.batch_size, seq_len=args.seq_len,
-                    batches=args.batches))
+                    batches=args.batches, cache_dir=cache))
 
     print(machine_line())
     print(f"daemon: {args.workers} workers, {args.slots} slots; consumer B x T = "
@@ -109,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, runs in results.items():
         last = runs[-1]
         print(f"  {name}: {sizes[name] / 1e6:.1f} MB parquet, {n_docs[name]} documents; "
-              f"reached epoch {last['epoch']} ({last['units']} row groups "
-              f"tokenized) in {median([x['elapsed_s'] for x in runs]):.1f} s")
+              f"reached epoch {last['epoch']} ({last['units']} row groups packed, "
+              f"tokenized or cached) in {median([x['elapsed_s'] for x in runs]):.1f} s"
+              + (f"; token cache {last['cache_mib']:.1f} MiB, {last['cached']} units from it"
+                 if args.cache else ""))
     print()
 
     def mib(name: str, kind: str, who: str, field: str) -> float:
