@@ -272,12 +272,10 @@ def _load(spec: str) -> tuple[tiktoken.Encoding, str | None]:
     if path.exists():
         raise TokenizerError(
             f"tokenizer {spec!r} is a file; pass a tiktoken encoding name or a directory "
-            f"holding {RANKS_FILE} and {CONFIG_FILE}. tokenfeed never unpickles: convert a "
-            f"pickled tiktoken Encoding you trust (nanochat's tokenizer.pkl) once with "
-            f"tokenfeed.producer.tokenizer.save_tokenizer_dir: python -c \"import pickle; "
-            f"from tokenfeed.producer.tokenizer import save_tokenizer_dir; "
-            f"save_tokenizer_dir(pickle.load(open('{path}', 'rb')), '{path.parent}/tokenfeed', "
-            f"bos='<|bos|>')\" and pass --tokenizer {path.parent}/tokenfeed."
+            f"holding {RANKS_FILE} and {CONFIG_FILE}. tokenfeed never unpickles while it "
+            f"serves: convert a pickled tiktoken Encoding you trust (nanochat's tokenizer.pkl) "
+            f"once with `tokenfeed import-tokenizer {path} --allow-pickle --out "
+            f"{path.parent}/tokenfeed` and pass --tokenizer {path.parent}/tokenfeed."
         )
     if os.sep in spec or (os.altsep is not None and os.altsep in spec):
         raise TokenizerError(
