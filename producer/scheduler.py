@@ -38,9 +38,11 @@ def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int) -> 
     streams = list(streams)
     staged = sum(s.staged() for s in streams)
     for stream in streams:  # cached units first: no worker needed, memory speed
-        while (staged < budget_bytes and stream.wants_work(pool.capacity)
-               and stream.serve_cached()):
-            staged = sum(s.staged() for s in streams)
+        while staged < budget_bytes and stream.wants_work(pool.capacity):
+            served = stream.serve_cached()
+            if not served:
+                break
+            staged += served
     free = pool.free()
     assigned = 0
     while free:

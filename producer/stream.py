@@ -69,6 +69,7 @@ class Stream:
         self.on_error = on_error
         self.cache = cache
         self.units_cached = 0  # units served from the token cache
+        self._cache_missed = -1  # the last unit the cache did not hold
         self.packer = make_packer(spec, start)
         self.table = SlotTable(ring)
         self.next_unit = self.packer.next_unit  # next (unit, part) to schedule
@@ -172,17 +173,19 @@ class Stream:
         return Task(self.sid, unit, part, ref.path, ref.row_group, self.column, rows, doc_seed,
                     text_bytes)
 
-    def serve_cached(self) -> bool:
-        """Take the next unit from the token cache instead of the workers, if it is there."""
+    def serve_cached(self) -> int:
+        """Take the next unit from the token cache instead of the workers, if it is there;
+        returns the bytes it staged (0: not cached, the workers will tokenize it)."""
         if self.cache is None or self.retry or self.next_part != 0 or self.error is not None:
-            return False
+            return 0
         unit = self.next_unit
-        if not self.packer.needs_unit(unit):
-            return False  # _advance pushes it empty
+        if unit == self._cache_missed or not self.packer.needs_unit(unit):
+            return 0  # asked once already / _advance pushes it empty
         ref = self._ref(unit)
         cached = self.cache.get(ref.path, ref.shard_stamp, ref.row_group)
         if cached is None or len(cached.row_tokens) != ref.num_rows:
-            return False
+            self._cache_missed = unit  # one lookup (and one miss counted) per unit
+            return 0
         tokens, row_tokens = cached.in_order(self._row_order(unit))
         task = Task(self.sid, unit, WHOLE, ref.path, ref.row_group, self.column,
                     (0, ref.num_rows))
@@ -193,7 +196,7 @@ class Stream:
         self.skipped += result.skipped
         self.units_cached += 1
         self.next_unit += 1
-        return True
+        return result.tokens.nbytes + result.doc_starts.nbytes
 
     def _row_order(self, unit: int) -> np.ndarray | None:
         """The order a shuffled epoch reads the unit's rows in (None: file order)."""
