@@ -101,7 +101,7 @@ class TokenCache:
         self.enabled = True
         self.hits = self.misses = self.corrupt = self.writes = self.evicted = 0
         self.bytes_used = sum(p.stat().st_size for p in self.root.glob("*" + SUFFIX))
-        self._queue: queue.Queue[tuple[Path, bytes, np.ndarray, np.ndarray] | None] = (
+        self._queue: queue.Queue[tuple[Path, np.ndarray, np.ndarray] | None] = (
             queue.Queue(QUEUE_UNITS))
         self._writer = threading.Thread(target=self._write_loop, name="tokenfeed-cache",
                                         daemon=True)
@@ -185,11 +185,8 @@ class TokenCache:
             return
         data = np.ascontiguousarray(tokens, dtype=self.dtype)
         rows = np.ascontiguousarray(row_tokens, dtype=np.int64)
-        checksum = zlib.adler32(rows.tobytes())
-        checksum = zlib.adler32(data.tobytes(), checksum)
-        header = HEADER.pack(MAGIC, VERSION, self.itemsize, len(rows), len(data), checksum)
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait((path, header, rows, data))
+        with contextlib.suppress(queue.Full):  # checksum and write on the writer thread
+            self._queue.put_nowait((path, rows, data))
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -198,13 +195,15 @@ class TokenCache:
             finally:
                 self._queue.task_done()
 
-    def _write(self, path: Path, header: bytes, rows: np.ndarray, data: np.ndarray) -> None:
+    def _write(self, path: Path, rows: np.ndarray, data: np.ndarray) -> None:
+        checksum = zlib.adler32(data.data, zlib.adler32(rows.data))  # buffers: no copy
+        header = HEADER.pack(MAGIC, VERSION, self.itemsize, len(rows), len(data), checksum)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
                 f.write(header)
-                f.write(rows.tobytes())
-                f.write(data.tobytes())
+                f.write(rows.data)
+                f.write(data.data)
             os.replace(tmp, path)
         except OSError as e:
             with contextlib.suppress(OSError):

@@ -90,37 +90,38 @@ def wait_for(check, timeout_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_a_completed_copy_of_an_intact_slot_is_handed_out(ring, pair):
+@pytest.fixture
+def running(ring, pair) -> Iterator[tuple[zmq.Socket, DeferredTransfer, Link]]:
+    """A link thread on the ring with a deferred transfer, the daemon's socket, stopped after."""
     daemon_side, feed_side = pair
     transfer = DeferredTransfer(ring)
     link = start_link(ring, feed_side, transfer)
     try:
-        announce(daemon_side, ring, 0, 0)
-        time.sleep(0.2)
-        assert link.batches.empty()  # the copy is still in flight
-        transfer.completed = True
-        batch = link.batches.get(timeout=5)
-        assert batch.seq == 0 and link.error is None
+        yield daemon_side, transfer, link
     finally:
         link.stop()
         link.join(timeout=5)
 
 
-def test_a_slot_rewritten_before_the_copy_completed_is_discarded_with_detached(ring, pair):
-    daemon_side, feed_side = pair
-    transfer = DeferredTransfer(ring)
-    link = start_link(ring, feed_side, transfer)
-    try:
-        announce(daemon_side, ring, 0, 0)
-        time.sleep(0.2)
-        ring.invalidate(0)  # the daemon dropped this consumer and refills the slot
-        transfer.completed = True
-        wait_for(lambda: not link.is_alive())
-        assert isinstance(link.error, DetachedError)
-        assert link.batches.empty(), "a torn batch was handed out"
-    finally:
-        link.stop()
-        link.join(timeout=5)
+def test_a_completed_copy_of_an_intact_slot_is_handed_out(ring, running):
+    daemon_side, transfer, link = running
+    announce(daemon_side, ring, 0, 0)
+    time.sleep(0.2)
+    assert link.batches.empty()  # the copy is still in flight
+    transfer.completed = True
+    batch = link.batches.get(timeout=5)
+    assert batch.seq == 0 and link.error is None
+
+
+def test_a_slot_rewritten_before_the_copy_completed_is_discarded_with_detached(ring, running):
+    daemon_side, transfer, link = running
+    announce(daemon_side, ring, 0, 0)
+    time.sleep(0.2)
+    ring.invalidate(0)  # the daemon dropped this consumer and refills the slot
+    transfer.completed = True
+    wait_for(lambda: not link.is_alive())
+    assert isinstance(link.error, DetachedError)
+    assert link.batches.empty(), "a torn batch was handed out"
 
 
 def test_an_announcement_of_a_slot_outside_the_ring_is_a_protocol_error(ring, pair):
