@@ -26,7 +26,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import DaemonProcess, leftover_segments, machine_line, median, rss_kib, table
+from _common import (
+    DaemonProcess,
+    installed_corpus,
+    leftover_segments,
+    machine_line,
+    median,
+    read_texts,
+    rss_kib,
+    table,
+)
 
 from tokenfeed.consumer import TokenFeed
 from tokenfeed.producer.corpus import sample_documents, write_shards
@@ -87,12 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=300, help="batches the consumer drains")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--rows-per-group", type=int, default=14)
+    p.add_argument("--installed", action="store_true",
+                   help="the installed corpus's ~6,000 documents instead of the sample's 543, "
+                   "one row group per shard (use with --rows-per-group 1024)")
     p.add_argument("--cache", action="store_true",
                    help="serve with a token cache per corpus (10x larger for 100 shards): "
                    "the daemon's memory must not follow the cache's size")
     args = p.parse_args(argv)
 
-    docs = sample_documents(10**9)  # everything the install holds
+    if args.installed:  # the throughput corpus's documents: row groups of hundreds
+        corpus_dir, _ = installed_corpus()
+        docs = read_texts(sorted(corpus_dir.glob("*.parquet")))
+    else:
+        docs = sample_documents(10**9)  # everything the install holds
     results: dict[str, list[dict[str, Any]]] = {"10 shards": [], "100 shards": []}
     with tempfile.TemporaryDirectory(prefix="tfb-mem-") as tmp:
         dirs = {"10 shards": Path(tmp) / "s10", "100 shards": Path(tmp) / "s100"}
