@@ -10,6 +10,7 @@ worker socket and its lock file. It is private to the user (mode 0700).
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import tempfile
@@ -39,6 +40,8 @@ PACKING_PRESETS: dict[str, dict[str, Any]] = {
     "bestfit": {"packing": "bestfit", "buffer_docs": 1000, "min_tail": 32},
     "nanochat": {"packing": "bestfit", "buffer_docs": 1000, "min_tail": None},
 }
+MAX_SOURCES = 64  # named sources of one mixture
+MAX_SOURCE_NAME = 64
 # AF_UNIX paths are limited to 108 bytes on Linux (sun_path), terminator included.
 MAX_IPC_PATH_BYTES = 107
 
@@ -56,8 +59,13 @@ class StreamSpec:
     shuffle_seed: int | None = None
     buffer_docs: int = 1000  # bestfit: documents to choose from (nanochat's buffer_size)
     min_tail: int | None = 32  # bestfit: shorter cropped tails are discarded; None: all are
+    # Weights of a mixture of named sources, (name, weight) sorted by name, summing to 1;
+    # None: the daemon's own weights (a one-source daemon: no mixture).
+    mix: tuple[tuple[str, float], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.mix is not None:
+            object.__setattr__(self, "mix", normalize_mix(self.mix))
         for name in ("rank", "world_size", "batch_size", "seq_len", "buffer_docs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -104,12 +112,14 @@ class StreamSpec:
         return self.batch_size * self.seq_len + 1
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["mix"] = None if self.mix is None else dict(self.mix)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamSpec:
         fields = {"split", "rank", "world_size", "batch_size", "seq_len", "packing",
-                  "shuffle_seed", "buffer_docs", "min_tail"}
+                  "shuffle_seed", "buffer_docs", "min_tail", "mix"}
         if not isinstance(d, dict):
             raise ConfigError(f"stream spec {d!r} is not a map")
         unknown = set(d) - fields
@@ -119,6 +129,42 @@ class StreamSpec:
             return cls(**d)
         except TypeError as e:  # a required field is missing
             raise ConfigError(f"bad stream spec: {e}") from None
+
+
+def normalize_mix(mix: Any) -> tuple[tuple[str, float], ...]:
+    """Mixture weights as (name, weight) pairs sorted by name, summing to 1.
+
+    Accepts a map or pairs of source name -> non-negative finite number, not all zero.
+    """
+    items = list(mix.items()) if isinstance(mix, dict) else mix
+    try:
+        pairs = [(name, weight) for name, weight in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"mix={mix!r} must map source names to weights, e.g. "
+                          "{'web': 0.7, 'code': 0.3}") from None
+    if not 1 <= len(pairs) <= MAX_SOURCES:
+        raise ConfigError(f"mix names {len(pairs)} sources; name 1 to {MAX_SOURCES}")
+    for name, weight in pairs:
+        check_source_name(name)
+        if (not isinstance(weight, (int, float)) or isinstance(weight, bool)
+                or not math.isfinite(weight) or weight < 0):
+            raise ConfigError(f"mix weight {weight!r} of source {name!r} must be a finite "
+                              "number >= 0")
+    if len({name for name, _ in pairs}) != len(pairs):
+        raise ConfigError(f"mix={mix!r} names a source twice")
+    total = math.fsum(float(w) for _, w in pairs)
+    if total <= 0:
+        raise ConfigError(f"mix={mix!r} has no positive weight; give at least one source > 0")
+    return tuple(sorted((name, float(w) / total) for name, w in pairs))
+
+
+def check_source_name(name: Any) -> str:
+    if (not isinstance(name, str) or not 1 <= len(name) <= MAX_SOURCE_NAME
+            or not all(c.isalnum() or c in "_-." for c in name)):
+        raise ConfigError(
+            f"source name {name!r} must be 1-{MAX_SOURCE_NAME} letters, digits, '_', '-' or '.'"
+        )
+    return name
 
 
 def default_run_dir() -> Path:

@@ -586,6 +586,8 @@ class BestFitPacker:
     # -- position -----------------------------------------------------------
 
     def _position(self) -> dict[str, Any]:
+        # Here, not in first_unit(): packing runs ahead of the last window filled.
+        self._first_unit = min([self._read[0], *(piece[3] for piece in self._pieces.values())])
         buffer = _encode_buffer(self._pieces.values(), len(self._pieces), self._read[0],
                                 self._docs_read)
         return {"unit": self._read[0], "doc": self._read[1], "docs_read": self._docs_read,
@@ -601,6 +603,10 @@ class BestFitPacker:
         """False for a unit pushed only to reach the read position (resuming) that holds
         none of the buffer's pieces: its content is ignored, so it may be pushed empty."""
         return unit >= self._read[0] or unit in self._unresolved
+
+    def first_unit(self) -> int:
+        """The earliest unit `position` names: the read unit's, or a buffered piece's."""
+        return self._first_unit
 
     def stats(self) -> dict[str, Any]:
         return {"tokens_packed": self.tokens_packed, "tokens_cropped": self.tokens_cropped,

@@ -37,6 +37,7 @@ class Packer(Protocol):
     (bestfit: negative, a shortfall, while it lacks documents). `needs_unit(u)` is
     False for a unit whose content the packer ignores (bestfit, resuming: units
     between the buffer's references), which a stream may push empty instead.
+    `first_unit()` is the earliest unit `position` names: where a resume starts reading.
     """
 
     next_unit: int
@@ -49,6 +50,7 @@ class Packer(Protocol):
     def resume_key(self, position: dict[str, Any]) -> tuple[Any, ...]: ...
     def stats(self) -> dict[str, Any]: ...
     def needs_unit(self, unit: int) -> bool: ...
+    def first_unit(self) -> int: ...
 
 
 def make_packer(spec: StreamSpec, start: dict[str, Any] | None) -> Packer:
@@ -134,3 +136,6 @@ class ConcatPacker:
 
     def needs_unit(self, unit: int) -> bool:
         return True
+
+    def first_unit(self) -> int:
+        return int(self.position["unit"])

@@ -39,7 +39,7 @@ def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int) -> 
     staged = sum(s.staged() for s in streams)
     for stream in streams:  # cached units first: no worker needed, memory speed
         while staged < budget_bytes and stream.wants_work(pool.capacity):
-            served = stream.serve_cached()
+            served = stream.serve_cached(pool.capacity)
             if not served:
                 break
             staged += served
@@ -49,19 +49,19 @@ def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int) -> 
         hungry = [s for s in streams if s.wants_work(pool.capacity)]
         if not hungry:
             break
-        stream = min(hungry, key=lambda s: (s.starvation(), len(s.inflight), s.sid))
+        stream = min(hungry, key=lambda s: (s.starvation(), s.inflight_count, s.sid))
         over_budget = staged >= budget_bytes and pool.inflight() > 0
         if over_budget and not stream.head_unscheduled():
             break
         try:
-            task = stream.next_task()
+            task = stream.next_task(pool.capacity)
         except Exception as e:  # one stream's bad position must not stop the node's feed
             log.exception("stream %d cannot be scheduled", stream.sid)
             stream.error = f"stream {stream.sid} cannot be scheduled: {type(e).__name__}: {e}"
             continue
         worker = _pick(free, task)
         pool.assign(worker, task)
-        staged += stream.inflight[(task.unit, task.part)]
+        staged += stream.estimate(task)
         assigned += 1
         free = pool.free()
     return assigned

@@ -53,7 +53,7 @@ def test_duplicate_result_of_a_rerun_unit_is_ignored(stream):
     stream.on_result(result_for(stream, 0, 200))
     stream.pack()
     stream.on_result(result_for(stream, 0, 200))
-    assert 0 not in stream.results
+    assert 0 not in stream.readers[0].results
 
 
 def test_unit_failing_three_times_fails_the_stream_with_its_reason(stream):
@@ -115,7 +115,7 @@ def test_parts_finishing_out_of_order_pack_as_the_whole_row_group(split_stream):
     assert split_stream.depth == 1  # 100 tokens: one 64-token window
     np.testing.assert_array_equal(split_stream.ring.slots[split_stream.table.by_seq[0]],
                                   np.arange(64, dtype=np.uint32) + 0)
-    assert split_stream.staged_bytes == 0
+    assert split_stream.readers[0].staged_bytes == 0
 
 
 def test_a_lost_part_is_rerun_alone(split_stream):
@@ -135,8 +135,8 @@ def test_a_lost_part_is_rerun_alone(split_stream):
 def test_staged_bytes_count_finished_parts_until_packed(split_stream):
     tasks = [split_stream.next_task() for _ in range(4)]
     split_stream.on_result(part_result(tasks[3]))
-    assert split_stream.staged_bytes == 30 * 4 + 3 * 8  # tokens and document starts
-    assert split_stream.staged() >= split_stream.staged_bytes
+    assert split_stream.readers[0].staged_bytes == 30 * 4 + 3 * 8  # tokens and document starts
+    assert split_stream.staged() >= split_stream.readers[0].staged_bytes
 
 
 def test_finished_parts_of_an_incomplete_unit_never_count_as_enough(split_stream):

@@ -1,0 +1,257 @@
+"""One source's reading for one stream: its rank's row groups -> tokenized units, in order.
+
+A reader schedules its row groups as units (each split into tasks of about
+`task_bytes` of text), re-runs lost tasks, serves units the token cache holds, and
+hands finished units out whole and in order (`take`). The stream above it decides
+how far to read ahead and packs (a one-source stream) or mixes (a mixture) them.
+
+A reader's tasks carry its `lane` as their stream id on the worker channel: a
+stream's first source uses the stream's own id, a mixture's others the ids after it.
+
+Failure behaviour: a task whose worker died is re-run (same input, same output);
+a task that fails MAX_ATTEMPTS times fails the reader (`on_error="fail"`: `error`
+names the file and row group); with `on_error="skip"` its whole row group delivers
+nothing instead, logged and listed in `skipped_row_groups`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from tokenfeed.producer.cache import TokenCache, file_order
+from tokenfeed.producer.config import DEFAULT_TASK_BYTES
+from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
+from tokenfeed.producer.pool import Result, Task
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+WHOLE = -1  # the part number of a result that stands for its whole unit
+INITIAL_TOKENS_PER_TEXT_BYTE = 0.25  # English under cl100k; learnt from results as they come
+_NO_TOKENS = np.zeros(0, dtype=np.uint32)
+_NO_STARTS = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A named source as a stream reads it: one split's plan, its text column, its cache."""
+
+    name: str
+    plan: SplitPlan
+    column: str
+    cache: TokenCache | None = None
+
+
+def _always(unit: int) -> bool:
+    return True
+
+
+class SourceReader:
+    def __init__(
+        self, lane: int, plan: SplitPlan, column: str, *, rank: int, world_size: int,
+        shuffle_seed: int | None, first_unit: int = 0, task_bytes: int = DEFAULT_TASK_BYTES,
+        on_error: str = "fail", cache: TokenCache | None = None, itemsize: int = 4,
+        needs_unit: Callable[[int], bool] = _always,
+    ) -> None:
+        self.lane = lane
+        self.itemsize = itemsize
+        self.plan = plan
+        self.column = column
+        self.rank, self.world_size, self.shuffle_seed = rank, world_size, shuffle_seed
+        self.task_bytes = task_bytes
+        self.on_error = on_error
+        self.cache = cache
+        self.needs_unit = needs_unit  # False: the consumer of units ignores it (push empty)
+        self.units_cached = 0  # units served from the token cache
+        self._cache_missed = -1  # the last unit the cache did not hold
+        self.next_unit = first_unit  # next (unit, part) to schedule
+        self.next_part = 0
+        self.retry: deque[tuple[int, int]] = deque()
+        self.attempts: dict[tuple[int, int], int] = {}
+        self.inflight: dict[tuple[int, int], int] = {}  # (unit, part) -> estimated bytes
+        self.results: dict[int, dict[int, Result]] = {}  # unit -> finished parts
+        self.staged_bytes = 0  # bytes of the finished parts in `results`
+        self.error: str | None = None
+        self.tokens_per_text_byte = INITIAL_TOKENS_PER_TEXT_BYTE  # running, sizes estimates
+        self.tasks_done = 0
+        self.units_done = 0
+        self.documents = 0
+        self.skipped = 0
+        self.skipped_row_groups: list[str] = []  # --on-error skip: "path#row_group", in order
+        self._epoch_order: tuple[int, np.ndarray] = (-1, np.arange(0))
+
+    # -- where units come from ----------------------------------------------
+
+    def unit_position(self, unit: int) -> tuple[int, int]:
+        """(epoch, ordinal) of the rank's `unit`-th row group in the global sequence."""
+        return self.plan.unit_position(self.rank, self.world_size, unit)
+
+    def _ref(self, unit: int) -> RowGroupRef:
+        epoch, ordinal = self.unit_position(unit)
+        return self.plan.row_groups[self._order(epoch)[ordinal]]
+
+    def _parts(self, unit: int) -> list[tuple[int, int]]:
+        return self._ref(unit).parts(self.task_bytes)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch_order[0] != epoch:  # asked for every part: compute once per epoch
+            n = len(self.plan)
+            order = np.arange(n) if self.shuffle_seed is None else (
+                np.random.default_rng([self.shuffle_seed, epoch]).permutation(n))
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
+
+    def _row_order(self, unit: int) -> np.ndarray | None:
+        """The order a shuffled epoch reads the unit's rows in (None: file order)."""
+        if self.shuffle_seed is None:
+            return None
+        epoch, ordinal = self.unit_position(unit)
+        n = self._ref(unit).num_rows
+        return np.random.default_rng([self.shuffle_seed, epoch, ordinal]).permutation(n)
+
+    # -- scheduling ---------------------------------------------------------
+
+    def pending_bytes(self) -> int:
+        """Bytes finished or in flight and not yet taken."""
+        return self.staged_bytes + sum(self.inflight.values())
+
+    def head_unscheduled(self, wanted_unit: int) -> bool:
+        """`wanted_unit` (the next one to take) waits for a task not yet out: a lost
+        part, or the rest of that unit. Finished parts of a unit that still lacks one
+        must never count as enough read-ahead (nor hold the budget against it)."""
+        return bool(self.retry) or self.next_unit <= wanted_unit
+
+    def next_task(self) -> Task:
+        if self.retry:
+            unit, part = self.retry.popleft()
+        else:
+            unit, part = self._advance()
+        epoch, ordinal = self.unit_position(unit)
+        ref = self._ref(unit)
+        rows = ref.parts(self.task_bytes)[part]
+        doc_seed = None
+        if self.shuffle_seed is not None:
+            doc_seed = [self.shuffle_seed, epoch, ordinal]
+        text_bytes = ref.text_bytes * (rows[1] - rows[0]) // max(ref.num_rows, 1)
+        estimate = int(text_bytes * self.tokens_per_text_byte * self.itemsize)
+        self.inflight[(unit, part)] = estimate
+        return Task(self.lane, unit, part, ref.path, ref.row_group, self.column, rows, doc_seed,
+                    text_bytes)
+
+    def serve_cached(self) -> int:
+        """Take the next unit from the token cache instead of the workers, if it is there;
+        returns the bytes it staged (0: not cached, the workers will tokenize it)."""
+        if self.cache is None or self.retry or self.next_part != 0 or self.error is not None:
+            return 0
+        unit = self.next_unit
+        if unit == self._cache_missed or not self.needs_unit(unit):
+            return 0  # asked once already / _advance pushes it empty
+        ref = self._ref(unit)
+        cached = self.cache.get(ref.path, ref.shard_stamp, ref.row_group)
+        if cached is None or len(cached.row_tokens) != ref.num_rows:
+            self._cache_missed = unit  # one lookup (and one miss counted) per unit
+            return 0
+        tokens, row_tokens = cached.in_order(self._row_order(unit))
+        task = Task(self.lane, unit, WHOLE, ref.path, ref.row_group, self.column,
+                    (0, ref.num_rows))
+        result = Result.of_rows(task, tokens, row_tokens)
+        self.results[unit] = {WHOLE: result}
+        self.staged_bytes += result.tokens.nbytes + result.doc_starts.nbytes
+        self.documents += len(result.doc_starts)
+        self.skipped += result.skipped
+        self.units_cached += 1
+        self.next_unit += 1
+        return result.tokens.nbytes + result.doc_starts.nbytes
+
+    def _advance(self) -> tuple[int, int]:
+        """The next (unit, part) in stream order."""
+        # After a bestfit resume, units between the buffer's oldest piece and the read
+        # position hold nothing the packer needs: they are pushed empty, not tokenized.
+        while self.next_part == 0 and not self.needs_unit(self.next_unit):
+            self.results[self.next_unit] = {WHOLE: self._empty(self.next_unit)}
+            self.next_unit += 1
+        unit, part = self.next_unit, self.next_part
+        if part + 1 < len(self._parts(unit)):
+            self.next_part += 1
+        else:
+            self.next_unit, self.next_part = unit + 1, 0
+        return unit, part
+
+    # -- outcomes -----------------------------------------------------------
+
+    def on_failure(self, task: Task, error: str) -> None:
+        key = (task.unit, task.part)
+        if self.inflight.pop(key, None) is None:
+            return  # not ours to re-run (already finished, or scheduled again)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        if self.attempts[key] < MAX_ATTEMPTS:
+            self.retry.appendleft(key)
+        elif self.on_error == "skip":
+            self._skip_unit(task, error)
+        else:
+            self.error = (f"{task.path} row group {task.row_group} (unit {task.unit}, part "
+                          f"{task.part}) failed {MAX_ATTEMPTS} times: {error}; "
+                          "fix or remove the file, or serve with --on-error skip")
+
+    def _skip_unit(self, task: Task, error: str) -> None:
+        """--on-error skip: the whole row group delivers nothing, whichever part failed.
+
+        Whole, so the outcome does not depend on which parts happened to finish: a
+        resume that meets the same bad row group skips it the same way.
+        """
+        unit = task.unit
+        log.warning("lane %d: skipping %s row group %d (unit %d) after %d failures: %s",
+                    self.lane, task.path, task.row_group, unit, MAX_ATTEMPTS, error)
+        self.skipped_row_groups.append(f"{task.path}#{task.row_group}")
+        for part in self.results.pop(unit, {}).values():
+            self.staged_bytes -= part.tokens.nbytes + part.doc_starts.nbytes
+        for key in [k for k in self.inflight if k[0] == unit]:
+            del self.inflight[key]  # their results are dropped as strays when they come
+        self.retry = deque(k for k in self.retry if k[0] != unit)
+        self.results[unit] = {WHOLE: self._empty(unit)}
+        if self.next_unit == unit:
+            self.next_unit, self.next_part = unit + 1, 0
+
+    def on_result(self, result: Result) -> None:
+        task = result.task
+        if self.inflight.pop((task.unit, task.part), None) is None:
+            return  # a duplicate (re-run after a worker death that had in fact finished)
+        self.results.setdefault(task.unit, {})[task.part] = result
+        self.staged_bytes += result.tokens.nbytes + result.doc_starts.nbytes
+        self.tasks_done += 1
+        self.documents += len(result.doc_starts)
+        self.skipped += result.skipped
+        if task.text_bytes > 0:  # learn the corpus's tokens per byte of text for estimates
+            ratio = len(result.tokens) / task.text_bytes
+            self.tokens_per_text_byte += (ratio - self.tokens_per_text_byte) / min(
+                self.tasks_done, 16)
+
+    def _empty(self, unit: int) -> Result:
+        """A unit that delivers nothing (skipped, or not needed by a resumed packer)."""
+        task = Task(self.lane, unit, WHOLE, "", -1, self.column, (0, 0))
+        return Result(task, _NO_TOKENS, _NO_STARTS, 0, _NO_STARTS)
+
+    def take(self, unit: int) -> Result | None:
+        """Unit `unit` once all its parts are in, its parts joined in order (None: not yet)."""
+        parts = self.results.get(unit)
+        if parts is None or (WHOLE not in parts and len(parts) < len(self._parts(unit))):
+            return None
+        del self.results[unit]
+        ordered = [parts[WHOLE]] if WHOLE in parts else [parts[i] for i in range(len(parts))]
+        self.staged_bytes -= sum(r.tokens.nbytes + r.doc_starts.nbytes for r in ordered)
+        self.units_done += 1
+        joined = ordered[0] if len(ordered) == 1 else Result.of_rows(
+            ordered[0].task, np.concatenate([r.tokens for r in ordered]),
+            np.concatenate([r.row_tokens for r in ordered]))
+        if self.cache is not None and WHOLE not in parts:  # tokenized here: keep it
+            ref = self._ref(unit)
+            if len(joined.row_tokens) == ref.num_rows:
+                self.cache.put(ref.path, ref.shard_stamp, ref.row_group,
+                               *file_order(joined.tokens, joined.row_tokens,
+                                           self._row_order(unit)))
+        return joined
