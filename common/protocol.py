@@ -7,7 +7,8 @@ shared memory) and nothing is pickled.
 
 Ops, client -> daemon:
     ping {}                                   -> pong {daemon_id, pid, version, tokenizer}
-    attach {spec, start, expect, replicas, rejoin} -> attached {stream, ring, slots, ...} | error
+    attach {spec, start, expect, replicas, rejoin, reweight?} -> attached {stream, ring, ...}
+        reweight: a resumed mixture changes to the spec's weights (the feed's mix changed)
     release {stream, seq}                     (no reply; frees the slot for reuse)
     heartbeat {stall_s?, step_s?}             (no reply beyond the daemon's own beats)
         optional, from consumers: cumulative seconds its caller waited inside next()
@@ -16,6 +17,7 @@ Ops, client -> daemon:
     detach {stream}                           (no reply)
     status {}                                 -> status {streams, workers, ...}
     scale {workers}                           -> ok {workers}
+    mix {weights, split}                      -> mix {weights, streams}: new mixture weights
     stop {}                                   -> ok {}
 Ops, daemon -> consumer:
     ready {stream, slot, seq, cursor}         slot `slot` holds batch `seq`

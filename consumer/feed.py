@@ -133,6 +133,7 @@ class TokenFeed:
         run_dir: str | Path | None = None,
         packing: str = "concat",
         shuffle_seed: int | None = None,
+        mix: dict[str, float] | None = None,
         buffer_docs: int | _Preset = PRESET,
         min_tail: int | _Preset | None = PRESET,
         vocab_size: int | None = None,
@@ -145,9 +146,10 @@ class TokenFeed:
         topo = resolve_topology(rank, world_size, device)
         self.spec = StreamSpec(
             split=split, rank=topo.rank, world_size=topo.world_size, batch_size=batch_size,
-            seq_len=seq_len, shuffle_seed=shuffle_seed,
+            seq_len=seq_len, shuffle_seed=shuffle_seed, mix=mix,
             **_resolve_packing(packing, buffer_docs, min_tail),
         )
+        self._reweight = False  # a resumed mixture changes to this feed's mix (see load)
         if vocab_size is not None and (
             not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1
         ):
@@ -332,6 +334,7 @@ class TokenFeed:
                 replicas=1 if self._attached else self.replicas,
                 # A replica coming back must find its group's stream, not start a new one.
                 rejoin=self._attached and self.replicas > 1,
+                reweight=self._reweight,
             ))
             reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
         except BaseException:
@@ -361,6 +364,7 @@ class TokenFeed:
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]
         self._attached = True
+        self._reweight = False  # done: a re-attach resumes the cursor's schedule as it is
         self._link = Link(sock, ring, int(reply["stream"]), int(reply["start_seq"]), transfer,
                           self.prefetch, str(self.run_dir))
         self._link.start()
@@ -444,13 +448,14 @@ class TokenFeed:
             saved = StreamSpec.from_dict(state["spec"])
         except (KeyError, ConfigError) as e:
             raise StateMismatchError(f"feed state has no valid stream spec ({e})") from None
-        diffs = [
-            f"{k}: saved {v!r}, now {getattr(self.spec, k)!r}"
-            for k, v in saved.to_dict().items()
-            if v != getattr(self.spec, k)
-        ]
+        now = self.spec.to_dict()
+        diffs = [f"{k}: saved {v!r}, now {now[k]!r}"
+                 for k, v in saved.to_dict().items() if v != now[k] and k != "mix"]
         if diffs:
             raise StateMismatchError("feed state is for another stream: " + "; ".join(diffs))
+        # Other weights than the state's: the mixture changes to them where it resumes
+        # (recorded in its schedule); the same weights keep the schedule, live changes too.
+        self._reweight = saved.mix != self.spec.mix and self.spec.mix is not None
         self._start = state["cursor"]
         self._cursor = state["cursor"]
         self._expect = {"fingerprint": state.get("fingerprint"),

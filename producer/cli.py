@@ -31,6 +31,10 @@ from tokenfeed.producer.config import (
     DEFAULT_TOKENIZER,
     TOKENIZER_BACKENDS,
     DaemonConfig,
+    data_path,
+    load_mix_file,
+    parse_source,
+    parse_weights,
 )
 
 DETACHED_LOG_NAME = "daemon.log"  # in the run dir: the log of `serve --detach`
@@ -62,7 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the node daemon in the foreground")
-    _add_data_flags(serve, required=True)
+    _add_data_flags(serve, required=False)
+    serve.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
+                       help="a named source of a mixture (repeat it; instead of --data): a "
+                       "folder or URL of shards with --text-column, split and --val-files "
+                       "like --data; consumers pick weights with TokenFeed(mix=...)")
+    serve.add_argument("--mix", metavar="FILE", help="sources and default weights from a TOML "
+                       "file: a [sources.NAME] table each, with path, optional text_column "
+                       "and weight (README: Mixtures)")
+    serve.add_argument("--weights", metavar="NAME=W,...", help="default mixture weights, "
+                       "e.g. web=0.7,code=0.3 (default: equal; normalized)")
     _add_run_dir(serve)
     serve.add_argument("--linger-s", type=float, default=300.0,
                        help="keep a stream warm this long after its last consumer leaves")
@@ -118,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     scale = sub.add_parser("scale", help="resize the worker pool of a running daemon")
     scale.add_argument("--workers", type=int, required=True)
     _add_run_dir(scale)
+
+    mix = sub.add_parser("mix", help="change the mixture weights of running streams at "
+                         "their next batch not yet filled (recorded in their feed state)")
+    mix.add_argument("--set", required=True, metavar="NAME=W,...", dest="weights",
+                     help="new weights, e.g. web=0.5,code=0.5 (sources not named: 0)")
+    mix.add_argument("--split", default="train", choices=["train", "val"],
+                     help="streams of this split (default: train)")
+    _add_run_dir(mix)
 
     clean = sub.add_parser("clean", help="remove shared memory left by killed daemons")
     clean.add_argument("--dry-run", action="store_true", help="list, do not remove")
@@ -185,8 +206,15 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     from tokenfeed.producer.logs import configure as configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    sources = tuple(parse_source(v) for v in args.source)
+    weights = parse_weights(args.weights) if args.weights else None
+    if args.mix:
+        if sources:
+            raise ConfigError("pass sources with --mix FILE or with --source, not both")
+        sources, file_weights = load_mix_file(args.mix)
+        weights = weights or file_weights
     serve(DaemonConfig(
-        data_dir=args.data if "://" in args.data else Path(args.data).expanduser(),
+        data_dir=data_path(args.data) if args.data else None, sources=sources, weights=weights,
         run_dir=resolve_run_dir(args.run_dir),
         tokenizer=args.tokenizer, bos=args.bos, workers=args.workers, slots=args.slots,
         val_files=args.val_files, text_column=args.text_column, linger_s=args.linger_s,
@@ -250,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "scale":
             reply = request(resolve_run_dir(args.run_dir), "scale", workers=args.workers)
             print(f"worker pool resized to {reply['workers']}")
+        elif args.command == "mix":
+            weights = dict(parse_weights(args.weights))
+            reply = request(resolve_run_dir(args.run_dir), "mix", weights=weights,
+                            split=args.split)
+            shown = ", ".join(f"{n}={w:g}" for n, w in reply["weights"].items())
+            print(f"weights {shown} from the next batch of {len(reply['streams'])} "
+                  f"{args.split} streams (and of new ones)")
         elif args.command == "clean":
             from tokenfeed.producer.owners import remove_stale_segments, stale_segments
 

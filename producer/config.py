@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from tokenfeed.common.config import check_source_name, normalize_mix
 from tokenfeed.common.errors import ConfigError
 from tokenfeed.common.protocol import CONSUMER_SILENCE_S, HEARTBEAT_INTERVAL_S
 
@@ -37,9 +39,85 @@ def check_workers(workers: int) -> None:
         )
 
 
+ONE_SOURCE = "data"  # the name of `--data`'s source
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """A named source of a mixture: a folder (or URL) of shards and its text column."""
+
+    name: str
+    data: Path | str
+    text_column: str | None = None  # None: the daemon's --text-column
+
+
+def data_path(value: str) -> Path | str:
+    return value if "://" in value else Path(value).expanduser()
+
+
+def parse_source(value: str) -> SourceConfig:
+    """`--source NAME=PATH`."""
+    name, eq, path = value.partition("=")
+    if not eq or not path:
+        raise ConfigError(f"--source {value!r} must be NAME=PATH, e.g. web=/data/fineweb")
+    return SourceConfig(check_source_name(name), data_path(path))
+
+
+def parse_weights(value: str) -> tuple[tuple[str, float], ...]:
+    """`web=0.7,code=0.3` (unnamed sources: weight 0)."""
+    weights: dict[str, Any] = {}
+    for item in value.split(","):
+        name, eq, weight = item.strip().partition("=")
+        try:
+            weights[name] = float(weight) if eq else None
+        except ValueError:
+            weights[name] = weight
+        if not eq or not isinstance(weights[name], float):
+            raise ConfigError(f"weights {value!r}: {item!r} is not NAME=NUMBER; write them "
+                              "as web=0.7,code=0.3")
+    return normalize_mix(weights)
+
+
+def load_mix_file(path: Path) -> tuple[tuple[SourceConfig, ...], tuple[tuple[str, float], ...]]:
+    """`--mix FILE`: a TOML table per source, e.g.
+
+        [sources.web]
+        path = "/data/fineweb"      # a folder or a URL
+        weight = 0.7
+        [sources.code]
+        path = "/data/stack"
+        text_column = "content"     # default: --text-column
+        weight = 0.3                # default: 1 (weights are normalized)
+    """
+    import tomllib  # Python >= 3.11
+
+    try:
+        doc = tomllib.loads(Path(path).expanduser().read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--mix {path}: {e}") from None
+    tables = doc.get("sources")
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError(f"--mix {path} has no [sources.NAME] table; see `tokenfeed serve "
+                          "--help` for the format")
+    sources, weights = [], {}
+    for name, table in tables.items():
+        unknown = set(table) - {"path", "text_column", "weight"} if isinstance(table, dict) else {}
+        if not isinstance(table, dict) or not isinstance(table.get("path"), str) or unknown:
+            raise ConfigError(f"--mix {path}: [sources.{name}] needs path = \"...\" and may "
+                              f"have text_column and weight (not {sorted(unknown or [])})")
+        column = table.get("text_column")
+        if column is not None and (not isinstance(column, str) or not column):
+            raise ConfigError(f"--mix {path}: sources.{name}.text_column must be a name")
+        sources.append(SourceConfig(check_source_name(name), data_path(table["path"]), column))
+        weights[name] = table.get("weight", 1.0)
+    return tuple(sources), normalize_mix(weights)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
-    data_dir: Path | str  # a folder, or an object-storage URL such as s3://bucket/prefix
+    data_dir: Path | str | None = None  # a folder, or an object-storage URL (s3://bucket/prefix)
+    sources: tuple[SourceConfig, ...] = ()  # named sources instead of data_dir: a mixture
+    weights: tuple[tuple[str, float], ...] | None = None  # default mixture (None: equal)
     run_dir: Path
     tokenizer: str = DEFAULT_TOKENIZER
     bos: str | None = None
@@ -62,6 +140,16 @@ class DaemonConfig:
     metrics_host: str = "127.0.0.1"  # loopback by default: a scrape reveals paths and names
 
     def __post_init__(self) -> None:
+        if (self.data_dir is None) == (not self.sources):
+            raise ConfigError("pass --data DIR (one source) or named sources (--source "
+                              "NAME=PATH, or --mix FILE), not both and not neither")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"source names {names} repeat; give each source its own name")
+        unknown = {n for n, _ in self.weights or ()} - {s.name for s in self.source_list()}
+        if unknown:
+            raise ConfigError(f"weights name {sorted(unknown)}, which are not sources "
+                              f"({', '.join(s.name for s in self.source_list())})")
         check_workers(self.workers)
         if self.max_staging_bytes < 1 << 20:
             raise ConfigError(f"--max-staging-mib {self.max_staging_bytes >> 20} must be >= 1")
@@ -94,3 +182,15 @@ class DaemonConfig:
                               "(0: any free port, shown by `tokenfeed status`)")
         if not self.text_column:
             raise ConfigError("--text-column must not be empty")
+
+    def source_list(self) -> list[SourceConfig]:
+        """Every source, sorted by name, with its text column."""
+        if self.data_dir is not None:
+            return [SourceConfig(ONE_SOURCE, self.data_dir, self.text_column)]
+        return sorted((SourceConfig(s.name, s.data, s.text_column or self.text_column)
+                       for s in self.sources), key=lambda s: s.name)
+
+    def default_weights(self) -> dict[str, float]:
+        names = [s.name for s in self.source_list()]
+        given = dict(self.weights) if self.weights else {n: 1.0 for n in names}
+        return dict(normalize_mix({n: given.get(n, 0.0) for n in names}))

@@ -40,6 +40,7 @@ from tokenfeed.common.config import (
     control_address,
     ensure_private_dir,
     ipc_address,
+    normalize_mix,
 )
 from tokenfeed.common.control import error_kind
 from tokenfeed.common.errors import (
@@ -60,15 +61,22 @@ from tokenfeed.producer.config import (
     check_workers,
     max_workers,
 )
-from tokenfeed.producer.dataset import changed_shards, scan_dataset
+from tokenfeed.producer.dataset import (
+    changed_shards,
+    combined_fingerprint,
+    scan_dataset,
+    split_fingerprint,
+)
 from tokenfeed.producer.logs import set_daemon_id
 from tokenfeed.producer.metrics import MetricsServer, check_available
+from tokenfeed.producer.mixer import initial_state, parse_state, with_weights
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Failure, Result, WorkerPool
+from tokenfeed.producer.reader import Source
 from tokenfeed.producer.registry import StreamRegistry
 from tokenfeed.producer.scheduler import schedule
-from tokenfeed.producer.stream import cursor_at
+from tokenfeed.producer.stream import cursor_at, mixture_cursor
 from tokenfeed.producer.telemetry import advice, totals, worker_summary
 from tokenfeed.producer.tokenizer import load_tokenizer
 
@@ -128,13 +136,19 @@ class Daemon:
         control_address(self.run_dir)
         if cfg.metrics_port is not None:
             check_available()
-        self.dataset = scan_dataset(cfg.data_dir, text_column=cfg.text_column,
-                                    val_files=cfg.val_files)
+        self.datasets = {src.name: scan_dataset(src.data, text_column=src.text_column or "",
+                                                val_files=cfg.val_files)
+                         for src in cfg.source_list()}
+        self.dataset = next(iter(self.datasets.values()))
+        self.weights = cfg.default_weights()  # a mixture's, when a consumer names none
+        self.fingerprint = combined_fingerprint(self.datasets)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
         self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize
+        share = PARITY_SAMPLE_BYTES // len(self.datasets)
         self.backend = verified_backend(
             self.tokenizer, cfg.tokenizer_backend,
-            self.dataset.sample_texts(PARITY_SAMPLE_BYTES), cfg.on_backend_mismatch,
+            [t for d in self.datasets.values() for t in d.sample_texts(share)],
+            cfg.on_backend_mismatch,
         )
 
     def _setup(self) -> None:
@@ -145,7 +159,7 @@ class Daemon:
         self.daemon_id = new_daemon_id()
         set_daemon_id(self.daemon_id)
         info = {"daemon_id": self.daemon_id, "pid": os.getpid(), "started": self.started,
-                "data_dir": str(cfg.data_dir), "tokenizer": cfg.tokenizer}
+                "data_dir": self._data_description(), "tokenizer": cfg.tokenizer}
         tmp = self.run_dir / f"{INFO_NAME}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self.run_dir / INFO_NAME)  # readers never see a half-written file
@@ -162,27 +176,40 @@ class Daemon:
         self.pool.resize(cfg.workers)
         if (budget_warning := ring_budget_warning(cfg.max_ring_bytes)) is not None:
             log.warning(budget_warning)  # warn, not refuse: rings are made per attach, each checked
-        self.cache: TokenCache | None = None
+        self.caches: dict[str, TokenCache] = {}  # text column -> its cache (keys hold it)
         if cfg.cache_dir is not None:
-            self.cache = TokenCache(cfg.cache_dir, cfg.cache_bytes, self.tokenizer.identity,
-                                    self.itemsize, self.dataset.text_column)
+            for column in sorted({d.text_column for d in self.datasets.values()}):
+                self.caches[column] = TokenCache(cfg.cache_dir, cfg.cache_bytes,
+                                                 self.tokenizer.identity, self.itemsize, column)
         self.registry = StreamRegistry(
             daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
             max_ring_bytes=cfg.max_ring_bytes, linger_s=cfg.linger_s,
-            consumer_timeout_s=cfg.consumer_timeout_s, text_column=self.dataset.text_column,
-            task_bytes=cfg.task_bytes, on_error=cfg.on_error, cache=self.cache,
-            send=self._send,
+            consumer_timeout_s=cfg.consumer_timeout_s, task_bytes=cfg.task_bytes,
+            on_error=cfg.on_error, send=self._send,
         )
         if cfg.metrics_port is not None:
             self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port)
             self.metrics.publish(self.status())
             log.info("metrics at %s", self.metrics.url)
         self.control.bind(control_address(self.run_dir))
-        log.info(
-            "serving %s (train %d row groups, val %d) with %s (%s), %d workers, at %s",
-            cfg.data_dir, len(self.dataset.splits["train"]), len(self.dataset.splits["val"]),
-            self.tokenizer.name, self.backend, cfg.workers, control_address(self.run_dir),
-        )
+        for name, d in self.datasets.items():
+            log.info("source %s: %s (train %d row groups, val %d)", name, d.root,
+                     len(d.splits["train"]), len(d.splits["val"]))
+        log.info("serving with %s (%s), %d workers, at %s", self.tokenizer.name, self.backend,
+                 cfg.workers, control_address(self.run_dir))
+
+    def _data_description(self) -> str:
+        if self.config.data_dir is not None:
+            return str(self.config.data_dir)
+        return " ".join(f"{n}={d.root}" for n, d in self.datasets.items())
+
+    @property
+    def cache(self) -> TokenCache | None:
+        return next(iter(self.caches.values()), None)
+
+    def _sources(self, names: list[str], split: str) -> list[Source]:
+        return [Source(n, self.datasets[n].split(split), self.datasets[n].text_column,
+                       self.caches.get(self.datasets[n].text_column)) for n in names]
 
     # -- main loop ----------------------------------------------------------
 
@@ -236,7 +263,7 @@ class Daemon:
     def _on_outcome(self, outcome: Result | Failure) -> None:
         if isinstance(outcome, Result):  # worker output only: cache hits cost no worker time
             self.tokens_tokenized += len(outcome.tokens)
-        stream = self.registry.get(outcome.task.stream)
+        stream = self.registry.lane(outcome.task.stream)
         if stream is None:
             return  # the stream was dropped while its task was out
         if isinstance(outcome, Failure):
@@ -309,30 +336,93 @@ class Daemon:
             self.pool.resize(workers)
             log.info("pool resized to %d workers", workers)
             self._send(identity, "scale", workers=workers)
+        elif op == "mix":
+            self._mix(identity, msg)
         elif op == "stop":
             self.stopping = "stop request"
             self._send(identity, "stop")
         else:
             raise ProtocolError(f"unknown op {op!r}")
 
-    def _attach(self, identity: bytes, msg: protocol.Message) -> None:
-        spec_fields = protocol.field(msg, "spec", dict)
-        spec = StreamSpec.from_dict(spec_fields)
-        plan = self.dataset.split(spec.split)
-        self._check_expectations(msg.get("expect") or {})
-        if self.pool.broken:
-            raise StreamFailedError(self.pool.broken)
+    def _mix(self, identity: bytes, msg: protocol.Message) -> None:
+        """New weights for the split's mixture streams, at their next batch not yet filled,
+        and for streams created from now on without weights of their own."""
+        weights = dict(normalize_mix(protocol.field(msg, "weights", dict)))
+        split = protocol.field(msg, "split", str)
+        unknown = set(weights) - set(self.datasets)
+        if unknown:
+            raise ConfigError(f"this daemon serves sources {', '.join(self.datasets)}, not "
+                              f"{', '.join(sorted(unknown))}")
+        streams = [s for s in self.registry if s.mixture and s.spec.split == split]
+        for stream in streams:  # checked first: all of them change, or none
+            assert stream.mixer is not None
+            missing = set(weights) - set(stream.mixer.names)
+            if missing:
+                raise ConfigError(f"stream {stream.sid} mixes {', '.join(stream.mixer.names)}, "
+                                  f"not {', '.join(sorted(missing))}; restart it to add sources")
+        for stream in streams:
+            stream.reweight(weights)
+        if len(self.datasets) > 1:
+            self.weights = {n: weights.get(n, 0.0) for n in self.datasets}
+        log.info("mixture weights %s for %d %s streams", weights, len(streams), split)
+        self._send(identity, "mix", weights=weights, streams=[s.sid for s in streams])
+
+    def _start_of(self, spec: StreamSpec, msg: protocol.Message) -> dict[str, Any]:
+        """The canonical, validated start position of an attach (a mixture's: with its
+        `mix` state)."""
         start = msg.get("start")
         if start is not None and not isinstance(start, dict):
             raise ProtocolError(f"attach: start {start!r} is not a map")
-        start = make_packer(spec, start).position  # validated, canonical
-        start_cursor = cursor_at(plan, spec, start)  # validated before anything is created
+        position = make_packer(spec, start).position  # validated, canonical
+        saved = start.get("mix") if start is not None else None
+        if saved is None and spec.mix is None and len(self.datasets) == 1:
+            return position  # one source: no mixture
+        served = tuple(self.datasets)
+        if saved is None:
+            if (start is not None and start.get("unit", 0) != 0) or position.get("buffer"):
+                raise StateMismatchError(
+                    "the saved state is of a one-source stream, and this daemon serves a "
+                    f"mixture of {', '.join(served)}; resume on a daemon serving --data, or "
+                    "start without load_state_dict()")
+            weights = dict(spec.mix) if spec.mix is not None else self.weights
+            unknown = set(weights) - set(served)
+            if unknown:
+                raise ConfigError(f"mix names {', '.join(sorted(unknown))}; this daemon serves "
+                                  f"{', '.join(served)}")
+            mix = initial_state(weights)
+        else:
+            mix = parse_state(saved, served)
+            if msg.get("reweight") is True and spec.mix is not None:
+                mix = with_weights(mix, dict(spec.mix))
+            if make_packer(spec, position).next_unit != mix["at"]:
+                raise StateMismatchError(
+                    f"the mixture state is at virtual unit {mix['at']}, its position reads "
+                    f"from unit {make_packer(spec, position).next_unit}; pass the feed state "
+                    "unchanged")
+        return {**position, "mix": mix}
+
+    def _attach(self, identity: bytes, msg: protocol.Message) -> None:
+        spec_fields = protocol.field(msg, "spec", dict)
+        spec = StreamSpec.from_dict(spec_fields)
+        self._check_expectations(msg.get("expect") or {})
+        if self.pool.broken:
+            raise StreamFailedError(self.pool.broken)
+        start = self._start_of(spec, msg)
+        names = list(start["mix"]["sources"]) if "mix" in start else list(self.datasets)
+        sources = self._sources(names, spec.split)
+        for name, src in zip(names, sources, strict=True):
+            if not src.plan.row_groups:
+                self.datasets[name].split(spec.split)  # raises: the split is empty
+        plans = {src.name: src.plan for src in sources}
+        # validated before anything is created
+        start_cursor = (mixture_cursor(plans, spec, start) if "mix" in start
+                        else cursor_at(sources[0].plan, spec, start))
         replicas = msg.get("replicas", 1)
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
                 1 <= replicas <= MAX_REPLICAS):
             raise ConfigError(f"replicas={replicas!r} must be an integer in [1, {MAX_REPLICAS}]")
         self.registry.forget(identity)
-        found = self.registry.find(spec, start)
+        found = self.registry.find(spec, start_cursor)
         stream, seq = found if found is not None else (None, 0)
         if stream is None and msg.get("rejoin") is True:
             raise StreamFailedError(
@@ -342,13 +432,13 @@ class Daemon:
                 "the group from a checkpoint"
             )
         if stream is None:
-            stream = self.registry.create(spec, plan, start)
+            stream = self.registry.create(spec, sources, start)
         layout = stream.ring.layout
         try:  # encoded first: a reply that cannot be sent attaches nothing
             reply = protocol.encode(
                 "attached", stream=stream.sid, ring=stream.ring.segment.name,
                 slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
-                start_seq=seq, start=start_cursor, fingerprint=self.dataset.fingerprint,
+                start_seq=seq, start=start_cursor, fingerprint=self.fingerprint,
                 tokenizer={"name": self.tokenizer.name, "identity": self.tokenizer.identity,
                            "bos_id": self.tokenizer.bos_id, "n_vocab": self.tokenizer.n_vocab},
             )
@@ -366,25 +456,34 @@ class Daemon:
         """A saved feed state must resume on the same data and tokenizer."""
         if not isinstance(expect, dict):
             raise ProtocolError("attach: 'expect' must be a map")
-        saved, now = expect.get("fingerprint"), self.dataset.fingerprint
+        saved = expect.get("fingerprint")
         if saved is not None and not isinstance(saved, str):
             raise ProtocolError("attach: expect.fingerprint must be a string")
-        if saved and saved.split(".")[0] != now.split(".")[0]:
-            among = changed_shards(saved, self.dataset)
-            which = (f"changed, added or removed among {', '.join(among[:20])}"
-                     if among else "a shard was removed" if among == [] else
-                     "file names, sizes or row groups changed")
-            raise StateMismatchError(
-                f"the saved state's data differs from this daemon's {self.config.data_dir}: "
-                f"{which} (fingerprint {saved.split('.')[0]} saved, {now.split('.')[0]} now; "
-                "objects also by modification time); resume on the same data, or start "
-                "without load_state_dict()"
-            )
+        for name, fingerprint in split_fingerprint(saved or "").items():
+            self._check_fingerprint(name, fingerprint)
         saved, now = expect.get("tokenizer"), self.tokenizer.identity
         if saved and saved != now:
             raise StateMismatchError(
                 f"the saved state's tokenizer identity {saved} differs from this daemon's {now} "
                 f"({self.tokenizer.name}); serve with the tokenizer the state was saved with"
+            )
+
+    def _check_fingerprint(self, name: str, saved: str) -> None:
+        dataset = self.datasets.get(name)
+        if dataset is None:
+            return  # a source this daemon lacks: the mixture state names it (parse_state)
+        now = dataset.fingerprint
+        if saved.split(".")[0] != now.split(".")[0]:
+            among = changed_shards(saved, dataset)
+            which = (f"changed, added or removed among {', '.join(among[:20])}"
+                     if among else "a shard was removed" if among == [] else
+                     "file names, sizes or row groups changed")
+            raise StateMismatchError(
+                f"the saved state's data differs from this daemon's source {name} "
+                f"({dataset.root}): "
+                f"{which} (fingerprint {saved.split('.')[0]} saved, {now.split('.')[0]} now; "
+                "objects also by modification time); resume on the same data, or start "
+                "without load_state_dict()"
             )
 
     def status(self) -> dict[str, Any]:
@@ -397,7 +496,9 @@ class Daemon:
             "uptime_s": time.time() - self.started,
             "started": self.started,
             "metrics_url": self.metrics.url if self.metrics is not None else None,
-            "data_dir": str(self.config.data_dir),
+            "data_dir": self._data_description(),
+            "sources": {n: {"path": str(d.root), "text_column": d.text_column,
+                            "weight": self.weights.get(n)} for n, d in self.datasets.items()},
             "tokenizer": self.tokenizer.name,
             "tokenizer_backend": self.backend,
             "workers": worker_summary(self.pool.stats(), self.worker_restarts,
@@ -429,8 +530,7 @@ class Daemon:
             self.pool.close()
         if hasattr(self, "registry"):
             self.registry.drop_all()
-        cache: TokenCache | None = getattr(self, "cache", None)
-        if cache is not None:
+        for cache in getattr(self, "caches", {}).values():
             cache.close()
         if hasattr(self, "control"):
             self.control.close(linger=500)  # let the shutdown notices reach the consumers

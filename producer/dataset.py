@@ -209,3 +209,19 @@ def changed_shards(saved: str, dataset: Dataset) -> list[str] | None:
     differ = {i for i in range(FINGERPRINT_BUCKETS)
               if parts[1][4 * i:4 * i + 4] != now[4 * i:4 * i + 4]}
     return [n for n in dataset.names if _bucket(n) in differ]
+
+
+def combined_fingerprint(datasets: dict[str, Dataset]) -> str:
+    """A daemon's data: `--data`'s fingerprint, or `name=fingerprint;...` of its sources."""
+    if list(datasets) == ["data"]:
+        return datasets["data"].fingerprint  # what states saved before mixtures hold
+    return ";".join(f"{name}={d.fingerprint}" for name, d in datasets.items())
+
+
+def split_fingerprint(fingerprint: str) -> dict[str, str]:
+    """Each source's fingerprint in a saved `combined_fingerprint` (unnamed: `--data`'s)."""
+    if not fingerprint:
+        return {}
+    if "=" not in fingerprint:
+        return {"data": fingerprint}
+    return dict(part.partition("=")[::2] for part in fingerprint.split(";"))

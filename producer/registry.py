@@ -19,13 +19,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from tokenfeed.common import protocol
-from tokenfeed.common.config import StreamSpec
+from tokenfeed.common.config import MAX_SOURCES, StreamSpec
 from tokenfeed.common.errors import ConfigError
 from tokenfeed.common.ring import Ring, RingLayout
 from tokenfeed.common.shm import segment_name
-from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
-from tokenfeed.producer.dataset import SplitPlan
+from tokenfeed.producer.reader import Source
 from tokenfeed.producer.stream import Stream
 from tokenfeed.producer.telemetry import RateWindow, Retired, stream_counters, stream_extras
 
@@ -40,9 +39,8 @@ REPLICA_WAIT_FACTOR = 4
 class StreamRegistry:
     def __init__(
         self, *, daemon_id: str, itemsize: int, slots: int, max_ring_bytes: int,
-        linger_s: float, consumer_timeout_s: float, text_column: str, send: Send,
+        linger_s: float, consumer_timeout_s: float, send: Send,
         task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
-        cache: TokenCache | None = None,
     ) -> None:
         self.daemon_id = daemon_id
         self.itemsize = itemsize
@@ -51,10 +49,8 @@ class StreamRegistry:
         self.linger_s = linger_s
         self.consumer_timeout_s = consumer_timeout_s
         self.replica_wait_s = REPLICA_WAIT_FACTOR * consumer_timeout_s
-        self.text_column = text_column
         self.task_bytes = task_bytes
         self.on_error = on_error
-        self.cache = cache
         self.send = send
         self.streams: dict[int, Stream] = {}
         self.peers: dict[bytes, float] = {}  # consumer identity -> last heard (monotonic)
@@ -69,6 +65,15 @@ class StreamRegistry:
 
     def get(self, sid: int) -> Stream | None:
         return self.streams.get(sid)
+
+    def lane(self, lane: int) -> Stream | None:
+        """The stream whose source reader has task lane `lane` (its sid, or one after it:
+        a mixture's sources take consecutive ids)."""
+        for sid in range(lane, max(lane - MAX_SOURCES, -1), -1):
+            stream = self.streams.get(sid)
+            if stream is not None:
+                return stream if lane < sid + len(stream.readers) else None
+        return None
 
     def describe(self) -> list[dict[str, Any]]:
         """Every stream's describe() with its rates, stall share and consumers."""
@@ -86,7 +91,7 @@ class StreamRegistry:
                     return stream, seq
         return None
 
-    def create(self, spec: StreamSpec, plan: SplitPlan, start: dict[str, Any]) -> Stream:
+    def create(self, spec: StreamSpec, sources: list[Source], start: dict[str, Any]) -> Stream:
         layout = RingLayout(slot_count=self.slots, slot_tokens=spec.window_tokens,
                             itemsize=self.itemsize)
         used = sum(s.ring.layout.size_bytes for s in self.streams.values())
@@ -103,12 +108,13 @@ class StreamRegistry:
                 f"{self.max_ring_bytes >> 20}; lower --slots or the batch size, or raise it"
             )
         sid = self._next_sid
-        self._next_sid += 1
+        self._next_sid += len(sources)  # one task lane per source: sid, sid + 1, ...
         ring = Ring.create(segment_name(self.daemon_id, f"s{sid}"), layout)
         try:
-            stream = Stream(sid, spec, plan, ring, self.text_column, start,
+            first = sources[0]
+            stream = Stream(sid, spec, first.plan, ring, first.column, start,
                             task_bytes=self.task_bytes, on_error=self.on_error,
-                            cache=self.cache)
+                            cache=first.cache, sources=sources)
         except BaseException:
             ring.close()
             ring.segment.unlink()

@@ -89,9 +89,9 @@ class Stream:
         self.packer = make_packer(spec, start)
         self.mixer = Mixer(start["mix"]) if start is not None and "mix" in start else None
         if self.mixer is None:
-            sources = [Source("", plan, column, cache)]
-        assert sources is not None and len(sources) == len(self.mixer.names if self.mixer
-                                                            else sources)
+            sources = [Source("", plan, column, cache)] if sources is None else sources[:1]
+        assert sources is not None
+        assert self.mixer is None or [s.name for s in sources] == list(self.mixer.names)
         self.sources = sources
         self.readers = [
             SourceReader(

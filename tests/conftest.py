@@ -201,12 +201,14 @@ class Daemon:
     """A `tokenfeed serve` process on its own run dir."""
 
     def __init__(
-        self, data: Path, *args: str, workers: int = 2, slots: int = 4,
+        self, data: Path | None, *args: str, workers: int = 2, slots: int = 4,
         run_dir: Path | None = None,
     ) -> None:
+        """Serves `data`, or, with data=None, the sources `args` name (--source, --mix)."""
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tf-", dir="/tmp"))
         self.log_path = self.run_dir.parent / f"{self.run_dir.name}.log"
-        cmd = [sys.executable, "-m", "tokenfeed.producer", "serve", "--data", str(data),
+        cmd = [sys.executable, "-m", "tokenfeed.producer", "serve",
+               *(["--data", str(data)] if data is not None else []),
                "--run-dir", str(self.run_dir), "--tokenizer", ENCODING,
                "--workers", str(workers), "--slots", str(slots), *args]
         with open(self.log_path, "wb") as log:
@@ -267,8 +269,11 @@ class Daemon:
 def start_daemon(corpus: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(*args: str, data: Path | None = None, **kwargs: Any) -> Daemon:
-        d = Daemon(data or corpus, *args, **kwargs)
+    def start(*args: str, data: Path | None = None, sources: dict[str, Path] | None = None,
+              **kwargs: Any) -> Daemon:
+        if sources is not None:  # a mixture daemon: --source NAME=PATH each, no --data
+            args = (*args, *(f"--source={n}={p}" for n, p in sources.items()))
+        d = Daemon(None if sources is not None else data or corpus, *args, **kwargs)
         started.append(d)
         return d
 

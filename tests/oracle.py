@@ -34,6 +34,15 @@ rule of the contract as a short function in the order the data flows.
    it is at least `min_tail` tokens long (min_tail=None: never, nanochat's rule) and is
    discarded otherwise.
 
+7. Mixtures: each named source is a data_dir of its own; its documents for the rank are
+   rules 1-4 on that folder alone. The mixed stream takes whole documents one at a time:
+   with t_s the tokens taken from source s and T their sum over sources of positive
+   weight, both counted since the weights last changed, the next document comes from
+   the source of positive weight with the largest w_s * T - t_s (ties: the first name in
+   sorted order). Weights change at document k * docs_per_unit, for the k of each
+   schedule entry (k, weights), where counting starts anew. Packing (rules 5, 6) then
+   runs on the mixed stream.
+
 Failure behaviour: a bad argument (unknown split, rank outside [0, W), an empty split,
 a non-positive shape) raises ValueError naming the value. A rank whose row groups hold
 no document at all raises ValueError instead of looping forever.
@@ -366,3 +375,89 @@ def reference_bestfit_windows(
         max_age_docs=max_age_docs,
     )
     return windows
+
+
+def mix_documents(
+    sources: dict[str, Iterator[list[int]]],
+    schedule: list[tuple[int, dict[str, float]]],
+    docs_per_unit: int = 64,
+) -> Iterator[tuple[str, list[int]]]:
+    """Rule 7: infinite (source name, document tokens) of the mixed stream."""
+    names = sorted(sources)
+    changes = {unit * docs_per_unit: weights for unit, weights in schedule}
+    if 0 not in changes:
+        raise ValueError(f"schedule {schedule} must start at unit 0")
+    taken = dict.fromkeys(names, 0)
+    weights: dict[str, float] = {}
+    k = 0
+    while True:
+        if k in changes:
+            weights = changes[k]
+            taken = dict.fromkeys(names, 0)
+        active = [n for n in names if weights.get(n, 0.0) > 0]
+        total = sum(taken[n] for n in active)
+        best = active[0]
+        for n in active[1:]:  # strict >: ties keep the first name
+            if weights[n] * total - taken[n] > weights[best] * total - taken[best]:
+                best = n
+        doc = next(sources[best])
+        taken[best] += len(doc)
+        k += 1
+        yield best, doc
+
+
+def mixture_windows(
+    source_dirs: dict[str, Path],
+    schedule: list[tuple[int, dict[str, float]]],
+    *,
+    enc: Any,
+    bos_id: int,
+    batch_size: int,
+    seq_len: int,
+    num_batches: int,
+    packing: str = "concat",
+    split: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_seed: int | None = None,
+    min_tail: int | None = 32,
+    buffer_docs: int = 1000,
+    max_age_docs: int = 8000,
+) -> tuple[list[np.ndarray], list[list[tuple[str, int]]]]:
+    """The first windows of a mixture, and for each window the (source, tokens) of the
+    documents read into it, in order (concat: the tokens each source put in the window)."""
+    docs = {
+        name: rank_documents(path, enc=enc, bos_id=bos_id, split=split, rank=rank,
+                             world_size=world_size, shuffle_seed=shuffle_seed)
+        for name, path in source_dirs.items()
+    }
+    mixed = mix_documents(docs, schedule)
+    if packing == "bestfit":
+        windows, _ = bestfit_windows(
+            (doc for _, doc in mixed), bos_id=bos_id, batch_size=batch_size, seq_len=seq_len,
+            num_batches=num_batches, buffer_docs=buffer_docs, min_tail=min_tail,
+            max_age_docs=max_age_docs)
+        return windows, []
+    window_tokens = batch_size * seq_len + 1
+    windows, shares = [], []
+    pending: list[int] = []
+    owners: list[tuple[str, int]] = []  # (source, tokens) of the pending stream, in order
+    while len(windows) < num_batches:
+        while len(pending) < window_tokens:
+            name, doc = next(mixed)
+            pending.extend(doc)
+            owners.append((name, len(doc)))
+        windows.append(np.array(pending[:window_tokens], dtype=np.int64))
+        pending = pending[window_tokens:]
+        share, left = [], window_tokens
+        while left:
+            name, n = owners[0]
+            take = min(n, left)
+            share.append((name, take))
+            left -= take
+            if take == n:
+                owners.pop(0)
+            else:
+                owners[0] = (name, n - take)
+        shares.append(share)
+    return windows, shares
