@@ -379,7 +379,7 @@ class Daemon:
             return position  # one source: no mixture
         served = tuple(self.datasets)
         if saved is None:
-            if (start is not None and start.get("unit", 0) != 0) or position.get("buffer"):
+            if start is not None:
                 raise StateMismatchError(
                     "the saved state is of a one-source stream, and this daemon serves a "
                     f"mixture of {', '.join(served)}; resume on a daemon serving --data, or "
