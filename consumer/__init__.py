@@ -1,6 +1,6 @@
 """tokenfeed.consumer: the client that runs inside each training rank."""
 
 from tokenfeed.consumer.feed import TokenFeed
-from tokenfeed.consumer.state import gather_states
+from tokenfeed.consumer.state import gather_states, job_state
 
-__all__ = ["TokenFeed", "gather_states"]
+__all__ = ["TokenFeed", "gather_states", "job_state"]

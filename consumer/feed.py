@@ -61,7 +61,7 @@ from tokenfeed.common.errors import (
 from tokenfeed.common.ring import Ring
 from tokenfeed.consumer.docinfo import doc_info
 from tokenfeed.consumer.link import Link
-from tokenfeed.consumer.state import select_state
+from tokenfeed.consumer.state import job_state
 from tokenfeed.consumer.topology import mesh_placement, resolve_topology
 from tokenfeed.consumer.transfer import make_transfer
 
@@ -433,7 +433,11 @@ class TokenFeed:
                 "load_state_dict() after the first next(); call it on a fresh TokenFeed"
             )
         if isinstance(state, list):
-            state = select_state(state, self.spec.rank, self.spec.world_size)
+            states = job_state(state)
+            if len(states) != self.spec.world_size:
+                self._load_elastic(states)
+                return
+            state = states[self.spec.rank]
         missing = [k for k in ("version", "spec", "cursor") if not isinstance(state, dict)
                    or k not in state]
         if missing:
@@ -460,6 +464,20 @@ class TokenFeed:
         self._cursor = state["cursor"]
         self._expect = {"fingerprint": state.get("fingerprint"),
                         "tokenizer": state.get("tokenizer")}
+
+    def _load_elastic(self, states: list[dict[str, Any]]) -> None:
+        """Continue a job saved by another number of ranks: the daemon gives this rank its
+        share of the epoch's remaining work (producer/elastic.py)."""
+        saved = StreamSpec.from_dict(states[0]["spec"]).to_dict()
+        now = self.spec.to_dict()
+        diffs = [f"{k}: saved {v!r}, now {now[k]!r}" for k, v in saved.items()
+                 if k not in ("rank", "world_size") and v != now[k]]
+        if diffs:
+            raise StateMismatchError("the job state is of another stream: " + "; ".join(diffs))
+        self._start = {"elastic_from": [s["cursor"] for s in states]}
+        self._cursor = self._start
+        self._expect = {"fingerprint": states[0].get("fingerprint"),
+                        "tokenizer": states[0].get("tokenizer")}
 
     @property
     def epoch(self) -> int:

@@ -9,8 +9,9 @@
 A job state is the list of `TokenFeed.state_dict()` of ranks 0..W-1, in rank order:
 small JSON dicts (a few KB each), gathered with `torch.distributed.all_gather_object`.
 It is checked whole before any rank uses it: one entry per rank, every entry of the
-same stream but for its rank, the same data and tokenizer. Resuming such a list on
-another number of ranks (elastic resume) is refused with a clear error for now.
+same stream but for its rank, the same data and tokenizer. `job_state` accepts the
+entries in any order. Loaded on another number of ranks, such a list is an elastic
+resume: the epoch's remaining work is divided among the new ranks (producer/elastic.py).
 
 Failure behaviour: a malformed list raises `StateMismatchError` naming the entry and
 what differs; `gather_states` on several ranks without an initialized process group
@@ -106,6 +107,14 @@ def check_states(states: Any) -> list[dict[str, Any]]:
                 + "; ".join(diffs)
             )
     return states
+
+
+def job_state(states: Any) -> list[dict[str, Any]]:
+    """Every old rank's state, in any order, checked to form one complete job (each rank
+    once, the same stream but for the rank, the same data and tokenizer): in rank order."""
+    if not isinstance(states, list):
+        return check_states(states)
+    return check_states(sorted(states, key=_rank_of))
 
 
 def select_state(states: Any, rank: int, world_size: int) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import signal
 import time
 from typing import Any
 
+import numpy as np
 import zmq
 
 from tokenfeed.common import protocol
@@ -53,6 +54,7 @@ from tokenfeed.common.errors import (
 )
 from tokenfeed.common.ring import token_dtype
 from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
+from tokenfeed.producer import elastic
 from tokenfeed.producer.backends import verified_backend
 from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.config import (
@@ -67,6 +69,7 @@ from tokenfeed.producer.dataset import (
     scan_dataset,
     split_fingerprint,
 )
+from tokenfeed.producer.elastic import Layout
 from tokenfeed.producer.logs import set_daemon_id
 from tokenfeed.producer.metrics import MetricsServer, check_available
 from tokenfeed.producer.mixer import initial_state, parse_state, with_weights
@@ -373,7 +376,15 @@ class Daemon:
         start = msg.get("start")
         if start is not None and not isinstance(start, dict):
             raise ProtocolError(f"attach: start {start!r} is not a map")
+        if start is not None and "elastic_from" in start:
+            start = self._elastic_start(spec, start["elastic_from"])
         position = make_packer(spec, start).position  # validated, canonical
+        if start is not None and "elastic" in start:
+            if start.get("mix") is not None or spec.mix is not None or len(self.datasets) > 1:
+                raise StateMismatchError("elastic resume of a mixture is not supported yet; "
+                                         "resume it on its saved number of ranks")
+            Layout.from_json(start["elastic"], spec.rank, spec.world_size)  # validated
+            position = {**position, "elastic": start["elastic"]}
         saved = start.get("mix") if start is not None else None
         if saved is None and spec.mix is None and len(self.datasets) == 1:
             return position  # one source: no mixture
@@ -401,6 +412,38 @@ class Daemon:
                     "unchanged")
         return {**position, "mix": mix}
 
+    def _elastic_start(self, spec: StreamSpec, cursors: Any) -> dict[str, Any]:
+        """The start of rank spec.rank of spec.world_size continuing a job that every
+        cursor in `cursors` (rank order) is one rank of (elastic.py)."""
+        if not isinstance(cursors, list) or not cursors or not all(
+                isinstance(c, dict) for c in cursors):
+            raise ProtocolError("attach: start.elastic_from must be a list of cursors")
+        if spec.mix is not None or len(self.datasets) > 1 or any("mix" in c for c in cursors):
+            raise StateMismatchError("elastic resume of a mixture is not supported yet; "
+                                     "resume it on its saved number of ranks")
+        for rank, cursor in enumerate(cursors):
+            try:
+                make_packer(spec, cursor)
+                if "elastic" in cursor:
+                    Layout.from_json(cursor["elastic"], rank, len(cursors))
+            except StateMismatchError as e:
+                raise StateMismatchError(f"rank {rank} of the saved job: {e}") from None
+        split = self.dataset.split(spec.split)
+        n = len(split)
+
+        def ref_of(g: int) -> Any:
+            epoch, ordinal = divmod(g, n)
+            if spec.shuffle_seed is None:
+                return split.row_groups[ordinal]
+            order = np.random.default_rng([spec.shuffle_seed, epoch]).permutation(n)
+            return split.row_groups[order[ordinal]]
+
+        layout = elastic.plan(cursors, spec.packing, n, ref_of, spec.rank, spec.world_size)
+        log.info("elastic resume: rank %d of %d continues %d ranks with %d items, then its "
+                 "stride from unit %d", spec.rank, spec.world_size, len(cursors), layout.items,
+                 layout.stride_from)
+        return {"unit": 0, "offset": 0, "doc": 0, "elastic": layout.to_json()}
+
     def _attach(self, identity: bytes, msg: protocol.Message) -> None:
         spec_fields = protocol.field(msg, "spec", dict)
         spec = StreamSpec.from_dict(spec_fields)
@@ -415,8 +458,10 @@ class Daemon:
                 self.datasets[name].split(spec.split)  # raises: the split is empty
         plans = {src.name: src.plan for src in sources}
         # validated before anything is created
+        layout = (Layout.from_json(start["elastic"], spec.rank, spec.world_size)
+                  if "elastic" in start else None)
         start_cursor = (mixture_cursor(plans, spec, start) if "mix" in start
-                        else cursor_at(sources[0].plan, spec, start))
+                        else cursor_at(sources[0].plan, spec, start, layout))
         replicas = msg.get("replicas", 1)
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
                 1 <= replicas <= MAX_REPLICAS):

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tokenfeed.producer import elastic
 from tokenfeed.producer.cache import TokenCache, file_order
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
+from tokenfeed.producer.elastic import Layout
 from tokenfeed.producer.pool import Result, Task
 
 log = logging.getLogger(__name__)
@@ -56,9 +58,10 @@ class SourceReader:
         self, lane: int, plan: SplitPlan, column: str, *, rank: int, world_size: int,
         shuffle_seed: int | None, first_unit: int = 0, task_bytes: int = DEFAULT_TASK_BYTES,
         on_error: str = "fail", cache: TokenCache | None = None, itemsize: int = 4,
-        needs_unit: Callable[[int], bool] = _always,
+        needs_unit: Callable[[int], bool] = _always, layout: Layout | None = None,
     ) -> None:
         self.lane = lane
+        self.layout = layout  # elastic.py: after an elastic resume, the rank's units
         self.itemsize = itemsize
         self.plan = plan
         self.column = column
@@ -89,6 +92,8 @@ class SourceReader:
 
     def unit_position(self, unit: int) -> tuple[int, int]:
         """(epoch, ordinal) of the rank's `unit`-th row group in the global sequence."""
+        if self.layout is not None:
+            return divmod(self.layout.item(unit)[1], len(self.plan))
         return self.plan.unit_position(self.rank, self.world_size, unit)
 
     def _ref(self, unit: int) -> RowGroupRef:
@@ -254,4 +259,6 @@ class SourceReader:
                 self.cache.put(ref.path, ref.shard_stamp, ref.row_group,
                                *file_order(joined.tokens, joined.row_tokens,
                                            self._row_order(unit)))
+        if self.layout is not None and joined.task.row_group >= 0:  # not pushed empty
+            joined = elastic.apply(self.layout.item(unit), joined)
         return joined

@@ -33,6 +33,7 @@ from tokenfeed.common.ring import Ring
 from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import SplitPlan
+from tokenfeed.producer.elastic import Layout
 from tokenfeed.producer.mixer import RECENT_BATCHES, Mixer
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Result, Task
@@ -45,9 +46,13 @@ MAX_LISTED_SKIPS = 20  # status lists the latest skipped row groups, and counts 
 __all__ = ["WHOLE", "Stream", "cursor_at", "mixture_cursor"]
 
 
-def cursor_at(plan: SplitPlan, spec: StreamSpec, position: dict[str, Any]) -> dict[str, Any]:
+def cursor_at(plan: SplitPlan, spec: StreamSpec, position: dict[str, Any],
+              layout: Layout | None = None) -> dict[str, Any]:
     """A packer position with the epoch and row-group ordinal its unit falls on."""
-    epoch, ordinal = plan.unit_position(spec.rank, spec.world_size, int(position["unit"]))
+    if layout is not None:
+        epoch, ordinal = divmod(layout.item(int(position["unit"]))[1], len(plan))
+    else:
+        epoch, ordinal = plan.unit_position(spec.rank, spec.world_size, int(position["unit"]))
     if epoch >= MAX_POSITION:
         raise StateMismatchError(
             f"position unit {position['unit']} of rank {spec.rank}/{spec.world_size} lies in "
@@ -88,6 +93,8 @@ class Stream:
         self.ring = ring
         self.packer = make_packer(spec, start)
         self.mixer = Mixer(start["mix"]) if start is not None and "mix" in start else None
+        self.layout = (Layout.from_json(start["elastic"], spec.rank, spec.world_size)
+                       if start is not None and "elastic" in start else None)
         if self.mixer is None:
             sources = [Source("", plan, column, cache)] if sources is None else sources[:1]
         assert sources is not None
@@ -100,6 +107,7 @@ class Stream:
                 cache=src.cache, itemsize=ring.layout.itemsize,
                 first_unit=self.mixer.cursors[i][0] if self.mixer else self.packer.next_unit,
                 needs_unit=self.packer.needs_unit if self.mixer is None else _always,
+                layout=self.layout,
             )
             for i, src in enumerate(sources)
         ]
@@ -120,13 +128,15 @@ class Stream:
 
     def cursor(self, position: dict[str, Any]) -> dict[str, Any]:
         if self.mixer is None:
-            return cursor_at(self.plan, self.spec, position)
+            return cursor_at(self.plan, self.spec, position, self.layout)
         plans = {src.name: src.plan for src in self.sources}
         return mixture_cursor(plans, self.spec, position)
 
     def next_position(self) -> dict[str, Any]:
         """Cursor of the next batch to be filled."""
         position = self.packer.position
+        if self.layout is not None:
+            position = {**position, "elastic": self.layout.to_json()}
         if self.mixer is not None:
             at = self.packer.first_unit()
             self.mixer.forget_before(at)
@@ -134,7 +144,7 @@ class Stream:
         return self.cursor(position)
 
     def resume_key(self, cursor: dict[str, Any]) -> tuple[Any, ...]:
-        key = self.packer.resume_key(cursor)
+        key = (*self.packer.resume_key(cursor), repr(cursor.get("elastic")))
         if self.mixer is None:
             return key
         mix = cursor.get("mix")

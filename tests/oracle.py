@@ -43,6 +43,17 @@ rule of the contract as a short function in the order the data flows.
    schedule entry (k, weights), where counting starts anew. Packing (rules 5, 6) then
    runs on the mixed stream.
 
+8. Elastic resume: W old ranks each delivered some windows; E* is the latest epoch an
+   old rank's next unit lies in. Each old rank's work left up to the end of epoch E*
+   is listed as items (global position g; kind): its partial unit's tokens from the
+   next one (concat: TOKENS), or its buffered pieces (best fit: PIECE, document a from
+   token b) and the rest of its read unit (DOCS from document a), then its whole units
+   with g < (E*+1)N (WHOLE). All items, sorted by (g, a, b, kind), are cut into W'
+   consecutive chunks by weight (the row group's text bytes from the footer: WHOLE all
+   of them, TOKENS minus 4 a token read, DOCS their share of rows left, PIECE one
+   row's); item j goes to new rank floor((before_j + w_j / 2) * W' / total). New rank r'
+   reads its items, then global positions r' + u W' >= (E*+1)N.
+
 Failure behaviour: a bad argument (unknown split, rank outside [0, W), an empty split,
 a non-positive shape) raises ValueError naming the value. A rank whose row groups hold
 no document at all raises ValueError instead of looping forever.
@@ -272,8 +283,13 @@ def bestfit_windows(
     buffer_docs: int,
     min_tail: int | None,
     max_age_docs: int,
+    trace: dict[str, Any] | None = None,
 ) -> tuple[list[np.ndarray], int]:
     """Rule 6 on any document stream: (the first `num_batches` windows, tokens discarded).
+
+    With `trace`, `docs` yields (label, tokens) and at the end trace["pieces"] lists the
+    buffer's pieces as label + (first token,) in buffer order (a tail's: the index in its
+    document where its rest begins), and trace["next"] the label of the next document.
 
     A finite `docs` ends the list early, at the first window that would need a document
     past its end (the windows a packer can cut from those documents alone).
@@ -286,6 +302,7 @@ def bestfit_windows(
     docs = iter(docs)
     row_tokens = seq_len + 1
     buffer: list[tuple[int, list[int]]] = []  # (born, piece), in the order they entered
+    marks: list[tuple[Any, int]] = []  # with `trace`: each piece's (label, first token)
     docs_read = 0
     windows: list[np.ndarray] = []
     discarded = 0
@@ -299,6 +316,9 @@ def bestfit_windows(
                     doc = next(docs, None)
                     if doc is None:
                         return windows, discarded_before_window
+                    if trace is not None:
+                        label, doc = doc
+                        marks.append((label, 0))
                     buffer.append((docs_read, list(doc)))
                     docs_read += 1
                 room = row_tokens - len(row)
@@ -323,12 +343,19 @@ def bestfit_windows(
                 born, piece = buffer.pop(chosen)
                 row.extend(piece[:room])
                 rest = piece[room:]
+                if trace is not None:
+                    label, first = marks.pop(chosen)
                 if rest and min_tail is not None and len(rest) >= min_tail:
                     buffer.append((born, [bos_id, *rest]))
+                    if trace is not None:  # a tail's token 0 is the BOS: rest begins later
+                        marks.append((label, first + room - 1 if first else room))
                 else:
                     discarded += len(rest)
             window.extend(row)
         windows.append(np.array(window, dtype=np.int64))
+    if trace is not None:
+        trace["pieces"] = [(*label, first) for label, first in marks]
+        trace["next"] = next(docs)[0]
     return windows, discarded
 
 
@@ -461,3 +488,108 @@ def mixture_windows(
                 owners[0] = (name, n - take)
         shares.append(share)
     return windows, shares
+
+
+WHOLE, TOKENS, DOCS, PIECE = 0, 1, 2, 3
+
+
+class Positions:
+    """Global row-group positions of one split: documents (tokenized) and footer sizes."""
+
+    def __init__(self, data_dir: Path, *, enc: Any, bos_id: int, split: str = "train",
+                 shuffle_seed: int | None = None, text_column: str = "text") -> None:
+        self.sequence = row_group_sequence(split_files(Path(data_dir), split))
+        self.n = len(self.sequence)
+        self.enc, self.bos_id, self.seed, self.column = enc, bos_id, shuffle_seed, text_column
+        self._docs: dict[int, list[list[int]]] = {}
+
+    def row_group(self, g: int) -> tuple[Path, int, int, int]:
+        """(file, row group, epoch, ordinal) at global position g."""
+        epoch, ordinal = divmod(g, self.n)
+        path, index = self.sequence[epoch_order(self.n, self.seed, epoch)[ordinal]]
+        return path, index, epoch, ordinal
+
+    def docs(self, g: int) -> list[list[int]]:
+        if g not in self._docs:
+            path, index, epoch, ordinal = self.row_group(g)
+            row_seed = None if self.seed is None else [self.seed, epoch, ordinal]
+            texts, _ = read_texts(path, index, self.column, row_seed)
+            self._docs[g] = [[self.bos_id, *self.enc.encode_ordinary(t)] for t in texts]
+        return self._docs[g]
+
+    def weight(self, kind: int, g: int, a: int) -> int:
+        path, index, _, _ = self.row_group(g)
+        rg = pq.ParquetFile(path).metadata.row_group(index)
+        size = sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns)
+                   if rg.column(j).path_in_schema == self.column)
+        rows = max(rg.num_rows, 1)
+        return {WHOLE: size, TOKENS: max(size - 4 * a, 1),
+                DOCS: size * max(rows - a, 0) // rows, PIECE: max(size // rows, 1)}[kind]
+
+
+def old_rank_items(pos: Positions, *, rank: int, world_size: int, packing: str,
+                   batch_size: int, seq_len: int, delivered: int, buffer_docs: int = 1000,
+                   min_tail: int | None = 32, max_age_docs: int = 8000,
+                   ) -> tuple[list[tuple[int, int, int, int]], int]:
+    """An old rank's work left after `delivered` windows, as items in its stream order
+    (the WHOLE units run on to the first unit of epoch E*+1, to be cut by the caller),
+    and the epoch of its next unit."""
+    units = [rank + u * world_size for u in range(delivered * batch_size * seq_len + 64)]
+    if packing == "concat":
+        left = delivered * (batch_size * seq_len + 1)
+        u = 0
+        while left >= len(tokens := [t for d in pos.docs(units[u]) for t in d]) and left:
+            left -= len(tokens)
+            u += 1
+        first = [(TOKENS, units[u], left, 0)] if left else [(WHOLE, units[u], 0, 0)]
+        return first + [(WHOLE, g, 0, 0) for g in units[u + 1:]], units[u] // pos.n
+    labels = ((g, d) for g in units for d in range(len(pos.docs(g))))
+    docs = ((label, pos.docs(label[0])[label[1]]) for label in labels)
+    state: dict[str, Any] = {}
+    bestfit_windows(docs, bos_id=pos.bos_id, batch_size=batch_size, seq_len=seq_len,
+                    num_batches=delivered, buffer_docs=buffer_docs, min_tail=min_tail,
+                    max_age_docs=max_age_docs, trace=state)
+    g, d = state["next"]
+    pieces = [(PIECE, pg, pd, start) for pg, pd, start in state["pieces"]]
+    u = units.index(g)
+    first = [(DOCS, g, d, 0)] if d else [(WHOLE, g, 0, 0)]
+    return pieces + first + [(WHOLE, x, 0, 0) for x in units[u + 1:]], g // pos.n
+
+
+def elastic_items(pos: Positions, old: list[list[tuple[int, int, int, int]]],
+                  epochs: list[int], new_rank: int, new_world_size: int
+                  ) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Rule 8: new rank `new_rank`'s items and its first stride unit."""
+    g_end = (max(epochs) + 1) * pos.n
+    work = sorted((it for items in old for it in items if it[0] != WHOLE or it[1] < g_end),
+                  key=lambda it: (it[1], it[2], it[3], it[0]))
+    weights = [pos.weight(kind, g, a) for kind, g, a, _ in work]
+    total, before, mine = sum(weights) or 1, 0, []
+    for item, w in zip(work, weights, strict=True):
+        if (2 * before + w) * new_world_size // (2 * total) == new_rank:
+            mine.append(item)
+        before += w
+    return mine, -(-(g_end - new_rank) // new_world_size)
+
+
+def elastic_documents(pos: Positions, items: list[tuple[int, int, int, int]], new_rank: int,
+                      new_world_size: int, stride_from: int) -> Iterator[list[int]]:
+    """The new rank's stream: what is left of each item, then its stride (documents;
+    a TOKENS item's first one may be a document's rest, without its BOS)."""
+    for kind, g, a, b in items:
+        docs = pos.docs(g)
+        if kind == WHOLE:
+            yield from docs
+        elif kind == TOKENS:
+            flat = [t for doc in docs for t in doc][a:]
+            if flat:
+                yield flat
+        elif kind == DOCS:
+            yield from docs[a:]
+        else:
+            doc = docs[a]
+            yield [doc[0], *doc[b:]] if b else doc
+    u = stride_from
+    while True:
+        yield from pos.docs(new_rank + u * new_world_size)
+        u += 1

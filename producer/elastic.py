@@ -1,0 +1,221 @@
+"""Elastic resume: a job saved by W ranks continues on W' ranks, every token once.
+
+A rank's units are normally its stride of the global row-group sequence: unit u is
+global position g = rank + u * W (epoch g // N, ordinal g % N). After an elastic
+resume a rank first reads a list of ITEMS, then its stride from unit `stride_from`
+on: a `Layout`. An item is a global position and what is left of it:
+
+    WHOLE  (g)          every document of g's row group
+    TOKENS (g, a)       its tokens from token a on (concat: a prefix went to an old rank,
+                        which may have cut a document: its rest comes first, no BOS)
+    DOCS   (g, a)       its documents from document a on (best fit: the read position)
+    PIECE  (g, a, b)    document a alone, from token b on (best fit: a buffered piece;
+                        b > 0: a tail, the document's BOS then tokens b..)
+
+The rule (`plan`): E* is the latest epoch any old rank is in (its read unit's). Every
+old rank's remaining work up to the end of epoch E* — its partial unit from the exact
+token (concat) or its buffered pieces and read position (best fit), then its unread
+units with g < (E* + 1) * N, items of an earlier elastic resume included — is listed,
+sorted by (g, document, token), and cut into W' consecutive chunks of about equal
+weight (the row group's text bytes from the footer: whole, in proportion of documents
+left, one document for a piece, text bytes minus 4 per token delivered for a partial
+unit). New rank r' reads chunk r', then its own stride from the first unit past epoch
+E*: later epochs are the new world size's normal order. A layout is saved in the
+cursor (`elastic`), so such a rank checkpoints and resumes (elastically again, too).
+
+Failure behaviour: a malformed layout or a state that does not fit the data is a
+StateMismatchError naming it.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Any
+
+import numpy as np
+
+from tokenfeed.common.config import MAX_POSITION
+from tokenfeed.common.errors import StateMismatchError
+from tokenfeed.producer.bestfit import buffer_pieces
+from tokenfeed.producer.dataset import RowGroupRef
+from tokenfeed.producer.pool import Result
+
+WHOLE, TOKENS, DOCS, PIECE = 0, 1, 2, 3
+_NO_STARTS = np.zeros(0, dtype=np.int64)
+
+Item = tuple[int, int, int, int]  # (kind, g, a, b)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_POSITION
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A rank's units: `runs` of items (`[kind, g, a, b, count, step]`: count > 1 only
+    for WHOLE, units g, g + step, ...), then its stride from unit `stride_from`."""
+
+    rank: int
+    world_size: int
+    runs: tuple[tuple[int, int, int, int, int, int], ...]
+    stride_from: int
+    _ends: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_ends", list(accumulate(r[4] for r in self.runs)))
+
+    @property
+    def items(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def item(self, unit: int) -> Item:
+        """What unit `unit` of this rank is."""
+        if unit >= self.items:
+            return (WHOLE, self.rank + (self.stride_from + unit - self.items) * self.world_size,
+                    0, 0)
+        i = bisect_right(self._ends, unit)
+        kind, g, a, b, count, step = self.runs[i]
+        k = unit - (self._ends[i] - count)
+        return (kind, g + k * step, a, b)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"items": [list(r) for r in self.runs], "stride_from": self.stride_from}
+
+    @classmethod
+    def from_json(cls, d: Any, rank: int, world_size: int) -> Layout:
+        items = d.get("items") if isinstance(d, dict) else None
+        if not (isinstance(items, list) and _count(d.get("stride_from")) and all(
+                isinstance(r, list) and len(r) == 6 and all(map(_count, r))
+                and r[0] in (WHOLE, TOKENS, DOCS, PIECE) and r[4] >= 1
+                and (r[0] == WHOLE or r[4] == 1) for r in items)):
+            raise StateMismatchError(
+                f"elastic layout {str(d)[:120]} is not {{'items': [[kind, g, a, b, count, "
+                "step], ...], 'stride_from': unit}}; pass the feed state unchanged")
+        return cls(rank, world_size, tuple(tuple(r) for r in items), d["stride_from"])
+
+
+def layout_of(cursor: dict[str, Any], rank: int, world_size: int) -> Layout:
+    """The layout a cursor's rank reads: its saved one, or the plain stride."""
+    if "elastic" in cursor:
+        return Layout.from_json(cursor["elastic"], rank, world_size)
+    return Layout(rank, world_size, (), 0)
+
+
+def apply(item: Item, result: Result) -> Result:
+    """What is left of a tokenized row group (`result`, every document) under `item`."""
+    kind, g, a, b = item
+    if kind == WHOLE:
+        return result
+    tokens, starts = result.tokens, result.doc_starts
+    docs = len(starts)
+    ends = [*starts[1:].tolist(), len(tokens)]
+    if kind == TOKENS:
+        if a > len(tokens):
+            raise StateMismatchError(f"an elastic state resumes token {a} of global row group "
+                                     f"{g}, which holds {len(tokens)}; it is of other data")
+        kept = starts[starts >= a] - a
+        return Result(result.task, tokens[a:], kept, 0, _NO_STARTS)
+    if a > docs or (kind == PIECE and (a == docs or b >= ends[a] - starts[a])):
+        raise StateMismatchError(f"an elastic state resumes document {a} (token {b}) of global "
+                                 f"row group {g}, which holds {docs}; it is of other data")
+    if kind == DOCS:
+        lo = int(starts[a]) if a < docs else len(tokens)
+        return Result(result.task, tokens[lo:], starts[a:] - lo, 0, _NO_STARTS)
+    doc = tokens[int(starts[a]):ends[a]]
+    piece = np.concatenate([doc[:1], doc[b:]]) if b else doc
+    return Result(result.task, piece, np.zeros(1, dtype=np.int64), 0, _NO_STARTS)
+
+
+def _compose(outer: Item, kind: int, a: int, b: int) -> Item:
+    """The item left when an old rank read `outer` (one of its units, itself an item) up
+    to (kind, a, b), counted within the unit as the old rank saw it."""
+    okind, g, oa, ob = outer
+    if okind == WHOLE:
+        return (kind, g, a, b)
+    if okind == TOKENS and kind == TOKENS:
+        return (TOKENS, g, oa + a, 0)
+    if okind == DOCS and kind in (DOCS, PIECE):
+        return (kind, g, oa + a, b)
+    if okind == PIECE and a == 0 and kind == PIECE:  # within the piece's one document
+        if b == 0:
+            return outer
+        return (PIECE, g, oa, ob + b - 1 if ob else b)  # a tail's token 0 is the BOS
+    raise StateMismatchError(f"an elastic state's position ({kind}, {a}, {b}) does not fit "
+                             f"its item {outer}; pass the feed states unchanged")
+
+
+def remaining(cursor: dict[str, Any], packing: str, layout: Layout, g_end: int) -> list[Item]:
+    """One old rank's work left before global position `g_end`, in its stream order."""
+    unit = int(cursor["unit"])
+    out: list[Item] = []
+    if packing == "bestfit":
+        for u, d, s, _tail, _born in buffer_pieces(cursor):
+            out.append(_compose(layout.item(u), PIECE, d, s))
+        doc = int(cursor.get("doc", 0))
+        if doc:
+            outer = layout.item(unit)
+            if outer[0] != PIECE:
+                out.append(_compose(outer, DOCS, doc, 0))
+            unit += 1
+    else:
+        offset = int(cursor.get("offset", 0))
+        if offset:
+            out.append(_compose(layout.item(unit), TOKENS, offset, 0))
+            unit += 1
+    while True:
+        item = layout.item(unit)
+        if unit >= layout.items and item[1] >= g_end:
+            return out
+        out.append(item)
+        unit += 1
+
+
+def _weight(item: Item, ref_of: Callable[[int], RowGroupRef]) -> int:
+    kind, g, a, _ = item
+    ref = ref_of(g)
+    rows = max(ref.num_rows, 1)
+    if kind == WHOLE:
+        return ref.text_bytes
+    if kind == TOKENS:
+        return max(ref.text_bytes - 4 * a, 1)
+    if kind == DOCS:
+        return ref.text_bytes * max(rows - a, 0) // rows
+    return max(ref.text_bytes // rows, 1)
+
+
+def plan(cursors: list[dict[str, Any]], packing: str, n: int,
+         ref_of: Callable[[int], RowGroupRef], new_rank: int, new_world_size: int) -> Layout:
+    """New rank `new_rank`'s layout, from every old rank's cursor (rank order); `n` row
+    groups make an epoch, `ref_of(g)` is global position g's row group."""
+    old_world = len(cursors)
+    layouts = [layout_of(c, r, old_world) for r, c in enumerate(cursors)]
+    epoch = max(layouts[r].item(int(c["unit"]))[1] // n for r, c in enumerate(cursors))
+    g_end = (epoch + 1) * n
+    work = sorted((item for r, c in enumerate(cursors)
+                   for item in remaining(c, packing, layouts[r], g_end)),
+                  key=lambda it: (it[1], it[2], it[3], it[0]))
+    weights = [_weight(it, ref_of) for it in work]
+    total = sum(weights) or 1
+    mine: list[Item] = []
+    before = 0
+    for item, w in zip(work, weights, strict=True):
+        if (2 * before + w) * new_world_size // (2 * total) == new_rank:
+            mine.append(item)
+        before += w
+    runs: list[list[int]] = []
+    for kind, g, a, b in mine:
+        last = runs[-1] if runs else None
+        if (kind == WHOLE and last is not None and last[0] == WHOLE
+                and (last[4] == 1 or g - (last[1] + (last[4] - 1) * last[5]) == last[5])
+                and g > last[1] + (last[4] - 1) * last[5]):
+            if last[4] == 1:
+                last[5] = g - last[1]
+            last[4] += 1
+        else:
+            runs.append([kind, g, a, b, 1, 1])
+    stride_from = max(0, -(-(g_end - new_rank) // new_world_size))
+    return Layout(new_rank, new_world_size, tuple(tuple(r) for r in runs),  # type: ignore[misc]
+                  stride_from)
