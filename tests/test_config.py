@@ -108,6 +108,7 @@ def test_stream_spec_round_trips_through_a_dict() -> None:
         "shuffle_seed": 1234,
         "buffer_docs": 1000,
         "min_tail": 32,
+        "mix": None,
     }
     assert StreamSpec.from_dict(d) == spec
 
