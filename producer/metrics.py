@@ -67,6 +67,10 @@ STREAM_COUNTERS = (
 )
 
 
+# Mixtures only (absent without one): per stream labels and source.
+MIX_METRICS = ("tokenfeed_mix_weight_ratio", "tokenfeed_mixed_tokens_total")
+
+
 def metric_names() -> list[str]:
     """Every metric family this exporter serves (as named in /metrics, counters with
     `_total`), e.g. to check a dashboard against."""
@@ -85,6 +89,31 @@ def _by_labels(status: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, f
         for _, field, _ in (*STREAM_GAUGES, *STREAM_COUNTERS):
             into[field] = into.get(field, 0.0) + float(s.get(field) or 0)
     return out
+
+
+def _mixture_families(status: dict[str, Any], gauge: Any, counter: Any) -> Iterator[Any]:
+    """Mixture weights and tokens mixed per source (realized share: a ratio of rates)."""
+    weights: dict[tuple[str, ...], float] = {}
+    mixed: dict[tuple[str, ...], float] = {}
+    for s in status.get("streams", []):
+        for source, m in (s.get("mix") or {}).items():
+            key = (str(s["split"]), str(s["rank"]), str(s["world_size"]), str(source))
+            weights[key] = float(m["weight"])
+            mixed[key] = mixed.get(key, 0.0) + float(m["tokens"])
+    if not weights:
+        return
+    labels = (*STREAM_LABELS, "source")
+    g = gauge(MIX_METRICS[0], "Target token share of a source in a mixture stream.",
+              labels=labels)
+    for labelled, value in weights.items():
+        g.add_metric(labelled, value)
+    yield g
+    c = counter(MIX_METRICS[1].removesuffix("_total"),
+                "Tokens a mixture stream took from each source (its realized share: "
+                "rate over the sum of rates).", labels=labels)
+    for labelled, value in mixed.items():
+        c.add_metric(labelled, value)
+    yield c
 
 
 class StatusCollector:
@@ -114,6 +143,7 @@ class StatusCollector:
             for key, values in groups.items():
                 c.add_metric(key, values[field])
             yield c
+        yield from _mixture_families(status, GaugeMetricFamily, CounterMetricFamily)
         w = status["workers"]
         g = GaugeMetricFamily("tokenfeed_workers", "Tokenizer worker processes.",
                               labels=("state",))

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,21 @@ def test_mix_file_sets_sources_columns_and_default_weights(start_daemon, sources
         next(feed)
         assert feed.state_dict()["cursor"]["mix"]["weights"] == [[0, {"code": 0.25,
                                                                       "web": 0.75}]]
+
+
+def test_prometheus_exports_weights_and_tokens_per_source(start_daemon, sources):
+    from test_metrics import scrape
+
+    daemon = start_daemon("--metrics-port", "0", "--weights", "code=1,web=3", sources=sources)
+    with daemon.feed(4, 256) as feed:
+        for _ in range(30):
+            next(feed)
+        deadline = time.monotonic() + 30
+        while "tokenfeed_mixed_tokens_total" not in (m := scrape(daemon)):
+            assert time.monotonic() < deadline, "no mixture metrics"
+            time.sleep(0.2)
+    label = (("rank", "0"), ("source", "code"), ("split", "train"), ("world_size", "1"))
+    assert m["tokenfeed_mix_weight_ratio"][label] == 0.25
+    mixed = m["tokenfeed_mixed_tokens_total"]
+    code, web = mixed[label], mixed[(*label[:1], ("source", "web"), *label[2:])]
+    assert abs(code / (code + web) - 0.25) < 0.02
