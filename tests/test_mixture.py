@@ -182,3 +182,15 @@ def test_prometheus_exports_weights_and_tokens_per_source(start_daemon, sources)
     mixed = m["tokenfeed_mixed_tokens_total"]
     code, web = mixed[label], mixed[(*label[:1], ("source", "web"), *label[2:])]
     assert abs(code / (code + web) - 0.25) < 0.02
+
+
+def test_a_mixture_reads_later_epochs_from_the_token_cache_exactly(start_daemon, sources,
+                                                                   tmp_path):
+    b, t, n = 4, 256, 100  # ~102k tokens: both sources wrap twice or more
+    want, _ = oracle(sources, [(0, WEIGHTS)], b=b, t=t, n=n, shuffle_seed=11)
+    daemon = start_daemon("--cache-dir", str(tmp_path / "cache"), sources=sources)
+    with daemon.feed(b, t, mix=WEIGHTS, shuffle_seed=11) as feed:
+        for i in range(n):
+            check(next(feed), want[i], f"batch {i}")
+        status = daemon.status()
+    assert status["streams"][0]["units_cached"] > 0 and status["cache"]["hits"] > 0
