@@ -380,9 +380,6 @@ class Daemon:
             start = self._elastic_start(spec, start["elastic_from"])
         position = make_packer(spec, start).position  # validated, canonical
         if start is not None and "elastic" in start:
-            if start.get("mix") is not None or spec.mix is not None or len(self.datasets) > 1:
-                raise StateMismatchError("elastic resume of a mixture is not supported yet; "
-                                         "resume it on its saved number of ranks")
             Layout.from_json(start["elastic"], spec.rank, spec.world_size)  # validated
             position = {**position, "elastic": start["elastic"]}
         saved = start.get("mix") if start is not None else None
@@ -418,26 +415,43 @@ class Daemon:
         if not isinstance(cursors, list) or not cursors or not all(
                 isinstance(c, dict) for c in cursors):
             raise ProtocolError("attach: start.elastic_from must be a list of cursors")
-        if spec.mix is not None or len(self.datasets) > 1 or any("mix" in c for c in cursors):
-            raise StateMismatchError("elastic resume of a mixture is not supported yet; "
-                                     "resume it on its saved number of ranks")
+        mixture = any("mix" in c for c in cursors)
+        served = tuple(self.datasets)
         for rank, cursor in enumerate(cursors):
             try:
                 make_packer(spec, cursor)
                 if "elastic" in cursor:
                     Layout.from_json(cursor["elastic"], rank, len(cursors))
+                if mixture:
+                    parse_state(cursor.get("mix"), served)
+                    elastic.check_exact(cursor["mix"], spec.packing)
             except StateMismatchError as e:
                 raise StateMismatchError(f"rank {rank} of the saved job: {e}") from None
-        split = self.dataset.split(spec.split)
-        n = len(split)
 
-        def ref_of(g: int) -> Any:
-            epoch, ordinal = divmod(g, n)
-            if spec.shuffle_seed is None:
-                return split.row_groups[ordinal]
-            order = np.random.default_rng([spec.shuffle_seed, epoch]).permutation(n)
-            return split.row_groups[order[ordinal]]
+        def refs(name: str) -> tuple[int, Any]:
+            split = self.datasets[name].split(spec.split)
+            n = len(split)
 
+            def ref_of(g: int) -> Any:
+                epoch, ordinal = divmod(g, n)
+                if spec.shuffle_seed is None:
+                    return split.row_groups[ordinal]
+                order = np.random.default_rng([spec.shuffle_seed, epoch]).permutation(n)
+                return split.row_groups[order[ordinal]]
+
+            return n, ref_of
+
+        if mixture:
+            mix = elastic.plan_mixture(cursors, spec.packing,
+                                       {n: refs(n) for n in cursors[0]["mix"]["sources"]},
+                                       spec.rank, spec.world_size)
+            log.info("elastic resume of a mixture: rank %d of %d continues %d ranks",
+                     spec.rank, spec.world_size, len(cursors))
+            return {"unit": 0, "offset": 0, "doc": 0, "mix": mix}
+        if len(self.datasets) > 1:
+            raise StateMismatchError("the saved job is of one source and this daemon serves a "
+                                     f"mixture of {', '.join(served)}")
+        n, ref_of = refs(served[0])
         layout = elastic.plan(cursors, spec.packing, n, ref_of, spec.rank, spec.world_size)
         log.info("elastic resume: rank %d of %d continues %d ranks with %d items, then its "
                  "stride from unit %d", spec.rank, spec.world_size, len(cursors), layout.items,

@@ -11,6 +11,8 @@ on: a `Layout`. An item is a global position and what is left of it:
     DOCS   (g, a)       its documents from document a on (best fit: the read position)
     PIECE  (g, a, b)    document a alone, from token b on (best fit: a buffered piece;
                         b > 0: a tail, the document's BOS then tokens b..)
+    REST   (g, a, b)    its documents from document a on, the first from token b on (a
+                        mixture's source under concat; b > 0: no BOS, a prefix went before)
 
 The rule (`plan`): E* is the latest epoch any old rank is in (its read unit's). Every
 old rank's remaining work up to the end of epoch E* — its partial unit from the exact
@@ -22,6 +24,12 @@ left, one document for a piece, text bytes minus 4 per token delivered for a par
 unit). New rank r' reads chunk r', then its own stride from the first unit past epoch
 E*: later epochs are the new world size's normal order. A layout is saved in the
 cursor (`elastic`), so such a rank checkpoints and resumes (elastically again, too).
+
+A mixture is divided the same way, each source on its own (its own E*, items and
+stride, `layouts` in the mixture state), from the exact position of every source the
+mixture state records (`exact`: next token not delivered; best fit: next document not
+read, and the buffered pieces as source documents); the new ranks mix their sources
+from the start of their lists with the old job's current weights.
 
 Failure behaviour: a malformed layout or a state that does not fit the data is a
 StateMismatchError naming it.
@@ -43,7 +51,7 @@ from tokenfeed.producer.bestfit import buffer_pieces
 from tokenfeed.producer.dataset import RowGroupRef
 from tokenfeed.producer.pool import Result
 
-WHOLE, TOKENS, DOCS, PIECE = 0, 1, 2, 3
+WHOLE, TOKENS, DOCS, PIECE, REST = 0, 1, 2, 3, 4
 _NO_STARTS = np.zeros(0, dtype=np.int64)
 
 Item = tuple[int, int, int, int]  # (kind, g, a, b)
@@ -89,7 +97,7 @@ class Layout:
         items = d.get("items") if isinstance(d, dict) else None
         if not (isinstance(items, list) and _count(d.get("stride_from")) and all(
                 isinstance(r, list) and len(r) == 6 and all(map(_count, r))
-                and r[0] in (WHOLE, TOKENS, DOCS, PIECE) and r[4] >= 1
+                and r[0] in (WHOLE, TOKENS, DOCS, PIECE, REST) and r[4] >= 1
                 and (r[0] == WHOLE or r[4] == 1) for r in items)):
             raise StateMismatchError(
                 f"elastic layout {str(d)[:120]} is not {{'items': [[kind, g, a, b, count, "
@@ -121,9 +129,12 @@ def apply(item: Item, result: Result) -> Result:
     if a > docs or (kind == PIECE and (a == docs or b >= ends[a] - starts[a])):
         raise StateMismatchError(f"an elastic state resumes document {a} (token {b}) of global "
                                  f"row group {g}, which holds {docs}; it is of other data")
-    if kind == DOCS:
-        lo = int(starts[a]) if a < docs else len(tokens)
-        return Result(result.task, tokens[lo:], starts[a:] - lo, 0, _NO_STARTS)
+    if kind in (DOCS, REST):
+        lo = int(starts[a]) + b if a < docs else len(tokens)
+        if a < docs and lo >= ends[a] and b:
+            raise StateMismatchError(f"an elastic state resumes token {b} of document {a} of "
+                                     f"global row group {g}, which is shorter; other data?")
+        return Result(result.task, tokens[lo:], np.maximum(starts[a:] - lo, 0), 0, _NO_STARTS)
     doc = tokens[int(starts[a]):ends[a]]
     piece = np.concatenate([doc[:1], doc[b:]]) if b else doc
     return Result(result.task, piece, np.zeros(1, dtype=np.int64), 0, _NO_STARTS)
@@ -137,8 +148,10 @@ def _compose(outer: Item, kind: int, a: int, b: int) -> Item:
         return (kind, g, a, b)
     if okind == TOKENS and kind == TOKENS:
         return (TOKENS, g, oa + a, 0)
-    if okind == DOCS and kind in (DOCS, PIECE):
+    if okind == DOCS and kind in (DOCS, PIECE, REST):
         return (kind, g, oa + a, b)
+    if okind == REST and kind in (DOCS, PIECE, REST):
+        return (kind, g, oa + a, b + ob if a == 0 else b)  # its first document lacks ob
     if okind == PIECE and a == 0 and kind == PIECE:  # within the piece's one document
         if b == 0:
             return outer
@@ -165,12 +178,31 @@ def remaining(cursor: dict[str, Any], packing: str, layout: Layout, g_end: int) 
         if offset:
             out.append(_compose(layout.item(unit), TOKENS, offset, 0))
             unit += 1
+    return _and_units(out, layout, unit, g_end)
+
+
+def _and_units(out: list[Item], layout: Layout, unit: int, g_end: int) -> list[Item]:
+    """`out`, then the layout's units from `unit` on: its items, and its stride up to g_end."""
     while True:
         item = layout.item(unit)
         if unit >= layout.items and item[1] >= g_end:
             return out
         out.append(item)
         unit += 1
+
+
+def source_remaining(exact: list[int], pieces: list[tuple[int, int, int]], packing: str,
+                     layout: Layout, g_end: int) -> list[Item]:
+    """One source's work left in one old rank's mixture: its buffered pieces (best fit),
+    the rest of the unit `exact` = (unit, doc, token) points into, its later units."""
+    out = [_compose(layout.item(u), PIECE, d, s) for u, d, s in pieces]
+    unit, doc, tok = exact
+    if doc or tok:
+        outer = layout.item(unit)
+        if outer[0] != PIECE:
+            out.append(_compose(outer, DOCS if packing == "bestfit" else REST, doc, tok))
+        unit += 1
+    return _and_units(out, layout, unit, g_end)
 
 
 def _weight(item: Item, ref_of: Callable[[int], RowGroupRef]) -> int:
@@ -181,22 +213,15 @@ def _weight(item: Item, ref_of: Callable[[int], RowGroupRef]) -> int:
         return ref.text_bytes
     if kind == TOKENS:
         return max(ref.text_bytes - 4 * a, 1)
-    if kind == DOCS:
+    if kind in (DOCS, REST):
         return ref.text_bytes * max(rows - a, 0) // rows
     return max(ref.text_bytes // rows, 1)
 
 
-def plan(cursors: list[dict[str, Any]], packing: str, n: int,
-         ref_of: Callable[[int], RowGroupRef], new_rank: int, new_world_size: int) -> Layout:
-    """New rank `new_rank`'s layout, from every old rank's cursor (rank order); `n` row
-    groups make an epoch, `ref_of(g)` is global position g's row group."""
-    old_world = len(cursors)
-    layouts = [layout_of(c, r, old_world) for r, c in enumerate(cursors)]
-    epoch = max(layouts[r].item(int(c["unit"]))[1] // n for r, c in enumerate(cursors))
-    g_end = (epoch + 1) * n
-    work = sorted((item for r, c in enumerate(cursors)
-                   for item in remaining(c, packing, layouts[r], g_end)),
-                  key=lambda it: (it[1], it[2], it[3], it[0]))
+def _divide(work: list[Item], ref_of: Callable[[int], RowGroupRef], g_end: int,
+            new_rank: int, new_world_size: int) -> Layout:
+    """New rank `new_rank`'s consecutive share of `work`, by weight, then its stride."""
+    work = sorted(work, key=lambda it: (it[1], it[2], it[3], it[0]))
     weights = [_weight(it, ref_of) for it in work]
     total = sum(weights) or 1
     mine: list[Item] = []
@@ -219,3 +244,60 @@ def plan(cursors: list[dict[str, Any]], packing: str, n: int,
     stride_from = max(0, -(-(g_end - new_rank) // new_world_size))
     return Layout(new_rank, new_world_size, tuple(tuple(r) for r in runs),  # type: ignore[misc]
                   stride_from)
+
+
+def check_exact(mix: dict[str, Any], packing: str) -> None:
+    """A saved mixture state's exact positions (and best fit's pieces) are well formed."""
+    exact, pieces = mix.get("exact"), mix.get("pieces", [])
+    if not (isinstance(exact, dict) and set(exact) == set(mix["sources"]) and all(
+            isinstance(e, list) and len(e) == 3 and all(map(_count, e))
+            for e in exact.values())):
+        raise StateMismatchError("its mixture state lacks 'exact' [unit, doc, token] for "
+                                 "every source; pass the feed state unchanged")
+    if not (isinstance(pieces, list) and len(pieces) % 4 == 0 and all(map(_count, pieces))
+            and all(pieces[i] < len(exact) for i in range(0, len(pieces), 4))):
+        raise StateMismatchError("its mixture state's 'pieces' are not [source, unit, doc, "
+                                 "start] counts")
+
+
+def plan_mixture(cursors: list[dict[str, Any]], packing: str,
+                 sources: dict[str, tuple[int, Callable[[int], RowGroupRef]]], new_rank: int,
+                 new_world_size: int) -> dict[str, Any]:
+    """New rank `new_rank`'s mixture state, from every old rank's mixture cursor: each
+    source divided on its own (`sources`: name -> (row groups an epoch, ref_of))."""
+    old_world = len(cursors)
+    states = [c["mix"] for c in cursors]
+    names = list(states[0]["sources"])
+    if any(list(m["sources"]) != names or "exact" not in m for m in states):
+        raise StateMismatchError("the old ranks' mixture states name different sources, or "
+                                 "lack the exact positions elastic resume needs; pass every "
+                                 "rank's state unchanged")
+    layouts = {}
+    for s, name in enumerate(names):
+        n, ref_of = sources[name]
+        olds = [layout_of({"elastic": m["layouts"][name]} if name in m.get("layouts", {})
+                          else {}, r, old_world) for r, m in enumerate(states)]
+        heads = [olds[r].item(m["exact"][name][0])[1] // n for r, m in enumerate(states)]
+        g_end = (max(heads) + 1) * n
+        work: list[Item] = []
+        for r, m in enumerate(states):
+            flat = m.get("pieces", [])  # [source, unit, doc, start] a piece
+            pieces = [tuple(flat[i + 1:i + 4]) for i in range(0, len(flat), 4) if flat[i] == s]
+            work += source_remaining(m["exact"][name], pieces, packing, olds[r], g_end)
+        layouts[name] = _divide(work, ref_of, g_end, new_rank, new_world_size).to_json()
+    weights = states[0]["weights"][-1][1]
+    return {"at": 0, "mixed": 0, "sources": {n: [0, 0, 0, 0] for n in names},
+            "weights": [[0, weights]], "layouts": layouts}
+
+
+def plan(cursors: list[dict[str, Any]], packing: str, n: int,
+         ref_of: Callable[[int], RowGroupRef], new_rank: int, new_world_size: int) -> Layout:
+    """New rank `new_rank`'s layout, from every old rank's cursor (rank order); `n` row
+    groups make an epoch, `ref_of(g)` is global position g's row group."""
+    old_world = len(cursors)
+    layouts = [layout_of(c, r, old_world) for r, c in enumerate(cursors)]
+    epoch = max(layouts[r].item(int(c["unit"]))[1] // n for r, c in enumerate(cursors))
+    g_end = (epoch + 1) * n
+    work = [item for r, c in enumerate(cursors)
+            for item in remaining(c, packing, layouts[r], g_end)]
+    return _divide(work, ref_of, g_end, new_rank, new_world_size)

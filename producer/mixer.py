@@ -97,8 +97,15 @@ def parse_state(state: Any, served: tuple[str, ...]) -> dict[str, Any]:
         entries.append([entry[0], dict(sorted(weights.items()))])
     if entries[0][0] > state["at"] or state["mixed"] < state["at"]:
         raise StateMismatchError("mixture state: its weights begin after its position")
-    return {"at": state["at"], "mixed": state["mixed"],
-            "sources": {n: list(sources[n]) for n in sorted(sources)}, "weights": entries}
+    canonical = {"at": state["at"], "mixed": state["mixed"],
+                 "sources": {n: list(sources[n]) for n in sorted(sources)}, "weights": entries}
+    layouts = state.get("layouts")
+    if layouts is not None:  # after an elastic resume: each source's units (elastic.py)
+        if not isinstance(layouts, dict) or not set(layouts) <= set(sources):
+            raise StateMismatchError("mixture state: 'layouts' must map its sources to "
+                                     "elastic layouts")
+        canonical["layouts"] = {n: layouts[n] for n in sorted(layouts)}
+    return canonical
 
 
 def with_weights(state: dict[str, Any], weights: Weights) -> dict[str, Any]:
@@ -110,7 +117,7 @@ def with_weights(state: dict[str, Any], weights: Weights) -> dict[str, Any]:
     full = {n: float(weights.get(n, 0.0)) for n in sorted(sources)}
     schedule = [[at, {n: w.get(n, 0.0) for n in sorted(sources)}] for at, w in state["weights"]]
     if schedule[-1][1] == full:
-        return {**state, "sources": sources, "weights": schedule}
+        return {**state, "sources": dict(sorted(sources.items())), "weights": schedule}
     at = state["mixed"]
     schedule = [e for e in schedule if e[0] < at] + [[at, full]]
     return {**state, "sources": dict(sorted(sources.items())), "weights": schedule}
@@ -127,6 +134,9 @@ class Mixer:
         self.pending: list[deque[Result]] = [deque() for _ in self.names]  # cursor's unit first
         self.blocked: tuple[int, int] | None = None  # (source, unit) the next unit waits for
         self.snapshots: dict[int, list[list[int]]] = {self.next_unit: self._copy()}
+        # (source, its unit, its document, tokens) of each document of a virtual unit
+        self.compositions: dict[int, list[tuple[int, int, int, int]]] = {}
+        self.layouts: dict[str, Any] | None = state.get("layouts")
         self._empty_run = [0] * len(self.names)  # empty source units in a row
 
     def _copy(self) -> list[list[int]]:
@@ -156,14 +166,49 @@ class Mixer:
 
     def state(self, at: int) -> dict[str, Any]:
         """The state to resume at virtual unit `at` (one this mixer has snapshotted)."""
-        return {"at": at, "mixed": self.next_unit,
-                "sources": dict(zip(self.names, (list(c) for c in self.snapshots[at]),
-                                    strict=True)),
-                "weights": [[e[0], dict(e[1])] for e in self.schedule]}
+        state = {"at": at, "mixed": self.next_unit,
+                 "sources": dict(zip(self.names, (list(c) for c in self.snapshots[at]),
+                                     strict=True)),
+                 "weights": [[e[0], dict(e[1])] for e in self.schedule]}
+        if self.layouts is not None:
+            state["layouts"] = self.layouts
+        return state
+
+    def exact(self, position: dict[str, Any], bestfit: bool) -> dict[str, list[int]]:
+        """Every source's next token not delivered at packer `position` (best fit: next
+        document not read), as [unit, doc, token]: what an elastic resume divides."""
+        v = int(position["unit"])
+        comp = self.compositions.get(v, [])
+        i, t = (int(position.get("doc", 0)), 0) if bestfit else (len(comp), 0)
+        if not bestfit:
+            left = int(position.get("offset", 0))
+            for j, (_, _, _, n) in enumerate(comp):
+                if left < n:
+                    i, t = j, left
+                    break
+                left -= n
+        after = self.snapshots[v + 1] if v in self.compositions else self.snapshots[v]
+        exact = {}
+        for s, name in enumerate(self.names):
+            k = next((k for k in range(i, len(comp)) if comp[k][0] == s), None)
+            exact[name] = ([comp[k][1], comp[k][2], t if k == i else 0] if k is not None
+                           else [after[s][0], after[s][1], 0])
+        return exact
+
+    def pieces(self, refs: list[tuple[int, int, int, int, int]]) -> list[int]:
+        """Best-fit buffer pieces (virtual unit, doc, start, ...) as [source, unit, doc,
+        start] each, flat."""
+        flat: list[int] = []
+        for u, d, start, _tail, _born in refs:
+            source, unit, doc, _ = self.compositions[u][d]
+            flat += [source, unit, doc, start]
+        return flat
 
     def forget_before(self, unit: int) -> None:
         for u in [u for u in self.snapshots if u < unit]:
             del self.snapshots[u]
+        for u in [u for u in self.compositions if u < unit]:
+            del self.compositions[u]
 
     def source_unit(self, source: int) -> int:
         """The next unit of `source` the mixer will need from its reader."""
@@ -196,6 +241,7 @@ class Mixer:
         cursors = self._copy()
         # (source, unit result, first token, end token) of each document, in order
         chosen: list[tuple[int, Result, int, int]] = []
+        composition: list[tuple[int, int, int, int]] = []
         depth = [0] * len(self.names)  # how far into pending each source has gone
         active = [i for i, w in enumerate(weights) if w > 0]
         while len(chosen) < DOCS_PER_UNIT:
@@ -206,6 +252,7 @@ class Mixer:
                 return None
             result, lo, hi = doc
             chosen.append((best, result, lo, hi))
+            composition.append((best, cursors[best][0], cursors[best][1], hi - lo))
             cursors[best][1] += 1
             cursors[best][2] += hi - lo
             cursors[best][3] += hi - lo
@@ -213,6 +260,7 @@ class Mixer:
             for _ in range(d):
                 self.pending[i].popleft()
         self.cursors = cursors
+        self.compositions[self.next_unit] = composition
         self.next_unit += 1
         self.snapshots[self.next_unit] = self._copy()
         tokens = np.concatenate([r.tokens[lo:hi] for _, r, lo, hi in chosen])

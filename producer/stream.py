@@ -30,6 +30,7 @@ from typing import Any
 from tokenfeed.common.config import MAX_POSITION, StreamSpec
 from tokenfeed.common.errors import StateMismatchError, TokenfeedError
 from tokenfeed.common.ring import Ring
+from tokenfeed.producer.bestfit import buffer_pieces
 from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import SplitPlan
@@ -67,8 +68,13 @@ def mixture_cursor(plans: dict[str, SplitPlan], spec: StreamSpec,
     """A mixture position (its `mix` state included) with every source's epoch; `epoch`
     and `row_group` are those of the source furthest behind."""
     epochs: dict[str, list[int]] = {}
+    layouts = position["mix"].get("layouts") or {}
     for name, cursor in position["mix"]["sources"].items():
-        e, ordinal = plans[name].unit_position(spec.rank, spec.world_size, cursor[0])
+        if name in layouts:
+            layout = Layout.from_json(layouts[name], spec.rank, spec.world_size)
+            e, ordinal = divmod(layout.item(cursor[0])[1], len(plans[name]))
+        else:
+            e, ordinal = plans[name].unit_position(spec.rank, spec.world_size, cursor[0])
         epochs[name] = [e, ordinal]
     behind = min(epochs.values())
     return {**position, "epoch": behind[0], "row_group": behind[1], "epochs": epochs}
@@ -107,7 +113,7 @@ class Stream:
                 cache=src.cache, itemsize=ring.layout.itemsize,
                 first_unit=self.mixer.cursors[i][0] if self.mixer else self.packer.next_unit,
                 needs_unit=self.packer.needs_unit if self.mixer is None else _always,
-                layout=self.layout,
+                layout=self.layout if self.mixer is None else self._source_layout(src.name),
             )
             for i, src in enumerate(sources)
         ]
@@ -119,6 +125,13 @@ class Stream:
         self.units_packed = 0
         # per-source tokens mixed at each of the last batches filled (status: recent shares)
         self._recent: deque[list[int]] = deque(maxlen=RECENT_BATCHES + 1)
+
+    def _source_layout(self, name: str) -> Layout | None:
+        """A mixture source's units after an elastic resume (None: its plain stride)."""
+        layouts = (self.mixer.layouts if self.mixer is not None else None) or {}
+        if name not in layouts:
+            return None
+        return Layout.from_json(layouts[name], self.spec.rank, self.spec.world_size)
 
     # -- positions ----------------------------------------------------------
 
@@ -140,7 +153,12 @@ class Stream:
         if self.mixer is not None:
             at = self.packer.first_unit()
             self.mixer.forget_before(at)
-            position = {**position, "mix": self.mixer.state(at)}
+            mix = self.mixer.state(at)
+            bestfit = self.spec.packing == "bestfit"
+            mix["exact"] = self.mixer.exact(position, bestfit)
+            if bestfit:
+                mix["pieces"] = self.mixer.pieces(buffer_pieces(position))
+            position = {**position, "mix": mix}
         return self.cursor(position)
 
     def resume_key(self, cursor: dict[str, Any]) -> tuple[Any, ...]:

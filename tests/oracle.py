@@ -52,7 +52,10 @@ rule of the contract as a short function in the order the data flows.
    consecutive chunks by weight (the row group's text bytes from the footer: WHOLE all
    of them, TOKENS minus 4 a token read, DOCS their share of rows left, PIECE one
    row's); item j goes to new rank floor((before_j + w_j / 2) * W' / total). New rank r'
-   reads its items, then global positions r' + u W' >= (E*+1)N.
+   reads its items, then global positions r' + u W' >= (E*+1)N. A mixture does this
+   per source, from each source's next token not delivered (concat: REST, its documents
+   from document a, the first from token b) or next document not read and its buffered
+   pieces (best fit); the new rank mixes its sources' streams with the old weights.
 
 Failure behaviour: a bad argument (unknown split, rank outside [0, W), an empty split,
 a non-positive shape) raises ValueError naming the value. A rank whose row groups hold
@@ -64,6 +67,7 @@ take a few seconds.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -490,7 +494,7 @@ def mixture_windows(
     return windows, shares
 
 
-WHOLE, TOKENS, DOCS, PIECE = 0, 1, 2, 3
+WHOLE, TOKENS, DOCS, PIECE, REST = 0, 1, 2, 3, 4
 
 
 class Positions:
@@ -523,8 +527,8 @@ class Positions:
         size = sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns)
                    if rg.column(j).path_in_schema == self.column)
         rows = max(rg.num_rows, 1)
-        return {WHOLE: size, TOKENS: max(size - 4 * a, 1),
-                DOCS: size * max(rows - a, 0) // rows, PIECE: max(size // rows, 1)}[kind]
+        return {WHOLE: size, TOKENS: max(size - 4 * a, 1), DOCS: size * max(rows - a, 0) // rows,
+                REST: size * max(rows - a, 0) // rows, PIECE: max(size // rows, 1)}[kind]
 
 
 def old_rank_items(pos: Positions, *, rank: int, world_size: int, packing: str,
@@ -586,6 +590,10 @@ def elastic_documents(pos: Positions, items: list[tuple[int, int, int, int]], ne
                 yield flat
         elif kind == DOCS:
             yield from docs[a:]
+        elif kind == REST:
+            if a < len(docs):
+                yield docs[a][b:]
+            yield from docs[a + 1:]
         else:
             doc = docs[a]
             yield [doc[0], *doc[b:]] if b else doc
@@ -593,3 +601,58 @@ def elastic_documents(pos: Positions, items: list[tuple[int, int, int, int]], ne
     while True:
         yield from pos.docs(new_rank + u * new_world_size)
         u += 1
+
+
+def old_mixture_items(positions: dict[str, Positions], weights: dict[str, float], *,
+                      rank: int, world_size: int, packing: str, batch_size: int, seq_len: int,
+                      delivered: int, buffer_docs: int = 1000, min_tail: int | None = 32,
+                      max_age_docs: int = 8000,
+                      ) -> tuple[dict[str, list[tuple[int, int, int, int]]], dict[str, int]]:
+    """An old mixture rank's work left per source after `delivered` windows (items in
+    each source's order, WHOLE units running on), and each source's next unit's epoch."""
+    names = sorted(positions)
+    labels: dict[str, deque[tuple[int, int]]] = {n: deque() for n in names}
+
+    def source(name: str) -> Iterator[list[int]]:
+        pos, u = positions[name], 0
+        while True:
+            g = rank + u * world_size
+            for d, doc in enumerate(pos.docs(g)):
+                labels[name].append((g, d))
+                yield doc
+            u += 1
+
+    mixed = ((name, labels[name].popleft(), doc) for name, doc in
+             mix_documents({n: source(n) for n in names}, [(0, weights)]))
+    pieces: dict[str, list[tuple[int, int, int, int]]] = {n: [] for n in names}
+    nxt: dict[str, tuple[int, int, int]] = {}
+    if packing == "concat":
+        left = delivered * (batch_size * seq_len + 1)
+        for name, (g, d), doc in mixed:
+            if left < len(doc):
+                nxt[name] = (g, d, left)
+                break
+            left -= len(doc)
+    else:
+        state: dict[str, Any] = {}
+        bos_id = positions[names[0]].bos_id
+        bestfit_windows((((n, *label), doc) for n, label, doc in mixed), bos_id=bos_id,
+                        batch_size=batch_size, seq_len=seq_len, num_batches=delivered,
+                        buffer_docs=buffer_docs, min_tail=min_tail, max_age_docs=max_age_docs,
+                        trace=state)
+        for name, g, d, first in state["pieces"]:
+            pieces[name].append((PIECE, g, d, first))
+        name, g, d = state["next"]
+        nxt[name] = (g, d, 0)
+    for name, (g, d), _ in mixed:  # the other sources' next documents
+        if len(nxt) == len(names):
+            break
+        nxt.setdefault(name, (g, d, 0))
+    items, heads = {}, {}
+    for name in names:
+        g, d, t = nxt[name]
+        first = (REST if packing == "concat" else DOCS) if d or t else WHOLE
+        items[name] = pieces[name] + [(first, g, d, t)] + [
+            (WHOLE, g + i * world_size, 0, 0) for i in range(1, 4 * positions[name].n)]
+        heads[name] = g // positions[name].n
+    return items, heads

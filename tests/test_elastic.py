@@ -16,10 +16,13 @@ from oracle import (
     bestfit_windows,
     elastic_documents,
     elastic_items,
+    mix_documents,
+    old_mixture_items,
     old_rank_items,
     row_group_sequence,
     split_files,
 )
+from test_mixture import WEIGHTS, sources  # noqa: F401 (a fixture)
 
 from tokenfeed.common.errors import StateMismatchError
 
@@ -170,3 +173,47 @@ def test_bad_job_states_are_refused_naming_the_problem(start_daemon, tmp_path):
         feed.load_state_dict(forged)  # other data: the daemon refuses it at attach
         with pytest.raises(StateMismatchError, match="data differs"):
             next(feed)
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_elastic_resume_of_a_mixture_matches_the_oracle(start_daemon, sources,  # noqa: F811
+                                                        packing):
+    """3 ranks mixing two sources -> 2 ranks: each source divided on its own."""
+    import tiktoken
+
+    enc = tiktoken.get_encoding(ENCODING)
+    dirs = sources
+    pos = {n: Positions(p, enc=enc, bos_id=BOS_ID) for n, p in dirs.items()}
+    kw = {**(BESTFIT if packing == "bestfit" else {}), "mix": WEIGHTS}
+    extra = {"buffer_docs": 8, "max_age_docs": 64} if packing == "bestfit" else {}
+    k, n, old_world, new_world = 6, 10, 3, 2
+    daemon = start_daemon(sources=dirs)
+    states, _ = run_old_job(daemon, old_world, k, **kw)
+    old = [old_mixture_items(pos, WEIGHTS, rank=r, world_size=old_world, packing=packing,
+                             batch_size=B, seq_len=T, delivered=k, **extra)
+           for r in range(old_world)]
+    kinds: set[int] = set()
+    for rank in range(new_world):
+        streams = {}
+        for name in pos:
+            items, stride_from = elastic_items(pos[name], [o[0][name] for o in old],
+                                               [o[1][name] for o in old], rank, new_world)
+            streams[name] = elastic_documents(pos[name], items, rank, new_world, stride_from)
+        docs = (doc for _, doc in mix_documents(streams, [(0, WEIGHTS)]))
+        if packing == "concat":
+            flat: list[int] = []
+            while len(flat) < n * (B * T + 1):
+                flat.extend(next(docs))
+            want = [np.array(flat[i * (B * T + 1):(i + 1) * (B * T + 1)]) for i in range(n)]
+        else:
+            want = bestfit_windows(docs, bos_id=BOS_ID, batch_size=B, seq_len=T, num_batches=n,
+                                   buffer_docs=8, min_tail=32, max_age_docs=64)[0]
+        with daemon.feed(B, T, rank=rank, world_size=new_world, **kw) as feed:
+            feed.load_state_dict(states)
+            for i in range(n):
+                np.testing.assert_array_equal(window_of(next(feed), packing), want[i],
+                                              err_msg=f"new rank {rank} batch {i}")
+            layouts = feed.state_dict()["cursor"]["mix"]["layouts"]
+            assert set(layouts) == {"code", "web"}
+            kinds.update(run[0] for layout in layouts.values() for run in layout["items"])
+    assert kinds - {0}, "no partial row group was divided: the test checks too little"

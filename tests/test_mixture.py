@@ -173,14 +173,18 @@ def test_prometheus_exports_weights_and_tokens_per_source(start_daemon, sources)
     with daemon.feed(4, 256) as feed:
         for _ in range(30):
             next(feed)
+        label = (("rank", "0"), ("source", "code"), ("split", "train"), ("world_size", "1"))
+        web_label = (*label[:1], ("source", "web"), *label[2:])
         deadline = time.monotonic() + 30
-        while "tokenfeed_mixed_tokens_total" not in (m := scrape(daemon)):
-            assert time.monotonic() < deadline, "no mixture metrics"
+        while True:  # published at each heartbeat: wait for one after the 30 batches
+            mixed = scrape(daemon).get("tokenfeed_mixed_tokens_total", {})
+            code, web = mixed.get(label, 0.0), mixed.get(web_label, 0.0)
+            if code + web >= 30 * (4 * 256 + 1):
+                break
+            assert time.monotonic() < deadline, f"mixture metrics stay at {mixed}"
             time.sleep(0.2)
-    label = (("rank", "0"), ("source", "code"), ("split", "train"), ("world_size", "1"))
+        m = scrape(daemon)
     assert m["tokenfeed_mix_weight_ratio"][label] == 0.25
-    mixed = m["tokenfeed_mixed_tokens_total"]
-    code, web = mixed[label], mixed[(*label[:1], ("source", "web"), *label[2:])]
     assert abs(code / (code + web) - 0.25) < 0.02
 
 
