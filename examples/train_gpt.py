@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tokenfeed.common.errors import StateMismatchError
 from tokenfeed.consumer import TokenFeed, gather_states
 
 VOCAB_MULTIPLE = 64  # embedding rows padded up: ids above the tokenizer's never occur
@@ -156,7 +157,11 @@ def main() -> int:
         ckpt = torch.load(ckpt_path, map_location=feed.device)
         model.load_state_dict(ckpt["model"])
         optim.load_state_dict(ckpt["optim"])
-        feed.load_state_dict(ckpt["data"])  # this rank's entry; before the first next()
+        try:
+            feed.load_state_dict(ckpt["data"])  # this rank's entry; before the first next()
+        except StateMismatchError as e:  # another world size, batch shape, data, tokenizer
+            print(f"train_gpt: error: --resume from {ckpt_path}: {e}", file=sys.stderr)
+            return 2
         step = ckpt["step"]
         if rank == 0:
             print(f"resumed from {ckpt_path} at step {step}; data cursor "
