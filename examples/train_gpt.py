@@ -18,7 +18,8 @@ tokens; rank 0 prints the mean over ranks. Every `--ckpt-every` steps (and at th
 rank 0 writes `--ckpt-dir/ckpt.pt` (to a temporary name, then renamed): the model, the
 optimizer, the step and `gather_states(feed)`, every rank's position after its last batch.
 `--resume` loads it on every rank, and the feed continues with the exact batch that would
-have come next (a different world size is refused by `load_state_dict`, naming both).
+have come next; a state it cannot continue from (another batch shape, other data or
+tokenizer) is one error line naming what differs.
 
 The model: token + position embeddings, `--layers` pre-norm blocks (causal attention with
 `scaled_dot_product_attention`, a 4x GELU MLP), the head tied to the token embedding. Its
@@ -159,7 +160,7 @@ def main() -> int:
         optim.load_state_dict(ckpt["optim"])
         try:
             feed.load_state_dict(ckpt["data"])  # this rank's entry; before the first next()
-        except StateMismatchError as e:  # another world size, batch shape, data, tokenizer
+        except StateMismatchError as e:  # another batch shape, data or tokenizer
             print(f"train_gpt: error: --resume from {ckpt_path}: {e}", file=sys.stderr)
             return 2
         step = ckpt["step"]
