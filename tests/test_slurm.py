@@ -207,7 +207,7 @@ def test_slurm_recipe_trains_two_cpu_ranks_and_leaves_nothing_behind(
 
     # Two CPU ranks trained 12 steps against the job's daemon, and saved their positions.
     for rank in (0, 1):
-        assert f"attached to stream {rank} (train rank {rank}/2)" in log, log
+        assert re.search(rf"attached to stream \d+ \(train rank {rank}/2\)", log), log
         assert f"rank {rank}: step 12 loss" in log, log
         saved = torch.load(ckpt / f"rank{rank}.pt", weights_only=False)
         assert saved["step"] == 12 and saved["data"]["spec"]["world_size"] == 2
