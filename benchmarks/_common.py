@@ -29,6 +29,7 @@ from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError
 from tokenfeed.common.shm import SHM_DIR, segment_name
 from tokenfeed.producer import corpus
+from tokenfeed.producer.progress import Progress
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -161,8 +162,14 @@ def installed_corpus(docs_per_group: int = 1024, groups_per_file: int = 1) -> tu
         return out, True
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=CORPUS_CACHE_DIR))
     try:
-        corpus.build_installed_corpus(tmp, docs_per_group=docs_per_group,
-                                      groups_per_file=groups_per_file, sources=sources)
+        progress = Progress("building the installed corpus", total=0, unit="sources",
+                            stream=sys.stderr)
+        try:
+            corpus.build_installed_corpus(tmp, docs_per_group=docs_per_group,
+                                          groups_per_file=groups_per_file, sources=sources,
+                                          progress=progress)
+        finally:
+            progress.close()
         os.rename(tmp, out)
     except OSError:
         if not out.is_dir():  # not a concurrent build that won the rename

@@ -2,7 +2,8 @@
 
     python benchmarks/throughput.py [--data DIR | --docs-per-group 1024] [--tokenizer SPEC]
                                     [--workers N] [--curve 1,2,..] [--backends tiktoken,..]
-                                    [--rounds 3] [--seconds 5]
+                                    [--rounds 3] [--seconds 5] [--png FILE]
+    python benchmarks/throughput.py --from-output RUN.txt --png FILE   # redraw a saved run
 
 Corpus: --data, or by default the installed corpus (`corpus.build_installed_corpus`:
 docstrings of the stdlib and site-packages, real English text) in FineWeb-sized row
@@ -35,6 +36,11 @@ Also printed per tokenfeed run: where the CPU went during the timed window (work
 daemon, consumer, other processes; /proc/PID/stat and /proc/stat) and the Parquet read
 share of worker time (status `read_s / (read_s + tokenize_s)` over the window).
 
+`--png FILE` draws the scaling curve and every contender at N (`plots.py`, matplotlib)
+from the run's per-round figures; `--from-output` reads them back from a run's saved
+output (its header and "round k" lines) instead of measuring, so a figure can be drawn
+from the very run a table quotes.
+
 Other people's jobs on a shared machine skew every figure (tokenfeed's workers run at
 nice 10, so they lose the most): before each contender the benchmark waits (up to
 --max-quiet-wait-s) for the machine to go idle, and repeats a measurement (up to
@@ -53,6 +59,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import plots
 import pyarrow.parquet as pq
 import torch
 from _common import (
@@ -348,6 +355,42 @@ def quicktok_encoder(tok: Tokenizer) -> Encoder | None:
         return None
 
 
+def figure_title(machine: str, shape: str, batch_size: int, seq_len: int, tokenizer: str,
+                 rounds: int) -> str:
+    cores = machine.split(",")[0].removeprefix("machine: ")
+    return (f"tokens/s from one stream, {cores}, B x T = {batch_size} x {seq_len}, {tokenizer}; "
+            f"row groups of {shape.removesuffix(' per row group')}; median of {rounds} rounds")
+
+
+def read_output(text: str) -> tuple[dict[str, list[float]], int, str]:
+    """(per-round tokens/s by contender, N, figure title) from a run's printed output, or
+    from the first fenced block holding one in a Markdown file (benchmarks/README.md)."""
+    blocks = text.split("```")[1::2]
+    text = next((b for b in blocks if "round 1 (M tokens/s): " in b), text)
+    lines = text.splitlines()
+
+    def line(prefix: str) -> str:
+        found = next((x for x in lines if x.startswith(prefix)), None)
+        if found is None:
+            raise SystemExit(f"error: no line starting with {prefix!r}: not this script's "
+                             "output")
+        return found
+
+    per_round: dict[str, list[float]] = {}
+    for x in lines:
+        if x.startswith("round ") and "(M tokens/s): " in x:
+            for item in x.split("(M tokens/s): ", 1)[1].split(", "):
+                name, value = item.rsplit(" ", 1)
+                per_round.setdefault(name, []).append(float(value) * 1e6)
+    setup = line("N = ")  # N = 2; B x T = 32 x 2048; 3 rounds, ...
+    n = int(setup.split(";")[0].removeprefix("N = "))
+    b, t = (int(v) for v in setup.split("B x T = ")[1].split(";")[0].split(" x "))
+    shape = line("row-group shape: ").removeprefix("row-group shape: ")
+    tokenizer = line("train split: ").rsplit("(", 1)[1].rstrip(")")
+    rounds = len(per_round.get("tiktoken 1 thread", []))
+    return per_round, n, figure_title(line("machine: "), shape, b, t, tokenizer, rounds)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, help="folder of *.parquet (default: the installed "
@@ -373,7 +416,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="repeat a measurement during which other processes used more than "
                    "this many cores (up to --retries times)")
     p.add_argument("--retries", type=int, default=2)
+    p.add_argument("--png", type=Path, help="also draw the figures into this PNG (matplotlib)")
+    p.add_argument("--from-output", type=Path, metavar="RUN",
+                   help="measure nothing: draw --png from this saved output of a run")
     args = p.parse_args(argv)
+    if args.from_output is not None:
+        if args.png is None:
+            p.error("--from-output draws a figure: pass --png FILE")
+        per_round, n, title = read_output(args.from_output.read_text())
+        return 0 if plots.scaling_png(args.png, per_round, n=n, title=title) else 1
     n = args.workers
     curve = ([int(w) for w in args.curve.split(",")] if args.curve
              else list(range(1, n + 1)))
@@ -476,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1} (M tokens/s): " + ", ".join(
             f"{k} {fmt_rate(v[-1])}" for k, v in per_round.items()), flush=True)
     print()
+
+    if args.png is not None:
+        plots.scaling_png(args.png, per_round, n=n, title=figure_title(
+            machine_line(), corpus_shape(files, docs, doc_tokens), args.batch_size,
+            args.seq_len, args.tokenizer, args.rounds))
 
     med = {k: median(v) for k, v in per_round.items()}
     single = med["tiktoken 1 thread"]

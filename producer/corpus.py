@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenfeed.common.errors import ConfigError
+from tokenfeed.producer.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -151,14 +152,23 @@ def _document(kind: str, key: str) -> str | None:
     return _text_document(Path(key))
 
 
-def sample_documents(target_bytes: int) -> list[str]:
-    """English documents from the CPython install, at most `target_bytes` of UTF-8 in all."""
+def sample_documents(target_bytes: int, *, progress: Progress | None = None) -> list[str]:
+    """English documents from the CPython install, at most `target_bytes` of UTF-8 in all.
+
+    `progress` counts the sources parsed (out of all of them: a target the install cannot
+    meet parses every one; one met early sets the total to what was parsed).
+    """
     if target_bytes < 1:
         raise ConfigError(f"target_bytes is {target_bytes}; ask for at least 1 byte.")
     docs: list[str] = []
     seen: set[str] = set()  # help topics "if" and "else" share one text
     total_bytes = 0
-    for kind, key in _sources():
+    sources = _sources()
+    if progress is not None:
+        progress.total = len(sources)
+    for kind, key in sources:
+        if progress is not None:
+            progress.update(1)
         doc = _document(kind, key)
         if doc is None or len(doc) < MIN_DOC_CHARS or doc in seen:
             continue
@@ -169,6 +179,8 @@ def sample_documents(target_bytes: int) -> list[str]:
         seen.add(doc)
         total_bytes += doc_bytes
         if target_bytes - total_bytes < MIN_DOC_CHARS:
+            if progress is not None:
+                progress.total = progress.done
             break  # no document is that short: the target is met
     logger.debug("sampled %d documents, %d bytes (target %d)", len(docs), total_bytes, target_bytes)
     return docs
@@ -179,14 +191,22 @@ def installed_sources() -> list[Source]:
     return _sources(site_packages=True)
 
 
-def installed_documents(sources: Sequence[Source] | None = None) -> list[str]:
+def installed_documents(
+    sources: Sequence[Source] | None = None, *, progress: Progress | None = None
+) -> list[str]:
     """One document per source of `sources` (default `installed_sources()`), each text once.
 
     Sources that yield no text, or under `MIN_DOC_CHARS` characters, are skipped.
+    `progress` counts the sources parsed.
     """
     docs: list[str] = []
     seen: set[str] = set()  # vendored copies (pip's, setuptools') share their docstrings
-    for kind, key in installed_sources() if sources is None else sources:
+    sources = installed_sources() if sources is None else sources
+    if progress is not None:
+        progress.total = len(sources)
+    for kind, key in sources:
+        if progress is not None:
+            progress.update(1)
         doc = _document(kind, key)
         if doc is None or len(doc) < MIN_DOC_CHARS or doc in seen:
             continue
@@ -259,14 +279,16 @@ def build_sample_corpus(
     target_bytes: int = 4_000_000,
     num_files: int = 8,
     row_groups_per_file: int = 4,
+    progress: Progress | None = None,
 ) -> list[Path]:
     """Write `sample_documents(target_bytes)` as Parquet shards; returns their paths.
 
     Rows per group are chosen so every file splits into `row_groups_per_file`
     groups of nearly equal size: with one short tail group per file, rank striding
-    would hand every tail to the same rank.
+    would hand every tail to the same rank. `progress` counts the sources parsed (the
+    caller closes it).
     """
-    docs = sample_documents(target_bytes)
+    docs = sample_documents(target_bytes, progress=progress)
     docs_per_file = -(-len(docs) // num_files)
     return write_shards(
         docs,
@@ -282,17 +304,19 @@ def build_installed_corpus(
     docs_per_group: int = 1024,
     groups_per_file: int = 1,
     sources: Sequence[Source] | None = None,
+    progress: Progress | None = None,
 ) -> list[Path]:
     """Write `installed_documents(sources)` in row groups of `docs_per_group`; returns paths.
 
     Every file but the last holds `groups_per_file` full row groups; the last holds what
-    is left (a full file when the documents divide evenly).
+    is left (a full file when the documents divide evenly). `progress` counts the sources
+    parsed (the caller closes it).
     """
     if docs_per_group < 1:
         raise ConfigError(f"docs_per_group is {docs_per_group}; use at least 1.")
     if groups_per_file < 1:
         raise ConfigError(f"groups_per_file is {groups_per_file}; use at least 1.")
-    docs = installed_documents(sources)
+    docs = installed_documents(sources, progress=progress)
     docs_per_file = docs_per_group * groups_per_file
     if len(docs) <= docs_per_file:
         raise ConfigError(

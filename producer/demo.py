@@ -1,7 +1,7 @@
 """`tokenfeed demo`: the whole pipeline on one node, offline, in a few seconds.
 
-Builds a small real-text corpus (Python's own documentation, see `corpus.py`)
-unless `--data` is given, starts a real daemon process, runs two consumer ranks
+Builds a small real-text corpus (Python's own documentation, see `corpus.py`;
+progress on stderr) unless `--data` is given, starts a real daemon process, runs two consumer ranks
 in their own processes (`python -m tokenfeed.consumer`, as torchrun would), prints
 throughput and queue depth while they drain, then stops everything and checks
 that no shared-memory segment and no process is left behind.
@@ -27,6 +27,7 @@ from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError, TokenfeedError
 from tokenfeed.common.shm import SHM_DIR, segment_name
 from tokenfeed.producer.corpus import build_sample_corpus
+from tokenfeed.producer.progress import Progress
 
 WORLD_SIZE = 2
 START_TIMEOUT_S = 60.0
@@ -77,7 +78,12 @@ def run_demo(args: argparse.Namespace) -> int:
         else:
             data = workdir / "data"
             t0 = time.perf_counter()
-            files = build_sample_corpus(data)
+            progress = Progress("  building the sample corpus", total=0, unit="sources",
+                                stream=sys.stderr)
+            try:
+                files = build_sample_corpus(data, progress=progress)
+            finally:
+                progress.close()
             size = sum(f.stat().st_size for f in files)
             print(f"  corpus     {len(files)} Parquet shards of Python's own documentation "
                   f"({size / 1e6:.1f} MB compressed) built in {time.perf_counter() - t0:.1f} s "

@@ -143,6 +143,28 @@ class _Fetcher:
         self.stop = threading.Event()
         self.summary = Summary()
         self._lock = threading.Lock()
+        # Progress: each file's Content-Length once it answered (None: it adds nothing
+        # more: skipped, failed or no length sent); files not answered yet are estimated at
+        # the mean, since the shards of a set are about the same size.
+        self._lengths: dict[int, int | None] = {}
+        self._files = len(set(config.indices))
+        self._counted: dict[int, int] = {}  # bytes of the current attempt, per file
+
+    def _expect(self, index: int, length: int | None) -> None:
+        """Record what file `index` will add to the progress total, and revise the total."""
+        with self._lock:
+            self._lengths[index] = length
+            known = [n for n in self._lengths.values() if n is not None]
+            if self.progress is not None and known:
+                unanswered = self._files - len(self._lengths)
+                self.progress.total = sum(known) + unanswered * sum(known) / len(known)
+
+    def _uncount(self, index: int) -> None:
+        """Take a failed attempt's bytes back: the bar shows the bytes of files kept or
+        still coming, and the rate the speed at which they come."""
+        counted = self._counted.pop(index, 0)
+        if counted and self.progress is not None:
+            self.progress.update(-counted)
 
     def one(self, index: int) -> None:
         config = self.config
@@ -152,6 +174,7 @@ class _Fetcher:
         if is_complete(dest):
             with self._lock:
                 self.summary.skipped.append(name)
+            self._expect(index, None)
             return
         tmp = dest.with_name(name + TMP_SUFFIX)
         error = ""
@@ -161,7 +184,7 @@ class _Fetcher:
                     error = "interrupted"
                     break
                 try:
-                    size = self._get(url, tmp)
+                    size = self._get(index, url, tmp)
                     if not is_complete(tmp):
                         raise _Retry(f"the body ({size:,} bytes) is not a valid Parquet file")
                     os.replace(tmp, dest)
@@ -181,13 +204,16 @@ class _Fetcher:
                     with self._lock:
                         self.summary.retries += 1
                     self.stop.wait(delay_s)
+            self._uncount(index)
+            self._expect(index, None)
             with self._lock:
                 self.summary.failed.append((url, error))
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _get(self, url: str, tmp: Path) -> int:
+    def _get(self, index: int, url: str, tmp: Path) -> int:
         """Stream `url` into `tmp`; the bytes written. Raises `_Retry` or `_Permanent`."""
+        self._uncount(index)  # what an earlier attempt of this file counted
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         written = 0
         try:
@@ -195,6 +221,7 @@ class _Fetcher:
                     open(tmp, "wb") as out:
                 length = response.headers.get("Content-Length")
                 expected = int(length) if length is not None and length.isdigit() else None
+                self._expect(index, expected)
                 # read1: what has arrived, up to a chunk, so that a slow server still
                 # shows progress and a stop is seen between chunks; a body cut short ends
                 # in b"" here (not IncompleteRead) and fails the Content-Length check
@@ -204,6 +231,7 @@ class _Fetcher:
                     out.write(chunk)
                     written += len(chunk)
                     if self.progress is not None:
+                        self._counted[index] = written
                         self.progress.update(len(chunk))
         except urllib.error.HTTPError as e:
             if e.code in RETRY_STATUS:

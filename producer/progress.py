@@ -4,6 +4,12 @@
     progress.update(len(chunk))     # from any thread
     progress.close()                # the final line, always printed
 
+    download: [###############...............] 2.00 GB / 4.00 GB (50%)  41.2 MB/s  49 s  ETA 49 s
+
+A line shows the amount done, out of `total` when known (it may be set or revised while
+work goes on: an estimate), the mean rate since the start, the elapsed time and, while a
+known total is not reached, the time left at that rate (ETA).
+
 On a terminal the bar is redrawn in place with "\\r" at most every `TTY_INTERVAL_S`; in a
 log file or a pipe (a job script, CI) that would leave one unreadable line of carriage
 returns, so there a whole line is printed every `interval_s` instead. Only the CLI makes
@@ -22,6 +28,18 @@ from typing import TextIO
 TTY_INTERVAL_S = 0.1  # redraws per second on a terminal: smooth, yet cheap
 LOG_INTERVAL_S = 10.0  # one line per 10 s keeps a day-long log to ~9k lines
 BAR_CELLS = 30
+
+
+def format_duration(seconds: float) -> str:
+    """12 s, 3m05s, 2h07m: short enough to keep a bar on one 80-column line."""
+    seconds = max(round(seconds), 0)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 def format_amount(amount: float, unit: str) -> str:
@@ -91,8 +109,11 @@ class Progress:
                 head = f"[{'#' * filled}{'.' * (BAR_CELLS - filled)}] {head}"
         else:
             head = done
+        eta = ""
+        if 0 < self._done < self.total and not self._closed:
+            eta = f"  ETA {format_duration((self.total - self._done) * elapsed_s / self._done)}"
         tail = f"  {note}" if note else ""
-        return f"{self.label}: {head}  {rate}  {elapsed_s:.0f} s{tail}"
+        return f"{self.label}: {head}  {rate}  {format_duration(elapsed_s)}{eta}{tail}"
 
     def _write(self, line: str, *, final: bool) -> None:
         if self._tty:

@@ -118,6 +118,9 @@ def test_demo_runs_offline_and_leaves_nothing_behind():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "M tokens/s" in result.stdout and "queue depth" in result.stdout
     assert "segments left: 0; processes left: 0" in result.stdout
+    # off a terminal, the corpus build's progress is whole lines on stderr, ending full
+    assert "\r" not in result.stderr
+    assert "building the sample corpus: " in result.stderr and "(100%)" in result.stderr
     # Other test runs on the node may add segments meanwhile: count those of dead owners only.
     me = this_process()
     assert me is not None

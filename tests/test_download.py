@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from tokenfeed.producer import data_commands
 from tokenfeed.producer.download import PRESETS, DownloadConfig, download, shard_indices
+from tokenfeed.producer.progress import Progress, format_amount
 
 # What the server does for one request of a file; the script of each file is consumed
 # in order, then every request gets "ok".
@@ -131,6 +133,26 @@ def test_faults_are_retried_until_every_file_equals_the_source(
     assert server.requests == Counter({names[0]: 3, names[1]: 2, names[2]: 2, names[3]: 4,
                                        names[4]: 1})
     assert_identical(tmp_path / "out", shards)
+
+
+def test_progress_counts_the_bytes_kept_out_of_an_estimated_total(
+    serve, shards: dict[str, bytes], tmp_path: Path
+) -> None:
+    names = sorted(shards)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / names[0]).write_bytes(shards[names[0]])  # complete: not counted
+    server = serve(shards, {names[1]: [SHORT], names[2]: [SHORT_NO_LENGTH]})
+    out = io.StringIO()
+    progress = Progress("download", total=0, unit="B", stream=out, interval_s=0)
+    download(config(server, tmp_path / "out", len(names), workers=1), progress)
+    progress.close()
+    # the halves of the cut bodies were taken back; the total is the files fetched
+    fetched = sum(len(shards[n]) for n in names[1:])
+    assert progress.done == fetched and progress.total == fetched
+    lines = out.getvalue().splitlines()
+    assert "ETA" in lines[0] and "\r" not in out.getvalue()  # estimated from the mean length
+    assert lines[-1].startswith(f"download: {format_amount(fetched, 'B')} / ")
+    assert "(100%)" in lines[-1] and "ETA" not in lines[-1]
 
 
 def test_a_rerun_fetches_nothing(serve, shards: dict[str, bytes], tmp_path: Path) -> None:
