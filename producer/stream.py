@@ -145,12 +145,19 @@ class Stream:
         return self.packer.buffered_tokens + pending < wanted
 
     def head_unscheduled(self) -> bool:
-        """Packing waits for a task not yet out: a lost part, or the rest of the next unit.
+        """Packing waits for a task not yet out: a lost part, the rest of the next unit,
+        or the next unit while the packer holds less than a window.
 
         Parts are packed only as whole units, so finished parts of a unit that still
         lacks one must never count as enough read-ahead (nor hold the budget against it).
+        A packer that holds a window or more with nothing out is not waiting: without
+        that test every loop pass took one more unit, so cached units (served in the
+        loop itself) filled the whole staging budget (issue 15: +1.2-1.9 MB a unit).
         """
-        return bool(self.retry) or self.next_unit <= self.packer.next_unit
+        if self.retry:
+            return True
+        return self.next_unit <= self.packer.next_unit and (
+            self.next_part > 0 or self.packer.buffered_tokens < self.spec.window_tokens)
 
     def starvation(self) -> float:
         """Lower is hungrier: fraction of the ring already filled."""
