@@ -19,10 +19,12 @@ place, so a reader (this daemon or another of the same user sharing the director
 sees a whole entry or none; every read checks the header, the size and an adler32 of
 the payload, and a torn or corrupted entry is deleted, counted and tokenized again.
 Writes happen on a background thread, so the daemon's loop never waits for a disk.
-The directory is bounded by `max_bytes`: after a write pushes it over, the least
-recently used entries (mtime, touched on every hit) are removed, under an flock so two
-daemons do not evict at once. A full or failing disk disables the cache with one
-warning; a stream never fails because of it.
+The directory is bounded by `max_bytes`: before a write that would push it over, the
+least recently used entries (mtime, touched on every hit) are removed, under an flock so
+two daemons do not evict at once; an entry larger than the whole bound is not cached. The
+size is this daemon's estimate (a scan at start and at each eviction, plus its own
+writes), so daemons sharing a directory can overshoot it until one of them evicts. A full
+or failing disk disables the cache with one warning; a stream never fails because of it.
 """
 
 from __future__ import annotations
@@ -196,6 +198,11 @@ class TokenCache:
                 self._queue.task_done()
 
     def _write(self, path: Path, rows: np.ndarray, data: np.ndarray) -> None:
+        size = HEADER.size + rows.nbytes + data.nbytes
+        if size > self.max_bytes:
+            return  # one entry over the whole bound: the directory would not fit it
+        if self.bytes_used + size > self.max_bytes:
+            self._evict(room_bytes=size)  # before the write: the bound holds at every moment
         checksum = zlib.adler32(data.data, zlib.adler32(rows.data))  # buffers: no copy
         header = HEADER.pack(MAGIC, VERSION, self.itemsize, len(rows), len(data), checksum)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -214,12 +221,11 @@ class TokenCache:
                             "tokenizing", self.root, e)
             return
         self.writes += 1
-        self.bytes_used += len(header) + rows.nbytes + data.nbytes
-        if self.bytes_used > self.max_bytes:
-            self._evict()
+        self.bytes_used += size
 
-    def _evict(self) -> None:
-        """Remove least recently used entries until the directory fits in 90% of the bound."""
+    def _evict(self, room_bytes: int) -> None:
+        """Remove least recently used entries until the directory and `room_bytes` more
+        fit in 90% of the bound (the rest is slack, so evictions come in batches)."""
         with open(self.root / LOCK_NAME, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             entries = []
@@ -228,8 +234,8 @@ class TokenCache:
                     st = p.stat()
                     entries.append((st.st_mtime_ns, st.st_size, p))
             total = sum(size for _, size, _ in entries)
-            for _, size, p in sorted(entries)[:-1]:  # the newest stays, whatever its size
-                if total <= 0.9 * self.max_bytes:
+            for _, size, p in sorted(entries):
+                if total + room_bytes <= 0.9 * self.max_bytes:
                     break
                 with contextlib.suppress(OSError):
                     p.unlink()

@@ -7,10 +7,13 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import assert_batch_equals
 from test_bestfit import assert_rows_equal, bestfit_oracle  # noqa: F401 (fixture)
 from test_shuffle import SEED, shuffled_oracle  # noqa: F401 (fixture)
+
+from tokenfeed.producer.cache import TokenCache
 
 B, T = 4, 256
 EPOCHS_3 = 52  # ~17 batches an epoch of the train split: epochs 1 and 2 come from the cache
@@ -150,3 +153,22 @@ def test_cache_command_reports_and_clears(start_daemon, tmp_path, action):
     assert out.returncode == 0, out.stderr
     assert str(n) in out.stdout
     assert len(entries(cache)) == (0 if action == "clear" else n)
+
+
+def test_the_directory_stays_within_its_bound_and_skips_an_entry_larger_than_it(tmp_path):
+    entry_bytes = 48 + 8 + 4 * 1000  # header, one row length, 1000 uint32 tokens
+    cache = TokenCache(tmp_path, 3 * entry_bytes + 100, "test-tokenizer", 4, "text")
+    try:
+        for row_group in range(10):
+            cache.put("a.parquet", "1:1", row_group, np.arange(1000, dtype=np.uint32),
+                      np.array([1000]))
+            cache.flush()
+            total = sum(p.stat().st_size for p in entries(tmp_path))
+            assert total <= cache.max_bytes, (row_group, total)
+        assert cache.get("a.parquet", "1:1", 9) is not None  # the newest is kept
+        cache.put("a.parquet", "1:1", 10, np.arange(4000, dtype=np.uint32), np.array([4000]))
+        cache.flush()  # larger than the whole bound: not cached
+        assert cache.get("a.parquet", "1:1", 10) is None
+        assert sum(p.stat().st_size for p in entries(tmp_path)) <= cache.max_bytes
+    finally:
+        cache.close()
