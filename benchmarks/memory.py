@@ -109,13 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--installed", action="store_true",
                    help="the installed corpus's ~6,000 documents instead of the sample's 543, "
                    "one row group per shard (use with --rows-per-group 1024)")
+    p.add_argument("--corpus-dir", type=Path,
+                   help="with --installed: the documents of this corpus dir (as printed by "
+                   "benchmarks/cache.py) instead of building the installed corpus, which "
+                   "follows what is installed in site-packages")
     p.add_argument("--cache", action="store_true",
                    help="serve with a token cache per corpus (10x larger for 100 shards): "
                    "the daemon's memory must not follow the cache's size")
     args = p.parse_args(argv)
 
     if args.installed:  # the throughput corpus's documents: row groups of hundreds
-        corpus_dir, _ = installed_corpus()
+        corpus_dir = args.corpus_dir or installed_corpus()[0]
         docs = read_texts(sorted(corpus_dir.glob("*.parquet")))
     else:
         docs = sample_documents(10**9)  # everything the install holds
