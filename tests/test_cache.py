@@ -186,9 +186,14 @@ def one_entry_cache(path: Path) -> TokenCache:
 def test_an_unchanged_entry_is_checksummed_once_per_daemon(tmp_path, monkeypatch):
     cache = one_entry_cache(tmp_path)
     try:
-        calls = []
+        calls: list[int] = []
         real = zlib.adler32
-        monkeypatch.setattr(zlib, "adler32", lambda *a: calls.append(1) or real(*a))
+
+        def counted(*args: object) -> int:
+            calls.append(1)
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(zlib, "adler32", counted)
         for _ in range(3):
             rows = cache.get("a.parquet", "1:1", 0)
             assert rows is not None

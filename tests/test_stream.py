@@ -196,7 +196,7 @@ def test_cached_units_are_read_ahead_only_as_far_as_the_ring_wants(tmp_path):
         stream = Stream(0, SPEC, SplitPlan("train", ("a.parquet",), refs), ring, "text", None,
                         task_bytes=1024, cache=cache)
         for _ in range(len(refs)):  # loop passes of a daemon whose consumer never releases
-            schedule([stream], NoFreeWorkers(), budget_bytes=1 << 30)  # type: ignore[arg-type]
+            schedule([stream], NoFreeWorkers(), budget_bytes=1 << 30)
             stream.pack()
         assert stream.depth == layout.slot_count
         # Read-ahead rule (Stream.wants_work): a free slot's window plus a task per pool
