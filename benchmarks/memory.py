@@ -13,7 +13,10 @@ worker pid from `status` is read from /proc/PID/status every few batches.
 
 Printed: peak and final RSS of the daemon alone and of daemon + workers, per corpus (median
 over rounds), and the ratio 100-shard / 10-shard. Target (ARCHITECTURE.md): daemon memory
-bounded by its rings and in-flight row groups, not by dataset size: within 10%.
+bounded by its rings and in-flight row groups, not by dataset size: within 10%. With
+--cache (the caches persist across rounds, so later rounds serve from them), also the
+daemon's RssAnon growth from a quarter of each run to its end per unit served from the
+cache meanwhile: ~0 when nothing is kept per unit (issue 15: it was 1.2-1.9 MB a unit).
 """
 
 from __future__ import annotations
@@ -66,21 +69,28 @@ def run_one(
                          world_size=1)
         try:
             start = time.perf_counter()
+            quarter: dict[str, int] = {}  # daemon RssAnon and units cached a quarter in
             for i in range(batches):
                 next(feed)
                 if i % SAMPLE_EVERY == 0 or i == batches - 1:
-                    worker_pids = [int(p) for p in daemon.status()["workers"]["pids"]]
+                    status = daemon.status()
+                    worker_pids = [int(p) for p in status["workers"]["pids"]]
                     now = {"daemon": sample([daemon.pid]),
                            "all": sample([daemon.pid, *worker_pids])}
                     for who, values in now.items():
                         for f, v in values.items():
                             peak[who][f] = max(peak[who].get(f, 0), v)
+                    if not quarter and i >= batches // 4:
+                        cached = status["streams"][0].get("units_cached", 0) if (
+                            status["streams"]) else 0
+                        quarter = {"anon": now["daemon"]["RssAnon"], "cached": cached}
             elapsed = time.perf_counter() - start
             status = daemon.status()
             stream = status["streams"][0]
         finally:
             feed.close()
-    return {"peak": peak, "final": now, "elapsed_s": elapsed, "epoch": stream["position"]["epoch"],
+    return {"peak": peak, "final": now, "quarter": quarter, "elapsed_s": elapsed,
+            "epoch": stream["position"]["epoch"],
             "units": stream["units_done"], "workers": len(worker_pids),
             "cached": stream.get("units_cached", 0),
             "cache_mib": (status.get("cache") or {}).get("bytes", 0) / (1 << 20)}
@@ -99,13 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--installed", action="store_true",
                    help="the installed corpus's ~6,000 documents instead of the sample's 543, "
                    "one row group per shard (use with --rows-per-group 1024)")
+    p.add_argument("--corpus-dir", type=Path,
+                   help="with --installed: the documents of this corpus dir (as printed by "
+                   "benchmarks/cache.py) instead of building the installed corpus, which "
+                   "follows what is installed in site-packages")
     p.add_argument("--cache", action="store_true",
                    help="serve with a token cache per corpus (10x larger for 100 shards): "
                    "the daemon's memory must not follow the cache's size")
     args = p.parse_args(argv)
 
     if args.installed:  # the throughput corpus's documents: row groups of hundreds
-        corpus_dir, _ = installed_corpus()
+        corpus_dir = args.corpus_dir or installed_corpus()[0]
         docs = read_texts(sorted(corpus_dir.glob("*.parquet")))
     else:
         docs = sample_documents(10**9)  # everything the install holds
@@ -161,6 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     print("where the peak RSS sits (MiB, median over rounds)")
     print(table(["figure", "10 shards", "100 shards", "ratio"], rows))
     print()
+    if args.cache:  # a unit served from the cache must leave nothing behind
+        rows = []
+        for name, runs in results.items():
+            for r, x in enumerate(runs):
+                units = x["cached"] - x["quarter"]["cached"]
+                grew = (x["final"]["daemon"]["RssAnon"] - x["quarter"]["anon"]) / 1024
+                rows.append([f"{name}, round {r + 1}", f"{x['quarter']['anon'] / 1024:.1f}",
+                             f"{x['final']['daemon']['RssAnon'] / 1024:.1f}", f"{grew:+.1f}",
+                             units, f"{grew / units * 1024:+.1f}" if units else "-"])
+        print(f"daemon RssAnon from batch {args.batches // 4} to the end, against the units "
+              "served from the cache meanwhile")
+        print(table(["run", "MiB then", "MiB at end", "growth MiB", "cached units",
+                     "KiB / unit"], rows))
+        print()
     print(f"/dev/shm segments left by these daemons: {len(leftover_segments())}")
     return 0
 

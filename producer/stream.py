@@ -209,7 +209,13 @@ class Stream:
     def _blocked_reader(self) -> int | None:
         """The reader the packer (or the mixer) waits on for a task not yet out."""
         if self.mixer is None:
-            return 0 if self.readers[0].head_unscheduled(self.packer.next_unit) else None
+            # A packer that holds a window or more with nothing out is not waiting: without
+            # that test every loop pass took one more unit, so cached units (served in the
+            # loop itself) filled the whole staging budget (+1.2-1.9 MB a unit).
+            reader = self.readers[0]
+            waiting = reader.retry or reader.next_part > 0 or (
+                self.packer.buffered_tokens < self.spec.window_tokens)
+            return 0 if waiting and reader.head_unscheduled(self.packer.next_unit) else None
         if self.mixer.blocked is not None:
             source, unit = self.mixer.blocked
             if self.readers[source].head_unscheduled(unit):
@@ -247,7 +253,8 @@ class Stream:
         return self._blocked_reader() is not None or bool(self._hungry_readers(pool_capacity))
 
     def head_unscheduled(self) -> bool:
-        """Packing waits for a task not yet out: a lost part, or the rest of the next unit."""
+        """Packing waits for a task not yet out: a lost part, the rest of the next unit,
+        or the next unit while the packer holds less than a window (see _blocked_reader)."""
         return self._blocked_reader() is not None
 
     def starvation(self) -> float:

@@ -165,6 +165,12 @@ class _Channel:
         self.ctx.term()
 
 
+def worker_niceness(nice: int, daemon_pid: int = 0) -> int:
+    """A worker's niceness: the daemon's (`daemon_pid`, 0: this process) plus `nice`,
+    absolute so that the pool and the worker itself can both set it."""
+    return min(19, os.getpriority(os.PRIO_PROCESS, daemon_pid) + nice)
+
+
 def worker_main(
     worker_id: int,
     address: str,
@@ -176,8 +182,10 @@ def worker_main(
     parent_pid: int,
 ) -> None:
     """Entry point of a worker process (spawned by the pool)."""
-    if nice:
-        os.nice(nice)  # keep the trainer's latency tail short on shared cores
+    if nice:  # keep the trainer's latency tail short on shared cores
+        target = worker_niceness(nice, parent_pid)
+        if os.getpriority(os.PRIO_PROCESS, 0) < target:  # the pool may have set it already
+            os.setpriority(os.PRIO_PROCESS, 0, target)
     tokenizer = load_tokenizer(tokenizer_spec, bos)
     encode_batch = make_encoder(tokenizer, backend).encode_batch
     dtype = token_dtype_of_size(itemsize)

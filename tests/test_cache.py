@@ -5,12 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import assert_batch_equals
 from test_bestfit import assert_rows_equal, bestfit_oracle  # noqa: F401 (fixture)
 from test_shuffle import SEED, shuffled_oracle  # noqa: F401 (fixture)
+
+from tokenfeed.producer.cache import TokenCache
 
 B, T = 4, 256
 EPOCHS_3 = 52  # ~17 batches an epoch of the train split: epochs 1 and 2 come from the cache
@@ -150,3 +155,65 @@ def test_cache_command_reports_and_clears(start_daemon, tmp_path, action):
     assert out.returncode == 0, out.stderr
     assert str(n) in out.stdout
     assert len(entries(cache)) == (0 if action == "clear" else n)
+
+
+def test_the_directory_stays_within_its_bound_and_skips_an_entry_larger_than_it(tmp_path):
+    entry_bytes = 48 + 8 + 4 * 1000  # header, one row length, 1000 uint32 tokens
+    cache = TokenCache(tmp_path, 3 * entry_bytes + 100, "test-tokenizer", 4, "text")
+    try:
+        for row_group in range(10):
+            cache.put("a.parquet", "1:1", row_group, np.arange(1000, dtype=np.uint32),
+                      np.array([1000]))
+            cache.flush()
+            total = sum(p.stat().st_size for p in entries(tmp_path))
+            assert total <= cache.max_bytes, (row_group, total)
+        assert cache.get("a.parquet", "1:1", 9) is not None  # the newest is kept
+        cache.put("a.parquet", "1:1", 10, np.arange(4000, dtype=np.uint32), np.array([4000]))
+        cache.flush()  # larger than the whole bound: not cached
+        assert cache.get("a.parquet", "1:1", 10) is None
+        assert sum(p.stat().st_size for p in entries(tmp_path)) <= cache.max_bytes
+    finally:
+        cache.close()
+
+
+def one_entry_cache(path: Path) -> TokenCache:
+    cache = TokenCache(path, 1 << 30, "test-tokenizer", 4, "text")
+    cache.put("a.parquet", "1:1", 0, np.arange(1000, dtype=np.uint32), np.array([600, 400]))
+    cache.flush()
+    return cache
+
+
+def test_an_unchanged_entry_is_checksummed_once_per_daemon(tmp_path, monkeypatch):
+    cache = one_entry_cache(tmp_path)
+    try:
+        calls: list[int] = []
+        real = zlib.adler32
+
+        def counted(*args: object) -> int:
+            calls.append(1)
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(zlib, "adler32", counted)
+        for _ in range(3):
+            rows = cache.get("a.parquet", "1:1", 0)
+            assert rows is not None
+            np.testing.assert_array_equal(rows.tokens, np.arange(1000))
+            np.testing.assert_array_equal(rows.row_tokens, [600, 400])
+        assert len(calls) == 2  # rows, then tokens: at the first read only
+    finally:
+        cache.close()
+
+
+def test_an_entry_changed_in_place_after_a_read_is_checked_again(tmp_path):
+    cache = one_entry_cache(tmp_path)
+    try:
+        assert cache.get("a.parquet", "1:1", 0) is not None
+        (entry,) = entries(tmp_path)
+        time.sleep(0.05)  # past the file system's timestamp tick: the write moves the mtime
+        with open(entry, "r+b") as f:
+            f.seek(entry.stat().st_size - 64)
+            f.write(b"\x5a" * 64)  # same size, same inode
+        assert cache.get("a.parquet", "1:1", 0) is None
+        assert cache.corrupt == 1 and not entries(tmp_path)
+    finally:
+        cache.close()

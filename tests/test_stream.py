@@ -11,8 +11,10 @@ import pytest
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.ring import Ring, RingLayout
 from tokenfeed.common.shm import segment_name
+from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
 from tokenfeed.producer.pool import Result, Task
+from tokenfeed.producer.scheduler import schedule
 from tokenfeed.producer.stream import Stream
 
 SPEC = StreamSpec(batch_size=1, seq_len=63)
@@ -147,3 +149,63 @@ def test_finished_parts_of_an_incomplete_unit_never_count_as_enough(split_stream
     assert split_stream.wants_work(pool_capacity=4)
     rest = split_stream.next_task()
     assert (rest.unit, rest.part) == (0, 2)
+
+
+def test_a_packer_holding_plenty_wants_no_more_work_with_nothing_out(stream):
+    stream.next_task()
+    stream.on_result(result_for(stream, 0, 1 << 21))  # more than the read-ahead rule wants
+    stream.pack()  # 4 slots filled, the rest still in the packer, no task out
+    assert stream.readers[0].next_unit == stream.packer.next_unit
+    assert not stream.head_unscheduled()
+    assert not stream.wants_work(pool_capacity=4)
+
+
+def test_a_starved_packer_wants_the_next_unit_whatever_the_budget(stream):
+    stream.next_task()
+    stream.on_result(result_for(stream, 0, SPEC.window_tokens // 2))
+    stream.pack()  # half a window: packing waits for unit 1, which is not out
+    assert stream.head_unscheduled()
+    assert stream.wants_work(pool_capacity=4)
+
+
+class NoFreeWorkers:
+    """A pool whose workers are all busy: `schedule` can only serve from the cache."""
+
+    capacity = 4
+
+    def free(self) -> list[object]:
+        return []
+
+    def inflight(self) -> int:
+        return self.capacity
+
+
+def test_cached_units_are_read_ahead_only_as_far_as_the_ring_wants(tmp_path):
+    """Issue 15: served from the cache, a stream took one more unit at every loop pass
+    until the staging budget (1 GiB by default) was spent, whatever its ring held."""
+    unit_tokens = 5 * SPEC.window_tokens
+    layout = RingLayout(slot_count=4, slot_tokens=SPEC.window_tokens, itemsize=4)
+    ring = Ring.create(segment_name(f"test-{uuid.uuid4().hex[:8]}", "s0"), layout)
+    refs = tuple(RowGroupRef("a.parquet", i, 1, 1000, "1:1") for i in range(50))
+    cache = TokenCache(tmp_path, 1 << 30, "test-tokenizer", 4, "text")
+    try:
+        for ref in refs:
+            cache.put(ref.path, ref.shard_stamp, ref.row_group,
+                      np.arange(unit_tokens, dtype=np.uint32), np.array([unit_tokens]))
+        cache.flush()
+        stream = Stream(0, SPEC, SplitPlan("train", ("a.parquet",), refs), ring, "text", None,
+                        task_bytes=1024, cache=cache)
+        for _ in range(len(refs)):  # loop passes of a daemon whose consumer never releases
+            schedule([stream], NoFreeWorkers(), budget_bytes=1 << 30)
+            stream.pack()
+        assert stream.depth == layout.slot_count
+        # Read-ahead rule (Stream.wants_work): a free slot's window plus a task per pool
+        # place, here 64 + 4 * 256 tokens; a whole unit is served at a time, so one more.
+        reader = stream.readers[0]
+        wanted = SPEC.window_tokens + NoFreeWorkers.capacity * 1024 * reader.tokens_per_text_byte
+        assert stream.staged() <= (wanted + unit_tokens) * layout.itemsize
+        assert stream.units_cached <= 6
+    finally:
+        cache.close()
+        ring.close()
+        ring.segment.unlink()
