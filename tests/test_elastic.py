@@ -84,20 +84,34 @@ def positions(corpus):
     (4, 3, "concat", None), (4, 3, "concat", 3), (2, 5, "concat", None),
     (4, 3, "bestfit", None), (2, 5, "bestfit", 3),
 ])
-def test_elastic_resume_matches_the_oracle(start_daemon, positions, old_world, new_world,
-                                           packing, seed):
+def test_elastic_resume_matches_the_oracle(start_daemon, positions, corpus, encoding, old_world,
+                                           new_world, packing, seed):
     k, n = 10, 12
     kw = {**(BESTFIT if packing == "bestfit" else {}), "shuffle_seed": seed}
-    states, _ = run_old_job(start_daemon(workers=2), old_world, k, **kw)
+    states, old_windows = run_old_job(start_daemon(workers=2), old_world, k, **kw)
     random.Random(0).shuffle(states)  # any order
     want = expected(positions[seed], old_world, k, new_world, packing, n)
+    last_epoch = max(s["cursor"]["epoch"] for s in states)  # E*: an old rank may be in 1
     fresh = start_daemon(workers=2)
+    delivered = collections.Counter(t for w in old_windows for t in w.tolist())
     for rank in range(new_world):
         with fresh.feed(B, T, rank=rank, world_size=new_world, **kw) as feed:
             feed.load_state_dict(states)
             for i in range(n):
-                np.testing.assert_array_equal(window_of(next(feed), packing), want[rank][i],
+                window = window_of(next(feed), packing)
+                np.testing.assert_array_equal(window, want[rank][i],
                                               err_msg=f"new rank {rank} batch {i}")
+                cursor = feed.state_dict()["cursor"]
+                if packing == "concat" and cursor["epoch"] > last_epoch:  # past E*: its part
+                    delivered.update(window[:len(window) - cursor["offset"]].tolist())
+                    break
+                delivered.update(window.tolist())
+            else:
+                if packing == "concat":  # on to the end of epoch E*: every token once
+                    drain_epoch(feed, delivered, last_epoch)
+    if packing == "concat":
+        one = epoch_tokens(corpus, encoding)
+        assert delivered == collections.Counter({t: c * (last_epoch + 1) for t, c in one.items()})
 
 
 def epoch_tokens(corpus, encoding) -> collections.Counter:
