@@ -204,7 +204,13 @@ class Daemon:
         self, data: Path | None, *args: str, workers: int = 2, slots: int = 4,
         run_dir: Path | None = None,
     ) -> None:
-        """Serves `data`, or, with data=None, the sources `args` name (--source, --mix)."""
+        """Serves `data`, or, with data=None, the sources `args` name (--source, --mix).
+
+        With the reference backend (tiktoken) unless `args` pick one: the default, auto,
+        loads quicktok and checks it on the corpus at every start (+0.7 s); the
+        backends' own tests (test_backends.py) start daemons with each of them."""
+        if "--tokenizer-backend" not in args:
+            args = (*args, "--tokenizer-backend", "tiktoken")
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tf-", dir="/tmp"))
         self.log_path = self.run_dir.parent / f"{self.run_dir.name}.log"
         cmd = [sys.executable, "-m", "tokenfeed.producer", "serve",

@@ -407,4 +407,5 @@ def test_daemon_drains_the_same_stream_bit_for_bit_with_either_backend(start_dae
 
 def test_daemon_auto_backend_uses_quicktok_when_installed(start_daemon):
     pytest.importorskip("quicktok")
-    assert start_daemon(workers=1).status()["tokenizer_backend"] == "quicktok"
+    daemon = start_daemon("--tokenizer-backend", "auto", workers=1)  # serve's default
+    assert daemon.status()["tokenizer_backend"] == "quicktok"
