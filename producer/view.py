@@ -4,6 +4,7 @@
     workers 12/12 alive, 12 busy  restarts 0  2.3M tok/worker-s  skipped docs 0
      id split  rank pack    depth  made/s  used/s stall  epoch waste cons
       0 train   0/8 concat    3/8    1.2M    1.1M   12%  0 41%    0%    1
+    stream 0 mix: code 30% got 31% (recent 29%) epoch 2, web 70% got 69% (...) epoch 0
     advice: stream 0 (train rank 0/8): its trainer waits 12% of the time ...
 
 `render_screen` returns the screen as a string (the `--watch` screen, once): drawn
@@ -94,6 +95,11 @@ def footer_lines(s: dict[str, Any]) -> list[str]:
     if not s["streams"]:
         lines.append("(no streams: no consumer has attached yet)")
     for st in s["streams"]:
+        if st.get("mix"):  # a mixture: target and realized token share of each source
+            lines.append(f"stream {st['stream']} mix: " + ", ".join(
+                f"{name} {m['weight']:.0%} got {_pct(m['share'])} "
+                f"(recent {_pct(m['share_recent'])}) epoch {m['epoch']}"
+                for name, m in st["mix"].items()))
         if st.get("error"):
             lines.append(f"stream {st['stream']} error: {st['error']}")
     if s.get("advice"):

@@ -17,6 +17,7 @@ from oracle import mixture_windows
 
 from tokenfeed.common.errors import ConfigError, StateMismatchError
 from tokenfeed.producer.corpus import sample_documents, write_shards
+from tokenfeed.producer.view import render_text
 
 WEIGHTS = {"code": 0.3, "web": 0.7}
 
@@ -72,6 +73,8 @@ def test_two_sources_track_their_weights_and_match_the_oracle(start_daemon, sour
     for lo in range(0, n - 19):
         assert abs(shares(window_shares[lo:lo + 20]) - 0.3) <= 0.05, f"batches {lo}-{lo + 19}"
     mix = status["mix"]
+    screen = render_text({**daemon.status(), "streams": [status]})
+    assert "stream 0 mix: code 30% got 3" in screen and "web 70% got" in screen
     assert mix["code"]["weight"] == pytest.approx(0.3)
     assert abs(mix["code"]["share"] - 0.3) < 0.01
     assert abs(mix["code"]["share_recent"] - 0.3) < 0.05
