@@ -58,7 +58,9 @@ def test_depth_gauge_drains_and_stall_counter_rises_when_a_consumer_outruns_one_
     with daemon.feed(16, 2048, prefetch=1) as feed:
         next(feed)
         deadline = time.monotonic() + 60
-        while scrape(daemon)["tokenfeed_ring_depth_batches"].get(TRAIN0) != 4:
+        # /metrics serves the status of the last heartbeat (every 0.5 s): the stream's
+        # samples appear from the first one after the attach
+        while scrape(daemon).get("tokenfeed_ring_depth_batches", {}).get(TRAIN0) != 4:
             assert time.monotonic() < deadline, "the ring never filled"
             time.sleep(0.1)
         depths, stalls = [], []
