@@ -49,7 +49,8 @@ class Source:
     cache: TokenCache | None = None
 
 
-def _always(unit: int) -> bool:
+def always(unit: int) -> bool:
+    """needs_unit for a consumer of units that reads every one."""
     return True
 
 
@@ -58,7 +59,7 @@ class SourceReader:
         self, lane: int, plan: SplitPlan, column: str, *, rank: int, world_size: int,
         shuffle_seed: int | None, first_unit: int = 0, task_bytes: int = DEFAULT_TASK_BYTES,
         on_error: str = "fail", cache: TokenCache | None = None, itemsize: int = 4,
-        needs_unit: Callable[[int], bool] = _always, layout: Layout | None = None,
+        needs_unit: Callable[[int], bool] = always, layout: Layout | None = None,
     ) -> None:
         self.lane = lane
         self.layout = layout  # elastic.py: after an elastic resume, the rank's units

@@ -38,7 +38,7 @@ from tokenfeed.producer.elastic import Layout
 from tokenfeed.producer.mixer import RECENT_BATCHES, Mixer
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Result, Task
-from tokenfeed.producer.reader import WHOLE, Source, SourceReader
+from tokenfeed.producer.reader import WHOLE, Source, SourceReader, always
 from tokenfeed.producer.slots import Attachment, SlotTable
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,6 @@ def mixture_cursor(plans: dict[str, SplitPlan], spec: StreamSpec,
     return {**position, "epoch": behind[0], "row_group": behind[1], "epochs": epochs}
 
 
-def _always(unit: int) -> bool:
-    return True
-
-
 class Stream:
     def __init__(
         self, sid: int, spec: StreamSpec, plan: SplitPlan, ring: Ring, column: str,
@@ -112,7 +108,7 @@ class Stream:
                 shuffle_seed=spec.shuffle_seed, task_bytes=task_bytes, on_error=on_error,
                 cache=src.cache, itemsize=ring.layout.itemsize,
                 first_unit=self.mixer.cursors[i][0] if self.mixer else self.packer.next_unit,
-                needs_unit=self.packer.needs_unit if self.mixer is None else _always,
+                needs_unit=self.packer.needs_unit if self.mixer is None else always,
                 layout=self.layout if self.mixer is None else self._source_layout(src.name),
             )
             for i, src in enumerate(sources)
@@ -123,6 +119,7 @@ class Stream:
         self.idle_since: float | None = None
         self.batches = 0
         self.units_packed = 0
+        self._cursor_memo: tuple[dict[str, Any], dict[str, Any]] | None = None
         # per-source tokens mixed at each of the last batches filled (status: recent shares)
         self._recent: deque[list[int]] = deque(maxlen=RECENT_BATCHES + 1)
 
@@ -160,6 +157,14 @@ class Stream:
                 mix["pieces"] = self.mixer.pieces(buffer_pieces(position))
             position = {**position, "mix": mix}
         return self.cursor(position)
+
+    def _filled_cursor(self) -> dict[str, Any]:
+        """next_position() once per packer position: a batch's start is the cursor its
+        predecessor ended at (a mixture's costs a buffer decode, best fit)."""
+        position = self.packer.position
+        if self._cursor_memo is None or self._cursor_memo[0] is not position:
+            self._cursor_memo = (position, self.next_position())
+        return self._cursor_memo[1]
 
     def resume_key(self, cursor: dict[str, Any]) -> tuple[Any, ...]:
         key = (*self.packer.resume_key(cursor), repr(cursor.get("elastic")))
@@ -331,9 +336,9 @@ class Stream:
             if not (self.table.free and self.packer.ready()):
                 return filled
             index = self.table.begin_fill()
-            before = self.next_position()
+            before = self._filled_cursor()
             self.packer.fill(self.ring.slots[index])
-            self.table.publish(index, before, self.next_position())
+            self.table.publish(index, before, self._filled_cursor())
             self.batches += 1
             if self.mixer is not None:
                 self._recent.append(self.mixer.totals())
@@ -344,6 +349,7 @@ class Stream:
         if self.mixer is None:
             raise StateMismatchError(f"stream {self.sid} reads one source: it has no weights")
         self.mixer.reweight(weights)
+        self._cursor_memo = None  # cursors carry the schedule
 
     def announcements(self) -> list[tuple[bytes, dict[str, Any]]]:
         """`ready` messages now due: each consumer gets each filled batch once, in order."""
