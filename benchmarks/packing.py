@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from tokenfeed.producer.bestfit import BestFitPacker, buffer_pieces
+from tokenfeed.producer.bestfit import BestFitPacker
 from tokenfeed.producer.corpus import sample_documents
 from tokenfeed.producer.tokenizer import encode_document, load_tokenizer
 
@@ -53,11 +53,10 @@ def pack_all(units: list[Unit], b: int, t: int, min_tail: int | None, max_age: i
         while packer.ready():
             position = packer.fill(out)
             if observe:  # a resume re-reads from the earliest unit the position names
-                earliest = min([position["unit"], *(p[0] for p in buffer_pieces(position))])
-                max_lag = max(max_lag, position["unit"] - earliest)
+                max_lag = max(max_lag, position.unit - position.first_unit)
         elapsed += time.perf_counter() - t0
         if observe and u % 25 == 0:
-            max_state = max(max_state, len(json.dumps(packer.position)))
+            max_state = max(max_state, len(json.dumps(packer.position.to_json())))
     return packer, elapsed, max_lag, max_state
 
 

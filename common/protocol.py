@@ -26,7 +26,8 @@ Ops, daemon -> consumer:
     error {message, kind}                     a request failed; `kind` maps to an exception
 
 The worker channel, the daemon's ROUTER at `ipc://<run_dir>/workers`, one DEALER per
-worker with identity `w<id>`, uses the same framing. A task is `[stream, unit, part]`:
+worker with identity `w<id>`, uses the same framing. A task is `[serial, unit, part]`
+(serial: unique per daemon):
 rows `rows[0]:rows[1]` of one row group (in shuffled order when `doc_seed` is set),
 written into the worker's staging buffer `buffer` (0 or 1; a worker holds up to two
 tasks and works through them in order). `WORKER_OPS` lists every op's fields and
@@ -115,7 +116,7 @@ def optional_seconds(msg: Message, name: str) -> float | None:
 
 # -- the worker channel ------------------------------------------------------
 
-TaskKey = tuple[int, int, int]  # (stream, unit, part)
+TaskKey = tuple[int, int, int]  # (serial, unit, part)
 
 # Field kinds: "count" is a non-negative int below MAX_COUNT, "task" a TaskKey as a
 # list, "seconds" a non-negative number, "rows" [lo, hi] with lo <= hi.
@@ -168,5 +169,5 @@ def decode_worker(frame: bytes) -> Message:
 
 
 def task_key(msg: Message) -> TaskKey:
-    stream, unit, part = msg["task"]
-    return int(stream), int(unit), int(part)
+    serial, unit, part = msg["task"]
+    return int(serial), int(unit), int(part)

@@ -6,7 +6,8 @@ creates and unlinks every shared-memory segment (names `tokenfeed-<id>-...`),
 and runs a single-threaded poll loop: control messages, finished tasks, dead
 workers, scheduling (scheduler.py), packing and announcing (registry.py),
 heartbeats. The worker pool lives in pool.py, the streams and their consumers in
-registry.py; this module wires them together and answers the control ops.
+registry.py, the control ops in ops.py and what an attach may start from in
+admission.py; this module owns their lifecycle and runs the loop.
 
 Start-up takes an exclusive lock on `<run_dir>/daemon.lock`, so one daemon serves
 a run dir; holding it also proves any predecessor is dead, so the segments named
@@ -29,57 +30,32 @@ import signal
 import time
 from typing import Any
 
-import numpy as np
 import zmq
 
 from tokenfeed.common import protocol
 from tokenfeed.common.config import (
     CONTROL_SOCKET_NAME,
-    MAX_REPLICAS,
     WORKER_SOCKET_NAME,
-    StreamSpec,
     control_address,
     ensure_private_dir,
     ipc_address,
-    normalize_mix,
 )
 from tokenfeed.common.control import error_kind
-from tokenfeed.common.errors import (
-    ConfigError,
-    DetachedError,
-    ProtocolError,
-    StateMismatchError,
-    StreamFailedError,
-    TokenfeedError,
-)
+from tokenfeed.common.errors import ConfigError, ProtocolError, TokenfeedError
 from tokenfeed.common.ring import token_dtype
 from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
-from tokenfeed.producer import elastic
+from tokenfeed.producer import ops
+from tokenfeed.producer.admission import Admission
 from tokenfeed.producer.backends import verified_backend
 from tokenfeed.producer.cache import TokenCache
-from tokenfeed.producer.config import (
-    PARITY_SAMPLE_BYTES,
-    DaemonConfig,
-    check_workers,
-    max_workers,
-)
-from tokenfeed.producer.dataset import (
-    changed_shards,
-    combined_fingerprint,
-    scan_dataset,
-    split_fingerprint,
-)
-from tokenfeed.producer.elastic import Layout
+from tokenfeed.producer.config import PARITY_SAMPLE_BYTES, DaemonConfig, max_workers
+from tokenfeed.producer.dataset import combined_fingerprint, scan_dataset
 from tokenfeed.producer.logs import set_daemon_id
 from tokenfeed.producer.metrics import MetricsServer, check_available
-from tokenfeed.producer.mixer import initial_state, parse_state, with_weights
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
-from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Failure, Result, WorkerPool
-from tokenfeed.producer.reader import Source
 from tokenfeed.producer.registry import StreamRegistry
 from tokenfeed.producer.scheduler import schedule
-from tokenfeed.producer.stream import cursor_at, mixture_cursor
 from tokenfeed.producer.telemetry import advice, totals, worker_summary
 from tokenfeed.producer.tokenizer import load_tokenizer
 
@@ -142,7 +118,6 @@ class Daemon:
         self.datasets = {src.name: scan_dataset(src.data, text_column=src.text_column or "",
                                                 val_files=cfg.val_files)
                          for src in cfg.source_list()}
-        self.dataset = next(iter(self.datasets.values()))
         self.weights = cfg.default_weights()  # a mixture's, when a consumer names none
         self.fingerprint = combined_fingerprint(self.datasets)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
@@ -184,11 +159,12 @@ class Daemon:
             for column in sorted({d.text_column for d in self.datasets.values()}):
                 self.caches[column] = TokenCache(cfg.cache_dir, cfg.cache_bytes,
                                                  self.tokenizer.identity, self.itemsize, column)
+        self.admission = Admission(self.datasets, self.tokenizer, self.caches)
         self.registry = StreamRegistry(
             daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
             max_ring_bytes=cfg.max_ring_bytes, linger_s=cfg.linger_s,
             consumer_timeout_s=cfg.consumer_timeout_s, task_bytes=cfg.task_bytes,
-            on_error=cfg.on_error, send=self._send,
+            on_error=cfg.on_error, send=self.send,
         )
         if cfg.metrics_port is not None:
             self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port)
@@ -209,10 +185,6 @@ class Daemon:
     @property
     def cache(self) -> TokenCache | None:
         return next(iter(self.caches.values()), None)
-
-    def _sources(self, names: list[str], split: str) -> list[Source]:
-        return [Source(n, self.datasets[n].split(split), self.datasets[n].text_column,
-                       self.caches.get(self.datasets[n].text_column)) for n in names]
 
     # -- main loop ----------------------------------------------------------
 
@@ -266,7 +238,7 @@ class Daemon:
     def _on_outcome(self, outcome: Result | Failure) -> None:
         if isinstance(outcome, Result):  # worker output only: cache hits cost no worker time
             self.tokens_tokenized += len(outcome.tokens)
-        stream = self.registry.lane(outcome.task.stream)
+        stream = self.registry.get(outcome.task.stream)
         if stream is None:
             return  # the stream was dropped while its task was out
         if isinstance(outcome, Failure):
@@ -274,7 +246,7 @@ class Daemon:
         else:
             stream.on_result(outcome)
 
-    def _send(self, identity: bytes, op: str, **fields: Any) -> None:
+    def send(self, identity: bytes, op: str, **fields: Any) -> None:
         try:
             self.control.send_multipart([identity, protocol.encode(op, **fields)])
         except (zmq.ZMQError, TypeError, ValueError, OverflowError) as e:
@@ -291,259 +263,17 @@ class Daemon:
             try:
                 if len(frames) != 2:
                     raise ProtocolError(f"expected 1 frame, got {len(frames) - 1}")
-                self._handle(identity, protocol.decode(frames[1]))
+                ops.handle(self, identity, protocol.decode(frames[1]))
             except TokenfeedError as e:
-                self._send(identity, "error", kind=error_kind(e), message=str(e))
+                self.send(identity, "error", kind=error_kind(e), message=str(e))
             except Exception as e:  # a bug must not take the node's data feed down
                 log.exception("control request failed")
-                self._send(identity, "error", kind="internal", message=f"{type(e).__name__}: {e}")
+                self.send(identity, "error", kind="internal", message=f"{type(e).__name__}: {e}")
 
-    def _handle(self, identity: bytes, msg: protocol.Message) -> None:
-        op = msg["op"]
-        if not self.registry.heard(identity) and op in ("heartbeat", "release"):
-            up_s, timeout_s = time.time() - self.started, self.config.consumer_timeout_s
-            # Up for less than the timeout, this daemon cannot have dropped anyone for silence.
-            why = ("it restarted after this consumer attached to its predecessor"
-                   if up_s < timeout_s else f"it dropped this consumer after {timeout_s:.0f} s of "
-                   "silence (a stopped or overloaded process?) and gave its slots to others, or "
-                   "it restarted since this consumer attached")
-            raise DetachedError(
-                f"the tokenfeed daemon (up {up_s:.1f} s) does not know this consumer: {why}. "
-                "Resume from feed.state_dict(), or pass reconnect_s to re-attach by itself"
-            )
-        if op == "heartbeat":
-            self.registry.report(identity, msg)
-            return
-        if op == "release":
-            stream = self.registry.get(protocol.field(msg, "stream", int))
-            if stream is not None:
-                stream.release(identity, protocol.field(msg, "seq", int))
-        elif op == "attach":
-            self._attach(identity, msg)
-        elif op == "detach":
-            if identity in self.registry.peer_stream:
-                log.info("consumer %s detached from stream %d",
-                         identity.decode(errors="replace"), self.registry.peer_stream[identity])
-            self.registry.forget(identity)
-        elif op == "ping":
-            tok = self.tokenizer  # consumers learn vocab_size and BOS before attaching
-            self._send(identity, "pong", daemon_id=self.daemon_id, pid=os.getpid(),
-                       version=protocol.PROTOCOL_VERSION,
-                       tokenizer={"name": tok.name, "identity": tok.identity,
-                                  "bos_id": tok.bos_id, "n_vocab": tok.n_vocab})
-        elif op == "status":
-            self._send(identity, "status", **self.status())
-        elif op == "scale":
-            workers = protocol.field(msg, "workers", int)
-            check_workers(workers)
-            self.pool.resize(workers)
-            log.info("pool resized to %d workers", workers)
-            self._send(identity, "scale", workers=workers)
-        elif op == "mix":
-            self._mix(identity, msg)
-        elif op == "stop":
-            self.stopping = "stop request"
-            self._send(identity, "stop")
-        else:
-            raise ProtocolError(f"unknown op {op!r}")
-
-    def _mix(self, identity: bytes, msg: protocol.Message) -> None:
-        """New weights for the split's mixture streams, at their next batch not yet filled,
-        and for streams created from now on without weights of their own."""
-        weights = dict(normalize_mix(protocol.field(msg, "weights", dict)))
-        split = protocol.field(msg, "split", str)
-        unknown = set(weights) - set(self.datasets)
-        if unknown:
-            raise ConfigError(f"this daemon serves sources {', '.join(self.datasets)}, not "
-                              f"{', '.join(sorted(unknown))}")
-        streams = [s for s in self.registry if s.mixture and s.spec.split == split]
-        for stream in streams:  # checked first: all of them change, or none
-            assert stream.mixer is not None
-            missing = set(weights) - set(stream.mixer.names)
-            if missing:
-                raise ConfigError(f"stream {stream.sid} mixes {', '.join(stream.mixer.names)}, "
-                                  f"not {', '.join(sorted(missing))}; restart it to add sources")
-        for stream in streams:
-            stream.reweight(weights)
-        if len(self.datasets) > 1:
-            self.weights = {n: weights.get(n, 0.0) for n in self.datasets}
-        log.info("mixture weights %s for %d %s streams", weights, len(streams), split)
-        self._send(identity, "mix", weights=weights, streams=[s.sid for s in streams])
-
-    def _start_of(self, spec: StreamSpec, msg: protocol.Message) -> dict[str, Any]:
-        """The canonical, validated start position of an attach (a mixture's: with its
-        `mix` state)."""
-        start = msg.get("start")
-        if start is not None and not isinstance(start, dict):
-            raise ProtocolError(f"attach: start {start!r} is not a map")
-        if start is not None and "elastic_from" in start:
-            start = self._elastic_start(spec, start["elastic_from"])
-        position = make_packer(spec, start).position  # validated, canonical
-        if start is not None and "elastic" in start:
-            Layout.from_json(start["elastic"], spec.rank, spec.world_size)  # validated
-            position = {**position, "elastic": start["elastic"]}
-        saved = start.get("mix") if start is not None else None
-        if saved is None and spec.mix is None and len(self.datasets) == 1:
-            return position  # one source: no mixture
-        served = tuple(self.datasets)
-        if saved is None:
-            if start is not None:
-                raise StateMismatchError(
-                    "the saved state is of a one-source stream, and this daemon serves a "
-                    f"mixture of {', '.join(served)}; resume on a daemon serving --data, or "
-                    "start without load_state_dict()")
-            weights = dict(spec.mix) if spec.mix is not None else self.weights
-            unknown = set(weights) - set(served)
-            if unknown:
-                raise ConfigError(f"mix names {', '.join(sorted(unknown))}; this daemon serves "
-                                  f"{', '.join(served)}")
-            mix = initial_state(weights)
-        else:
-            mix = parse_state(saved, served)
-            if msg.get("reweight") is True and spec.mix is not None:
-                mix = with_weights(mix, dict(spec.mix))
-            if make_packer(spec, position).next_unit != mix["at"]:
-                raise StateMismatchError(
-                    f"the mixture state is at virtual unit {mix['at']}, its position reads "
-                    f"from unit {make_packer(spec, position).next_unit}; pass the feed state "
-                    "unchanged")
-        return {**position, "mix": mix}
-
-    def _elastic_start(self, spec: StreamSpec, cursors: Any) -> dict[str, Any]:
-        """The start of rank spec.rank of spec.world_size continuing a job that every
-        cursor in `cursors` (rank order) is one rank of (elastic.py)."""
-        if not isinstance(cursors, list) or not cursors or not all(
-                isinstance(c, dict) for c in cursors):
-            raise ProtocolError("attach: start.elastic_from must be a list of cursors")
-        mixture = any("mix" in c for c in cursors)
-        served = tuple(self.datasets)
-        for rank, cursor in enumerate(cursors):
-            try:
-                make_packer(spec, cursor)
-                if "elastic" in cursor:
-                    Layout.from_json(cursor["elastic"], rank, len(cursors))
-                if mixture:
-                    parse_state(cursor.get("mix"), served)
-                    elastic.check_exact(cursor["mix"], spec.packing)
-            except StateMismatchError as e:
-                raise StateMismatchError(f"rank {rank} of the saved job: {e}") from None
-
-        def refs(name: str) -> tuple[int, Any]:
-            split = self.datasets[name].split(spec.split)
-            n = len(split)
-
-            def ref_of(g: int) -> Any:
-                epoch, ordinal = divmod(g, n)
-                if spec.shuffle_seed is None:
-                    return split.row_groups[ordinal]
-                order = np.random.default_rng([spec.shuffle_seed, epoch]).permutation(n)
-                return split.row_groups[order[ordinal]]
-
-            return n, ref_of
-
-        if mixture:
-            mix = elastic.plan_mixture(cursors, spec.packing,
-                                       {n: refs(n) for n in cursors[0]["mix"]["sources"]},
-                                       spec.rank, spec.world_size)
-            log.info("elastic resume of a mixture: rank %d of %d continues %d ranks",
-                     spec.rank, spec.world_size, len(cursors))
-            return {"unit": 0, "offset": 0, "doc": 0, "mix": mix}
-        if len(self.datasets) > 1:
-            raise StateMismatchError("the saved job is of one source and this daemon serves a "
-                                     f"mixture of {', '.join(served)}")
-        n, ref_of = refs(served[0])
-        layout = elastic.plan(cursors, spec.packing, n, ref_of, spec.rank, spec.world_size)
-        log.info("elastic resume: rank %d of %d continues %d ranks with %d items, then its "
-                 "stride from unit %d", spec.rank, spec.world_size, len(cursors), layout.items,
-                 layout.stride_from)
-        return {"unit": 0, "offset": 0, "doc": 0, "elastic": layout.to_json()}
-
-    def _attach(self, identity: bytes, msg: protocol.Message) -> None:
-        spec_fields = protocol.field(msg, "spec", dict)
-        spec = StreamSpec.from_dict(spec_fields)
-        self._check_expectations(msg.get("expect") or {})
-        if self.pool.broken:
-            raise StreamFailedError(self.pool.broken)
-        start = self._start_of(spec, msg)
-        names = list(start["mix"]["sources"]) if "mix" in start else list(self.datasets)
-        sources = self._sources(names, spec.split)
-        for name, src in zip(names, sources, strict=True):
-            if not src.plan.row_groups:
-                self.datasets[name].split(spec.split)  # raises: the split is empty
-        plans = {src.name: src.plan for src in sources}
-        # validated before anything is created
-        layout = (Layout.from_json(start["elastic"], spec.rank, spec.world_size)
-                  if "elastic" in start else None)
-        start_cursor = (mixture_cursor(plans, spec, start) if "mix" in start
-                        else cursor_at(sources[0].plan, spec, start, layout))
-        replicas = msg.get("replicas", 1)
-        if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
-                1 <= replicas <= MAX_REPLICAS):
-            raise ConfigError(f"replicas={replicas!r} must be an integer in [1, {MAX_REPLICAS}]")
-        self.registry.forget(identity)
-        found = self.registry.find(spec, start_cursor)
-        stream, seq = found if found is not None else (None, 0)
-        if stream is None and msg.get("rejoin") is True:
-            raise StreamFailedError(
-                f"this replica's position (epoch {start_cursor['epoch']}, unit "
-                f"{start_cursor['unit']}) is no longer in its group's ring: the other replicas "
-                "moved on while it was away, so it cannot see their batches again; restart "
-                "the group from a checkpoint"
-            )
-        if stream is None:
-            stream = self.registry.create(spec, sources, start)
-        layout = stream.ring.layout
-        try:  # encoded first: a reply that cannot be sent attaches nothing
-            reply = protocol.encode(
-                "attached", stream=stream.sid, ring=stream.ring.segment.name,
-                slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
-                start_seq=seq, start=start_cursor, fingerprint=self.fingerprint,
-                tokenizer={"name": self.tokenizer.name, "identity": self.tokenizer.identity,
-                           "bos_id": self.tokenizer.bos_id, "n_vocab": self.tokenizer.n_vocab},
-            )
-        except Exception:
-            if found is None:  # a failed attach leaves nothing behind
-                self.registry.drop(stream.sid)
-            raise
-        self.registry.attach(identity, stream, seq, replicas)
-        self.control.send_multipart([identity, reply])
-        log.info("consumer %s attached to stream %d (%s rank %d/%d) at batch %d",
-                 identity.decode(errors="replace"), stream.sid, spec.split, spec.rank,
-                 spec.world_size, seq)
-
-    def _check_expectations(self, expect: dict[str, Any]) -> None:
-        """A saved feed state must resume on the same data and tokenizer."""
-        if not isinstance(expect, dict):
-            raise ProtocolError("attach: 'expect' must be a map")
-        saved = expect.get("fingerprint")
-        if saved is not None and not isinstance(saved, str):
-            raise ProtocolError("attach: expect.fingerprint must be a string")
-        for name, fingerprint in split_fingerprint(saved or "").items():
-            self._check_fingerprint(name, fingerprint)
-        saved, now = expect.get("tokenizer"), self.tokenizer.identity
-        if saved and saved != now:
-            raise StateMismatchError(
-                f"the saved state's tokenizer identity {saved} differs from this daemon's {now} "
-                f"({self.tokenizer.name}); serve with the tokenizer the state was saved with"
-            )
-
-    def _check_fingerprint(self, name: str, saved: str) -> None:
-        dataset = self.datasets.get(name)
-        if dataset is None:
-            return  # a source this daemon lacks: the mixture state names it (parse_state)
-        now = dataset.fingerprint
-        if saved.split(".")[0] != now.split(".")[0]:
-            among = changed_shards(saved, dataset)
-            which = (f"changed, added or removed among {', '.join(among[:20])}"
-                     if among else "a shard was removed" if among == [] else
-                     "file names, sizes or row groups changed")
-            raise StateMismatchError(
-                f"the saved state's data differs from this daemon's source {name} "
-                f"({dataset.root}): "
-                f"{which} (fingerprint {saved.split('.')[0]} saved, {now.split('.')[0]} now; "
-                "objects also by modification time); resume on the same data, or start "
-                "without load_state_dict()"
-            )
+    def tokenizer_facts(self) -> dict[str, Any]:
+        tok = self.tokenizer
+        return {"name": tok.name, "identity": tok.identity, "bos_id": tok.bos_id,
+                "n_vocab": tok.n_vocab}
 
     def status(self) -> dict[str, Any]:
         streams = self.registry.describe()
@@ -582,7 +312,7 @@ class Daemon:
         log.info("shutting down (%s)", reason)
         if hasattr(self, "registry"):
             for identity in list(self.registry.peers):
-                self._send(identity, "shutdown", reason=reason)
+                self.send(identity, "shutdown", reason=reason)
         if self.metrics is not None:
             self.metrics.close()
         if hasattr(self, "pool"):

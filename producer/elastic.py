@@ -37,82 +37,34 @@ StateMismatchError naming it.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from itertools import accumulate
-from typing import Any
 
 import numpy as np
 
-from tokenfeed.common.config import MAX_POSITION
 from tokenfeed.common.errors import StateMismatchError
-from tokenfeed.producer.bestfit import buffer_pieces
 from tokenfeed.producer.dataset import RowGroupRef
-from tokenfeed.producer.pool import Result
-
-WHOLE, TOKENS, DOCS, PIECE, REST = 0, 1, 2, 3, 4
-_NO_STARTS = np.zeros(0, dtype=np.int64)
-
-Item = tuple[int, int, int, int]  # (kind, g, a, b)
-
-
-def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_POSITION
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A rank's units: `runs` of items (`[kind, g, a, b, count, step]`: count > 1 only
-    for WHOLE, units g, g + step, ...), then its stride from unit `stride_from`."""
-
-    rank: int
-    world_size: int
-    runs: tuple[tuple[int, int, int, int, int, int], ...]
-    stride_from: int
-    _ends: list[int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_ends", list(accumulate(r[4] for r in self.runs)))
-
-    @property
-    def items(self) -> int:
-        return self._ends[-1] if self._ends else 0
-
-    def item(self, unit: int) -> Item:
-        """What unit `unit` of this rank is."""
-        if unit >= self.items:
-            return (WHOLE, self.rank + (self.stride_from + unit - self.items) * self.world_size,
-                    0, 0)
-        i = bisect_right(self._ends, unit)
-        kind, g, a, b, count, step = self.runs[i]
-        k = unit - (self._ends[i] - count)
-        return (kind, g + k * step, a, b)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"items": [list(r) for r in self.runs], "stride_from": self.stride_from}
-
-    @classmethod
-    def from_json(cls, d: Any, rank: int, world_size: int) -> Layout:
-        items = d.get("items") if isinstance(d, dict) else None
-        if not (isinstance(items, list) and _count(d.get("stride_from")) and all(
-                isinstance(r, list) and len(r) == 6 and all(map(_count, r))
-                and r[0] in (WHOLE, TOKENS, DOCS, PIECE, REST) and r[4] >= 1
-                and (r[0] == WHOLE or r[4] == 1) for r in items)):
-            raise StateMismatchError(
-                f"elastic layout {str(d)[:120]} is not {{'items': [[kind, g, a, b, count, "
-                "step], ...], 'stride_from': unit}}; pass the feed state unchanged")
-        return cls(rank, world_size, tuple(tuple(r) for r in items), d["stride_from"])
+from tokenfeed.producer.position import (
+    DOCS,
+    PIECE,
+    REST,
+    TOKENS,
+    WHOLE,
+    BestFitPosition,
+    Item,
+    Layout,
+    MixState,
+    Position,
+    SourceCursor,
+)
+from tokenfeed.producer.units import Unit
 
 
-def layout_of(cursor: dict[str, Any], rank: int, world_size: int) -> Layout:
-    """The layout a cursor's rank reads: its saved one, or the plain stride."""
-    if "elastic" in cursor:
-        return Layout.from_json(cursor["elastic"], rank, world_size)
-    return Layout(rank, world_size, (), 0)
+def layout_of(position: Position, rank: int, world_size: int) -> Layout:
+    """The layout a saved rank reads: its own, or the plain stride."""
+    return position.elastic or Layout.stride(rank, world_size)
 
 
-def apply(item: Item, result: Result) -> Result:
+def apply(item: Item, result: Unit) -> Unit:
     """What is left of a tokenized row group (`result`, every document) under `item`."""
     kind, g, a, b = item
     if kind == WHOLE:
@@ -125,7 +77,7 @@ def apply(item: Item, result: Result) -> Result:
             raise StateMismatchError(f"an elastic state resumes token {a} of global row group "
                                      f"{g}, which holds {len(tokens)}; it is of other data")
         kept = starts[starts >= a] - a
-        return Result(result.task, tokens[a:], kept, 0, _NO_STARTS)
+        return Unit(tokens[a:], kept)
     if a > docs or (kind == PIECE and (a == docs or b >= ends[a] - starts[a])):
         raise StateMismatchError(f"an elastic state resumes document {a} (token {b}) of global "
                                  f"row group {g}, which holds {docs}; it is of other data")
@@ -134,10 +86,10 @@ def apply(item: Item, result: Result) -> Result:
         if a < docs and lo >= ends[a] and b:
             raise StateMismatchError(f"an elastic state resumes token {b} of document {a} of "
                                      f"global row group {g}, which is shorter; other data?")
-        return Result(result.task, tokens[lo:], np.maximum(starts[a:] - lo, 0), 0, _NO_STARTS)
+        return Unit(tokens[lo:], np.maximum(starts[a:] - lo, 0))
     doc = tokens[int(starts[a]):ends[a]]
     piece = np.concatenate([doc[:1], doc[b:]]) if b else doc
-    return Result(result.task, piece, np.zeros(1, dtype=np.int64), 0, _NO_STARTS)
+    return Unit(piece, np.zeros(1, dtype=np.int64))
 
 
 def _compose(outer: Item, kind: int, a: int, b: int) -> Item:
@@ -160,24 +112,22 @@ def _compose(outer: Item, kind: int, a: int, b: int) -> Item:
                              f"its item {outer}; pass the feed states unchanged")
 
 
-def remaining(cursor: dict[str, Any], packing: str, layout: Layout, g_end: int) -> list[Item]:
+def remaining(cursor: Position, layout: Layout, g_end: int) -> list[Item]:
     """One old rank's work left before global position `g_end`, in its stream order."""
-    unit = int(cursor["unit"])
+    packed = cursor.packed
+    unit = packed.unit
     out: list[Item] = []
-    if packing == "bestfit":
-        for u, d, s, _tail, _born in buffer_pieces(cursor):
-            out.append(_compose(layout.item(u), PIECE, d, s))
-        doc = int(cursor.get("doc", 0))
-        if doc:
+    if isinstance(packed, BestFitPosition):
+        for piece in packed.pieces:
+            out.append(_compose(layout.item(piece.unit), PIECE, piece.doc, piece.start))
+        if packed.doc:
             outer = layout.item(unit)
             if outer[0] != PIECE:
-                out.append(_compose(outer, DOCS, doc, 0))
+                out.append(_compose(outer, DOCS, packed.doc, 0))
             unit += 1
-    else:
-        offset = int(cursor.get("offset", 0))
-        if offset:
-            out.append(_compose(layout.item(unit), TOKENS, offset, 0))
-            unit += 1
+    elif packed.offset:
+        out.append(_compose(layout.item(unit), TOKENS, packed.offset, 0))
+        unit += 1
     return _and_units(out, layout, unit, g_end)
 
 
@@ -191,8 +141,8 @@ def _and_units(out: list[Item], layout: Layout, unit: int, g_end: int) -> list[I
         unit += 1
 
 
-def source_remaining(exact: list[int], pieces: list[tuple[int, int, int]], packing: str,
-                     layout: Layout, g_end: int) -> list[Item]:
+def source_remaining(exact: tuple[int, int, int], pieces: list[tuple[int, int, int]],
+                     packing: str, layout: Layout, g_end: int) -> list[Item]:
     """One source's work left in one old rank's mixture: its buffered pieces (best fit),
     the rest of the unit `exact` = (unit, doc, token) points into, its later units."""
     out = [_compose(layout.item(u), PIECE, d, s) for u, d, s in pieces]
@@ -242,62 +192,49 @@ def _divide(work: list[Item], ref_of: Callable[[int], RowGroupRef], g_end: int,
         else:
             runs.append([kind, g, a, b, 1, 1])
     stride_from = max(0, -(-(g_end - new_rank) // new_world_size))
-    return Layout(new_rank, new_world_size, tuple(tuple(r) for r in runs),  # type: ignore[misc]
+    return Layout(new_rank, new_world_size, tuple(tuple(r) for r in runs),
                   stride_from)
 
 
-def check_exact(mix: dict[str, Any], packing: str) -> None:
-    """A saved mixture state's exact positions (and best fit's pieces) are well formed."""
-    exact, pieces = mix.get("exact"), mix.get("pieces", [])
-    if not (isinstance(exact, dict) and set(exact) == set(mix["sources"]) and all(
-            isinstance(e, list) and len(e) == 3 and all(map(_count, e))
-            for e in exact.values())):
-        raise StateMismatchError("its mixture state lacks 'exact' [unit, doc, token] for "
-                                 "every source; pass the feed state unchanged")
-    if not (isinstance(pieces, list) and len(pieces) % 4 == 0 and all(map(_count, pieces))
-            and all(pieces[i] < len(exact) for i in range(0, len(pieces), 4))):
-        raise StateMismatchError("its mixture state's 'pieces' are not [source, unit, doc, "
-                                 "start] counts")
-
-
-def plan_mixture(cursors: list[dict[str, Any]], packing: str,
+def plan_mixture(cursors: list[Position], packing: str,
                  sources: dict[str, tuple[int, Callable[[int], RowGroupRef]]], new_rank: int,
-                 new_world_size: int) -> dict[str, Any]:
+                 new_world_size: int) -> MixState:
     """New rank `new_rank`'s mixture state, from every old rank's mixture cursor: each
     source divided on its own (`sources`: name -> (row groups an epoch, ref_of))."""
     old_world = len(cursors)
-    states = [c["mix"] for c in cursors]
-    names = list(states[0]["sources"])
-    if any(list(m["sources"]) != names or "exact" not in m for m in states):
+    states = [c.mix for c in cursors]
+    first = states[0]
+    if first is None or any(m is None or m.names != first.names or m.exact is None
+                            for m in states):
         raise StateMismatchError("the old ranks' mixture states name different sources, or "
                                  "lack the exact positions elastic resume needs; pass every "
                                  "rank's state unchanged")
     layouts = {}
-    for s, name in enumerate(names):
+    for s, name in enumerate(first.names):
         n, ref_of = sources[name]
-        olds = [layout_of({"elastic": m["layouts"][name]} if name in m.get("layouts", {})
-                          else {}, r, old_world) for r, m in enumerate(states)]
-        heads = [olds[r].item(m["exact"][name][0])[1] // n for r, m in enumerate(states)]
-        g_end = (max(heads) + 1) * n
-        work: list[Item] = []
+        olds, work = [], []
         for r, m in enumerate(states):
-            flat = m.get("pieces", [])  # [source, unit, doc, start] a piece
-            pieces = [tuple(flat[i + 1:i + 4]) for i in range(0, len(flat), 4) if flat[i] == s]
-            work += source_remaining(m["exact"][name], pieces, packing, olds[r], g_end)
-        layouts[name] = _divide(work, ref_of, g_end, new_rank, new_world_size).to_json()
-    weights = states[0]["weights"][-1][1]
-    return {"at": 0, "mixed": 0, "sources": {n: [0, 0, 0, 0] for n in names},
-            "weights": [[0, weights]], "layouts": layouts}
+            assert m is not None and m.exact is not None  # checked above
+            olds.append((m.layouts or {}).get(name) or Layout.stride(r, old_world))
+        heads = [olds[r].item(m.exact[name][0])[1] // n
+                 for r, m in enumerate(states)]
+        g_end = (max(heads) + 1) * n
+        for r, m in enumerate(states):
+            assert m is not None and m.exact is not None
+            pieces = [(u, d, start) for src, u, d, start in m.pieces or () if src == s]
+            work += source_remaining(m.exact[name], pieces, packing, olds[r], g_end)
+        layouts[name] = _divide(work, ref_of, g_end, new_rank, new_world_size)
+    return MixState(0, {n: SourceCursor(0, 0, 0, 0) for n in first.names},
+                    ((0, first.weights),), 0, layouts)
 
 
-def plan(cursors: list[dict[str, Any]], packing: str, n: int,
-         ref_of: Callable[[int], RowGroupRef], new_rank: int, new_world_size: int) -> Layout:
+def plan(cursors: list[Position], n: int, ref_of: Callable[[int], RowGroupRef],
+         new_rank: int, new_world_size: int) -> Layout:
     """New rank `new_rank`'s layout, from every old rank's cursor (rank order); `n` row
     groups make an epoch, `ref_of(g)` is global position g's row group."""
     old_world = len(cursors)
     layouts = [layout_of(c, r, old_world) for r, c in enumerate(cursors)]
-    epoch = max(layouts[r].item(int(c["unit"]))[1] // n for r, c in enumerate(cursors))
+    epoch = max(layouts[r].item(c.packed.unit)[1] // n for r, c in enumerate(cursors))
     g_end = (epoch + 1) * n
-    work = [item for r, c in enumerate(cursors)
-            for item in remaining(c, packing, layouts[r], g_end)]
+    work = [item for r, c in enumerate(cursors) for item in remaining(c, layouts[r], g_end)]
     return _divide(work, ref_of, g_end, new_rank, new_world_size)

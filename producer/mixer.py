@@ -14,129 +14,57 @@ of every source therefore stays within one document of its weight at every point
 
 Weights change (`tokenfeed mix --set`, or a resume with other weights) at the next
 virtual unit not yet mixed, and the change is recorded in the schedule: a list of
-`[from_unit, {name: weight}]`. A state (`cursor["mix"]`) holds the mixer at the
-first virtual unit the packer still needs: `at`, every source's `[unit, doc, taken,
-total]` (next document: its unit in the source's stream and index in it; tokens taken
-since the last change; tokens taken in all), the schedule, and `mixed` (virtual units
-mixed when the state was made: where a resume with other weights changes them).
+`(from_unit, {name: weight})`. A state (position.py's MixState) holds the mixer at
+the first virtual unit the packer still needs: `at`, every source's cursor (next
+document: its unit in the source's stream and index in it; tokens taken since the
+last change; tokens taken in all), the schedule, and `mixed` (virtual units mixed
+when the state was made: where a resume with other weights changes them).
 Replaying from it with the same schedule reproduces the same virtual units.
 
-Failure behaviour: a state naming a source this daemon does not serve, or malformed,
-is a StateMismatchError naming it; a source whose rank reads no document at all in a
-whole epoch is a DataError naming it (instead of spinning).
+Failure behaviour: a source whose rank reads no document at all in a whole epoch is
+a DataError naming it (instead of spinning).
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from tokenfeed.common.config import MAX_POSITION, MAX_SOURCES, check_source_name
-from tokenfeed.common.errors import ConfigError, DataError, StateMismatchError
-from tokenfeed.producer.pool import Result
+from tokenfeed.common.errors import ConfigError, DataError
+from tokenfeed.producer.bestfit_codec import Piece
+from tokenfeed.producer.position import (
+    MAX_SCHEDULE,
+    ConcatPosition,
+    Layout,
+    MixState,
+    Packed,
+    SourceCursor,
+)
+from tokenfeed.producer.units import Unit
 
 DOCS_PER_UNIT = 64  # documents per virtual unit: a weight change waits at most this many
-MAX_SCHEDULE = 1000  # weight changes one state may record
 RECENT_BATCHES = 20  # status: realized shares over the last this many batches
 
 Weights = dict[str, float]
-Take = Callable[[int, int], "Result | None"]  # (source, unit) -> the unit, or None if not in
-
-
-def initial_state(weights: Weights) -> dict[str, Any]:
-    return {"at": 0, "mixed": 0, "sources": {n: [0, 0, 0, 0] for n in sorted(weights)},
-            "weights": [[0, dict(sorted(weights.items()))]]}
-
-
-def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_POSITION
-
-
-def parse_state(state: Any, served: tuple[str, ...]) -> dict[str, Any]:
-    """`state` checked against the sources this daemon serves, in canonical form."""
-    if not isinstance(state, dict) or not all(
-            _count(state.get(k)) for k in ("at", "mixed")):
-        raise StateMismatchError(f"mixture state {str(state)[:120]} lacks counts 'at' and "
-                                 "'mixed'; pass the feed state unchanged")
-    sources, schedule = state.get("sources"), state.get("weights")
-    if not isinstance(sources, dict) or not 1 <= len(sources) <= MAX_SOURCES:
-        raise StateMismatchError("mixture state has no 'sources' map")
-    for name, cursor in sources.items():
-        if name not in served:
-            raise StateMismatchError(
-                f"the saved mixture reads source {name!r}, which this daemon does not serve "
-                f"(its sources: {', '.join(served)}); serve it with --source {name}=PATH, "
-                "under the same name"
-            )
-        if not (isinstance(cursor, list) and len(cursor) == 4 and all(map(_count, cursor))):
-            raise StateMismatchError(f"mixture state of source {name!r} is not "
-                                     "[unit, doc, taken, total] counts")
-    if not isinstance(schedule, list) or not 1 <= len(schedule) <= MAX_SCHEDULE:
-        raise StateMismatchError(f"mixture state needs 1 to {MAX_SCHEDULE} weight entries")
-    entries: list[list[Any]] = []
-    for entry in schedule:
-        if not (isinstance(entry, list) and len(entry) == 2 and _count(entry[0])
-                and isinstance(entry[1], dict)):
-            raise StateMismatchError(f"mixture weight entry {str(entry)[:80]} is not "
-                                     "[from_unit, {source: weight}]")
-        if entries and entry[0] <= entries[-1][0]:
-            raise StateMismatchError("mixture weight entries are not in increasing order")
-        try:
-            weights = {check_source_name(n): float(w) for n, w in entry[1].items()}
-        except (ConfigError, TypeError, ValueError) as e:
-            raise StateMismatchError(f"mixture weights {entry[1]!r}: {e}") from None
-        if set(weights) != set(sources) or not all(
-                math.isfinite(w) and w >= 0 for w in weights.values()) or not any(
-                weights.values()):
-            raise StateMismatchError(f"mixture weights {entry[1]!r} must give every source "
-                                     "of the state a weight >= 0, one of them > 0")
-        entries.append([entry[0], dict(sorted(weights.items()))])
-    if entries[0][0] > state["at"] or state["mixed"] < state["at"]:
-        raise StateMismatchError("mixture state: its weights begin after its position")
-    canonical = {"at": state["at"], "mixed": state["mixed"],
-                 "sources": {n: list(sources[n]) for n in sorted(sources)}, "weights": entries}
-    layouts = state.get("layouts")
-    if layouts is not None:  # after an elastic resume: each source's units (elastic.py)
-        if not isinstance(layouts, dict) or not set(layouts) <= set(sources):
-            raise StateMismatchError("mixture state: 'layouts' must map its sources to "
-                                     "elastic layouts")
-        canonical["layouts"] = {n: layouts[n] for n in sorted(layouts)}
-    return canonical
-
-
-def with_weights(state: dict[str, Any], weights: Weights) -> dict[str, Any]:
-    """`state`, changing to `weights` at the first virtual unit it has not mixed.
-    Sources new to the state start at their beginning."""
-    sources = dict(state["sources"])
-    for name in weights:
-        sources.setdefault(name, [0, 0, 0, 0])
-    full = {n: float(weights.get(n, 0.0)) for n in sorted(sources)}
-    schedule = [[at, {n: w.get(n, 0.0) for n in sorted(sources)}] for at, w in state["weights"]]
-    if schedule[-1][1] == full:
-        return {**state, "sources": dict(sorted(sources.items())), "weights": schedule}
-    at = state["mixed"]
-    schedule = [e for e in schedule if e[0] < at] + [[at, full]]
-    return {**state, "sources": dict(sorted(sources.items())), "weights": schedule}
+Take = Callable[[int, int], "Unit | None"]  # (source, unit) -> the unit, or None if not in
 
 
 class Mixer:
     """Cuts the mixed document stream into virtual units, replaying from a state."""
 
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.names: tuple[str, ...] = tuple(state["sources"])
-        self.next_unit = int(state["at"])  # the next virtual unit to mix
-        self.schedule: list[list[Any]] = [list(e) for e in state["weights"]]
-        self.cursors = [list(state["sources"][n]) for n in self.names]
-        self.pending: list[deque[Result]] = [deque() for _ in self.names]  # cursor's unit first
+    def __init__(self, state: MixState) -> None:
+        self.names = state.names
+        self.next_unit = state.at  # the next virtual unit to mix
+        self.schedule: list[tuple[int, Mapping[str, float]]] = list(state.schedule)
+        self.cursors = [list(c) for c in state.sources.values()]
+        self.pending: list[deque[Unit]] = [deque() for _ in self.names]  # cursor's unit first
         self.blocked: tuple[int, int] | None = None  # (source, unit) the next unit waits for
         self.snapshots: dict[int, list[list[int]]] = {self.next_unit: self._copy()}
         # (source, its unit, its document, tokens) of each document of a virtual unit
         self.compositions: dict[int, list[tuple[int, int, int, int]]] = {}
-        self.layouts: dict[str, Any] | None = state.get("layouts")
+        self.layouts: Mapping[str, Layout] | None = state.layouts
         self._empty_run = [0] * len(self.names)  # empty source units in a row
 
     def _copy(self) -> list[list[int]]:
@@ -162,47 +90,45 @@ class Mixer:
             if len(self.schedule) >= MAX_SCHEDULE:
                 raise ConfigError(f"this stream's weights changed {MAX_SCHEDULE} times; "
                                   "restart it from a checkpoint to change them again")
-            self.schedule.append([self.next_unit, full])
+            self.schedule.append((self.next_unit, full))
 
-    def state(self, at: int) -> dict[str, Any]:
-        """The state to resume at virtual unit `at` (one this mixer has snapshotted)."""
-        state = {"at": at, "mixed": self.next_unit,
-                 "sources": dict(zip(self.names, (list(c) for c in self.snapshots[at]),
-                                     strict=True)),
-                 "weights": [[e[0], dict(e[1])] for e in self.schedule]}
-        if self.layouts is not None:
-            state["layouts"] = self.layouts
-        return state
+    def state(self, at: int, position: Packed) -> MixState:
+        """The state to resume at virtual unit `at` (one this mixer has snapshotted), with
+        the exact positions (and best fit's pieces) of the packer at `position`."""
+        pieces = (None if isinstance(position, ConcatPosition)
+                  else self._pieces(position.pieces))
+        cursors = (SourceCursor(*c) for c in self.snapshots[at])
+        return MixState(at, dict(zip(self.names, cursors, strict=True)), tuple(self.schedule),
+                        self.next_unit, self.layouts, self._exact(position), pieces)
 
-    def exact(self, position: dict[str, Any], bestfit: bool) -> dict[str, list[int]]:
+    def _exact(self, position: Packed) -> dict[str, tuple[int, int, int]]:
         """Every source's next token not delivered at packer `position` (best fit: next
-        document not read), as [unit, doc, token]: what an elastic resume divides."""
-        v = int(position["unit"])
+        document not read), as (unit, doc, token): what an elastic resume divides."""
+        v = position.unit
         comp = self.compositions.get(v, [])
-        i, t = (int(position.get("doc", 0)), 0) if bestfit else (len(comp), 0)
-        if not bestfit:
-            left = int(position.get("offset", 0))
+        i, t = (len(comp), 0) if isinstance(position, ConcatPosition) else (position.doc, 0)
+        if isinstance(position, ConcatPosition):
+            left = position.offset
             for j, (_, _, _, n) in enumerate(comp):
                 if left < n:
                     i, t = j, left
                     break
                 left -= n
         after = self.snapshots[v + 1] if v in self.compositions else self.snapshots[v]
-        exact = {}
+        exact: dict[str, tuple[int, int, int]] = {}
         for s, name in enumerate(self.names):
             k = next((k for k in range(i, len(comp)) if comp[k][0] == s), None)
-            exact[name] = ([comp[k][1], comp[k][2], t if k == i else 0] if k is not None
-                           else [after[s][0], after[s][1], 0])
+            exact[name] = ((comp[k][1], comp[k][2], t if k == i else 0) if k is not None
+                           else (after[s][0], after[s][1], 0))
         return exact
 
-    def pieces(self, refs: list[tuple[int, int, int, int, int]]) -> list[int]:
-        """Best-fit buffer pieces (virtual unit, doc, start, ...) as [source, unit, doc,
-        start] each, flat."""
-        flat: list[int] = []
-        for u, d, start, _tail, _born in refs:
-            source, unit, doc, _ = self.compositions[u][d]
-            flat += [source, unit, doc, start]
-        return flat
+    def _pieces(self, pieces: tuple[Piece, ...]) -> tuple[tuple[int, int, int, int], ...]:
+        """Best-fit buffer pieces (of virtual units) as (source, unit, doc, start) each."""
+        out = []
+        for p in pieces:
+            source, unit, doc, _ = self.compositions[p.unit][p.doc]
+            out.append((source, unit, doc, p.start))
+        return tuple(out)
 
     def forget_before(self, unit: int) -> None:
         for u in [u for u in self.snapshots if u < unit]:
@@ -227,7 +153,7 @@ class Mixer:
     def totals(self) -> list[int]:
         return [c[3] for c in self.cursors]
 
-    def mix(self, take: Take, epoch_units: Callable[[int], int]) -> Result | None:
+    def mix(self, take: Take, epoch_units: Callable[[int], int]) -> Unit | None:
         """The next virtual unit, or None while a source unit it needs is not in yet.
 
         `take(source, unit)` hands over a source's unit once finished; `epoch_units(s)`
@@ -240,7 +166,7 @@ class Mixer:
                 c[2] = 0  # a change starts counting anew
         cursors = self._copy()
         # (source, unit result, first token, end token) of each document, in order
-        chosen: list[tuple[int, Result, int, int]] = []
+        chosen: list[tuple[int, Unit, int, int]] = []
         composition: list[tuple[int, int, int, int]] = []
         depth = [0] * len(self.names)  # how far into pending each source has gone
         active = [i for i, w in enumerate(weights) if w > 0]
@@ -265,10 +191,10 @@ class Mixer:
         self.snapshots[self.next_unit] = self._copy()
         tokens = np.concatenate([r.tokens[lo:hi] for _, r, lo, hi in chosen])
         lengths = np.array([hi - lo for _, _, lo, hi in chosen], dtype=np.int64)
-        return Result.of_rows(chosen[0][1].task, tokens, lengths)
+        return Unit.of_lengths(tokens, lengths)
 
     def _next_doc(self, source: int, cursor: list[int], depth: list[int], take: Take,
-                  epoch_units: Callable[[int], int]) -> tuple[Result, int, int] | None:
+                  epoch_units: Callable[[int], int]) -> tuple[Unit, int, int] | None:
         """The document at `cursor` of `source` (moving the cursor past ended units)."""
         pending = self.pending[source]
         while True:

@@ -5,9 +5,10 @@ tokens, each starting at a BOS), in `bestfit.py`.
 
 `ConcatPacker` (the default) concatenates every document of the rank's stream and
 cuts consecutive, non-overlapping windows of `B*T+1` tokens: batch k is
-`stream[k*L:(k+1)*L]`. A position in the stream is `(unit, offset)`: the next
-token is at `offset` of the rank's `unit`-th row group. A position derives only
-from the last token written (never from how many units happen to be buffered),
+`stream[k*L:(k+1)*L]`. A position in the stream is `(unit, offset)` (position.py's
+ConcatPosition): the next token is at `offset` of the rank's `unit`-th row group.
+A position derives only from the last token written (never from how many units
+happen to be buffered),
 so the same window always carries the same cursor, however workers were
 scheduled, and resuming at `(unit, offset)` re-reads that unit and drops
 `offset` tokens.
@@ -21,49 +22,41 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tokenfeed.common.config import MAX_POSITION, StreamSpec
-from tokenfeed.common.errors import StateMismatchError
+from tokenfeed.common.config import StreamSpec
 from tokenfeed.producer.bestfit import BestFitPacker
+from tokenfeed.producer.position import BestFitPosition, ConcatPosition, Packed
 
 
 class Packer(Protocol):
     """What a stream needs from a packing mode.
 
-    `position` is the JSON-serialisable state right after the last window filled
-    (the resume point); a packer built with `start=position` produces the same
-    windows that followed it. `next_unit` is the next unit `push` expects: after a
-    resume, the earliest unit the state still needs. `buffered_tokens` is what the
-    stream may count as pushed and not yet packed when it sizes its read-ahead
-    (bestfit: negative, a shortfall, while it lacks documents). `needs_unit(u)` is
-    False for a unit whose content the packer ignores (bestfit, resuming: units
-    between the buffer's references), which a stream may push empty instead.
-    `first_unit()` is the earliest unit `position` names: where a resume starts reading.
+    `position` is the state right after the last window filled (the resume point);
+    a packer built with `start=position` produces the same windows that followed it.
+    `next_unit` is the next unit `push` expects: after a resume, the earliest unit the
+    state still needs. `buffered_tokens` counts tokens
+    pushed and not yet packed, `lacking_tokens` an estimate of the tokens packing still
+    needs before its next window while it lacks documents (bestfit: pushed tokens do
+    not measure readiness; concat: always 0). A stream sizes its read-ahead on both.
     """
 
     next_unit: int
     buffered_tokens: int
-    position: dict[str, Any]
+    lacking_tokens: int
 
+    @property
+    def position(self) -> Packed: ...
     def push(self, unit: int, tokens: np.ndarray, doc_starts: np.ndarray) -> None: ...
     def ready(self) -> bool: ...
-    def fill(self, out: np.ndarray) -> dict[str, Any]: ...
-    def resume_key(self, position: dict[str, Any]) -> tuple[Any, ...]: ...
+    def fill(self, out: np.ndarray) -> Packed: ...
     def stats(self) -> dict[str, Any]: ...
-    def needs_unit(self, unit: int) -> bool: ...
-    def first_unit(self) -> int: ...
 
 
-def make_packer(spec: StreamSpec, start: dict[str, Any] | None) -> Packer:
-    """The packer of `spec.packing`, at `start` (None: the beginning of the stream)."""
-    if spec.packing == "concat":
-        return ConcatPacker(spec.window_tokens, start or {"unit": 0, "offset": 0})
-    if spec.packing == "bestfit":
-        return BestFitPacker(
-            spec.batch_size, spec.seq_len, start,
-            buffer_docs=spec.buffer_docs,
-            min_tail=spec.min_tail,
-        )
-    raise StateMismatchError(f"packing {spec.packing!r} is not available in this daemon")
+def make_packer(spec: StreamSpec, start: Packed) -> Packer:
+    """The packer of `spec.packing`, at `start` (position.py checked it against spec)."""
+    if isinstance(start, BestFitPosition):
+        return BestFitPacker(spec.batch_size, spec.seq_len, start,
+                             buffer_docs=spec.buffer_docs, min_tail=spec.min_tail)
+    return ConcatPacker(spec.window_tokens, start)
 
 
 @dataclass
@@ -74,23 +67,19 @@ class _Chunk:
     pos: int
 
 
+_START = ConcatPosition(0)
+
+
 class ConcatPacker:
-    def __init__(self, window_tokens: int, start: dict[str, Any]) -> None:
-        if not all(
-            isinstance(start.get(k), int) and 0 <= start[k] < MAX_POSITION
-            for k in ("unit", "offset")
-        ):
-            raise StateMismatchError(
-                f"concat position {start!r} lacks integers 'unit' and 'offset' in "
-                f"[0, {MAX_POSITION})"
-            )
+    lacking_tokens = 0  # ready as soon as a window's tokens are pushed
+    def __init__(self, window_tokens: int, start: ConcatPosition = _START) -> None:
         self.window_tokens = window_tokens
         self.tokens_packed = 0
-        self.next_unit = int(start["unit"])  # next unit to accept from the reorder buffer
-        self._skip = int(start["offset"])
+        self.next_unit = start.unit  # next unit to accept from the reorder buffer
+        self._skip = start.offset
         self._chunks: deque[_Chunk] = deque()
         self.buffered_tokens = 0
-        self.position: dict[str, Any] = {"unit": self.next_unit, "offset": self._skip, "doc": 0}
+        self.position = ConcatPosition(start.unit, start.offset)
 
     def push(self, unit: int, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
         assert unit == self.next_unit, (unit, self.next_unit)
@@ -102,7 +91,7 @@ class ConcatPacker:
     def ready(self) -> bool:
         return self.buffered_tokens >= self.window_tokens
 
-    def fill(self, out: np.ndarray) -> dict[str, Any]:
+    def fill(self, out: np.ndarray) -> ConcatPosition:
         """Write the next window into `out`; return the position right after it."""
         need, written = self.window_tokens, 0
         last: _Chunk | None = None
@@ -122,20 +111,10 @@ class ConcatPacker:
         assert last is not None
         if last.pos < len(last.tokens):
             doc = int(np.searchsorted(last.doc_starts, last.pos, side="right")) - 1
-            self.position = {"unit": last.unit, "offset": last.pos, "doc": doc}
+            self.position = ConcatPosition(last.unit, last.pos, doc)
         else:
-            self.position = {"unit": last.unit + 1, "offset": 0, "doc": 0}
+            self.position = ConcatPosition(last.unit + 1)
         return self.position
-
-    def resume_key(self, position: dict[str, Any]) -> tuple[Any, ...]:
-        """The part of a cursor that defines where the stream continues."""
-        return (position.get("unit"), position.get("offset"))
 
     def stats(self) -> dict[str, Any]:
         return {"tokens_packed": self.tokens_packed, "tokens_cropped": 0}
-
-    def needs_unit(self, unit: int) -> bool:
-        return True
-
-    def first_unit(self) -> int:
-        return int(self.position["unit"])

@@ -53,9 +53,11 @@ JOIN_TIMEOUT_S = 5.0
 
 @dataclass
 class Task:
-    """Rows `rows[0]:rows[1]` of one row group: part `part` of a stream's unit."""
+    """Rows `rows[0]:rows[1]` of one row group: part `part` of unit `unit` of source
+    `source` (its index in the stream) of stream `stream`."""
 
     stream: int
+    source: int
     unit: int
     part: int
     path: str
@@ -64,10 +66,6 @@ class Task:
     rows: tuple[int, int]
     doc_seed: list[int] | None = None
     text_bytes: int = 0  # of the rows, estimated from the footer: sizes the staging estimate
-
-    @property
-    def key(self) -> TaskKey:
-        return (self.stream, self.unit, self.part)
 
 
 @dataclass
@@ -99,6 +97,7 @@ class Worker:
     generation: int = 0
     ready: bool = False
     tasks: dict[int, Task] = field(default_factory=dict)  # buffer index -> task held
+    keys: dict[int, TaskKey] = field(default_factory=dict)  # buffer index -> its wire key
     retiring: bool = False
     last_row_group: tuple[str, int] | None = None  # what its reader has decoded
 
@@ -107,7 +106,7 @@ class Worker:
         return f"w{self.wid}".encode()
 
     def buffer_of(self, key: TaskKey) -> int | None:
-        return next((b for b, t in self.tasks.items() if t.key == key), None)
+        return next((b for b, k in self.keys.items() if k == key and b in self.tasks), None)
 
 
 class WorkerPool:
@@ -137,6 +136,7 @@ class WorkerPool:
         self.socket.bind(address)
         self.workers: dict[int, Worker] = {}
         self.target = 0
+        self.serial = 0  # tasks assigned so far: the first field of a task's wire key
         self._next_wid = 0
         self._mp = mp.get_context("spawn")
         self.start_failures = 0
@@ -237,12 +237,15 @@ class WorkerPool:
 
     def assign(self, w: Worker, task: Task) -> None:
         b = next(i for i in range(QUEUE_DEPTH) if i not in w.tasks)
+        self.serial += 1  # on the wire a task is [serial, unit, part]: unique per daemon
+        key = (self.serial, task.unit, task.part)
         msg = protocol.encode(
-            "task", task=list(task.key), buffer=b, staging=w.staging[b].name, path=task.path,
+            "task", task=list(key), buffer=b, staging=w.staging[b].name, path=task.path,
             row_group=task.row_group, column=task.column, rows=list(task.rows),
             doc_seed=task.doc_seed,
         )
         w.tasks[b] = task  # only once the message exists: a failed encode leaves the worker idle
+        w.keys[b] = key
         w.last_row_group = (task.path, task.row_group)
         self.socket.send_multipart([w.identity, msg])
 

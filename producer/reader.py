@@ -3,10 +3,9 @@
 A reader schedules its row groups as units (each split into tasks of about
 `task_bytes` of text), re-runs lost tasks, serves units the token cache holds, and
 hands finished units out whole and in order (`take`). The stream above it decides
-how far to read ahead and packs (a one-source stream) or mixes (a mixture) them.
-
-A reader's tasks carry its `lane` as their stream id on the worker channel: a
-stream's first source uses the stream's own id, a mixture's others the ids after it.
+how far to read ahead, and packs (one source) or mixes (a mixture) them: supply.py.
+Its tasks name their stream and source (the reader's index in the stream), so a
+result finds its way back without any arithmetic.
 
 Failure behaviour: a task whose worker died is re-run (same input, same output);
 a task that fails MAX_ATTEMPTS times fails the reader (`on_error="fail"`: `error`
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,16 +25,21 @@ from tokenfeed.producer import elastic
 from tokenfeed.producer.cache import TokenCache, file_order
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
-from tokenfeed.producer.elastic import Layout
 from tokenfeed.producer.pool import Result, Task
+from tokenfeed.producer.position import Layout, unit_position
+from tokenfeed.producer.units import EMPTY, Unit
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-WHOLE = -1  # the part number of a result that stands for its whole unit
 INITIAL_TOKENS_PER_TEXT_BYTE = 0.25  # English under cl100k; learnt from results as they come
-_NO_TOKENS = np.zeros(0, dtype=np.uint32)
-_NO_STARTS = np.zeros(0, dtype=np.int64)
+
+
+def epoch_order(n: int, shuffle_seed: int | None, epoch: int) -> np.ndarray:
+    """The order an epoch reads a split's `n` row groups in (shuffled: per seed, epoch)."""
+    if shuffle_seed is None:
+        return np.arange(n)
+    return np.random.default_rng([shuffle_seed, epoch]).permutation(n)
 
 
 @dataclass(frozen=True)
@@ -49,19 +52,15 @@ class Source:
     cache: TokenCache | None = None
 
 
-def always(unit: int) -> bool:
-    """needs_unit for a consumer of units that reads every one."""
-    return True
-
-
 class SourceReader:
     def __init__(
-        self, lane: int, plan: SplitPlan, column: str, *, rank: int, world_size: int,
-        shuffle_seed: int | None, first_unit: int = 0, task_bytes: int = DEFAULT_TASK_BYTES,
-        on_error: str = "fail", cache: TokenCache | None = None, itemsize: int = 4,
-        needs_unit: Callable[[int], bool] = always, layout: Layout | None = None,
+        self, stream: int, source: int, plan: SplitPlan, column: str, *, rank: int,
+        world_size: int, shuffle_seed: int | None, first_unit: int = 0,
+        task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
+        cache: TokenCache | None = None, itemsize: int = 4,
+        skip: frozenset[int] = frozenset(), layout: Layout | None = None,
     ) -> None:
-        self.lane = lane
+        self.stream, self.source = stream, source
         self.layout = layout  # elastic.py: after an elastic resume, the rank's units
         self.itemsize = itemsize
         self.plan = plan
@@ -70,7 +69,7 @@ class SourceReader:
         self.task_bytes = task_bytes
         self.on_error = on_error
         self.cache = cache
-        self.needs_unit = needs_unit  # False: the consumer of units ignores it (push empty)
+        self.skip = skip  # units the packer reads past without their content (supply.py)
         self.units_cached = 0  # units served from the token cache
         self._cache_missed = -1  # the last unit the cache did not hold
         self.next_unit = first_unit  # next (unit, part) to schedule
@@ -79,7 +78,8 @@ class SourceReader:
         self.attempts: dict[tuple[int, int], int] = {}
         self.inflight: dict[tuple[int, int], int] = {}  # (unit, part) -> estimated bytes
         self.results: dict[int, dict[int, Result]] = {}  # unit -> finished parts
-        self.staged_bytes = 0  # bytes of the finished parts in `results`
+        self.whole: dict[int, Unit | None] = {}  # units from the cache; None: delivers nothing
+        self.staged_bytes = 0  # bytes of the finished parts in `results` and units in `whole`
         self.error: str | None = None
         self.tokens_per_text_byte = INITIAL_TOKENS_PER_TEXT_BYTE  # running, sizes estimates
         self.tasks_done = 0
@@ -93,9 +93,7 @@ class SourceReader:
 
     def unit_position(self, unit: int) -> tuple[int, int]:
         """(epoch, ordinal) of the rank's `unit`-th row group in the global sequence."""
-        if self.layout is not None:
-            return divmod(self.layout.item(unit)[1], len(self.plan))
-        return self.plan.unit_position(self.rank, self.world_size, unit)
+        return unit_position(self.plan, self.layout, self.rank, self.world_size, unit)
 
     def _ref(self, unit: int) -> RowGroupRef:
         epoch, ordinal = self.unit_position(unit)
@@ -106,10 +104,7 @@ class SourceReader:
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._epoch_order[0] != epoch:  # asked for every part: compute once per epoch
-            n = len(self.plan)
-            order = np.arange(n) if self.shuffle_seed is None else (
-                np.random.default_rng([self.shuffle_seed, epoch]).permutation(n))
-            self._epoch_order = (epoch, order)
+            self._epoch_order = (epoch, epoch_order(len(self.plan), self.shuffle_seed, epoch))
         return self._epoch_order[1]
 
     def _row_order(self, unit: int) -> np.ndarray | None:
@@ -146,8 +141,8 @@ class SourceReader:
         text_bytes = ref.text_bytes * (rows[1] - rows[0]) // max(ref.num_rows, 1)
         estimate = int(text_bytes * self.tokens_per_text_byte * self.itemsize)
         self.inflight[(unit, part)] = estimate
-        return Task(self.lane, unit, part, ref.path, ref.row_group, self.column, rows, doc_seed,
-                    text_bytes)
+        return Task(self.stream, self.source, unit, part, ref.path, ref.row_group, self.column,
+                    rows, doc_seed, text_bytes)
 
     def serve_cached(self) -> int:
         """Take the next unit from the token cache instead of the workers, if it is there;
@@ -155,7 +150,7 @@ class SourceReader:
         if self.cache is None or self.retry or self.next_part != 0 or self.error is not None:
             return 0
         unit = self.next_unit
-        if unit == self._cache_missed or not self.needs_unit(unit):
+        if unit == self._cache_missed or unit in self.skip:
             return 0  # asked once already / _advance pushes it empty
         ref = self._ref(unit)
         cached = self.cache.get(ref.path, ref.shard_stamp, ref.row_group)
@@ -163,23 +158,21 @@ class SourceReader:
             self._cache_missed = unit  # one lookup (and one miss counted) per unit
             return 0
         tokens, row_tokens = cached.in_order(self._row_order(unit))
-        task = Task(self.lane, unit, WHOLE, ref.path, ref.row_group, self.column,
-                    (0, ref.num_rows))
-        result = Result.of_rows(task, tokens, row_tokens)
-        self.results[unit] = {WHOLE: result}
-        self.staged_bytes += result.tokens.nbytes + result.doc_starts.nbytes
-        self.documents += len(result.doc_starts)
-        self.skipped += result.skipped
+        got = Unit.of_lengths(tokens, row_tokens)
+        self.whole[unit] = got
+        self.staged_bytes += _nbytes(got)
+        self.documents += len(got.doc_starts)
+        self.skipped += len(row_tokens) - len(got.doc_starts)
         self.units_cached += 1
         self.next_unit += 1
-        return result.tokens.nbytes + result.doc_starts.nbytes
+        return _nbytes(got)
 
     def _advance(self) -> tuple[int, int]:
         """The next (unit, part) in stream order."""
         # After a bestfit resume, units between the buffer's oldest piece and the read
         # position hold nothing the packer needs: they are pushed empty, not tokenized.
-        while self.next_part == 0 and not self.needs_unit(self.next_unit):
-            self.results[self.next_unit] = {WHOLE: self._empty(self.next_unit)}
+        while self.next_part == 0 and self.next_unit in self.skip:
+            self.whole[self.next_unit] = None
             self.next_unit += 1
         unit, part = self.next_unit, self.next_part
         if part + 1 < len(self._parts(unit)):
@@ -211,15 +204,16 @@ class SourceReader:
         resume that meets the same bad row group skips it the same way.
         """
         unit = task.unit
-        log.warning("lane %d: skipping %s row group %d (unit %d) after %d failures: %s",
-                    self.lane, task.path, task.row_group, unit, MAX_ATTEMPTS, error)
+        log.warning("stream %d source %d: skipping %s row group %d (unit %d) after %d "
+                    "failures: %s", self.stream, self.source, task.path, task.row_group, unit,
+                    MAX_ATTEMPTS, error)
         self.skipped_row_groups.append(f"{task.path}#{task.row_group}")
         for part in self.results.pop(unit, {}).values():
-            self.staged_bytes -= part.tokens.nbytes + part.doc_starts.nbytes
+            self.staged_bytes -= _nbytes(part)
         for key in [k for k in self.inflight if k[0] == unit]:
             del self.inflight[key]  # their results are dropped as strays when they come
         self.retry = deque(k for k in self.retry if k[0] != unit)
-        self.results[unit] = {WHOLE: self._empty(unit)}
+        self.whole[unit] = None
         if self.next_unit == unit:
             self.next_unit, self.next_part = unit + 1, 0
 
@@ -228,7 +222,7 @@ class SourceReader:
         if self.inflight.pop((task.unit, task.part), None) is None:
             return  # a duplicate (re-run after a worker death that had in fact finished)
         self.results.setdefault(task.unit, {})[task.part] = result
-        self.staged_bytes += result.tokens.nbytes + result.doc_starts.nbytes
+        self.staged_bytes += _nbytes(result)
         self.tasks_done += 1
         self.documents += len(result.doc_starts)
         self.skipped += result.skipped
@@ -237,29 +231,37 @@ class SourceReader:
             self.tokens_per_text_byte += (ratio - self.tokens_per_text_byte) / min(
                 self.tasks_done, 16)
 
-    def _empty(self, unit: int) -> Result:
-        """A unit that delivers nothing (skipped, or not needed by a resumed packer)."""
-        task = Task(self.lane, unit, WHOLE, "", -1, self.column, (0, 0))
-        return Result(task, _NO_TOKENS, _NO_STARTS, 0, _NO_STARTS)
-
-    def take(self, unit: int) -> Result | None:
+    def take(self, unit: int) -> Unit | None:
         """Unit `unit` once all its parts are in, its parts joined in order (None: not yet)."""
+        if unit in self.whole:
+            got = self.whole.pop(unit)
+            self.units_done += 1
+            if got is None:
+                return EMPTY
+            self.staged_bytes -= _nbytes(got)
+            return self._shaped(unit, got)
         parts = self.results.get(unit)
-        if parts is None or (WHOLE not in parts and len(parts) < len(self._parts(unit))):
+        if parts is None or len(parts) < len(self._parts(unit)):
             return None
         del self.results[unit]
-        ordered = [parts[WHOLE]] if WHOLE in parts else [parts[i] for i in range(len(parts))]
-        self.staged_bytes -= sum(r.tokens.nbytes + r.doc_starts.nbytes for r in ordered)
+        ordered = [parts[i] for i in range(len(parts))]
+        self.staged_bytes -= sum(_nbytes(r) for r in ordered)
         self.units_done += 1
-        joined = ordered[0] if len(ordered) == 1 else Result.of_rows(
-            ordered[0].task, np.concatenate([r.tokens for r in ordered]),
-            np.concatenate([r.row_tokens for r in ordered]))
-        if self.cache is not None and WHOLE not in parts:  # tokenized here: keep it
+        tokens = (ordered[0].tokens if len(ordered) == 1
+                  else np.concatenate([r.tokens for r in ordered]))
+        row_tokens = (ordered[0].row_tokens if len(ordered) == 1
+                      else np.concatenate([r.row_tokens for r in ordered]))
+        if self.cache is not None:  # tokenized here: keep it
             ref = self._ref(unit)
-            if len(joined.row_tokens) == ref.num_rows:
+            if len(row_tokens) == ref.num_rows:
                 self.cache.put(ref.path, ref.shard_stamp, ref.row_group,
-                               *file_order(joined.tokens, joined.row_tokens,
-                                           self._row_order(unit)))
-        if self.layout is not None and joined.task.row_group >= 0:  # not pushed empty
-            joined = elastic.apply(self.layout.item(unit), joined)
-        return joined
+                               *file_order(tokens, row_tokens, self._row_order(unit)))
+        return self._shaped(unit, Unit.of_lengths(tokens, row_tokens))
+
+    def _shaped(self, unit: int, got: Unit) -> Unit:
+        """What the rank's layout keeps of a unit's row group (all of it, normally)."""
+        return got if self.layout is None else elastic.apply(self.layout.item(unit), got)
+
+
+def _nbytes(u: Unit | Result) -> int:
+    return int(u.tokens.nbytes + u.doc_starts.nbytes)

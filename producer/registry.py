@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from tokenfeed.common import protocol
-from tokenfeed.common.config import MAX_SOURCES, StreamSpec
+from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import ConfigError
 from tokenfeed.common.ring import Ring, RingLayout
 from tokenfeed.common.shm import segment_name
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
+from tokenfeed.producer.position import Position
 from tokenfeed.producer.reader import Source
 from tokenfeed.producer.stream import Stream
 from tokenfeed.producer.telemetry import RateWindow, Retired, stream_counters, stream_extras
@@ -66,15 +67,6 @@ class StreamRegistry:
     def get(self, sid: int) -> Stream | None:
         return self.streams.get(sid)
 
-    def lane(self, lane: int) -> Stream | None:
-        """The stream whose source reader has task lane `lane` (its sid, or one after it:
-        a mixture's sources take consecutive ids)."""
-        for sid in range(lane, max(lane - MAX_SOURCES, -1), -1):
-            stream = self.streams.get(sid)
-            if stream is not None:
-                return stream if lane < sid + len(stream.readers) else None
-        return None
-
     def describe(self) -> list[dict[str, Any]]:
         """Every stream's describe() with its rates, stall share and consumers."""
         return [{**s.describe(), **stream_extras(s, self.rates.get(s.sid))}
@@ -82,7 +74,7 @@ class StreamRegistry:
 
     # -- streams ------------------------------------------------------------
 
-    def find(self, spec: StreamSpec, start: dict[str, Any]) -> tuple[Stream, int] | None:
+    def find(self, spec: StreamSpec, start: Position) -> tuple[Stream, int] | None:
         """A live stream of `spec` that holds (or fills next) the batch at `start`."""
         for stream in self.streams.values():
             if stream.spec == spec and stream.error is None:
@@ -91,7 +83,7 @@ class StreamRegistry:
                     return stream, seq
         return None
 
-    def create(self, spec: StreamSpec, sources: list[Source], start: dict[str, Any]) -> Stream:
+    def create(self, spec: StreamSpec, sources: list[Source], start: Position) -> Stream:
         layout = RingLayout(slot_count=self.slots, slot_tokens=spec.window_tokens,
                             itemsize=self.itemsize)
         used = sum(s.ring.layout.size_bytes for s in self.streams.values())
@@ -108,13 +100,11 @@ class StreamRegistry:
                 f"{self.max_ring_bytes >> 20}; lower --slots or the batch size, or raise it"
             )
         sid = self._next_sid
-        self._next_sid += len(sources)  # one task lane per source: sid, sid + 1, ...
+        self._next_sid += 1
         ring = Ring.create(segment_name(self.daemon_id, f"s{sid}"), layout)
         try:
-            first = sources[0]
-            stream = Stream(sid, spec, first.plan, ring, first.column, start,
-                            task_bytes=self.task_bytes, on_error=self.on_error,
-                            cache=first.cache, sources=sources)
+            stream = Stream(sid, spec, ring, sources, start, task_bytes=self.task_bytes,
+                            on_error=self.on_error)
         except BaseException:
             ring.close()
             ring.segment.unlink()

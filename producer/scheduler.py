@@ -2,10 +2,11 @@
 
 Each pass fills every free worker place (an idle worker first, then a worker's
 second, queued task) with the next task of the hungriest stream that wants work
-(`Stream.wants_work`: room in its ring, or a pool that would idle), hungriest =
-the least filled ring, then the fewest tasks in flight. A task goes to a worker
-whose reader already decoded its row group when one of the least loaded is such a
-worker, so the parts of a row group rarely decode its Parquet pages twice.
+(`wants_work`: packing waits for a task not yet out, or a reader is under its share
+of the read-ahead), hungriest = the least filled ring, then the fewest tasks in
+flight. Read-ahead is decided here, from what each stream exposes (stream.py). A
+task goes to a worker whose reader already decoded its row group when one of the
+least loaded is such a worker, so the parts of a row group rarely decode its Parquet pages twice.
 
 Units the token cache holds are served first, by the daemon itself (no worker), under
 the same read-ahead rule and budget.
@@ -33,28 +34,45 @@ from tokenfeed.producer.stream import Stream
 
 log = logging.getLogger(__name__)
 
+def wants_work(stream: Stream, pool_capacity: int) -> bool:
+    """More tasks would be used: packing waits for one, or a reader is under its share of
+    the free slots plus one task per pool place (the staging budget bounds it overall)."""
+    if stream.error is not None or stream.inflight_count >= pool_capacity:
+        return False
+    return stream.blocked_reader() is not None or bool(stream.hungry_readers(pool_capacity))
+
+
+def next_reader(stream: Stream, pool_capacity: int) -> int:
+    """The reader of `stream` to read next: the one packing waits on, else the hungriest."""
+    blocked = stream.blocked_reader()
+    if blocked is not None:
+        return blocked
+    hungry = stream.hungry_readers(pool_capacity)
+    return hungry[0] if hungry else 0
+
+
 def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int) -> int:
     """Assign tasks while workers have room and the budget allows; returns how many."""
     streams = list(streams)
     staged = sum(s.staged() for s in streams)
     for stream in streams:  # cached units first: no worker needed, memory speed
-        while staged < budget_bytes and stream.wants_work(pool.capacity):
-            served = stream.serve_cached(pool.capacity)
+        while staged < budget_bytes and wants_work(stream, pool.capacity):
+            served = stream.serve_cached(next_reader(stream, pool.capacity))
             if not served:
                 break
             staged += served
     free = pool.free()
     assigned = 0
     while free:
-        hungry = [s for s in streams if s.wants_work(pool.capacity)]
+        hungry = [s for s in streams if wants_work(s, pool.capacity)]
         if not hungry:
             break
         stream = min(hungry, key=lambda s: (s.starvation(), s.inflight_count, s.sid))
         over_budget = staged >= budget_bytes and pool.inflight() > 0
-        if over_budget and not stream.head_unscheduled():
+        if over_budget and stream.blocked_reader() is None:
             break
         try:
-            task = stream.next_task(pool.capacity)
+            task = stream.next_task(next_reader(stream, pool.capacity))
         except Exception as e:  # one stream's bad position must not stop the node's feed
             log.exception("stream %d cannot be scheduled", stream.sid)
             stream.error = f"stream {stream.sid} cannot be scheduled: {type(e).__name__}: {e}"

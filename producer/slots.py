@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +62,8 @@ class Reservation:
 @dataclass
 class Slot:
     seq: int = -1  # -1: free
-    before: dict[str, Any] = field(default_factory=dict)  # cursor of the batch's first token
-    after: dict[str, Any] = field(default_factory=dict)  # cursor right after the batch
+    before: Any = None  # the Position of the batch's first token
+    after: dict[str, Any] = field(default_factory=dict)  # JSON cursor right after the batch
 
 
 class SlotTable:
@@ -98,7 +97,7 @@ class SlotTable:
         self.ring.invalidate(index)
         return index
 
-    def publish(self, index: int, before: dict[str, Any], after: dict[str, Any]) -> int:
+    def publish(self, index: int, before: Any, after: dict[str, Any]) -> int:
         """The slot holds the next batch, which starts at `before` and ends at `after`."""
         seq = self.next_seq
         self.slots[index] = Slot(seq, before, after)
@@ -191,12 +190,10 @@ class SlotTable:
     def detach(self, identity: bytes) -> None:
         self.consumers.pop(identity, None)
 
-    def seq_at(
-        self, key: Callable[[dict[str, Any]], Any], wanted: Any, next_fill: dict[str, Any]
-    ) -> int | None:
-        """Seq of a filled batch whose start has `key` `wanted`, else of the next to fill
-        if `next_fill` has it, else None (that position is gone from this ring)."""
+    def seq_at(self, wanted: Any, next_fill: Any) -> int | None:
+        """Seq of a filled batch that starts at position `wanted`, else of the next to
+        fill if that is `next_fill`, else None (that position is gone from this ring)."""
         for seq in sorted(self.by_seq):
-            if key(self.slots[self.by_seq[seq]].before) == wanted:
+            if self.slots[self.by_seq[seq]].before == wanted:
                 return seq
-        return self.next_seq if key(next_fill) == wanted else None
+        return self.next_seq if next_fill == wanted else None

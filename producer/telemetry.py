@@ -84,7 +84,7 @@ def stream_extras(stream: Any, rates: RateWindow | None) -> dict[str, Any]:
         d_stall, d_step = rates.delta("stall_s"), rates.delta("step_s")
         if d_stall is not None and d_step is not None:
             recent = stall_share(d_stall[0], d_step[0])
-    position = stream.next_position()
+    cursor = stream.cursor()
     consumers = [
         {"id": c.identity.decode(errors="replace"), "stall_s": round(c.stall_s, 6),
          "step_s": round(c.step_s, 6), "stall_share": stall_share(c.stall_s, c.step_s),
@@ -101,8 +101,8 @@ def stream_extras(stream: Any, rates: RateWindow | None) -> dict[str, Any]:
         # Recent (over the rate window) when consumers reported twice, else since start.
         "stall_share": recent if recent is not None else stall_share(
             counters["stall_s"], counters["step_s"]),
-        "epoch": position["epoch"],
-        "epoch_progress": position["row_group"] / max(len(stream.plan), 1),
+        "epoch": cursor["epoch"],
+        "epoch_progress": stream.progress(cursor),
         "waste_share": cropped / (packed + cropped) if packed + cropped else 0.0,
         "consumer_list": consumers,
     }

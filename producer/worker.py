@@ -73,7 +73,6 @@ class RowGroupReader:
         self.column: pa.ChunkedArray | None = None
         self.order_seed: list[int] | None = None
         self.order: np.ndarray | None = None
-        self.decodes = 0
 
     def _file(self, path: str) -> pq.ParquetFile:
         pf = self.files.get(path)
@@ -94,7 +93,6 @@ class RowGroupReader:
             self.key = self.column = self.order = None  # a failed read keeps nothing stale
             self.column = self._file(path).read_row_group(row_group, columns=[column]).column(0)
             self.key = key
-            self.decodes += 1
         assert self.column is not None
         lo, hi = rows
         if hi > len(self.column):

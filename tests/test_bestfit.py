@@ -21,14 +21,17 @@ from oracle import bestfit_windows, reference_bestfit_windows
 
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import StateMismatchError
+from tokenfeed.producer import bestfit_codec
 from tokenfeed.producer.bestfit import (
     DEFAULT_BUFFER_DOCS,
     DEFAULT_MAX_AGE_DOCS,
     DEFAULT_MIN_TAIL,
     BestFitPacker,
-    buffer_pieces,
 )
+from tokenfeed.producer.bestfit_codec import Piece
 from tokenfeed.producer.packer import make_packer
+from tokenfeed.producer.position import BestFitPosition, Position
+from tokenfeed.producer.supply import skipped_units
 
 BOS = 0
 Unit = tuple[np.ndarray, np.ndarray]  # (tokens uint32, doc_starts int64)
@@ -58,11 +61,21 @@ def make_units(docs: list[list[int]], seed: int = 0) -> list[Unit]:
     return units
 
 
-Drained = list[tuple[np.ndarray, dict[str, Any]]]
+Drained = list[tuple[np.ndarray, BestFitPosition]]
+
+
+def through_json(position: BestFitPosition, buffer_docs: int) -> BestFitPosition:
+    """`position` as a consumer saves it and hands it back: JSON, then parsed."""
+    parsed = BestFitPosition.parse(json.loads(json.dumps(position.to_json())), buffer_docs)
+    assert parsed == position
+    assert parsed.pieces == position.pieces
+    assert parsed.first_unit == position.first_unit
+    return parsed
 
 
 def drain(packer: BestFitPacker, units: list[Unit], *, lazily: bool) -> Drained:
-    """Every window the packer can cut from units[packer.next_unit:], with its position.
+    """Every window the packer can cut from units[packer.next_unit:], with its position
+    (saved as JSON and parsed back, as a resume reads it).
 
     lazily: push one unit, fill what is ready, repeat. Otherwise push all, then fill.
     """
@@ -71,7 +84,7 @@ def drain(packer: BestFitPacker, units: list[Unit], *, lazily: bool) -> Drained:
     def fill_ready() -> None:
         while packer.ready():
             window = np.empty(packer.window_tokens, dtype=np.uint32)
-            out.append((window, json.loads(json.dumps(packer.fill(window)))))
+            out.append((window, through_json(packer.fill(window), packer.buffer_docs)))
 
     for u in range(packer.next_unit, len(units)):
         packer.push(u, *units[u])
@@ -105,7 +118,7 @@ def reference(b: int, t: int, buffer_docs: int, min_tail: int | None, max_age_do
 
 
 def packed(b: int, t: int, buffer_docs: int, min_tail: int | None, max_age_docs: int,
-           start: dict[str, Any] | None = None, *, lazily: bool = False
+           start: BestFitPosition | None = None, *, lazily: bool = False
            ) -> tuple[BestFitPacker, Drained]:
     packer = BestFitPacker(b, t, start, buffer_docs=buffer_docs, min_tail=min_tail,
                            max_age_docs=max_age_docs)
@@ -194,9 +207,8 @@ def test_a_piece_past_max_age_goes_next_and_its_tail_keeps_its_age() -> None:
     out = np.empty(12, dtype=np.uint32)
     position = packer.fill(out)
     assert out.tolist() == [BOS, 101, BOS, 1, BOS, 2, 3, 4, BOS, 5, 6, 7]
-    assert {k: position[k] for k in ("unit", "doc", "docs_read")} == {
-        "unit": 0, "doc": 3, "docs_read": 3}
-    assert buffer_pieces(position) == [(0, 2, 0, 0, 2), (0, 0, 8, 1, 0)]
+    assert (position.unit, position.doc, position.docs_read) == (0, 3, 3)
+    assert position.pieces == (Piece(0, 2, 0, 2), Piece(0, 0, 8, 0))  # the second a tail
     assert packer.stats()["tokens_by_age"] == 10
     best_fit = BestFitPacker(3, 3, buffer_docs=2, min_tail=1, max_age_docs=NO_AGE)
     best_fit.push(0, tokens, starts)
@@ -246,13 +258,17 @@ def test_buffered_tokens_count_only_documents_outside_the_buffer() -> None:
     assert packer.buffered_tokens == 5  # doc 1 waits in the buffer, doc 2 is unread
 
 
-def test_buffered_tokens_are_negative_while_starved() -> None:
+def test_lacking_tokens_outweigh_buffered_tokens_while_starved() -> None:
     """A long document can outweigh a window yet supply a single refill: ask for more."""
     packer = BestFitPacker(2, 3, buffer_docs=1, min_tail=None)
     packer.push(0, np.array([BOS, 1, BOS, *range(2, 100)], dtype=np.uint32), np.array([0, 2]))
-    assert packer.buffered_tokens == 101
+    assert (packer.buffered_tokens, packer.lacking_tokens) == (101, 0)
     assert not packer.ready()
-    assert packer.buffered_tokens < 0
+    assert packer.buffered_tokens == 0
+    assert packer.lacking_tokens > 0
+    assert packer.buffered_tokens - packer.lacking_tokens < 0  # what a stream reads ahead on
+    packer.push(1, np.array([BOS, 100], dtype=np.uint32), np.array([0]))
+    assert packer.lacking_tokens == 0  # a push answers the estimate
 
 
 # -- positions and resume ----------------------------------------------------------
@@ -292,11 +308,11 @@ def long_run(max_age_docs: int) -> tuple[list[Unit], list[int], Drained]:
     return units, unit_of_doc, drain(packer, units, lazily=True)
 
 
-def oldest_reference(position: dict[str, Any]) -> tuple[int, int]:
+def oldest_reference(position: BestFitPosition) -> tuple[int, int]:
     """(age in documents, lag in units) of the position's oldest buffered piece."""
-    pieces = buffer_pieces(position)
-    return (position["docs_read"] - min(p[4] for p in pieces),
-            position["unit"] - min(p[0] for p in pieces))
+    pieces = position.pieces
+    return (position.docs_read - min(p.born for p in pieces),
+            position.unit - min(p.unit for p in pieces))
 
 
 @pytest.mark.parametrize("max_age_docs", [0, 16, 64, 300])
@@ -310,8 +326,9 @@ def test_age_rule_bounds_how_far_the_oldest_reference_trails(max_age_docs: int) 
         age, _ = oldest_reference(position)
         ages.append(age)
         assert age <= bound, f"window {k}"
-        first_unit = unit_of_doc[max(position["docs_read"] - bound, 0)]
-        assert min(p[0] for p in buffer_pieces(position)) >= first_unit
+        first_unit = unit_of_doc[max(position.docs_read - bound, 0)]
+        assert min(p.unit for p in position.pieces) >= first_unit
+        assert position.first_unit >= first_unit
     assert len(run) > 1500
     assert max(ages) == bound  # the bound is tight
 
@@ -332,7 +349,7 @@ def test_resume_late_in_a_long_run_reproduces_the_rest_from_near_the_read_unit(
         position = full[k][1]
         packer = BestFitPacker(4, 64, position, buffer_docs=16, min_tail=4,
                                max_age_docs=max_age_docs)
-        assert packer.next_unit >= unit_of_doc[max(position["docs_read"] - bound, 0)]
+        assert packer.next_unit >= unit_of_doc[max(position.docs_read - bound, 0)]
         resumed = drain(packer, units, lazily=True)
         rest = full[k + 1 :]
         assert [w.tolist() for w, _ in resumed] == [w.tolist() for w, _ in rest], (
@@ -347,16 +364,26 @@ def test_oldest_piece_index_stays_bounded_when_the_rule_never_triggers() -> None
     units = make_units(make_docs(3000, seed=5, max_len=300), seed=5)
     packer = BestFitPacker(4, 64, buffer_docs=16, min_tail=4, max_age_docs=NO_AGE)
     drain(packer, units, lazily=True)
-    assert packer.position["docs_read"] > 2900
+    assert packer.position.docs_read > 2900
     assert len(packer._ages) <= 4 * 16 + 1
 
 
+def encoded(unit: int, doc: int, docs_read: int, pieces: list[Piece]) -> dict[str, Any]:
+    """A position's JSON whose buffer is `pieces`, as the packer writes it."""
+    buffer = bestfit_codec.encode([v for p in pieces for v in p], len(pieces), unit, docs_read)
+    return {"unit": unit, "doc": doc, "docs_read": docs_read, "buffer": buffer}
+
+
 def test_resume_starts_at_the_earliest_unit_the_position_names() -> None:
-    position = {"unit": 9, "doc": 1, "docs_read": 41,
-                "buffer": [7, 2, 0, 0, 30, 4, 0, 5, 1, 10, 9, 0, 0, 0, 40]}
+    pieces = [Piece(7, 2, 0, 30), Piece(4, 0, 5, 10), Piece(9, 0, 0, 40)]
+    position = BestFitPosition.parse(encoded(9, 1, 41, pieces), 4)
+    assert position.pieces == tuple(pieces)
+    assert position.first_unit == 4
     packer = BestFitPacker(2, 8, position, buffer_docs=4)
     assert packer.next_unit == 4
-    assert buffer_pieces(packer.position) == buffer_pieces(position)
+    assert packer.position.pieces == position.pieces
+    assert packer.position == position
+    assert packer.position.first_unit == 4
     assert BestFitPacker(2, 8, packer.position, buffer_docs=4).position == packer.position
 
 
@@ -367,9 +394,11 @@ def test_units_the_packer_does_not_need_may_be_pushed_empty_on_resume() -> None:
     empty = (np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64))
     k = len(full) // 2
     packer = BestFitPacker(2, 32, full[k][1], buffer_docs=8, min_tail=4, max_age_docs=NO_AGE)
+    skip = skipped_units(full[k][1])
+    assert packer.next_unit == full[k][1].first_unit
     skipped = 0
     for u in range(packer.next_unit, len(units)):
-        needed = packer.needs_unit(u)
+        needed = u not in skip
         skipped += not needed
         packer.push(u, *(units[u] if needed else empty))
     got = []
@@ -381,23 +410,28 @@ def test_units_the_packer_does_not_need_may_be_pushed_empty_on_resume() -> None:
     assert got == [w.tolist() for w, _ in full[k + 1 :]]
 
 
-def test_resume_key_ignores_the_cursor_fields_the_stream_adds() -> None:
-    packer = BestFitPacker(2, 8)
-    position = {"unit": 3, "doc": 1, "docs_read": 9, "buffer": [1, 0, 0, 0, 4]}
-    assert packer.resume_key({**position, "epoch": 0, "row_group": 3}) == packer.resume_key(
-        position
-    )
+def test_position_equality_ignores_the_cursor_fields_the_stream_adds() -> None:
+    spec = StreamSpec(batch_size=2, seq_len=8, packing="bestfit")
+    position = encoded(3, 1, 9, [Piece(1, 0, 0, 4)])
+    cursor = {**position, "epoch": 0, "row_group": 3}
+    assert Position.parse(cursor, spec, ()) == Position.parse(position, spec, ())
+    assert BestFitPosition.parse(cursor, 2) == BestFitPosition.parse(position, 2)
+    # ... but not the fields that say where it continues
+    for other in (encoded(3, 1, 9, [Piece(1, 0, 1, 4)]), encoded(3, 1, 9, []),
+                  {**position, "doc": 2, "docs_read": 10}):
+        assert BestFitPosition.parse(other, 2) != BestFitPosition.parse(position, 2)
 
 
 def test_position_of_a_full_buffer_is_under_64_kb_of_json() -> None:
     # a long run: unit numbers in the millions, billions of documents read, long
-    # documents cropped deep inside
-    flat = []
-    for i in range(1000):
-        flat += [2_000_000 + i, 99_999, 1_000_000 + i, 1, 5_000_000_000 + i]
-    position = {"unit": 3_000_000, "doc": 0, "docs_read": 5_000_009_000, "buffer": flat}
+    # documents cropped deep inside (every piece the last of its own unit of 100k)
+    pieces = [Piece(2_000_000 + i, 99_999, 1_000_000 + i, 5_000_099_999 + 100_000 * i)
+              for i in range(1000)]
+    position = BestFitPosition.parse(encoded(3_000_000, 0, 5_100_009_000, pieces), 1000)
+    assert position.pieces == tuple(pieces)
     packer = BestFitPacker(32, 2048, position)
-    assert len(json.dumps(packer.position)) < 64 * 1024
+    assert packer.position.pieces == tuple(pieces)
+    assert len(json.dumps(packer.position.to_json())) < 64 * 1024
 
 
 def lognormal_units(docs_per_unit: int, n_docs: int = 80_000) -> Iterator[Unit]:
@@ -429,9 +463,10 @@ def test_position_after_1000_windows_of_nanochat_shape_is_under_8_kb_of_json(
         if windows == 1000:
             break
     assert windows == 1000
-    assert len(buffer_pieces(packer.position)) >= 999
-    assert len(json.dumps(packer.position)) < 8 * 1024
-    assert len(json.dumps(packer.position, indent=4)) < 8 * 1024  # one line, indented or not
+    assert len(packer.position.pieces) >= 999
+    assert len(json.dumps(packer.position.to_json())) < 8 * 1024
+    # one line, indented or not
+    assert len(json.dumps(packer.position.to_json(), indent=4)) < 8 * 1024
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -445,32 +480,42 @@ def test_compact_position_names_every_buffered_piece_in_order(config: Config) ->
         packer.push(u, *unit)
         while packer.ready():
             position = packer.fill(out)
-            # (unit, doc, start, tail, born) of each piece, in the order they entered
-            pieces = [(p[3], p[4], p[1], p[2], p[5]) for p in packer._pieces.values()]
-            assert buffer_pieces(position) == pieces
-            again = BestFitPacker(b, t, position, buffer_docs=buffer_docs, min_tail=min_tail,
+            # (unit, doc, start, born) of each piece, in the order they entered; a tail
+            # exactly when its start is past 0
+            pieces = [Piece(p[3], p[4], p[1], p[5]) for p in packer._pieces.values()]
+            assert position.pieces == tuple(pieces)
+            assert [p[2] for p in packer._pieces.values()] == [int(p.start > 0) for p in pieces]
+            parsed = BestFitPosition.parse(position.to_json(), buffer_docs)
+            assert parsed.pieces == tuple(pieces)
+            again = BestFitPacker(b, t, parsed, buffer_docs=buffer_docs, min_tail=min_tail,
                                   max_age_docs=max_age_docs)
             assert again.position == position
+            assert again.position.to_json() == position.to_json()
             checked += 1
     assert checked > 20
 
 
-def test_position_in_the_earlier_five_integer_form_resumes_identically() -> None:
+def test_position_in_the_earlier_five_integer_form_is_refused_clearly() -> None:
     config = CONFIGS[0]
     _, full = packed(*config)
     k = len(full) // 2
     position = full[k][1]
-    flat = [v for piece in buffer_pieces(position) for v in piece]
+    # (unit, doc, start, tail, born) a piece: the list form no longer read
+    flat = [v for p in position.pieces for v in (p.unit, p.doc, p.start, int(p.start > 0),
+                                                  p.born)]
     assert flat
-    old = {"unit": position["unit"], "doc": position["doc"],
-           "docs_read": position["docs_read"], "buffer": flat}
-    _, resumed = packed(*config, start=old, lazily=True)
-    assert [w.tolist() for w, _ in resumed] == [w.tolist() for w, _ in full[k + 1 :]]
-    assert [p for _, p in resumed] == [p for _, p in full[k + 1 :]]
+    old = {"unit": position.unit, "doc": position.doc, "docs_read": position.docs_read,
+           "buffer": flat}
+    with pytest.raises(StateMismatchError, match=r"a string 'buffer'.*buffer of type list"):
+        BestFitPosition.parse(old, config[2])
+    spec = StreamSpec(batch_size=config[0], seq_len=config[1], packing="bestfit",
+                      buffer_docs=config[2])
+    with pytest.raises(StateMismatchError, match="pass the feed state unchanged"):
+        Position.parse(old, spec, ())
 
 
 def compact(unit: int, doc: int, docs_read: int, values: list[int]) -> dict[str, Any]:
-    from tokenfeed.producer.bestfit import _varints_to_text
+    from tokenfeed.producer.bestfit_codec import _varints_to_text
 
     return {"unit": unit, "doc": doc, "docs_read": docs_read,
             "buffer": _varints_to_text(np.array(values, dtype=np.int64))}
@@ -478,8 +523,9 @@ def compact(unit: int, doc: int, docs_read: int, values: list[int]) -> dict[str,
 
 def test_compact_helper_writes_what_the_packer_reads() -> None:
     # one piece: age 1, unit 0 (back 1 from unit 1) whose document 0 has born 1 back of 2
-    position = compact(1, 0, 2, [1, 1, 0, 1, 1, 2])
-    assert buffer_pieces(position) == [(0, 1, 0, 0, 1)]
+    position = BestFitPosition.parse(compact(1, 0, 2, [1, 1, 0, 1, 1, 2]), 2)
+    assert position.pieces == (Piece(0, 1, 0, 1),)
+    assert BestFitPacker(2, 8, position, buffer_docs=2).position == position
 
 
 @pytest.mark.parametrize(
@@ -505,35 +551,43 @@ def test_compact_helper_writes_what_the_packer_reads() -> None:
 )
 def test_malformed_compact_position_raises_state_mismatch(position: dict[str, Any]) -> None:
     with pytest.raises(StateMismatchError):
-        BestFitPacker(2, 8, position, buffer_docs=2)
+        BestFitPosition.parse(position, 2)
 
 
 @pytest.mark.parametrize(
     "position",
     [
-        {"unit": -1, "doc": 0, "buffer": []},
-        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": [0, 0, 0, 0]},  # not a multiple of 5
-        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": [0, 0, 5, 0, 0]},  # start > 0: tail
-        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": [1, 0, 0, 0, 0]},  # not read yet
-        {"unit": 1, "doc": 0, "docs_read": 2,
-         "buffer": [0, 0, 0, 0, 0, 0, 0, 3, 1, 1]},  # one doc twice
-        {"unit": 2, "doc": 0, "docs_read": 9,
-         "buffer": [0, 0, 0, 0, 5, 1, 0, 0, 0, 4]},  # born does not grow with (unit, doc)
-        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": [0, 0, 0, 0, 2]},  # born >= docs_read
-        {"unit": 1, "doc": 0, "buffer": [0, 0, 0, 0, 0]},  # no docs_read, buffer not empty
-        {"unit": 4, "doc": 0, "docs_read": 9,
-         "buffer": [0, 0, 0, 0, 1, 0, 2, 0, 3, 0, 0, 0]},  # more pieces than the buffer
-        {"unit": 1, "doc": "0", "buffer": []},
-        {"unit": 1, "doc": 0, "docs_read": -1, "buffer": []},
+        {"unit": -1, "doc": 0, "buffer": ""},
+        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": [0, 0, 0, 0, 0]},  # the list form
+        {"unit": 1, "doc": 0, "docs_read": 2, "buffer": 5},  # not a string
+        encoded(1, 0, 2, [Piece(1, 0, 0, 0)]),  # not read yet
+        encoded(1, 0, 2, [Piece(0, 0, 0, 0), Piece(0, 0, 3, 0)]),  # one doc twice
+        encoded(2, 0, 9, [Piece(0, 0, 0, 5), Piece(1, 0, 0, 4)]),  # born does not grow
+        encoded(1, 0, 2, [Piece(0, 0, 0, 2)]),  # born >= docs_read
+        {"unit": 1, "doc": 0,  # no docs_read, buffer not empty
+         "buffer": encoded(1, 0, 2, [Piece(0, 0, 0, 0)])["buffer"]},
+        encoded(4, 0, 9, [Piece(0, 0, 0, 1), Piece(0, 1, 0, 2),
+                          Piece(0, 2, 0, 3)]),  # more pieces than the buffer
+        {"unit": 1, "doc": "0", "buffer": ""},
+        {"unit": 1, "doc": 0, "docs_read": -1, "buffer": ""},
     ],
 )
 def test_malformed_position_raises_state_mismatch(position: dict[str, Any]) -> None:
     with pytest.raises(StateMismatchError):
+        BestFitPosition.parse(position, 2)
+
+
+def test_packer_refuses_a_position_with_more_pieces_than_its_buffer() -> None:
+    position = BestFitPosition.parse(
+        encoded(4, 0, 9, [Piece(0, 0, 0, 1), Piece(0, 1, 0, 2), Piece(0, 2, 0, 3)]), 3)
+    assert len(position.pieces) == 3
+    assert BestFitPacker(2, 8, position, buffer_docs=3).position == position
+    with pytest.raises(StateMismatchError, match="buffer_docs=2"):
         BestFitPacker(2, 8, position, buffer_docs=2)
 
 
 def test_position_naming_a_missing_document_raises_on_push() -> None:
-    position = {"unit": 1, "doc": 0, "docs_read": 1, "buffer": [0, 5, 0, 0, 0]}
+    position = BestFitPosition.parse(encoded(1, 0, 6, [Piece(0, 5, 0, 5)]), 2)
     packer = BestFitPacker(2, 8, position, buffer_docs=2)
     with pytest.raises(StateMismatchError, match="document 5"):
         packer.push(0, np.array([BOS, 1], dtype=np.uint32), np.array([0]))
@@ -553,15 +607,15 @@ def test_unit_arrays_are_dropped_once_all_their_documents_are_in_the_buffer() ->
     del units, tokens, starts
     alive = [u for u, r in enumerate(refs) if r() is not None]
     assert len(refs) > 50
-    assert all(u >= packer.position["unit"] for u in alive), alive  # unread documents only
+    assert all(u >= packer.position.unit for u in alive), alive  # unread documents only
 
 
 def test_make_packer_builds_bestfit_for_a_bestfit_spec() -> None:
     spec = StreamSpec(batch_size=2, seq_len=16, packing="bestfit")
-    packer = make_packer(spec, None)
+    packer = make_packer(spec, Position.start(spec).packed)
     assert isinstance(packer, BestFitPacker)
     assert packer.window_tokens == spec.window_tokens
-    assert packer.position == {"unit": 0, "doc": 0, "docs_read": 0, "buffer": ""}
+    assert packer.position.to_json() == {"unit": 0, "doc": 0, "docs_read": 0, "buffer": ""}
     assert packer.max_age_docs == 8 * spec.buffer_docs
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from tokenfeed.common.errors import StateMismatchError
 from tokenfeed.producer.packer import ConcatPacker
+from tokenfeed.producer.position import ConcatPosition
 
 Unit = tuple[np.ndarray, np.ndarray]  # (tokens uint32, doc_starts int64)
 
@@ -45,7 +46,7 @@ def drain(
         while packer.ready():
             window = np.empty(packer.window_tokens, dtype=np.uint32)
             cursor = packer.fill(window)
-            out.append((window, dict(cursor)))
+            out.append((window, cursor.to_json()))
 
     for u in range(first_unit, len(units)):
         packer.push(u, *units[u])
@@ -70,7 +71,7 @@ def test_windows_are_the_stream_cut_into_consecutive_pieces(window_tokens: int) 
     windows = [
         w
         for w, _ in drain(
-            ConcatPacker(window_tokens, {"unit": 0, "offset": 0}), units, 0, lazily=False
+            ConcatPacker(window_tokens, ConcatPosition(0)), units, 0, lazily=False
         )
     ]
     assert len(windows) == len(stream) // window_tokens
@@ -82,7 +83,7 @@ def test_windows_are_the_stream_cut_into_consecutive_pieces(window_tokens: int) 
 
 def test_a_window_may_span_several_units() -> None:
     units = make_units([2, 3, 1, 4])
-    packer = ConcatPacker(9, {"unit": 0, "offset": 0})
+    packer = ConcatPacker(9, ConcatPosition(0))
     ((window, cursor),) = drain(packer, units, 0, lazily=False)
     assert window.tolist() == list(range(9))
     assert (cursor["unit"], cursor["offset"]) == (3, 3)
@@ -90,7 +91,7 @@ def test_a_window_may_span_several_units() -> None:
 
 def test_fill_writes_into_a_uint16_buffer() -> None:
     units = make_units([10])
-    packer = ConcatPacker(4, {"unit": 0, "offset": 0})
+    packer = ConcatPacker(4, ConcatPosition(0))
     packer.push(0, *units[0])
     out = np.zeros(4, dtype=np.uint16)
     packer.fill(out)
@@ -103,7 +104,7 @@ def test_fill_writes_into_a_uint16_buffer() -> None:
 @pytest.mark.parametrize("window_tokens", [1, 4, 7, 10, 33])
 def test_cursor_is_the_position_of_the_next_token(window_tokens: int) -> None:
     units = make_units([5, 9, 1, 12, 3, 8])
-    packer = ConcatPacker(window_tokens, {"unit": 0, "offset": 0})
+    packer = ConcatPacker(window_tokens, ConcatPosition(0))
     for k, (_, cursor) in enumerate(drain(packer, units, 0, lazily=False)):
         assert global_index(units, cursor) == (k + 1) * window_tokens, f"window {k}"
         # never "offset == len(unit)": a unit's end is the next unit's start
@@ -114,16 +115,16 @@ def test_cursor_is_the_position_of_the_next_token(window_tokens: int) -> None:
 def test_cursor_names_the_document_of_the_next_token() -> None:
     tokens = np.arange(10, dtype=np.uint32)
     doc_starts = np.array([0, 4, 5, 9], dtype=np.int64)
-    packer = ConcatPacker(1, {"unit": 0, "offset": 0})
+    packer = ConcatPacker(1, ConcatPosition(0))
     packer.push(0, tokens, doc_starts)
-    docs = [packer.fill(np.empty(1, dtype=np.uint32))["doc"] for _ in range(9)]
+    docs = [packer.fill(np.empty(1, dtype=np.uint32)).doc for _ in range(9)]
     # next tokens 1..9 lie in documents 0,0,0,1,2,2,2,2,3
     assert docs == [0, 0, 0, 1, 2, 2, 2, 2, 3]
 
 
 def test_window_ending_at_a_unit_end_points_at_the_next_unit_start() -> None:
     units = make_units([5, 5, 6])
-    packer = ConcatPacker(5, {"unit": 0, "offset": 0})
+    packer = ConcatPacker(5, ConcatPosition(0))
     cursors = [c for _, c in drain(packer, units, 0, lazily=False)]
     assert cursors == [
         {"unit": 1, "offset": 0, "doc": 0},
@@ -135,15 +136,15 @@ def test_window_ending_at_a_unit_end_points_at_the_next_unit_start() -> None:
 def test_empty_units_add_no_tokens() -> None:
     with_empty = make_units([4, 0, 0, 6, 0, 5])
     without = make_units([4, 6, 5])
-    got = drain(ConcatPacker(5, {"unit": 0, "offset": 0}), with_empty, 0, lazily=False)
-    want = drain(ConcatPacker(5, {"unit": 0, "offset": 0}), without, 0, lazily=False)
+    got = drain(ConcatPacker(5, ConcatPosition(0)), with_empty, 0, lazily=False)
+    want = drain(ConcatPacker(5, ConcatPosition(0)), without, 0, lazily=False)
     assert [w.tolist() for w, _ in got] == [w.tolist() for w, _ in want]
 
 
 def test_empty_units_do_not_shift_cursors_within_later_units() -> None:
     units = make_units([4, 0, 0, 6, 0, 5])
     cursors = [
-        c for _, c in drain(ConcatPacker(5, {"unit": 0, "offset": 0}), units, 0, lazily=False)
+        c for _, c in drain(ConcatPacker(5, ConcatPosition(0)), units, 0, lazily=False)
     ]
     # stream index 5 is offset 1 of unit 3, index 10 is the start of unit 4 (empty) or 5.
     assert (cursors[0]["unit"], cursors[0]["offset"]) == (3, 1)
@@ -153,18 +154,19 @@ def test_empty_units_do_not_shift_cursors_within_later_units() -> None:
 
 def test_empty_units_pushed_after_a_window_do_not_change_its_cursor() -> None:
     units = make_units([5, 0, 0, 3])
-    packer = ConcatPacker(5, {"unit": 0, "offset": 0})
+    packer = ConcatPacker(5, ConcatPosition(0))
     packer.push(0, *units[0])
     packer.push(1, *units[1])
     packer.push(2, *units[2])
-    assert packer.fill(np.empty(5, dtype=np.uint32)) == {"unit": 1, "offset": 0, "doc": 0}
+    assert packer.fill(np.empty(5, dtype=np.uint32)).to_json() == {
+        "unit": 1, "offset": 0, "doc": 0}
 
 
 @pytest.mark.parametrize("window_tokens", [1, 3, 5, 8, 21])
 def test_cursors_do_not_depend_on_how_many_units_were_pushed(window_tokens: int) -> None:
     units = make_units([5, 0, 9, 1, 0, 12, 3, 8, 0])
-    eager = drain(ConcatPacker(window_tokens, {"unit": 0, "offset": 0}), units, 0, lazily=False)
-    lazy = drain(ConcatPacker(window_tokens, {"unit": 0, "offset": 0}), units, 0, lazily=True)
+    eager = drain(ConcatPacker(window_tokens, ConcatPosition(0)), units, 0, lazily=False)
+    lazy = drain(ConcatPacker(window_tokens, ConcatPosition(0)), units, 0, lazily=True)
     assert [c for _, c in eager] == [c for _, c in lazy]
     assert [w.tolist() for w, _ in eager] == [w.tolist() for w, _ in lazy]
 
@@ -175,10 +177,10 @@ def test_cursors_do_not_depend_on_how_many_units_were_pushed(window_tokens: int)
 @pytest.mark.parametrize("window_tokens", [1, 3, 5, 8, 21])
 def test_resuming_from_any_cursor_reproduces_the_remaining_windows(window_tokens: int) -> None:
     units = make_units([5, 0, 9, 1, 0, 12, 3, 8, 0, 7])
-    full = drain(ConcatPacker(window_tokens, {"unit": 0, "offset": 0}), units, 0, lazily=False)
+    full = drain(ConcatPacker(window_tokens, ConcatPosition(0)), units, 0, lazily=False)
     for k, (_, cursor) in enumerate(full):
-        start = {"unit": cursor["unit"], "offset": cursor["offset"]}
-        resumed = drain(ConcatPacker(window_tokens, start), units, start["unit"], lazily=True)
+        start = ConcatPosition.parse(cursor)
+        resumed = drain(ConcatPacker(window_tokens, start), units, start.unit, lazily=True)
         rest = full[k + 1 :]
         assert [w.tolist() for w, _ in resumed] == [w.tolist() for w, _ in rest], (
             f"resume after window {k} from {start}"
@@ -188,16 +190,17 @@ def test_resuming_from_any_cursor_reproduces_the_remaining_windows(window_tokens
 
 def test_start_offset_drops_that_many_tokens_of_the_start_unit() -> None:
     units = make_units([4, 6, 5])
-    packer = ConcatPacker(3, {"unit": 1, "offset": 2})
+    packer = ConcatPacker(3, ConcatPosition(1, 2))
     packer.push(1, *units[1])
     packer.push(2, *units[2])
-    assert packer.fill(np.empty(3, dtype=np.uint32)) == {"unit": 1, "offset": 5, "doc": 1}
+    assert packer.fill(np.empty(3, dtype=np.uint32)).to_json() == {
+        "unit": 1, "offset": 5, "doc": 1}
     assert packer.buffered_tokens == 6
 
 
 def test_start_offset_applies_to_the_start_unit_only() -> None:
     units = make_units([4, 6])
-    packer = ConcatPacker(8, {"unit": 0, "offset": 2})
+    packer = ConcatPacker(8, ConcatPosition(0, 2))
     packer.push(0, *units[0])
     packer.push(1, *units[1])
     out = np.empty(8, dtype=np.uint32)
@@ -206,14 +209,19 @@ def test_start_offset_applies_to_the_start_unit_only() -> None:
 
 
 def test_position_before_any_fill_is_the_start() -> None:
-    packer = ConcatPacker(4, {"unit": 3, "offset": 7})
-    assert packer.position == {"unit": 3, "offset": 7, "doc": 0}
+    packer = ConcatPacker(4, ConcatPosition(3, 7))
+    assert packer.position.to_json() == {"unit": 3, "offset": 7, "doc": 0}
     assert packer.next_unit == 3
 
 
-def test_resume_key_is_unit_and_offset() -> None:
+def test_positions_resume_alike_exactly_when_unit_and_offset_match() -> None:
     cursor = {"unit": 4, "offset": 2, "doc": 1, "epoch": 0, "row_group": 9}
-    assert ConcatPacker(5, {"unit": 0, "offset": 0}).resume_key(cursor) == (4, 2)
+    position = ConcatPosition.parse(cursor)
+    assert position == ConcatPosition(4, 2)
+    assert position == ConcatPosition(4, 2, doc=1)  # the document is status only
+    assert position != ConcatPosition(4, 3)
+    assert position != ConcatPosition(5, 2)
+    assert hash(position) == hash(ConcatPosition(4, 2, doc=7))
 
 
 @pytest.mark.parametrize(
@@ -231,7 +239,7 @@ def test_start_without_non_negative_integer_unit_and_offset_is_a_state_mismatch(
     start: dict[str, Any],
 ) -> None:
     with pytest.raises(StateMismatchError, match="'unit' and 'offset'"):
-        ConcatPacker(5, start)
+        ConcatPosition.parse(start)
 
 
 # -- bookkeeping -------------------------------------------------------------------
@@ -239,7 +247,7 @@ def test_start_without_non_negative_integer_unit_and_offset_is_a_state_mismatch(
 
 def test_buffered_tokens_counts_pushed_tokens_not_yet_filled() -> None:
     units = make_units([3, 0, 4])
-    packer = ConcatPacker(5, {"unit": 0, "offset": 0})
+    packer = ConcatPacker(5, ConcatPosition(0))
     assert packer.buffered_tokens == 0
     packer.push(0, *units[0])
     assert packer.buffered_tokens == 3
@@ -253,7 +261,7 @@ def test_buffered_tokens_counts_pushed_tokens_not_yet_filled() -> None:
 
 def test_ready_only_once_a_whole_window_is_buffered() -> None:
     units = make_units([3, 1, 1])
-    packer = ConcatPacker(5, {"unit": 0, "offset": 0})
+    packer = ConcatPacker(5, ConcatPosition(0))
     assert not packer.ready()
     packer.push(0, *units[0])
     packer.push(1, *units[1])
@@ -266,7 +274,7 @@ def test_ready_only_once_a_whole_window_is_buffered() -> None:
 
 def test_next_unit_advances_with_each_push_including_empty_ones() -> None:
     units = make_units([2, 0, 2])
-    packer = ConcatPacker(10, {"unit": 0, "offset": 0})
+    packer = ConcatPacker(10, ConcatPosition(0))
     for u, unit in enumerate(units):
         packer.push(u, *unit)
     assert packer.next_unit == 3

@@ -10,6 +10,7 @@ import pytest
 
 from tokenfeed.common.ring import EMPTY_SEQ, WRITING_SEQ, Ring, RingLayout
 from tokenfeed.common.shm import segment_name
+from tokenfeed.producer.position import ConcatPosition
 from tokenfeed.producer.slots import SlotTable
 
 A, B = b"consumer-a", b"consumer-b"
@@ -27,11 +28,12 @@ def table() -> Iterator[SlotTable]:
 
 
 def fill(table: SlotTable, n: int) -> list[int]:
-    """Fill n batches whose positions are {"at": seq} before and {"at": seq + 1} after."""
+    """Fill n batches that start at unit seq and end at unit seq + 1 (its JSON cursor)."""
     out = []
     for _ in range(n):
         index = table.begin_fill()
-        out.append(table.publish(index, {"at": table.next_seq}, {"at": table.next_seq + 1}))
+        seq = table.next_seq
+        out.append(table.publish(index, ConcatPosition(seq), ConcatPosition(seq + 1).to_json()))
     return out
 
 
@@ -39,7 +41,7 @@ def test_a_slot_reads_writing_while_filled_and_its_seq_once_published(table):
     assert table.ring.seq_of(0) == EMPTY_SEQ
     index = table.begin_fill()
     assert table.ring.seq_of(index) == WRITING_SEQ
-    seq = table.publish(index, {}, {})
+    seq = table.publish(index, ConcatPosition(0), {})
     assert table.ring.seq_of(index) == seq == 0
 
 
@@ -83,9 +85,11 @@ def test_without_consumers_filled_slots_stay_for_a_warm_reattach(table):
     table.announcements()
     table.detach(A)
     assert table.reclaim() == 0
-    assert table.seq_at(lambda p: p["at"], 1, {"at": 3}) == 1
-    assert table.seq_at(lambda p: p["at"], 3, {"at": 3}) == 3  # the next one to fill
-    assert table.seq_at(lambda p: p["at"], 7, {"at": 3}) is None
+    assert table.seq_at(ConcatPosition(1), ConcatPosition(3)) == 1
+    assert table.seq_at(ConcatPosition(1, doc=4), ConcatPosition(3)) == 1  # status field
+    assert table.seq_at(ConcatPosition(1, 2), ConcatPosition(3)) is None
+    assert table.seq_at(ConcatPosition(3), ConcatPosition(3)) == 3  # the next one to fill
+    assert table.seq_at(ConcatPosition(7), ConcatPosition(3)) is None
 
 
 def test_a_dropped_consumer_stops_holding_its_slots(table):

@@ -1,0 +1,174 @@
+"""Admission: what an attach may start from, decided before anything is created.
+
+An attach names a stream (`spec`) and optionally where to resume (`start`: a saved
+cursor, or `elastic_from`: every cursor of a job saved at another world size) and
+what the state was saved on (`expect`: the data's fingerprint, the tokenizer). This
+module checks all of it against the data this daemon serves and returns a typed
+`Position` and the stream's `Source`s; the stream is built from those alone.
+
+- A saved cursor is parsed by position.py (nothing is constructed to check it).
+- A one-source daemon's stream starts plain; a mixture daemon's (or a consumer that
+  names `mix`) starts with a mixture state: the saved one, or new weights.
+- `elastic_from`: elastic.py divides the old ranks' work left among the new ranks.
+- Fingerprints: a saved state refuses other data, naming the shards that changed.
+
+Failure behaviour: every mismatch is a StateMismatchError or ConfigError whose
+message names the problem and the fix; a malformed message is a ProtocolError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tokenfeed.common import protocol
+from tokenfeed.common.config import StreamSpec
+from tokenfeed.common.errors import ConfigError, ProtocolError, StateMismatchError
+from tokenfeed.producer import elastic
+from tokenfeed.producer.cache import TokenCache
+from tokenfeed.producer.dataset import Dataset, RowGroupRef, changed_shards, split_fingerprint
+from tokenfeed.producer.position import MixState, Position
+from tokenfeed.producer.reader import Source, epoch_order
+from tokenfeed.producer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Admission:
+    def __init__(self, datasets: dict[str, Dataset], tokenizer: Tokenizer,
+                 caches: Mapping[str, TokenCache]) -> None:
+        self.datasets = datasets
+        self.served = tuple(datasets)
+        self.tokenizer = tokenizer
+        self.caches = caches  # text column -> its token cache
+
+    # -- what the state was saved on ----------------------------------------
+
+    def check_expectations(self, expect: Any) -> None:
+        """A saved feed state must resume on the same data and tokenizer."""
+        if not isinstance(expect, dict):
+            raise ProtocolError("attach: 'expect' must be a map")
+        saved = expect.get("fingerprint")
+        if saved is not None and not isinstance(saved, str):
+            raise ProtocolError("attach: expect.fingerprint must be a string")
+        for name, fingerprint in split_fingerprint(saved or "").items():
+            self._check_fingerprint(name, fingerprint)
+        saved, now = expect.get("tokenizer"), self.tokenizer.identity
+        if saved and saved != now:
+            raise StateMismatchError(
+                f"the saved state's tokenizer identity {saved} differs from this daemon's {now} "
+                f"({self.tokenizer.name}); serve with the tokenizer the state was saved with"
+            )
+
+    def _check_fingerprint(self, name: str, saved: str) -> None:
+        dataset = self.datasets.get(name)
+        if dataset is None:
+            return  # a source this daemon lacks: the mixture state names it (position.py)
+        now = dataset.fingerprint
+        if saved.split(".")[0] != now.split(".")[0]:
+            among = changed_shards(saved, dataset)
+            which = (f"changed, added or removed among {', '.join(among[:20])}"
+                     if among else "a shard was removed" if among == [] else
+                     "file names, sizes or row groups changed")
+            raise StateMismatchError(
+                f"the saved state's data differs from this daemon's source {name} "
+                f"({dataset.root}): "
+                f"{which} (fingerprint {saved.split('.')[0]} saved, {now.split('.')[0]} now; "
+                "objects also by modification time); resume on the same data, or start "
+                "without load_state_dict()"
+            )
+
+    # -- where the stream starts --------------------------------------------
+
+    def start(self, spec: StreamSpec, msg: protocol.Message,
+              weights: Mapping[str, float]) -> Position:
+        """The checked start of an attach; `weights`: the daemon's current mixture
+        weights, for a new mixture stream whose consumer names none."""
+        start = msg.get("start")
+        if start is not None and not isinstance(start, dict):
+            raise ProtocolError(f"attach: start {start!r} is not a map")
+        if start is None:
+            position = Position.start(spec)
+        elif "elastic_from" in start:
+            position = self._elastic(spec, start["elastic_from"])
+        else:
+            position = Position.parse(start, spec, self.served)
+        if position.mix is None:
+            if spec.mix is None and len(self.served) == 1:
+                return position  # one source: no mixture
+            if start is not None:
+                raise StateMismatchError(
+                    "the saved state is of a one-source stream, and this daemon serves a "
+                    f"mixture of {', '.join(self.served)}; resume on a daemon serving --data, "
+                    "or start without load_state_dict()")
+            chosen = dict(spec.mix) if spec.mix is not None else dict(weights)
+            unknown = set(chosen) - set(self.served)
+            if unknown:
+                raise ConfigError(f"mix names {', '.join(sorted(unknown))}; this daemon serves "
+                                  f"{', '.join(self.served)}")
+            return dataclasses.replace(position, mix=MixState.initial(chosen))
+        if msg.get("reweight") is True and spec.mix is not None:
+            return dataclasses.replace(position, mix=position.mix.with_weights(dict(spec.mix)))
+        return position
+
+    def sources(self, start: Position, split: str) -> list[Source]:
+        """The sources a stream from `start` reads: its mixture's, in name order, or the
+        daemon's one source. An empty split is a DataError naming it."""
+        names = list(start.mix.names) if start.mix is not None else list(self.served)
+        out = []
+        for name in names:
+            dataset = self.datasets[name]
+            out.append(Source(name, dataset.split(split), dataset.text_column,
+                              self.caches.get(dataset.text_column)))
+        return out
+
+    def _elastic(self, spec: StreamSpec, cursors: Any) -> Position:
+        """The start of rank spec.rank of spec.world_size continuing a job that every
+        cursor in `cursors` (rank order) is one rank of (elastic.py)."""
+        if not isinstance(cursors, list) or not cursors or not all(
+                isinstance(c, dict) for c in cursors):
+            raise ProtocolError("attach: start.elastic_from must be a list of cursors")
+        mixture = any("mix" in c for c in cursors)
+        saved: list[Position] = []
+        for rank, cursor in enumerate(cursors):
+            try:
+                old = dataclasses.replace(spec, rank=rank, world_size=len(cursors))
+                position = Position.parse(cursor, old, self.served)
+                if mixture and (position.mix is None or position.mix.exact is None):
+                    raise StateMismatchError(
+                        "its mixture state lacks 'exact' [unit, doc, token] for every "
+                        "source; pass the feed state unchanged")
+            except (StateMismatchError, ConfigError) as e:
+                raise StateMismatchError(f"rank {rank} of the saved job: {e}") from None
+            saved.append(position)
+        begin = Position.start(spec).packed
+        first_mix = saved[0].mix
+        if mixture and first_mix is not None:
+            mix = elastic.plan_mixture(saved, spec.packing,
+                                       {n: self._refs(n, spec) for n in first_mix.names},
+                                       spec.rank, spec.world_size)
+            log.info("elastic resume of a mixture: rank %d of %d continues %d ranks",
+                     spec.rank, spec.world_size, len(cursors))
+            return Position(begin, mix=mix)
+        if len(self.served) > 1:
+            raise StateMismatchError("the saved job is of one source and this daemon serves a "
+                                     f"mixture of {', '.join(self.served)}")
+        n, ref_of = self._refs(self.served[0], spec)
+        layout = elastic.plan(saved, n, ref_of, spec.rank, spec.world_size)
+        log.info("elastic resume: rank %d of %d continues %d ranks with %d items, then its "
+                 "stride from unit %d", spec.rank, spec.world_size, len(cursors), layout.items,
+                 layout.stride_from)
+        return Position(begin, elastic=layout)
+
+    def _refs(self, name: str, spec: StreamSpec) -> tuple[int, Callable[[int], RowGroupRef]]:
+        """A source's row groups an epoch, and global position g's row group."""
+        split = self.datasets[name].split(spec.split)
+        n = len(split)
+
+        def ref_of(g: int) -> RowGroupRef:
+            epoch, ordinal = divmod(g, n)
+            return split.row_groups[int(epoch_order(n, spec.shuffle_seed, epoch)[ordinal])]
+
+        return n, ref_of

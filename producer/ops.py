@@ -1,0 +1,177 @@
+"""The daemon's control ops: one handler per op, in one table (`OPS`).
+
+`handle` answers one decoded control message (common/protocol.py lists the ops and
+their fields) from consumer `identity`: it checks that heartbeats and releases come
+from a consumer this daemon knows, then calls the op's handler, which reads and
+changes the daemon's registry, pool and weights and sends the reply.
+
+Failure behaviour: a handler raises a TokenfeedError for a bad request (the daemon
+turns it into an `error` reply, naming the fix); an unknown op is a ProtocolError.
+An attach that fails leaves nothing behind: the stream it created is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tokenfeed.common import protocol
+from tokenfeed.common.config import MAX_REPLICAS, StreamSpec, normalize_mix
+from tokenfeed.common.errors import (
+    ConfigError,
+    DetachedError,
+    ProtocolError,
+    StreamFailedError,
+)
+from tokenfeed.producer.config import check_workers
+from tokenfeed.producer.position import cursor_json
+
+if TYPE_CHECKING:
+    from tokenfeed.producer.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Daemon", bytes, protocol.Message], None]
+
+
+def handle(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    op = msg["op"]
+    if not d.registry.heard(identity) and op in ("heartbeat", "release"):
+        up_s, timeout_s = time.time() - d.started, d.config.consumer_timeout_s
+        # Up for less than the timeout, this daemon cannot have dropped anyone for silence.
+        why = ("it restarted after this consumer attached to its predecessor"
+               if up_s < timeout_s else f"it dropped this consumer after {timeout_s:.0f} s of "
+               "silence (a stopped or overloaded process?) and gave its slots to others, or "
+               "it restarted since this consumer attached")
+        raise DetachedError(
+            f"the tokenfeed daemon (up {up_s:.1f} s) does not know this consumer: {why}. "
+            "Resume from feed.state_dict(), or pass reconnect_s to re-attach by itself"
+        )
+    handler = OPS.get(op)
+    if handler is None:
+        raise ProtocolError(f"unknown op {op!r}")
+    handler(d, identity, msg)
+
+
+def _heartbeat(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    d.registry.report(identity, msg)
+
+
+def _release(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    stream = d.registry.get(protocol.field(msg, "stream", int))
+    if stream is not None:
+        stream.release(identity, protocol.field(msg, "seq", int))
+
+
+def _detach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    if identity in d.registry.peer_stream:
+        log.info("consumer %s detached from stream %d",
+                 identity.decode(errors="replace"), d.registry.peer_stream[identity])
+    d.registry.forget(identity)
+
+
+def _ping(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    # consumers learn vocab_size and BOS before attaching
+    d.send(identity, "pong", daemon_id=d.daemon_id, pid=os.getpid(),
+           version=protocol.PROTOCOL_VERSION, tokenizer=d.tokenizer_facts())
+
+
+def _status(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    d.send(identity, "status", **d.status())
+
+
+def _scale(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    workers = protocol.field(msg, "workers", int)
+    check_workers(workers)
+    d.pool.resize(workers)
+    log.info("pool resized to %d workers", workers)
+    d.send(identity, "scale", workers=workers)
+
+
+def _stop(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    d.stopping = "stop request"
+    d.send(identity, "stop")
+
+
+def _mix(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    """New weights for the split's mixture streams, at their next batch not yet filled,
+    and for streams created from now on without weights of their own."""
+    weights = dict(normalize_mix(protocol.field(msg, "weights", dict)))
+    split = protocol.field(msg, "split", str)
+    served = d.admission.served
+    unknown = set(weights) - set(served)
+    if unknown:
+        raise ConfigError(f"this daemon serves sources {', '.join(served)}, not "
+                          f"{', '.join(sorted(unknown))}")
+    streams = [s for s in d.registry if s.supply.weights is not None and s.spec.split == split]
+    for stream in streams:  # checked first: all of them change, or none
+        names = list(stream.supply.weights or ())
+        missing = set(weights) - set(names)
+        if missing:
+            raise ConfigError(f"stream {stream.sid} mixes {', '.join(names)}, not "
+                              f"{', '.join(sorted(missing))}; restart it to add sources")
+    for stream in streams:
+        stream.reweight(weights)
+    if len(served) > 1:
+        d.weights = {n: weights.get(n, 0.0) for n in served}
+    log.info("mixture weights %s for %d %s streams", weights, len(streams), split)
+    d.send(identity, "mix", weights=weights, streams=[s.sid for s in streams])
+
+
+def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    spec = StreamSpec.from_dict(protocol.field(msg, "spec", dict))
+    d.admission.check_expectations(msg.get("expect") or {})
+    if d.pool.broken:
+        raise StreamFailedError(d.pool.broken)
+    start = d.admission.start(spec, msg, d.weights)
+    sources = d.admission.sources(start, spec.split)
+    start_cursor = cursor_json(start, {s.name: s.plan for s in sources}, spec)
+    replicas = msg.get("replicas", 1)
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
+            1 <= replicas <= MAX_REPLICAS):
+        raise ConfigError(f"replicas={replicas!r} must be an integer in [1, {MAX_REPLICAS}]")
+    d.registry.forget(identity)
+    found = d.registry.find(spec, start)
+    stream, seq = found if found is not None else (None, 0)
+    if stream is None and msg.get("rejoin") is True:
+        raise StreamFailedError(
+            f"this replica's position (epoch {start_cursor['epoch']}, unit "
+            f"{start_cursor['unit']}) is no longer in its group's ring: the other replicas "
+            "moved on while it was away, so it cannot see their batches again; restart "
+            "the group from a checkpoint"
+        )
+    if stream is None:
+        stream = d.registry.create(spec, sources, start)
+    layout = stream.ring.layout
+    try:  # encoded first: a reply that cannot be sent attaches nothing
+        reply = protocol.encode(
+            "attached", stream=stream.sid, ring=stream.ring.segment.name,
+            slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
+            start_seq=seq, start=start_cursor, fingerprint=d.fingerprint,
+            tokenizer=d.tokenizer_facts(),
+        )
+    except Exception:
+        if found is None:  # a failed attach leaves nothing behind
+            d.registry.drop(stream.sid)
+        raise
+    d.registry.attach(identity, stream, seq, replicas)
+    d.control.send_multipart([identity, reply])
+    log.info("consumer %s attached to stream %d (%s rank %d/%d) at batch %d",
+             identity.decode(errors="replace"), stream.sid, spec.split, spec.rank,
+             spec.world_size, seq)
+
+
+OPS: dict[str, Handler] = {
+    "heartbeat": _heartbeat,
+    "release": _release,
+    "attach": _attach,
+    "detach": _detach,
+    "ping": _ping,
+    "status": _status,
+    "scale": _scale,
+    "mix": _mix,
+    "stop": _stop,
+}

@@ -1,0 +1,183 @@
+"""Where a stream's units come from: one source as it is, or several sources mixed.
+
+A stream packs a sequence of units. `OneSource` hands out its reader's units as they
+are (unit u: the rank's u-th row group, or the u-th unit of an elastic layout);
+`Mixture` interleaves whole documents of its sources into virtual units (mixer.py).
+Both offer one interface, so the stream never asks which one it has:
+
+    readers               one SourceReader per source (reader.py), in name order
+    lazy                  units are made only while a free slot waits (a mixture: a
+                          weight change then applies to the next batch not yet filled)
+    take(unit)            the packer's next unit, or None while it is not finished
+    blocked(unit, short)  the reader packing waits on for a task not yet out, or None
+    shares()              per reader, its share of the stream's read-ahead (0: none)
+    held_tokens()         per reader, tokens taken from it and not yet packed
+    position(packed)      the stream's Position when its packer is at `packed`
+    weights               a mixture's current weights (None: one source)
+
+Failure behaviour: a reweight of one source is a StateMismatchError (it has no
+weights); anything else is the readers' and the mixer's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from tokenfeed.common.config import StreamSpec
+from tokenfeed.common.errors import StateMismatchError
+from tokenfeed.producer.dataset import SplitPlan
+from tokenfeed.producer.mixer import RECENT_BATCHES, Mixer
+from tokenfeed.producer.position import BestFitPosition, Layout, Packed, Position
+from tokenfeed.producer.reader import Source, SourceReader
+from tokenfeed.producer.units import Unit
+
+
+def skipped_units(start: Packed) -> frozenset[int]:
+    """Units a best-fit resume reads past without needing them: between its buffer's
+    earliest piece and its read position, holding no piece (pushed empty, untokenized)."""
+    if not isinstance(start, BestFitPosition):
+        return frozenset()
+    held = {p.unit for p in start.pieces}
+    return frozenset(u for u in range(start.first_unit, start.unit) if u not in held)
+
+
+class OneSource:
+    lazy = False
+
+    def __init__(self, reader: SourceReader, layout: Layout | None) -> None:
+        self.readers = [reader]
+        self.layout = layout  # elastic.py: after an elastic resume, the rank's units
+
+    @property
+    def plans(self) -> dict[str, SplitPlan]:
+        return {"": self.readers[0].plan}
+
+    def take(self, unit: int) -> Unit | None:
+        return self.readers[0].take(unit)
+
+    def blocked(self, unit: int, short: bool) -> int | None:
+        # A packer that holds a window or more with nothing out is not waiting: without
+        # that test every loop pass took one more unit, so cached units (served in the
+        # loop itself) filled the whole staging budget (+1.2-1.9 MB a unit).
+        reader = self.readers[0]
+        waiting = reader.retry or reader.next_part > 0 or short
+        return 0 if waiting and reader.head_unscheduled(unit) else None
+
+    weights = None
+
+    def shares(self) -> list[float]:
+        return [1.0]
+
+    def held_tokens(self) -> list[int]:
+        return [0]
+
+    def position(self, packed: Packed) -> Position:
+        return Position(packed, elastic=self.layout)
+
+    def forget_before(self, unit: int) -> None:
+        pass
+
+    def on_batch(self) -> None:
+        pass
+
+    def status(self, epochs: Mapping[str, list[int]]) -> dict[str, Any] | None:
+        return None
+
+    def reweight(self, weights: Mapping[str, float]) -> None:
+        raise StateMismatchError("this stream reads one source: it has no weights")
+
+
+class Mixture:
+    lazy = True
+
+    def __init__(self, mixer: Mixer, readers: list[SourceReader]) -> None:
+        self.mixer = mixer
+        self.readers = readers
+        # per-source tokens mixed at each of the last batches filled (status: recent shares)
+        self._recent: deque[list[int]] = deque(maxlen=RECENT_BATCHES + 1)
+
+    @property
+    def plans(self) -> dict[str, SplitPlan]:
+        return {name: r.plan for name, r in zip(self.mixer.names, self.readers, strict=True)}
+
+    def take(self, unit: int) -> Unit | None:
+        return self.mixer.mix(lambda source, u: self.readers[source].take(u),
+                              lambda source: len(self.readers[source].plan))
+
+    def blocked(self, unit: int, short: bool) -> int | None:
+        if self.mixer.blocked is not None:
+            source, source_unit = self.mixer.blocked
+            if self.readers[source].head_unscheduled(source_unit):
+                return source
+        return None
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.mixer.weights
+
+    def shares(self) -> list[float]:
+        weights = self.mixer.weights
+        return [weights[name] if reader.error is None else 0.0
+                for name, reader in zip(self.mixer.names, self.readers, strict=True)]
+
+    def held_tokens(self) -> list[int]:
+        return [self.mixer.pending_tokens(i) for i in range(len(self.readers))]
+
+    def position(self, packed: Packed) -> Position:
+        return Position(packed, mix=self.mixer.state(packed.first_unit, packed))
+
+    def forget_before(self, unit: int) -> None:
+        self.mixer.forget_before(unit)
+
+    def on_batch(self) -> None:
+        self._recent.append(self.mixer.totals())
+
+    def reweight(self, weights: Mapping[str, float]) -> None:
+        """New weights from the next virtual unit not yet mixed."""
+        self.mixer.reweight(weights)
+
+    def status(self, epochs: Mapping[str, list[int]]) -> dict[str, Any]:
+        """Per source: target weight, realized token share over the stream's life and
+        over the last RECENT_BATCHES batches, and epoch (counted as mixed, which runs
+        ahead of delivery by the packer's buffer)."""
+        totals = self.mixer.totals()
+        first = self._recent[0] if self._recent else [0] * len(totals)
+        recent = [t - f for t, f in zip(totals, first, strict=True)]
+
+        def shares(counts: list[int]) -> list[float | None]:
+            total = sum(counts)
+            return [c / total if total else None for c in counts]
+
+        weights = self.mixer.weights
+        return {name: {"weight": weights[name], "share": whole, "share_recent": last,
+                       "epoch": epochs[name][0], "tokens": tokens}
+                for name, whole, last, tokens in zip(
+                    self.mixer.names, shares(totals), shares(recent), totals, strict=True)}
+
+
+Supply = OneSource | Mixture
+
+
+def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Position,
+                reader_options: dict[str, Any]) -> Supply:
+    """The supply of a stream `sid` starting at `start`: a mixture when the position
+    holds a mixture state (its sources in the state's name order), else one source."""
+    common = {"rank": spec.rank, "world_size": spec.world_size,
+              "shuffle_seed": spec.shuffle_seed, **reader_options}
+    mix = start.mix
+    if mix is None:
+        src = sources[0]
+        reader = SourceReader(sid, 0, src.plan, src.column, cache=src.cache,
+                              first_unit=start.first_unit, skip=skipped_units(start.packed),
+                              layout=start.elastic, **common)
+        return OneSource(reader, start.elastic)
+    if [s.name for s in sources] != list(mix.names):
+        raise StateMismatchError(f"a mixture of {', '.join(mix.names)} needs those sources")
+    layouts = mix.layouts or {}
+    readers = [SourceReader(sid, i, src.plan, src.column, cache=src.cache,
+                            first_unit=mix.sources[src.name].unit,
+                            layout=layouts.get(src.name), **common)
+               for i, src in enumerate(sources)]
+    return Mixture(Mixer(mix), readers)
