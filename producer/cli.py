@@ -1,4 +1,5 @@
-"""The `tokenfeed` command: serve, stop, status, scale, clean, demo.
+"""The `tokenfeed` command: serve, stop, status, scale, mix, clean, cache, and the offline
+tools' demo, download, train-tokenizer and import-tokenizer (`tokenfeed.tools`).
 
 User mistakes (`UserInputError`) print one line on stderr and exit with code 2;
 an unreachable daemon prints one line and exits with code 1. No tracebacks for
@@ -23,7 +24,6 @@ from tokenfeed.common.errors import (
     TokenfeedError,
     UserInputError,
 )
-from tokenfeed.producer import data_commands
 from tokenfeed.producer.config import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_STAGING_BYTES,
@@ -36,6 +36,7 @@ from tokenfeed.producer.config import (
     parse_source,
     parse_weights,
 )
+from tokenfeed.tools import commands
 
 DETACHED_LOG_NAME = "daemon.log"  # in the run dir: the log of `serve --detach`
 # Start-up reads every file's Parquet footer and loads the tokenizer: seconds on a
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batches", type=int, default=300, help="batches per rank")
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=1024)
-    data_commands.add_commands(sub)
+    commands.add_commands(sub)
     return parser
 
 
@@ -294,11 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cache":
             _cache(args)
         elif args.command == "demo":
-            from tokenfeed.producer.demo import run_demo
+            from tokenfeed.tools.demo import run_demo
 
             return run_demo(args)
-        elif args.command in data_commands.COMMANDS:
-            return data_commands.run(args)
+        elif args.command in commands.COMMANDS:
+            return commands.run(args)
     except UserInputError as e:
         print(f"tokenfeed: error: {e}", file=sys.stderr)
         return 2

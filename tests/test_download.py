@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tokenfeed.producer import data_commands
-from tokenfeed.producer.download import PRESETS, DownloadConfig, download, shard_indices
-from tokenfeed.producer.progress import Progress, format_amount
+from tokenfeed.tools import commands
+from tokenfeed.tools.download import PRESETS, DownloadConfig, download, shard_indices
+from tokenfeed.tools.progress import Progress, format_amount
 
 # What the server does for one request of a file; the script of each file is consumed
 # in order, then every request gets "ok".
@@ -231,7 +231,7 @@ def test_cli_exits_1_naming_the_file_that_could_not_be_fetched(
 
 
 def test_presets_add_nanochats_val_shard_and_match_the_cli_choices() -> None:
-    assert tuple(PRESETS) == data_commands.PRESET_NAMES
+    assert tuple(PRESETS) == commands.PRESET_NAMES
     assert shard_indices(3, "climbmix-400b") == (0, 1, 2, 6542)
     assert shard_indices(3, "fineweb-edu-100b") == (0, 1, 2, 1822)
     assert shard_indices(5000, "fineweb-edu-100b")[-2:] == (1821, 1822)

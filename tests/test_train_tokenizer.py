@@ -16,16 +16,16 @@ import tiktoken
 from oracle import reference_windows
 
 from tokenfeed.common.errors import ConfigError, TokenfeedError, TokenizerError
-from tokenfeed.producer.corpus import sample_documents, write_shards
-from tokenfeed.producer.progress import Progress
 from tokenfeed.producer.tokenizer import load_tokenizer
-from tokenfeed.producer.train_tokenizer import (
+from tokenfeed.tools.corpus import sample_documents, write_shards
+from tokenfeed.tools.progress import Progress
+from tokenfeed.tools.train_tokenizer import (
     TrainConfig,
     check_export,
     export_encoding,
     train_tokenizer,
 )
-from tokenfeed.producer.vocab import BOS_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN
+from tokenfeed.tools.vocab import BOS_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN
 
 VOCAB_SIZE = 1024
 

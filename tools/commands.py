@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tokenfeed.producer.vocab import (
+from tokenfeed.tools.vocab import (
     BOS_TOKEN,
     DEFAULT_DOC_CAP,
     DEFAULT_MAX_CHARS,
@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tokenfeed.producer.progress import Progress
-    from tokenfeed.producer.train_tokenizer import TrainConfig, train_tokenizer
+    from tokenfeed.tools.progress import Progress
+    from tokenfeed.tools.train_tokenizer import TrainConfig, train_tokenizer
 
     config = TrainConfig(
         data_dir=Path(args.data).expanduser(), out_dir=Path(args.out).expanduser(),
@@ -140,8 +140,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from tokenfeed.producer.importers import GPT2_PATTERN, import_tokenizer
     from tokenfeed.producer.tokenizer import load_tokenizer, save_tokenizer_dir
+    from tokenfeed.tools.importers import GPT2_PATTERN, import_tokenizer
 
     out = Path(args.out).expanduser()
     pattern = {"nanochat": SPLIT_PATTERN, "gpt2": GPT2_PATTERN}.get(args.pattern, args.pattern)
@@ -156,8 +156,8 @@ def _import(args: argparse.Namespace) -> int:
 
 def _download(args: argparse.Namespace) -> int:
     from tokenfeed.common.errors import ConfigError
-    from tokenfeed.producer.download import PRESETS, DownloadConfig, download, shard_indices
-    from tokenfeed.producer.progress import Progress
+    from tokenfeed.tools.download import PRESETS, DownloadConfig, download, shard_indices
+    from tokenfeed.tools.progress import Progress
 
     if args.base_url is None and args.dataset is None:
         raise ConfigError("pass --base-url URL or --dataset "

@@ -56,7 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenfeed.common.errors import ConfigError
-from tokenfeed.producer.progress import Progress
+from tokenfeed.tools.progress import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ import tiktoken
 from tokenfeed.common.errors import TokenizerError
 from tokenfeed.producer.backends import _SELF_CHECK_TEXTS
 from tokenfeed.producer.tokenizer import _bos_name, _read_ranks
-from tokenfeed.producer.vocab import SPECIAL_TOKENS
+from tokenfeed.tools.vocab import SPECIAL_TOKENS
 
 NANOCHAT_PICKLE = "tokenizer.pkl"
 HF_FILE = "tokenizer.json"

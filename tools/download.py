@@ -38,8 +38,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from tokenfeed.common.errors import ConfigError
-from tokenfeed.producer.corpus import SHARD_NAME
-from tokenfeed.producer.progress import Progress
+from tokenfeed.tools.corpus import SHARD_NAME
+from tokenfeed.tools.progress import Progress
 
 logger = logging.getLogger(__name__)
 

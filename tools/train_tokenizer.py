@@ -42,7 +42,6 @@ import tiktoken
 
 from tokenfeed.common.errors import ConfigError, TokenfeedError, TokenizerError
 from tokenfeed.producer.dataset import scan_dataset
-from tokenfeed.producer.progress import Progress
 from tokenfeed.producer.tokenizer import (
     CONFIG_FILE,
     OFFLINE_ENCODING,
@@ -50,7 +49,8 @@ from tokenfeed.producer.tokenizer import (
     load_encoding,
     save_tokenizer_dir,
 )
-from tokenfeed.producer.vocab import (
+from tokenfeed.tools.progress import Progress
+from tokenfeed.tools.vocab import (
     BOS_TOKEN,
     DEFAULT_DOC_CAP,
     DEFAULT_MAX_CHARS,
