@@ -8,6 +8,7 @@ GiB), so `tokenfeed serve`, `DaemonConfig(...)` and `serve --help` never disagre
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,10 @@ def load_mix_file(path: Path) -> tuple[tuple[SourceConfig, ...], tuple[tuple[str
         text_column = "content"     # default: --text-column
         weight = 0.3                # default: 1 (weights are normalized)
     """
-    import tomllib  # Python >= 3.11
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the same parser, as the `tomli` dependency (python_version < '3.11')
+        import tomli as tomllib
 
     try:
         doc = tomllib.loads(Path(path).expanduser().read_text())
