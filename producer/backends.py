@@ -18,7 +18,7 @@ Backends:
   encoding (cl100k_base, o200k_base, llama3) load that encoding; other ranks of a known
   grammar (a tokenizer directory) are written in quicktok's data format to a temporary
   directory and loaded from there. Either way the result must also match tiktoken on
-  `_SELF_CHECK_TEXTS` before it is used. quicktok's bundled qwen3 is never used: it
+  `SELF_CHECK_TEXTS` before it is used. quicktok's bundled qwen3 is never used: it
   applies NFC to the text, which `encode_ordinary` does not.
 
 "auto" picks quicktok when it is installed and loads the encoding exactly, else tiktoken.
@@ -105,8 +105,9 @@ _QUICKTOK_MAX_TOKEN_BYTES = 0xFFFF
 _QUICKTOK_THREADS = 1
 
 # Corners of the grammars where a pre-tokenizer or BPE could disagree with tiktoken; a
-# loaded quicktok tokenizer must match tiktoken on all of them before it is used.
-_SELF_CHECK_TEXTS = (
+# loaded quicktok tokenizer must match tiktoken on all of them before it is used (and an
+# imported tokenizer its source, tools/importers.py).
+SELF_CHECK_TEXTS = (
     "",
     "Hello, world! The quick brown fox jumps over the lazy dog.",
     "don't DON'T I'll we've they're 'tis 'TWAS it'S",
@@ -246,7 +247,7 @@ def _load_quicktok(quicktok: ModuleType, encoding: tiktoken.Encoding) -> Any:
             tokenizer = bundled
     if tokenizer is None:
         tokenizer = _load_from_ranks(quicktok, scanner, ranks)
-    texts = list(_SELF_CHECK_TEXTS)
+    texts = list(SELF_CHECK_TEXTS)
     tokens, offsets = tokenizer.encode_batch(texts, _QUICKTOK_THREADS, False)
     for index, text in enumerate(texts):
         got = tokens[offsets[index] : offsets[index + 1]].tolist()
