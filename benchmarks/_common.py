@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError
 from tokenfeed.common.shm import SHM_DIR, segment_name
-from tokenfeed.producer import corpus
-from tokenfeed.producer.progress import Progress
+from tokenfeed.tools import corpus
+from tokenfeed.tools.progress import Progress
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0

@@ -41,7 +41,7 @@ from _common import (
 )
 
 from tokenfeed.consumer import TokenFeed
-from tokenfeed.producer.corpus import sample_documents, write_shards
+from tokenfeed.tools.corpus import sample_documents, write_shards
 
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 SAMPLE_EVERY = 5  # batches between /proc reads

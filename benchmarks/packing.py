@@ -24,8 +24,8 @@ import time
 import numpy as np
 
 from tokenfeed.producer.bestfit import BestFitPacker
-from tokenfeed.producer.corpus import sample_documents
 from tokenfeed.producer.tokenizer import encode_document, load_tokenizer
+from tokenfeed.tools.corpus import sample_documents
 
 NO_AGE_LIMIT = 10**18
 Unit = tuple[np.ndarray, np.ndarray]

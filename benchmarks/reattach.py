@@ -21,7 +21,7 @@ from pathlib import Path
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError
 from tokenfeed.consumer import TokenFeed
-from tokenfeed.producer.corpus import build_sample_corpus
+from tokenfeed.tools.corpus import build_sample_corpus
 
 
 def wait_ready(run_dir: Path) -> None:

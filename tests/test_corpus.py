@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tokenfeed.common.errors import ConfigError
-from tokenfeed.producer.corpus import (
+from tokenfeed.tools.corpus import (
     MIN_DOC_CHARS,
     build_installed_corpus,
     build_sample_corpus,

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tokenfeed.producer import data_commands
-from tokenfeed.producer.download import PRESETS, DownloadConfig, download, shard_indices
-from tokenfeed.producer.progress import Progress, format_amount
+from tokenfeed.producer.cli import build_parser
+from tokenfeed.tools import commands
+from tokenfeed.tools.download import PRESETS, DownloadConfig, download, shard_indices
+from tokenfeed.tools.progress import Progress, format_amount
 
 # What the server does for one request of a file; the script of each file is consumed
 # in order, then every request gets "ok".
@@ -230,8 +231,17 @@ def test_cli_exits_1_naming_the_file_that_could_not_be_fetched(
     assert "2 fetched" in result.stdout and "1 failed" in result.stdout
 
 
-def test_presets_add_nanochats_val_shard_and_match_the_cli_choices() -> None:
-    assert tuple(PRESETS) == data_commands.PRESET_NAMES
+def test_every_preset_is_a_cli_choice_and_the_flags_default_to_the_config(
+    tmp_path: Path,
+) -> None:
+    for name, preset in PRESETS.items():
+        args = build_parser().parse_args(
+            ["download", "--dataset", name, "--num-shards", "3", "--out", str(tmp_path)])
+        assert commands.download_config(args) == DownloadConfig(
+            base_url=preset.base_url, indices=(0, 1, 2, preset.last_shard), out_dir=tmp_path)
+
+
+def test_presets_add_nanochats_val_shard() -> None:
     assert shard_indices(3, "climbmix-400b") == (0, 1, 2, 6542)
     assert shard_indices(3, "fineweb-edu-100b") == (0, 1, 2, 1822)
     assert shard_indices(5000, "fineweb-edu-100b")[-2:] == (1821, 1822)

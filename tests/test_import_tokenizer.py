@@ -15,10 +15,10 @@ import tiktoken
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from tokenfeed.common.errors import TokenizerError
-from tokenfeed.producer.importers import import_tokenizer
 from tokenfeed.producer.tokenizer import RANKS_FILE, load_tokenizer, save_tokenizer_dir
-from tokenfeed.producer.train_tokenizer import export_encoding
-from tokenfeed.producer.vocab import BOS_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN
+from tokenfeed.tools.importers import import_tokenizer
+from tokenfeed.tools.train_tokenizer import export_encoding
+from tokenfeed.tools.vocab import BOS_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN
 
 
 def tokenfeed(*args: str) -> subprocess.CompletedProcess[str]:

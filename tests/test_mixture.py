@@ -16,8 +16,8 @@ from conftest import BOS_ID, assert_batch_equals
 from oracle import mixture_windows
 
 from tokenfeed.common.errors import ConfigError, StateMismatchError
-from tokenfeed.producer.corpus import sample_documents, write_shards
 from tokenfeed.producer.view import render_text
+from tokenfeed.tools.corpus import sample_documents, write_shards
 
 WEIGHTS = {"code": 0.3, "web": 0.7}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tokenfeed.producer.corpus import build_sample_corpus
-from tokenfeed.producer.progress import Progress, format_amount, format_duration
+from tokenfeed.tools.corpus import build_sample_corpus
+from tokenfeed.tools.progress import Progress, format_amount, format_duration
 
 
 class Terminal(io.StringIO):

@@ -18,10 +18,10 @@ from tokenfeed.common.errors import TokenizerError
 from tokenfeed.producer.tokenizer import (
     CONFIG_FILE,
     RANKS_FILE,
+    bos_token,
     encode_document,
     load_encoding,
     load_tokenizer,
-    resolve_bos,
     save_tokenizer_dir,
     tokenizer_identity,
 )
@@ -176,25 +176,25 @@ def test_corrupt_ranks_line_is_named(tmp_path: Path) -> None:
 def test_default_bos_is_endoftext_when_there_is_no_bos_token() -> None:
     enc = load_encoding(OFFLINE)
     assert "<|bos|>" not in enc.special_tokens_set
-    assert resolve_bos(enc, None) == enc.encode_single_token("<|endoftext|>")
+    assert bos_token(enc, None) == "<|endoftext|>"
 
 
 def test_default_bos_prefers_bos_token() -> None:
     enc = tiny_encoding({"<|endoftext|>": 300, "<|bos|>": 301})
-    assert resolve_bos(enc, None) == 301
+    assert bos_token(enc, None) == "<|bos|>"
 
 
 def test_explicit_bad_bos_error_lists_choices() -> None:
     enc = load_encoding(OFFLINE)
     with pytest.raises(TokenizerError) as info:
-        resolve_bos(enc, "<|nope|>")
+        bos_token(enc, "<|nope|>")
     for token in enc.special_tokens_set:
         assert token in str(info.value)
 
 
 def test_missing_default_bos_asks_for_bos_flag() -> None:
     with pytest.raises(TokenizerError, match="--bos"):
-        resolve_bos(tiny_encoding({"<|pad|>": 300}), None)
+        bos_token(tiny_encoding({"<|pad|>": 300}), None)
 
 
 def test_identity_depends_on_bos() -> None:

@@ -16,16 +16,18 @@ import tiktoken
 from oracle import reference_windows
 
 from tokenfeed.common.errors import ConfigError, TokenfeedError, TokenizerError
-from tokenfeed.producer.corpus import sample_documents, write_shards
-from tokenfeed.producer.progress import Progress
+from tokenfeed.producer.cli import build_parser, daemon_config
 from tokenfeed.producer.tokenizer import load_tokenizer
-from tokenfeed.producer.train_tokenizer import (
+from tokenfeed.tools import commands
+from tokenfeed.tools.corpus import sample_documents, write_shards
+from tokenfeed.tools.progress import Progress
+from tokenfeed.tools.train_tokenizer import (
     TrainConfig,
     check_export,
     export_encoding,
     train_tokenizer,
 )
-from tokenfeed.producer.vocab import BOS_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN
+from tokenfeed.tools.vocab import BOS_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN
 
 VOCAB_SIZE = 1024
 
@@ -167,3 +169,13 @@ def test_cli_trains_a_tokenizer_that_a_daemon_serves_within_its_vocabulary(
             assert int(x.max()) < 2048 and int(y.max()) < 2048
             np.testing.assert_array_equal(x.numpy().ravel(), window[:-1])
             np.testing.assert_array_equal(y.numpy().ravel(), window[1:])
+
+
+def test_cli_flags_default_to_the_train_config_and_to_serves_split(tmp_path: Path) -> None:
+    parser = build_parser()
+    args = parser.parse_args(["train-tokenizer", "--data", str(tmp_path), "--vocab-size", "512",
+                              "--out", str(tmp_path / "tok")])
+    config = commands.train_config(args)
+    assert config == TrainConfig(data_dir=tmp_path, out_dir=tmp_path / "tok", vocab_size=512)
+    serve = daemon_config(parser.parse_args(["serve", "--data", str(tmp_path)]))
+    assert (config.val_files, config.text_column) == (serve.val_files, serve.text_column)

@@ -26,8 +26,8 @@ from typing import IO, Any
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError, TokenfeedError
 from tokenfeed.common.shm import SHM_DIR, segment_name
-from tokenfeed.producer.corpus import build_sample_corpus
-from tokenfeed.producer.progress import Progress
+from tokenfeed.tools.corpus import build_sample_corpus
+from tokenfeed.tools.progress import Progress
 
 WORLD_SIZE = 2
 START_TIMEOUT_S = 60.0

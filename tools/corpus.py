@@ -56,7 +56,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenfeed.common.errors import ConfigError
-from tokenfeed.producer.progress import Progress
+from tokenfeed.producer.config import DEFAULT_TEXT_COLUMN
+from tokenfeed.tools.download import SHARD_NAME
+from tokenfeed.tools.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,6 @@ SKIPPED_DIRS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 )
 ID_COLUMN = "id"
-SHARD_NAME = "shard_{:05d}.parquet"
 
 Source = tuple[str, str]  # (kind, key): ("topic", name) or ("module" | "text", file path)
 _DocNode = ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
@@ -241,7 +242,7 @@ def write_shards(
     *,
     num_files: int,
     rows_per_group: int,
-    text_column: str = "text",
+    text_column: str = DEFAULT_TEXT_COLUMN,
 ) -> list[Path]:
     """Split `docs` contiguously and evenly over `num_files` Parquet shards in `out_dir`."""
     if num_files < 1:
@@ -329,6 +330,7 @@ def build_installed_corpus(
     for index, start in enumerate(range(0, len(docs), docs_per_file)):
         path = out_dir / SHARD_NAME.format(index)
         stop = min(start + docs_per_file, len(docs))
-        _write_shard(docs, start, stop, path, rows_per_group=docs_per_group, text_column="text")
+        _write_shard(docs, start, stop, path, rows_per_group=docs_per_group,
+                     text_column=DEFAULT_TEXT_COLUMN)
         paths.append(path)
     return paths

@@ -41,8 +41,8 @@ import pyarrow.parquet as pq
 import tiktoken
 
 from tokenfeed.common.errors import ConfigError, TokenfeedError, TokenizerError
+from tokenfeed.producer.config import DEFAULT_TEXT_COLUMN, DEFAULT_VAL_FILES
 from tokenfeed.producer.dataset import scan_dataset
-from tokenfeed.producer.progress import Progress
 from tokenfeed.producer.tokenizer import (
     CONFIG_FILE,
     OFFLINE_ENCODING,
@@ -50,7 +50,8 @@ from tokenfeed.producer.tokenizer import (
     load_encoding,
     save_tokenizer_dir,
 )
-from tokenfeed.producer.vocab import (
+from tokenfeed.tools.progress import Progress
+from tokenfeed.tools.vocab import (
     BOS_TOKEN,
     DEFAULT_DOC_CAP,
     DEFAULT_MAX_CHARS,
@@ -79,8 +80,8 @@ class TrainConfig:
     max_chars: int = DEFAULT_MAX_CHARS
     doc_cap: int = DEFAULT_DOC_CAP  # characters kept from the start of each document
     pattern: str = SPLIT_PATTERN
-    val_files: int = 1  # the last N files form the val split, as for `serve`
-    text_column: str = "text"
+    val_files: int = DEFAULT_VAL_FILES  # the last N files form the val split, as for `serve`
+    text_column: str = DEFAULT_TEXT_COLUMN
 
     def __post_init__(self) -> None:
         if not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:

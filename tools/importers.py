@@ -42,9 +42,9 @@ from typing import Any
 import tiktoken
 
 from tokenfeed.common.errors import TokenizerError
-from tokenfeed.producer.backends import _SELF_CHECK_TEXTS
-from tokenfeed.producer.tokenizer import _bos_name, _read_ranks
-from tokenfeed.producer.vocab import SPECIAL_TOKENS
+from tokenfeed.producer.backends import SELF_CHECK_TEXTS
+from tokenfeed.producer.tokenizer import bos_token, read_ranks
+from tokenfeed.tools.vocab import SPECIAL_TOKENS
 
 NANOCHAT_PICKLE = "tokenizer.pkl"
 HF_FILE = "tokenizer.json"
@@ -88,7 +88,7 @@ def load_ranks_file(path: Path, pattern: str | None) -> tiktoken.Encoding:
             f"{path} holds ranks only; pass --pattern with the split regex it was trained "
             "with (nanochat's and train-tokenizer's: see `tokenfeed train-tokenizer --help`)"
         )
-    ranks = _read_ranks(path)
+    ranks = read_ranks(path)
     first = max(ranks.values()) + 1
     special = {token: first + i for i, token in enumerate(SPECIAL_TOKENS)}
     try:
@@ -217,7 +217,7 @@ def _check_hf_sample(path: Path, enc: tiktoken.Encoding,
     import regex  # tiktoken's own dependency
 
     splitter = regex.compile(enc._pat_str)
-    for text in _SELF_CHECK_TEXTS:
+    for text in SELF_CHECK_TEXTS:
         expected = [ranks[part] for piece in splitter.findall(text)
                     for part in _merge_bpe(piece.encode("utf-8"), merge_rank, whole)]
         got = enc.encode_ordinary(text)
@@ -254,7 +254,7 @@ def import_tokenizer(
                              "pass one of those")
     if pattern and src.suffix != ".tiktoken" and pattern != enc._pat_str:
         raise TokenizerError(f"--pattern is for .tiktoken ranks files; {src} has its own")
-    return enc, _bos_name(enc, bos)
+    return enc, bos_token(enc, bos)
 
 
 def _looks_like_ranks(path: Path) -> bool:

@@ -2,9 +2,10 @@
 
     summary = download(DownloadConfig(base_url=..., indices=range(8), out_dir=...), progress)
 
-Naming is nanochat's (`corpus.SHARD_NAME`). `PRESETS` are the public shard sets nanochat
-trains on; with a preset, `shard_indices` adds the set's last shard, which nanochat keeps
-as its val shard, so that the last file of the folder is the val split for `serve` too.
+Naming is nanochat's (`SHARD_NAME`, which `corpus.py` writes too). `PRESETS` are the
+public shard sets nanochat trains on; with a preset, `shard_indices` adds the set's last
+shard, which nanochat keeps as its val shard, so that the last file of the folder is the
+val split for `serve` too.
 
 Per file, on one of `workers` threads:
 - a file already at its final name that opens as Parquet is complete: skipped, no request;
@@ -19,27 +20,22 @@ Per file, on one of `workers` threads:
 Failure behaviour: a file that cannot be fetched is reported in the summary with its URL
 and last error (the other files go on); no `.tmp` is left behind on any path, Ctrl-C
 included (the workers stop between chunks). Only the standard library's HTTP client is
-used: nothing to install.
+used: nothing to install. The CLI imports this module for its flags (`PRESETS`,
+`DownloadConfig`'s defaults) on every command, so the HTTP client and pyarrow (~250 ms)
+are imported only when a download runs.
 """
 
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from tokenfeed.common.errors import ConfigError
-from tokenfeed.producer.corpus import SHARD_NAME
-from tokenfeed.producer.progress import Progress
+from tokenfeed.tools.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +44,7 @@ TMP_SUFFIX = ".tmp"
 # Status codes worth another try: the server is overloaded or briefly failing.
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 USER_AGENT = "tokenfeed-download"
+SHARD_NAME = "shard_{:05d}.parquet"  # nanochat's: shard_00000.parquet ...
 
 
 @dataclass(frozen=True)
@@ -123,6 +120,8 @@ class _Permanent(Exception):
 
 def is_complete(path: Path) -> bool:
     """The file opens as Parquet: both magics and a readable footer."""
+    import pyarrow.parquet as pq
+
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -213,6 +212,10 @@ class _Fetcher:
 
     def _get(self, index: int, url: str, tmp: Path) -> int:
         """Stream `url` into `tmp`; the bytes written. Raises `_Retry` or `_Permanent`."""
+        import http.client
+        import urllib.error
+        import urllib.request
+
         self._uncount(index)  # what an earlier attempt of this file counted
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         written = 0
@@ -251,6 +254,8 @@ class _Fetcher:
 def download(config: DownloadConfig, progress: Progress | None = None) -> Summary:
     """Fetch every shard of `config`; see the module docstring. Ctrl-C stops the workers
     between chunks, removes their `.tmp` files and re-raises."""
+    from concurrent.futures import ThreadPoolExecutor
+
     config.out_dir.mkdir(parents=True, exist_ok=True)
     fetcher = _Fetcher(config, progress)
     with ThreadPoolExecutor(max_workers=config.workers,

@@ -7,7 +7,10 @@
 `add_commands` adds their parsers to the CLI's subparsers and `run` carries one out;
 `cli.main` dispatches here for every name in `COMMANDS` and maps errors to exit codes
 (a `UserInputError` is one line on stderr and exit 2). Results go to stdout, progress to
-stderr. Nothing heavy is imported until a command runs: rustbpe is optional.
+stderr. Nothing heavy is imported until a command runs: rustbpe is optional, and the CLI
+builds these parsers for every command. Flags take their defaults from the
+configuration they fill (`DownloadConfig`'s fields, vocab.py's constants, and serve's
+text column and val split from producer/config.py), so they are written once.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tokenfeed.producer.vocab import (
+from tokenfeed.common.errors import ConfigError
+from tokenfeed.producer.config import DEFAULT_TEXT_COLUMN, DEFAULT_VAL_FILES, field_default
+from tokenfeed.tools.download import PRESETS, DownloadConfig, shard_indices
+from tokenfeed.tools.vocab import (
     BOS_TOKEN,
     DEFAULT_DOC_CAP,
     DEFAULT_MAX_CHARS,
@@ -24,7 +31,9 @@ from tokenfeed.producer.vocab import (
     SPLIT_PATTERN,
 )
 
-PRESET_NAMES = ("fineweb-edu-100b", "climbmix-400b")
+if TYPE_CHECKING:
+    from tokenfeed.tools.train_tokenizer import TrainConfig
+
 COMMANDS = ("train-tokenizer", "import-tokenizer", "download")
 
 
@@ -50,9 +59,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                        f"(default {DEFAULT_DOC_CAP:,})")
     train.add_argument("--pattern",
                        help="pre-tokenizer regex (default: GPT-4's with 1-2 digit numbers)")
-    train.add_argument("--val-files", type=int, default=1,
-                       help="last N files form the val split, skipped here (as for serve)")
-    train.add_argument("--text-column", default="text", help="Parquet column holding the text")
+    train.add_argument("--val-files", type=int, default=DEFAULT_VAL_FILES,
+                       help="last N files form the val split, skipped here (as for serve; "
+                       "default %(default)s)")
+    train.add_argument("--text-column", default=DEFAULT_TEXT_COLUMN,
+                       help="Parquet column holding the text (default %(default)s)")
 
     imp = sub.add_parser(
         "import-tokenizer",
@@ -75,8 +86,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                      "(train-tokenizer's default: GPT-4's with 1-2 digit numbers) or 'gpt2'")
     imp.add_argument("--bos", help="document separator (default: <|bos|>, else <|endoftext|>)")
 
-    # the preset names are repeated from download.PRESETS, which imports pyarrow;
-    # test_download checks that the two agree
     dl = sub.add_parser(
         "download",
         help="fetch URL/shard_00000.parquet ... in parallel, with retries",
@@ -88,14 +97,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "is fetched too, so the last file of --out is the val split.",
     )
     dl.add_argument("--base-url", help="folder URL of the shards (default: the preset's)")
-    dl.add_argument("--dataset", choices=PRESET_NAMES,
+    dl.add_argument("--dataset", choices=tuple(PRESETS),
                     help="a public shard set as nanochat names it")
     dl.add_argument("--num-shards", type=int, required=True, help="shards 0 .. N-1")
     dl.add_argument("--out", required=True, help="directory to write the shards to")
-    dl.add_argument("--workers", type=int, default=4, help="parallel downloads (default 4)")
-    dl.add_argument("--attempts", type=int, default=5, help="tries per file (default 5)")
-    dl.add_argument("--backoff-s", type=float, default=2.0,
-                    help="wait before the first retry, doubled for each next (default 2)")
+    dl.add_argument("--workers", type=int, default=field_default(DownloadConfig, "workers"),
+                    help="parallel downloads (default %(default)s)")
+    dl.add_argument("--attempts", type=int, default=field_default(DownloadConfig, "attempts"),
+                    help="tries per file (default %(default)s)")
+    dl.add_argument("--backoff-s", type=float,
+                    default=field_default(DownloadConfig, "backoff_s"),
+                    help="wait before the first retry, doubled for each next "
+                    "(default %(default)g)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,16 +121,23 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(f"not a data command: {args.command}")
 
 
-def _train(args: argparse.Namespace) -> int:
-    from tokenfeed.producer.progress import Progress
-    from tokenfeed.producer.train_tokenizer import TrainConfig, train_tokenizer
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The configuration `train-tokenizer`'s parsed flags ask for."""
+    from tokenfeed.tools.train_tokenizer import TrainConfig
 
-    config = TrainConfig(
+    return TrainConfig(
         data_dir=Path(args.data).expanduser(), out_dir=Path(args.out).expanduser(),
         vocab_size=args.vocab_size, max_chars=args.max_chars, doc_cap=args.doc_cap,
         pattern=args.pattern or SPLIT_PATTERN, val_files=args.val_files,
         text_column=args.text_column,
     )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tokenfeed.tools.progress import Progress
+    from tokenfeed.tools.train_tokenizer import train_tokenizer
+
+    config = train_config(args)
     progress = Progress("reading train split", total=0, unit="chars", stream=sys.stderr)
     result = train_tokenizer(config, progress=progress)
     enc = result.encoding
@@ -140,8 +160,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from tokenfeed.producer.importers import GPT2_PATTERN, import_tokenizer
     from tokenfeed.producer.tokenizer import load_tokenizer, save_tokenizer_dir
+    from tokenfeed.tools.importers import GPT2_PATTERN, import_tokenizer
 
     out = Path(args.out).expanduser()
     pattern = {"nanochat": SPLIT_PATTERN, "gpt2": GPT2_PATTERN}.get(args.pattern, args.pattern)
@@ -154,22 +174,25 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _download(args: argparse.Namespace) -> int:
-    from tokenfeed.common.errors import ConfigError
-    from tokenfeed.producer.download import PRESETS, DownloadConfig, download, shard_indices
-    from tokenfeed.producer.progress import Progress
-
+def download_config(args: argparse.Namespace) -> DownloadConfig:
+    """The configuration `download`'s parsed flags ask for."""
     if args.base_url is None and args.dataset is None:
-        raise ConfigError("pass --base-url URL or --dataset "
-                          f"{{{','.join(PRESET_NAMES)}}}")
+        raise ConfigError(f"pass --base-url URL or --dataset {{{','.join(PRESETS)}}}")
     if args.num_shards < 1:
         raise ConfigError(f"--num-shards {args.num_shards} must be >= 1")
-    base_url = args.base_url or PRESETS[args.dataset].base_url
-    config = DownloadConfig(
-        base_url=base_url, indices=shard_indices(args.num_shards, args.dataset),
+    return DownloadConfig(
+        base_url=args.base_url or PRESETS[args.dataset].base_url,
+        indices=shard_indices(args.num_shards, args.dataset),
         out_dir=Path(args.out).expanduser(), workers=args.workers, attempts=args.attempts,
         backoff_s=args.backoff_s,
     )
+
+
+def _download(args: argparse.Namespace) -> int:
+    from tokenfeed.tools.download import download
+    from tokenfeed.tools.progress import Progress
+
+    config = download_config(args)
     progress = Progress(f"download {len(config.indices)} files", total=0, unit="B",
                         stream=sys.stderr)
     try:
