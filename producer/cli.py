@@ -23,6 +23,8 @@ from tokenfeed.common.errors import (
     TokenfeedError,
     UserInputError,
 )
+from tokenfeed.common.protocol import OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION
+from tokenfeed.common.version import package_version
 from tokenfeed.producer import data_commands
 from tokenfeed.producer.config import (
     DEFAULT_CACHE_BYTES,
@@ -63,6 +65,9 @@ def _add_data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenfeed", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tokenfeed {package_version()} "
+                        f"(protocol v{PROTOCOL_VERSION}, serves clients from "
+                        f"v{OLDEST_PROTOCOL_VERSION})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the node daemon in the foreground")

@@ -171,6 +171,7 @@ class Daemon:
         self.control.setsockopt(zmq.LINGER, 0)
         # zmq drops peers that send frames this large, before they reach Python.
         self.control.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_FRAME_BYTES)
+        self.peers = protocol.Peers()  # each client is answered in its protocol version
         self.pool = WorkerPool(
             self.ctx, ipc_address(self.run_dir, WORKER_SOCKET_NAME),
             daemon_id=self.daemon_id, tokenizer_spec=cfg.tokenizer, bos=self.tokenizer.bos,
@@ -276,7 +277,7 @@ class Daemon:
 
     def _send(self, identity: bytes, op: str, **fields: Any) -> None:
         try:
-            self.control.send_multipart([identity, protocol.encode(op, **fields)])
+            self.control.send_multipart([identity, self.peers.encode(identity, op, **fields)])
         except (zmq.ZMQError, TypeError, ValueError, OverflowError) as e:
             log.warning("could not send %r to %r: %s", op, identity[:32], e)
 
@@ -291,7 +292,9 @@ class Daemon:
             try:
                 if len(frames) != 2:
                     raise ProtocolError(f"expected 1 frame, got {len(frames) - 1}")
-                self._handle(identity, protocol.decode(frames[1]))
+                msg = protocol.decode(frames[1])
+                self.peers.heard(identity, msg)
+                self._handle(identity, msg)
             except TokenfeedError as e:
                 self._send(identity, "error", kind=error_kind(e), message=str(e))
             except Exception as e:  # a bug must not take the node's data feed down
@@ -494,8 +497,8 @@ class Daemon:
             stream = self.registry.create(spec, sources, start)
         layout = stream.ring.layout
         try:  # encoded first: a reply that cannot be sent attaches nothing
-            reply = protocol.encode(
-                "attached", stream=stream.sid, ring=stream.ring.segment.name,
+            reply = self.peers.encode(
+                identity, "attached", stream=stream.sid, ring=stream.ring.segment.name,
                 slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
                 start_seq=seq, start=start_cursor, fingerprint=self.fingerprint,
                 tokenizer={"name": self.tokenizer.name, "identity": self.tokenizer.identity,
@@ -507,9 +510,9 @@ class Daemon:
             raise
         self.registry.attach(identity, stream, seq, replicas)
         self.control.send_multipart([identity, reply])
-        log.info("consumer %s attached to stream %d (%s rank %d/%d) at batch %d",
-                 identity.decode(errors="replace"), stream.sid, spec.split, spec.rank,
-                 spec.world_size, seq)
+        log.info("consumer %s (%s) attached to stream %d (%s rank %d/%d) at batch %d",
+                 identity.decode(errors="replace"), self.peers.describe(identity), stream.sid,
+                 spec.split, spec.rank, spec.world_size, seq)
 
     def _check_expectations(self, expect: dict[str, Any]) -> None:
         """A saved feed state must resume on the same data and tokenizer."""
