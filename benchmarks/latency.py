@@ -12,7 +12,7 @@ calls with a simulated training step (`time.sleep(step_s)`) between them, so the
 stays full the whole time, and reads VmRSS again. The previous batch is dropped when the
 next one arrives, as in a training loop.
 
-Targets (issue 7's acceptance, tighter than ARCHITECTURE.md's 100 us / 1 ms / 8 MB): p50 <
+Targets (issue 7's acceptance, tighter than the design's first 100 us / 1 ms / 8 MB): p50 <
 50 us, p99 < 500 us, RSS growth < 2 MB after 200 batches. Benchmarks report; they never
 assert.
 """

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "like --data; consumers pick weights with TokenFeed(mix=...)")
     serve.add_argument("--mix", metavar="FILE", help="sources and default weights from a TOML "
                        "file: a [sources.NAME] table each, with path, optional text_column "
-                       "and weight (README: Mixtures)")
+                       "and weight (docs/recipes.md: Mixtures)")
     serve.add_argument("--weights", metavar="NAME=W,...", help="default mixture weights, "
                        "e.g. web=0.7,code=0.3 (default: equal; normalized)")
     _add_run_dir(serve)
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "workers; one line of advice")
     _add_run_dir(status)
     status.add_argument("--json", action="store_true",
-                        help="print the status as JSON (keys: README, `tokenfeed status`)")
+                        help="print the status as JSON (keys: docs/operations.md)")
     status.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
                         help="a live screen, redrawn every SECONDS (default 1) until Ctrl-C; "
                         "with --json, one JSON document per refresh")
