@@ -1,18 +1,20 @@
 """Consumer `next()` latency and memory growth while the ring has data.
 
     python benchmarks/latency.py [--data DIR | --docs-per-group 1024] [--workers N]
-                                 [--calls 200] [--step-s 0.05]
+                                 [--calls 200] [--step-s 0.05] [--device cpu]
 
 Corpus: --data, or by default the installed corpus in FineWeb-sized row groups of
 --docs-per-group documents (`_common.installed_corpus`, cached under /tmp; the shape is
-printed). A daemon with N workers feeds one `TokenFeed(B=32, T=2048, device="cpu")` in this
-process. After a warm-up of --warmup batches the benchmark waits until the stream's ring
-is full (status `depth == slots`), reads this process's VmRSS, then times --calls `next()`
-calls with a simulated training step (`time.sleep(step_s)`) between them, so the ring
-stays full the whole time, and reads VmRSS again. The previous batch is dropped when the
+printed). A daemon with N workers feeds one `TokenFeed(B=32, T=2048, device=--device)` in
+this process (`--device cuda`: batches copied to the GPU from the registered ring, handed
+out once the copy's event completed; benchmarks/gpu_check.sh runs it so). After a
+warm-up of --warmup batches the benchmark waits until the stream's ring is full (status
+`depth == slots`), reads this process's VmRSS, then times --calls `next()` calls with a
+simulated training step (`time.sleep(step_s)`) between them, so the ring stays full the
+whole time, and reads VmRSS again. The previous batch is dropped when the
 next one arrives, as in a training loop.
 
-Targets (issue 7's acceptance, tighter than ARCHITECTURE.md's 100 us / 1 ms / 8 MB): p50 <
+Targets (issue 7's acceptance, tighter than the design's first 100 us / 1 ms / 8 MB): p50 <
 50 us, p99 < 500 us, RSS growth < 2 MB after 200 batches. Benchmarks report; they never
 assert.
 """
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10, help="batches before the first RSS read")
     p.add_argument("--calls", type=int, default=200, help="timed next() calls")
     p.add_argument("--step-s", type=float, default=0.05, help="simulated training step")
+    p.add_argument("--device", default="cpu", help="where batches land: cpu, cuda, cuda:N")
     p.add_argument("--max-quiet-wait-s", type=float, default=30.0,
                    help="wait up to this long for other processes to go idle before timing")
     args = p.parse_args(argv)
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     with DaemonProcess(data, workers=args.workers, slots=args.slots,
                        tokenizer=args.tokenizer) as daemon:
         feed = TokenFeed(args.batch_size, args.seq_len, run_dir=daemon.run_dir,
-                         device="cpu", rank=0, world_size=1, prefetch=args.prefetch)
+                         device=args.device, rank=0, world_size=1, prefetch=args.prefetch)
         try:
             for _ in range(args.warmup):
                 x, y = next(feed)
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {where}, train split: {len(files)} files, {groups} row groups, "
           f"{docs / groups:,.0f} documents per row group")
     print(f"daemon: {args.workers} workers, {args.slots} slots; consumer: B x T = "
-          f"{args.batch_size} x {args.seq_len}, device cpu, prefetch {args.prefetch}; "
+          f"{args.batch_size} x {args.seq_len}, device {feed.device}, prefetch {args.prefetch}; "
           f"{args.calls} timed next() calls, {args.step_s * 1000:g} ms step between calls; "
           f"ring depth {depth_before}/{args.slots} before, {depth_after}/{args.slots} after; "
           f"other processes used {max(0.0, other) * 100:.0f}% of one core meanwhile")

@@ -12,7 +12,7 @@ opened), while VmRSS (and its anon / file / shmem parts) of the daemon and of ev
 worker pid from `status` is read from /proc/PID/status every few batches.
 
 Printed: peak and final RSS of the daemon alone and of daemon + workers, per corpus (median
-over rounds), and the ratio 100-shard / 10-shard. Target (ARCHITECTURE.md): daemon memory
+over rounds), and the ratio 100-shard / 10-shard. Target (docs/benchmarks.md): daemon memory
 bounded by its rings and in-flight row groups, not by dataset size: within 10%. With
 --cache (the caches persist across rounds, so later rounds serve from them), also the
 daemon's RssAnon growth from a quarter of each run to its end per unit served from the

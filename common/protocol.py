@@ -5,8 +5,20 @@ connect DEALER sockets. Every message is one frame holding a msgpack map with th
 protocol version `v` and an `op`; token data never travels here (it lives in
 shared memory) and nothing is pickled.
 
+Versions and compatibility. A peer accepts frames of its own protocol version and of
+the one before (OLDEST_PROTOCOL_VERSION), and the daemon answers every client in the
+version that client spoke last (`Peers`), leaving out the fields that version lacks.
+So a daemon upgraded under running trainers (a DaemonSet's rolling update) keeps
+serving the consumers of the previous release; the order of an upgrade is daemons
+first, then trainers. A frame of any other version is refused with a message that
+names both versions and which side to upgrade.
+    v1 (tokenfeed 0.1.0): the ops below.
+    v2 (tokenfeed 0.2.0): hello frames (HELLO_OPS: ping, pong, attach, attached) also
+        carry `package`, the sender's tokenfeed version, for logs and support.
+
 Ops, client -> daemon:
     ping {}                                   -> pong {daemon_id, pid, version, tokenizer}
+        version: the daemon's protocol version (an int, in v1 too)
     attach {spec, start, expect, replicas, rejoin, reweight?} -> attached {stream, ring, ...}
         reweight: a resumed mixture changes to the spec's weights (the feed's mix changed)
     release {stream, seq}                     (no reply; frees the slot for reuse)
@@ -43,19 +55,29 @@ tasks and works through them in order). `WORKER_OPS` lists every op's fields and
         exit    {}
 
 Failure behaviour: `decode` raises `ProtocolError` on anything that is not a
-msgpack map with an integer `v` and a string `op`, or that is larger than
-MAX_FRAME_BYTES; the daemon answers such frames with `error` and carries on.
+msgpack map with an integer `v` in [OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION] and a
+string `op`, or that is larger than MAX_FRAME_BYTES; the daemon answers such frames
+with `error` and carries on.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import msgpack
 
 from tokenfeed.common.errors import ProtocolError
+from tokenfeed.common.version import package_version
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# The compatibility policy in one number: a daemon serves clients one protocol version
+# behind it, so an upgrade never has to stop the jobs running on the node.
+OLDEST_PROTOCOL_VERSION = PROTOCOL_VERSION - 1
+# Frames that introduce a peer: from v2 they carry `package`, the sender's version.
+HELLO_OPS = frozenset({"ping", "pong", "attach", "attached"})
+# Fields each older version lacks, left out of the frames sent to its peers.
+_NEW_FIELDS: dict[int, frozenset[str]] = {1: frozenset({"package"})}
 MAX_FRAME_BYTES = 1 << 20  # a feed state is < 64 KB; anything near 1 MiB is garbage
 
 HEARTBEAT_INTERVAL_S = 0.5
@@ -67,8 +89,23 @@ CONSUMER_SILENCE_S = 15.0
 Message = dict[str, Any]
 
 
-def encode(op: str, **fields: Any) -> bytes:
-    fields["v"] = PROTOCOL_VERSION
+def encode(op: str, /, **fields: Any) -> bytes:
+    """A frame of this protocol version; hello frames carry this package's version."""
+    return encode_as(PROTOCOL_VERSION, op, **fields)
+
+
+def encode_as(version: int, op: str, /, **fields: Any) -> bytes:
+    """A frame of protocol `version` (this one or the previous): the fields that version
+    does not have are left out, so a peer of that version reads exactly its own format."""
+    if not OLDEST_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
+        raise ValueError(f"cannot encode protocol v{version}: this side speaks "
+                         f"v{OLDEST_PROTOCOL_VERSION} to v{PROTOCOL_VERSION}")
+    if op in HELLO_OPS and version >= 2:
+        fields.setdefault("package", package_version())
+    for lacking in range(version, PROTOCOL_VERSION):
+        for name in _NEW_FIELDS.get(lacking, ()):
+            fields.pop(name, None)
+    fields["v"] = version
     fields["op"] = op
     data: bytes = msgpack.packb(fields, use_bin_type=True)
     return data
@@ -86,12 +123,57 @@ def decode(frame: bytes) -> Message:
     version, op = msg.get("v"), msg.get("op")
     if not isinstance(version, int) or isinstance(version, bool) or not isinstance(op, str):
         raise ProtocolError("message lacks an integer 'v' and a string 'op'")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol v{version} spoken to a v{PROTOCOL_VERSION} peer; "
-            "upgrade the daemon and the client together"
-        )
+    if not OLDEST_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
+        raise ProtocolError(_version_mismatch(version, msg.get("package")))
     return msg
+
+
+def _version_mismatch(version: int, package: Any) -> str:
+    peer = f"tokenfeed {package}" if isinstance(package, str) else "another tokenfeed release"
+    here = (f"tokenfeed {package_version()} speaks protocol v{OLDEST_PROTOCOL_VERSION} "
+            f"to v{PROTOCOL_VERSION}")
+    if version > PROTOCOL_VERSION:
+        return (f"protocol v{version} (from {peer}) is newer than this side understands "
+                f"({here}); upgrade this side: daemons are upgraded before the trainers "
+                "that use them")
+    return (f"protocol v{version} (from {peer}) is older than this side still serves "
+            f"({here}); upgrade that side to a release at most one protocol version behind")
+
+
+class Peers:
+    """The protocol version each control-socket peer spoke last, by ZeroMQ identity.
+
+    The daemon notes every decoded frame (`heard`) and encodes what it sends to a peer,
+    answers and unsolicited frames (ready, heartbeat, shutdown) alike, in that peer's
+    version (`encode`). A peer never heard from gets this version. Bounded: the least
+    recently heard of more than `capacity` identities is forgotten (CLI requests use a
+    fresh identity each; consumers are heard from at every heartbeat)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._versions: OrderedDict[bytes, tuple[int, str | None]] = OrderedDict()
+
+    def heard(self, identity: bytes, msg: Message) -> None:
+        package = msg.get("package")
+        if msg["op"] not in HELLO_OPS or not isinstance(package, str):  # keep the last one
+            package = self._versions.get(identity, (0, None))[1]
+        self._versions[identity] = (msg["v"], package)
+        self._versions.move_to_end(identity)
+        while len(self._versions) > self.capacity:
+            self._versions.popitem(last=False)
+
+    def version(self, identity: bytes) -> int:
+        return self._versions.get(identity, (PROTOCOL_VERSION, None))[0]
+
+    def describe(self, identity: bytes) -> str:
+        """E.g. "tokenfeed 0.2.0, protocol v2", for logs."""
+        version, package = self._versions.get(identity, (PROTOCOL_VERSION, None))
+        release = (f"tokenfeed {package}" if package
+                   else "tokenfeed 0.1.x" if version == 1 else "tokenfeed, version not said")
+        return f"{release}, protocol v{version}"
+
+    def encode(self, identity: bytes, op: str, /, **fields: Any) -> bytes:
+        return encode_as(self.version(identity), op, **fields)
 
 
 def field(msg: Message, name: str, kind: type | tuple[type, ...]) -> Any:

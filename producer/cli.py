@@ -25,6 +25,8 @@ from tokenfeed.common.errors import (
     TokenfeedError,
     UserInputError,
 )
+from tokenfeed.common.protocol import OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION
+from tokenfeed.common.version import package_version
 from tokenfeed.producer.config import (
     ON_BACKEND_MISMATCH,
     ON_ERROR,
@@ -73,6 +75,9 @@ def _add_data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenfeed", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tokenfeed {package_version()} "
+                        f"(protocol v{PROTOCOL_VERSION}, serves clients from "
+                        f"v{OLDEST_PROTOCOL_VERSION})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the node daemon in the foreground")
@@ -83,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "like --data; consumers pick weights with TokenFeed(mix=...)")
     serve.add_argument("--mix", metavar="FILE", help="sources and default weights from a TOML "
                        "file: a [sources.NAME] table each, with path, optional text_column "
-                       "and weight (README: Mixtures)")
+                       "and weight (docs/recipes.md: Mixtures)")
     serve.add_argument("--weights", metavar="NAME=W,...", help="default mixture weights, "
                        "e.g. web=0.7,code=0.3 (default: equal; normalized)")
     _add_run_dir(serve)
@@ -142,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "workers; one line of advice")
     _add_run_dir(status)
     status.add_argument("--json", action="store_true",
-                        help="print the status as JSON (keys: README, `tokenfeed status`)")
+                        help="print the status as JSON (keys: docs/operations.md)")
     status.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
                         help="a live screen, redrawn every SECONDS (default 1) until Ctrl-C; "
                         "with --json, one JSON document per refresh")

@@ -146,6 +146,7 @@ class Daemon:
         self.control.setsockopt(zmq.LINGER, 0)
         # zmq drops peers that send frames this large, before they reach Python.
         self.control.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_FRAME_BYTES)
+        self.peers = protocol.Peers()  # each client is answered in its protocol version
         self.pool = WorkerPool(
             self.ctx, ipc_address(self.run_dir, WORKER_SOCKET_NAME),
             daemon_id=self.daemon_id, tokenizer_spec=cfg.tokenizer, bos=self.tokenizer.bos,
@@ -248,7 +249,7 @@ class Daemon:
 
     def send(self, identity: bytes, op: str, **fields: Any) -> None:
         try:
-            self.control.send_multipart([identity, protocol.encode(op, **fields)])
+            self.control.send_multipart([identity, self.peers.encode(identity, op, **fields)])
         except (zmq.ZMQError, TypeError, ValueError, OverflowError) as e:
             log.warning("could not send %r to %r: %s", op, identity[:32], e)
 
@@ -263,7 +264,9 @@ class Daemon:
             try:
                 if len(frames) != 2:
                     raise ProtocolError(f"expected 1 frame, got {len(frames) - 1}")
-                ops.handle(self, identity, protocol.decode(frames[1]))
+                msg = protocol.decode(frames[1])
+                self.peers.heard(identity, msg)
+                ops.handle(self, identity, msg)
             except TokenfeedError as e:
                 self.send(identity, "error", kind=error_kind(e), message=str(e))
             except Exception as e:  # a bug must not take the node's data feed down

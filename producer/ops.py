@@ -147,8 +147,8 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
         stream = d.registry.create(spec, sources, start)
     layout = stream.ring.layout
     try:  # encoded first: a reply that cannot be sent attaches nothing
-        reply = protocol.encode(
-            "attached", stream=stream.sid, ring=stream.ring.segment.name,
+        reply = d.peers.encode(
+            identity, "attached", stream=stream.sid, ring=stream.ring.segment.name,
             slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
             start_seq=seq, start=start_cursor, fingerprint=d.fingerprint,
             tokenizer=d.tokenizer_facts(),
@@ -159,9 +159,9 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
         raise
     d.registry.attach(identity, stream, seq, replicas)
     d.control.send_multipart([identity, reply])
-    log.info("consumer %s attached to stream %d (%s rank %d/%d) at batch %d",
-             identity.decode(errors="replace"), stream.sid, spec.split, spec.rank,
-             spec.world_size, seq)
+    log.info("consumer %s (%s) attached to stream %d (%s rank %d/%d) at batch %d",
+             identity.decode(errors="replace"), d.peers.describe(identity), stream.sid,
+             spec.split, spec.rank, spec.world_size, seq)
 
 
 OPS: dict[str, Handler] = {

@@ -1,4 +1,4 @@
-"""Reference oracle: the data contract of ARCHITECTURE.md ("Data semantics"), in one page.
+"""Reference oracle: the data contract (docs/semantics.md), in one page.
 
 This is what the daemon's output is compared to, bit for bit. It is written to be
 obviously right, not fast: one process, no shared memory, no tokenfeed imports, each

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tokenfeed.common.errors import (
     TokenfeedError,
     TokenizerError,
 )
+from tokenfeed.common.version import package_version
 
 
 def pack(obj: Any) -> bytes:
@@ -79,14 +81,58 @@ def test_decode_rejects_a_bool_version() -> None:
         protocol.decode(pack({"v": True, "op": "ping"}))
 
 
-def test_decode_rejects_another_version_and_says_to_upgrade_both_sides() -> None:
-    other = protocol.PROTOCOL_VERSION + 1
+def test_decode_refuses_a_newer_version_and_says_to_upgrade_this_side() -> None:
+    newer = protocol.PROTOCOL_VERSION + 1
     with pytest.raises(ProtocolError) as info:
-        protocol.decode(pack({"v": other, "op": "ping"}))
+        protocol.decode(pack({"v": newer, "op": "ping", "package": "9.0.0"}))
     message = str(info.value)
-    assert f"v{other}" in message
-    assert f"v{protocol.PROTOCOL_VERSION}" in message
-    assert "upgrade the daemon and the client together" in message
+    assert f"protocol v{newer} (from tokenfeed 9.0.0) is newer" in message
+    assert f"v{protocol.OLDEST_PROTOCOL_VERSION} to v{protocol.PROTOCOL_VERSION}" in message
+    assert "upgrade this side: daemons are upgraded before the trainers" in message
+
+
+def test_decode_refuses_a_version_older_than_the_previous_and_says_to_upgrade_it() -> None:
+    older = protocol.OLDEST_PROTOCOL_VERSION - 1
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode(pack({"v": older, "op": "ping"}))
+    message = str(info.value)
+    assert f"protocol v{older} (from another tokenfeed release) is older" in message
+    assert "upgrade that side to a release at most one protocol version behind" in message
+
+
+def test_decode_accepts_the_previous_protocol_version() -> None:
+    assert protocol.OLDEST_PROTOCOL_VERSION == protocol.PROTOCOL_VERSION - 1
+    msg = protocol.decode(pack({"v": protocol.OLDEST_PROTOCOL_VERSION, "op": "attach"}))
+    assert msg == {"v": protocol.OLDEST_PROTOCOL_VERSION, "op": "attach"}
+
+
+def test_hello_frames_carry_the_package_version_and_others_do_not() -> None:
+    for op in sorted(protocol.HELLO_OPS):
+        assert protocol.decode(protocol.encode(op))["package"] == package_version()
+    assert "package" not in protocol.decode(protocol.encode("ready", slot=1))
+    assert package_version() == version("tokenfeed")  # one definition: pyproject's
+
+
+def test_a_frame_for_a_v1_peer_leaves_out_the_fields_v1_lacks() -> None:
+    frame = protocol.encode_as(1, "attached", stream=3, package="0.2.0")
+    assert msgpack.unpackb(frame) == {"v": 1, "op": "attached", "stream": 3}
+    with pytest.raises(ValueError, match="cannot encode protocol v0"):
+        protocol.encode_as(0, "ping")
+
+
+def test_peers_answer_each_identity_in_the_version_it_spoke_last() -> None:
+    peers = protocol.Peers(capacity=2)
+    peers.heard(b"old", {"v": 1, "op": "attach"})
+    peers.heard(b"new", {"v": 2, "op": "attach", "package": "0.2.0"})
+    peers.heard(b"new", {"v": 2, "op": "heartbeat"})  # keeps the package its hello named
+    assert msgpack.unpackb(peers.encode(b"old", "pong", version=2))["v"] == 1
+    assert "package" not in msgpack.unpackb(peers.encode(b"old", "pong", version=2))
+    assert msgpack.unpackb(peers.encode(b"new", "pong", version=2))["package"] == package_version()
+    assert peers.describe(b"old") == "tokenfeed 0.1.x, protocol v1"
+    assert peers.describe(b"new") == "tokenfeed 0.2.0, protocol v2"
+    peers.heard(b"cli", {"v": 2, "op": "status"})  # a third identity: the oldest is forgotten
+    assert peers.version(b"old") == protocol.PROTOCOL_VERSION
+    assert peers.version(b"new") == 2
 
 
 def test_decode_rejects_a_frame_over_max_frame_bytes() -> None:
