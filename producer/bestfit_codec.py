@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 from bisect import bisect_right
-from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any, NamedTuple
 
@@ -56,12 +55,12 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and -MAX_POSITION < v < MAX_POSITION
 
 
-def encode(flat: Iterable[int], n: int, unit: int, docs_read: int) -> str:
-    """The compact buffer of `n` pieces, `flat` their (unit, doc, start, born) in buffer
-    order, one after the other."""
+def encode(refs: np.ndarray, unit: int, docs_read: int) -> str:
+    """The compact buffer of the pieces `refs` ((unit, doc, start, born) rows, int64, in
+    buffer order) of a position reading at `unit` with `docs_read` documents read."""
+    n = len(refs)
     if not n:
         return ""
-    refs = np.fromiter(flat, dtype=np.int64, count=4 * n).reshape(n, 4)
     u, d, s, born = refs[:, 0], refs[:, 1], refs[:, 2], refs[:, 3]
     held, first = np.unique(u, return_index=True)
     zs = (born - d)[first]
@@ -173,7 +172,9 @@ def _check_order(pieces: list[Piece], unit: int, doc: int, docs_read: int) -> No
 
 def _varints_to_text(values: np.ndarray) -> str:
     """Zigzag LEB128 varints of int64 values, as unpadded URL-safe base64."""
-    zz = ((values << 1) ^ (values >> 63)).astype(np.uint64)
+    zz = ((values << 1) ^ (values >> 63)).view(np.uint64)
+    if not len(zz) or zz.max() < 0x80:  # the common case: ages and gaps, one byte each
+        return base64.urlsafe_b64encode(zz.astype(np.uint8).tobytes()).rstrip(b"=").decode()
     nbytes = np.ones(len(zz), dtype=np.int64)
     for width in range(1, 10):
         nbytes += zz >= np.uint64(1 << (7 * width))

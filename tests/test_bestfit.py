@@ -370,7 +370,8 @@ def test_oldest_piece_index_stays_bounded_when_the_rule_never_triggers() -> None
 
 def encoded(unit: int, doc: int, docs_read: int, pieces: list[Piece]) -> dict[str, Any]:
     """A position's JSON whose buffer is `pieces`, as the packer writes it."""
-    buffer = bestfit_codec.encode([v for p in pieces for v in p], len(pieces), unit, docs_read)
+    refs = np.array([tuple(p) for p in pieces], dtype=np.int64).reshape(-1, 4)
+    buffer = bestfit_codec.encode(refs, unit, docs_read)
     return {"unit": unit, "doc": doc, "docs_read": docs_read, "buffer": buffer}
 
 
