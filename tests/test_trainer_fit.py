@@ -252,6 +252,25 @@ def test_a_model_vocabulary_at_least_the_tokenizers_is_accepted(start_daemon, en
         assert int(y.max()) < feed.vocab_size <= encoding.n_vocab + extra
 
 
+def test_check_tokenizer_passes_the_daemons_and_returns_the_feed(start_daemon, encoding):
+    daemon = start_daemon(workers=1)
+    with daemon.feed(2, 64) as feed:
+        assert feed.check_tokenizer(bos_id=BOS_ID, vocab_size=encoding.n_vocab + 75) is feed
+        assert feed.check_tokenizer() is feed  # nothing asked, nothing checked
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"bos_id": 0}, ["starts documents with id 100257", "with 0", "import-tokenizer"]),
+    ({"vocab_size": 65_536}, ["65536", "100277", "--tokenizer"]),
+    ({"bos_id": "<|bos|>"}, ["bos_id='<|bos|>'", "int id"]),
+])
+def test_check_tokenizer_refuses_another_tokenizer_naming_both(start_daemon, kwargs, named):
+    daemon = start_daemon(workers=1)
+    with daemon.feed(2, 64) as feed, pytest.raises(VocabularyMismatchError) as info:
+        feed.check_tokenizer(**kwargs)
+    assert all(part in str(info.value) for part in named), str(info.value)
+
+
 # -- clean exits ----------------------------------------------------------------------
 
 
