@@ -5,11 +5,13 @@
     ckpt["data"] = feed.state_dict()                    # position after the last batch returned
     for x, y, state in feed.with_state(): ...          # state resumes AT this batch (prefetch)
 
-Construction checks that a daemon answers (fail fast, clear error) and learns its
-tokenizer (`vocab_size`, `bos_id`, `tokenizer`; `vocab_size=V` is checked against
-it); the stream is attached on the first `next()`, so `load_state_dict()` can come
-in between. Batch k is the k-th run of B*T+1 consecutive tokens of this rank's stream.
-A feed still open at interpreter exit detaches then (atexit), so the daemon frees its
+Construction resolves rank, world size and device (consumer/topology.py), checks
+that a daemon answers (fail fast, clear error) and learns its tokenizer (`vocab_size`,
+`bos_id`, `tokenizer`; `vocab_size=V` and `check_tokenizer(bos_id=, vocab_size=)` are
+checked against it, consumer/tokenizer.py); the stream is attached on the first
+`next()`, so `load_state_dict()` (parsed in consumer/state.py) can come in between.
+Batch k is the k-th run of B*T+1 consecutive tokens of this rank's stream. A feed
+still open at interpreter exit detaches then (atexit), so the daemon frees its
 slots at once instead of waiting out its consumer timeout.
 
 Failure behaviour: a daemon that shuts down or goes silent makes `next()` raise

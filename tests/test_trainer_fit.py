@@ -197,6 +197,19 @@ def test_gather_states_without_a_process_group_is_the_single_rank_list(start_dae
         gather_states(feed)
 
 
+def test_a_group_with_tp_peers_gathers_one_state_per_stream_rank():
+    """The default group of a 2 (dp) x 2 (tp) job holds each stream rank twice."""
+    from tokenfeed.consumer.state import _one_per_rank
+
+    def state(rank: int, offset: int) -> dict:
+        return {"spec": {"rank": rank, "world_size": 2}, "cursor": {"offset": offset}}
+
+    gathered = [state(0, 5), state(0, 5), state(1, 7), state(1, 7)]
+    assert _one_per_rank(gathered, 2) == [state(0, 5), state(1, 7)]
+    with pytest.raises(StateMismatchError, match="two processes of rank 1's stream"):
+        _one_per_rank([state(0, 5), state(0, 5), state(1, 7), state(1, 9)], 2)
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
