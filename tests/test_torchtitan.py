@@ -71,7 +71,11 @@ def test_a_trainer_tokenizer_unlike_the_daemons_is_refused(start_daemon, tokeniz
     build(daemon.run_dir, tokenizer, check_tokenizer=False).close()
 
 
-def test_the_recipes_load_through_torchtitans_config_manager(monkeypatch, tmp_path):
+def test_the_recipes_load_through_torchtitans_config_manager(tmp_path):
+    try:  # the recipes import torchtitan's trainer, which imports triton (CUDA torch has it)
+        import torchtitan.trainer  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"torchtitan's trainer does not import here ({e})")
     from torchtitan.config import ConfigManager
 
     config = ConfigManager().parse_args([
