@@ -9,8 +9,9 @@ stream and train on the same data.
 
 Devices: `cpu` and `cuda` only (a `mps` or `xpu` device is a `ConfigError`: the ring
 is copied to a CUDA device or into CPU tensors). A CUDA device always leaves here with
-an index: `"cuda"` becomes `cuda:LOCAL_RANK` (torchrun), else `cuda:SLURM_LOCALID`,
-else the calling thread's current device; the link thread `torch.cuda.set_device`s it.
+an index: `"cuda"` becomes `cuda:LOCAL_RANK` (torchrun), else `cuda:SLURM_LOCALID`
+(`cuda:0` when the task sees one GPU: srun bound it), else the calling thread's
+current device; the link thread `torch.cuda.set_device`s it.
 An index past the visible devices is a `ConfigError` that names the count and
 `CUDA_VISIBLE_DEVICES`.
 
@@ -127,6 +128,8 @@ def _indexed_cuda(dev: torch.device, asked: object) -> torch.device:
     else:
         index, source = torch.cuda.current_device(), f"the current device (for device={asked!r})"
     count = torch.cuda.device_count()
+    if local is not None and local[1] == "SLURM_LOCALID" and dev.index is None and count == 1:
+        index = 0  # srun --gpus-per-task=1 binds each task to one GPU: it is its cuda:0
     if not 0 <= index < count:
         raise ConfigError(
             f"{source} names cuda:{index}, but this process sees {count} CUDA device(s) "

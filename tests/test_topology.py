@@ -146,6 +146,15 @@ def test_cuda_under_srun_becomes_cuda_slurm_localid(two_gpus, monkeypatch):
     assert resolve_topology(None, None, "cuda").device == torch.device("cuda", 0)
 
 
+def test_cuda_under_srun_with_one_bound_gpu_per_task_is_cuda_0(two_gpus, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # --gpus-per-task=1
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert resolve_topology(None, None, "cuda").device == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # torchrun never binds: still an error
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=3 .* names cuda:3"):
+        resolve_topology(None, None, "cuda")
+
+
 def test_object_collectives_run_on_the_groups_then_the_feeds_then_the_local_device(
         two_gpus, monkeypatch):
     cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
