@@ -1,4 +1,4 @@
-"""Every rank's feed state in one object: gather them, check them, pick one rank's entry.
+"""Every rank's feed state in one object: gather them, check them; parse a state to resume.
 
     states = gather_states(feed)          # on every rank (a collective): [rank 0, rank 1, ...]
     states = gather_states(state)         # or the state with_state() gave with a batch
@@ -13,8 +13,8 @@ same stream but for its rank, the same data and tokenizer. `job_state` accepts t
 entries in any order. Loaded on another number of ranks, such a list is an elastic
 resume: the epoch's remaining work is divided among the new ranks (producer/elastic.py).
 
-A rank's own state is parsed here too (`parse_state`, `parse_job_state`): what a
-fresh feed must send with its first attach to continue at it.
+A state (one rank's, or a job state) is parsed here too (`parse_state`): what a
+fresh feed must send with its first attach to continue at it (`Resume`).
 
 Under NCCL, `all_gather_object` runs on the calling thread's current CUDA device;
 `gather_states` makes the group's device current for the call (`init_process_group(
@@ -55,7 +55,7 @@ def gather_states(source: TokenFeed | dict[str, Any], group: Any = None) -> list
     returned) or a state that `feed.with_state()` gave with a batch (the position AT
     that batch: what a loop that prefetches must save). With world_size 1 it needs no
     process group. `group` is passed on to `all_gather_object` (None: the default
-    group, which must hold exactly the stream's world_size ranks).
+    group), which must hold every rank of the stream (and may hold their TP/PP peers).
     """
     state = source if isinstance(source, dict) else source.state_dict()
     spec = state.get("spec") if isinstance(state, dict) else None
