@@ -10,6 +10,7 @@ worker socket and its lock file. It is private to the user (mode 0700).
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import stat
@@ -204,3 +205,29 @@ def ensure_private_dir(path: Path) -> None:
         )
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(path, 0o700)
+
+
+class Preset(enum.Enum):
+    VALUE = "the packing preset's value"
+
+
+PRESET = Preset.VALUE  # a keyword left to the packing preset
+
+
+def resolve_packing(
+    packing: str, buffer_docs: int | Preset, min_tail: int | Preset | None
+) -> dict[str, Any]:
+    """The spec fields of a packing preset, with the keywords the caller set."""
+    if packing not in PACKING_PRESETS:
+        raise ConfigError(f"packing={packing!r} is unknown; use one of {tuple(PACKING_PRESETS)}")
+    fields = dict(PACKING_PRESETS[packing])
+    if packing == "nanochat" and min_tail not in (PRESET, None):
+        raise ConfigError(
+            f"packing='nanochat' discards every cropped tail, so min_tail={min_tail!r} "
+            "contradicts it; use packing='bestfit' to keep tails of min_tail tokens or more"
+        )
+    if buffer_docs is not PRESET:
+        fields["buffer_docs"] = buffer_docs
+    if min_tail is not PRESET:
+        fields["min_tail"] = min_tail
+    return fields

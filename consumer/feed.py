@@ -5,11 +5,13 @@
     ckpt["data"] = feed.state_dict()                    # position after the last batch returned
     for x, y, state in feed.with_state(): ...          # state resumes AT this batch (prefetch)
 
-Construction checks that a daemon answers (fail fast, clear error) and learns its
-tokenizer (`vocab_size`, `bos_id`, `tokenizer`; `vocab_size=V` is checked against
-it); the stream is attached on the first `next()`, so `load_state_dict()` can come
-in between. Batch k is the k-th run of B*T+1 consecutive tokens of this rank's stream.
-A feed still open at interpreter exit detaches then (atexit), so the daemon frees its
+Construction resolves rank, world size and device (consumer/topology.py), checks
+that a daemon answers (fail fast, clear error) and learns its tokenizer (`vocab_size`,
+`bos_id`, `tokenizer`; `vocab_size=V` and `check_tokenizer(bos_id=, vocab_size=)` are
+checked against it, consumer/tokenizer.py); the stream is attached on the first
+`next()`, so `load_state_dict()` (parsed in consumer/state.py) can come in between.
+Batch k is the k-th run of B*T+1 consecutive tokens of this rank's stream. A feed
+still open at interpreter exit detaches then (atexit), so the daemon frees its
 slots at once instead of waiting out its consumer timeout.
 
 Failure behaviour: a daemon that shuts down or goes silent makes `next()` raise
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import enum
 import logging
 import os
 import queue
@@ -45,8 +46,10 @@ import zmq
 from tokenfeed.common import protocol
 from tokenfeed.common.config import (
     MAX_REPLICAS,
-    PACKING_PRESETS,
+    PRESET,
+    Preset,
     StreamSpec,
+    resolve_packing,
     resolve_run_dir,
 )
 from tokenfeed.common.control import connect, receive, request
@@ -56,45 +59,18 @@ from tokenfeed.common.errors import (
     DaemonUnavailableError,
     StateMismatchError,
     TokenfeedError,
-    VocabularyMismatchError,
 )
 from tokenfeed.common.ring import Ring
 from tokenfeed.consumer.docinfo import doc_info
 from tokenfeed.consumer.link import Link
-from tokenfeed.consumer.state import job_state
+from tokenfeed.consumer.state import STATE_VERSION, parse_state
+from tokenfeed.consumer.tokenizer import check_bos, checked_facts, fact
 from tokenfeed.consumer.topology import mesh_placement, resolve_topology
 from tokenfeed.consumer.transfer import make_transfer
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
 ATTACH_TIMEOUT_S = 30.0
-
-
-class _Preset(enum.Enum):
-    VALUE = "the packing preset's value"
-
-
-PRESET = _Preset.VALUE  # a keyword left to the packing preset
-
-
-def _resolve_packing(
-    packing: str, buffer_docs: int | _Preset, min_tail: int | _Preset | None
-) -> dict[str, Any]:
-    """The spec fields of a packing preset, with the keywords the caller set."""
-    if packing not in PACKING_PRESETS:
-        raise ConfigError(f"packing={packing!r} is unknown; use one of {tuple(PACKING_PRESETS)}")
-    fields = dict(PACKING_PRESETS[packing])
-    if packing == "nanochat" and min_tail not in (PRESET, None):
-        raise ConfigError(
-            f"packing='nanochat' discards every cropped tail, so min_tail={min_tail!r} "
-            "contradicts it; use packing='bestfit' to keep tails of min_tail tokens or more"
-        )
-    if buffer_docs is not PRESET:
-        fields["buffer_docs"] = buffer_docs
-    if min_tail is not PRESET:
-        fields["min_tail"] = min_tail
-    return fields
 
 
 # Feeds still open, closed at interpreter exit. Weak: the hook never keeps a feed alive.
@@ -134,8 +110,8 @@ class TokenFeed:
         packing: str = "concat",
         shuffle_seed: int | None = None,
         mix: dict[str, float] | None = None,
-        buffer_docs: int | _Preset = PRESET,
-        min_tail: int | _Preset | None = PRESET,
+        buffer_docs: int | Preset = PRESET,
+        min_tail: int | Preset | None = PRESET,
         vocab_size: int | None = None,
         replicas: int = 1,
         doc_info: bool = False,
@@ -147,7 +123,7 @@ class TokenFeed:
         self.spec = StreamSpec(
             split=split, rank=topo.rank, world_size=topo.world_size, batch_size=batch_size,
             seq_len=seq_len, shuffle_seed=shuffle_seed, mix=mix,
-            **_resolve_packing(packing, buffer_docs, min_tail),
+            **resolve_packing(packing, buffer_docs, min_tail),
         )
         self._reweight = False  # a resumed mixture changes to this feed's mix (see load)
         if vocab_size is not None and (
@@ -374,26 +350,21 @@ class TokenFeed:
 
     def _learn_tokenizer(self, info: dict[str, Any]) -> None:
         """Record the daemon's tokenizer facts; refuse a model vocabulary they overflow."""
-        n_vocab = info.get("n_vocab")
-        if not isinstance(n_vocab, int):
-            raise TokenfeedError(f"the daemon reported no tokenizer size ({info!r})")
-        if self.model_vocab_size is not None and self.model_vocab_size < n_vocab:
-            raise VocabularyMismatchError(
-                f"TokenFeed(vocab_size={self.model_vocab_size}) is smaller than the daemon's "
-                f"tokenizer {info.get('name')!r}, which has {n_vocab} token ids (BOS "
-                f"{info.get('bos_id')}): its ids would index past the model's embedding. "
-                f"Serve the tokenizer the model was built for (tokenfeed serve --tokenizer "
-                f"..., run dir {self.run_dir}) or build the model with vocab_size >= {n_vocab}"
-            )
-        self._tokenizer = dict(info)
+        self._tokenizer = checked_facts(info, self.model_vocab_size, self.run_dir)
 
     def _tokenizer_fact(self, key: str) -> Any:
-        if key not in self._tokenizer:
-            raise TokenfeedError(
-                f"the daemon at {self.run_dir} did not report its tokenizer's {key!r} "
-                "(an older daemon?); it is known after the first next()"
-            )
-        return self._tokenizer[key]
+        return fact(self._tokenizer, key, self.run_dir)
+
+    def check_tokenizer(self, *, bos_id: int | None = None,
+                        vocab_size: int | None = None) -> TokenFeed:
+        """Refuse a daemon serving another tokenizer than the model's, naming both: its BOS
+        id must be `bos_id`, its ids must fit `vocab_size` (VocabularyMismatchError).
+        Returns the feed: `feed = TokenFeed(...).check_tokenizer(bos_id=..., vocab_size=...)`."""
+        if vocab_size is not None:
+            checked_facts(self._tokenizer, vocab_size, self.run_dir)
+        if bos_id is not None:
+            check_bos(self._tokenizer, bos_id, self.run_dir)
+        return self
 
     @property
     def vocab_size(self) -> int:
@@ -427,57 +398,16 @@ class TokenFeed:
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Continue at `state`: this feed's `state_dict()` (or a `with_state()` state), or a
-        job state of every rank (`gather_states`), whose entry for this rank is taken."""
+        job state of every rank (`gather_states`): its entry for this rank is taken, and
+        one saved by another number of ranks is an elastic resume (consumer/state.py)."""
         if self._link is not None:
             raise StateMismatchError(
                 "load_state_dict() after the first next(); call it on a fresh TokenFeed"
             )
-        if isinstance(state, list):
-            states = job_state(state)
-            if len(states) != self.spec.world_size:
-                self._load_elastic(states)
-                return
-            state = states[self.spec.rank]
-        missing = [k for k in ("version", "spec", "cursor") if not isinstance(state, dict)
-                   or k not in state]
-        if missing:
-            raise StateMismatchError(f"feed state {str(state)[:80]} has no {', '.join(missing)}; "
-                                     "pass the dict feed.state_dict() returned, unchanged")
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise StateMismatchError(
-                f"feed state version {state.get('version') if isinstance(state, dict) else None}"
-                f" is not {STATE_VERSION}; it comes from another tokenfeed version"
-            )
-        try:
-            saved = StreamSpec.from_dict(state["spec"])
-        except (KeyError, ConfigError) as e:
-            raise StateMismatchError(f"feed state has no valid stream spec ({e})") from None
-        now = self.spec.to_dict()
-        diffs = [f"{k}: saved {v!r}, now {now[k]!r}"
-                 for k, v in saved.to_dict().items() if v != now[k] and k != "mix"]
-        if diffs:
-            raise StateMismatchError("feed state is for another stream: " + "; ".join(diffs))
-        # Other weights than the state's: the mixture changes to them where it resumes
-        # (recorded in its schedule); the same weights keep the schedule, live changes too.
-        self._reweight = saved.mix != self.spec.mix and self.spec.mix is not None
-        self._start = state["cursor"]
-        self._cursor = state["cursor"]
-        self._expect = {"fingerprint": state.get("fingerprint"),
-                        "tokenizer": state.get("tokenizer")}
-
-    def _load_elastic(self, states: list[dict[str, Any]]) -> None:
-        """Continue a job saved by another number of ranks: the daemon gives this rank its
-        share of the epoch's remaining work (producer/elastic.py)."""
-        saved = StreamSpec.from_dict(states[0]["spec"]).to_dict()
-        now = self.spec.to_dict()
-        diffs = [f"{k}: saved {v!r}, now {now[k]!r}" for k, v in saved.items()
-                 if k not in ("rank", "world_size") and v != now[k]]
-        if diffs:
-            raise StateMismatchError("the job state is of another stream: " + "; ".join(diffs))
-        self._start = {"elastic_from": [s["cursor"] for s in states]}
-        self._cursor = self._start
-        self._expect = {"fingerprint": states[0].get("fingerprint"),
-                        "tokenizer": states[0].get("tokenizer")}
+        resume = parse_state(self.spec, state)
+        self._start = self._cursor = resume.start
+        self._expect = resume.expect
+        self._reweight = resume.reweight
 
     @property
     def epoch(self) -> int:

@@ -1,4 +1,4 @@
-"""Every rank's feed state in one object: gather them, check them, pick one rank's entry.
+"""Every rank's feed state in one object: gather them, check them; parse a state to resume.
 
     states = gather_states(feed)          # on every rank (a collective): [rank 0, rank 1, ...]
     states = gather_states(state)         # or the state with_state() gave with a batch
@@ -13,6 +13,16 @@ same stream but for its rank, the same data and tokenizer. `job_state` accepts t
 entries in any order. Loaded on another number of ranks, such a list is an elastic
 resume: the epoch's remaining work is divided among the new ranks (producer/elastic.py).
 
+A state (one rank's, or a job state) is parsed here too (`parse_state`): what a
+fresh feed must send with its first attach to continue at it (`Resume`).
+
+Under NCCL, `all_gather_object` runs on the calling thread's current CUDA device;
+`gather_states` makes the group's device current for the call (`init_process_group(
+device_id=...)`, else the feed's, else `cuda:LOCAL_RANK`), so ranks that never called
+`torch.cuda.set_device` do not all gather on cuda:0. A group larger than the stream's
+world size (tensor- or pipeline-parallel peers in the default group) is fine: the
+peers of one data-parallel rank share its stream and must hold the same state.
+
 Failure behaviour: a malformed list raises `StateMismatchError` naming the entry and
 what differs; `gather_states` on several ranks without an initialized process group
 raises `ConfigError`.
@@ -20,15 +30,20 @@ raises `ConfigError`.
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import ConfigError, StateMismatchError
+from tokenfeed.consumer.topology import collective_device
 
 if TYPE_CHECKING:
     from tokenfeed.consumer.feed import TokenFeed
 
+STATE_VERSION = 1
 # Fields of a rank's state that every rank of one job shares.
 _SHARED = ("version", "fingerprint", "tokenizer")
 
@@ -40,7 +55,7 @@ def gather_states(source: TokenFeed | dict[str, Any], group: Any = None) -> list
     returned) or a state that `feed.with_state()` gave with a batch (the position AT
     that batch: what a loop that prefetches must save). With world_size 1 it needs no
     process group. `group` is passed on to `all_gather_object` (None: the default
-    group, which must hold exactly the stream's world_size ranks).
+    group), which must hold every rank of the stream (and may hold their TP/PP peers).
     """
     state = source if isinstance(source, dict) else source.state_dict()
     spec = state.get("spec") if isinstance(state, dict) else None
@@ -57,14 +72,46 @@ def gather_states(source: TokenFeed | dict[str, Any], group: Any = None) -> list
             )
         return check_states([state])
     group_size = dist.get_world_size(group)
-    if group_size != world_size:
+    if group_size < world_size:
         raise ConfigError(
             f"gather_states: the process group has {group_size} ranks but the feed's "
             f"world_size is {world_size}; pass the group of the ranks that share this stream"
         )
     states: list[Any] = [None] * group_size
-    dist.all_gather_object(states, state, group=group)
-    return check_states(sorted(states, key=_rank_of))
+    feed_device = None if isinstance(source, dict) else source.device
+    with _current(_object_device(group, feed_device)):
+        dist.all_gather_object(states, state, group=group)
+    return check_states(_one_per_rank(states, world_size))
+
+
+def _object_device(group: Any, feed_device: torch.device | None) -> torch.device | None:
+    from torch.distributed import distributed_c10d as c10d
+
+    pg = group if group is not None else c10d._get_default_group()
+    device_type = c10d._get_object_coll_device(pg)
+    return collective_device(device_type, getattr(pg, "bound_device_id", None), feed_device)
+
+
+def _current(device: torch.device | None) -> contextlib.AbstractContextManager[Any]:
+    return torch.cuda.device(device) if device is not None else contextlib.nullcontext()
+
+
+def _one_per_rank(states: list[Any], world_size: int) -> list[Any]:
+    """One entry per stream rank of a gathered list: peers of one rank (replicas) must
+    agree; with exactly world_size entries they are returned as they are."""
+    if len(states) == world_size:
+        return sorted(states, key=_rank_of)
+    by_rank: dict[int, Any] = {}
+    for state in states:
+        rank = _rank_of(state)
+        if rank in by_rank and by_rank[rank] != state:
+            raise StateMismatchError(
+                f"gather_states: two processes of rank {rank}'s stream hold different "
+                "positions; the tensor- or pipeline-parallel peers of a data-parallel rank "
+                "must read the same batches (replicas=, TokenFeed.from_mesh) and save together"
+            )
+        by_rank[rank] = state
+    return [by_rank[r] for r in sorted(by_rank)]
 
 
 def _rank_of(state: Any) -> int:
@@ -117,13 +164,60 @@ def job_state(states: Any) -> list[dict[str, Any]]:
     return check_states(sorted(states, key=_rank_of))
 
 
-def select_state(states: Any, rank: int, world_size: int) -> dict[str, Any]:
-    """Rank `rank`'s entry of a job state saved by `world_size` ranks."""
-    states = check_states(states)
-    if len(states) != world_size:
+@dataclass(frozen=True)
+class Resume:
+    """What a fresh feed sends with its first attach to continue at a saved state."""
+
+    start: dict[str, Any]  # the cursor, or {"elastic_from": [every old rank's cursor]}
+    expect: dict[str, Any]  # the data fingerprint and tokenizer identity it was saved with
+    reweight: bool  # the feed's mix differs from the state's: the mixture changes there
+
+
+def parse_state(spec: StreamSpec, state: Any) -> Resume:
+    """A rank's state (`state_dict()`, or a `with_state()` state) or a job state (every
+    rank's): checked against this feed's stream `spec`."""
+    if isinstance(state, list):
+        states = job_state(state)
+        if len(states) != spec.world_size:
+            return _parse_elastic(spec, states)
+        state = states[spec.rank]
+    missing = [k for k in ("version", "spec", "cursor") if not isinstance(state, dict)
+               or k not in state]
+    if missing:
+        raise StateMismatchError(f"feed state {str(state)[:80]} has no {', '.join(missing)}; "
+                                 "pass the dict feed.state_dict() returned, unchanged")
+    if state.get("version") != STATE_VERSION:
         raise StateMismatchError(
-            f"the job state was saved by {len(states)} ranks and this job has {world_size}; "
-            f"resuming on another world size is not supported yet: resume with "
-            f"{len(states)} ranks (the state of each rank is in its entry)"
+            f"feed state version {state.get('version')} is not {STATE_VERSION}; it comes "
+            "from another tokenfeed version"
         )
-    return states[rank]
+    try:
+        saved = StreamSpec.from_dict(state["spec"])
+    except (KeyError, ConfigError) as e:
+        raise StateMismatchError(f"feed state has no valid stream spec ({e})") from None
+    now = spec.to_dict()
+    diffs = [f"{k}: saved {v!r}, now {now[k]!r}"
+             for k, v in saved.to_dict().items() if v != now[k] and k != "mix"]
+    if diffs:
+        raise StateMismatchError("feed state is for another stream: " + "; ".join(diffs))
+    # Other weights than the state's: the mixture changes to them where it resumes
+    # (recorded in its schedule); the same weights keep the schedule, live changes too.
+    return Resume(start=state["cursor"],
+                  expect={"fingerprint": state.get("fingerprint"),
+                          "tokenizer": state.get("tokenizer")},
+                  reweight=saved.mix != spec.mix and spec.mix is not None)
+
+
+def _parse_elastic(spec: StreamSpec, states: list[dict[str, Any]]) -> Resume:
+    """A job saved by another number of ranks: the daemon gives this rank its share of
+    the epoch's remaining work (producer/elastic.py)."""
+    saved = StreamSpec.from_dict(states[0]["spec"]).to_dict()
+    now = spec.to_dict()
+    diffs = [f"{k}: saved {v!r}, now {now[k]!r}" for k, v in saved.items()
+             if k not in ("rank", "world_size") and v != now[k]]
+    if diffs:
+        raise StateMismatchError("the job state is of another stream: " + "; ".join(diffs))
+    return Resume(start={"elastic_from": [s["cursor"] for s in states]},
+                  expect={"fingerprint": states[0].get("fingerprint"),
+                          "tokenizer": states[0].get("tokenizer")},
+                  reweight=False)

@@ -13,6 +13,11 @@ CUDA: the whole ring is registered as pinned memory (`cudaHostRegister`), so one
 side stream; widening to int32/int64 happens on the GPU on that stream. An event
 recorded after the last kernel tells when the slot's bytes are no longer needed;
 the caller's stream waits on that event before it touches the tensors.
+Registration pins the ring's pages, which the kernel counts against the memlock limit
+(`ulimit -l`; containers often default to 64 KiB or 8 MiB). A limit below the ring's
+size (unless the process may lock memory without limit, as root can), or a refused
+registration, falls back to a plain copy from the unpinned ring, which returns once
+the bytes left it (one warning per process; raise the limit to get the one-copy path).
 
 Layouts: `concat` slots hold B*T+1 tokens (inputs = w[:-1], targets = w[1:]);
 `bestfit` slots hold B rows of T+1 tokens (inputs = row[:-1], targets = row[1:]).
@@ -21,13 +26,15 @@ Layouts: `concat` slots hold B*T+1 tokens (inputs = w[:-1], targets = w[1:]);
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import sys
+import threading
 from typing import Any
 
 import numpy as np
 import torch
 
-from tokenfeed.common.errors import TokenfeedError
 from tokenfeed.common.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -104,6 +111,31 @@ class CpuTransfer:
         pass
 
 
+_warned = threading.Event()  # the pinning fallback warns once per process
+
+
+def memlock_shortfall(size_bytes: int, limits: tuple[int, int] | None = None,
+                      euid: int | None = None) -> str | None:
+    """Why the memlock limit forbids pinning `size_bytes` (None: it allows it)."""
+    soft, _ = limits if limits is not None else resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    root = (os.geteuid() if euid is None else euid) == 0  # CAP_IPC_LOCK: no limit applies
+    if soft == resource.RLIM_INFINITY or root or soft >= size_bytes:
+        return None
+    return (f"the memlock limit (ulimit -l) is {soft >> 10} KiB, below the "
+            f"{-(-size_bytes >> 20)} MiB ring")
+
+
+def warn_unpinned(reason: str) -> None:
+    if _warned.is_set():
+        return
+    _warned.set()
+    log.warning(
+        "tokenfeed: the ring is not pinned (%s); batches are copied to the GPU from pageable "
+        "memory (slower, the copy blocks the link thread). Raise the training process's "
+        "memlock limit (`ulimit -l unlimited`, LimitMEMLOCK=infinity in systemd, "
+        "--ulimit memlock=-1 in docker) to get the one-copy path", reason)
+
+
 class CudaTransfer:
     def __init__(
         self, ring: Ring, batch_size: int, seq_len: int, packing: str, device: torch.device
@@ -118,13 +150,14 @@ class CudaTransfer:
         # Register and create the stream on the feed's device, not the caller's current one
         # (else every rank opens a context on GPU 0).
         with torch.cuda.device(device):
-            err = int(torch.cuda.cudart().cudaHostRegister(self._base, self._size, 0))
-            if err != 0:
-                raise TokenfeedError(
-                    f"cudaHostRegister of the {self._size >> 20} MiB ring failed (cudaError "
-                    f"{err}); check the memlock limit (ulimit -l) of the training process"
-                )
-            self._registered = True
+            shortfall = memlock_shortfall(self._size)
+            if shortfall is None:
+                err = int(torch.cuda.cudart().cudaHostRegister(self._base, self._size, 0))
+                self._registered = err == 0
+                if err != 0:
+                    shortfall = f"cudaHostRegister refused it with cudaError {err}"
+            if shortfall is not None:
+                warn_unpinned(shortfall)
             try:
                 signed = np.int16 if self.unsigned16 else np.int32  # same bits as the ring
                 self.host = torch.from_numpy(ring.slots.view(signed))
@@ -136,7 +169,8 @@ class CudaTransfer:
     def copy(self, slot: int) -> tuple[Batch, torch.cuda.Event]:
         with torch.cuda.stream(self.stream):
             raw = torch.empty(self.host.shape[1], dtype=self.host.dtype, device=self.device)
-            raw.copy_(self.host[slot], non_blocking=True)
+            # Unpinned: a blocking copy, so the slot is no longer read when it returns.
+            raw.copy_(self.host[slot], non_blocking=self._registered)
             wide = raw.to(torch.int64)
             if self.unsigned16:
                 wide &= 0xFFFF
@@ -159,12 +193,12 @@ class CudaTransfer:
 
     def close(self) -> None:
         """Wait for copies in flight, then unpin; idempotent."""
-        if not self._registered:
-            return
         if hasattr(self, "stream"):
             self.stream.synchronize()
         if hasattr(self, "host"):
             del self.host
+        if not self._registered:
+            return
         with torch.cuda.device(self.device):
             torch.cuda.cudart().cudaHostUnregister(self._base)
         self._registered = False

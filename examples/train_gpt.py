@@ -140,6 +140,8 @@ def main() -> int:
         print(f"train_gpt: error: --resume: no checkpoint at {ckpt_path}; run without "
               "--resume first, or pass its --ckpt-dir", file=sys.stderr)
         return 2
+    if torch.cuda.is_available():  # before NCCL and the feed: else every rank uses cuda:0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -40,12 +40,14 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--packing", default="nanochat")
     p.add_argument("--vocab-size", type=int, default=100_352)
+    p.add_argument("--bos-id", type=int, default=100_257)  # nanochat: tokenizer's BOS
     args = p.parse_args()
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
     feed = TokenFeed(args.batch_size, args.seq_len, run_dir=args.run_dir, device="cpu",
-                     packing=args.packing, vocab_size=args.vocab_size)
+                     packing=args.packing).check_tokenizer(bos_id=args.bos_id,
+                                                           vocab_size=args.vocab_size)
     ckpt = Path(args.ckpt)
     step = 0
     if ckpt.exists():

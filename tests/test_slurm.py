@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -225,3 +226,28 @@ def test_slurm_recipe_trains_two_cpu_ranks_and_leaves_nothing_behind(
     assert not Path(f"/proc/{pid}").exists()
     assert sorted(SHM_DIR.glob(f"tokenfeed-{daemon_id}-*")) == []
     assert not Path(f"/tmp/tokenfeed-{job_id}").exists()
+
+
+def test_srun_tasks_without_a_launcher_read_their_own_streams(
+    cluster: Cluster, start_daemon: Callable[..., Any], oracle: Callable[..., Any]
+) -> None:
+    """`srun --ntasks=2 python train.py`: no torchrun, no process group; each task's feed
+    takes its rank from SLURM_PROCID and the world size from SLURM_NTASKS."""
+    from conftest import window_digest
+    from test_launchers import PROBE, B, N, T, clean_env, probe_lines
+
+    daemon = start_daemon(workers=1)
+    env = {**clean_env(), "SLURM_CONF": cluster.env["SLURM_CONF"]}
+    cmd = [_program("srun"), "--ntasks=2", "--cpus-per-task=1", f"--chdir={REPO}",
+           sys.executable, str(PROBE), str(daemon.run_dir), str(N)]
+    try:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"srun ran past {JOB_TIMEOUT_S:.0f} s:\n{cluster.logs()}") from None
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{cluster.logs()}"
+    results = probe_lines(result.stdout)
+    assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)], result.stdout
+    for r in results:
+        want = oracle(rank=r["rank"], world_size=2, batch_size=B, seq_len=T, n=N)
+        assert r["digests"] == [window_digest(w, B, T) for w in want], f"task {r['rank']}"

@@ -197,6 +197,19 @@ def test_gather_states_without_a_process_group_is_the_single_rank_list(start_dae
         gather_states(feed)
 
 
+def test_a_group_with_tp_peers_gathers_one_state_per_stream_rank():
+    """The default group of a 2 (dp) x 2 (tp) job holds each stream rank twice."""
+    from tokenfeed.consumer.state import _one_per_rank
+
+    def state(rank: int, offset: int) -> dict:
+        return {"spec": {"rank": rank, "world_size": 2}, "cursor": {"offset": offset}}
+
+    gathered = [state(0, 5), state(0, 5), state(1, 7), state(1, 7)]
+    assert _one_per_rank(gathered, 2) == [state(0, 5), state(1, 7)]
+    with pytest.raises(StateMismatchError, match="two processes of rank 1's stream"):
+        _one_per_rank([state(0, 5), state(0, 5), state(1, 7), state(1, 9)], 2)
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
@@ -250,6 +263,25 @@ def test_a_model_vocabulary_at_least_the_tokenizers_is_accepted(start_daemon, en
     with daemon.feed(2, 64, vocab_size=encoding.n_vocab + extra) as feed:
         _, y = next(feed)
         assert int(y.max()) < feed.vocab_size <= encoding.n_vocab + extra
+
+
+def test_check_tokenizer_passes_the_daemons_and_returns_the_feed(start_daemon, encoding):
+    daemon = start_daemon(workers=1)
+    with daemon.feed(2, 64) as feed:
+        assert feed.check_tokenizer(bos_id=BOS_ID, vocab_size=encoding.n_vocab + 75) is feed
+        assert feed.check_tokenizer() is feed  # nothing asked, nothing checked
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"bos_id": 0}, ["starts documents with id 100257", "with 0", "import-tokenizer"]),
+    ({"vocab_size": 65_536}, ["65536", "100277", "--tokenizer"]),
+    ({"bos_id": "<|bos|>"}, ["bos_id='<|bos|>'", "int id"]),
+])
+def test_check_tokenizer_refuses_another_tokenizer_naming_both(start_daemon, kwargs, named):
+    daemon = start_daemon(workers=1)
+    with daemon.feed(2, 64) as feed, pytest.raises(VocabularyMismatchError) as info:
+        feed.check_tokenizer(**kwargs)
+    assert all(part in str(info.value) for part in named), str(info.value)
 
 
 # -- clean exits ----------------------------------------------------------------------
