@@ -35,6 +35,8 @@ tasks and works through them in order). `WORKER_OPS` lists every op's fields and
         hello  {worker, pid}
         done   {task, n_tokens, n_rows, rows_offset, read_s, tokenize_s}
         failed {task, error}
+               (both may add retries, failed_requests: object-storage requests retried
+               and given up on since the worker's last report)
         grow   {task, need_bytes}             the result does not fit its staging buffer
     daemon -> worker:
         task    {task, buffer, staging, path, row_group, column, rows, doc_seed}
@@ -151,6 +153,15 @@ def _valid(kind: str, v: Any) -> bool:
     if kind == "seed":
         return v is None or (isinstance(v, list) and len(v) <= 8 and all(map(_is_count, v)))
     raise AssertionError(f"unknown field kind {kind}")
+
+
+def optional_count(msg: Message, name: str) -> int:
+    """An optional count field of a worker message (0 when absent), else ProtocolError."""
+    value = msg.get(name, 0)
+    if not _is_count(value):
+        raise ProtocolError(f"worker op {msg.get('op')!r}: field {name!r} = {value!r:.40} is "
+                            "not a count")
+    return int(value)
 
 
 def decode_worker(frame: bytes) -> Message:

@@ -142,6 +142,7 @@ class WorkerPool:
         self.start_failures = 0
         self.broken: str | None = None  # set when workers keep dying at start
         self.read_s = 0.0  # seconds workers spent reading Parquet, over all tasks
+        self.storage_retries = self.storage_failed = 0  # object-storage requests (storage.py)
         self.tokenize_s = 0.0
         self.tasks_done = 0
         self.dropped_messages = 0
@@ -295,6 +296,9 @@ class WorkerPool:
             raise ProtocolError(f"task {msg['task']} is not held by worker {w.wid}")
         if op == "grow":
             return self._grow(w, b, msg["need_bytes"])
+        retries = protocol.optional_count(msg, "retries")  # checked before the task is taken
+        self.storage_failed += protocol.optional_count(msg, "failed_requests")
+        self.storage_retries += retries
         task = w.tasks.pop(b)
         if op == "failed":
             return Failure(task, msg["error"])
@@ -365,6 +369,7 @@ class WorkerPool:
             "tasks_inflight": self.inflight(), "tasks_done": self.tasks_done,
             "read_s": round(self.read_s, 3), "tokenize_s": round(self.tokenize_s, 3),
             "dropped_messages": self.dropped_messages,
+            "storage_retries": self.storage_retries, "storage_failed": self.storage_failed,
             "pids": [w.process.pid for w in self.workers.values()],
         }
 

@@ -95,6 +95,22 @@ def failed_count() -> int:
     return _counts["failed"]
 
 
+def storage_summary(pool_stats: dict[str, Any]) -> dict[str, int]:
+    """status's `storage`: object-storage requests retried and given up on, by the daemon
+    (listing, footers, manifest) and its workers (their `done`/`failed` reports) together."""
+    return {"retries": retry_count() + int(pool_stats.get("storage_retries", 0)),
+            "failed_requests": failed_count() + int(pool_stats.get("storage_failed", 0))}
+
+
+def take_counts() -> dict[str, int]:
+    """Requests retried and given up on since the last call: the fields a worker adds to
+    its `done`/`failed` reports (optional fields of the worker channel)."""
+    with _lock:
+        counts = {"retries": _counts["retries"], "failed_requests": _counts["failed"]}
+        _counts["retries"] = _counts["failed"] = 0
+    return counts
+
+
 def _count(key: str) -> None:
     with _lock:
         _counts[key] += 1
@@ -133,13 +149,14 @@ def _filesystem(url: str) -> tuple[Any, str]:
     scheme, rest = url.split("://", 1)
     bucket = rest.split("/", 1)[0]
     key = f"{scheme}://{bucket}"
+    endpoint = (os.environ.get("AWS_ENDPOINT_URL") or None) if scheme == "s3" else None
     with _lock:
-        fs = _filesystems.get(key)
+        fs = _filesystems.get(f"{key} {endpoint}")  # another endpoint: another client
         if fs is None:
             try:
                 if scheme == "s3":
                     fs = pafs.S3FileSystem(
-                        endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None,
+                        endpoint_override=endpoint,
                         retry_strategy=pafs.AwsStandardS3RetryStrategy(
                             max_attempts=S3_SDK_ATTEMPTS),
                     )
@@ -150,7 +167,7 @@ def _filesystem(url: str) -> tuple[Any, str]:
                     f"cannot open {key} ({type(e).__name__}: {e}); check the URL scheme "
                     "(s3://, gs://, ...) and the credentials in the environment"
                 ) from None
-            _filesystems[key] = fs
+            _filesystems[f"{key} {endpoint}"] = fs
     return fs, rest
 
 

@@ -46,7 +46,7 @@ from tokenfeed.common.errors import ProtocolError
 from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment
 from tokenfeed.producer.backends import make_encoder
-from tokenfeed.producer.storage import open_parquet
+from tokenfeed.producer.storage import open_parquet, take_counts
 from tokenfeed.producer.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def worker_main(
                 tokenize_s = time.perf_counter() - started - read_s
                 seg = buffer(msg["buffer"], msg["staging"])
             except Exception as e:  # reported to the daemon, which re-runs or fails the task
-                channel.send("failed", task=task,
+                channel.send("failed", task=task, **take_counts(),
                              error=f"{path} row group {row_group}: {type(e).__name__}: {e}")
                 continue
             rows_offset, need = staging_layout(len(tokens), len(row_tokens), itemsize)
@@ -233,7 +233,7 @@ def worker_main(
             )
             del out
             channel.send("done", task=task, n_tokens=len(tokens), n_rows=len(row_tokens),
-                         rows_offset=rows_offset, read_s=read_s,
+                         rows_offset=rows_offset, read_s=read_s, **take_counts(),
                          tokenize_s=tokenize_s)
     finally:
         channel.close()
