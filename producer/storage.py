@@ -211,7 +211,7 @@ def read_object(url: str) -> bytes:
     fs, inner = _filesystem(url)
 
     def read() -> bytes:
-        with fs.open_input_stream(inner) as f:
+        with fs.open_input_stream(inner, compression=None) as f:
             return bytes(f.read())
 
     return with_retries(f"reading {url}", read)
@@ -221,7 +221,7 @@ def write_object(url: str, data: bytes) -> None:
     fs, inner = _filesystem(url)
 
     def write() -> None:
-        with fs.open_output_stream(inner) as f:
+        with fs.open_output_stream(inner, compression=None) as f:
             f.write(data)
 
     with_retries(f"writing {url}", write)

@@ -19,7 +19,9 @@ library only.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
 import threading
 import time
 from collections import Counter
@@ -48,8 +50,9 @@ class FaultProxy:
         self.failed = 0  # answered 503 by the proxy
         self.slowed = 0
         self.by_method: Counter[str] = Counter()
+        self.connections: set[socket.socket] = set()  # closed on exit: keep-alive threads end
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.server.daemon_threads = True
+        self.server.daemon_threads = False  # server_close() joins every handler thread
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
                                        name="s3-fault-proxy")
 
@@ -69,6 +72,10 @@ class FaultProxy:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.server.shutdown()
+        with self.lock:
+            for conn in self.connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
         self.server.server_close()
         self.thread.join(timeout=10)
 
@@ -94,9 +101,33 @@ class FaultProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-            def _forward(self) -> None:
+            def setup(self) -> None:
+                super().setup()
+                with proxy.lock:
+                    proxy.connections.add(self.connection)
+
+            def finish(self) -> None:
+                with proxy.lock:
+                    proxy.connections.discard(self.connection)
+                if self.upstream is not None:
+                    self.upstream.close()
+                with contextlib.suppress(OSError):
+                    super().finish()
+
+            def _body(self) -> bytes | None:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    chunks = []
+                    while (size := int(self.rfile.readline().split(b";")[0].strip(), 16)):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(chunks)
                 length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                return self.rfile.read(length) if length else None
+
+            def _forward(self) -> None:
+                body = self._body()
                 fail, delay_s = proxy._decide(self.command)
                 if delay_s:
                     time.sleep(delay_s)  # the simulated network, not a synchronization

@@ -1,0 +1,111 @@
+"""Object storage at scale and when it misbehaves: moto behind a latency and fault proxy.
+
+A manifest makes a restart a handful of requests whatever the shard count; throttling
+(503 SlowDown) and slow requests are retried and counted without changing a batch; a
+shard deleted mid-run fails the stream naming it, or is skipped with `--on-error skip`.
+Request counts are asserted, never wall-clock times (benchmarks/startup.py has those).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import assert_batch_equals
+from s3proxy import FaultProxy
+from test_dataset import write_corpus
+from test_object_storage import BUCKET, s3, upload  # noqa: F401  (s3: the moto fixture)
+
+from tokenfeed.common.errors import StreamFailedError
+from tokenfeed.producer.cli import main
+
+B, T = 4, 256
+
+
+@pytest.fixture
+def proxy(s3: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:  # noqa: F811
+    """A proxy to the moto server; daemons started after this go through it."""
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as p:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
+        yield p
+
+
+def test_a_start_from_the_manifest_makes_at_most_five_requests_before_serving(
+        start_daemon, s3, proxy, tmp_path: Path):  # noqa: F811
+    root = write_corpus(tmp_path / "data", {f"shard_{i:03d}.parquet": 2 for i in range(60)})
+    url = upload(s3, root, "many")
+    first = start_daemon(workers=1, data=url)
+    without_manifest = proxy.requests
+    assert first.stop() == 0
+    assert main(["index", url]) == 0  # the manifest next to the shards
+    proxy.reset()
+    second = start_daemon(workers=1, data=url)
+    with_manifest = proxy.requests
+    assert "manifest" in second.log(), second.log()
+    assert second.stop() == 0
+    assert without_manifest >= 60  # a footer (and a HEAD) per shard
+    assert with_manifest <= 5, [ln for ln in second.log().splitlines() if "ignoring" in ln]
+
+
+def test_a_restart_with_a_cache_dir_reads_its_own_copy_of_the_manifest(
+        start_daemon, s3, proxy, tmp_path: Path):  # noqa: F811
+    root = write_corpus(tmp_path / "data", {f"shard_{i:03d}.parquet": 1 for i in range(30)})
+    url = upload(s3, root, "cached")
+    cache = tmp_path / "cache"
+    assert start_daemon("--cache-dir", str(cache), workers=1, data=url).stop() == 0
+    proxy.reset()
+    assert start_daemon("--cache-dir", str(cache), workers=1, data=url).stop() == 0
+    assert proxy.by_method["GET"] <= 2, dict(proxy.by_method)  # the listing, no footer
+    assert proxy.by_method["HEAD"] == 0, dict(proxy.by_method)
+
+
+def test_throttling_and_slow_requests_are_retried_counted_and_change_no_batch(
+        start_daemon, oracle, corpus, s3, proxy):  # noqa: F811
+    url = upload(s3, corpus, "faults")
+    n = 300
+    want = oracle(batch_size=B, seq_len=T, n=n)
+    proxy.fail_every, proxy.slow_every, proxy.slow_s = 20, 100, 2.0  # 5% 503s, 1% +2 s
+    daemon = start_daemon("--task-kib", "1", workers=2, data=url)
+    with daemon.feed(B, T) as feed:
+        for k in range(n):
+            assert_batch_equals(next(feed), want[k], f"batch {k}")
+    assert proxy.failed > 0 and proxy.slowed > 0
+    storage = daemon.status()["storage"]
+    assert 0 < storage["retries"] <= proxy.failed  # each 503 is one retry, reported or pending
+    assert storage["failed_requests"] == 0
+
+
+def _read_until_error(feed: object, n: int) -> int:
+    for _ in range(n):
+        next(feed)  # type: ignore[call-overload]
+    return n
+
+
+def test_a_shard_deleted_mid_run_fails_the_stream_naming_it(
+        start_daemon, corpus, s3, proxy):  # noqa: F811
+    url = upload(s3, corpus, "deleted")
+    daemon = start_daemon("--task-kib", "1", workers=2, data=url)
+    with daemon.feed(B, T) as feed:
+        for _ in range(3):
+            next(feed)
+        s3.delete_object(Bucket=BUCKET, Key="deleted/shard_00001.parquet")
+        with pytest.raises(StreamFailedError,
+                           match=r"shard s3://[^ ]+/shard_00001\.parquet was deleted"):
+            _read_until_error(feed, 400)  # ~25 epochs: every shard is read again
+
+
+def test_a_shard_deleted_mid_run_is_skipped_with_on_error_skip(
+        start_daemon, corpus, s3, proxy):  # noqa: F811
+    url = upload(s3, corpus, "skipped")
+    daemon = start_daemon("--task-kib", "1", "--on-error", "skip", workers=2, data=url)
+    with daemon.feed(B, T) as feed:
+        for _ in range(3):
+            next(feed)
+        s3.delete_object(Bucket=BUCKET, Key="skipped/shard_00001.parquet")
+        for _ in range(100):
+            next(feed)
+        stream = daemon.status()["streams"][0]
+    assert stream["skipped_row_group_count"] > 0
+    assert all("shard_00001.parquet" in g for g in stream["skipped_row_groups"])
