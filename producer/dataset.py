@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 SAMPLE_FILES = 64  # files the parity sample reads from, at once
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per row group: 100,000 shards make millions
 class RowGroupRef:
     path: str
     row_group: int
