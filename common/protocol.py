@@ -39,7 +39,7 @@ tasks and works through them in order). `WORKER_OPS` lists every op's fields and
                and given up on since the worker's last report)
         grow   {task, need_bytes}             the result does not fit its staging buffer
     daemon -> worker:
-        task    {task, buffer, staging, path, row_group, column, rows, doc_seed}
+        task    {task, buffer, staging, path, row_group, column, rows, doc_seed, stamp}
         staging {buffer, name}                reply to grow ("" when none can be made)
         exit    {}
 
@@ -128,7 +128,8 @@ WORKER_OPS: dict[str, dict[str, str]] = {
     "failed": {"task": "task", "error": "str"},
     "grow": {"task": "task", "need_bytes": "count"},
     "task": {"task": "task", "buffer": "count", "staging": "str", "path": "str",
-             "row_group": "count", "column": "str", "rows": "rows", "doc_seed": "seed"},
+             "row_group": "count", "column": "str", "rows": "rows", "doc_seed": "seed",
+             "stamp": "str"},
     "staging": {"buffer": "count", "name": "str"},
     "exit": {},
 }

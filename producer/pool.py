@@ -64,6 +64,7 @@ class Task:
     rows: tuple[int, int]
     doc_seed: list[int] | None = None
     text_bytes: int = 0  # of the rows, estimated from the footer: sizes the staging estimate
+    stamp: str = ""  # the shard's "<size>:<mtime>" when listed: a worker refuses a changed one
 
     @property
     def key(self) -> TaskKey:
@@ -241,7 +242,7 @@ class WorkerPool:
         msg = protocol.encode(
             "task", task=list(task.key), buffer=b, staging=w.staging[b].name, path=task.path,
             row_group=task.row_group, column=task.column, rows=list(task.rows),
-            doc_seed=task.doc_seed,
+            doc_seed=task.doc_seed, stamp=task.stamp,
         )
         w.tasks[b] = task  # only once the message exists: a failed encode leaves the worker idle
         w.last_row_group = (task.path, task.row_group)

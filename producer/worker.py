@@ -75,10 +75,10 @@ class RowGroupReader:
         self.order: np.ndarray | None = None
         self.decodes = 0
 
-    def _file(self, path: str) -> pq.ParquetFile:
+    def _file(self, path: str, stamp: str = "") -> pq.ParquetFile:
         pf = self.files.get(path)
         if pf is None:
-            pf = self.files[path] = open_parquet(path)
+            pf = self.files[path] = open_parquet(path, stamp)
             if len(self.files) > OPEN_FILES:
                 self.files.popitem(last=False)
         self.files.move_to_end(path)
@@ -86,13 +86,14 @@ class RowGroupReader:
 
     def values(
         self, path: str, row_group: int, column: str, rows: Sequence[int],
-        doc_seed: list[int] | None,
+        doc_seed: list[int] | None, stamp: str = "",
     ) -> list[Any]:
         """Values `rows[0]:rows[1]` of the row group, in its seeded order if `doc_seed`."""
         key = (path, row_group, column)
         if key != self.key:
             self.key = self.column = self.order = None  # a failed read keeps nothing stale
-            self.column = self._file(path).read_row_group(row_group, columns=[column]).column(0)
+            self.column = self._file(path, stamp).read_row_group(
+                row_group, columns=[column]).column(0)
             self.key = key
             self.decodes += 1
         assert self.column is not None
@@ -208,7 +209,7 @@ def worker_main(
             started = time.perf_counter()
             try:
                 values = reader.values(path, row_group, msg["column"], msg["rows"],
-                                       msg["doc_seed"])
+                                       msg["doc_seed"], msg["stamp"])
                 read_s = time.perf_counter() - started
                 tokens, row_tokens = tokenize_documents(values, encode_batch, tokenizer.bos_id)
                 tokenize_s = time.perf_counter() - started - read_s

@@ -109,3 +109,17 @@ def test_a_shard_deleted_mid_run_is_skipped_with_on_error_skip(
         stream = daemon.status()["streams"][0]
     assert stream["skipped_row_group_count"] > 0
     assert all("shard_00001.parquet" in g for g in stream["skipped_row_groups"])
+
+
+def test_a_shard_replaced_mid_run_fails_the_stream_naming_it(
+        start_daemon, corpus, s3, proxy, tmp_path: Path):  # noqa: F811
+    url = upload(s3, corpus, "replaced")
+    other = write_corpus(tmp_path / "other", {"x.parquet": 3}) / "x.parquet"  # another size
+    daemon = start_daemon("--task-kib", "1", workers=2, data=url)
+    with daemon.feed(B, T) as feed:
+        for _ in range(3):
+            next(feed)
+        s3.upload_file(str(other), BUCKET, "replaced/shard_00001.parquet")
+        with pytest.raises(StreamFailedError,
+                           match=r"shard s3://[^ ]+/shard_00001\.parquet was replaced"):
+            _read_until_error(feed, 400)
