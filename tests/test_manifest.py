@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import assert_batch_equals
 from test_dataset import write_corpus, write_shard
 
 from tokenfeed.common.errors import ConfigError, DataError
@@ -159,3 +160,15 @@ def test_manifest_is_for_data_not_for_a_mixture(tmp_path: Path):
     with pytest.raises(ConfigError, match="--manifest describes the shards of --data"):
         DaemonConfig(sources=(SourceConfig("web", tmp_path, "text"),), run_dir=tmp_path,
                      manifest="m.json.gz")
+
+
+def test_a_daemon_started_from_a_manifest_serves_the_oracle_batches(
+        start_daemon, oracle, corpus: Path, tmp_path: Path):
+    out = tmp_path / "corpus-manifest.json.gz"
+    assert main(["index", str(corpus), "--out", str(out)]) == 0
+    want = oracle(batch_size=4, seq_len=256, n=12)
+    daemon = start_daemon("--manifest", str(out), workers=1)
+    assert f"manifest {out}, 0 footers read" in daemon.log()
+    with daemon.feed(4, 256) as feed:
+        for k in range(12):
+            assert_batch_equals(next(feed), want[k], f"batch {k}")
