@@ -119,11 +119,14 @@ def read_footers(shards: Sequence[Shard], text_column: str,
     """Entries of `shards`, in their order, reading up to `in_flight` footers at once."""
     if len(shards) <= 1 or in_flight <= 1:
         return [read_footer(s, text_column) for s in shards]
-    with ThreadPoolExecutor(max_workers=min(in_flight, len(shards)),
-                            thread_name_prefix="tokenfeed-footer") as pool:
+    pool = ThreadPoolExecutor(max_workers=min(in_flight, len(shards)),
+                              thread_name_prefix="tokenfeed-footer")
+    try:
         futures = [pool.submit(read_footer, s, text_column) for s in shards]
         # .result() in shard order: the first bad shard by name is the one reported
         return [f.result() for f in futures]
+    finally:  # on an error, the footers not yet started are not read
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True)
