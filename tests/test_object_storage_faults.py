@@ -9,6 +9,9 @@ Request counts are asserted, never wall-clock times (benchmarks/startup.py has t
 from __future__ import annotations
 
 import os
+import re
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,14 +70,41 @@ def test_throttling_and_slow_requests_are_retried_counted_and_change_no_batch(
     n = 300
     want = oracle(batch_size=B, seq_len=T, n=n)
     proxy.fail_every, proxy.slow_every, proxy.slow_s = 20, 100, 2.0  # 5% 503s, 1% +2 s
-    daemon = start_daemon("--task-kib", "1", workers=2, data=url)
+    daemon = start_daemon("--task-kib", "1", "--metrics-port", "0", workers=2, data=url)
     with daemon.feed(B, T) as feed:
         for k in range(n):
             assert_batch_equals(next(feed), want[k], f"batch {k}")
     assert proxy.failed > 0 and proxy.slowed > 0
-    storage = daemon.status()["storage"]
+    status = daemon.status()
+    storage = status["storage"]
     assert 0 < storage["retries"] <= proxy.failed  # each 503 is one retry, reported or pending
     assert storage["failed_requests"] == 0
+    deadline = time.monotonic() + 10  # /metrics serves the status of the last heartbeat
+    while (scraped := retries_metric(status["metrics_url"])) == 0:
+        assert time.monotonic() < deadline, "tokenfeed_storage_retries_total stayed 0"
+        time.sleep(0.1)
+    assert 0 < scraped <= proxy.failed
+
+
+def retries_metric(url: str) -> float:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    return float(re.search(r"^tokenfeed_storage_retries_total (\S+)$", text, re.M)[1])
+
+
+def test_a_request_that_keeps_failing_is_tried_every_attempt_then_named(
+        s3, proxy, monkeypatch: pytest.MonkeyPatch):  # noqa: F811
+    from tokenfeed.common.errors import DataError
+    from tokenfeed.producer import storage
+
+    monkeypatch.setattr(storage, "RETRY_BASE_S", 0.001)  # the back-off, not the count
+    proxy.fail_every = 1
+    retried, failed = storage.retry_count(), storage.failed_count()
+    with pytest.raises(DataError, match=r"cannot list s3://tokenfeed-test/gone .*SLOW_DOWN"):
+        storage.list_shards(f"s3://{BUCKET}/gone")
+    assert proxy.requests == storage.RETRY_ATTEMPTS
+    assert storage.retry_count() - retried == storage.RETRY_ATTEMPTS - 1
+    assert storage.failed_count() - failed == 1
 
 
 def _read_until_error(feed: object, n: int) -> int:
