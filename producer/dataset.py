@@ -168,7 +168,7 @@ def scan_dataset(root: Path | str, *, text_column: str = "text", val_files: int 
         digest.update(f"{line}\n".encode())
         buckets[_bucket(shard.name)].update(f"{line}\n".encode())
         stamps[shard.path] = shard.stamp
-    log.info("%s: %d shards, %d row groups (%s)", root, len(shards),
+    log.debug("%s: %d shards, %d row groups (%s)", root, len(shards),
              sum(len(e.rows) for e in entries), origin)
     n_val = min(val_files, len(shards))
     paths = [s.path for s in shards]

@@ -167,7 +167,7 @@ def test_a_daemon_started_from_a_manifest_serves_the_oracle_batches(
     out = tmp_path / "corpus-manifest.json.gz"
     assert main(["index", str(corpus), "--out", str(out)]) == 0
     want = oracle(batch_size=4, seq_len=256, n=12)
-    daemon = start_daemon("--manifest", str(out), workers=1)
+    daemon = start_daemon("--manifest", str(out), "--log-level", "DEBUG", workers=1)
     assert f"manifest {out}, 0 footers read" in daemon.log()
     with daemon.feed(4, 256) as feed:
         for k in range(12):

@@ -46,7 +46,6 @@ def test_a_start_from_the_manifest_makes_at_most_five_requests_before_serving(
     proxy.reset()
     second = start_daemon(workers=1, data=url)
     with_manifest = proxy.requests
-    assert "manifest" in second.log(), second.log()
     assert second.stop() == 0
     assert without_manifest >= 60  # a footer (and a HEAD) per shard
     assert with_manifest <= 5, [ln for ln in second.log().splitlines() if "ignoring" in ln]
