@@ -18,8 +18,9 @@ the same moment do not come back at the same moment). The S3 client's own retrie
 off (`S3_SDK_ATTEMPTS`) so that each retry is seen here: `retry_count()` (this process)
 is what status and Prometheus report, summed over the daemon and its workers. A read
 that fails is first checked against the object (one metadata request): an object that
-is gone or replaced is not retried but raises `ShardChangedError` naming it; the stream
-then follows `--on-error` as for any row group that cannot be read.
+is gone or replaced is not retried but raises `ShardChangedError` naming it (what counts
+as a change: `open_parquet`); the stream then follows `--on-error` as for any row group
+that cannot be read.
 
 `version` identifies a shard's content beyond its size: empty for local files (whose
 fingerprint has always been name, size and row groups), the object's modification time
@@ -305,12 +306,14 @@ def open_parquet(path: str, stamp: str = "") -> pq.ParquetFile:
     """A Parquet file, local or in object storage (ranged reads, each retried).
 
     With `stamp` (`Shard.stamp` when the daemon listed it), a shard that changed since is
-    a `ShardChangedError` naming it."""
+    a `ShardChangedError` naming it: as the fingerprint sees shards, a local file by its
+    size (a `touch` or a copy that keeps the content is no change), an object by its size
+    and modification time (objects are only ever replaced whole)."""
     if not is_url(path):
         try:
             if stamp:
                 st = os.stat(path)
-                if f"{st.st_size}:{st.st_mtime_ns}" != stamp:
+                if str(st.st_size) != stamp.split(":", 1)[0]:
                     raise ShardChangedError(
                         f"shard {path} was replaced after the daemon listed it; restore it, "
                         "or restart the daemon (and its trainers) on the data as it is now")

@@ -2,7 +2,8 @@
 
 A manifest makes a restart a handful of requests whatever the shard count; throttling
 (503 SlowDown) and slow requests are retried and counted without changing a batch; a
-shard deleted mid-run fails the stream naming it, or is skipped with `--on-error skip`.
+shard deleted or replaced mid-run fails the stream naming it, or is skipped with
+`--on-error skip` (a local file replaced by one of another size too).
 Request counts are asserted, never wall-clock times (benchmarks/startup.py has those).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -151,4 +153,18 @@ def test_a_shard_replaced_mid_run_fails_the_stream_naming_it(
         s3.upload_file(str(other), BUCKET, "replaced/shard_00001.parquet")
         with pytest.raises(StreamFailedError,
                            match=r"shard s3://[^ ]+/shard_00001\.parquet was replaced"):
+            _read_until_error(feed, 400)
+
+
+def test_a_local_shard_replaced_by_another_size_mid_run_fails_the_stream_naming_it(
+        start_daemon, corpus, tmp_path: Path):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    daemon = start_daemon("--task-kib", "1", workers=2, data=data)
+    with daemon.feed(B, T) as feed:
+        for _ in range(3):
+            next(feed)
+        write_corpus(tmp_path / "other", {"x.parquet": 3})
+        os.replace(tmp_path / "other" / "x.parquet", data / "shard_00001.parquet")
+        with pytest.raises(StreamFailedError, match=r"shard_00001\.parquet was replaced"):
             _read_until_error(feed, 400)
