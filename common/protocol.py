@@ -48,9 +48,11 @@ tasks and works through them in order). `WORKER_OPS` lists every op's fields and
         hello  {worker, pid}
         done   {task, n_tokens, n_rows, rows_offset, read_s, tokenize_s}
         failed {task, error}
+               (both may add retries, failed_requests: object-storage requests retried
+               and given up on since the worker's last report)
         grow   {task, need_bytes}             the result does not fit its staging buffer
     daemon -> worker:
-        task    {task, buffer, staging, path, row_group, column, rows, doc_seed}
+        task    {task, buffer, staging, path, row_group, column, rows, doc_seed, stamp}
         staging {buffer, name}                reply to grow ("" when none can be made)
         exit    {}
 
@@ -209,7 +211,8 @@ WORKER_OPS: dict[str, dict[str, str]] = {
     "failed": {"task": "task", "error": "str"},
     "grow": {"task": "task", "need_bytes": "count"},
     "task": {"task": "task", "buffer": "count", "staging": "str", "path": "str",
-             "row_group": "count", "column": "str", "rows": "rows", "doc_seed": "seed"},
+             "row_group": "count", "column": "str", "rows": "rows", "doc_seed": "seed",
+             "stamp": "str"},
     "staging": {"buffer": "count", "name": "str"},
     "exit": {},
 }
@@ -234,6 +237,15 @@ def _valid(kind: str, v: Any) -> bool:
     if kind == "seed":
         return v is None or (isinstance(v, list) and len(v) <= 8 and all(map(_is_count, v)))
     raise AssertionError(f"unknown field kind {kind}")
+
+
+def optional_count(msg: Message, name: str) -> int:
+    """An optional count field of a worker message (0 when absent), else ProtocolError."""
+    value = msg.get(name, 0)
+    if not _is_count(value):
+        raise ProtocolError(f"worker op {msg.get('op')!r}: field {name!r} = {value!r:.40} is "
+                            "not a count")
+    return int(value)
 
 
 def decode_worker(frame: bytes) -> Message:

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "use tiktoken (with a warning), or refuse to start")
     serve.add_argument("--cache-dir", help="node-local token cache: row groups tokenized "
                        "once are read from here in later epochs and later runs")
+    serve.add_argument("--manifest", metavar="PATH_OR_URL",
+                       help="start from `tokenfeed index`'s manifest instead of every shard's "
+                       "footer (default: the copy in --cache-dir, else one next to the data); "
+                       "checked against the listing, changed shards are read again")
     serve.add_argument("--cache-gib", type=float, default=_default("cache_bytes") / (1 << 30),
                        help="bound of the token cache; least recently used entries go first "
                        "(default %(default)g)")
@@ -243,7 +247,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         on_error=args.on_error, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
-        cache_bytes=int(args.cache_gib * (1 << 30)),
+        cache_bytes=int(args.cache_gib * (1 << 30)), manifest=args.manifest,
     )
 
 

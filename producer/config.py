@@ -152,6 +152,8 @@ class DaemonConfig:
     on_backend_mismatch: str = "fallback"  # or "fail": refuse to start
     on_error: str = "fail"  # a row group that keeps failing: fail its streams, or "skip" it
     cache_dir: Path | None = None  # token cache (cache.py); None: tokenize every epoch
+    manifest: str | None = None  # `tokenfeed index`'s file (path or URL) for --data; None:
+    # the copy in cache_dir, else one next to the data, else every footer (manifest.py)
     cache_bytes: int = DEFAULT_CACHE_BYTES
     metrics_port: int | None = None  # serve Prometheus /metrics there (0: any free port)
     metrics_host: str = "127.0.0.1"  # loopback by default: a scrape reveals paths and names
@@ -199,6 +201,9 @@ class DaemonConfig:
                               "(0: any free port, shown by `tokenfeed status`)")
         if not self.text_column:
             raise ConfigError("--text-column must not be empty")
+        if self.manifest is not None and self.data_dir is None:
+            raise ConfigError("--manifest describes the shards of --data; a mixture's sources "
+                              "find theirs next to their data (`tokenfeed index PATH` each)")
 
     def source_list(self) -> list[SourceConfig]:
         """Every source, sorted by name, with its text column."""

@@ -56,6 +56,7 @@ from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.pool import Failure, Result, WorkerPool
 from tokenfeed.producer.registry import StreamRegistry
 from tokenfeed.producer.scheduler import schedule
+from tokenfeed.producer.storage import storage_summary
 from tokenfeed.producer.telemetry import advice, totals, worker_summary
 from tokenfeed.producer.tokenizer import load_tokenizer
 
@@ -116,7 +117,8 @@ class Daemon:
         if cfg.metrics_port is not None:
             check_available()
         self.datasets = {src.name: scan_dataset(src.data, text_column=src.text_column or "",
-                                                val_files=cfg.val_files)
+                                                val_files=cfg.val_files, manifest=cfg.manifest,
+                                                cache_dir=cfg.cache_dir)
                          for src in cfg.source_list()}
         self.weights = cfg.default_weights()  # a mixture's, when a consumer names none
         self.fingerprint = combined_fingerprint(self.datasets)
@@ -125,7 +127,8 @@ class Daemon:
         share = PARITY_SAMPLE_BYTES // len(self.datasets)
         self.backend = verified_backend(
             self.tokenizer, cfg.tokenizer_backend,
-            [t for d in self.datasets.values() for t in d.sample_texts(share)],
+            [t for d in self.datasets.values() for t in d.sample_texts(share)]
+            if cfg.tokenizer_backend != "tiktoken" else [],  # tiktoken needs no parity check
             cfg.on_backend_mismatch,
         )
 
@@ -298,6 +301,7 @@ class Daemon:
             "staging": {"bytes": self.registry.staged(),
                         "budget_bytes": self.config.max_staging_bytes},
             "cache": self.cache.stats() if self.cache is not None else None,
+            "storage": storage_summary(self.pool.stats()),
             "tokens_delivered": self.registry.tokens_delivered,
             "streams": streams,
             "totals": total,

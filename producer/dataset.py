@@ -6,32 +6,40 @@ convention). A split's global row-group sequence is every row group of its files
 in order, repeated once per epoch; rank `r` of `W` reads global positions
 `r, r+W, r+2W, ...`, so ranks stay balanced even when files have few row groups.
 
-Only Parquet footers are read here (no text), so start-up cost does not grow with
-the corpus beyond one footer per file. Problems are `DataError`s that name the
-file and the fix.
+Only Parquet footers are read here (no text), concurrently, or none at all when a
+manifest describes the shards (manifest.py). Problems are `DataError`s that name
+the file and the fix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from tokenfeed.common.errors import DataError
 from tokenfeed.producer.config import DEFAULT_TEXT_COLUMN, DEFAULT_VAL_FILES
-from tokenfeed.producer.storage import is_url, list_shards, open_parquet
+from tokenfeed.producer.manifest import (
+    Manifest,
+    ShardEntry,
+    cached_manifest_path,
+    load_manifest,
+    manifest_next_to,
+    read_footers,
+    save_manifest,
+)
+from tokenfeed.producer.storage import Shard, is_url, list_shards, open_parquet
 
 log = logging.getLogger(__name__)
 
+SAMPLE_FILES = 64  # files the parity sample reads from, at once
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)  # one per row group: 100,000 shards make millions
 class RowGroupRef:
     path: str
     row_group: int
@@ -86,9 +94,10 @@ class Dataset:
         user's own text, a slice of each file so no one source dominates.
         """
         files = self.splits["train"].files + self.splits["val"].files
-        texts: list[str] = []
         per_file = max(1, max_bytes // max(len(files), 1))
-        for path in files[:64]:
+
+        def sample(path: str) -> list[str]:
+            texts: list[str] = []
             got = 0
             try:
                 pf = open_parquet(path)
@@ -102,7 +111,11 @@ class Dataset:
                         break
             except Exception as e:  # a bad row group is the stream's to report, not start-up's
                 log.warning("parity sample: skipping the rest of %s (%s)", path, e)
-        return texts
+            return texts
+
+        # the files are read at once (object storage: a round trip each), in order after
+        with ThreadPoolExecutor(max_workers=SAMPLE_FILES) as pool:
+            return [t for texts in pool.map(sample, files[:SAMPLE_FILES]) for t in texts]
 
     def split(self, name: str) -> SplitPlan:
         plan = self.splits.get(name)
@@ -116,18 +129,6 @@ class Dataset:
         return plan
 
 
-def _is_text_type(t: pa.DataType) -> bool:
-    return bool(pa.types.is_string(t) or pa.types.is_large_string(t)) or str(t) == "string_view"
-
-
-def _row_group_size(meta: pq.ParquetFile, index: int, column: str) -> tuple[int, int]:
-    """(rows, uncompressed bytes of `column`) of one row group, from the footer alone."""
-    rg = meta.metadata.row_group(index)
-    text_bytes = sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns)
-                     if rg.column(j).path_in_schema == column)
-    return rg.num_rows, text_bytes
-
-
 FINGERPRINT_BUCKETS = 16  # shards hashed in groups too, so a mismatch can name the shards
 
 
@@ -135,10 +136,17 @@ def _bucket(name: str) -> int:
     return zlib.crc32(name.encode()) % FINGERPRINT_BUCKETS
 
 
-def scan_dataset(
-    root: Path | str, *, text_column: str = DEFAULT_TEXT_COLUMN, val_files: int = DEFAULT_VAL_FILES
-) -> Dataset:
-    """Read every shard's footer, check the text column, and plan both splits."""
+def scan_dataset(root: Path | str, *, text_column: str = DEFAULT_TEXT_COLUMN,
+                 val_files: int = DEFAULT_VAL_FILES,
+                 manifest: str | Path | None = None, cache_dir: Path | None = None) -> Dataset:
+    """List the shards, learn their row groups, check the text column, plan both splits.
+
+    Row groups come from `manifest` (a path or URL; `DataError` if it is unreadable),
+    else from the copy kept in `cache_dir`, else from `MANIFEST_NAME` next to the data,
+    else from every footer; any shard the listing shows changed since the manifest was
+    written is read from its footer, so the plan is the same whichever way (manifest.py).
+    With `cache_dir` the table learned is kept there for the next start.
+    """
     if not is_url(root):
         root = Path(root).expanduser()
     shards = list_shards(root)
@@ -149,39 +157,21 @@ def scan_dataset(
         )
     if val_files < 0:
         raise DataError(f"--val-files {val_files} must be >= 0")
+    entries, origin = _shard_entries(root, shards, text_column, manifest, cache_dir)
     digest = hashlib.sha256()
     buckets = [hashlib.sha256() for _ in range(FINGERPRINT_BUCKETS)]
     row_groups: dict[str, list[tuple[int, int]]] = {}  # (num_rows, text_bytes) each
     stamps: dict[str, str] = {}
-    for shard in shards:
-        path = shard.path
-        try:
-            meta = open_parquet(path)
-        except Exception as e:
-            raise DataError(
-                f"{path} is not a readable Parquet file ({e}); remove or fix it"
-            ) from None
-        schema = meta.schema_arrow
-        if text_column not in schema.names:
-            raise DataError(
-                f"{path} has no column {text_column!r} (its columns: {', '.join(schema.names)}); "
-                "pass --text-column with the name of the text column"
-            )
-        column_type = schema.field(text_column).type
-        if not _is_text_type(column_type):
-            raise DataError(
-                f"column {text_column!r} of {path} has type {column_type}, not string; "
-                "pass --text-column with a string column"
-            )
-        row_groups[path] = [_row_group_size(meta, i, text_column)
-                            for i in range(meta.num_row_groups)]
-        line = f"{shard.name}\0{shard.size}\0{meta.num_row_groups}"
+    for shard, entry in zip(shards, entries, strict=True):
+        row_groups[shard.path] = list(zip(entry.rows, entry.text_bytes, strict=True))
+        line = f"{shard.name}\0{shard.size}\0{len(entry.rows)}"
         if shard.version:  # object storage: a replaced object is another shard
             line += f"\0{shard.version}"
         digest.update(f"{line}\n".encode())
         buckets[_bucket(shard.name)].update(f"{line}\n".encode())
-        mtime_ns = os.stat(path).st_mtime_ns if not is_url(path) else shard.version
-        stamps[path] = f"{shard.size}:{mtime_ns}"
+        stamps[shard.path] = shard.stamp
+    log.debug("%s: %d shards, %d row groups (%s)", root, len(shards),
+             sum(len(e.rows) for e in entries), origin)
     n_val = min(val_files, len(shards))
     paths = [s.path for s in shards]
     train_files, val_list = paths[: len(paths) - n_val], paths[len(paths) - n_val :]
@@ -200,6 +190,52 @@ def scan_dataset(
         fingerprint=digest.hexdigest()[:16] + "." + "".join(b.hexdigest()[:4] for b in buckets),
         names=tuple(s.name for s in shards),
     )
+
+
+def _shard_entries(root: Path | str, shards: list[Shard], text_column: str,
+                   manifest: str | Path | None, cache_dir: Path | None,
+                   ) -> tuple[list[ShardEntry], str]:
+    """(an entry per listed shard, where they came from): see `scan_dataset`."""
+    found: Manifest | None = None
+    origin = "footers"
+    if manifest is not None:
+        try:
+            found = load_manifest(manifest)
+        except FileNotFoundError:
+            raise DataError(f"manifest {manifest} does not exist; build it with "
+                            f"`tokenfeed index {root} --out {manifest}`") from None
+        except OSError as e:
+            raise DataError(f"cannot read manifest {manifest} ({e}); check the path "
+                            "and the credentials") from None
+        if found.text_column != text_column:
+            raise DataError(
+                f"manifest {manifest} was built for text column {found.text_column!r}, not "
+                f"{text_column!r}; rebuild it with `tokenfeed index {root} --text-column "
+                f"{text_column} --out {manifest}`")
+        origin = f"manifest {manifest}"
+    cached = cached_manifest_path(cache_dir, root, text_column) if cache_dir else None
+    for where in ([cached] if cached else []) + [manifest_next_to(root)]:
+        if found is not None:
+            break
+        try:
+            candidate = load_manifest(where)
+        except (FileNotFoundError, DataError, OSError) as e:
+            if not isinstance(e, FileNotFoundError):
+                log.warning("ignoring manifest %s: %s", where, e)
+            continue
+        if candidate.text_column == text_column:
+            found, origin = candidate, f"manifest {where}"
+    if found is None:
+        entries, stale = read_footers(shards, text_column), len(shards)
+    else:
+        entries, stale = found.entries_for(shards, text_column)
+        origin += f", {stale} footers read for shards it does not match"
+    if cached is not None and (stale or origin != f"manifest {cached}"):
+        try:
+            save_manifest(Manifest(str(root), text_column, tuple(entries)), cached)
+        except OSError as e:  # a cache that cannot be written costs the next start, no more
+            log.warning("could not keep the manifest in %s: %s", cached, e)
+    return entries, origin
 
 
 def changed_shards(saved: str, dataset: Dataset) -> list[str] | None:

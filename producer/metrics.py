@@ -24,7 +24,9 @@ ever goes down):
 
 Per daemon: `tokenfeed_workers{state="target|alive|busy"}`,
 `tokenfeed_worker_restarts_total`, `tokenfeed_worker_busy_seconds_total{phase="read|
-tokenize"}`, `tokenfeed_staging_bytes`, `tokenfeed_staging_budget_bytes`,
+tokenize"}`, `tokenfeed_storage_retries_total`, `tokenfeed_storage_failed_requests_total`
+(object-storage requests retried / given up on), `tokenfeed_staging_bytes`,
+`tokenfeed_staging_budget_bytes`,
 `tokenfeed_start_time_seconds` and `tokenfeed_info{daemon_id, tokenizer, backend}`.
 The stall share over a window is
 `rate(tokenfeed_consumer_stall_seconds_total[1m]) / (rate(..stall..) + rate(..step..))`.
@@ -76,7 +78,8 @@ def metric_names() -> list[str]:
     `_total`), e.g. to check a dashboard against."""
     return [*(m for m, _, _ in STREAM_GAUGES), *(m for m, _, _ in STREAM_COUNTERS),
             "tokenfeed_workers", "tokenfeed_worker_restarts_total",
-            "tokenfeed_worker_busy_seconds_total", "tokenfeed_staging_bytes",
+            "tokenfeed_worker_busy_seconds_total", "tokenfeed_storage_retries_total",
+            "tokenfeed_storage_failed_requests_total", "tokenfeed_staging_bytes",
             "tokenfeed_staging_budget_bytes", "tokenfeed_start_time_seconds", "tokenfeed_info"]
 
 
@@ -159,6 +162,13 @@ class StatusCollector:
         c.add_metric(("read",), float(w.get("read_s", 0.0)))
         c.add_metric(("tokenize",), float(w.get("tokenize_s", 0.0)))
         yield c
+        storage = status.get("storage") or {}
+        yield CounterMetricFamily("tokenfeed_storage_retries",
+                                  "Object-storage requests retried (daemon and workers).",
+                                  value=float(storage.get("retries", 0)))
+        yield CounterMetricFamily("tokenfeed_storage_failed_requests",
+                                  "Object-storage requests given up on after every attempt.",
+                                  value=float(storage.get("failed_requests", 0)))
         staging = status.get("staging", {})
         yield GaugeMetricFamily("tokenfeed_staging_bytes",
                                 "Tokens read ahead outside the rings, in bytes.",

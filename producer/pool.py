@@ -66,6 +66,7 @@ class Task:
     rows: tuple[int, int]
     doc_seed: list[int] | None = None
     text_bytes: int = 0  # of the rows, estimated from the footer: sizes the staging estimate
+    stamp: str = ""  # the shard's "<size>:<mtime>" when listed: a worker refuses a changed one
 
 
 @dataclass
@@ -142,6 +143,7 @@ class WorkerPool:
         self.start_failures = 0
         self.broken: str | None = None  # set when workers keep dying at start
         self.read_s = 0.0  # seconds workers spent reading Parquet, over all tasks
+        self.storage_retries = self.storage_failed = 0  # object-storage requests (storage.py)
         self.tokenize_s = 0.0
         self.tasks_done = 0
         self.dropped_messages = 0
@@ -242,7 +244,7 @@ class WorkerPool:
         msg = protocol.encode(
             "task", task=list(key), buffer=b, staging=w.staging[b].name, path=task.path,
             row_group=task.row_group, column=task.column, rows=list(task.rows),
-            doc_seed=task.doc_seed,
+            doc_seed=task.doc_seed, stamp=task.stamp,
         )
         w.tasks[b] = task  # only once the message exists: a failed encode leaves the worker idle
         w.keys[b] = key
@@ -298,6 +300,9 @@ class WorkerPool:
             raise ProtocolError(f"task {msg['task']} is not held by worker {w.wid}")
         if op == "grow":
             return self._grow(w, b, msg["need_bytes"])
+        retries = protocol.optional_count(msg, "retries")  # checked before the task is taken
+        self.storage_failed += protocol.optional_count(msg, "failed_requests")
+        self.storage_retries += retries
         task = w.tasks.pop(b)
         if op == "failed":
             return Failure(task, msg["error"])
@@ -368,6 +373,7 @@ class WorkerPool:
             "tasks_inflight": self.inflight(), "tasks_done": self.tasks_done,
             "read_s": round(self.read_s, 3), "tokenize_s": round(self.tokenize_s, 3),
             "dropped_messages": self.dropped_messages,
+            "storage_retries": self.storage_retries, "storage_failed": self.storage_failed,
             "pids": [w.process.pid for w in self.workers.values()],
         }
 

@@ -142,7 +142,7 @@ class SourceReader:
         estimate = int(text_bytes * self.tokens_per_text_byte * self.itemsize)
         self.inflight[(unit, part)] = estimate
         return Task(self.stream, self.source, unit, part, ref.path, ref.row_group, self.column,
-                    rows, doc_seed, text_bytes)
+                    rows, doc_seed, text_bytes, ref.shard_stamp)
 
     def serve_cached(self) -> int:
         """Take the next unit from the token cache instead of the workers, if it is there;

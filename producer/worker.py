@@ -46,7 +46,7 @@ from tokenfeed.common.errors import ProtocolError
 from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment
 from tokenfeed.producer.backends import make_encoder
-from tokenfeed.producer.storage import open_parquet
+from tokenfeed.producer.storage import open_parquet, take_counts
 from tokenfeed.producer.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,10 @@ class RowGroupReader:
         self.order_seed: list[int] | None = None
         self.order: np.ndarray | None = None
 
-    def _file(self, path: str) -> pq.ParquetFile:
+    def _file(self, path: str, stamp: str = "") -> pq.ParquetFile:
         pf = self.files.get(path)
         if pf is None:
-            pf = self.files[path] = open_parquet(path)
+            pf = self.files[path] = open_parquet(path, stamp)
             if len(self.files) > OPEN_FILES:
                 self.files.popitem(last=False)
         self.files.move_to_end(path)
@@ -85,13 +85,14 @@ class RowGroupReader:
 
     def values(
         self, path: str, row_group: int, column: str, rows: Sequence[int],
-        doc_seed: list[int] | None,
+        doc_seed: list[int] | None, stamp: str = "",
     ) -> list[Any]:
         """Values `rows[0]:rows[1]` of the row group, in its seeded order if `doc_seed`."""
         key = (path, row_group, column)
         if key != self.key:
             self.key = self.column = self.order = None  # a failed read keeps nothing stale
-            self.column = self._file(path).read_row_group(row_group, columns=[column]).column(0)
+            self.column = self._file(path, stamp).read_row_group(
+                row_group, columns=[column]).column(0)
             self.key = key
         assert self.column is not None
         lo, hi = rows
@@ -206,13 +207,13 @@ def worker_main(
             started = time.perf_counter()
             try:
                 values = reader.values(path, row_group, msg["column"], msg["rows"],
-                                       msg["doc_seed"])
+                                       msg["doc_seed"], msg["stamp"])
                 read_s = time.perf_counter() - started
                 tokens, row_tokens = tokenize_documents(values, encode_batch, tokenizer.bos_id)
                 tokenize_s = time.perf_counter() - started - read_s
                 seg = buffer(msg["buffer"], msg["staging"])
             except Exception as e:  # reported to the daemon, which re-runs or fails the task
-                channel.send("failed", task=task,
+                channel.send("failed", task=task, **take_counts(),
                              error=f"{path} row group {row_group}: {type(e).__name__}: {e}")
                 continue
             rows_offset, need = staging_layout(len(tokens), len(row_tokens), itemsize)
@@ -231,7 +232,7 @@ def worker_main(
             )
             del out
             channel.send("done", task=task, n_tokens=len(tokens), n_rows=len(row_tokens),
-                         rows_offset=rows_offset, read_s=read_s,
+                         rows_offset=rows_offset, read_s=read_s, **take_counts(),
                          tokenize_s=tokenize_s)
     finally:
         channel.close()

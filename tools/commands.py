@@ -3,6 +3,7 @@
     tokenfeed train-tokenizer --data DIR --vocab-size V --out DIR   (train_tokenizer.py)
     tokenfeed import-tokenizer SRC --out DIR [--allow-pickle]      (importers.py)
     tokenfeed download --base-url URL --num-shards N --out DIR     (download.py)
+    tokenfeed index DATA [--out URL_OR_PATH]                       (manifest.py)
 
 `add_commands` adds their parsers to the CLI's subparsers and `run` carries one out;
 `cli.main` dispatches here for every name in `COMMANDS` and maps errors to exit codes
@@ -34,7 +35,7 @@ from tokenfeed.tools.vocab import (
 if TYPE_CHECKING:
     from tokenfeed.tools.train_tokenizer import TrainConfig
 
-COMMANDS = ("train-tokenizer", "import-tokenizer", "download")
+COMMANDS = ("train-tokenizer", "import-tokenizer", "download", "index")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -110,6 +111,21 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     help="wait before the first retry, doubled for each next "
                     "(default %(default)g)")
 
+    index = sub.add_parser(
+        "index",
+        help="write a manifest of the shards (row groups and sizes) for every node's start",
+        description="List DATA's *.parquet shards and read every footer (64 at a time), and "
+        "write one manifest: names, sizes, versions and each row group's rows and text "
+        "bytes. `serve` starts from it with one request instead of a footer per shard, "
+        "checking it against the listing (a shard that changed is read again). Default "
+        f"--out: DATA/{'tokenfeed-manifest.json.gz'}, where `serve` finds it by itself.",
+    )
+    index.add_argument("data", help="folder of *.parquet shards, or s3://bucket/prefix, ...")
+    index.add_argument("--out", help="path or URL to write the manifest to "
+                       "(default: next to the shards; elsewhere: pass serve --manifest)")
+    index.add_argument("--text-column", default="text", help="Parquet column holding the text "
+                       "(as serve's --text-column)")
+
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "train-tokenizer":
@@ -118,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         return _import(args)
     if args.command == "download":
         return _download(args)
+    if args.command == "index":
+        return _index(args)
     raise AssertionError(f"not a data command: {args.command}")
 
 
@@ -205,3 +223,29 @@ def _download(args: argparse.Namespace) -> int:
     for url, error in summary.failed:
         print(f"tokenfeed: error: could not fetch {url}: {error}", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    import time
+
+    from tokenfeed.producer.manifest import (
+        build_manifest,
+        describe,
+        manifest_next_to,
+        save_manifest,
+    )
+    from tokenfeed.producer.storage import is_url, retry_count
+
+    data = args.data if is_url(args.data) else str(Path(args.data).expanduser())
+    out = args.out or manifest_next_to(data)
+    started = time.perf_counter()
+    manifest = build_manifest(data, args.text_column)
+    save_manifest(manifest, out)
+    facts = describe(manifest)
+    size = len(manifest.to_bytes())
+    print(f"wrote {out}: {facts['shards']:,} shards, {facts['row_groups']:,} row groups, "
+          f"{facts['text_bytes']:,} bytes of {args.text_column!r} text; {size:,} bytes, in "
+          f"{time.perf_counter() - started:.1f} s ({retry_count()} requests retried)")
+    if args.out:
+        print(f"serve with it: tokenfeed serve --data {data} --manifest {out}")
+    return 0
