@@ -71,6 +71,7 @@ from tokenfeed.consumer.transfer import make_transfer
 log = logging.getLogger(__name__)
 
 ATTACH_TIMEOUT_S = 30.0
+MAX_SKIP_BATCHES = 1 << 40  # load_state_dict(skip_batches=): the daemon checks the same bound
 
 
 # Feeds still open, closed at interpreter exit. Weak: the hook never keeps a feed alive.
@@ -148,6 +149,7 @@ class TokenFeed:
         self.stall_timeout_s = stall_timeout_s
         self.reconnect_s = reconnect_s
         self._start: dict[str, Any] | None = None
+        self._skip = 0  # batches the daemon drops after _start, until the first one arrives
         self._expect: dict[str, Any] = {}
         self._cursor: dict[str, Any] | None = None
         self._info: dict[str, Any] = {}
@@ -209,6 +211,7 @@ class TokenFeed:
             item.targets.record_stream(current)
         link.taken(item.seq)
         self._cursor = item.cursor
+        self._skip = 0
         self.batches_returned += 1
         # The wait ends, a step begins (a new link, after an attach, counts from zero).
         returned = time.perf_counter()
@@ -310,7 +313,7 @@ class TokenFeed:
                 replicas=1 if self._attached else self.replicas,
                 # A replica coming back must find its group's stream, not start a new one.
                 rejoin=self._attached and self.replicas > 1,
-                reweight=self._reweight,
+                reweight=self._reweight, **({"skip": self._skip} if self._skip else {}),
             ))
             reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
         except BaseException:
@@ -336,6 +339,13 @@ class TokenFeed:
             sock.close(linger=100)
             ring.close()
             raise
+        if self._skip and reply.get("skipped") != self._skip:
+            sock.send(protocol.encode("detach"))
+            sock.close(linger=100)
+            ring.close()
+            raise StateMismatchError(
+                f"the daemon did not skip {self._skip} batches (it predates skip_batches); "
+                "upgrade the node's tokenfeed daemon, or load the state without skip_batches")
         self._ring = ring
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]
@@ -387,7 +397,7 @@ class TokenFeed:
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch returned (not the read-ahead); JSON-serialisable."""
-        return {
+        state = {
             "version": STATE_VERSION,
             "spec": self.spec.to_dict(),
             "cursor": self._cursor if self._cursor is not None else self._start,
@@ -395,16 +405,34 @@ class TokenFeed:
             "tokenizer": self._info.get("tokenizer", {}).get("identity",
                                                              self._expect.get("tokenizer")),
         }
+        if self._skip:  # loaded with skip_batches, no batch returned yet: still to skip
+            state["skip_batches"] = self._skip
+        return state
 
-    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]],
+                        skip_batches: int = 0) -> None:
         """Continue at `state`: this feed's `state_dict()` (or a `with_state()` state), or a
         job state of every rank (`gather_states`): its entry for this rank is taken, and
-        one saved by another number of ranks is an elastic resume (consumer/state.py)."""
+        one saved by another number of ranks is an elastic resume (consumer/state.py).
+
+        `skip_batches=N` continues as if N more batches had been taken: the first batch
+        returned is batch N of the continuation (on every rank that passes the same N,
+        after a loss spike). The daemon packs the skipped batches and drops them; they
+        never reach a ring slot."""
         if self._link is not None:
             raise StateMismatchError(
                 "load_state_dict() after the first next(); call it on a fresh TokenFeed"
             )
+        if not isinstance(skip_batches, int) or isinstance(skip_batches, bool) or not (
+                0 <= skip_batches < MAX_SKIP_BATCHES):
+            raise ConfigError(f"skip_batches={skip_batches!r} must be an integer in "
+                              f"[0, {MAX_SKIP_BATCHES})")
         resume = parse_state(self.spec, state)
+        if skip_batches and "elastic_from" in (resume.start or {}):
+            raise ConfigError(
+                "skip_batches with a job state of another number of ranks: resume elastically "
+                "first, save each rank's state_dict() and skip from those")
+        self._skip = resume.skip + skip_batches
         self._start = self._cursor = resume.start
         self._expect = resume.expect
         self._reweight = resume.reweight

@@ -171,6 +171,7 @@ class Resume:
     start: dict[str, Any]  # the cursor, or {"elastic_from": [every old rank's cursor]}
     expect: dict[str, Any]  # the data fingerprint and tokenizer identity it was saved with
     reweight: bool  # the feed's mix differs from the state's: the mixture changes there
+    skip: int = 0  # batches to drop from `start` (a state saved before a skip was served)
 
 
 def parse_state(spec: StreamSpec, state: Any) -> Resume:
@@ -202,10 +203,14 @@ def parse_state(spec: StreamSpec, state: Any) -> Resume:
         raise StateMismatchError("feed state is for another stream: " + "; ".join(diffs))
     # Other weights than the state's: the mixture changes to them where it resumes
     # (recorded in its schedule); the same weights keep the schedule, live changes too.
+    skip = state.get("skip_batches", 0)
+    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+        raise StateMismatchError(f"feed state's skip_batches {skip!r} is not a count; pass "
+                                 "the dict feed.state_dict() returned, unchanged")
     return Resume(start=state["cursor"],
                   expect={"fingerprint": state.get("fingerprint"),
                           "tokenizer": state.get("tokenizer")},
-                  reweight=saved.mix != spec.mix and spec.mix is not None)
+                  reweight=saved.mix != spec.mix and spec.mix is not None, skip=skip)
 
 
 def _parse_elastic(spec: StreamSpec, states: list[dict[str, Any]]) -> Resume:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_SKIP = 1 << 40  # batches a resume may skip
 Handler = Callable[["Daemon", bytes, protocol.Message], None]
 
 
@@ -129,12 +130,15 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     start = d.admission.start(spec, msg, d.weights)
     sources = d.admission.sources(start, spec.split)
     start_cursor = cursor_json(start, {s.name: s.plan for s in sources}, spec)
+    skip = msg.get("skip", 0)
+    if not isinstance(skip, int) or isinstance(skip, bool) or not 0 <= skip < MAX_SKIP:
+        raise ConfigError(f"skip_batches={skip!r} must be an integer in [0, {MAX_SKIP})")
     replicas = msg.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
             1 <= replicas <= MAX_REPLICAS):
         raise ConfigError(f"replicas={replicas!r} must be an integer in [1, {MAX_REPLICAS}]")
     d.registry.forget(identity)
-    found = d.registry.find(spec, start)
+    found = d.registry.find(spec, start, skip)
     stream, seq = found if found is not None else (None, 0)
     if stream is None and msg.get("rejoin") is True:
         raise StreamFailedError(
@@ -144,14 +148,14 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
             "the group from a checkpoint"
         )
     if stream is None:
-        stream = d.registry.create(spec, sources, start)
+        stream = d.registry.create(spec, sources, start, skip)
     layout = stream.ring.layout
     try:  # encoded first: a reply that cannot be sent attaches nothing
         reply = d.peers.encode(
             identity, "attached", stream=stream.sid, ring=stream.ring.segment.name,
             slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
             start_seq=seq, start=start_cursor, fingerprint=d.fingerprint,
-            tokenizer=d.tokenizer_facts(),
+            tokenizer=d.tokenizer_facts(), **({"skipped": skip} if skip else {}),
         )
     except Exception:
         if found is None:  # a failed attach leaves nothing behind

@@ -74,16 +74,18 @@ class StreamRegistry:
 
     # -- streams ------------------------------------------------------------
 
-    def find(self, spec: StreamSpec, start: Position) -> tuple[Stream, int] | None:
+    def find(self, spec: StreamSpec, start: Position, skip: int = 0
+             ) -> tuple[Stream, int] | None:
         """A live stream of `spec` that holds (or fills next) the batch at `start`."""
         for stream in self.streams.values():
             if stream.spec == spec and stream.error is None:
-                seq = stream.seq_at(start)
+                seq = stream.seq_at(start, skip)
                 if seq is not None:
                     return stream, seq
         return None
 
-    def create(self, spec: StreamSpec, sources: list[Source], start: Position) -> Stream:
+    def create(self, spec: StreamSpec, sources: list[Source], start: Position,
+               skip: int = 0) -> Stream:
         layout = RingLayout(slot_count=self.slots, slot_tokens=spec.window_tokens,
                             itemsize=self.itemsize)
         used = sum(s.ring.layout.size_bytes for s in self.streams.values())
@@ -103,7 +105,7 @@ class StreamRegistry:
         self._next_sid += 1
         ring = Ring.create(segment_name(self.daemon_id, f"s{sid}"), layout)
         try:
-            stream = Stream(sid, spec, ring, sources, start, task_bytes=self.task_bytes,
+            stream = Stream(sid, spec, ring, sources, start, skip, task_bytes=self.task_bytes,
                             on_error=self.on_error)
         except BaseException:
             ring.close()

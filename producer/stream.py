@@ -26,6 +26,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import TokenfeedError
 from tokenfeed.common.ring import Ring
@@ -43,9 +45,10 @@ MAX_LISTED_SKIPS = 20  # status lists the latest skipped row groups, and counts 
 
 class Stream:
     def __init__(self, sid: int, spec: StreamSpec, ring: Ring, sources: list[Source],
-                 start: Position, **reader_options: Any) -> None:
+                 start: Position, skip: int = 0, **reader_options: Any) -> None:
         """A stream of `spec` from `start` over `sources` (a mixture's: in its state's
-        name order); `reader_options` go to every SourceReader (task_bytes, on_error)."""
+        name order) whose first `skip` batches are packed and dropped, never published;
+        `reader_options` go to every SourceReader (task_bytes, on_error)."""
         self.sid = sid
         self.spec = spec
         self.ring = ring
@@ -58,6 +61,10 @@ class Stream:
         self.told: set[bytes] = set()  # consumers already sent `error`
         self.idle_since: float | None = None
         self.batches = 0
+        self.origin = (start, skip)  # where it began: replicas skipping alike share it
+        self.skip_left = skip
+        # a skipped window is cut here, not into a ring slot
+        self._scratch = np.empty(spec.window_tokens, dtype=ring.slots[0].dtype) if skip else None
         self._memo: tuple[Packed, Position] | None = None  # the Position at packer position
 
     # -- positions ----------------------------------------------------------
@@ -73,8 +80,12 @@ class Stream:
         """`position` (default: the next batch's) as the JSON cursor consumers get."""
         return cursor_json(position or self.position(), self.supply.plans, self.spec)
 
-    def seq_at(self, start: Position) -> int | None:
-        """Seq of a still-held batch that starts at `start`, or of the next one to fill."""
+    def seq_at(self, start: Position, skip: int = 0) -> int | None:
+        """Seq of a still-held batch that starts at `start` (`skip` batches past it), or of
+        the next one to fill; None when this stream no longer has it."""
+        if skip:
+            first_held = 0 in self.table.by_seq or self.table.next_seq == 0
+            return 0 if self.origin == (start, skip) and first_held else None
         return self.table.seq_at(start, self.position())
 
     # -- what read-ahead needs (the scheduler decides) ----------------------
@@ -108,7 +119,8 @@ class Stream:
         """Read-ahead: the free slots plus one task per pool place (every worker busy with
         a second task queued), whatever the ring's size."""
         task_tokens = max(r.task_bytes * r.tokens_per_text_byte for r in self.readers)
-        return (len(self.table.free) + 1) * self.spec.window_tokens + pool_capacity * task_tokens
+        windows = len(self.table.free) + 1 + min(self.skip_left, self.ring.layout.slot_count)
+        return windows * self.spec.window_tokens + pool_capacity * task_tokens
 
     def blocked_reader(self) -> int | None:
         """The reader packing waits on for a task not yet out: a lost part, the rest of
@@ -179,6 +191,11 @@ class Stream:
                     self.error = f"stream {self.sid}: {e}"
                     log.error(self.error)
                     return filled
+            if self.skip_left and self._scratch is not None and self.packer.ready():
+                self.packer.fill(self._scratch)  # skipped: never published, never sent
+                self.skip_left -= 1
+                self.supply.forget_before(self.packer.position.first_unit)
+                continue
             if not (self.table.free and self.packer.ready()):
                 return filled
             index = self.table.begin_fill()
@@ -247,6 +264,7 @@ class Stream:
             "consumers": len(self.consumers),
             "replicas": self.table.replicas(),
             "batches": self.batches,
+            "batches_to_skip": self.skip_left,
             "tasks_inflight": self.inflight_count,
             "tasks_done": self._sum("tasks_done"),
             "units_cached": self.units_cached,
