@@ -52,7 +52,7 @@ from tokenfeed.common.config import (
     resolve_packing,
     resolve_run_dir,
 )
-from tokenfeed.common.control import connect, receive, request
+from tokenfeed.common.control import connect, receive
 from tokenfeed.common.errors import (
     ConfigError,
     DaemonGoneError,
@@ -62,7 +62,7 @@ from tokenfeed.common.errors import (
 )
 from tokenfeed.common.ring import Ring
 from tokenfeed.consumer.docinfo import doc_info
-from tokenfeed.consumer.link import Link
+from tokenfeed.consumer.link import Link, wait_for_daemon
 from tokenfeed.consumer.state import STATE_VERSION, parse_state
 from tokenfeed.consumer.tokenizer import check_bos, checked_facts, fact
 from tokenfeed.consumer.topology import mesh_placement, resolve_topology
@@ -71,7 +71,6 @@ from tokenfeed.consumer.transfer import make_transfer
 log = logging.getLogger(__name__)
 
 ATTACH_TIMEOUT_S = 30.0
-MAX_SKIP_BATCHES = 1 << 40  # load_state_dict(skip_batches=): the daemon checks the same bound
 
 
 # Feeds still open, closed at interpreter exit. Weak: the hook never keeps a feed alive.
@@ -289,18 +288,9 @@ class TokenFeed:
         return self._attach()
 
     def _wait_for_daemon(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                pong = request(self.run_dir, "ping", timeout_s=max(1.0, min(5.0, timeout_s)),
-                               expect="pong")
-                if isinstance(pong.get("tokenizer"), dict):
-                    self._learn_tokenizer(pong["tokenizer"])
-                return
-            except DaemonUnavailableError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.2)
+        pong = wait_for_daemon(self.run_dir, timeout_s)
+        if isinstance(pong.get("tokenizer"), dict):
+            self._learn_tokenizer(pong["tokenizer"])
 
     def _attach(self) -> Link:
         if self._closed:
@@ -415,24 +405,14 @@ class TokenFeed:
         job state of every rank (`gather_states`): its entry for this rank is taken, and
         one saved by another number of ranks is an elastic resume (consumer/state.py).
 
-        `skip_batches=N` continues as if N more batches had been taken: the first batch
-        returned is batch N of the continuation (on every rank that passes the same N,
-        after a loss spike). The daemon packs the skipped batches and drops them; they
-        never reach a ring slot."""
+        `skip_batches=N` continues as if N more batches had been taken (after a loss
+        spike: the same N on every rank); the daemon drops them before any ring slot."""
         if self._link is not None:
             raise StateMismatchError(
                 "load_state_dict() after the first next(); call it on a fresh TokenFeed"
             )
-        if not isinstance(skip_batches, int) or isinstance(skip_batches, bool) or not (
-                0 <= skip_batches < MAX_SKIP_BATCHES):
-            raise ConfigError(f"skip_batches={skip_batches!r} must be an integer in "
-                              f"[0, {MAX_SKIP_BATCHES})")
-        resume = parse_state(self.spec, state)
-        if skip_batches and "elastic_from" in (resume.start or {}):
-            raise ConfigError(
-                "skip_batches with a job state of another number of ranks: resume elastically "
-                "first, save each rank's state_dict() and skip from those")
-        self._skip = resume.skip + skip_batches
+        resume = parse_state(self.spec, state, skip_batches)
+        self._skip = resume.skip
         self._start = self._cursor = resume.start
         self._expect = resume.expect
         self._reweight = resume.reweight

@@ -31,9 +31,10 @@ import torch
 import zmq
 
 from tokenfeed.common import protocol
-from tokenfeed.common.control import error_from_reply
+from tokenfeed.common.control import error_from_reply, request
 from tokenfeed.common.errors import (
     DaemonGoneError,
+    DaemonUnavailableError,
     DetachedError,
     ProtocolError,
     TokenfeedError,
@@ -208,3 +209,16 @@ class Link(threading.Thread):
 
     def _release(self, seq: int) -> None:
         self.sock.send(protocol.encode("release", stream=self.stream_id, seq=seq))
+
+
+def wait_for_daemon(run_dir: str | Any, timeout_s: float) -> protocol.Message:
+    """The `pong` of a daemon on `run_dir`, waiting up to `timeout_s` for one to answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return request(run_dir, "ping", timeout_s=max(1.0, min(5.0, timeout_s)),
+                           expect="pong")
+        except DaemonUnavailableError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)

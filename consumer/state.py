@@ -174,9 +174,20 @@ class Resume:
     skip: int = 0  # batches to drop from `start` (a state saved before a skip was served)
 
 
-def parse_state(spec: StreamSpec, state: Any) -> Resume:
+MAX_SKIP_BATCHES = 1 << 40  # the daemon checks the same bound
+
+
+def parse_state(spec: StreamSpec, state: Any, skip_batches: int = 0) -> Resume:
     """A rank's state (`state_dict()`, or a `with_state()` state) or a job state (every
-    rank's): checked against this feed's stream `spec`."""
+    rank's): checked against this feed's stream `spec`, `skip_batches` more to skip."""
+    if not isinstance(skip_batches, int) or isinstance(skip_batches, bool) or not (
+            0 <= skip_batches < MAX_SKIP_BATCHES):
+        raise ConfigError(f"skip_batches={skip_batches!r} must be an integer in "
+                          f"[0, {MAX_SKIP_BATCHES})")
+    if isinstance(state, list) and skip_batches and len(state) != spec.world_size:
+        raise ConfigError(
+            "skip_batches with a job state of another number of ranks: resume elastically "
+            "first, save each rank's state_dict() and skip from those")
     if isinstance(state, list):
         states = job_state(state)
         if len(states) != spec.world_size:
@@ -210,7 +221,8 @@ def parse_state(spec: StreamSpec, state: Any) -> Resume:
     return Resume(start=state["cursor"],
                   expect={"fingerprint": state.get("fingerprint"),
                           "tokenizer": state.get("tokenizer")},
-                  reweight=saved.mix != spec.mix and spec.mix is not None, skip=skip)
+                  reweight=saved.mix != spec.mix and spec.mix is not None,
+                  skip=skip + skip_batches)
 
 
 def _parse_elastic(spec: StreamSpec, states: list[dict[str, Any]]) -> Resume:

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from conftest import assert_batch_equals
+
 from tokenfeed.common.errors import ConfigError, StateMismatchError
 
 B, T = 2, 64
