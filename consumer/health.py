@@ -30,7 +30,8 @@ communicator. What bounds the wait is `next()` itself: a dead daemon is
 `DaemonGoneError` within DAEMON_SILENCE_S (5 s) after the batches already prepared, a
 stall is the feed's `TimeoutError` after `stall_timeout_s`, so no rank reaches the
 check later than that (plus `reconnect_s`, when set). A check costs one small
-gloo all-reduce per step (tens of µs between ranks of one node).
+gloo all-reduce per step: a p50 of 0.9 ms with 3 ranks on a loaded 2-core machine
+(`benchmarks/health_check.py`), against steps of hundreds of ms.
 
 Failure behaviour: a rank's process that dies (or a check that outlasts the gloo
 group's timeout, `timeout_s`) makes the collective fail: the others raise
