@@ -131,7 +131,7 @@ class JobHealth:
                 torch.distributed.all_reduce(status, torch.distributed.ReduceOp.MAX,
                                              group=self.group)
             except RuntimeError as e:  # a rank's process died, or the check timed out
-                raise self._fail(None, step, f"the job-wide check failed: {e}", error) from e
+                raise self._fail(None, step, f"{type(e).__name__}: {e}", error) from e
         if not status[_FAILED] and not (status[_ENDED] and status[_GOT]):
             return  # every rank got its batch, or every rank's feed ended
         mine = ""
@@ -155,14 +155,16 @@ class JobHealth:
         try:
             torch.distributed.all_gather(every, mine, group=self.group)
         except RuntimeError as e:
-            raise self._fail(None, step, f"the job-wide check failed: {e}", None) from e
+            raise self._fail(None, step, f"{type(e).__name__}: {e}", None) from e
         return [bytes(t.tolist()).rstrip(b"\0").decode(errors="ignore") for t in every]
 
     def _fail(self, rank: int | None, step: int, reason: str, error: BaseException | None,
               others: str = "") -> JobFeedError:
-        who = f"rank {rank} of {self.world_size}" if rank is not None else "a rank"
+        what = (f"rank {rank} of {self.world_size}{others} could not deliver its batch"
+                if rank is not None else "a rank left the job-wide feed check (its process "
+                "exited, or it spent longer than timeout_s between two checks)")
         self._failed = JobFeedError(
-            f"{who}{others} could not deliver its batch at step {step}: {reason} -- every rank "
+            f"{what} at step {step}: {reason} -- every rank "
             "of the job stops at this step (tokenfeed JobHealth); fix that rank's feed (its "
             "daemon: `tokenfeed status`) and resume every rank from the last checkpoint",
             rank=rank, step=step, reason=reason)

@@ -1,7 +1,7 @@
 """Ranks that take their batches through `JobHealth`, as tests/test_health.py starts them.
 
-`python health_rank.py RUN_DIR0,RUN_DIR1,... ` under torchrun: rank r joins a gloo
-group, reads its stream from daemon r (`TokenFeed`), and trains: one `all_reduce` on
+`python health_rank.py RUN_DIR0,RUN_DIR1,... STALL_TIMEOUT_S` under torchrun: rank r
+joins a gloo group, reads its stream from daemon r (`TokenFeed`), and trains: one `all_reduce` on
 the default group per step, as a gradient all-reduce would. It prints `rank R ready`
 after READY_STEPS steps, and, when the job's feed check fails, one JSON line (the
 rank, the error's type, its message, the failing rank and step) before it leaves
@@ -16,6 +16,7 @@ OUT_DIR/rank{R}.json.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -82,6 +83,8 @@ SCENARIOS: dict[str, Any] = {
         "the tokenfeed daemon at /run/x has been silent for 5.0 s")) if rank in (1, 2)
     else ScriptedFeed(10),
     "ends_early": lambda rank: ScriptedFeed(2 if rank == 1 else 10),
+    "rank_dies": lambda rank: ScriptedFeed(10, 2, SystemExit(3)) if rank == 0
+    else ScriptedFeed(10),
 }
 
 
@@ -91,7 +94,10 @@ def scripted_rank(rank: int, world_size: int, init_file: str, scenario: str,
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size)
     try:
-        result = train(JobHealth(SCENARIOS[scenario](rank)), rank, 10)
+        try:
+            result = train(JobHealth(SCENARIOS[scenario](rank)), rank, 10)
+        except SystemExit:  # the process dies in next(), without a word to the others
+            os._exit(3)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -102,10 +108,11 @@ def main() -> None:
         scenario, rank, world, store, out = sys.argv[2:7]
         scripted_rank(int(rank), int(world), store, scenario, out)
         return
-    run_dirs = sys.argv[1].split(",")
+    run_dirs, stall_timeout_s = sys.argv[1].split(","), float(sys.argv[2])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    feed = TokenFeed(B, T, run_dir=run_dirs[rank], device="cpu")
+    feed = TokenFeed(B, T, run_dir=run_dirs[rank], device="cpu",
+                     stall_timeout_s=stall_timeout_s)
     try:
         result = train(JobHealth(feed), rank, MAX_STEPS)
     finally:

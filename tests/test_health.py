@@ -3,7 +3,8 @@
 The logic runs in real rank processes joined in a gloo group
 (tests/health_rank.py's scripted feeds, one process a rank); the acceptance
 run is a 3-rank torchrun job, each rank on its own daemon, whose rank 1 daemon is
-killed: every rank raises the same `JobFeedError` (none is left in a collective).
+killed (or its workers stopped: a stall): every rank raises the same `JobFeedError`
+(none is left in a collective).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import worker_pids
 from health_rank import ScriptedFeed
 
 from tokenfeed.common.errors import ConfigError, DaemonGoneError, JobFeedError
@@ -43,8 +46,9 @@ def run_ranks(scenario: str, tmp_path: Path) -> list[dict]:
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    assert [p.returncode for p in procs] == [0] * WORLD, "\n".join(outputs)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    dead = [3 if scenario == "rank_dies" and r == 0 else 0 for r in range(WORLD)]
+    assert [p.returncode for p in procs] == dead, "\n".join(outputs)
+    return [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
 
 
 @pytest.mark.timeout(180)
@@ -81,6 +85,17 @@ def test_a_feed_that_ends_on_one_rank_only_is_an_error_everywhere(tmp_path):
     assert len({r["error"] for r in results}) == 1, results
     assert [(r["failed_rank"], r["step"]) for r in results] == [(1, 2)] * WORLD
     assert "its feed ended (StopIteration) while other ranks' went on" in results[0]["error"]
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_whose_process_dies_is_an_error_on_every_other_rank(tmp_path):
+    results = run_ranks("rank_dies", tmp_path)
+    assert [r["rank"] for r in results] == [1, 2]
+    assert [(r["type"], r["failed_rank"], r["step"]) for r in results] == [
+        ("JobFeedError", None, 2)] * 2
+    assert all(r["error"].startswith(
+        "a rank left the job-wide feed check (its process exited, or it spent longer than "
+        "timeout_s between two checks) at step 2: ") for r in results), results
 
 
 def test_without_a_process_group_a_single_rank_raises_its_own_failure():
@@ -121,32 +136,54 @@ def wait_for(lines: queue.Queue, seen: list[str], done, deadline: float) -> None
         seen.append(line)
 
 
+# A dead daemon is DaemonGoneError within DAEMON_SILENCE_S (5 s): a longer stall deadline
+# there, so that the feed does not give up on the batch first.
+STALL_TIMEOUT_S = {"daemon killed": 30.0, "workers stopped": 5.0}
+
+
+def stop_workers(daemon) -> list[int]:
+    """SIGSTOP the daemon's workers: it stays alive and answers, its stream stalls."""
+    pids = worker_pids(daemon)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_killed_daemon_is_the_same_error_on_every_rank_of_a_torchrun_job(start_daemon):
+@pytest.mark.parametrize("fault", ["daemon killed", "workers stopped"])
+def test_one_ranks_failed_feed_is_the_same_error_on_every_rank_of_a_torchrun_job(
+        start_daemon, fault):
     daemons = [start_daemon(workers=1) for _ in range(WORLD)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-         "--standalone", str(RANK_SCRIPT), ",".join(str(d.run_dir) for d in daemons)],
+         "--standalone", str(RANK_SCRIPT), ",".join(str(d.run_dir) for d in daemons),
+         str(STALL_TIMEOUT_S[fault])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**env, "OMP_NUM_THREADS": "1"})
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_lines, args=(proc, lines), daemon=True)
     reader.start()
     seen: list[str] = []
+    stopped: list[int] = []
     try:
         wait_for(lines, seen, lambda s: sum("ready" in line for line in s) == WORLD,
                  time.monotonic() + 240)
         assert sum("ready" in line for line in seen) == WORLD, "".join(seen)
-        killed = time.monotonic()
-        daemons[1].proc.kill()  # rank 1's node loses its daemon
-        daemons[1].proc.wait()
+        faulted = time.monotonic()
+        if fault == "daemon killed":  # rank 1's node loses its daemon
+            daemons[1].proc.kill()
+            daemons[1].proc.wait()
+        else:  # rank 1's daemon lives on, its stream stalls
+            stopped = stop_workers(daemons[1])
         wait_for(lines, seen, lambda s: sum(line.startswith("{") for line in s) == WORLD,
-                 killed + 90)
-        reported_s = time.monotonic() - killed
+                 faulted + 90)
+        reported_s = time.monotonic() - faulted
         assert proc.wait(timeout=60) == 0, "".join(seen)
     finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -160,6 +197,9 @@ def test_a_killed_daemon_is_the_same_error_on_every_rank_of_a_torchrun_job(start
     assert len({r["steps"] for r in results}) == 1  # every rank stopped at the same step
     error = results[0]["error"]
     assert error.startswith("rank 1 of 3 could not deliver its batch at step ")
-    assert f"DaemonGoneError: the tokenfeed daemon at {daemons[1].run_dir}" in error
-    print(f"every rank raised {reported_s:.1f} s after the kill: {error}")
-    assert reported_s < 60, f"the job took {reported_s:.1f} s to report the dead daemon"
+    if fault == "daemon killed":
+        assert f"DaemonGoneError: the tokenfeed daemon at {daemons[1].run_dir}" in error
+    else:
+        assert "TimeoutError: no batch for 5 s although the daemon is alive" in error
+    print(f"{fault}: every rank raised {reported_s:.1f} s after the fault: {error}")
+    assert reported_s < 60, f"the job took {reported_s:.1f} s to report the fault"
