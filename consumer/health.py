@@ -73,8 +73,10 @@ class JobHealth:
     """
 
     def __init__(self, feed: Iterator[Any], *, timeout_s: float | None = None) -> None:
+        if timeout_s is not None and not timeout_s > 0:
+            raise ConfigError(f"JobHealth: timeout_s={timeout_s!r} must be > 0 seconds")
         self.feed = feed
-        self.step = 0  # checks passed
+        self.step = 0  # checks passed: the batches every rank got
         self._failed: JobFeedError | None = None
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
@@ -87,8 +89,6 @@ class JobHealth:
                     "torch.distributed.init_process_group() first (torchrun sets its variables)")
             self.group, self.rank, self.world_size = None, 0, 1
             return
-        if timeout_s is not None and not timeout_s > 0:
-            raise ConfigError(f"JobHealth: timeout_s={timeout_s!r} must be > 0 seconds")
         timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
         # Its own gloo group: CPU tensors (no GPU sync), and an order of its own, apart
         # from the training collectives on the default (NCCL) group.

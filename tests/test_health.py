@@ -111,6 +111,11 @@ def test_without_a_process_group_a_single_rank_raises_its_own_failure():
     assert again.value is info.value
 
 
+def test_a_check_timeout_that_is_not_positive_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"timeout_s=0 must be > 0 seconds"):
+        JobHealth(ScriptedFeed(1), timeout_s=0)
+
+
 def test_a_feed_of_several_ranks_without_a_process_group_is_a_clear_error():
     feed = SimpleNamespace(spec=SimpleNamespace(rank=1, world_size=4))
     with pytest.raises(ConfigError) as info:
