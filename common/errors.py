@@ -56,6 +56,24 @@ class StreamFailedError(TokenfeedError):
     """The daemon could not produce a stream (a row group kept failing, say)."""
 
 
+class JobFeedError(TokenfeedError):
+    """One rank's feed failed or stalled: every rank of the job raises this same error
+    (`tokenfeed.consumer.JobHealth`). `rank` is the failing rank (None when a rank's
+    process left the check without a word), `step` the check it failed at, `reason` its
+    own error."""
+
+    def __init__(self, message: str, *, rank: int | None, step: int, reason: str) -> None:
+        super().__init__(message)
+        self.rank, self.step, self.reason = rank, step, reason
+
+    def __reduce__(self) -> tuple[object, ...]:  # keyword-only fields survive a pickle
+        return _job_feed_error, (str(self), self.rank, self.step, self.reason)
+
+
+def _job_feed_error(message: str, rank: int | None, step: int, reason: str) -> JobFeedError:
+    return JobFeedError(message, rank=rank, step=step, reason=reason)
+
+
 class ShmFullError(TokenfeedError):
     """`/dev/shm` has no room for a segment; names the bytes needed, the bytes free and the fix."""
 
