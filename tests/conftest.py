@@ -144,6 +144,18 @@ def oracle(corpus: Path, encoding: tiktoken.Encoding) -> Callable[..., list[np.n
     return get
 
 
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0,
+               what: str = "the condition") -> Any:
+    """Poll `predicate` until it returns something true and return that; fail after
+    timeout_s. Tests wait on the state they need, never for a guessed time."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s} s")
+        time.sleep(0.02)
+    return value
+
+
 def assert_batch_equals(batch: tuple[Any, Any], window: np.ndarray, where: str = "") -> None:
     x, y = batch
     b, t = x.shape

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -113,10 +112,8 @@ def test_write_shards_rejects_bad_counts(
         write_shards(["doc"] * 5, tmp_path, num_files=num_files, rows_per_group=rows_per_group)
 
 
-def test_default_build_takes_well_under_ten_seconds(tmp_path: Path) -> None:
-    start_s = time.perf_counter()
-    paths = build_sample_corpus(tmp_path)
-    assert time.perf_counter() - start_s < 10.0
+def test_default_build_writes_eight_shards(tmp_path: Path) -> None:
+    paths = build_sample_corpus(tmp_path)  # its time: benchmarks/startup.py
     assert len(paths) == 8
 
 
