@@ -323,7 +323,7 @@ def test_without_the_age_rule_the_oldest_reference_trails_by_the_whole_run() -> 
     assert age > 3000 and lag > len(units) // 3
 
 
-@pytest.mark.parametrize("max_age_docs", [16, 64])
+@pytest.mark.parametrize("max_age_docs", [16, pytest.param(64, marks=pytest.mark.slow)])
 def test_resume_late_in_a_long_run_reproduces_the_rest_from_near_the_read_unit(
     max_age_docs: int,
 ) -> None:
@@ -413,7 +413,8 @@ def lognormal_units(docs_per_unit: int, n_docs: int = 80_000) -> Iterator[Unit]:
         yield tokens, starts.astype(np.int64)
 
 
-@pytest.mark.parametrize("docs_per_unit", [1024, 16, 3])
+@pytest.mark.parametrize("docs_per_unit", [
+    1024, pytest.param(16, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 def test_position_after_1000_windows_of_nanochat_shape_is_under_8_kb_of_json(
     docs_per_unit: int,
 ) -> None:

@@ -93,7 +93,7 @@ def run_ranks(world_size: int, run_dir: Path, ckpt: Path, out: Path, **flags: An
 # -- the nanochat loop: prefetch, checkpoint, stop, resume on a fresh daemon -----------
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_nanochat_loop_resumed_on_a_fresh_daemon_trains_on_the_uninterrupted_sequence(
     start_daemon, nanochat_oracle, tmp_path, world_size
 ):
