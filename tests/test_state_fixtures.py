@@ -1,5 +1,6 @@
 """States saved by an earlier tokenfeed resume bit for bit: each fixture under
-fixtures/states/ (made by fixtures/make_states.py, which says how) holds a saved state,
+fixtures/states/ (made at commit 1c0a70e by fixtures/make_states.py, which says how;
+never regenerate them to make this test pass) holds a saved state,
 the batches a consumer resumed from it must produce, and the state those batches end at.
 
 A change to how positions are represented must keep every one of them: concat, best fit,
