@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_batch_equals, wait_until
 
 
-@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_resume_on_a_fresh_daemon_continues_bit_identically_across_epochs(
     start_daemon, oracle, workers
 ):
