@@ -96,7 +96,7 @@ step "environment" 30 bash -c environment
 step "tests/test_cuda.py" 150 bash -c cuda_tests
 step "sample corpus" 60 python -c "
 import sys
-from tokenfeed.producer.corpus import build_sample_corpus
+from tokenfeed.tools.corpus import build_sample_corpus
 build_sample_corpus(sys.argv[1])
 print('built', sys.argv[1])" "$WORK/corpus"
 step "next() latency, device $DEVICE" 90 python benchmarks/latency.py --device "$DEVICE" \

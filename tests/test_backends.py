@@ -199,7 +199,9 @@ GRAMMAR_CASES: dict[str, tuple[str, Callable[[ModuleType], dict[bytes, int]]]] =
 }
 
 
-@pytest.mark.parametrize("case", sorted(GRAMMAR_CASES))
+@pytest.mark.parametrize("case", [  # two grammars fast, the other bundled ones slow
+    c if c.startswith("cl100k") else pytest.param(c, marks=pytest.mark.slow)
+    for c in sorted(GRAMMAR_CASES)])
 def test_quicktok_serves_a_tokenizer_directory_of_each_grammar_exactly(
     quicktok: ModuleType, tmp_path: Path, corpus_docs: list[str], case: str
 ) -> None:

@@ -282,7 +282,8 @@ def test_positions_do_not_depend_on_push_timing(config: Config) -> None:
     assert [w.tolist() for w, _ in eager] == [w.tolist() for w, _ in lazy]
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", [  # the first four (every feature) fast, the rest slow
+    *CONFIGS[:4], *(pytest.param(c, marks=pytest.mark.slow) for c in CONFIGS[4:])])
 def test_resume_from_every_third_position_reproduces_the_rest(
     config: Config,
 ) -> None:
@@ -339,7 +340,7 @@ def test_without_the_age_rule_the_oldest_reference_trails_by_the_whole_run() -> 
     assert age > 3000 and lag > len(units) // 3
 
 
-@pytest.mark.parametrize("max_age_docs", [16, 64])
+@pytest.mark.parametrize("max_age_docs", [16, pytest.param(64, marks=pytest.mark.slow)])
 def test_resume_late_in_a_long_run_reproduces_the_rest_from_near_the_read_unit(
     max_age_docs: int,
 ) -> None:
@@ -447,7 +448,8 @@ def lognormal_units(docs_per_unit: int, n_docs: int = 80_000) -> Iterator[Unit]:
         yield tokens, starts.astype(np.int64)
 
 
-@pytest.mark.parametrize("docs_per_unit", [1024, 16, 3])
+@pytest.mark.parametrize("docs_per_unit", [
+    1024, pytest.param(16, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 def test_position_after_1000_windows_of_nanochat_shape_is_under_8_kb_of_json(
     docs_per_unit: int,
 ) -> None:
@@ -665,7 +667,9 @@ def assert_rows_equal(batch: tuple[Any, Any], window: np.ndarray, where: str) ->
     np.testing.assert_array_equal(y.numpy(), rows[:, 1:], err_msg=where)
 
 
-@pytest.mark.parametrize(("world_size", "workers"), [(1, 1), (1, 3), (2, 1), (2, 3)])
+@pytest.mark.parametrize(("world_size", "workers"), [
+    (1, 1), pytest.param(1, 3, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow),
+    (2, 3)])
 def test_bestfit_batches_match_oracle(start_daemon, bestfit_oracle, world_size, workers):
     daemon = start_daemon(workers=workers)
     b, t, n = 2, 64, 25
@@ -686,7 +690,8 @@ def test_bestfit_status_reports_tokens_packed_and_cropped(start_daemon):
     assert 0 <= stream["tokens_cropped"] < stream["tokens_packed"]
 
 
-@pytest.mark.parametrize(("shuffle_seed", "workers"), [(None, 1), (7, 3)])
+@pytest.mark.parametrize(("shuffle_seed", "workers"), [  # a shuffled one: test_state_fixtures
+    (None, 1), pytest.param(7, 3, marks=pytest.mark.slow)])
 def test_bestfit_resume_on_a_new_daemon_continues_bit_identically(
     start_daemon, bestfit_oracle, shuffle_seed, workers
 ):

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
-import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_batch_equals
+from conftest import assert_batch_equals, wait_until
 from test_bestfit import assert_rows_equal, bestfit_oracle  # noqa: F401 (fixture)
 from test_shuffle import SEED, shuffled_oracle  # noqa: F401 (fixture)
 
+from tokenfeed.common.ring import token_dtype
 from tokenfeed.producer.cache import TokenCache
 
 B, T = 4, 256
@@ -29,13 +31,33 @@ def entries(path: Path) -> list[Path]:
     return sorted(path.glob("*.tok"))
 
 
-def fill(start_daemon, cache: Path, batches: int = 20) -> None:
-    """A daemon that reads `batches` batches into `cache`, then stops (flushing its writes)."""
+def fill(start_daemon, cache: Path, batches: int = 20) -> dict[str, Any]:
+    """A daemon that reads `batches` batches into `cache`, then stops (flushing its writes);
+    its tokenizer facts (`feed.tokenizer`, `feed.vocab_size`)."""
     daemon = start_daemon(*cache_args(cache), workers=2)
     with daemon.feed(B, T) as feed:
         for _ in range(batches):
             next(feed)
+        facts = {**feed.tokenizer, "vocab_size": feed.vocab_size}
     assert daemon.stop() == 0
+    return facts
+
+
+def first_entries(cache: Path, corpus: Path, facts: dict[str, Any], n: int) -> list[Path]:
+    """The entries of the first n row groups of the train split, in the order rank 0 of an
+    unshuffled stream reads them: the first units of its first epoch."""
+    from oracle import row_group_sequence, split_files
+
+    keys = TokenCache(cache, 1 << 30, facts["identity"],
+                      token_dtype(facts["vocab_size"]).itemsize, "text")
+    try:
+        out = []
+        for path, row_group in row_group_sequence(split_files(corpus, "train"))[:n]:
+            st = os.stat(path)
+            out.append(keys.path(str(path), f"{st.st_size}:{st.st_mtime_ns}", row_group))
+        return out
+    finally:
+        keys.close()
 
 
 def test_later_epochs_come_from_the_cache_exactly(start_daemon, oracle, tmp_path):
@@ -82,11 +104,13 @@ def test_a_second_daemon_serves_from_the_first_ones_cache(start_daemon, oracle, 
     assert stream["units_cached"] >= 5 and stream["tasks_done"] == 0
 
 
-def test_damaged_entries_are_detected_and_rebuilt(start_daemon, oracle, tmp_path):
+def test_damaged_entries_are_detected_and_rebuilt(start_daemon, oracle, corpus, tmp_path):
     cache = tmp_path / "cache"
     want = oracle(batch_size=B, seq_len=T, n=20)
-    fill(start_daemon, cache)
-    torn, garbage = entries(cache)[:2]
+    facts = fill(start_daemon, cache)
+    # The first two units of the stream: read first by the next daemon, whatever the names.
+    torn, garbage = first_entries(cache, corpus, facts, 2)
+    assert torn.exists() and garbage.exists(), f"no entries of the first units in {cache}"
     sizes = {torn: torn.stat().st_size, garbage: garbage.stat().st_size}
     with open(torn, "r+b") as f:
         f.truncate(sizes[torn] // 2)
@@ -209,10 +233,15 @@ def test_an_entry_changed_in_place_after_a_read_is_checked_again(tmp_path):
     try:
         assert cache.get("a.parquet", "1:1", 0) is not None
         (entry,) = entries(tmp_path)
-        time.sleep(0.05)  # past the file system's timestamp tick: the write moves the mtime
-        with open(entry, "r+b") as f:
-            f.seek(entry.stat().st_size - 64)
-            f.write(b"\x5a" * 64)  # same size, same inode
+        read_at_ns = entry.stat().st_mtime_ns  # the read set it
+
+        def damage() -> bool:  # again until the file system's timestamp tick moves the mtime
+            with open(entry, "r+b") as f:
+                f.seek(entry.stat().st_size - 64)
+                f.write(b"\x5a" * 64)  # same size, same inode
+            return entry.stat().st_mtime_ns != read_at_ns
+
+        wait_until(damage, 10, "a write that moves the entry's modification time")
         assert cache.get("a.parquet", "1:1", 0) is None
         assert cache.corrupt == 1 and not entries(tmp_path)
     finally:

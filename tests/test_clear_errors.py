@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 import zmq
+from conftest import wait_until
 
 from tokenfeed.common import protocol
 from tokenfeed.common.config import control_address
@@ -61,7 +62,7 @@ def test_unknown_consumer_of_a_daemon_younger_than_the_timeout_is_told_it_restar
 
 def test_unknown_consumer_of_an_older_daemon_hears_both_causes(start_daemon):
     daemon = start_daemon("--consumer-timeout-s", "2", workers=1)
-    time.sleep(2.5)
+    wait_until(lambda: daemon.status()["uptime_s"] > 2.1, what="the daemon up for 2 s")
     message = heartbeat_reply(daemon.run_dir)["message"]
     assert "dropped this consumer after 2 s of silence" in message
     assert "or it restarted" in message

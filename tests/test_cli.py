@@ -112,6 +112,19 @@ def test_stop_command_stops_the_daemon_cleanly(start_daemon):
     assert daemon.segments() == []
 
 
+def test_demo_on_given_data_runs_and_leaves_nothing_behind(corpus: Path):
+    """The demo's run at small scale; the default demo, corpus build included, is slow."""
+    before = set(p.name for p in SHM_DIR.glob("tokenfeed-*"))
+    result = tokenfeed("demo", "--data", str(corpus), "--batches", "20", "--batch-size", "2",
+                       "--seq-len", "256", timeout_s=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tokens/s" in result.stdout and "queue depth" in result.stdout
+    assert "segments left: 0; processes left: 0" in result.stdout
+    assert "building the sample corpus" not in result.stderr
+    assert_no_dead_owners_segments(before)
+
+
+@pytest.mark.slow
 def test_demo_runs_offline_and_leaves_nothing_behind():
     before = set(p.name for p in SHM_DIR.glob("tokenfeed-*"))
     result = tokenfeed("demo", "--batches", "60", timeout_s=300)
@@ -121,6 +134,10 @@ def test_demo_runs_offline_and_leaves_nothing_behind():
     # off a terminal, the corpus build's progress is whole lines on stderr, ending full
     assert "\r" not in result.stderr
     assert "building the sample corpus: " in result.stderr and "(100%)" in result.stderr
+    assert_no_dead_owners_segments(before)
+
+
+def assert_no_dead_owners_segments(before: set[str]) -> None:
     # Other test runs on the node may add segments meanwhile: count those of dead owners only.
     me = this_process()
     assert me is not None
@@ -129,8 +146,9 @@ def test_demo_runs_offline_and_leaves_nothing_behind():
 
 
 @pytest.mark.parametrize("flag", ["--data", "--tokenizer"])
-def test_demo_reports_bad_data_or_tokenizer_as_one_line(tmp_path: Path, flag: str):
+def test_demo_reports_bad_data_or_tokenizer_as_one_line(tmp_path: Path, corpus: Path, flag: str):
     value = str(tmp_path / "missing") if flag == "--data" else "no_such_encoding"
-    result = tokenfeed("demo", flag, value, "--batches", "5", timeout_s=120)
+    data = ("--data", str(corpus)) if flag == "--tokenizer" else ()  # no sample corpus build
+    result = tokenfeed("demo", flag, value, *data, "--batches", "5", timeout_s=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr

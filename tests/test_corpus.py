@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,7 +28,7 @@ def read_column(paths: list[Path], column: str) -> list[object]:
 
 
 @pytest.fixture(scope="module")
-def all_documents() -> list[str]:
+def all_documents() -> list[str]:  # every source of the install parsed: its tests are slow
     return sample_documents(10**9)
 
 
@@ -48,6 +47,7 @@ def test_target_bytes_is_an_upper_bound_met_closely() -> None:
         assert target_bytes - MIN_DOC_CHARS <= total <= target_bytes
 
 
+@pytest.mark.slow
 def test_larger_target_than_the_stdlib_returns_everything_once(
     all_documents: list[str],
 ) -> None:
@@ -55,10 +55,12 @@ def test_larger_target_than_the_stdlib_returns_everything_once(
     assert utf8_bytes(all_documents) > 1_000_000  # CPython 3.11: ~2.4 MB
 
 
+@pytest.mark.slow
 def test_documents_are_long_enough(all_documents: list[str]) -> None:
     assert min(len(doc) for doc in all_documents) >= MIN_DOC_CHARS
 
 
+@pytest.mark.slow
 def test_documents_include_help_topics_docstrings_and_license(
     all_documents: list[str],
 ) -> None:
@@ -113,10 +115,9 @@ def test_write_shards_rejects_bad_counts(
         write_shards(["doc"] * 5, tmp_path, num_files=num_files, rows_per_group=rows_per_group)
 
 
-def test_default_build_takes_well_under_ten_seconds(tmp_path: Path) -> None:
-    start_s = time.perf_counter()
-    paths = build_sample_corpus(tmp_path)
-    assert time.perf_counter() - start_s < 10.0
+@pytest.mark.slow
+def test_default_build_writes_eight_shards(tmp_path: Path) -> None:
+    paths = build_sample_corpus(tmp_path)  # its time: benchmarks/startup.py
     assert len(paths) == 8
 
 

@@ -81,8 +81,9 @@ def positions(corpus):
 
 
 @pytest.mark.parametrize("old_world, new_world, packing, seed", [
-    (4, 3, "concat", None), (4, 3, "concat", 3), (2, 5, "concat", None),
-    (4, 3, "bestfit", None), (2, 5, "bestfit", 3),
+    pytest.param(4, 3, "concat", None, marks=pytest.mark.slow), (4, 3, "concat", 3),
+    pytest.param(2, 5, "concat", None, marks=pytest.mark.slow),
+    pytest.param(4, 3, "bestfit", None, marks=pytest.mark.slow), (2, 5, "bestfit", 3),
 ])
 def test_elastic_resume_matches_the_oracle(start_daemon, positions, corpus, encoding, old_world,
                                            new_world, packing, seed):
@@ -189,7 +190,7 @@ def test_bad_job_states_are_refused_naming_the_problem(start_daemon, tmp_path):
             next(feed)
 
 
-@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.parametrize("packing", ["concat", pytest.param("bestfit", marks=pytest.mark.slow)])
 def test_elastic_resume_of_a_mixture_matches_the_oracle(start_daemon, sources,  # noqa: F811
                                                         packing):
     """3 ranks mixing two sources -> 2 ranks: each source divided on its own."""

@@ -23,6 +23,7 @@ def torchrun(nproc: int, ckpt: Path, steps: int, run_dir: Path) -> list[str]:
     return sorted(re.findall(r"rank \d+/\d+: trained on \d+ tokens, step \d+", out.stdout))
 
 
+@pytest.mark.slow  # torchrun twice; elastic resume itself: test_elastic.py, test_state_fixtures.py
 @pytest.mark.timeout(600)
 def test_the_example_resumes_two_ranks_on_three(start_daemon, tmp_path):
     daemon = start_daemon(workers=1)

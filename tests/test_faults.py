@@ -12,7 +12,7 @@ import time
 import msgpack
 import pytest
 import zmq
-from conftest import Daemon, assert_batch_equals, pid_alive, worker_pids
+from conftest import Daemon, assert_batch_equals, pid_alive, wait_until, worker_pids
 
 from tokenfeed.common import protocol
 from tokenfeed.common.config import control_address
@@ -263,7 +263,8 @@ def test_consumer_dropped_for_silence_is_told_so_not_that_the_daemon_died(start_
             assert time.monotonic() < deadline, "the consumer never attached"
             time.sleep(0.05)
         consumer.send_signal(signal.SIGSTOP)  # a stopped (or swapped-out) trainer
-        time.sleep(4)
+        wait_until(lambda: not any(s["consumers"] for s in daemon.status()["streams"]),
+                   what="the daemon dropping the silent consumer")
         consumer.send_signal(signal.SIGCONT)
         _, err = consumer.communicate(timeout=30)
     finally:

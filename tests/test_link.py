@@ -29,12 +29,14 @@ class DeferredTransfer:
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
         self.completed = False
+        self.polled = 0  # done() calls: the link is waiting on a copy in flight
 
     def copy(self, slot: int) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
         x = torch.from_numpy(self.ring.slots[slot][:-1].astype("int32").copy())
         return (x, x.long()), object()
 
     def done(self, token: Any) -> bool:
+        self.polled += 1
         return self.completed
 
     def bind_thread(self) -> None:
@@ -106,7 +108,7 @@ def running(ring, pair) -> Iterator[tuple[zmq.Socket, DeferredTransfer, Link]]:
 def test_a_completed_copy_of_an_intact_slot_is_handed_out(ring, running):
     daemon_side, transfer, link = running
     announce(daemon_side, ring, 0, 0)
-    time.sleep(0.2)
+    wait_for(lambda: transfer.polled >= 2)  # the copy started and was found not done
     assert link.batches.empty()  # the copy is still in flight
     transfer.completed = True
     batch = link.batches.get(timeout=5)
@@ -116,7 +118,7 @@ def test_a_completed_copy_of_an_intact_slot_is_handed_out(ring, running):
 def test_a_slot_rewritten_before_the_copy_completed_is_discarded_with_detached(ring, running):
     daemon_side, transfer, link = running
     announce(daemon_side, ring, 0, 0)
-    time.sleep(0.2)
+    wait_for(lambda: transfer.polled >= 2)  # the copy started and was found not done
     ring.invalidate(0)  # the daemon dropped this consumer and refills the slot
     transfer.completed = True
     wait_for(lambda: not link.is_alive())

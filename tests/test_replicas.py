@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import assert_batch_equals, consumer_script, window_digest
+from conftest import assert_batch_equals, consumer_script, wait_until, window_digest
 
 from tokenfeed.common.errors import ConfigError
 from tokenfeed.consumer.topology import mesh_placement
@@ -59,7 +59,9 @@ def test_without_replicas_a_late_consumer_gets_a_stream_of_its_own(start_daemon)
     with daemon.feed(B, T) as first:
         for _ in range(5):
             next(first)
-        time.sleep(0.5)  # the first five are released and reclaimed by now
+        window = B * T + 1  # the first five are released (and so reclaimed) first
+        wait_until(lambda: daemon.status()["streams"][0]["tokens_consumed"] >= 5 * window,
+                   what="the first five batches released")
         with daemon.feed(B, T) as second:
             next(second)
             assert len(daemon.status()["streams"]) == 2
@@ -150,24 +152,28 @@ def test_a_replica_back_after_its_group_moved_on_gets_a_clear_error(start_daemon
     paused = subprocess.Popen([sys.executable, "-c", replica_script(2, reconnect_s=30),
                                str(daemon.run_dir), "1000"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []  # one per batch the paused replica read
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda: lines.extend(paused.stdout), daemon=True),
+               threading.Thread(target=lambda: errors.extend(paused.stderr), daemon=True)]
+    for r in readers:
+        r.start()
     try:
         with daemon.feed(B, T, replicas=2) as sibling:
             for _ in range(3):
                 next(sibling)
-            deadline = time.monotonic() + 60
-            while daemon.status()["streams"][0]["consumers"] < 2:  # the other one attached
-                assert time.monotonic() < deadline, "the paused replica never attached"
-                time.sleep(0.05)
-            time.sleep(0.5)  # and read a batch or two
+            wait_until(lambda: lines, 60, "the paused replica attaching and reading a batch")
             paused.send_signal(signal.SIGSTOP)
             for _ in range(60):  # dropped after 2 s; the group's ring moves far past it
                 next(sibling)
             paused.send_signal(signal.SIGCONT)
-            _, err = paused.communicate(timeout=60)
+            paused.wait(timeout=60)
+            for r in readers:
+                r.join(timeout=10)
     finally:
         if paused.poll() is None:
             paused.send_signal(signal.SIGCONT)
             paused.kill()
             paused.wait()
     assert paused.returncode != 0
-    assert "no longer in its group's ring" in err
+    assert "no longer in its group's ring" in "".join(errors)

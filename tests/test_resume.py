@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
-from conftest import assert_batch_equals
+from conftest import assert_batch_equals, wait_until
 
 
-@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_resume_on_a_fresh_daemon_continues_bit_identically_across_epochs(
     start_daemon, oracle, workers
 ):
@@ -64,21 +63,17 @@ def test_warm_reattach_takes_first_batch_from_the_filled_ring(start_daemon, orac
         for _ in range(k):
             next(feed)
         state = feed.state_dict()
-    deadline = time.monotonic() + 30
-    while daemon.status()["streams"][0]["depth"] < 8 and time.monotonic() < deadline:
-        time.sleep(0.05)  # the lingering stream keeps filling its ring
-    (before,) = daemon.status()["streams"]
+    # The lingering stream fills its ring: batch k is there before the feed re-attaches.
+    (before,) = wait_until(lambda: [s for s in daemon.status()["streams"] if s["depth"] == 8],
+                           what="the lingering stream's ring filling")
     with daemon.feed(b, t) as feed:
         feed.load_state_dict(state)
-        t0 = time.perf_counter()
-        first = next(feed)
-        first_batch_s = time.perf_counter() - t0
-        assert_batch_equals(first, want[k], "first batch after re-attach")
+        assert_batch_equals(next(feed), want[k], "first batch after re-attach")
         for i in range(k + 1, n):
             assert_batch_equals(next(feed), want[i], f"batch {i}")
         (after,) = daemon.status()["streams"]
     assert after["stream"] == before["stream"], "re-attach must reuse the warm stream"
-    assert first_batch_s < 1.0  # generous bound for a loaded CI machine; README quotes the figure
+    # How fast that first batch comes is a figure, not a test: benchmarks/reattach.py.
 
 
 def test_new_val_feed_starts_from_the_beginning_each_time(start_daemon, oracle):

@@ -140,7 +140,8 @@ def shuffled_oracle(corpus: Path, encoding: Any) -> Callable[..., list[np.ndarra
     return get
 
 
-@pytest.mark.parametrize(("world_size", "workers"), [(1, 2), (2, 3)])
+@pytest.mark.parametrize(("world_size", "workers"), [
+    pytest.param(1, 2, marks=pytest.mark.slow), (2, 3)])
 def test_shuffled_batches_match_the_shuffled_oracle(start_daemon, shuffled_oracle, world_size,
                                                    workers):
     daemon = start_daemon(workers=workers)
@@ -186,7 +187,7 @@ def test_shuffled_epochs_deliver_the_same_documents_in_other_orders(
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
 
 
-@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_shuffled_resume_on_a_new_daemon_continues_bit_identically(start_daemon,
                                                                    shuffled_oracle, workers):
     b, t, first, n = 4, 256, 10, 30  # the train split holds ~17 windows: epoch 0 -> 1

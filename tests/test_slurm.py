@@ -51,7 +51,8 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(_missing() is not None, reason=_missing() or "")]
 
 
 def _program(name: str) -> str:

@@ -11,6 +11,7 @@ import pytest
 SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
 
 
+@pytest.mark.slow  # each fault it mixes has its own fast test in test_faults.py
 @pytest.mark.timeout(600)
 def test_short_soak_loses_duplicates_and_tears_nothing_and_leaves_no_segments():
     proc = subprocess.run([sys.executable, str(SOAK), "--seconds", "40", "--seed", "1"],

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from conftest import wait_until
+
 from tokenfeed.producer.telemetry import advice
 from tokenfeed.producer.view import render_screen, render_text
 
@@ -47,7 +49,9 @@ def test_status_json_has_the_documented_keys(start_daemon):
     with daemon.feed(2, 64) as feed:
         for _ in range(3):
             next(feed)
-        time.sleep(1.2)  # two heartbeats: rates have two samples
+        wait_until(lambda: (s := daemon.status())["streams"][0]["tokens_per_s"]["produced"]
+                   is not None and s["workers"]["tokens_per_worker_cpu_s"] > 0,
+                   what="two samples of the stream's rates and a worker's report")
         result = _status_cli(daemon.run_dir, "--json")
     assert result.returncode == 0, result.stderr
     s = json.loads(result.stdout)

@@ -90,7 +90,7 @@ def test_shuffled_split_row_groups_resume_bit_identically(start_daemon, shuffled
         assert resumed.epoch >= 1
 
 
-@pytest.mark.parametrize("shuffle_seed", [None, 7])
+@pytest.mark.parametrize("shuffle_seed", [None, pytest.param(7, marks=pytest.mark.slow)])
 def test_bestfit_with_split_row_groups_resumes_bit_identically(
     start_daemon, bestfit_oracle, shuffle_seed  # noqa: F811
 ):

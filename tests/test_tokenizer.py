@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pydoc_data.topics
-import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -86,10 +85,8 @@ def test_missing_directory_path_is_named_in_error(tmp_path: Path) -> None:
 def test_uncached_standard_encoding_fails_fast_without_network(
     empty_tiktoken_cache: Path, no_network: None
 ) -> None:
-    start_s = time.perf_counter()
-    with pytest.raises(TokenizerError) as info:
+    with pytest.raises(TokenizerError) as info:  # no_network: a download attempt fails it
         load_encoding("gpt2")
-    assert time.perf_counter() - start_s < 5.0
     message = str(info.value)
     assert "'gpt2'" in message
     assert str(empty_tiktoken_cache) in message
@@ -202,7 +199,7 @@ def test_identity_depends_on_bos() -> None:
     assert tokenizer_identity(enc, "<|endoftext|>") != tokenizer_identity(enc, "<|fim_prefix|>")
 
 
-def test_identity_ignores_the_name_and_is_quick_on_a_fresh_encoding() -> None:
+def test_identity_ignores_the_name() -> None:  # its cost: benchmarks/startup.py
     enc = load_encoding(OFFLINE)
     renamed = tiktoken.Encoding(
         name="renamed",
@@ -210,9 +207,7 @@ def test_identity_ignores_the_name_and_is_quick_on_a_fresh_encoding() -> None:
         mergeable_ranks=enc._mergeable_ranks,
         special_tokens=enc._special_tokens,
     )
-    start_s = time.perf_counter()
     identity = tokenizer_identity(renamed, "<|endoftext|>")
-    assert time.perf_counter() - start_s < 0.5  # 100k ranks; ~50 ms measured
     assert identity == tokenizer_identity(enc, "<|endoftext|>")
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_gpt.py"
@@ -31,6 +32,7 @@ def checkpoint(ckpt_dir: Path) -> dict[str, Any]:
     return torch.load(ckpt_dir / "ckpt.pt", weights_only=False)
 
 
+@pytest.mark.slow  # an example's training run; a nanochat loop's resume: test_trainer_fit.py
 def test_train_gpt_loss_falls_and_a_resume_continues_at_the_saved_step_and_batch(
     start_daemon: Any, tmp_path: Path
 ) -> None:

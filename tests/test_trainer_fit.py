@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import BOS_ID, assert_batch_equals
+from conftest import BOS_ID, assert_batch_equals, wait_until
 from oracle import reference_bestfit_windows
 
 from tokenfeed.common.errors import ConfigError, StateMismatchError, VocabularyMismatchError
@@ -90,20 +90,10 @@ def run_ranks(world_size: int, run_dir: Path, ckpt: Path, out: Path, **flags: An
         assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{output.decode()}"
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float) -> float:
-    """Seconds until `condition()` held; AssertionError after timeout_s."""
-    t0 = time.monotonic()
-    while not condition():
-        if time.monotonic() - t0 > timeout_s:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.05)
-    return time.monotonic() - t0
-
-
 # -- the nanochat loop: prefetch, checkpoint, stop, resume on a fresh daemon -----------
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_nanochat_loop_resumed_on_a_fresh_daemon_trains_on_the_uninterrupted_sequence(
     start_daemon, nanochat_oracle, tmp_path, world_size
 ):
@@ -301,8 +291,8 @@ def test_an_interpreter_exit_without_close_detaches_at_once(start_daemon):
     out = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_CLOSE, str(daemon.run_dir)],
                          capture_output=True, timeout=PROCESS_TIMEOUT_S, text=True)
     assert out.returncode == 0 and "took a batch" in out.stdout, out.stderr
-    took = wait_until(lambda: daemon.status()["streams"][0]["consumers"] == 0, 5.0)
-    assert took < 5.0  # the silence timeout is 30 s
+    # Within the silence timeout (30 s), and by the detach the exit sent, as the log says.
+    wait_until(lambda: daemon.status()["streams"][0]["consumers"] == 0, 20.0)
     assert "detached from stream 0" in daemon.log()
     assert "silent" not in daemon.log()
 
@@ -323,7 +313,9 @@ def test_a_val_stream_goes_when_its_last_consumer_leaves_while_train_lingers(sta
         next(val)
         next(train)
     wait_until(lambda: [s["split"] for s in daemon.status()["streams"]] == ["train"], 5.0)
-    time.sleep(1.0)  # several beats: train stays warm
+    # The behaviour under test is that nothing happens: a second passes (two heartbeats,
+    # reaping passes of the loop) and train, within its --linger-s, is still there.
+    time.sleep(1.0)
     assert [s["split"] for s in daemon.status()["streams"]] == ["train"]
 
 
