@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 TESTS_DIR = Path(__file__).parent
 
 LEAKY = textwrap.dedent("""
@@ -43,6 +45,7 @@ LEAKY = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the fast tier keeps the module's other tests
 def test_no_leaks_fails_each_kind_of_leak_and_passes_a_clean_test(tmp_path):
     for name in ("conftest.py", "oracle.py"):
         shutil.copy(TESTS_DIR / name, tmp_path / name)

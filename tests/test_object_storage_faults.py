@@ -65,6 +65,7 @@ def test_a_restart_with_a_cache_dir_reads_its_own_copy_of_the_manifest(
     assert proxy.by_method["HEAD"] == 0, dict(proxy.by_method)
 
 
+@pytest.mark.slow  # the fast tier keeps the module's other tests
 def test_throttling_and_slow_requests_are_retried_counted_and_change_no_batch(
         start_daemon, oracle, corpus, s3, proxy):  # noqa: F811
     url = upload(s3, corpus, "faults")
@@ -127,6 +128,7 @@ def test_a_shard_deleted_mid_run_fails_the_stream_naming_it(
             _read_until_error(feed, 400)  # ~25 epochs: every shard is read again
 
 
+@pytest.mark.slow  # the fast tier keeps the module's other tests
 def test_a_shard_deleted_mid_run_is_skipped_with_on_error_skip(
         start_daemon, corpus, s3, proxy):  # noqa: F811
     url = upload(s3, corpus, "skipped")

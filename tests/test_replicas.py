@@ -67,6 +67,7 @@ def test_without_replicas_a_late_consumer_gets_a_stream_of_its_own(start_daemon)
             assert len(daemon.status()["streams"]) == 2
 
 
+@pytest.mark.slow  # the fast tier keeps the module's other tests
 def test_the_first_replica_waits_for_the_group_within_the_rings_depth(start_daemon):
     daemon = start_daemon(workers=2, slots=4)
     feed = daemon.feed(B, T, replicas=2, prefetch=1, stall_timeout_s=8)
@@ -83,6 +84,7 @@ def test_the_first_replica_waits_for_the_group_within_the_rings_depth(start_daem
         feed.close()
 
 
+@pytest.mark.slow  # the fast tier keeps the module's other tests
 def test_four_replicas_one_killed_the_other_three_go_on_exactly(start_daemon, oracle):
     n, kill_after = 80, 20
     want = [digest(w) for w in oracle(batch_size=B, seq_len=T, n=n)]
@@ -147,6 +149,7 @@ def test_mesh_placement_names_an_unknown_dimension():
                        local_world_size=4)
 
 
+@pytest.mark.slow  # the fast tier keeps the module's other tests
 def test_a_replica_back_after_its_group_moved_on_gets_a_clear_error(start_daemon):
     daemon = start_daemon("--consumer-timeout-s", "2", workers=2, slots=4)
     paused = subprocess.Popen([sys.executable, "-c", replica_script(2, reconnect_s=30),

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+import pytest
 from conftest import assert_batch_equals, consumer_script, window_digest, worker_pids
 
 B, T = 2, 64
@@ -29,6 +30,7 @@ def wait_until(check, what: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # the fast tier keeps the module's other tests
 def test_paused_sibling_is_dropped_and_resumes_exactly_never_torn(start_daemon, oracle):
     n_paused, n_sibling = 60, 120
     want = oracle(batch_size=B, seq_len=T, n=max(n_paused, n_sibling))

@@ -106,6 +106,7 @@ def test_a_feed_reports_its_stall_and_step_and_status_shows_its_share(start_daem
     assert stream["waste_share"] == 0.0  # concat crops nothing
 
 
+@pytest.mark.slow  # the fast tier keeps the module's other tests
 def test_a_trainer_blocked_in_next_or_in_a_long_step_is_seen_while_it_lasts(start_daemon):
     import os
     import signal
