@@ -92,3 +92,19 @@ def test_bad_skips_are_clear_errors(start_daemon):
         job = [saved_state(daemon, 1, rank=r, world_size=3) for r in range(3)]
         with pytest.raises(ConfigError, match="another number of ranks"):
             feed.load_state_dict(job, skip_batches=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_a_skip_of_a_thousand_batches_is_exact_on_each_of_three_ranks(start_daemon, packing):
+    daemon = start_daemon(workers=2)
+    n = 1000
+    for rank in range(3):
+        where = {"rank": rank, "world_size": 3, "packing": packing}
+        state = saved_state(daemon, 3, **where)
+        want = continuation(daemon, state, n + 1, **where)[n]
+        with daemon.feed(B, T, **where) as feed:
+            feed.load_state_dict(state, skip_batches=n)
+            x, y = next(feed)
+        np.testing.assert_array_equal(x.numpy(), want[0], err_msg=f"rank {rank}")
+        np.testing.assert_array_equal(y.numpy(), want[1], err_msg=f"rank {rank}")
