@@ -42,6 +42,7 @@ PACKING_PRESETS: dict[str, dict[str, Any]] = {
     "nanochat": {"packing": "bestfit", "buffer_docs": 1000, "min_tail": None},
 }
 MAX_SOURCES = 64  # named sources of one mixture
+MAX_SKIP_BATCHES = 1 << 40  # load_state_dict(skip_batches=N): N below this, on both sides
 MAX_SOURCE_NAME = 64
 # AF_UNIX paths are limited to 108 bytes on Linux (sun_path), terminator included.
 MAX_IPC_PATH_BYTES = 107

@@ -26,15 +26,12 @@ Tensors handed out are never written again by tokenfeed.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
 import queue
 import sys
-import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +58,7 @@ from tokenfeed.common.errors import (
     TokenfeedError,
 )
 from tokenfeed.common.ring import Ring
+from tokenfeed.consumer import lifetime
 from tokenfeed.consumer.docinfo import doc_info
 from tokenfeed.consumer.link import Link, wait_for_daemon
 from tokenfeed.consumer.state import STATE_VERSION, parse_state
@@ -71,29 +69,6 @@ from tokenfeed.consumer.transfer import make_transfer
 log = logging.getLogger(__name__)
 
 ATTACH_TIMEOUT_S = 30.0
-
-
-# Feeds still open, closed at interpreter exit. Weak: the hook never keeps a feed alive.
-_open_feeds: weakref.WeakSet[TokenFeed] = weakref.WeakSet()
-_atexit_lock = threading.Lock()
-_atexit_registered = False
-
-
-def _close_open_feeds() -> None:
-    """Detach every feed still open, so the daemon frees their slots now (a daemon
-    thread dies silently at exit: the daemon would wait out --consumer-timeout-s)."""
-    for feed in list(_open_feeds):
-        with contextlib.suppress(Exception):
-            feed.close()
-
-
-def _track(feed: TokenFeed) -> None:
-    global _atexit_registered
-    with _atexit_lock:
-        if not _atexit_registered:  # registered on first use: nothing happens at import
-            atexit.register(_close_open_feeds)
-            _atexit_registered = True
-    _open_feeds.add(feed)
 
 
 class TokenFeed:
@@ -160,7 +135,7 @@ class TokenFeed:
         self.batches_returned = 0
         # Fail fast if no daemon answers, or, with reconnect_s, wait for one that is starting.
         self._wait_for_daemon(self.reconnect_s)
-        _track(self)
+        lifetime.track(self)
 
     @classmethod
     def from_mesh(
@@ -428,7 +403,7 @@ class TokenFeed:
         if self._closed:
             return
         self._closed = True
-        _open_feeds.discard(self)
+        lifetime.forget(self)
         self._drop_link()
 
     def _drop_link(self) -> None:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokenfeed.common.config import StreamSpec
+from tokenfeed.common.config import MAX_SKIP_BATCHES, StreamSpec
 from tokenfeed.common.errors import ConfigError, StateMismatchError
 from tokenfeed.consumer.topology import collective_device
 
@@ -172,9 +172,6 @@ class Resume:
     expect: dict[str, Any]  # the data fingerprint and tokenizer identity it was saved with
     reweight: bool  # the feed's mix differs from the state's: the mixture changes there
     skip: int = 0  # batches to drop from `start` (a state saved before a skip was served)
-
-
-MAX_SKIP_BATCHES = 1 << 40  # the daemon checks the same bound
 
 
 def parse_state(spec: StreamSpec, state: Any, skip_batches: int = 0) -> Resume:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tokenfeed.common import protocol
-from tokenfeed.common.config import MAX_REPLICAS, StreamSpec, normalize_mix
+from tokenfeed.common.config import MAX_REPLICAS, MAX_SKIP_BATCHES, StreamSpec, normalize_mix
 from tokenfeed.common.errors import (
     ConfigError,
     DetachedError,
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_SKIP = 1 << 40  # batches a resume may skip
 Handler = Callable[["Daemon", bytes, protocol.Message], None]
 
 
@@ -131,8 +130,9 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     sources = d.admission.sources(start, spec.split)
     start_cursor = cursor_json(start, {s.name: s.plan for s in sources}, spec)
     skip = msg.get("skip", 0)
-    if not isinstance(skip, int) or isinstance(skip, bool) or not 0 <= skip < MAX_SKIP:
-        raise ConfigError(f"skip_batches={skip!r} must be an integer in [0, {MAX_SKIP})")
+    if not isinstance(skip, int) or isinstance(skip, bool) or not 0 <= skip < MAX_SKIP_BATCHES:
+        raise ConfigError(
+            f"skip_batches={skip!r} must be an integer in [0, {MAX_SKIP_BATCHES})")
     replicas = msg.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
             1 <= replicas <= MAX_REPLICAS):
