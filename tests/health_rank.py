@@ -1,12 +1,13 @@
 """Ranks that take their batches through `JobHealth`, as tests/test_health.py starts them.
 
-`python health_rank.py RUN_DIR0,RUN_DIR1,... STALL_TIMEOUT_S` under torchrun: rank r
+`python health_rank.py RUN_DIR0,RUN_DIR1,... STALL_TIMEOUT_S OUT_DIR` under torchrun: rank r
 joins a gloo group, reads its stream from daemon r (`TokenFeed`), and trains: one `all_reduce` on
-the default group per step, as a gradient all-reduce would. It prints `rank R ready`
-after READY_STEPS steps, and, when the job's feed check fails, one JSON line (the
-rank, the error's type, its message, the failing rank and step) before it leaves
+the default group per step, as a gradient all-reduce would. It creates OUT_DIR/ready{R}
+after READY_STEPS steps, and, when the job's feed check fails, writes OUT_DIR/rank{R}.json
+(the rank, the error's type, its message, the failing rank and step) before it leaves
 the group and exits 0 (a rank exiting non-zero first would make torchrun stop the
-others before they print).
+others before they write). Files, not stdout lines: torchrun may join the lines of
+ranks that print at the same moment.
 
 `python health_rank.py --scripted SCENARIO RANK WORLD STORE OUT_DIR` is the same loop
 over a scripted feed (`SCENARIOS`), joined through a file store: it writes
@@ -33,7 +34,8 @@ READY_STEPS = 3
 MAX_STEPS = 1_000_000  # the test kills a daemon long before
 
 
-def train(health: JobHealth, rank: int, max_steps: int) -> dict[str, Any]:
+def train(health: JobHealth, rank: int, max_steps: int,
+          ready: Path | None = None) -> dict[str, Any]:
     """Steps until the feed check fails (or `max_steps`); what happened, as a dict."""
     steps = 0
     try:
@@ -41,8 +43,8 @@ def train(health: JobHealth, rank: int, max_steps: int) -> dict[str, Any]:
             grad = x.sum(dtype=torch.float64).reshape(1)
             dist.all_reduce(grad)  # the step's own collective, on the default group
             steps += 1
-            if steps == READY_STEPS:
-                print(f"rank {rank} ready", flush=True)
+            if steps == READY_STEPS and ready is not None:
+                ready.touch()
             if steps == max_steps:
                 break
     except TokenfeedError as e:
@@ -88,6 +90,12 @@ SCENARIOS: dict[str, Any] = {
 }
 
 
+def write_result(out: Path, rank: int, result: dict[str, Any]) -> None:
+    tmp = out / f".rank{rank}.json"
+    tmp.write_text(json.dumps(result))
+    tmp.rename(out / f"rank{rank}.json")  # a reader sees it whole or not at all
+
+
 def scripted_rank(rank: int, world_size: int, init_file: str, scenario: str,
                   out_dir: str) -> None:
     """One rank of a scripted scenario: writes rank{R}.json into `out_dir`."""
@@ -98,7 +106,7 @@ def scripted_rank(rank: int, world_size: int, init_file: str, scenario: str,
             result = train(JobHealth(SCENARIOS[scenario](rank)), rank, 10)
         except SystemExit:  # the process dies in next(), without a word to the others
             os._exit(3)
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        write_result(Path(out_dir), rank, result)
     finally:
         dist.destroy_process_group()
 
@@ -108,16 +116,16 @@ def main() -> None:
         scenario, rank, world, store, out = sys.argv[2:7]
         scripted_rank(int(rank), int(world), store, scenario, out)
         return
-    run_dirs, stall_timeout_s = sys.argv[1].split(","), float(sys.argv[2])
+    run_dirs, stall_timeout_s, out = sys.argv[1].split(","), float(sys.argv[2]), Path(sys.argv[3])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     feed = TokenFeed(B, T, run_dir=run_dirs[rank], device="cpu",
                      stall_timeout_s=stall_timeout_s)
     try:
-        result = train(JobHealth(feed), rank, MAX_STEPS)
+        result = train(JobHealth(feed), rank, MAX_STEPS, ready=out / f"ready{rank}")
     finally:
         feed.close()
-    print(json.dumps(result), flush=True)
+    write_result(out, rank, result)
     dist.destroy_process_group()
 
 

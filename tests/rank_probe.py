@@ -1,8 +1,10 @@
-"""A training rank as a launcher starts it: `python rank_probe.py RUN_DIR N [--dist]`.
+"""A training rank as a launcher starts it: `python rank_probe.py RUN_DIR N OUT_DIR [--dist]`.
 
-Prints one JSON line: the rank and world size the feed resolved by itself (no
-arguments) and the sha1 of each of its first N batches (`conftest.window_digest`'s).
-With --dist it first joins a gloo process group from the launcher's variables.
+Writes `OUT_DIR/rank{R}.json`: the rank and world size the feed resolved by itself
+(no arguments) and the sha1 of each of its first N batches (`conftest.window_digest`'s).
+A file per rank, not a line on stdout: a launcher that forwards several ranks' output
+through one pipe may join their lines. With --dist it first joins a gloo process group
+from the launcher's variables.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -19,7 +22,7 @@ B, T = 2, 64
 
 
 def main() -> None:
-    run_dir, n = sys.argv[1], int(sys.argv[2])
+    run_dir, n, out_dir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     if "--dist" in sys.argv:
         dist.init_process_group("gloo")
     with TokenFeed(B, T, run_dir=run_dir, device="cpu") as feed:
@@ -28,8 +31,11 @@ def main() -> None:
             x, y = next(feed)
             digests.append(hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest())
         gathered = len(gather_states(feed)) if dist.is_initialized() else None
-        print(json.dumps({"rank": feed.spec.rank, "world_size": feed.spec.world_size,
-                          "digests": digests, "gathered": gathered}), flush=True)
+        result = {"rank": feed.spec.rank, "world_size": feed.spec.world_size,
+                  "digests": digests, "gathered": gathered}
+        tmp = out_dir / f".rank{feed.spec.rank}.json"
+        tmp.write_text(json.dumps(result))
+        tmp.rename(out_dir / f"rank{feed.spec.rank}.json")  # whole or absent
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import worker_pids
+from conftest import wait_until, worker_pids
 from health_rank import ScriptedFeed
 
 from tokenfeed.common.errors import ConfigError, DaemonGoneError, JobFeedError
@@ -123,24 +121,6 @@ def test_a_feed_of_several_ranks_without_a_process_group_is_a_clear_error():
     assert "rank 1 of 4" in str(info.value) and "init_process_group()" in str(info.value)
 
 
-def _lines(proc: subprocess.Popen, into: queue.Queue) -> None:
-    for line in proc.stdout:  # type: ignore[union-attr]
-        into.put(line)
-    into.put(None)
-
-
-def wait_for(lines: queue.Queue, seen: list[str], done, deadline: float) -> None:
-    """Read `lines` into `seen` until `done(seen)`, the stream ends, or the deadline."""
-    while not done(seen):
-        try:
-            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-        except queue.Empty:
-            return
-        if line is None:
-            return
-        seen.append(line)
-
-
 # A dead daemon is DaemonGoneError within DAEMON_SILENCE_S (5 s): a longer stall deadline
 # there, so that the feed does not give up on the batch first.
 STALL_TIMEOUT_S = {"daemon killed": 30.0, "workers stopped": 5.0}
@@ -158,44 +138,47 @@ def stop_workers(daemon) -> list[int]:
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("fault", ["daemon killed", "workers stopped"])
 def test_one_ranks_failed_feed_is_the_same_error_on_every_rank_of_a_torchrun_job(
-        start_daemon, fault):
+        start_daemon, fault, tmp_path):
     daemons = [start_daemon(workers=1) for _ in range(WORLD)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = tmp_path / "ranks"
+    out.mkdir()
+    log = (tmp_path / "torchrun.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
          "--standalone", str(RANK_SCRIPT), ",".join(str(d.run_dir) for d in daemons),
-         str(STALL_TIMEOUT_S[fault])],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**env, "OMP_NUM_THREADS": "1"})
-    lines: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=_lines, args=(proc, lines), daemon=True)
-    reader.start()
-    seen: list[str] = []
+         str(STALL_TIMEOUT_S[fault]), str(out)],
+        stdout=log, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"})
+    log.close()
+
+    def output() -> str:
+        return (tmp_path / "torchrun.log").read_text()
+
+    def every_rank_wrote(pattern: str) -> bool:
+        """Every rank made its file, or torchrun ended (the asserts below say why)."""
+        return len(list(out.glob(pattern))) == WORLD or proc.poll() is not None
+
     stopped: list[int] = []
     try:
-        wait_for(lines, seen, lambda s: sum("ready" in line for line in s) == WORLD,
-                 time.monotonic() + 240)
-        assert sum("ready" in line for line in seen) == WORLD, "".join(seen)
+        wait_until(lambda: every_rank_wrote("ready*"), 240, "every rank's third step")
+        assert proc.poll() is None, output()
         faulted = time.monotonic()
         if fault == "daemon killed":  # rank 1's node loses its daemon
             daemons[1].proc.kill()
             daemons[1].proc.wait()
         else:  # rank 1's daemon lives on, its stream stalls
             stopped = stop_workers(daemons[1])
-        wait_for(lines, seen, lambda s: sum(line.startswith("{") for line in s) == WORLD,
-                 faulted + 90)
+        wait_until(lambda: every_rank_wrote("rank*.json"), 90, "every rank's error")
         reported_s = time.monotonic() - faulted
-        assert proc.wait(timeout=60) == 0, "".join(seen)
+        assert proc.wait(timeout=60) == 0, output()
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        reader.join(timeout=10)
-    results = sorted((json.loads(line) for line in seen if line.startswith("{")),
-                     key=lambda r: r["rank"])
-    assert [r["rank"] for r in results] == list(range(WORLD)), "".join(seen)
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
+    assert [r["rank"] for r in results] == list(range(WORLD)), output()
     assert {r["type"] for r in results} == {"JobFeedError"}, results
     assert len({r["error"] for r in results}) == 1, results
     assert {r["failed_rank"] for r in results} == {1}

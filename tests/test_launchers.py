@@ -33,8 +33,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
-def probe_lines(out: str) -> list[dict]:
-    return sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")),
+def probe_results(out_dir: Path) -> list[dict]:
+    """What each probe rank wrote to OUT_DIR, in rank order."""
+    return sorted((json.loads(f.read_text()) for f in out_dir.glob("rank*.json")),
                   key=lambda r: r["rank"])
 
 
@@ -47,23 +48,24 @@ def expect_streams(results: list[dict], oracle, world_size: int) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_ranks_read_their_own_streams(start_daemon, oracle):
+def test_torchrun_ranks_read_their_own_streams(start_daemon, oracle, tmp_path):
     daemon = start_daemon(workers=1)
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         str(PROBE), str(daemon.run_dir), str(N), "--dist"],
+         str(PROBE), str(daemon.run_dir), str(N), str(tmp_path), "--dist"],
         capture_output=True, text=True, timeout=TIMEOUT_S, env=clean_env())
     assert out.returncode == 0, out.stdout + out.stderr
-    results = probe_lines(out.stdout)
+    results = probe_results(tmp_path)
     expect_streams(results, oracle, 2)
     assert [r["gathered"] for r in results] == [2, 2]
 
 
-def test_slurm_variables_alone_give_each_task_its_stream(start_daemon, oracle):
+def test_slurm_variables_alone_give_each_task_its_stream(start_daemon, oracle, tmp_path):
     """What `srun --ntasks=2 python train.py` sets, and nothing else."""
     daemon = start_daemon(workers=1)
     procs = [subprocess.Popen(
-        [sys.executable, str(PROBE), str(daemon.run_dir), str(N)], stdout=subprocess.PIPE,
+        [sys.executable, str(PROBE), str(daemon.run_dir), str(N), str(tmp_path)],
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
         env=clean_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r)))
         for r in range(2)]
@@ -77,7 +79,7 @@ def test_slurm_variables_alone_give_each_task_its_stream(start_daemon, oracle):
                 p.communicate()
             raise
         assert proc.returncode == 0, outputs[-1]
-    expect_streams(probe_lines("\n".join(outputs)), oracle, 2)
+    expect_streams(probe_results(tmp_path), oracle, 2)
 
 
 def test_explicit_arguments_win_over_every_launcher_variable(start_daemon, oracle, monkeypatch):

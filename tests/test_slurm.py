@@ -230,24 +230,25 @@ def test_slurm_recipe_trains_two_cpu_ranks_and_leaves_nothing_behind(
 
 
 def test_srun_tasks_without_a_launcher_read_their_own_streams(
-    cluster: Cluster, start_daemon: Callable[..., Any], oracle: Callable[..., Any]
+    cluster: Cluster, start_daemon: Callable[..., Any], oracle: Callable[..., Any],
+    tmp_path: Path
 ) -> None:
     """`srun --ntasks=2 python train.py`: no torchrun, no process group; each task's feed
     takes its rank from SLURM_PROCID and the world size from SLURM_NTASKS."""
     from conftest import window_digest
-    from test_launchers import PROBE, B, N, T, clean_env, probe_lines
+    from test_launchers import PROBE, B, N, T, clean_env, probe_results
 
     daemon = start_daemon(workers=1)
     env = {**clean_env(), "SLURM_CONF": cluster.env["SLURM_CONF"]}
     cmd = [_program("srun"), "--ntasks=2", "--cpus-per-task=1", f"--chdir={REPO}",
-           sys.executable, str(PROBE), str(daemon.run_dir), str(N)]
+           sys.executable, str(PROBE), str(daemon.run_dir), str(N), str(tmp_path)]
     try:
         result = subprocess.run(cmd, env=env, capture_output=True, text=True,
                                 timeout=JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"srun ran past {JOB_TIMEOUT_S:.0f} s:\n{cluster.logs()}") from None
     assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{cluster.logs()}"
-    results = probe_lines(result.stdout)
+    results = probe_results(tmp_path)
     assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)], result.stdout
     for r in results:
         want = oracle(rank=r["rank"], world_size=2, batch_size=B, seq_len=T, n=N)
