@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int)
     p.add_argument("--world-size", type=int)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--packing", default="concat", help="concat, bestfit or nanochat")
     p.add_argument("--batches", type=int, default=100)
     p.add_argument("--report-every", type=int, default=50)
     p.add_argument("--step-s", type=float, default=0.0, help="simulated training step per batch")
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         feed = TokenFeed(
             args.batch_size, args.seq_len, split=args.split, rank=args.rank,
             world_size=args.world_size, device=args.device, run_dir=args.run_dir,
-            replicas=args.replicas,
+            replicas=args.replicas, packing=args.packing,
         )
         if args.state:
             with open(args.state) as f:

