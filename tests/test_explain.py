@@ -99,3 +99,11 @@ def test_concat_batches_are_explained_exactly(start_daemon, corpus, encoding, ca
                                               tmp_path):
     # 0: a fresh feed's state; 3: inside the first row groups; 40: well into the epoch
     check_points(capsys, tmp_path, start_daemon(), corpus, encoding, 4, 64, [0, 3, 40])
+
+
+@pytest.mark.parametrize("packing", ["bestfit", "nanochat"])
+def test_best_fit_batches_are_explained_exactly(start_daemon, corpus, encoding, capsys,
+                                                tmp_path, packing):
+    # a small buffer: pieces of earlier row groups stay buffered across the states
+    check_points(capsys, tmp_path, start_daemon(), corpus, encoding, 4, 64, [0, 4, 30],
+                 packing=packing, buffer_docs=16)
