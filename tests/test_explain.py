@@ -107,3 +107,11 @@ def test_best_fit_batches_are_explained_exactly(start_daemon, corpus, encoding, 
     # a small buffer: pieces of earlier row groups stay buffered across the states
     check_points(capsys, tmp_path, start_daemon(), corpus, encoding, 4, 64, [0, 4, 30],
                  packing=packing, buffer_docs=16)
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_shuffled_batches_name_each_documents_row_in_the_file(start_daemon, corpus, encoding,
+                                                              capsys, tmp_path, packing):
+    # a seed shuffles row groups per epoch and rows inside each (the worker's doc_seed)
+    check_points(capsys, tmp_path, start_daemon(), corpus, encoding, 4, 64, [2, 25],
+                 packing=packing, shuffle_seed=1234, buffer_docs=16)
