@@ -9,6 +9,7 @@ T+1 tokens (inputs[r] + targets[r][-1]) with the concatenated segments."""
 from __future__ import annotations
 
 import json
+import sysconfig
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ import pytest
 import tiktoken
 from conftest import BOS_ID, ENCODING
 
+from tokenfeed.common.control import request
 from tokenfeed.producer.cli import main
+from tokenfeed.tools.corpus import sample_documents, write_shards
 
 N = 5  # batches explained per state
 
@@ -115,3 +118,55 @@ def test_shuffled_batches_name_each_documents_row_in_the_file(start_daemon, corp
     # a seed shuffles row groups per epoch and rows inside each (the worker's doc_seed)
     check_points(capsys, tmp_path, start_daemon(), corpus, encoding, 4, 64, [2, 25],
                  packing=packing, shuffle_seed=1234, buffer_docs=16)
+
+
+@pytest.fixture(scope="module")
+def holey(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 files of 8-row groups, every 5th row null (skipped by the workers): epochs in
+    ~40 batches of 4 x 64."""
+    docs: list[str | None] = list(sample_documents(60_000))
+    docs = [None if i % 5 == 2 else d for i, d in enumerate(docs)]
+    out = tmp_path_factory.mktemp("holey")
+    write_shards(docs, out, num_files=3, rows_per_group=8)
+    return out
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_second_epoch_with_null_rows_is_explained_exactly(start_daemon, holey, encoding,
+                                                          capsys, tmp_path, packing):
+    daemon = start_daemon(data=holey)
+    kw = {"packing": packing, "shuffle_seed": 5, "buffer_docs": 16}
+    points = [30, 70]
+    states = states_at(daemon, 4, 64, points, **kw)
+    assert states[-1]["cursor"]["epoch"] >= 1, "the last state must lie past the first epoch"
+    for p, state in zip(points, states, strict=True):
+        lines = explained(capsys, ["--data", str(holey)], state, tmp_path)
+        assert_explains(lines, resumed(daemon, 4, 64, state, **kw), {"data": holey},
+                        encoding, f"{packing} after {p} batches")
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_elastic_resume_4_to_3_is_explained_exactly(start_daemon, corpus, encoding, capsys,
+                                                    tmp_path, packing):
+    b, t = 2, 32
+    kw = {"packing": packing, "buffer_docs": 8}
+    daemon = start_daemon()
+    data, roots = ["--data", str(corpus)], {"data": corpus}
+    job = [states_at(daemon, b, t, [5], rank=r, world_size=4, **kw)[0] for r in range(4)]
+    # the gathered file of the 4-rank job, one rank of it picked with --rank
+    lines = explained(capsys, data, job, tmp_path, "--rank", "2")
+    assert_explains(lines, resumed(daemon, b, t, job, rank=2, world_size=4, **kw), roots,
+                    encoding, "rank 2 of the gathered 4-rank state")
+    for r in range(3):
+        with daemon.feed(b, t, rank=r, world_size=3, **kw) as feed:
+            feed.load_state_dict(job)  # elastic: 4 -> 3
+            loaded = feed.state_dict()  # before its first batch: every old rank's cursor
+            for _ in range(3):
+                next(feed)
+            later = feed.state_dict()  # its cursor holds the elastic layout
+        assert "elastic_from" in loaded["cursor"] and "elastic" in later["cursor"]
+        for name, state in (("loaded", loaded), ("3 batches later", later)):
+            lines = explained(capsys, data, state, tmp_path)
+            assert_explains(lines, resumed(daemon, b, t, state, rank=r, world_size=3, **kw),
+                            roots, encoding, f"new rank {r}, {name}")
+
