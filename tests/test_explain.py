@@ -170,3 +170,42 @@ def test_elastic_resume_4_to_3_is_explained_exactly(start_daemon, corpus, encodi
             assert_explains(lines, resumed(daemon, b, t, state, rank=r, world_size=3, **kw),
                             roots, encoding, f"new rank {r}, {name}")
 
+
+WEIGHTS = {"code": 0.3, "web": 0.7}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """web: Python's documentation (5 files); code: the standard library's modules (4)."""
+    root = tmp_path_factory.mktemp("mixture")
+    write_shards(sample_documents(160_000), root / "web", num_files=5, rows_per_group=11)
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:200]
+    code = [text[:6000] for p in stdlib if len(text := p.read_text(errors="replace")) > 200]
+    write_shards(code, root / "code", num_files=4, rows_per_group=10)
+    return {"code": root / "code", "web": root / "web"}
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_mixture_after_a_live_reweight_is_explained_exactly(start_daemon, sources, encoding,
+                                                            capsys, tmp_path, packing):
+    b, t = 4, 256
+    kw = {"packing": packing, "shuffle_seed": 3, "mix": WEIGHTS, "buffer_docs": 16}
+    daemon = start_daemon(sources=sources)
+    states = []
+    with daemon.feed(b, t, **kw) as feed:
+        states.append([next(feed) for _ in range(3)] and feed.state_dict())
+        request(daemon.run_dir, "mix", weights={"code": 0.8, "web": 0.2}, split="train")
+        states.append([next(feed) for _ in range(12)] and feed.state_dict())
+    assert len(states[-1]["cursor"]["mix"]["weights"]) == 2, "the reweight is in the state"
+    mix = tmp_path / "mix.toml"
+    mix.write_text("".join(f'[sources.{n}]\npath = "{p}"\nweight = {WEIGHTS[n]}\n'
+                           for n, p in sources.items()))
+    flags = [["--source", f"{n}={p}"] for n, p in sources.items()]
+    named = set()
+    for i, state in enumerate(states):
+        data = ["--mix", str(mix)] if i else [f for pair in flags for f in pair]
+        lines = explained(capsys, data, state, tmp_path)
+        assert_explains(lines, resumed(daemon, b, t, state, **kw), sources, encoding,
+                        f"{packing} mixture, state {i}")
+        named |= {s["source"] for line in lines for row in line["rows"] for s in row}
+    assert named == {"code", "web"}
