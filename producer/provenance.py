@@ -111,7 +111,7 @@ def select_state(state: Any, rank: int | None) -> dict[str, Any]:
         raise StateMismatchError(
             f"the state is a {type(state).__name__}, not a feed state; pass the JSON of "
             "feed.state_dict() or of gather_states(feed)")
-    saved = _spec(state).get("rank")
+    saved = _spec(state).get("rank", 0)
     if rank is not None and rank != saved:
         raise StateMismatchError(
             f"--rank {rank}: the state is rank {saved}'s alone; drop --rank, or pass the "

@@ -209,3 +209,78 @@ def test_mixture_after_a_live_reweight_is_explained_exactly(start_daemon, source
                         f"{packing} mixture, state {i}")
         named |= {s["source"] for line in lines for row in line["rows"] for s in row}
     assert named == {"code", "web"}
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_skip_prints_the_state_a_consumer_reaches_that_many_batches_later(
+        start_daemon, corpus, encoding, capsys, tmp_path, packing):
+    b, t, k = 4, 64, 7
+    kw = {"packing": packing, "shuffle_seed": 9, "buffer_docs": 16}
+    daemon = start_daemon()
+    state, later = states_at(daemon, b, t, [4, 4 + k], **kw)
+    code, out, err = run_explain(capsys, ["--data", str(corpus)], state, tmp_path,
+                                 "--skip", str(k))
+    assert code == 0, err
+    skipped = json.loads(out)
+    assert skipped["cursor"] == later["cursor"]  # the very state the consumer saved there
+    assert {k: v for k, v in skipped.items() if k != "cursor"} == {
+        k: v for k, v in later.items() if k != "cursor"}
+    # a job restarted from it receives what skip_batches=k delivers, and explain agrees
+    with daemon.feed(b, t, **kw) as feed:
+        feed.load_state_dict(state, skip_batches=k)
+        pending = feed.state_dict()  # still to skip: carried in the state
+        want = [next(feed) for _ in range(N)]
+    assert pending["skip_batches"] == k
+    roots = {"data": corpus}
+    assert_explains(explained(capsys, ["--data", str(corpus)], skipped, tmp_path), want,
+                    roots, encoding, "from the printed state")
+    assert_explains(explained(capsys, ["--data", str(corpus)], pending, tmp_path), want,
+                    roots, encoding, "from a state with skip_batches pending")
+    lines = explained(capsys, ["--data", str(corpus)], state, tmp_path, "--skip", str(k))
+    assert [line["batch"] for line in lines] == list(range(k, k + N))
+    assert_explains([{**line, "batch": i} for i, line in enumerate(lines)], want, roots,
+                    encoding, "--skip with --batches")
+
+
+def test_text_and_table_show_the_documents(start_daemon, corpus, capsys, tmp_path):
+    state = {"version": 1, "spec": {"batch_size": 2, "seq_len": 32}, "cursor": None}
+    code, out, err = run_explain(capsys, ["--data", str(corpus)], state, tmp_path,
+                                 "--batches", "1", "--json", "--text")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    enc = tiktoken.get_encoding(ENCODING)
+    for segment in (s for row in rows for s in row):
+        text = segment.pop("text")
+        assert enc.encode(text, allowed_special="all") == segment_tokens(
+            segment, {"data": corpus}, enc)
+    code, out, err = run_explain(capsys, ["--data", str(corpus)], state, tmp_path,
+                                 "--batches", "2")
+    assert code == 0, err
+    assert out.startswith("batch 0\n  row   0  ") and "\nbatch 1\n" in out
+    assert f"data:{rows[0][0]['file']}#{rows[0][0]['row_group']}:{rows[0][0]['row']}" in out
+
+
+def test_bad_input_names_the_fix(start_daemon, corpus, holey, capsys, tmp_path):
+    b, t = 2, 32
+    daemon = start_daemon()
+    job = [states_at(daemon, b, t, [2], rank=r, world_size=2)[0] for r in range(2)]
+    data = ["--data", str(corpus)]
+
+    def error(state: Any, *extra: str, data: list[str] = data) -> str:
+        code, _, err = run_explain(capsys, data, state, tmp_path, "--batches", "1", *extra)
+        assert code == 2 and err.count("\n") == 1, err  # one line, no traceback
+        return err
+
+    assert "--rank 2 is out of range: the job state holds ranks 0..1" in error(job, "--rank",
+                                                                                 "2")
+    assert "pass --rank R (0..1)" in error(job)
+    assert "drop --rank" in error(job[0], "--rank", "1")
+    err = error(job[0], data=["--data", str(holey)])
+    assert "differs from this daemon's source data" in err and "pass the --data" in err
+    err = error(job[0], "--bos", "<|fim_prefix|>")
+    assert "saved with tokenizer identity" in err and "pass the --tokenizer" in err
+    (tmp_path / "bad.json").write_text("{not json")
+    code = main(["explain", *data, "--state", str(tmp_path / "bad.json"), "--batches", "1"])
+    assert code == 2 and "is not JSON" in capsys.readouterr().err
+    code, _, err = run_explain(capsys, data, job[0], tmp_path)  # neither --batches nor --skip
+    assert code == 2 and "pass --batches N" in err
