@@ -20,7 +20,12 @@ are named by their row in the file (the worker's `doc_seed` permutation, read ba
 
 Only the row groups the packer asks for are read: from the position's first needed
 unit on (best fit: the units holding its buffered pieces, and the read position's;
-units in between are read past untokenized, as by the daemon).
+units in between are read past untokenized, as by the daemon). Of a best-fit resume's
+units before its read position, only the documents of buffered pieces can ever be
+packed (bestfit.py, Resume): the others are tokenized as empty documents (a BOS alone,
+an address no window may hold), so a state whose buffer spans 8 row groups tokenizes
+about one buffer of documents, not 8 row groups (one source, no elastic layout; else
+every document). Documents are tokenized on every core (tiktoken releases the GIL).
 
 Failure behaviour: a state of other data or another tokenizer, a rank outside a job
 state, a malformed state: StateMismatchError naming the fix; a position the data
@@ -30,7 +35,11 @@ cannot hold raises the packer's StateMismatchError.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import sys
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -38,20 +47,25 @@ from typing import Any
 import numpy as np
 
 from tokenfeed.common.config import MAX_SKIP_BATCHES, StreamSpec
-from tokenfeed.common.errors import ConfigError, StateMismatchError
+from tokenfeed.common.errors import ConfigError, StateMismatchError, TokenizerError
 from tokenfeed.producer.admission import Admission
-from tokenfeed.producer.backends import make_encoder
+from tokenfeed.producer.backends import check_parity, make_encoder
+from tokenfeed.producer.config import PARITY_SAMPLE_BYTES
 from tokenfeed.producer.dataset import Dataset, combined_fingerprint
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Result, Task
-from tokenfeed.producer.position import Position, cursor_json
+from tokenfeed.producer.position import BestFitPosition, Position, cursor_json
 from tokenfeed.producer.supply import make_supply
 from tokenfeed.producer.tokenizer import Tokenizer
 from tokenfeed.producer.worker import RowGroupReader, tokenize_documents
 
+log = logging.getLogger(__name__)
+
 STATE_VERSION = 1  # consumer/state.py's: the feed state format explain reads and writes
 OFFSET_BITS = 32  # a document's token index in an address; its id above
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
+UNREAD = (1 << 31) - 1  # the document id of a document tokenized empty: never packed
+MIN_DOCS_PER_THREAD = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +139,14 @@ def _spec(state: Any) -> dict[str, Any]:
 
 
 def explain(datasets: Mapping[str, Dataset], tokenizer: Tokenizer, state: dict[str, Any],
-            *, batches: int, skip: int = 0,
-            weights: Mapping[str, float] | None = None) -> Explanation:
+            *, batches: int, skip: int = 0, weights: Mapping[str, float] | None = None,
+            backend: str = "auto") -> Explanation:
     """The `batches` batches a feed resumed from `state` (one rank's) returns first,
     after `skip` more (with the state's own pending skip), as rows of segments; and the
     state after them. `datasets`: the sources by name (one: "data"); `weights`: a
-    mixture's default, for a state saved before its first batch."""
+    mixture's default, for a state saved before its first batch; `backend`: the
+    tokenizer backend (backends.py; a faster one only once it equals tiktoken on the
+    first documents read, else tiktoken)."""
     if not isinstance(batches, int) or not isinstance(skip, int) or batches < 0 or not (
             0 <= skip < MAX_SKIP_BATCHES):
         raise ConfigError(f"--batches {batches} and --skip {skip} must be counts (skip below "
@@ -140,10 +156,14 @@ def explain(datasets: Mapping[str, Dataset], tokenizer: Tokenizer, state: dict[s
     if not isinstance(pending, int) or isinstance(pending, bool) or pending < 0:
         raise StateMismatchError(f"the state's skip_batches {pending!r} is not a count; pass "
                                  "the state unchanged")
-    replay = Replay(spec, Admission(dict(datasets), tokenizer, {}), position, tokenizer)
-    for _ in range(pending + skip):
-        replay.next_window()
-    out = [replay.rows(replay.next_window()) for _ in range(batches)]
+    replay = Replay(spec, Admission(dict(datasets), tokenizer, {}), position, tokenizer,
+                    backend)
+    try:
+        for _ in range(pending + skip):
+            replay.next_window()
+        out = [replay.rows(replay.next_window()) for _ in range(batches)]
+    finally:
+        replay.close()
     after = {"version": STATE_VERSION, "spec": spec.to_dict(), "cursor": replay.cursor(),
              "fingerprint": state.get("fingerprint") or combined_fingerprint(dict(datasets)),
              "tokenizer": tokenizer.identity}
@@ -184,18 +204,35 @@ class Replay:
     """A stream's supply and packer, run in this process over units of token addresses."""
 
     def __init__(self, spec: StreamSpec, admission: Admission, start: Position,
-                 tokenizer: Tokenizer) -> None:
+                 tokenizer: Tokenizer, backend: str = "tiktoken") -> None:
         self.spec = spec
         sources = admission.sources(start, spec.split)
         self.names = [s.name for s in sources]
         self.supply = make_supply(0, spec, sources, start, {"itemsize": 8})
         self.packer = make_packer(spec, start.packed)
-        self.encode = make_encoder(tokenizer, "tiktoken").encode_batch  # tiktoken: the ids
+        self.tokenizer = tokenizer
+        self.encoder = make_encoder(tokenizer, backend)
+        self.checked = self.encoder.backend == "tiktoken"  # tiktoken defines the ids
         self.bos_id = tokenizer.bos_id
         self.reader = RowGroupReader()
         self.docs: list[tuple[str, str, int, int]] = []  # document id -> (source, file, rg, row)
         self.documents: dict[tuple[str, str, int, int], np.ndarray] = {}
         self.window = np.empty(spec.window_tokens, dtype=np.int64)
+        self.cores = os.cpu_count() or 1
+        self.threads = ThreadPoolExecutor(self.cores, "explain")
+        # best fit, one source, plain layout: per unit before the read position, the
+        # documents its buffered pieces name (the only ones of those units ever packed)
+        packed = start.packed
+        self.pieces: dict[int, set[int]] | None = None
+        if isinstance(packed, BestFitPosition) and start.mix is None and start.elastic is None:
+            self.pieces = {}
+            for piece in packed.pieces:
+                self.pieces.setdefault(piece.unit, set()).add(piece.doc)
+        self.read_at = (packed.unit, getattr(packed, "doc", 0))
+        self.unit_docs: dict[int, int] = {}  # documents in a unit's parts tokenized so far
+
+    def close(self) -> None:
+        self.threads.shutdown()
 
     def next_window(self) -> np.ndarray:
         """The next window, as addresses (stream.py's pack: take, push, fill, forget)."""
@@ -226,7 +263,10 @@ class Replay:
     def _tokenize(self, source: str, task: Task) -> Result:
         values = self.reader.values(task.path, task.row_group, task.column, task.rows,
                                     task.doc_seed, task.stamp)
-        tokens, row_tokens = tokenize_documents(values, self.encode, self.bos_id)
+        unread = self._unread(task.unit, values)
+        if unread is not None:
+            values = ["" if skip else v for v, skip in zip(values, unread, strict=True)]
+        tokens, row_tokens = tokenize_documents(values, self._encode, self.bos_id)
         lo, hi = task.rows
         order = self.reader.order if task.doc_seed is not None else None
         rows = order[lo:hi] if order is not None else np.arange(lo, hi)
@@ -234,15 +274,59 @@ class Replay:
         starts = np.cumsum(row_tokens) - row_tokens
         lengths = row_tokens[kept]
         file = task.path.rsplit("/", 1)[-1]
-        first = len(self.docs)
-        for row, s, n in zip(rows[kept].tolist(), starts[kept].tolist(), lengths.tolist(),
-                             strict=True):
+        ids_of = []
+        empty = np.zeros(len(values), dtype=bool) if unread is None else np.array(unread)
+        for row, s, n, skip in zip(rows[kept].tolist(), starts[kept].tolist(),
+                                   lengths.tolist(), empty[kept].tolist(), strict=True):
+            if skip:
+                ids_of.append(UNREAD)
+                continue
             key = (source, file, task.row_group, row)
+            ids_of.append(len(self.docs))
             self.docs.append(key)
             self.documents[key] = tokens[s:s + n]
-        ids = np.repeat(np.arange(first, len(self.docs), dtype=np.int64), lengths)
+        ids = np.repeat(np.array(ids_of, dtype=np.int64), lengths)
         offsets = np.arange(len(tokens), dtype=np.int64) - np.repeat(starts[kept], lengths)
         return Result.of_rows(task, (ids << OFFSET_BITS) | offsets, row_tokens)
+
+    def _unread(self, unit: int, values: list[Any]) -> list[bool] | None:
+        """Which of a task's values to tokenize empty: documents of a unit before a best-fit
+        read position that no buffered piece names (None: tokenize every one)."""
+        read_unit, read_doc = self.read_at
+        if self.pieces is None or unit > read_unit:
+            return None
+        named = self.pieces.get(unit, set())
+        first = read_doc if unit == read_unit else sys.maxsize  # from there on: all read
+        doc = self.unit_docs.get(unit, 0)  # the worker's document index: non-null values
+        out = []
+        for v in values:
+            out.append(isinstance(v, str) and doc not in named and doc < first)
+            doc += isinstance(v, str)
+        self.unit_docs[unit] = doc
+        return out
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The encoder's batch, split over the cores."""
+        if not self.checked:  # a faster backend: on these documents it must be tiktoken
+            sample, size = [], 0
+            for text in texts:
+                if size > PARITY_SAMPLE_BYTES:
+                    break
+                sample.append(text)
+                size += len(text)
+            try:
+                check_parity(self.tokenizer, self.encoder, sample)
+            except TokenizerError as e:
+                log.warning("explain falls back to tokenizer backend tiktoken: %s", e)
+                self.encoder = make_encoder(self.tokenizer, "tiktoken")
+            self.checked = True
+        encode = self.encoder.encode_batch
+        k = min(self.cores, len(texts) // MIN_DOCS_PER_THREAD)
+        if k <= 1:
+            return encode(texts)
+        chunks = [texts[i * len(texts) // k:(i + 1) * len(texts) // k] for i in range(k)]
+        parts = list(self.threads.map(encode, chunks))
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
     def rows(self, window: np.ndarray) -> list[Row]:
         """A window of addresses as its B rows of segments."""
@@ -258,6 +342,8 @@ class Replay:
         cuts = np.flatnonzero((doc[1:] != doc[:-1]) | (offset[1:] != offset[:-1] + 1)) + 1
         out = []
         for a, b in pairwise([0, *cuts.tolist(), len(row)]):
+            if doc[a] == UNREAD:
+                raise RuntimeError("explain packed a document it did not tokenize")
             source, file, row_group, r = self.docs[int(doc[a])]
             out.append(Segment(source, file, row_group, r, int(offset[a]),
                                int(offset[b - 1]) + 1))

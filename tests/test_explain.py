@@ -154,7 +154,8 @@ def test_elastic_resume_4_to_3_is_explained_exactly(start_daemon, corpus, encodi
     data, roots = ["--data", str(corpus)], {"data": corpus}
     job = [states_at(daemon, b, t, [5], rank=r, world_size=4, **kw)[0] for r in range(4)]
     # the gathered file of the 4-rank job, one rank of it picked with --rank
-    lines = explained(capsys, data, job, tmp_path, "--rank", "2")
+    lines = explained(capsys, data, job, tmp_path, "--rank", "2", "--tokenizer-backend",
+                      "tiktoken")
     assert_explains(lines, resumed(daemon, b, t, job, rank=2, world_size=4, **kw), roots,
                     encoding, "rank 2 of the gathered 4-rank state")
     for r in range(3):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenfeed.common.errors import ConfigError, StateMismatchError
 from tokenfeed.producer.config import (
@@ -28,12 +28,15 @@ from tokenfeed.producer.config import (
     DEFAULT_TOKENIZER,
     DEFAULT_VAL_FILES,
     ONE_SOURCE,
+    TOKENIZER_BACKENDS,
     SourceConfig,
     data_path,
     load_mix_file,
     parse_source,
 )
-from tokenfeed.producer.dataset import Dataset
+
+if TYPE_CHECKING:  # pyarrow: imported when explain runs, not with every command's parser
+    from tokenfeed.producer.dataset import Dataset
 
 TABLE_SEGMENTS = 4  # segments the table shows of a row; the rest are counted
 
@@ -53,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                    help="the tokenizer the state was saved with (default %(default)s)")
     p.add_argument("--bos", help="BOS special token, as for serve")
+    p.add_argument("--tokenizer-backend", default="auto", choices=TOKENIZER_BACKENDS,
+                   help="auto: quicktok where installed and equal to tiktoken on the first "
+                   "documents read, else tiktoken (the ids are tiktoken's either way)")
     p.add_argument("--text-column", default=DEFAULT_TEXT_COLUMN,
                    help="Parquet column holding the text (default %(default)s)")
     p.add_argument("--val-files", type=int, default=DEFAULT_VAL_FILES,
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     datasets, weights = _datasets(args)
     tokenizer = load_tokenizer(args.tokenizer, args.bos)
     got = explain(datasets, tokenizer, state, batches=args.batches or 0, skip=args.skip,
-                  weights=weights)
+                  weights=weights, backend=args.tokenizer_backend)
     if args.batches is None:
         print(json.dumps(got.state))
         return 0
