@@ -67,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="a feed state: state_dict()'s JSON, or gather_states()'s (with --rank)")
     p.add_argument("--rank", type=int, help="the rank to explain, in a gathered job state")
     p.add_argument("--batches", type=int, help="how many batches to explain")
-    p.add_argument("--skip", type=int, default=0, metavar="N",
+    p.add_argument("--skip", type=int, metavar="N",
                    help="start N batches after the state; without --batches, print the state "
                    "there (JSON) to restart a job from")
     p.add_argument("--json", action="store_true",
@@ -110,20 +110,21 @@ def run(args: argparse.Namespace) -> int:
     from tokenfeed.producer.provenance import explain, select_state
     from tokenfeed.producer.tokenizer import load_tokenizer
 
-    if args.batches is None and not args.skip:
+    skip = args.skip or 0
+    if args.batches is None and not skip:
         raise ConfigError("pass --batches N (the batches to explain) or --skip N (the state "
                           "N batches on)")
     state = select_state(_load_state(args.state), args.rank)
     datasets, weights = _datasets(args)
     tokenizer = load_tokenizer(args.tokenizer, args.bos)
-    got = explain(datasets, tokenizer, state, batches=args.batches or 0, skip=args.skip,
+    got = explain(datasets, tokenizer, state, batches=args.batches or 0, skip=skip,
                   weights=weights, backend=args.tokenizer_backend)
     if args.batches is None:
         print(json.dumps(got.state))
         return 0
     decode = tokenizer.encoding.decode
     for i, rows in enumerate(got.batches):
-        k = args.skip + i
+        k = skip + i
         if args.json:
             print(json.dumps({"batch": k, "rows": [
                 [{**s.to_json(), **({"text": decode(got.tokens(s).tolist())}
