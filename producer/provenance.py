@@ -161,7 +161,9 @@ def explain(datasets: Mapping[str, Dataset], tokenizer: Tokenizer, state: dict[s
     try:
         for _ in range(pending + skip):
             replay.next_window()
+        replay.keep = True  # tokens of documents read from here on: the batches need most
         out = [replay.rows(replay.next_window()) for _ in range(batches)]
+        replay.fetch({s.document for rows in out for row in rows for s in row})
     finally:
         replay.close()
     after = {"version": STATE_VERSION, "spec": spec.to_dict(), "cursor": replay.cursor(),
@@ -217,6 +219,8 @@ class Replay:
         self.reader = RowGroupReader()
         self.docs: list[tuple[str, str, int, int]] = []  # document id -> (source, file, rg, row)
         self.documents: dict[tuple[str, str, int, int], np.ndarray] = {}
+        self.keep = False  # keep documents' tokens (skipping: only their addresses)
+        self.paths: dict[tuple[str, str], tuple[str, str]] = {}  # (source, file) -> path, column
         self.window = np.empty(spec.window_tokens, dtype=np.int64)
         self.cores = os.cpu_count() or 1
         self.threads = ThreadPoolExecutor(self.cores, "explain")
@@ -274,6 +278,7 @@ class Replay:
         starts = np.cumsum(row_tokens) - row_tokens
         lengths = row_tokens[kept]
         file = task.path.rsplit("/", 1)[-1]
+        self.paths[(source, file)] = (task.path, task.column)
         ids_of = []
         empty = np.zeros(len(values), dtype=bool) if unread is None else np.array(unread)
         for row, s, n, skip in zip(rows[kept].tolist(), starts[kept].tolist(),
@@ -284,10 +289,19 @@ class Replay:
             key = (source, file, task.row_group, row)
             ids_of.append(len(self.docs))
             self.docs.append(key)
-            self.documents[key] = tokens[s:s + n]
+            if self.keep:
+                self.documents[key] = tokens[s:s + n]
         ids = np.repeat(np.array(ids_of, dtype=np.int64), lengths)
         offsets = np.arange(len(tokens), dtype=np.int64) - np.repeat(starts[kept], lengths)
         return Result.of_rows(task, (ids << OFFSET_BITS) | offsets, row_tokens)
+
+    def fetch(self, documents: set[tuple[str, str, int, int]]) -> None:
+        """Tokens of `documents` not kept (read while skipping), read and tokenized again."""
+        for key in sorted(documents - self.documents.keys()):  # row groups in order: one read
+            source, file, row_group, row = key
+            path, column = self.paths[(source, file)]
+            [text] = self.reader.values(path, row_group, column, (row, row + 1), None)
+            self.documents[key] = tokenize_documents([text], self._encode, self.bos_id)[0]
 
     def _unread(self, unit: int, values: list[Any]) -> list[bool] | None:
         """Which of a task's values to tokenize empty: documents of a unit before a best-fit
