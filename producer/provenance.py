@@ -102,10 +102,15 @@ class Explanation:
         return self.documents[segment.document][segment.start:segment.end]
 
 
-def select_state(state: Any, rank: int | None) -> dict[str, Any]:
-    """One rank's feed state: `state` itself, or entry `rank` of a gathered job state."""
+def select_state(state: Any, rank: int | None, world_size: int | None = None
+                 ) -> dict[str, Any]:
+    """One rank's feed state: `state` itself, or entry `rank` of a gathered job state; with
+    a `world_size` other than the job's, rank `rank` of a job of `world_size` ranks resuming
+    that job state elastically (what `load_state_dict(job state)` sends on such a job)."""
     if isinstance(state, list):
         n = len(state)
+        if world_size is not None and world_size != n:
+            return _elastic_state(state, rank, world_size)
         if rank is None and n != 1:
             raise StateMismatchError(
                 f"the state holds every rank's state of a job of {n} ranks; pass --rank R "
@@ -130,7 +135,28 @@ def select_state(state: Any, rank: int | None) -> dict[str, Any]:
         raise StateMismatchError(
             f"--rank {rank}: the state is rank {saved}'s alone; drop --rank, or pass the "
             "gathered state of every rank (gather_states)")
+    if world_size is not None and world_size != _spec(state).get("world_size", 1):
+        raise StateMismatchError(
+            f"--world-size {world_size}: an elastic resume needs every rank's state; pass "
+            "the gathered state (gather_states)")
     return state
+
+
+def _elastic_state(job: list[Any], rank: int | None, world_size: int) -> dict[str, Any]:
+    """The state rank `rank` of `world_size` attaches with to resume `job` elastically."""
+    if rank is None or not 0 <= rank < world_size:
+        raise StateMismatchError(
+            f"--rank {rank} is out of range for --world-size {world_size}; pass --rank "
+            f"between 0 and {world_size - 1}")
+    entries = sorted(job, key=lambda s: _spec(s).get("rank", -1))
+    if [_spec(s).get("rank") for s in entries] != list(range(len(job))) or not all(
+            isinstance(s, dict) and isinstance(s.get("cursor"), dict) for s in entries):
+        raise StateMismatchError(
+            f"the job state does not hold ranks 0..{len(job) - 1} once each with a cursor; "
+            "pass the file gather_states() wrote, unchanged")
+    first = entries[0]
+    return {**first, "spec": {**first["spec"], "rank": rank, "world_size": world_size},
+            "cursor": {"elastic_from": [s["cursor"] for s in entries]}}
 
 
 def _spec(state: Any) -> dict[str, Any]:

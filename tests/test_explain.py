@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
@@ -287,3 +288,39 @@ def test_bad_input_names_the_fix(start_daemon, corpus, holey, capsys, tmp_path):
     assert code == 2 and "is not JSON" in capsys.readouterr().err
     code, _, err = run_explain(capsys, data, job[0], tmp_path)  # neither --batches nor --skip
     assert code == 2 and "pass --batches N" in err
+
+
+STATES = Path(__file__).parent / "fixtures" / "states"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in STATES.glob("*.json")))
+def test_states_saved_by_0_2_0_are_explained_without_a_daemon(name, encoding, capsys,
+                                                               tmp_path):
+    """The saved states of test_state_fixtures.py, with the batches a consumer resumed from
+    each received (recorded then): concat, best fit, shuffled, a second epoch, mixtures
+    with a pending and an applied reweight, elastic 2 -> 3 ranks and saved again."""
+    fixture = json.loads((STATES / f"{name}.json").read_text())
+    if fixture["daemon"] == "web":
+        roots, data = {"data": STATES / "data" / "web"}, ["--data", str(STATES / "data" / "web")]
+    else:
+        roots = {n: STATES / "data" / n for n in ("code", "web")}
+        data = [f for n, p in roots.items() for f in ("--source", f"{n}={p}")]
+    for case in fixture["cases"]:
+        where = f"{name} rank {case['rank']}/{case['world_size']}"
+        extra = ("--rank", str(case["rank"]), "--world-size", str(case["world_size"]))
+        n = len(case["batches"])
+        code, out, err = run_explain(capsys, data, case["state"], tmp_path, "--batches",
+                                     str(n), "--json", *extra)
+        assert code == 0, err
+        batches = [(np.array(x), np.array(y)) for x, y in case["batches"]]
+        assert_explains([json.loads(line) for line in out.splitlines()], batches, roots,
+                        encoding, where)
+        code, out, err = run_explain(capsys, data, case["state"], tmp_path, "--skip", str(n),
+                                     *extra)
+        assert code == 0, err
+        after = json.loads(out)
+        want = case["after"]
+        if "mix" in want["cursor"]:  # `mixed` counts units mixed ahead: not a position
+            want = {**want, "cursor": {**want["cursor"], "mix": {
+                **want["cursor"]["mix"], "mixed": after["cursor"]["mix"]["mixed"]}}}
+        assert after == want, where

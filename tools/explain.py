@@ -66,6 +66,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--state", required=True, metavar="STATE.json",
                    help="a feed state: state_dict()'s JSON, or gather_states()'s (with --rank)")
     p.add_argument("--rank", type=int, help="the rank to explain, in a gathered job state")
+    p.add_argument("--world-size", type=int, help="explain rank --rank of a job of this many "
+                   "ranks resuming the gathered state elastically (default: the job's own)")
     p.add_argument("--batches", type=int, help="how many batches to explain")
     p.add_argument("--skip", type=int, metavar="N",
                    help="start N batches after the state; without --batches, print the state "
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batches is None and not skip:
         raise ConfigError("pass --batches N (the batches to explain) or --skip N (the state "
                           "N batches on)")
-    state = select_state(_load_state(args.state), args.rank)
+    state = select_state(_load_state(args.state), args.rank, args.world_size)
     datasets, weights = _datasets(args)
     tokenizer = load_tokenizer(args.tokenizer, args.bos)
     got = explain(datasets, tokenizer, state, batches=args.batches or 0, skip=skip,
