@@ -279,6 +279,8 @@ def test_bad_input_names_the_fix(start_daemon, corpus, holey, capsys, tmp_path):
                                                                                  "2")
     assert "pass --rank R (0..1)" in error(job)
     assert "drop --rank" in error(job[0], "--rank", "1")
+    assert "pass --rank between 0 and 2" in error(job, "--rank", "3", "--world-size", "3")
+    assert "needs every rank's state" in error(job[0], "--world-size", "3")
     err = error(job[0], data=["--data", str(holey)])
     assert "differs from this daemon's source data" in err and "pass the --data" in err
     err = error(job[0], "--bos", "<|fim_prefix|>")
