@@ -17,7 +17,8 @@ The wall-clock includes the interpreter's start, the imports, reading every foot
 loading the tokenizer; "CPU s" is the process's user + system time (the machine may be
 shared). "row groups read" counts the row groups explain read (of a best-fit resume's
 older units, only its buffered documents are tokenized), "in the batches" those the 5
-batches hold tokens of.
+batches hold tokens of. Last, `explain --skip 1000` from the start of the epoch: the
+state 1,000 batches on, which tokenizes every one of their tokens.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def fineweb_shaped(copies: int) -> Path:
     return out
 
 
-def timed(data: Path, state: dict[str, Any], batches: int, scratch: Path
+def timed(data: Path, state: dict[str, Any], batches: int, scratch: Path, *flags: str
           ) -> tuple[float, float, str]:
     """(wall-clock s, CPU s, stdout) of the command in a fresh process."""
     path = scratch / "state.json"
@@ -71,7 +72,8 @@ def timed(data: Path, state: dict[str, Any], batches: int, scratch: Path
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "tokenfeed.producer", "explain", "--data", str(data),
-         "--tokenizer", ENCODING, "--state", str(path), "--batches", str(batches), "--json"],
+         "--tokenizer", ENCODING, "--state", str(path),
+         *(flags or ("--batches", str(batches), "--json"))],
         capture_output=True, text=True, check=True)
     wall_s = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path)
     p.add_argument("--copies", type=int, default=8)
     p.add_argument("--batches", type=int, default=5)
+    p.add_argument("--skip", type=int, default=1000,
+                   help="also time `explain --skip N` from the start (the state N batches on)")
     args = p.parse_args(argv)
     data = args.data or fineweb_shaped(args.copies)
     b, t = 32, 2048
@@ -119,12 +123,17 @@ def main(argv: list[str] | None = None) -> int:
                 cursor = state["cursor"] or {"unit": 0}
                 rows.append((packing, where, cursor["unit"], f"{seconds:.2f}", f"{cpu_s:.2f}",
                              len(read), len(groups)))
+        fresh = {**base, "spec": {"batch_size": b, "seq_len": t}, "cursor": None}
+        skip_s, skip_cpu_s, out = timed(data, fresh, 0, Path(scratch), "--skip", str(args.skip))
+        assert json.loads(out)["cursor"]["unit"] > 0
     print(f"explain --batches {args.batches}, B={b} T={t}, a fresh process each; load "
           f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end:")
     print(f"{'packing':8} {'state':7} {'unit':>5} {'seconds':>8} {'CPU s':>6} "
           f"{'row groups read':>16} {'in the batches':>15}")
     for packing, where, unit, seconds, cpu, read_n, used in rows:
         print(f"{packing:8} {where:7} {unit:>5} {seconds:>8} {cpu:>6} {read_n:>16} {used:>15}")
+    print(f"explain --skip {args.skip} from the start (concat, {args.skip * b * t / 1e6:.1f} M "
+          f"tokens tokenized to print the state there): {skip_s:.2f} s, {skip_cpu_s:.2f} s CPU")
     return 0
 
 
