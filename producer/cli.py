@@ -1,5 +1,5 @@
 """The `tokenfeed` command: serve, stop, status, scale, mix, clean, cache, and the offline
-tools' demo, download, train-tokenizer and import-tokenizer (`tokenfeed.tools`).
+tools' demo, download, train-tokenizer, import-tokenizer and explain (`tokenfeed.tools`).
 
 serve's flags take their defaults from `DaemonConfig` (config.py), where they are written
 once. User mistakes (`UserInputError`) print one line on stderr and exit with code 2;
@@ -39,7 +39,7 @@ from tokenfeed.producer.config import (
     parse_weights,
 )
 from tokenfeed.producer.logs import LOG_FORMATS, LOG_LEVELS
-from tokenfeed.tools import commands
+from tokenfeed.tools import commands, explain
 
 DETACHED_LOG_NAME = "daemon.log"  # in the run dir: the log of `serve --detach`
 # Start-up reads every file's Parquet footer and loads the tokenizer: seconds on a
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=1024)
     commands.add_commands(sub)
+    explain.add_parser(sub)
     return parser
 
 
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             from tokenfeed.tools.demo import run_demo
 
             return run_demo(args)
+        elif args.command == "explain":
+            return explain.run(args)
         elif args.command in commands.COMMANDS:
             return commands.run(args)
     except UserInputError as e:

@@ -1,0 +1,390 @@
+"""Provenance: which documents a stream's next batches are made of, from a saved state.
+
+`explain` answers offline, without a daemon: from a feed state (what `state_dict()`
+returned, or one rank's entry of a gathered job state) it builds the stream's start as
+an attach does (admission.py: fingerprints, position, elastic layouts, mixtures), its
+supply (supply.py: the SourceReader's epoch and row orders, the Mixer) and its packer
+(packer.py, bestfit.py), and runs them in this process over the units they ask for,
+tokenized here with the workers' own code (worker.py). No packing rule is written
+twice: before a unit reaches the supply, each of its tokens is replaced by its ADDRESS,
+
+    address = document id << 32 | index of the token in the document's [BOS] + tokens
+
+and readers, elastic layouts, the mixer and both packers move tokens without reading
+them, so the windows they cut are windows of addresses. A row's addresses fall into
+runs of consecutive tokens of one document: its segments, each naming the document's
+(source, file, row group, row of the Parquet row group) and a token range of it. A
+best-fit tail is two segments: its BOS (0:1), then the rest of the document. Rows of
+null text, which the workers skip, are never documents; a shuffled row group's rows
+are named by their row in the file (the worker's `doc_seed` permutation, read back).
+
+Only the row groups the packer asks for are read: from the position's first needed
+unit on (best fit: the units holding its buffered pieces, and the read position's;
+units in between are read past untokenized, as by the daemon). Of a best-fit resume's
+units before its read position, only the documents of buffered pieces can ever be
+packed (bestfit.py, Resume): the others are tokenized as empty documents (a BOS alone,
+an address no window may hold), so a state whose buffer spans 8 row groups tokenizes
+about one buffer of documents, not 8 row groups (one source, no elastic layout; else
+every document). Documents are tokenized on every core (tiktoken releases the GIL).
+
+Failure behaviour: a state of other data or another tokenizer, a rank outside a job
+state, a malformed state: StateMismatchError naming the fix; a position the data
+cannot hold raises the packer's StateMismatchError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+
+from tokenfeed.common.config import MAX_SKIP_BATCHES, StreamSpec
+from tokenfeed.common.errors import ConfigError, StateMismatchError, TokenizerError
+from tokenfeed.producer.admission import Admission
+from tokenfeed.producer.backends import check_parity, make_encoder
+from tokenfeed.producer.config import PARITY_SAMPLE_BYTES
+from tokenfeed.producer.dataset import Dataset, combined_fingerprint
+from tokenfeed.producer.packer import make_packer
+from tokenfeed.producer.pool import Result, Task
+from tokenfeed.producer.position import BestFitPosition, Position, cursor_json
+from tokenfeed.producer.supply import make_supply
+from tokenfeed.producer.tokenizer import Tokenizer
+from tokenfeed.producer.worker import RowGroupReader, tokenize_documents
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1  # consumer/state.py's: the feed state format explain reads and writes
+OFFSET_BITS = 32  # a document's token index in an address; its id above
+OFFSET_MASK = (1 << OFFSET_BITS) - 1
+UNREAD = (1 << 31) - 1  # the document id of a document tokenized empty: never packed
+MIN_DOCS_PER_THREAD = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Tokens `start:end` of a document's [BOS] + encode_ordinary(text)."""
+
+    source: str
+    file: str  # the shard's file name in its source's folder
+    row_group: int
+    row: int  # in the row group, as the file stores it (nulls counted)
+    start: int
+    end: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def document(self) -> tuple[str, str, int, int]:
+        return (self.source, self.file, self.row_group, self.row)
+
+
+Row = list[Segment]  # the T+1 tokens inputs[r] + targets[r][-1]
+
+
+@dataclass
+class Explanation:
+    """Batches as rows of segments, and the feed state right after the last of them."""
+
+    batches: list[list[Row]]
+    state: dict[str, Any]
+    documents: dict[tuple[str, str, int, int], np.ndarray]  # [BOS] + tokens, of each
+
+    def tokens(self, segment: Segment) -> np.ndarray:
+        return self.documents[segment.document][segment.start:segment.end]
+
+
+def select_state(state: Any, rank: int | None, world_size: int | None = None
+                 ) -> dict[str, Any]:
+    """One rank's feed state: `state` itself, or entry `rank` of a gathered job state; with
+    a `world_size` other than the job's, rank `rank` of a job of `world_size` ranks resuming
+    that job state elastically (what `load_state_dict(job state)` sends on such a job)."""
+    if isinstance(state, list):
+        n = len(state)
+        if world_size is not None and world_size != n:
+            return _elastic_state(state, rank, world_size)
+        if rank is None and n != 1:
+            raise StateMismatchError(
+                f"the state holds every rank's state of a job of {n} ranks; pass --rank R "
+                f"(0..{n - 1}) to say whose batches to explain")
+        rank = 0 if rank is None else rank
+        if not 0 <= rank < n:
+            raise StateMismatchError(
+                f"--rank {rank} is out of range: the job state holds ranks 0..{n - 1}; pass "
+                f"--rank between 0 and {n - 1}")
+        found = [s for s in state if _spec(s).get("rank") == rank]
+        if len(found) != 1:
+            raise StateMismatchError(
+                f"the job state holds {len(found)} entries of rank {rank}; pass the file "
+                "gather_states() wrote, unchanged")
+        return found[0]
+    if not isinstance(state, dict):
+        raise StateMismatchError(
+            f"the state is a {type(state).__name__}, not a feed state; pass the JSON of "
+            "feed.state_dict() or of gather_states(feed)")
+    saved = _spec(state).get("rank", 0)
+    if rank is not None and rank != saved:
+        raise StateMismatchError(
+            f"--rank {rank}: the state is rank {saved}'s alone; drop --rank, or pass the "
+            "gathered state of every rank (gather_states)")
+    if world_size is not None and world_size != _spec(state).get("world_size", 1):
+        raise StateMismatchError(
+            f"--world-size {world_size}: an elastic resume needs every rank's state; pass "
+            "the gathered state (gather_states)")
+    return state
+
+
+def _elastic_state(job: list[Any], rank: int | None, world_size: int) -> dict[str, Any]:
+    """The state rank `rank` of `world_size` attaches with to resume `job` elastically."""
+    if rank is None or not 0 <= rank < world_size:
+        raise StateMismatchError(
+            f"--rank {rank} is out of range for --world-size {world_size}; pass --rank "
+            f"between 0 and {world_size - 1}")
+    entries = sorted(job, key=lambda s: _spec(s).get("rank", -1))
+    if [_spec(s).get("rank") for s in entries] != list(range(len(job))) or not all(
+            isinstance(s, dict) and isinstance(s.get("cursor"), dict) for s in entries):
+        raise StateMismatchError(
+            f"the job state does not hold ranks 0..{len(job) - 1} once each with a cursor; "
+            "pass the file gather_states() wrote, unchanged")
+    first = entries[0]
+    return {**first, "spec": {**first["spec"], "rank": rank, "world_size": world_size},
+            "cursor": {"elastic_from": [s["cursor"] for s in entries]}}
+
+
+def _spec(state: Any) -> dict[str, Any]:
+    spec = state.get("spec") if isinstance(state, dict) else None
+    return spec if isinstance(spec, dict) else {}
+
+
+def explain(datasets: Mapping[str, Dataset], tokenizer: Tokenizer, state: dict[str, Any],
+            *, batches: int, skip: int = 0, weights: Mapping[str, float] | None = None,
+            backend: str = "auto") -> Explanation:
+    """The `batches` batches a feed resumed from `state` (one rank's) returns first,
+    after `skip` more (with the state's own pending skip), as rows of segments; and the
+    state after them. `datasets`: the sources by name (one: "data"); `weights`: a
+    mixture's default, for a state saved before its first batch; `backend`: the
+    tokenizer backend (backends.py; a faster one only once it equals tiktoken on the
+    first documents read, else tiktoken)."""
+    if not isinstance(batches, int) or not isinstance(skip, int) or batches < 0 or not (
+            0 <= skip < MAX_SKIP_BATCHES):
+        raise ConfigError(f"--batches {batches} and --skip {skip} must be counts (skip below "
+                          f"{MAX_SKIP_BATCHES})")
+    spec, position = _start(datasets, tokenizer, state, weights)
+    pending = state.get("skip_batches", 0)
+    if not isinstance(pending, int) or isinstance(pending, bool) or pending < 0:
+        raise StateMismatchError(f"the state's skip_batches {pending!r} is not a count; pass "
+                                 "the state unchanged")
+    replay = Replay(spec, Admission(dict(datasets), tokenizer, {}), position, tokenizer,
+                    backend)
+    try:
+        for _ in range(pending + skip):
+            replay.next_window()
+        replay.keep = True  # tokens of documents read from here on: the batches need most
+        out = [replay.rows(replay.next_window()) for _ in range(batches)]
+        replay.fetch({s.document for rows in out for row in rows for s in row})
+    finally:
+        replay.close()
+    after = {"version": STATE_VERSION, "spec": spec.to_dict(), "cursor": replay.cursor(),
+             "fingerprint": state.get("fingerprint") or combined_fingerprint(dict(datasets)),
+             "tokenizer": tokenizer.identity}
+    return Explanation(out, after, replay.documents)
+
+
+def _start(datasets: Mapping[str, Dataset], tokenizer: Tokenizer, state: dict[str, Any],
+           weights: Mapping[str, float] | None) -> tuple[StreamSpec, Position]:
+    """The stream and position a feed resumed from `state` attaches with, checked as the
+    daemon checks them (admission.py)."""
+    if state.get("version") != STATE_VERSION or "cursor" not in state:
+        raise StateMismatchError(
+            f"{str(state)[:80]} is not a feed state of version {STATE_VERSION} (with 'spec' "
+            "and 'cursor'); pass the JSON of feed.state_dict() unchanged")
+    try:
+        spec = StreamSpec.from_dict(state["spec"])
+    except (KeyError, ConfigError) as e:
+        raise StateMismatchError(f"the state has no valid stream spec ({e})") from None
+    saved = state.get("tokenizer")
+    if saved and saved != tokenizer.identity:
+        raise StateMismatchError(
+            f"the state was saved with tokenizer identity {saved}, and --tokenizer "
+            f"{tokenizer.name} is {tokenizer.identity}; pass the --tokenizer (and --bos) the "
+            "state was saved with")
+    admission = Admission(dict(datasets), tokenizer, {})
+    try:
+        admission.check_expectations({"fingerprint": state.get("fingerprint")})
+        names = sorted(datasets)
+        default = dict(weights) if weights else {n: 1 / len(names) for n in names}
+        position = admission.start(spec, {"start": state["cursor"]}, default)
+    except StateMismatchError as e:
+        raise StateMismatchError(f"{e} (for explain: pass the --data or --mix the state was "
+                                 "saved on)") from None
+    return spec, position
+
+
+class Replay:
+    """A stream's supply and packer, run in this process over units of token addresses."""
+
+    def __init__(self, spec: StreamSpec, admission: Admission, start: Position,
+                 tokenizer: Tokenizer, backend: str = "tiktoken") -> None:
+        self.spec = spec
+        sources = admission.sources(start, spec.split)
+        self.names = [s.name for s in sources]
+        self.supply = make_supply(0, spec, sources, start, {"itemsize": 8})
+        self.packer = make_packer(spec, start.packed)
+        self.tokenizer = tokenizer
+        self.encoder = make_encoder(tokenizer, backend)
+        self.checked = self.encoder.backend == "tiktoken"  # tiktoken defines the ids
+        self.bos_id = tokenizer.bos_id
+        self.reader = RowGroupReader()
+        self.docs: list[tuple[str, str, int, int]] = []  # document id -> (source, file, rg, row)
+        self.documents: dict[tuple[str, str, int, int], np.ndarray] = {}
+        self.keep = False  # keep documents' tokens (skipping: only their addresses)
+        self.paths: dict[tuple[str, str], tuple[str, str]] = {}  # (source, file) -> path, column
+        self.window = np.empty(spec.window_tokens, dtype=np.int64)
+        self.cores = os.cpu_count() or 1
+        self.threads = ThreadPoolExecutor(self.cores, "explain")
+        # best fit, one source, plain layout: per unit before the read position, the
+        # documents its buffered pieces name (the only ones of those units ever packed)
+        packed = start.packed
+        self.pieces: dict[int, set[int]] | None = None
+        if isinstance(packed, BestFitPosition) and start.mix is None and start.elastic is None:
+            self.pieces = {}
+            for piece in packed.pieces:
+                self.pieces.setdefault(piece.unit, set()).add(piece.doc)
+        self.read_at = (packed.unit, getattr(packed, "doc", 0))
+        self.unit_docs: dict[int, int] = {}  # documents in a unit's parts tokenized so far
+
+    def close(self) -> None:
+        self.threads.shutdown()
+
+    def next_window(self) -> np.ndarray:
+        """The next window, as addresses (stream.py's pack: take, push, fill, forget)."""
+        packer, supply = self.packer, self.supply
+        while not packer.ready():
+            unit = supply.take(packer.next_unit)
+            if unit is None:
+                self._read(supply.blocked(packer.next_unit, True))
+                continue
+            packer.push(packer.next_unit, unit.tokens, unit.doc_starts)
+        packer.fill(self.window)
+        supply.forget_before(packer.position.first_unit)
+        return self.window
+
+    def cursor(self) -> dict[str, Any]:
+        """The cursor of the next window, as consumers get it."""
+        position = self.supply.position(self.packer.position)
+        return cursor_json(position, self.supply.plans, self.spec)
+
+    def _read(self, index: int | None) -> None:
+        """One task of the reader packing waits on, tokenized here."""
+        if index is None:  # every task is run at once here: the unit must be in
+            raise RuntimeError("the packer waits for a unit no reader schedules")
+        reader = self.supply.readers[index]
+        task = reader.next_task()
+        reader.on_result(self._tokenize(self.names[index], task))
+
+    def _tokenize(self, source: str, task: Task) -> Result:
+        values = self.reader.values(task.path, task.row_group, task.column, task.rows,
+                                    task.doc_seed, task.stamp)
+        unread = self._unread(task.unit, values)
+        if unread is not None:
+            values = ["" if skip else v for v, skip in zip(values, unread, strict=True)]
+        tokens, row_tokens = tokenize_documents(values, self._encode, self.bos_id)
+        lo, hi = task.rows
+        order = self.reader.order if task.doc_seed is not None else None
+        rows = order[lo:hi] if order is not None else np.arange(lo, hi)
+        kept = row_tokens > 0
+        starts = np.cumsum(row_tokens) - row_tokens
+        lengths = row_tokens[kept]
+        file = task.path.rsplit("/", 1)[-1]
+        self.paths[(source, file)] = (task.path, task.column)
+        ids_of = []
+        empty = np.zeros(len(values), dtype=bool) if unread is None else np.array(unread)
+        for row, s, n, skip in zip(rows[kept].tolist(), starts[kept].tolist(),
+                                   lengths.tolist(), empty[kept].tolist(), strict=True):
+            if skip:
+                ids_of.append(UNREAD)
+                continue
+            key = (source, file, task.row_group, row)
+            ids_of.append(len(self.docs))
+            self.docs.append(key)
+            if self.keep:
+                self.documents[key] = tokens[s:s + n]
+        ids = np.repeat(np.array(ids_of, dtype=np.int64), lengths)
+        offsets = np.arange(len(tokens), dtype=np.int64) - np.repeat(starts[kept], lengths)
+        return Result.of_rows(task, (ids << OFFSET_BITS) | offsets, row_tokens)
+
+    def fetch(self, documents: set[tuple[str, str, int, int]]) -> None:
+        """Tokens of `documents` not kept (read while skipping), read and tokenized again."""
+        for key in sorted(documents - self.documents.keys()):  # row groups in order: one read
+            source, file, row_group, row = key
+            path, column = self.paths[(source, file)]
+            [text] = self.reader.values(path, row_group, column, (row, row + 1), None)
+            self.documents[key] = tokenize_documents([text], self._encode, self.bos_id)[0]
+
+    def _unread(self, unit: int, values: list[Any]) -> list[bool] | None:
+        """Which of a task's values to tokenize empty: documents of a unit before a best-fit
+        read position that no buffered piece names (None: tokenize every one)."""
+        read_unit, read_doc = self.read_at
+        if self.pieces is None or unit > read_unit:
+            return None
+        named = self.pieces.get(unit, set())
+        first = read_doc if unit == read_unit else sys.maxsize  # from there on: all read
+        doc = self.unit_docs.get(unit, 0)  # the worker's document index: non-null values
+        out = []
+        for v in values:
+            out.append(isinstance(v, str) and doc not in named and doc < first)
+            doc += isinstance(v, str)
+        self.unit_docs[unit] = doc
+        return out
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The encoder's batch, split over the cores."""
+        if not self.checked:  # a faster backend: on these documents it must be tiktoken
+            sample, size = [], 0
+            for text in texts:
+                if size > PARITY_SAMPLE_BYTES:
+                    break
+                sample.append(text)
+                size += len(text)
+            try:
+                check_parity(self.tokenizer, self.encoder, sample)
+            except TokenizerError as e:
+                log.warning("explain falls back to tokenizer backend tiktoken: %s", e)
+                self.encoder = make_encoder(self.tokenizer, "tiktoken")
+            self.checked = True
+        encode = self.encoder.encode_batch
+        k = min(self.cores, len(texts) // MIN_DOCS_PER_THREAD)
+        if k <= 1:
+            return encode(texts)
+        chunks = [texts[i * len(texts) // k:(i + 1) * len(texts) // k] for i in range(k)]
+        parts = list(self.threads.map(encode, chunks))
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+    def rows(self, window: np.ndarray) -> list[Row]:
+        """A window of addresses as its B rows of segments."""
+        b, t = self.spec.batch_size, self.spec.seq_len
+        if self.spec.packing == "bestfit":  # B rows of T+1
+            rows = [window[r * (t + 1):(r + 1) * (t + 1)] for r in range(b)]
+        else:  # row r: inputs[r] = w[rT:(r+1)T], and targets[r][-1] = w[(r+1)T]
+            rows = [window[r * t:(r + 1) * t + 1] for r in range(b)]
+        return [self._segments(row) for row in rows]
+
+    def _segments(self, row: np.ndarray) -> Row:
+        doc, offset = row >> OFFSET_BITS, row & OFFSET_MASK
+        cuts = np.flatnonzero((doc[1:] != doc[:-1]) | (offset[1:] != offset[:-1] + 1)) + 1
+        out = []
+        for a, b in pairwise([0, *cuts.tolist(), len(row)]):
+            if doc[a] == UNREAD:
+                raise RuntimeError("explain packed a document it did not tokenize")
+            source, file, row_group, r = self.docs[int(doc[a])]
+            out.append(Segment(source, file, row_group, r, int(offset[a]),
+                               int(offset[b - 1]) + 1))
+        return out
