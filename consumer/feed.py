@@ -4,6 +4,8 @@
     x, y = next(feed)                                   # (B, T) int32, (B, T) int64 on the device
     ckpt["data"] = feed.state_dict()                    # position after the last batch returned
     for x, y, state in feed.with_state(): ...          # state resumes AT this batch (prefetch)
+    val = TokenFeed(32, 2048, split="val", max_batches=20)
+    for x, y in val: ...                                # each `for`: the same 20 batches
 
 Construction resolves rank, world size and device (consumer/topology.py), checks
 that a daemon answers (fail fast, clear error) and learns its tokenizer (`vocab_size`,
@@ -13,6 +15,12 @@ checked against it, consumer/tokenizer.py); the stream is attached on the first
 Batch k is the k-th run of B*T+1 consecutive tokens of this rank's stream. A feed
 still open at interpreter exit detaches then (atexit), so the daemon frees its
 slots at once instead of waiting out its consumer timeout.
+
+A fixed validation set (`max_batches=N`, or `tokens=` across all ranks) is a round of
+this rank's first N batches of the val split, then `StopIteration`; every `iter(feed)`
+(each `for` loop, as torchtitan's and nanochat's eval loops do) starts the round again
+at its first batch, and the daemon serves rounds after the first from memory or its
+token cache (producer/valstore.py).
 
 Failure behaviour: a daemon that shuts down or goes silent makes `next()` raise
 `DaemonGoneError` within DAEMON_SILENCE_S (after the batches already prepared),
@@ -46,6 +54,7 @@ from tokenfeed.common.config import (
     PRESET,
     Preset,
     StreamSpec,
+    check_source_name,
     resolve_packing,
     resolve_run_dir,
 )
@@ -93,13 +102,24 @@ class TokenFeed:
         prefetch: int = 2,
         stall_timeout_s: float = 300.0,
         reconnect_s: float = 0.0,
+        max_batches: int | None = None,
+        tokens: int | None = None,
+        source: str | None = None,
     ) -> None:
         topo = resolve_topology(rank, world_size, device)
+        if source is not None:  # one source of a mixture daemon: a mixture of that one
+            if mix is not None:
+                raise ConfigError(f"pass source={source!r} or mix={mix!r}, not both")
+            mix = {check_source_name(source): 1.0}
+        if tokens is not None:
+            max_batches = _round_batches(tokens, max_batches, batch_size, seq_len,
+                                         topo.world_size)
         self.spec = StreamSpec(
             split=split, rank=topo.rank, world_size=topo.world_size, batch_size=batch_size,
-            seq_len=seq_len, shuffle_seed=shuffle_seed, mix=mix,
+            seq_len=seq_len, shuffle_seed=shuffle_seed, mix=mix, max_batches=max_batches,
             **resolve_packing(packing, buffer_docs, min_tail),
         )
+        self.round_batches = 0  # batches returned in this validation round (max_batches)
         self._reweight = False  # a resumed mixture changes to this feed's mix (see load)
         if vocab_size is not None and (
             not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1
@@ -159,10 +179,21 @@ class TokenFeed:
     # -- iteration ----------------------------------------------------------
 
     def __iter__(self) -> TokenFeed:
+        """The feed itself; with `max_batches`, starting its validation round again at its
+        first batch (a round that was left part-way is abandoned)."""
+        if self.spec.max_batches is not None and (self.round_batches or self._link):
+            self._drop_link()  # the daemon drops an idle val stream at once
+            self._start = self._cursor = None
+            self._skip = 0
+            self.round_batches = 0
         return self
 
     def __next__(self) -> tuple[Any, ...]:
         """(inputs, targets), or (inputs, targets, DocInfo) with `doc_info=True`."""
+        limit = self.spec.max_batches
+        if limit is not None and self.round_batches >= limit:
+            self._drop_link()  # the round is over: its ring goes back to the daemon
+            raise StopIteration
         called = time.perf_counter()
         if self._link is not None:  # the step since the last return ends; a wait begins
             stall_s, step_s, mark, _ = self._link.timing
@@ -187,6 +218,7 @@ class TokenFeed:
         self._cursor = item.cursor
         self._skip = 0
         self.batches_returned += 1
+        self.round_batches += 1
         # The wait ends, a step begins (a new link, after an attach, counts from zero).
         returned = time.perf_counter()
         stall_s, step_s, _, _ = link.timing
@@ -209,14 +241,22 @@ class TokenFeed:
             if self._link is None and not self._closed:
                 self._attach()  # so that even the first state names the data and tokenizer
             state = self.state_dict()
-            yield (*next(self), state)
+            try:
+                batch = next(self)
+            except StopIteration:  # a validation round ended
+                return
+            yield (*batch, state)
 
     def take(self, n: int) -> Iterator[tuple[Any, ...]]:
         """Exactly `n` batches, e.g. one evaluation pass: `for x, y in val.take(20): ...`."""
         if n < 0:
             raise ConfigError(f"take(n={n}): n must be >= 0")
         for _ in range(n):
-            yield next(self)
+            try:
+                batch = next(self)
+            except StopIteration:  # a validation round ended first
+                return
+            yield batch
 
     def _wait(self, link: Link) -> Any:
         deadline = time.monotonic() + self.stall_timeout_s
@@ -386,6 +426,10 @@ class TokenFeed:
             raise StateMismatchError(
                 "load_state_dict() after the first next(); call it on a fresh TokenFeed"
             )
+        if self.spec.max_batches is not None:
+            raise StateMismatchError(
+                "a feed with max_batches (a fixed validation set) starts every round at its "
+                "first batch and has no position to resume; do not load a state into it")
         resume = parse_state(self.spec, state, skip_batches)
         self._skip = resume.skip
         self._start = self._cursor = resume.start
@@ -432,3 +476,19 @@ class TokenFeed:
             return
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _round_batches(tokens: Any, max_batches: int | None, batch_size: int, seq_len: int,
+                   world_size: int) -> int:
+    """`tokens=` of a validation round, all ranks together, as batches per rank (floor,
+    nanochat's `eval_tokens // (B * T * world_size)`)."""
+    if max_batches is not None:
+        raise ConfigError(f"pass tokens={tokens!r} or max_batches={max_batches!r}, not both")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise ConfigError(f"tokens={tokens!r} must be an integer >= 1")
+    per_round = batch_size * seq_len * world_size
+    if tokens < per_round:
+        raise ConfigError(
+            f"tokens={tokens} is less than one batch on every rank ({batch_size} x {seq_len} "
+            f"x {world_size} ranks = {per_round} tokens); raise tokens or use max_batches")
+    return tokens // per_round

@@ -32,17 +32,20 @@ from tokenfeed.producer.dataset import Dataset, RowGroupRef, changed_shards, spl
 from tokenfeed.producer.position import MixState, Position
 from tokenfeed.producer.reader import Source, epoch_order
 from tokenfeed.producer.tokenizer import Tokenizer
+from tokenfeed.producer.valstore import ValStore
 
 log = logging.getLogger(__name__)
 
 
 class Admission:
     def __init__(self, datasets: dict[str, Dataset], tokenizer: Tokenizer,
-                 caches: Mapping[str, TokenCache]) -> None:
+                 caches: Mapping[str, TokenCache],
+                 val_stores: Mapping[str, ValStore] | None = None) -> None:
         self.datasets = datasets
         self.served = tuple(datasets)
         self.tokenizer = tokenizer
         self.caches = caches  # text column -> its token cache
+        self.val_stores = val_stores or {}  # text column -> val row groups, without a cache
 
     # -- what the state was saved on ----------------------------------------
 
@@ -120,8 +123,10 @@ class Admission:
         out = []
         for name in names:
             dataset = self.datasets[name]
-            out.append(Source(name, dataset.split(split), dataset.text_column,
-                              self.caches.get(dataset.text_column)))
+            column = dataset.text_column
+            cache = self.caches.get(column) or (self.val_stores.get(column)
+                                                 if split == "val" else None)
+            out.append(Source(name, dataset.split(split), column, cache))
         return out
 
     def _elastic(self, spec: StreamSpec, cursors: Any) -> Position:
