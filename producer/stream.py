@@ -168,7 +168,12 @@ class Stream:
     def serve_cached(self, reader: int) -> int:
         """Take `reader`'s next unit from the token cache, if it is there; returns the
         bytes it staged (0: not cached, the workers will tokenize it)."""
-        return self.readers[reader].serve_cached()
+        served = self.readers[reader].serve_cached()
+        if served and self.spec.max_batches is not None:
+            # A bounded stream reads only what packing waits for: pack at once, so the next
+            # unit it waits for is known in this same pass (not one unit per loop pass).
+            self.pack()
+        return served
 
     @property
     def units_cached(self) -> int:

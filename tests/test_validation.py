@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import BOS_ID, assert_batch_equals
-from oracle import reference_windows
+from oracle import reference_bestfit_windows, reference_windows
 
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import ConfigError, StateMismatchError
@@ -126,6 +126,29 @@ def test_val_round_abandoned_part_way_starts_over(start_daemon: Any, val_corpus:
         assert list(feed.take(10)) == []  # ended: take() stops with the round
         with pytest.raises(StateMismatchError, match="max_batches"):
             feed.load_state_dict(feed.state_dict())
+
+
+def test_bestfit_val_rounds_repeat_and_tokenize_once(start_daemon: Any, val_corpus: Path,
+                                                     encoding: Any) -> None:
+    """Best fit reads a buffer of documents ahead; a bounded stream still reads the same
+    units every round (here past the val split's first epoch: its buffer is 64 documents)."""
+    daemon = start_daemon("--val-files", "2", data=val_corpus)
+    ref = reference_bestfit_windows(
+        val_corpus, enc=encoding, bos_id=BOS_ID, split="val", batch_size=B, seq_len=T,
+        num_batches=8, buffer_docs=64, min_tail=32, max_age_docs=8 * 64, val_files=2)
+    with daemon.feed(B, T, split="val", packing="bestfit", buffer_docs=64,
+                     max_batches=8) as feed:
+        for round_no in range(2):
+            it = iter(feed)
+            got = [next(it) for _ in range(8)]
+            for i, (x, y) in enumerate(got):
+                rows = ref[i].reshape(B, T + 1)
+                assert (x.numpy() == rows[:, :-1]).all() and (y.numpy() == rows[:, 1:]).all(), \
+                    f"round {round_no} batch {i}"
+            stream = val_stream(daemon, 0)
+            assert stream["tasks_done"] > 0 if round_no == 0 else stream["tasks_done"] == 0
+            with pytest.raises(StopIteration):
+                next(it)
 
 
 def test_val_of_one_source_of_a_mixture(start_daemon: Any, val_corpus: Path, corpus: Path,
