@@ -105,6 +105,7 @@ class TokenFeed:
         max_batches: int | None = None,
         tokens: int | None = None,
         source: str | None = None,
+        allow_source_changes: bool = False,
     ) -> None:
         topo = resolve_topology(rank, world_size, device)
         if source is not None:  # one source of a mixture daemon: a mixture of that one
@@ -120,6 +121,9 @@ class TokenFeed:
             **resolve_packing(packing, buffer_docs, min_tail),
         )
         self.round_batches = 0  # batches returned in this validation round (max_batches)
+        # A loaded mixture state may name other sources than the daemon serves: resume
+        # anyway (kept sources exactly, added ones from their beginning; producer/changes.py)
+        self.allow_source_changes = allow_source_changes
         self._reweight = False  # a resumed mixture changes to this feed's mix (see load)
         if vocab_size is not None and (
             not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1
@@ -319,6 +323,7 @@ class TokenFeed:
                 # A replica coming back must find its group's stream, not start a new one.
                 rejoin=self._attached and self.replicas > 1,
                 reweight=self._reweight, **({"skip": self._skip} if self._skip else {}),
+                **({"allow_source_changes": True} if self.allow_source_changes else {}),
             ))
             reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
         except BaseException:
