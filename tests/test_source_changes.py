@@ -43,6 +43,12 @@ def window(batch: tuple[Any, Any]) -> np.ndarray:
     return np.concatenate([x.numpy().ravel(), y.numpy()[-1, -1:]])
 
 
+def bestfit_rows(batch: tuple[Any, Any]) -> np.ndarray:
+    """A best-fit batch as its B rows of T + 1 tokens, one after the other."""
+    x, y = batch
+    return np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1).ravel()
+
+
 def ids(windows: list[np.ndarray], encoding: Any) -> list[str]:
     """The id of every document whose start (its BOS) the concat windows deliver, in order."""
     stream = np.concatenate(windows).tolist()
@@ -117,3 +123,72 @@ def test_resume_with_a_source_removed(start_daemon: Any, three: dict[str, tuple[
     for name in ("a", "b"):
         first_epoch_exact(seen, name, three[name][1])
     assert "removed c" in fewer.log()
+
+
+def head_tokens(encoding: Any, n: int) -> list[int]:
+    """`n` tokens that are each a whole lowercase word at the start of a text (cl100k)."""
+    out = []
+    for t in range(2000, 60000):
+        try:
+            text = encoding.decode_single_token_bytes(t).decode()
+        except UnicodeDecodeError:
+            continue
+        if re.fullmatch(r"[a-z]{5,9}", text) and encoding.encode_ordinary(text + " x")[0] == t:
+            out.append(t)
+            if len(out) == n:
+                return out
+    raise AssertionError("not enough single-token words")
+
+
+def test_bestfit_resume_with_a_source_removed(start_daemon: Any, encoding: Any,
+                                              tmp_path: Path) -> None:
+    """Best fit buffers pieces of every source; the removed one's are dropped, the kept
+    ones' delivered. A document's first token after its BOS is a word naming it (the
+    rest are x's), so each document's head is counted once, wherever it is cropped.
+    Best fit reorders documents within a bound (every document is delivered within
+    max(max_age_docs + 1, buffer_docs) documents read, bestfit.py), so the check stays
+    inside the kept sources' first epoch: no head twice, none missing below that bound."""
+    counts = {"a": 180, "b": 180, "c": 90}
+    buffer_docs = 4
+    bound = 8 * buffer_docs + 1  # the default max_age_docs is 8 buffers
+    words = iter(head_tokens(encoding, sum(counts.values())))
+    name_of: dict[int, tuple[str, int]] = {}
+    paths = {}
+    for name, n in counts.items():
+        docs = []
+        for i in range(n):
+            token = next(words)
+            name_of[token] = (name, i)
+            docs.append(encoding.decode([token]) + " x" * (15 + (i * 37) % 121))
+        write_shards(docs, tmp_path / name, num_files=3, rows_per_group=-(-n // 6))
+        paths[name] = tmp_path / name
+    full = start_daemon(sources=paths)
+    with full.feed(B, T, packing="bestfit", buffer_docs=buffer_docs) as feed:
+        rows = [bestfit_rows(next(feed)) for _ in range(BEFORE)]
+        state = feed.state_dict()
+    pieces = state["cursor"]["mix"]["pieces"]
+    assert 2 in pieces[::4], "the saved buffer should hold a piece of c, to be dropped"
+    fewer = start_daemon(sources={n: paths[n] for n in ("a", "b")})
+
+    def heads(windows: list[np.ndarray]) -> list[tuple[str, int]]:
+        out = []
+        for row in np.concatenate(windows).reshape(-1, T + 1):
+            starts = np.flatnonzero(row == BOS_ID)
+            out += [name_of[int(row[i + 1])] for i in starts
+                    if i + 1 < len(row) and int(row[i + 1]) in name_of]
+        return out
+
+    with fewer.feed(B, T, packing="bestfit", buffer_docs=buffer_docs,
+                    allow_source_changes=True) as feed:
+        feed.load_state_dict(state)
+        for _ in range(50):
+            rows += [bestfit_rows(b) for b in feed.take(8)]
+            seen = heads(rows)
+            if all(sum(s == n for s, _ in seen) >= 80 for n in ("a", "b")):
+                break
+    for name in ("a", "b"):
+        mine = [i for s, i in seen if s == name]
+        assert len(mine) == len(set(mine)), f"source {name}: a document delivered twice"
+        assert max(mine) < counts[name] - counts[name] // 3, "past the first epoch"
+        missing = set(range(max(mine) - bound)) - set(mine)
+        assert not missing, f"source {name}: documents {sorted(missing)} never delivered"
