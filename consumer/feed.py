@@ -356,6 +356,8 @@ class TokenFeed:
             raise StateMismatchError(
                 f"the daemon did not skip {self._skip} batches (it predates skip_batches); "
                 "upgrade the node's tokenfeed daemon, or load the state without skip_batches")
+        if self.allow_source_changes:
+            _log_source_change(self._start, reply.get("start"))
         self._ring = ring
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]
@@ -497,3 +499,17 @@ def _round_batches(tokens: Any, max_batches: int | None, batch_size: int, seq_le
             f"tokens={tokens} is less than one batch on every rank ({batch_size} x {seq_len} "
             f"x {world_size} ranks = {per_round} tokens); raise tokens or use max_batches")
     return tokens // per_round
+
+
+def _log_source_change(saved: Any, start: Any) -> None:
+    """Say which sources a resumed mixture gained or lost (allow_source_changes)."""
+    def names(cursor: Any) -> set[str]:
+        mix = cursor.get("mix") if isinstance(cursor, dict) else None
+        sources = mix.get("sources") if isinstance(mix, dict) else None
+        return set(sources) if isinstance(sources, dict) else set()
+
+    before, now = names(saved), names(start)
+    if before and now and before != now:
+        log.warning("resumed the mixture with sources changed: added %s, removed %s",
+                    ", ".join(sorted(now - before)) or "none",
+                    ", ".join(sorted(before - now)) or "none")

@@ -5,6 +5,7 @@ change."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def test_resume_with_a_source_added(start_daemon: Any, three: dict[str, tuple[Pa
 
 
 def test_resume_with_a_source_removed(start_daemon: Any, three: dict[str, tuple[Path, int]],
-                                      encoding: Any) -> None:
+                                      encoding: Any, caplog: pytest.LogCaptureFixture) -> None:
     full = start_daemon(sources={n: p for n, (p, _) in three.items()})
     state, before = save(full)
     assert any(i[0] == "c" for i in ids(before, encoding))  # c was being read
@@ -119,10 +120,13 @@ def test_resume_with_a_source_removed(start_daemon: Any, three: dict[str, tuple[
         with pytest.raises(StateMismatchError, match=r"reads source 'c', which this daemon "
                            r"does not serve.*allow_source_changes=True"):
             next(feed)
-    seen = resume(fewer, state, {"a": three["a"][1], "b": three["b"][1]}, encoding, before)
+    with caplog.at_level(logging.WARNING, logger="tokenfeed.consumer.feed"):
+        seen = resume(fewer, state, {"a": three["a"][1], "b": three["b"][1]}, encoding,
+                      before)
     for name in ("a", "b"):
         first_epoch_exact(seen, name, three[name][1])
-    assert "removed c" in fewer.log()
+    assert "removed c" in fewer.log()  # the daemon's log, and the trainer's
+    assert "sources changed: added none, removed c" in caplog.text
 
 
 def head_tokens(encoding: Any, n: int) -> list[int]:

@@ -164,6 +164,16 @@ def test_val_of_one_source_of_a_mixture(start_daemon: Any, val_corpus: Path, cor
                 assert_batch_equals(batch, ref[i], f"round {round_no} batch {i}")
         with pytest.raises(ConfigError, match="not both"):
             daemon.feed(B, T, split="val", source="code", mix={"code": 1.0})
+    with daemon.feed(B, T, split="val", max_batches=6) as feed:  # the whole mixture
+        rounds = []
+        for round_no in range(2):
+            it = iter(feed)
+            rounds.append([digest(next(it)) for _ in range(6)])
+            if round_no:
+                assert val_stream(daemon, 0)["tasks_done"] == 0
+            with pytest.raises(StopIteration):
+                next(it)
+        assert rounds[0] == rounds[1]
 
 
 def test_max_batches_and_tokens_are_checked() -> None:
