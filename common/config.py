@@ -153,6 +153,22 @@ def check_max_batches(max_batches: Any, split: str) -> None:
             f"batches every round); a {split!r} feed runs until you stop taking batches")
 
 
+def round_batches(tokens: Any, max_batches: int | None, batch_size: int, seq_len: int,
+                   world_size: int) -> int:
+    """`tokens=` of a validation round, all ranks together, as batches per rank (floor,
+    nanochat's `eval_tokens // (B * T * world_size)`)."""
+    if max_batches is not None:
+        raise ConfigError(f"pass tokens={tokens!r} or max_batches={max_batches!r}, not both")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise ConfigError(f"tokens={tokens!r} must be an integer >= 1")
+    per_round = batch_size * seq_len * world_size
+    if tokens < per_round:
+        raise ConfigError(
+            f"tokens={tokens} is less than one batch on every rank ({batch_size} x {seq_len} "
+            f"x {world_size} ranks = {per_round} tokens); raise tokens or use max_batches")
+    return tokens // per_round
+
+
 def normalize_mix(mix: Any) -> tuple[tuple[str, float], ...]:
     """Mixture weights as (name, weight) pairs sorted by name, summing to 1.
 

@@ -57,6 +57,7 @@ from tokenfeed.common.config import (
     check_source_name,
     resolve_packing,
     resolve_run_dir,
+    round_batches,
 )
 from tokenfeed.common.control import connect, receive
 from tokenfeed.common.errors import (
@@ -70,7 +71,7 @@ from tokenfeed.common.ring import Ring
 from tokenfeed.consumer import lifetime
 from tokenfeed.consumer.docinfo import doc_info
 from tokenfeed.consumer.link import Link, wait_for_daemon
-from tokenfeed.consumer.state import STATE_VERSION, parse_state
+from tokenfeed.consumer.state import STATE_VERSION, log_source_change, parse_state
 from tokenfeed.consumer.tokenizer import check_bos, checked_facts, fact
 from tokenfeed.consumer.topology import mesh_placement, resolve_topology
 from tokenfeed.consumer.transfer import make_transfer
@@ -113,8 +114,8 @@ class TokenFeed:
                 raise ConfigError(f"pass source={source!r} or mix={mix!r}, not both")
             mix = {check_source_name(source): 1.0}
         if tokens is not None:
-            max_batches = _round_batches(tokens, max_batches, batch_size, seq_len,
-                                         topo.world_size)
+            max_batches = round_batches(tokens, max_batches, batch_size, seq_len,
+                                        topo.world_size)
         self.spec = StreamSpec(
             split=split, rank=topo.rank, world_size=topo.world_size, batch_size=batch_size,
             seq_len=seq_len, shuffle_seed=shuffle_seed, mix=mix, max_batches=max_batches,
@@ -123,6 +124,9 @@ class TokenFeed:
         self.round_batches = 0  # batches returned in this validation round (max_batches)
         # A loaded mixture state may name other sources than the daemon serves: resume
         # anyway (kept sources exactly, added ones from their beginning; producer/changes.py)
+        if not isinstance(allow_source_changes, bool):
+            raise ConfigError(f"allow_source_changes={allow_source_changes!r} must be True or "
+                              "False")
         self.allow_source_changes = allow_source_changes
         self._reweight = False  # a resumed mixture changes to this feed's mix (see load)
         if vocab_size is not None and (
@@ -357,7 +361,7 @@ class TokenFeed:
                 f"the daemon did not skip {self._skip} batches (it predates skip_batches); "
                 "upgrade the node's tokenfeed daemon, or load the state without skip_batches")
         if self.allow_source_changes:
-            _log_source_change(self._start, reply.get("start"))
+            log_source_change(self._start, reply.get("start"))
         self._ring = ring
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]
@@ -484,32 +488,3 @@ class TokenFeed:
         with contextlib.suppress(Exception):
             self.close()
 
-
-def _round_batches(tokens: Any, max_batches: int | None, batch_size: int, seq_len: int,
-                   world_size: int) -> int:
-    """`tokens=` of a validation round, all ranks together, as batches per rank (floor,
-    nanochat's `eval_tokens // (B * T * world_size)`)."""
-    if max_batches is not None:
-        raise ConfigError(f"pass tokens={tokens!r} or max_batches={max_batches!r}, not both")
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
-        raise ConfigError(f"tokens={tokens!r} must be an integer >= 1")
-    per_round = batch_size * seq_len * world_size
-    if tokens < per_round:
-        raise ConfigError(
-            f"tokens={tokens} is less than one batch on every rank ({batch_size} x {seq_len} "
-            f"x {world_size} ranks = {per_round} tokens); raise tokens or use max_batches")
-    return tokens // per_round
-
-
-def _log_source_change(saved: Any, start: Any) -> None:
-    """Say which sources a resumed mixture gained or lost (allow_source_changes)."""
-    def names(cursor: Any) -> set[str]:
-        mix = cursor.get("mix") if isinstance(cursor, dict) else None
-        sources = mix.get("sources") if isinstance(mix, dict) else None
-        return set(sources) if isinstance(sources, dict) else set()
-
-    before, now = names(saved), names(start)
-    if before and now and before != now:
-        log.warning("resumed the mixture with sources changed: added %s, removed %s",
-                    ", ".join(sorted(now - before)) or "none",
-                    ", ".join(sorted(before - now)) or "none")

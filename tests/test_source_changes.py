@@ -120,7 +120,7 @@ def test_resume_with_a_source_removed(start_daemon: Any, three: dict[str, tuple[
         with pytest.raises(StateMismatchError, match=r"reads source 'c', which this daemon "
                            r"does not serve.*allow_source_changes=True"):
             next(feed)
-    with caplog.at_level(logging.WARNING, logger="tokenfeed.consumer.feed"):
+    with caplog.at_level(logging.WARNING, logger="tokenfeed.consumer.state"):
         seen = resume(fewer, state, {"a": three["a"][1], "b": three["b"][1]}, encoding,
                       before)
     for name in ("a", "b"):

@@ -12,9 +12,8 @@ import pytest
 from conftest import BOS_ID, assert_batch_equals
 from oracle import reference_bestfit_windows, reference_windows
 
-from tokenfeed.common.config import StreamSpec
+from tokenfeed.common.config import StreamSpec, round_batches
 from tokenfeed.common.errors import ConfigError, StateMismatchError
-from tokenfeed.consumer.feed import _round_batches
 from tokenfeed.tools.corpus import sample_documents, write_shards
 
 B, T = 2, 64
@@ -185,8 +184,8 @@ def test_max_batches_and_tokens_are_checked() -> None:
     spec = StreamSpec(split="val", batch_size=B, seq_len=T, max_batches=3)
     assert StreamSpec.from_dict(spec.to_dict()) == spec
     # tokens= is the whole round on all ranks, as nanochat's eval_tokens
-    assert _round_batches(20 * B * T * WORLD + 5, None, B, T, WORLD) == 20
+    assert round_batches(20 * B * T * WORLD + 5, None, B, T, WORLD) == 20
     with pytest.raises(ConfigError, match="less than one batch"):
-        _round_batches(B * T, None, B, T, WORLD)
+        round_batches(B * T, None, B, T, WORLD)
     with pytest.raises(ConfigError, match="not both"):
-        _round_batches(1000, 3, B, T, WORLD)
+        round_batches(1000, 3, B, T, WORLD)
