@@ -186,15 +186,26 @@ class TokenFeed:
 
     # -- iteration ----------------------------------------------------------
 
-    def __iter__(self) -> TokenFeed:
-        """The feed itself; with `max_batches`, starting its validation round again at its
-        first batch (a round that was left part-way is abandoned)."""
-        if self.spec.max_batches is not None and (self.round_batches or self._link):
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        """The feed itself; with `max_batches`, a new validation round from its first batch
+        (a round left part-way is abandoned), as an iterator of its own: iterating that
+        again (`it = iter(feed)`, then `for x in it`) continues the round."""
+        if self.spec.max_batches is None:
+            return self
+        if self.round_batches or self._link:
             self._drop_link()  # the daemon drops an idle val stream at once
             self._start = self._cursor = None
             self._skip = 0
             self.round_batches = 0
-        return self
+        return self._round()
+
+    def _round(self) -> Iterator[tuple[Any, ...]]:
+        while True:
+            try:
+                batch = next(self)
+            except StopIteration:  # the round's last batch was returned
+                return
+            yield batch
 
     def __next__(self) -> tuple[Any, ...]:
         """(inputs, targets), or (inputs, targets, DocInfo) with `doc_info=True`."""

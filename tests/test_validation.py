@@ -123,8 +123,38 @@ def test_val_round_abandoned_part_way_starts_over(start_daemon: Any, val_corpus:
         for i, batch in enumerate(got):
             assert_batch_equals(batch, ref[i], f"batch {i}")
         assert list(feed.take(10)) == []  # ended: take() stops with the round
+        it = iter(feed)  # a round's iterator, iterated again, continues that round
+        first = next(it)
+        rest = list(it)
+        assert len(rest) == 3
+        for i, batch in enumerate([first, *rest]):
+            assert_batch_equals(batch, ref[i], f"continued round, batch {i}")
         with pytest.raises(StateMismatchError, match="max_batches"):
             feed.load_state_dict(feed.state_dict())
+
+
+def test_a_dataloader_over_a_val_set_is_one_round_per_pass(start_daemon: Any,
+                                                            val_corpus: Path,
+                                                            encoding: Any) -> None:
+    """torchtitan's validator iterates its val DataLoader once per evaluation."""
+    from torch.utils.data import DataLoader
+
+    from tokenfeed.integrations import TokenFeedDataset
+
+    daemon = start_daemon("--val-files", "2", data=val_corpus)
+    ref = reference_windows(val_corpus, enc=encoding, bos_id=BOS_ID, split="val",
+                            batch_size=B, seq_len=T, val_files=2, num_batches=5)
+    ds = TokenFeedDataset(B, T, split="val", max_batches=5, run_dir=daemon.run_dir,
+                          device="cpu")
+    try:
+        loader = DataLoader(ds, batch_size=None)
+        for round_no in range(2):
+            got = list(loader)
+            assert len(got) == 5
+            for i, batch in enumerate(got):
+                assert_batch_equals(tuple(batch), ref[i], f"pass {round_no} batch {i}")
+    finally:
+        ds.close()
 
 
 def test_bestfit_val_rounds_repeat_and_tokenize_once(start_daemon: Any, val_corpus: Path,
