@@ -64,6 +64,9 @@ class StreamSpec:
     # Weights of a mixture of named sources, (name, weight) sorted by name, summing to 1;
     # None: the daemon's own weights (a one-source daemon: no mixture).
     mix: tuple[tuple[str, float], ...] | None = None
+    # A fixed validation round: the stream ends after this many batches (None: it runs on).
+    # Left out of to_dict() when None, so states and daemons that predate it are unchanged.
+    max_batches: int | None = None
 
     def __post_init__(self) -> None:
         if self.mix is not None:
@@ -100,6 +103,7 @@ class StreamSpec:
             )
         if self.packing not in PACKINGS:
             raise ConfigError(f"packing={self.packing!r} is unknown; use one of {PACKINGS}")
+        check_max_batches(self.max_batches, self.split)
         if self.window_tokens > MAX_WINDOW_TOKENS:
             raise ConfigError(
                 f"batch_size={self.batch_size} x seq_len={self.seq_len} makes a window of "
@@ -116,12 +120,14 @@ class StreamSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mix"] = None if self.mix is None else dict(self.mix)
+        if self.max_batches is None:
+            del d["max_batches"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamSpec:
         fields = {"split", "rank", "world_size", "batch_size", "seq_len", "packing",
-                  "shuffle_seed", "buffer_docs", "min_tail", "mix"}
+                  "shuffle_seed", "buffer_docs", "min_tail", "mix", "max_batches"}
         if not isinstance(d, dict):
             raise ConfigError(f"stream spec {d!r} is not a map")
         unknown = set(d) - fields
@@ -131,6 +137,36 @@ class StreamSpec:
             return cls(**d)
         except TypeError as e:  # a required field is missing
             raise ConfigError(f"bad stream spec: {e}") from None
+
+
+def check_max_batches(max_batches: Any, split: str) -> None:
+    """A fixed validation round's length: None, or an integer >= 1 of a val stream."""
+    if max_batches is None:
+        return
+    if (not isinstance(max_batches, int) or isinstance(max_batches, bool)
+            or not 1 <= max_batches < MAX_SKIP_BATCHES):
+        raise ConfigError(f"max_batches={max_batches!r} must be None or an integer in "
+                          f"[1, {MAX_SKIP_BATCHES})")
+    if split != "val":
+        raise ConfigError(
+            f"max_batches={max_batches} is for split='val' (a fixed validation set, the same "
+            f"batches every round); a {split!r} feed runs until you stop taking batches")
+
+
+def round_batches(tokens: Any, max_batches: int | None, batch_size: int, seq_len: int,
+                   world_size: int) -> int:
+    """`tokens=` of a validation round, all ranks together, as batches per rank (floor,
+    nanochat's `eval_tokens // (B * T * world_size)`)."""
+    if max_batches is not None:
+        raise ConfigError(f"pass tokens={tokens!r} or max_batches={max_batches!r}, not both")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise ConfigError(f"tokens={tokens!r} must be an integer >= 1")
+    per_round = batch_size * seq_len * world_size
+    if tokens < per_round:
+        raise ConfigError(
+            f"tokens={tokens} is less than one batch on every rank ({batch_size} x {seq_len} "
+            f"x {world_size} ranks = {per_round} tokens); raise tokens or use max_batches")
+    return tokens // per_round
 
 
 def normalize_mix(mix: Any) -> tuple[tuple[str, float], ...]:

@@ -19,10 +19,12 @@ names both versions and which side to upgrade.
 Ops, client -> daemon:
     ping {}                                   -> pong {daemon_id, pid, version, tokenizer}
         version: the daemon's protocol version (an int, in v1 too)
-    attach {spec, start, expect, replicas, rejoin, reweight?, skip?} -> attached {stream, ring,
+    attach {spec, start, expect, replicas, rejoin, reweight?, skip?, allow_source_changes?}
+        -> attached {stream, ring,
         ..., skipped?}: skip > 0 drops that many batches from start (a daemon that
         answers without `skipped` cannot, and the consumer refuses it)
         reweight: a resumed mixture changes to the spec's weights (the feed's mix changed)
+        allow_source_changes: a resumed mixture may gain or lose sources (changes.py)
     release {stream, seq}                     (no reply; frees the slot for reuse)
     heartbeat {stall_s?, step_s?}             (no reply beyond the daemon's own beats)
         optional, from consumers: cumulative seconds its caller waited inside next()

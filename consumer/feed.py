@@ -4,6 +4,8 @@
     x, y = next(feed)                                   # (B, T) int32, (B, T) int64 on the device
     ckpt["data"] = feed.state_dict()                    # position after the last batch returned
     for x, y, state in feed.with_state(): ...          # state resumes AT this batch (prefetch)
+    val = TokenFeed(32, 2048, split="val", max_batches=20)
+    for x, y in val: ...                                # each `for`: the same 20 batches
 
 Construction resolves rank, world size and device (consumer/topology.py), checks
 that a daemon answers (fail fast, clear error) and learns its tokenizer (`vocab_size`,
@@ -13,6 +15,12 @@ checked against it, consumer/tokenizer.py); the stream is attached on the first
 Batch k is the k-th run of B*T+1 consecutive tokens of this rank's stream. A feed
 still open at interpreter exit detaches then (atexit), so the daemon frees its
 slots at once instead of waiting out its consumer timeout.
+
+A fixed validation set (`max_batches=N`, or `tokens=` across all ranks) is a round of
+this rank's first N batches of the val split, then `StopIteration`; every `iter(feed)`
+(each `for` loop, as torchtitan's and nanochat's eval loops do) starts the round again
+at its first batch, and the daemon serves rounds after the first from memory or its
+token cache (producer/valstore.py).
 
 Failure behaviour: a daemon that shuts down or goes silent makes `next()` raise
 `DaemonGoneError` within DAEMON_SILENCE_S (after the batches already prepared),
@@ -46,8 +54,10 @@ from tokenfeed.common.config import (
     PRESET,
     Preset,
     StreamSpec,
+    check_source_name,
     resolve_packing,
     resolve_run_dir,
+    round_batches,
 )
 from tokenfeed.common.control import connect, receive
 from tokenfeed.common.errors import (
@@ -61,7 +71,7 @@ from tokenfeed.common.ring import Ring
 from tokenfeed.consumer import lifetime
 from tokenfeed.consumer.docinfo import doc_info
 from tokenfeed.consumer.link import Link, wait_for_daemon
-from tokenfeed.consumer.state import STATE_VERSION, parse_state
+from tokenfeed.consumer.state import STATE_VERSION, log_source_change, parse_state
 from tokenfeed.consumer.tokenizer import check_bos, checked_facts, fact
 from tokenfeed.consumer.topology import mesh_placement, resolve_topology
 from tokenfeed.consumer.transfer import make_transfer
@@ -93,13 +103,31 @@ class TokenFeed:
         prefetch: int = 2,
         stall_timeout_s: float = 300.0,
         reconnect_s: float = 0.0,
+        max_batches: int | None = None,
+        tokens: int | None = None,
+        source: str | None = None,
+        allow_source_changes: bool = False,
     ) -> None:
         topo = resolve_topology(rank, world_size, device)
+        if source is not None:  # one source of a mixture daemon: a mixture of that one
+            if mix is not None:
+                raise ConfigError(f"pass source={source!r} or mix={mix!r}, not both")
+            mix = {check_source_name(source): 1.0}
+        if tokens is not None:
+            max_batches = round_batches(tokens, max_batches, batch_size, seq_len,
+                                        topo.world_size)
         self.spec = StreamSpec(
             split=split, rank=topo.rank, world_size=topo.world_size, batch_size=batch_size,
-            seq_len=seq_len, shuffle_seed=shuffle_seed, mix=mix,
+            seq_len=seq_len, shuffle_seed=shuffle_seed, mix=mix, max_batches=max_batches,
             **resolve_packing(packing, buffer_docs, min_tail),
         )
+        self.round_batches = 0  # batches returned in this validation round (max_batches)
+        # A loaded mixture state may name other sources than the daemon serves: resume
+        # anyway (kept sources exactly, added ones from their beginning; producer/changes.py)
+        if not isinstance(allow_source_changes, bool):
+            raise ConfigError(f"allow_source_changes={allow_source_changes!r} must be True or "
+                              "False")
+        self.allow_source_changes = allow_source_changes
         self._reweight = False  # a resumed mixture changes to this feed's mix (see load)
         if vocab_size is not None and (
             not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1
@@ -158,11 +186,33 @@ class TokenFeed:
 
     # -- iteration ----------------------------------------------------------
 
-    def __iter__(self) -> TokenFeed:
-        return self
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        """The feed itself; with `max_batches`, a new validation round from its first batch
+        (a round left part-way is abandoned), as an iterator of its own: iterating that
+        again (`it = iter(feed)`, then `for x in it`) continues the round."""
+        if self.spec.max_batches is None:
+            return self
+        if self.round_batches or self._link:
+            self._drop_link()  # the daemon drops an idle val stream at once
+            self._start = self._cursor = None
+            self._skip = 0
+            self.round_batches = 0
+        return self._round()
+
+    def _round(self) -> Iterator[tuple[Any, ...]]:
+        while True:
+            try:
+                batch = next(self)
+            except StopIteration:  # the round's last batch was returned
+                return
+            yield batch
 
     def __next__(self) -> tuple[Any, ...]:
         """(inputs, targets), or (inputs, targets, DocInfo) with `doc_info=True`."""
+        limit = self.spec.max_batches
+        if limit is not None and self.round_batches >= limit:
+            self._drop_link()  # the round is over: its ring goes back to the daemon
+            raise StopIteration
         called = time.perf_counter()
         if self._link is not None:  # the step since the last return ends; a wait begins
             stall_s, step_s, mark, _ = self._link.timing
@@ -187,6 +237,7 @@ class TokenFeed:
         self._cursor = item.cursor
         self._skip = 0
         self.batches_returned += 1
+        self.round_batches += 1
         # The wait ends, a step begins (a new link, after an attach, counts from zero).
         returned = time.perf_counter()
         stall_s, step_s, _, _ = link.timing
@@ -209,14 +260,22 @@ class TokenFeed:
             if self._link is None and not self._closed:
                 self._attach()  # so that even the first state names the data and tokenizer
             state = self.state_dict()
-            yield (*next(self), state)
+            try:
+                batch = next(self)
+            except StopIteration:  # a validation round ended
+                return
+            yield (*batch, state)
 
     def take(self, n: int) -> Iterator[tuple[Any, ...]]:
         """Exactly `n` batches, e.g. one evaluation pass: `for x, y in val.take(20): ...`."""
         if n < 0:
             raise ConfigError(f"take(n={n}): n must be >= 0")
         for _ in range(n):
-            yield next(self)
+            try:
+                batch = next(self)
+            except StopIteration:  # a validation round ended first
+                return
+            yield batch
 
     def _wait(self, link: Link) -> Any:
         deadline = time.monotonic() + self.stall_timeout_s
@@ -279,6 +338,7 @@ class TokenFeed:
                 # A replica coming back must find its group's stream, not start a new one.
                 rejoin=self._attached and self.replicas > 1,
                 reweight=self._reweight, **({"skip": self._skip} if self._skip else {}),
+                **({"allow_source_changes": True} if self.allow_source_changes else {}),
             ))
             reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
         except BaseException:
@@ -311,6 +371,8 @@ class TokenFeed:
             raise StateMismatchError(
                 f"the daemon did not skip {self._skip} batches (it predates skip_batches); "
                 "upgrade the node's tokenfeed daemon, or load the state without skip_batches")
+        if self.allow_source_changes:
+            log_source_change(self._start, reply.get("start"))
         self._ring = ring
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]
@@ -386,6 +448,10 @@ class TokenFeed:
             raise StateMismatchError(
                 "load_state_dict() after the first next(); call it on a fresh TokenFeed"
             )
+        if self.spec.max_batches is not None:
+            raise StateMismatchError(
+                "a feed with max_batches (a fixed validation set) starts every round at its "
+                "first batch and has no position to resume; do not load a state into it")
         resume = parse_state(self.spec, state, skip_batches)
         self._skip = resume.skip
         self._start = self._cursor = resume.start
@@ -432,3 +498,4 @@ class TokenFeed:
             return
         with contextlib.suppress(Exception):
             self.close()
+

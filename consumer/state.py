@@ -31,6 +31,7 @@ raises `ConfigError`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,8 @@ from tokenfeed.consumer.topology import collective_device
 
 if TYPE_CHECKING:
     from tokenfeed.consumer.feed import TokenFeed
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 # Fields of a rank's state that every rank of one job shares.
@@ -235,3 +238,17 @@ def _parse_elastic(spec: StreamSpec, states: list[dict[str, Any]]) -> Resume:
                   expect={"fingerprint": states[0].get("fingerprint"),
                           "tokenizer": states[0].get("tokenizer")},
                   reweight=False)
+
+
+def log_source_change(saved: Any, start: Any) -> None:
+    """Say which sources a resumed mixture gained or lost (allow_source_changes)."""
+    def names(cursor: Any) -> set[str]:
+        mix = cursor.get("mix") if isinstance(cursor, dict) else None
+        sources = mix.get("sources") if isinstance(mix, dict) else None
+        return set(sources) if isinstance(sources, dict) else set()
+
+    before, now = names(saved), names(start)
+    if before and now and before != now:
+        log.warning("resumed the mixture with sources changed: added %s, removed %s",
+                    ", ".join(sorted(now - before)) or "none",
+                    ", ".join(sorted(before - now)) or "none")

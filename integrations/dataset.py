@@ -13,9 +13,11 @@ would read one stream several times. `num_workers > 0` is a `ConfigError` naming
 
 The feed is created with the dataset (a daemon must answer, as for `TokenFeed`) and
 reads on: a new `iter()` (the next DataLoader epoch) continues the stream, which never
-ends. `state_dict()` is the feed's: the position after the last batch the iterator
-handed out, which is what `StatefulDataLoader` asks for between batches (with
-`num_workers=0` nothing is read ahead on its side). `load_state_dict()` on a dataset
+ends, except with `max_batches` (a fixed validation set): then each `iter()` (each
+evaluation, as torchtitan's validator runs one) is one round, the same batches.
+`state_dict()` is the feed's: the position after the last batch the iterator handed
+out, which is what `StatefulDataLoader` asks for between batches (with `num_workers=0`
+nothing is read ahead on its side). `load_state_dict()` on a dataset
 whose feed has already returned batches replaces the feed with a fresh one at the
 state; a job state (every rank's, `gather_states`) is accepted as by `TokenFeed`.
 """
@@ -46,6 +48,9 @@ class TokenFeedDataset(IterableDataset[tuple[Any, ...]]):
         if get_worker_info() is not None:
             raise ConfigError(_IN_PROCESS)
         feed = self.feed
+        if feed.spec.max_batches is not None:  # a fixed validation set: each iter() a round
+            yield from iter(feed)
+            return
         while True:  # a stream never ends; the DataLoader's consumer decides when to stop
             yield next(feed)
 

@@ -28,21 +28,25 @@ from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import ConfigError, ProtocolError, StateMismatchError
 from tokenfeed.producer import elastic
 from tokenfeed.producer.cache import TokenCache
+from tokenfeed.producer.changes import SourceChange, rebase, source_change
 from tokenfeed.producer.dataset import Dataset, RowGroupRef, changed_shards, split_fingerprint
 from tokenfeed.producer.position import MixState, Position
 from tokenfeed.producer.reader import Source, epoch_order
 from tokenfeed.producer.tokenizer import Tokenizer
+from tokenfeed.producer.valstore import ValStore
 
 log = logging.getLogger(__name__)
 
 
 class Admission:
     def __init__(self, datasets: dict[str, Dataset], tokenizer: Tokenizer,
-                 caches: Mapping[str, TokenCache]) -> None:
+                 caches: Mapping[str, TokenCache],
+                 val_stores: Mapping[str, ValStore] | None = None) -> None:
         self.datasets = datasets
         self.served = tuple(datasets)
         self.tokenizer = tokenizer
         self.caches = caches  # text column -> its token cache
+        self.val_stores = val_stores or {}  # text column -> val row groups, without a cache
 
     # -- what the state was saved on ----------------------------------------
 
@@ -94,7 +98,11 @@ class Admission:
         elif "elastic_from" in start:
             position = self._elastic(spec, start["elastic_from"])
         else:
-            position = Position.parse(start, spec, self.served)
+            change = source_change(start, spec, self.served,
+                                   msg.get("allow_source_changes") is True)
+            position = Position.parse(start, spec, self.served + change.removed)
+            if change:
+                return self._changed(position, spec, weights, change)
         if position.mix is None:
             if spec.mix is None and len(self.served) == 1:
                 return position  # one source: no mixture
@@ -113,6 +121,22 @@ class Admission:
             return dataclasses.replace(position, mix=position.mix.with_weights(dict(spec.mix)))
         return position
 
+    def _changed(self, position: Position, spec: StreamSpec, weights: Mapping[str, float],
+                 change: SourceChange) -> Position:
+        """A resumed mixture whose sources changed (allowed): changes.py."""
+        mix = position.mix
+        assert mix is not None  # a change is found in the cursor's mixture
+        chosen = dict(spec.mix) if spec.mix is not None else dict(weights)
+        unknown = set(chosen) - set(self.served)
+        if unknown:
+            raise ConfigError(f"mix names {', '.join(sorted(unknown))}; this daemon serves "
+                              f"{', '.join(self.served)}")
+        log.warning("rank %d/%d resumes its mixture with sources changed: %s (weights now %s)",
+                    spec.rank, spec.world_size, change.describe(), chosen)
+        if not change.removed:  # added only: a weight change where it has not mixed yet
+            return dataclasses.replace(position, mix=mix.with_weights(chosen))
+        return rebase(position, spec, chosen, lambda name: self._refs(name, spec))
+
     def sources(self, start: Position, split: str) -> list[Source]:
         """The sources a stream from `start` reads: its mixture's, in name order, or the
         daemon's one source. An empty split is a DataError naming it."""
@@ -120,8 +144,10 @@ class Admission:
         out = []
         for name in names:
             dataset = self.datasets[name]
-            out.append(Source(name, dataset.split(split), dataset.text_column,
-                              self.caches.get(dataset.text_column)))
+            column = dataset.text_column
+            cache = self.caches.get(column) or (self.val_stores.get(column)
+                                                 if split == "val" else None)
+            out.append(Source(name, dataset.split(split), column, cache))
         return out
 
     def _elastic(self, spec: StreamSpec, cursors: Any) -> Position:
@@ -131,6 +157,12 @@ class Admission:
                 isinstance(c, dict) for c in cursors):
             raise ProtocolError("attach: start.elastic_from must be a list of cursors")
         mixture = any("mix" in c for c in cursors)
+        change = source_change(cursors[0], spec, self.served, allowed=True)
+        if change:
+            raise StateMismatchError(
+                f"the saved job's mixture and this daemon's sources differ ({change.describe()})"
+                "; an elastic resume cannot change sources too: resume at the new number of "
+                "ranks on the same sources, save, then resume with allow_source_changes=True")
         saved: list[Position] = []
         for rank, cursor in enumerate(cursors):
             try:

@@ -138,6 +138,10 @@ class TokenCache:
         self._verified: dict[str, tuple[int, int, int, int]] = {}
         self._queue: queue.Queue[tuple[Path, np.ndarray, np.ndarray] | None] = (
             queue.Queue(QUEUE_UNITS))
+        # Entries queued and not yet written, served from memory meanwhile: a reader that
+        # comes back at once (the next round of a validation set) must not miss them.
+        self._pending: dict[Path, CachedRows] = {}
+        self._pending_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="tokenfeed-cache",
                                         daemon=True)
         self._writer.start()
@@ -161,6 +165,11 @@ class TokenCache:
         if not self.enabled:
             return None
         path = self.path(shard, stamp, row_group)
+        with self._pending_lock:
+            pending = self._pending.get(path)
+        if pending is not None:
+            self.hits += 1
+            return pending
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -236,14 +245,21 @@ class TokenCache:
             return
         data = np.ascontiguousarray(tokens, dtype=self.dtype)
         rows = np.ascontiguousarray(row_tokens, dtype=np.int64)
-        with contextlib.suppress(queue.Full):  # checksum and write on the writer thread
+        with self._pending_lock:
+            self._pending[path] = CachedRows(data, rows)
+        try:  # checksum and write on the writer thread
             self._queue.put_nowait((path, rows, data))
+        except queue.Full:
+            with self._pending_lock:
+                self._pending.pop(path, None)
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
             try:
                 self._write(*item)
             finally:
+                with self._pending_lock:
+                    self._pending.pop(item[0], None)
                 self._queue.task_done()
 
     def _write(self, path: Path, rows: np.ndarray, data: np.ndarray) -> None:

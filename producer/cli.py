@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-gib", type=float, default=_default("cache_bytes") / (1 << 30),
                        help="bound of the token cache; least recently used entries go first "
                        "(default %(default)g)")
+    serve.add_argument("--val-memory-mib", type=int,
+                       default=_default("val_memory_bytes") >> 20,
+                       help="without --cache-dir, the val split's tokenized row groups are kept "
+                       "in this much memory, so a fixed validation set is tokenized once "
+                       "(default %(default)s)")
     serve.add_argument("--on-error", default=_default("on_error"), choices=ON_ERROR,
                        help="a row group that fails to read or tokenize 3 times: fail the "
                        "streams that need it (naming it), or skip it (logged, in status)")
@@ -249,6 +254,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         metrics_host=args.metrics_host,
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         cache_bytes=int(args.cache_gib * (1 << 30)), manifest=args.manifest,
+        val_memory_bytes=args.val_memory_mib << 20,
     )
 
 

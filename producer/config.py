@@ -34,6 +34,7 @@ ON_BACKEND_MISMATCH = ("fail", "fallback")  # refuse to start, or use tiktoken w
 ON_ERROR = ("fail", "skip")  # a row group that keeps failing: fail its streams, or skip it
 # Documents of the user's corpus a faster backend must reproduce exactly before it is used.
 PARITY_SAMPLE_BYTES = 2 << 20
+DEFAULT_VAL_MEMORY_BYTES = 1 << 30  # val row groups kept without --cache-dir (valstore.py)
 DEFAULT_CACHE_BYTES = 50 << 30  # token cache bound: FineWeb-Edu 10B tokens as uint32 is 40 GB
 # Tokens held outside the rings, all streams together (see scheduler.py).
 DEFAULT_STAGING_BYTES = 1 << 30
@@ -155,6 +156,7 @@ class DaemonConfig:
     manifest: str | None = None  # `tokenfeed index`'s file (path or URL) for --data; None:
     # the copy in cache_dir, else one next to the data, else every footer (manifest.py)
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    val_memory_bytes: int = DEFAULT_VAL_MEMORY_BYTES  # without cache_dir: the val split's tokens
     metrics_port: int | None = None  # serve Prometheus /metrics there (0: any free port)
     metrics_host: str = "127.0.0.1"  # loopback by default: a scrape reveals paths and names
 
@@ -194,6 +196,8 @@ class DaemonConfig:
                               f"one of {', '.join(ON_BACKEND_MISMATCH)}")
         if self.cache_bytes < 1:
             raise ConfigError(f"--cache-gib {self.cache_bytes / (1 << 30):g} must be > 0")
+        if self.val_memory_bytes < 0:
+            raise ConfigError(f"--val-memory-mib {self.val_memory_bytes >> 20} must be >= 0")
         if self.on_error not in ON_ERROR:
             raise ConfigError(f"--on-error {self.on_error!r} must be one of {', '.join(ON_ERROR)}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

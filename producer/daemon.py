@@ -59,6 +59,7 @@ from tokenfeed.producer.scheduler import schedule
 from tokenfeed.producer.storage import storage_summary
 from tokenfeed.producer.telemetry import advice, totals, worker_summary
 from tokenfeed.producer.tokenizer import load_tokenizer
+from tokenfeed.producer.valstore import ValStore
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,12 @@ class Daemon:
             for column in sorted({d.text_column for d in self.datasets.values()}):
                 self.caches[column] = TokenCache(cfg.cache_dir, cfg.cache_bytes,
                                                  self.tokenizer.identity, self.itemsize, column)
-        self.admission = Admission(self.datasets, self.tokenizer, self.caches)
+        # Without a token cache, the val split's row groups are kept in memory instead, so
+        # a fixed validation set is tokenized once (valstore.py).
+        self.val_stores = {} if self.caches else {
+            column: ValStore(cfg.val_memory_bytes)
+            for column in sorted({d.text_column for d in self.datasets.values()})}
+        self.admission = Admission(self.datasets, self.tokenizer, self.caches, self.val_stores)
         self.registry = StreamRegistry(
             daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
             max_ring_bytes=cfg.max_ring_bytes, linger_s=cfg.linger_s,
@@ -301,6 +307,7 @@ class Daemon:
             "staging": {"bytes": self.registry.staged(),
                         "budget_bytes": self.config.max_staging_bytes},
             "cache": self.cache.stats() if self.cache is not None else None,
+            "val_store": _val_store_stats(getattr(self, "val_stores", {})),
             "storage": storage_summary(self.pool.stats()),
             "tokens_delivered": self.registry.tokens_delivered,
             "streams": streams,
@@ -336,6 +343,17 @@ class Daemon:
         if hasattr(self, "daemon_id"):
             unlink_daemon_segments(self.daemon_id)  # anything a code path above missed
         os.close(self._lock_fd)
+
+
+def _val_store_stats(stores: dict[str, ValStore]) -> dict[str, int] | None:
+    """The val stores' counters, summed over text columns (None: a token cache serves)."""
+    if not stores:
+        return None
+    total: dict[str, int] = {}
+    for store in stores.values():
+        for key, value in store.stats().items():
+            total[key] = total.get(key, 0) + int(value)
+    return total
 
 
 def serve(config: DaemonConfig) -> None:

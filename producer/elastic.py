@@ -54,6 +54,7 @@ from tokenfeed.producer.position import (
     Layout,
     MixState,
     Position,
+    Run,
     SourceCursor,
 )
 from tokenfeed.producer.units import Unit
@@ -168,6 +169,13 @@ def _weight(item: Item, ref_of: Callable[[int], RowGroupRef]) -> int:
     return max(ref.text_bytes // rows, 1)
 
 
+def own_layout(work: list[Item], g_end: int, rank: int, world_size: int) -> Layout:
+    """All of `work` for `rank` of `world_size` (its own work left, at the same world
+    size: a mixture resumed without one of its sources, changes.py), then its stride."""
+    work = sorted(work, key=lambda it: (it[1], it[2], it[3], it[0]))
+    return Layout(rank, world_size, _runs(work), max(0, -(-(g_end - rank) // world_size)))
+
+
 def _divide(work: list[Item], ref_of: Callable[[int], RowGroupRef], g_end: int,
             new_rank: int, new_world_size: int) -> Layout:
     """New rank `new_rank`'s consecutive share of `work`, by weight, then its stride."""
@@ -180,6 +188,12 @@ def _divide(work: list[Item], ref_of: Callable[[int], RowGroupRef], g_end: int,
         if (2 * before + w) * new_world_size // (2 * total) == new_rank:
             mine.append(item)
         before += w
+    stride_from = max(0, -(-(g_end - new_rank) // new_world_size))
+    return Layout(new_rank, new_world_size, _runs(mine), stride_from)
+
+
+def _runs(mine: list[Item]) -> tuple[Run, ...]:
+    """Items as layout runs: consecutive WHOLE items at a constant step become one run."""
     runs: list[list[int]] = []
     for kind, g, a, b in mine:
         last = runs[-1] if runs else None
@@ -191,9 +205,7 @@ def _divide(work: list[Item], ref_of: Callable[[int], RowGroupRef], g_end: int,
             last[4] += 1
         else:
             runs.append([kind, g, a, b, 1, 1])
-    stride_from = max(0, -(-(g_end - new_rank) // new_world_size))
-    return Layout(new_rank, new_world_size, tuple(tuple(r) for r in runs),
-                  stride_from)
+    return tuple((r[0], r[1], r[2], r[3], r[4], r[5]) for r in runs)
 
 
 def plan_mixture(cursors: list[Position], packing: str,

@@ -28,6 +28,7 @@ from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
 from tokenfeed.producer.pool import Result, Task
 from tokenfeed.producer.position import Layout, unit_position
 from tokenfeed.producer.units import EMPTY, Unit
+from tokenfeed.producer.valstore import ValStore
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Source:
     name: str
     plan: SplitPlan
     column: str
-    cache: TokenCache | None = None
+    cache: TokenCache | ValStore | None = None
 
 
 class SourceReader:
@@ -57,7 +58,7 @@ class SourceReader:
         self, stream: int, source: int, plan: SplitPlan, column: str, *, rank: int,
         world_size: int, shuffle_seed: int | None, first_unit: int = 0,
         task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
-        cache: TokenCache | None = None, itemsize: int = 4,
+        cache: TokenCache | ValStore | None = None, itemsize: int = 4,
         skip: frozenset[int] = frozenset(), layout: Layout | None = None,
     ) -> None:
         self.stream, self.source = stream, source

@@ -14,6 +14,10 @@ A lazy supply (a mixture) makes units only while a free slot waits for tokens, s
 weight change applies from the next batch not yet filled, give or take the packer's
 own buffer and one virtual unit.
 
+A bounded stream (`spec.max_batches`: a fixed validation round) fills exactly that
+many batches and reads no unit packing does not wait for, so every round reads the
+same row groups and a round served from the cache tokenizes nothing (docs/recipes.md).
+
 Failure behaviour: a reader's task that fails MAX_ATTEMPTS times fails the stream
 (`on_error="fail"`), and its consumers get an error naming the file and row group;
 with `on_error="skip"` its whole row group delivers nothing instead.
@@ -122,14 +126,25 @@ class Stream:
         windows = len(self.table.free) + 1 + min(self.skip_left, self.ring.layout.slot_count)
         return windows * self.spec.window_tokens + pool_capacity * task_tokens
 
+    @property
+    def done(self) -> bool:
+        """A bounded stream (max_batches) that filled all its batches: it reads nothing more."""
+        limit = self.spec.max_batches
+        return limit is not None and self.batches >= limit
+
     def blocked_reader(self) -> int | None:
         """The reader packing waits on for a task not yet out: a lost part, the rest of
         the next unit, or the next unit while the packer holds less than a window."""
+        if self.done:
+            return None
         short = self._packer_tokens() < self.spec.window_tokens
         return self.supply.blocked(self.packer.next_unit, short)
 
     def hungry_readers(self, pool_capacity: int) -> list[int]:
-        """Readers under their share of the read-ahead, the hungriest first."""
+        """Readers under their share of the read-ahead, the hungriest first. A bounded
+        stream reads ahead nothing: it reads what packing waits for, the same every round."""
+        if self.spec.max_batches is not None:
+            return []
         wanted = self.wanted_tokens(pool_capacity)
         packed = self._packer_tokens()
         itemsize = self.ring.layout.itemsize
@@ -153,7 +168,12 @@ class Stream:
     def serve_cached(self, reader: int) -> int:
         """Take `reader`'s next unit from the token cache, if it is there; returns the
         bytes it staged (0: not cached, the workers will tokenize it)."""
-        return self.readers[reader].serve_cached()
+        served = self.readers[reader].serve_cached()
+        if served and self.spec.max_batches is not None:
+            # A bounded stream reads only what packing waits for: pack at once, so the next
+            # unit it waits for is known in this same pass (not one unit per loop pass).
+            self.pack()
+        return served
 
     @property
     def units_cached(self) -> int:
@@ -180,7 +200,7 @@ class Stream:
         whatever is finished is pushed."""
         filled = False
         lazy = self.supply.lazy
-        while True:
+        while not self.done:
             while not (lazy and (not self.table.free or self.packer.ready())):
                 try:
                     unit = self.supply.take(self.packer.next_unit)
@@ -207,6 +227,7 @@ class Stream:
             self.supply.on_batch()
             self.batches += 1
             filled = True
+        return filled
 
     def reweight(self, weights: Mapping[str, float]) -> None:
         """A mixture's new weights, from the next virtual unit not yet mixed."""
