@@ -37,7 +37,8 @@ function of its cursor alone, so a replay finds the same.
 
 Failure behaviour: a source whose rank reads no document at all in a whole epoch is
 a DataError naming it (instead of spinning); so is a mixture whose every source of
-positive weight is done (the recipe is complete).
+positive weight is done (the recipe is complete), after a last virtual unit of the
+documents left (shorter than DOCS_PER_UNIT).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class Mixer:
         self.limits = [(state.limits or {}).get(n) or Limits() for n in self.names]
         self.ends = list(ends) if ends is not None else [None] * len(self.names)
         self.bounded = any(self.limits) or any(e is not None for e in self.ends)
+        # sources found done while mixing (status, read-ahead): a source whose last unit is
+        # mixed to its end is found done only when the mixer next asks it for a document
+        self.finished: set[int] = set()
 
     def _copy(self) -> list[list[int]]:
         return [list(c) for c in self.cursors]
@@ -119,7 +123,7 @@ class Mixer:
 
     def done(self) -> list[bool]:
         """Per source: no document left to give (repeat count or budget reached)."""
-        return self._done(self.cursors)
+        return [d or i in self.finished for i, d in enumerate(self._done(self.cursors))]
 
     def _done(self, cursors: list[list[int]]) -> list[bool]:
         return [self._spent(i, c) or (end is not None and c[0] >= end)
@@ -228,7 +232,17 @@ class Mixer:
         done = self._done(cursors) if self.bounded else None
         while len(chosen) < DOCS_PER_UNIT:
             if curve or done is not None:
-                best = self._choose(cursors, weights, curve, done)
+                choice = self._choose(cursors, weights, curve, done)
+                if choice is None:
+                    if chosen:  # the recipe ends inside this unit: deliver what it has
+                        break
+                    finished = [self.names[i] for i in range(len(cursors)) if done and done[i]]
+                    raise DataError(
+                        "every source of positive weight in this mixture is done ("
+                        f"{', '.join(finished)}: repeat passes or budgets reached): the "
+                        "recipe is complete; resume from a checkpoint with other limits, or "
+                        "start a new stream")
+                best = choice
             else:  # fixed weights, no limits: 0.2.0's rule, as it was
                 total = sum(cursors[i][2] for i in active)
                 best = max(active, key=lambda i: (weights[i] * total - cursors[i][2], -i))
@@ -238,6 +252,7 @@ class Mixer:
             if not isinstance(doc, tuple):  # DONE: its last pass has ended
                 assert done is not None
                 done[best] = True
+                self.finished.add(best)
                 continue
             result, lo, hi = doc
             chosen.append((best, result, lo, hi))
@@ -260,20 +275,17 @@ class Mixer:
         return Unit.of_lengths(tokens, lengths)
 
     def _choose(self, cursors: list[list[int]], weights: list[float], curve: bool,
-                done: list[bool] | None) -> int:
+                done: list[bool] | None) -> int | None:
         """The source of the next document: the largest deficit against the schedule's
-        cumulative target (curve) or the fixed weights, among sources not done."""
+        cumulative target (curve) or the fixed weights, among sources not done (None:
+        every source of positive weight is done)."""
         n = len(cursors)
         targets: list[float] | None = None
         if curve:
             weights, targets = self._scheduled(sum(c[2] for c in cursors))
         live = [i for i in range(n) if weights[i] > 0 and not (done and done[i])]
         if not live:
-            finished = [self.names[i] for i in range(n) if done and done[i]]
-            raise DataError(
-                f"every source of positive weight in this mixture is done ({', '.join(finished)}"
-                ": repeat passes or budgets reached): the recipe is complete; resume from a "
-                "checkpoint with other limits, or start a new stream")
+            return None  # every source of positive weight is done
         taken = [cursors[i][2] for i in live]
         if targets is not None and not any(done or ()):
             deficit = {i: targets[i] - cursors[i][2] for i in live}

@@ -147,6 +147,8 @@ def test_a_budget_stops_a_source_within_one_document(limit):
 def test_a_mixture_whose_every_source_is_done_says_the_recipe_is_complete():
     mixer = Mixer(MixState.initial({"code": 1.0}, limits={"code": Limits(max_documents=70)}))
     mix_units(mixer, 1)
+    last = mixer.mix(lambda s, u: source_unit(mixer.names[s], u), lambda s: 10**6)
+    assert last is not None and len(last.doc_starts) == 70 - DOCS_PER_UNIT  # what was left
     with pytest.raises(DataError, match=r"code.*the recipe is complete"):
         mix_units(mixer, 1)
 
