@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -87,6 +88,8 @@ class Mixer:
         self.curve = state.curve
         self._curve_of = ([state.curve.names.index(n) if n in state.curve.names else None
                            for n in self.names] if state.curve is not None else [])
+        # (lo, hi, area, a, b) of the schedule's segment last used (_scheduled)
+        self._segment: tuple[Any, ...] = (0, -1)
         self.limits = [(state.limits or {}).get(n) or Limits() for n in self.names]
         self.ends = list(ends) if ends is not None else [None] * len(self.names)
         self.bounded = any(self.limits) or any(e is not None for e in self.ends)
@@ -108,11 +111,18 @@ class Mixer:
                                            or unit < self.schedule[1][0])
 
     def _scheduled(self, x: int) -> tuple[list[float], list[float]]:
-        """Every source's scheduled weight and target tokens at `x` tokens mixed."""
-        assert self.curve is not None
-        w, c = self.curve.weights(x), self.curve.cumulative(x)
-        return ([w[k] if k is not None else 0.0 for k in self._curve_of],
-                [c[k] if k is not None else 0.0 for k in self._curve_of])
+        """Every source's scheduled weight and target tokens at `x` tokens mixed (the
+        schedule's segment is kept while x stays in it: ~2x faster a document)."""
+        if not self._segment[0] <= x < self._segment[1]:
+            assert self.curve is not None
+            lo, hi, pieces = self.curve.segment(x)
+            mapped = tuple([p[k] if k is not None else 0.0 for k in self._curve_of]
+                           for p in pieces)
+            self._segment = (lo, hi, *mapped)
+        lo, _, area, a, b = self._segment
+        dx = x - lo
+        return ([ai + 2 * bi * dx for ai, bi in zip(a, b, strict=True)],
+                [ci + dx * (ai + bi * dx) for ci, ai, bi in zip(area, a, b, strict=True)])
 
     @property
     def weights(self) -> Weights:
@@ -283,6 +293,13 @@ class Mixer:
         targets: list[float] | None = None
         if curve:
             weights, targets = self._scheduled(sum(c[2] for c in cursors))
+        if targets is not None and not any(done or ()):  # the hot path: no source done
+            best, gap = -1, 0.0
+            for i in range(n):
+                if weights[i] > 0 and (best < 0 or targets[i] - cursors[i][2] > gap):
+                    best, gap = i, targets[i] - cursors[i][2]
+            if best >= 0:
+                return best
         live = [i for i in range(n) if weights[i] > 0 and not (done and done[i])]
         if not live:
             return None  # every source of positive weight is done

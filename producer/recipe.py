@@ -35,6 +35,7 @@ from typing import Any
 from tokenfeed.common.errors import ConfigError, StateMismatchError
 
 INTERPOLATIONS = ("linear", "step")
+Segment = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]  # area, a, b
 MAX_BREAKPOINTS = 1000
 MAX_TOKENS = 1 << 62  # token counts and budgets: exact integers, far past any run
 
@@ -62,30 +63,36 @@ class Curve:
             areas.append(tuple(p + s for p, s in zip(areas[-1], seg, strict=True)))
         object.__setattr__(self, "_areas", tuple(areas))
 
-    def _segment(self, x: int) -> int:
-        return bisect_right(self.tokens, x) - 1  # -1: before the first breakpoint
+    def segment(self, x: int) -> tuple[int, float, Segment]:
+        """The piece of the schedule holding `x`: from `lo` to `hi` tokens, every source's
+        weight is `a + 2 * b * (x - lo)` and its target `area + (x - lo) * (a + b * (x - lo))`
+        (one formula for weights, targets and the mixer, which keeps a segment while
+        x stays in it)."""
+        k = bisect_right(self.tokens, x) - 1  # -1: before the first breakpoint
+        if k < 0:
+            zero = tuple(0.0 for _ in self.names)
+            return 0, float(self.tokens[0]), (zero, self.rows[0], zero)
+        last = k == len(self.tokens) - 1
+        hi = math.inf if last else float(self.tokens[k + 1])
+        if last or self.interpolate == "step":
+            return self.tokens[k], hi, (self._areas[k], self.rows[k],
+                                        tuple(0.0 for _ in self.names))
+        span = self.tokens[k + 1] - self.tokens[k]
+        b = tuple((wb - wa) / (2 * span) for wa, wb in zip(self.rows[k], self.rows[k + 1],
+                                                           strict=True))
+        return self.tokens[k], hi, (self._areas[k], self.rows[k], b)
 
     def weights(self, x: int) -> list[float]:
         """Every source's weight at `x` tokens mixed."""
-        k = self._segment(x)
-        if k < 0:
-            return list(self.rows[0])
-        if k == len(self.tokens) - 1 or self.interpolate == "step":
-            return list(self.rows[k])
-        f = (x - self.tokens[k]) / (self.tokens[k + 1] - self.tokens[k])
-        return [wa + (wb - wa) * f for wa, wb in zip(self.rows[k], self.rows[k + 1], strict=True)]
+        lo, _, (_, a, b) = self.segment(x)
+        dx = x - lo
+        return [ai + 2 * bi * dx for ai, bi in zip(a, b, strict=True)]
 
     def cumulative(self, x: int) -> list[float]:
         """Every source's target tokens at `x` tokens mixed: its weight's integral."""
-        k = self._segment(x)
-        if k < 0:
-            return [x * w for w in self.rows[0]]
-        dx = x - self.tokens[k]
-        row, area = self.rows[k], self._areas[k]
-        if k == len(self.tokens) - 1 or self.interpolate == "step":
-            return [a + dx * w for a, w in zip(area, row, strict=True)]
-        now = self.weights(x)
-        return [a + dx * (w0 + w1) / 2 for a, w0, w1 in zip(area, row, now, strict=True)]
+        lo, _, (area, a, b) = self.segment(x)
+        dx = x - lo
+        return [ci + dx * (ai + bi * dx) for ci, ai, bi in zip(area, a, b, strict=True)]
 
     def to_json(self) -> dict[str, Any]:
         return {"tokens": list(self.tokens), "interpolate": self.interpolate,
