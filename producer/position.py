@@ -407,5 +407,14 @@ def cursor_json(position: Position, plans: Mapping[str, SplitPlan], spec: Stream
     epochs = {name: list(unit_position(plans[name], layouts.get(name), spec.rank,
                                        spec.world_size, cursor.unit))
               for name, cursor in mix.sources.items()}
-    behind = min(epochs.values())
+    limits = mix.limits or {}
+
+    def done(name: str) -> bool:  # a source past its repeat passes or budget: not behind
+        lim, cursor = limits.get(name), mix.sources[name]
+        return lim is not None and (
+            (lim.repeat is not None and epochs[name][0] >= lim.repeat)
+            or (lim.max_tokens is not None and cursor.total >= lim.max_tokens)
+            or (lim.max_documents is not None and cursor.docs >= lim.max_documents))
+
+    behind = min([e for n, e in epochs.items() if not done(n)] or epochs.values())
     return {**d, "epoch": behind[0], "row_group": behind[1], "epochs": epochs}

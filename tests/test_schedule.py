@@ -236,3 +236,12 @@ def test_max_tokens_stops_a_source_within_one_document_of_its_budget(
     assert status["mix"]["code"]["done"] and not status["mix"]["web"]["done"]
     assert "code 50% got" in render_text({**daemon.status(), "streams": [status]})
     assert state["cursor"]["mix"]["limits"] == {"code": {"max_tokens": budget}}
+    assert daemon.stop() == 0
+    mix.write_text(mix.read_text().replace(f"max_tokens = {budget}", "max_tokens = 30000"))
+    other = start_daemon("--mix", str(mix), data=None, sources={})
+    with other.feed(B, T) as feed:
+        feed.load_state_dict(state)
+        with pytest.raises(StateMismatchError, match=r"saved state's source limits \(code: "
+                           r"max_tokens = 20000\) differ from this daemon's mix file \(code: "
+                           r"max_tokens = 30000\)"):
+            next(feed)
