@@ -115,8 +115,10 @@ class Admission:
             if unknown:
                 raise ConfigError(f"mix names {', '.join(sorted(unknown))}; this daemon serves "
                                   f"{', '.join(self.served)}")
-            curve = self.curve if spec.mix is None and spec.split == "train" else None
-            return dataclasses.replace(position, mix=MixState.initial(chosen, curve, self.limits))
+            train = spec.split == "train"  # a val stream reads its split as it is
+            curve = self.curve if spec.mix is None and train else None
+            return dataclasses.replace(position, mix=MixState.initial(
+                chosen, curve, self.limits if train else None))
         if msg.get("reweight") is True and spec.mix is not None:
             return dataclasses.replace(position, mix=position.mix.with_weights(dict(spec.mix)))
         self._check_recipe(position.mix, spec)
@@ -134,7 +136,8 @@ class Admission:
                 f"the saved state follows the weight schedule [{saved}], this daemon's mix "
                 f"file declares [{now}]; serve the mix file the state was saved with, or "
                 "resume with TokenFeed(mix={...}) to fix the weights from here on")
-        limits = {n: v for n, v in self.limits.items() if v and n in mix.sources}
+        limits = {n: v for n, v in self.limits.items()
+                  if v and n in mix.sources and spec.split == "train"}
         if dict(mix.limits or {}) != limits:
             def show(d: Mapping[str, Limits]) -> str:
                 return "; ".join(f"{n}: {v.describe()}" for n, v in sorted(d.items())) or "none"
