@@ -45,6 +45,7 @@ class Admission:
         # the mix file's declared recipe: a new train stream without weights of its own
         # follows `curve`; every mixture stream keeps `limits` (recipe.py)
         self.curve = curve
+        self.follow_schedule = True  # False after `tokenfeed mix --set` (ops.py)
         self.limits = dict(limits or {})
         self.served = tuple(datasets)
         self.tokenizer = tokenizer
@@ -116,7 +117,7 @@ class Admission:
                 raise ConfigError(f"mix names {', '.join(sorted(unknown))}; this daemon serves "
                                   f"{', '.join(self.served)}")
             train = spec.split == "train"  # a val stream reads its split as it is
-            curve = self.curve if spec.mix is None and train else None
+            curve = self.curve if spec.mix is None and train and self.follow_schedule else None
             return dataclasses.replace(position, mix=MixState.initial(
                 chosen, curve, self.limits if train else None))
         if msg.get("reweight") is True and spec.mix is not None:

@@ -198,5 +198,15 @@ def test_mix_file_limits_schedule_and_errors(tmp_path):
                         "code": [str(tmp_path / "a" / ".." / "a" / "x.parquet")]})
 
 
-def test_documents_per_unit_is_what_the_tests_assume():
-    assert DOCS_PER_UNIT == 64
+def test_an_elastic_resume_of_a_scheduled_mixture_is_refused_naming_the_way_out():
+    from tokenfeed.common.config import StreamSpec
+    from tokenfeed.producer.admission import Admission
+
+    mixer = Mixer(MixState.initial({"code": 0.5, "math": 0.0, "web": 0.5}, RAMP))
+    mix_units(mixer, 2)
+    cursor = {"unit": 1, "offset": 0, "mix": mixer.state(1, ConcatPosition(1)).to_json()}
+    admission = Admission(dict.fromkeys(NAMES), None, {})  # type: ignore[arg-type]
+    spec = StreamSpec(batch_size=2, seq_len=8, rank=0, world_size=3)
+    with pytest.raises(StateMismatchError, match="elastic resume of a mixture with a "
+                       "\\[schedule\\] or source limits is not supported"):
+        admission._elastic(spec, [cursor, cursor])

@@ -153,6 +153,10 @@ def test_realized_shares_follow_the_schedule_and_resumes_continue_bit_identicall
     # status and its screen show the target now (the live weights) and the realized share
     assert status["mix"]["code"]["weight"] == pytest.approx(0.5)
     assert "stream 0 mix: code 50% got" in render_text({**daemon.status(), "streams": [status]})
+    with daemon.feed(B, T) as later:  # a stream begun after the --set: its weights only
+        next(later)
+        begun = later.state_dict()["cursor"]["mix"]
+    assert "curve" not in begun and begun["weights"] == [[0, {"code": 0.5, "web": 0.5}]]
     # 2. Resumes, on a fresh daemon serving the same file: before, inside and after the
     # ramp, right after the live change is recorded, and once it applies.
     assert daemon.stop() == 0
