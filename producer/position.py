@@ -227,10 +227,13 @@ class MixState:
         names = sorted(sources)
         full = {n: float(weights.get(n, 0.0)) for n in names}
         schedule = [(at, {n: w.get(n, 0.0) for n in names}) for at, w in self.schedule]
-        if schedule[-1][1] != full or (self.curve is not None and len(schedule) == 1):
+        curve = self.curve
+        if schedule[-1][1] != full or (curve is not None and len(schedule) == 1):
             schedule = [e for e in schedule if e[0] < self.mixed] + [(self.mixed, full)]
+            if len(schedule) == 1:  # the new weights hold from the start: no schedule left
+                curve = None
         return MixState(self.at, {n: sources[n] for n in names}, tuple(schedule), self.mixed,
-                        self.layouts, curve=self.curve, limits=self.limits)
+                        self.layouts, curve=curve, limits=self.limits)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {

@@ -108,6 +108,20 @@ def test_a_live_change_equal_to_the_schedule_start_still_ends_the_schedule():
     assert mixer.weights["code"] == pytest.approx(0.1)
 
 
+def test_a_resume_with_other_weights_ends_the_schedule_where_mixing_stopped():
+    mixer = Mixer(MixState.initial({"code": 0.5, "math": 0.0, "web": 0.5}, RAMP))
+    want = mix_units(mixer, 5)
+    saved = mixer.state(4, ConcatPosition(4))  # the packer still needs unit 4; 5 mixed
+    first_row = {"code": 0.1, "math": 0.0, "web": 0.9}
+    for weights in ({"code": 0.5, "web": 0.5}, first_row):  # even the schedule's own start
+        changed = saved.with_weights(weights)
+        assert changed.curve == RAMP and changed.schedule[-1][0] == 5
+        resumed = Mixer(changed)
+        np.testing.assert_array_equal(mix_units(resumed, 1)[0], want[4])  # as it was mixed
+        mix_units(resumed, 1)
+        assert resumed.weights["code"] == pytest.approx(weights["code"])
+
+
 def test_a_repeated_source_gives_each_document_exactly_k_times_then_the_rest_share():
     # code: 3 units (21 documents) repeated 3 times; web unbounded
     state = MixState.initial({"code": 0.5, "math": 0.0, "web": 0.5},
