@@ -249,3 +249,21 @@ def test_max_tokens_stops_a_source_within_one_document_of_its_budget(
                            r"max_tokens = 20000\) differ from this daemon's mix file \(code: "
                            r"max_tokens = 30000\)"):
             next(feed)
+
+
+def test_a_best_fit_stream_resumes_mid_ramp_bit_identically(start_daemon, corpus, tmp_path):
+    ramp = RAMP.replace("130_000", "40_000").replace("30_000", "4_000")
+    mix = mix_file(tmp_path / "mix.toml", corpus, ramp)
+    daemon = start_daemon("--mix", str(mix), "--linger-s", "0", data=None, sources={})
+    kw = {"packing": "bestfit", "shuffle_seed": 7}
+    with daemon.feed(B, T, **kw) as feed:  # ~61k tokens: through the whole ramp
+        batches = [next(feed) for _ in range(12)]
+        state = json.loads(json.dumps(feed.state_dict()))  # inside the ramp
+        batches += [next(feed) for _ in range(18)]
+    assert state["cursor"]["mix"]["curve"]["tokens"] == [0, 4000, 40000]
+    with daemon.feed(B, T, **kw) as feed:
+        feed.load_state_dict(state)
+        for i in range(12, 30):
+            x, y = next(feed)
+            np.testing.assert_array_equal(x.numpy(), batches[i][0].numpy(), err_msg=f"batch {i}")
+            np.testing.assert_array_equal(y.numpy(), batches[i][1].numpy())
