@@ -127,7 +127,7 @@ class Admission:
 
     def _check_recipe(self, mix: MixState, spec: StreamSpec) -> None:
         """A saved mixture resumes under the recipe it was saved with: another declared
-        schedule or other limits are refused (docs/data-recipes.md: changing a recipe)."""
+        schedule or other limits are refused (docs/data-recipes.md)."""
         declared = self.curve if spec.mix is None and spec.split == "train" else None
         live = len(mix.schedule) > 1  # weights set live since: the schedule no longer decides
         if mix.curve != declared and not (live and mix.curve is None):

@@ -250,8 +250,9 @@ class Mixer:
                     raise DataError(
                         "every source of positive weight in this mixture is done ("
                         f"{', '.join(finished)}: repeat passes or budgets reached): the "
-                        "recipe is complete; resume from a checkpoint with other limits, or "
-                        "start a new stream")
+                        "recipe is complete and every full batch of it was delivered; to "
+                        "train on, start a new stream (without load_state_dict) from a mix "
+                        "file with more repeats or larger budgets")
                 best = choice
             else:  # fixed weights, no limits: 0.2.0's rule, as it was
                 total = sum(cursors[i][2] for i in active)
