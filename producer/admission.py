@@ -32,6 +32,7 @@ from tokenfeed.producer.changes import SourceChange, rebase, source_change
 from tokenfeed.producer.dataset import Dataset, RowGroupRef, changed_shards, split_fingerprint
 from tokenfeed.producer.position import MixState, Position
 from tokenfeed.producer.reader import Source, epoch_order
+from tokenfeed.producer.recipe import Curve, Limits
 from tokenfeed.producer.tokenizer import Tokenizer
 from tokenfeed.producer.valstore import ValStore
 
@@ -41,8 +42,14 @@ log = logging.getLogger(__name__)
 class Admission:
     def __init__(self, datasets: dict[str, Dataset], tokenizer: Tokenizer,
                  caches: Mapping[str, TokenCache],
-                 val_stores: Mapping[str, ValStore] | None = None) -> None:
+                 val_stores: Mapping[str, ValStore] | None = None, curve: Curve | None = None,
+                 limits: Mapping[str, Limits] | None = None) -> None:
         self.datasets = datasets
+        # the mix file's declared recipe: a new train stream without weights of its own
+        # follows `curve`; every mixture stream keeps `limits` (recipe.py)
+        self.curve = curve
+        self.follow_schedule = True  # False after `tokenfeed mix --set` (ops.py)
+        self.limits = dict(limits or {})
         self.served = tuple(datasets)
         self.tokenizer = tokenizer
         self.caches = caches  # text column -> its token cache
@@ -104,7 +111,8 @@ class Admission:
             if change:
                 return self._changed(position, spec, weights, change)
         if position.mix is None:
-            if spec.mix is None and len(self.served) == 1:
+            if spec.mix is None and len(self.served) == 1 and not self.limits and (
+                    self.curve is None):
                 return position  # one source: no mixture
             if start is not None:
                 raise StateMismatchError(
@@ -116,9 +124,13 @@ class Admission:
             if unknown:
                 raise ConfigError(f"mix names {', '.join(sorted(unknown))}; this daemon serves "
                                   f"{', '.join(self.served)}")
-            return dataclasses.replace(position, mix=MixState.initial(chosen))
+            train = spec.split == "train"  # a val stream reads its split as it is
+            curve = self.curve if spec.mix is None and train and self.follow_schedule else None
+            return dataclasses.replace(position, mix=MixState.initial(
+                chosen, curve, self.limits if train else None))
         if msg.get("reweight") is True and spec.mix is not None:
             return dataclasses.replace(position, mix=position.mix.with_weights(dict(spec.mix)))
+        self._check_recipe(position.mix, spec)
         return position
 
     def _changed(self, position: Position, spec: StreamSpec, weights: Mapping[str, float],
@@ -136,6 +148,27 @@ class Admission:
         if not change.removed:  # added only: a weight change where it has not mixed yet
             return dataclasses.replace(position, mix=mix.with_weights(chosen))
         return rebase(position, spec, chosen, lambda name: self._refs(name, spec))
+    def _check_recipe(self, mix: MixState, spec: StreamSpec) -> None:
+        """A saved mixture resumes under the recipe it was saved with: another declared
+        schedule or other limits are refused (docs/data-recipes.md)."""
+        declared = self.curve if spec.mix is None and spec.split == "train" else None
+        live = len(mix.schedule) > 1  # weights set live since: the schedule no longer decides
+        if mix.curve != declared and not (live and mix.curve is None):
+            saved = mix.curve.describe() if mix.curve else "none"
+            now = declared.describe() if declared else "none"
+            raise StateMismatchError(
+                f"the saved state follows the weight schedule [{saved}], this daemon's mix "
+                f"file declares [{now}]; serve the mix file the state was saved with, or "
+                "resume with TokenFeed(mix={...}) to fix the weights from here on")
+        limits = {n: v for n, v in self.limits.items()
+                  if v and n in mix.sources and spec.split == "train"}
+        if dict(mix.limits or {}) != limits:
+            def show(d: Mapping[str, Limits]) -> str:
+                return "; ".join(f"{n}: {v.describe()}" for n, v in sorted(d.items())) or "none"
+            raise StateMismatchError(
+                f"the saved state's source limits ({show(mix.limits or {})}) differ from this "
+                f"daemon's mix file ({show(limits)}); serve the mix file the state was saved "
+                "with (repeat, max_tokens and max_documents count from the stream's start)")
 
     def sources(self, start: Position, split: str) -> list[Source]:
         """The sources a stream from `start` reads: its mixture's, in name order, or the
@@ -177,6 +210,10 @@ class Admission:
             saved.append(position)
         begin = Position.start(spec).packed
         first_mix = saved[0].mix
+        if first_mix is not None and (first_mix.curve is not None or first_mix.limits):
+            raise StateMismatchError(
+                "an elastic resume of a mixture with a [schedule] or source limits is not "
+                "supported: resume at the world size it was saved at")
         if mixture and first_mix is not None:
             mix = elastic.plan_mixture(saved, spec.packing,
                                        {n: self._refs(n, spec) for n in first_mix.names},

@@ -35,6 +35,7 @@ from tokenfeed.producer.config import (
     data_path,
     field_default,
     load_mix_file,
+    load_recipe,
     parse_source,
     parse_weights,
 )
@@ -242,8 +243,15 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
             raise ConfigError("pass sources with --mix FILE or with --source, not both")
         sources, file_weights = load_mix_file(args.mix)
         weights = weights or file_weights
+        schedule, limits = load_recipe(args.mix)
+        if schedule is not None and args.weights:
+            raise ConfigError(f"--weights and the [schedule] of {args.mix} both give weights; "
+                              "pass one of them")
+    else:
+        schedule, limits = None, ()
     return DaemonConfig(
         data_dir=data_path(args.data) if args.data else None, sources=sources, weights=weights,
+        schedule=schedule, limits=limits,
         run_dir=resolve_run_dir(args.run_dir),
         tokenizer=args.tokenizer, bos=args.bos, workers=args.workers, slots=args.slots,
         val_files=args.val_files, text_column=args.text_column, linger_s=args.linger_s,

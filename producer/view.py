@@ -99,6 +99,7 @@ def footer_lines(s: dict[str, Any]) -> list[str]:
             lines.append(f"stream {st['stream']} mix: " + ", ".join(
                 f"{name} {m['weight']:.0%} got {_pct(m['share'])} "
                 f"(recent {_pct(m['share_recent'])}) epoch {m['epoch']}"
+                + (" done" if m.get("done") else "")
                 for name, m in st["mix"].items()))
         if st.get("error"):
             lines.append(f"stream {st['stream']} error: {st['error']}")
