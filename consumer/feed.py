@@ -57,6 +57,7 @@ from tokenfeed.common.errors import (
     StateMismatchError,
     TokenfeedError,
 )
+from tokenfeed.common.exclude import exclude_fields
 from tokenfeed.common.ring import Ring
 from tokenfeed.consumer import lifetime
 from tokenfeed.consumer.docinfo import doc_info
@@ -93,6 +94,7 @@ class TokenFeed:
         prefetch: int = 2,
         stall_timeout_s: float = 300.0,
         reconnect_s: float = 0.0,
+        exclude: str | Path | None = None,
     ) -> None:
         topo = resolve_topology(rank, world_size, device)
         self.spec = StreamSpec(
@@ -122,6 +124,9 @@ class TokenFeed:
         self.prefetch = prefetch
         self.stall_timeout_s = stall_timeout_s
         self.reconnect_s = reconnect_s
+        # Documents this stream never delivers: read here (a bad line fails at once), sent
+        # as content with every attach (common/exclude.py), checked by the daemon.
+        self._exclude = exclude_fields(exclude) if exclude is not None else {}
         self._start: dict[str, Any] | None = None
         self._skip = 0  # batches the daemon drops after _start, until the first one arrives
         self._expect: dict[str, Any] = {}
@@ -279,6 +284,7 @@ class TokenFeed:
                 # A replica coming back must find its group's stream, not start a new one.
                 rejoin=self._attached and self.replicas > 1,
                 reweight=self._reweight, **({"skip": self._skip} if self._skip else {}),
+                **self._exclude,
             ))
             reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
         except BaseException:
@@ -311,6 +317,13 @@ class TokenFeed:
             raise StateMismatchError(
                 f"the daemon did not skip {self._skip} batches (it predates skip_batches); "
                 "upgrade the node's tokenfeed daemon, or load the state without skip_batches")
+        if self._exclude and not isinstance(reply["start"].get("exclude"), dict):
+            sock.send(protocol.encode("detach"))
+            sock.close(linger=100)
+            ring.close()
+            raise StateMismatchError(
+                "the daemon did not apply exclude= (it predates exclusion lists); upgrade the "
+                "node's tokenfeed daemon")
         self._ring = ring
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]

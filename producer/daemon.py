@@ -42,9 +42,10 @@ from tokenfeed.common.config import (
 )
 from tokenfeed.common.control import error_kind
 from tokenfeed.common.errors import ConfigError, ProtocolError, TokenfeedError
+from tokenfeed.common.exclude import read_exclude_file
 from tokenfeed.common.ring import token_dtype
 from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
-from tokenfeed.producer import ops
+from tokenfeed.producer import exclude, ops
 from tokenfeed.producer.admission import Admission
 from tokenfeed.producer.backends import verified_backend
 from tokenfeed.producer.cache import TokenCache
@@ -121,6 +122,9 @@ class Daemon:
                                                 cache_dir=cfg.cache_dir)
                          for src in cfg.source_list()}
         self.weights = cfg.default_weights()  # a mixture's, when a consumer names none
+        # serve --exclude: documents no stream delivers, checked against the data now
+        self.exclusion = (exclude.resolve(read_exclude_file(cfg.exclude), self.datasets,
+                                          str(cfg.exclude)) if cfg.exclude else exclude.NONE)
         self.fingerprint = combined_fingerprint(self.datasets)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
         self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize

@@ -28,6 +28,7 @@ from typing import Any
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import StateMismatchError
 from tokenfeed.producer.dataset import SplitPlan
+from tokenfeed.producer.exclude import keep_rule
 from tokenfeed.producer.mixer import RECENT_BATCHES, Mixer
 from tokenfeed.producer.position import BestFitPosition, Layout, Packed, Position
 from tokenfeed.producer.reader import Source, SourceReader
@@ -171,13 +172,15 @@ def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Positi
         src = sources[0]
         reader = SourceReader(sid, 0, src.plan, src.column, cache=src.cache,
                               first_unit=start.first_unit, skip=skipped_units(start.packed),
-                              layout=start.elastic, **common)
+                              layout=start.elastic, exclude=src.exclude,
+                              exclude_keep=keep_rule(start.exclude, spec.packing == "bestfit"),
+                              **common)
         return OneSource(reader, start.elastic)
     if [s.name for s in sources] != list(mix.names):
         raise StateMismatchError(f"a mixture of {', '.join(mix.names)} needs those sources")
     layouts = mix.layouts or {}
     readers = [SourceReader(sid, i, src.plan, src.column, cache=src.cache,
                             first_unit=mix.sources[src.name].unit,
-                            layout=layouts.get(src.name), **common)
+                            layout=layouts.get(src.name), exclude=src.exclude, **common)
                for i, src in enumerate(sources)]
     return Mixture(Mixer(mix), readers)

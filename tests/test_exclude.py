@@ -1,0 +1,343 @@
+"""exclude=PATH / serve --exclude PATH: listed documents are never delivered again.
+
+The reference is built here, offline, from tests/oracle.py's rules: the rank's documents
+with their identity (file, row group, file row), the listed ones removed, packed by the
+reference packers; the daemon must deliver exactly that, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import BOS_ID, ENCODING, wait_until
+from conftest import assert_batch_equals as assert_concat_equals
+from oracle import bestfit_windows, rank_row_groups, split_files
+
+from tokenfeed.common.errors import ConfigError, StateMismatchError
+
+B, T = 2, 64
+L = B * T + 1
+BUFFER_DOCS, MIN_TAIL = 8, 32  # best fit: a buffer that turns over within an epoch
+BESTFIT = {"packing": "bestfit", "buffer_docs": BUFFER_DOCS, "min_tail": MIN_TAIL}
+
+Doc = tuple[str, int, int]  # (file name, row group, file row)
+
+
+def labelled_documents(corpus: Path, encoding: Any, shuffle_seed: int | None = None
+                       ) -> Iterator[tuple[Doc, list[int]]]:
+    """Rank 0 of 1's documents (oracle rules 1-4), each with its identity."""
+    files = split_files(corpus, "train")
+    for epoch, ordinal, path, index in rank_row_groups(files, rank=0, world_size=1,
+                                                       shuffle_seed=shuffle_seed):
+        values = pq.ParquetFile(path).read_row_group(index, columns=["text"]).column(0)
+        values = values.to_pylist()
+        order = (np.arange(len(values)) if shuffle_seed is None else
+                 np.random.default_rng([shuffle_seed, epoch, ordinal]).permutation(len(values)))
+        for row in order:
+            if isinstance(values[row], str):
+                yield (path.name, index, int(row)), [BOS_ID, *encoding.encode_ordinary(values[row])]
+
+
+def epoch_documents(corpus: Path) -> list[Doc]:
+    files = split_files(corpus, "train")
+    out = []
+    for path in files:
+        pf = pq.ParquetFile(path)
+        for g in range(pf.num_row_groups):
+            values = pf.read_row_group(g, columns=["text"]).column(0).to_pylist()
+            out += [(path.name, g, r) for r, v in enumerate(values) if isinstance(v, str)]
+    return out
+
+
+def chosen(corpus: Path, every: int = 5, first: int = 1) -> list[Doc]:
+    return epoch_documents(corpus)[first::every]
+
+
+def write_list(path: Path, docs: list[Doc], form: str = "json") -> Path:
+    lines = ["# documents after the spike"]
+    for i, (file, g, r) in enumerate(docs):
+        if form == "json":  # segments as `explain --json` prints them, extra keys and all
+            lines.append(json.dumps({"source": "data", "file": file, "row_group": g, "row": r,
+                                     "start": 0, "end": 9}))
+            if i % 4 == 0:
+                lines.append(json.dumps({"pad": 3}))
+        else:
+            lines.append(f"{file},{g},{r}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def concat_windows(docs: Iterator[list[int]], n: int) -> list[np.ndarray]:
+    windows, pending = [], []
+    while len(windows) < n:
+        while len(pending) < L:
+            pending.extend(next(docs))
+        windows.append(np.array(pending[:L], dtype=np.int64))
+        pending = pending[L:]
+    return windows
+
+
+def kept(corpus: Path, encoding: Any, excluded: set[Doc], *, from_token: int = 0,
+         from_doc: int = 0, seen: list[Doc] | None = None) -> Iterator[list[int]]:
+    """The rank's documents without the excluded ones, except those that begin before
+    token `from_token` or are among the first `from_doc` (where a list began)."""
+    token = 0
+    for i, (doc, tokens) in enumerate(labelled_documents(corpus, encoding)):
+        if doc not in excluded or token < from_token or i < from_doc:
+            if seen is not None:
+                seen.append(doc)
+            yield tokens
+        token += len(tokens)
+
+
+def bestfit(docs: Iterator[list[int]], n: int) -> list[np.ndarray]:
+    windows, _ = bestfit_windows(docs, bos_id=BOS_ID, batch_size=B, seq_len=T, num_batches=n,
+                                 buffer_docs=BUFFER_DOCS, min_tail=MIN_TAIL,
+                                 max_age_docs=8 * BUFFER_DOCS)
+    return windows
+
+
+def assert_batch_equals(batch: tuple[Any, Any], window: np.ndarray, where: str) -> None:
+    """A concat window (B*T+1 tokens) or a best-fit one (B rows of T+1)."""
+    if len(window) == L:
+        assert_concat_equals(batch, window, where)
+        return
+    rows = window.reshape(B, T + 1)
+    np.testing.assert_array_equal(batch[0].numpy(), rows[:, :-1], err_msg=where)
+    np.testing.assert_array_equal(batch[1].numpy(), rows[:, 1:], err_msg=where)
+
+
+def take(feed: Any, n: int) -> list[tuple[Any, Any]]:
+    return [next(feed) for _ in range(n)]
+
+
+def saved(feed: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(feed.state_dict()))
+
+
+@pytest.fixture(scope="module")
+def encoding() -> Any:
+    import tiktoken
+
+    return tiktoken.get_encoding(ENCODING)
+
+
+def epoch_batches(corpus: Path, encoding: Any, excluded: set[Doc]) -> int:
+    one_epoch = islice(labelled_documents(corpus, encoding), len(epoch_documents(corpus)))
+    tokens = sum(len(t) for doc, t in one_epoch if doc not in excluded)
+    return tokens // L + 2  # a little past the epoch
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_listed_documents_are_never_delivered_and_the_rest_exactly_once(
+        start_daemon, corpus, encoding, tmp_path, packing):
+    excluded = set(chosen(corpus))
+    path = write_list(tmp_path / "exclude.jsonl", sorted(excluded))
+    n = epoch_batches(corpus, encoding, excluded)
+    seen: list[Doc] = []
+    docs = kept(corpus, encoding, excluded, seen=seen)
+    want = concat_windows(docs, n) if packing == "concat" else bestfit(docs, n)
+    # the reference itself: over the first epoch, every unlisted document once, no listed one
+    first_epoch = seen[:len(epoch_documents(corpus)) - len(excluded)]
+    assert sorted(first_epoch) == sorted(set(epoch_documents(corpus)) - excluded)
+    daemon = start_daemon()
+    options = BESTFIT if packing == "bestfit" else {}
+    with daemon.feed(B, T, exclude=path, **options) as feed:
+        for k, batch in enumerate(take(feed, n)):
+            assert_batch_equals(batch, want[k], f"batch {k}")
+        mark = feed.state_dict()["cursor"]["exclude"]
+    assert len(mark["sha256"]) == 64 and (mark["unit"], mark["keep"]) == (0, 0)
+    stream = daemon.status()["streams"]
+    assert stream and stream[0]["excluded_documents"] >= len(excluded)
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_a_state_saved_under_a_list_resumes_exactly_under_it(
+        start_daemon, corpus, encoding, tmp_path, packing):
+    excluded = set(chosen(corpus, every=3))
+    path = write_list(tmp_path / "exclude.csv", sorted(excluded), form="csv")
+    docs = kept(corpus, encoding, excluded)
+    want = concat_windows(docs, 40) if packing == "concat" else bestfit(docs, 40)
+    daemon = start_daemon()
+    options = BESTFIT if packing == "bestfit" else {}
+    for k in (3, 17):
+        with daemon.feed(B, T, exclude=path, **options) as feed:
+            take(feed, k)
+            state = saved(feed)
+        with daemon.feed(B, T, exclude=path, **options) as feed:
+            feed.load_state_dict(state)
+            for i, batch in enumerate(take(feed, 40 - k)):
+                assert_batch_equals(batch, want[k + i], f"resumed at {k}, batch {k + i}")
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_a_list_begins_exactly_where_a_state_saved_without_one_resumes(
+        start_daemon, corpus, encoding, tmp_path, packing):
+    """After a loss spike: resume the checkpoint before it, excluding from there on."""
+    excluded = set(chosen(corpus, every=2))
+    path = write_list(tmp_path / "spike.jsonl", sorted(excluded))
+    daemon = start_daemon()
+    options = BESTFIT if packing == "bestfit" else {}
+    k, n = 5, 45
+    with daemon.feed(B, T, **options) as feed:
+        take(feed, k)
+        state = saved(feed)
+    if packing == "concat":  # every document that begins after the position is subject
+        want = concat_windows(kept(corpus, encoding, excluded, from_token=k * L), n + 1)
+    else:  # every document not yet read into the buffer is subject
+        read = documents_read(corpus, encoding, k)
+        want = bestfit(kept(corpus, encoding, excluded, from_doc=read), n + 1)
+    with daemon.feed(B, T, exclude=path, **options) as feed:
+        feed.load_state_dict(state)
+        for i, batch in enumerate(take(feed, n - k)):
+            assert_batch_equals(batch, want[k + i], f"batch {k + i}")
+        later = saved(feed)
+    with daemon.feed(B, T, exclude=path, **options) as feed:  # and that state resumes too
+        feed.load_state_dict(later)
+        assert_batch_equals(next(feed), want[n], f"batch {n}, resumed")
+
+
+def _sha(state: dict[str, Any]) -> str:
+    return str(state["cursor"]["exclude"]["sha256"])
+
+
+def documents_read(corpus: Path, encoding: Any, k: int) -> int:
+    """The documents best fit has read once it has cut its first `k` windows."""
+    read = 0
+
+    def docs() -> Iterator[list[int]]:
+        nonlocal read
+        for _, tokens in labelled_documents(corpus, encoding):
+            read += 1
+            yield tokens
+
+    bestfit(docs(), k)
+    return read
+
+
+def test_a_state_refuses_to_resume_under_another_list_naming_both_hashes(
+        start_daemon, corpus, tmp_path):
+    first = write_list(tmp_path / "a.jsonl", chosen(corpus, every=4))
+    other = write_list(tmp_path / "b.jsonl", chosen(corpus, every=6))
+    daemon = start_daemon()
+    with daemon.feed(B, T, exclude=first) as feed:
+        take(feed, 3)
+        state = saved(feed)
+    with daemon.feed(B, T, exclude=other) as feed:
+        take(feed, 1)
+        now = _sha(saved(feed))
+    assert now != _sha(state)
+    with daemon.feed(B, T, exclude=other) as feed:
+        feed.load_state_dict(state)
+        with pytest.raises(StateMismatchError) as e:
+            next(feed)
+    assert _sha(state) in str(e.value) and now in str(e.value)
+    assert "exclusion file kept next to that checkpoint" in str(e.value)
+    with daemon.feed(B, T) as feed:  # no list at all: refused as well
+        feed.load_state_dict(state)
+        with pytest.raises(StateMismatchError, match=f"{_sha(state)}.*excludes nothing"):
+            next(feed)
+
+
+def test_the_token_cache_never_serves_a_unit_under_another_list(
+        start_daemon, corpus, encoding, tmp_path):
+    """Cached units are whole; rows are dropped as they are served."""
+    excluded = set(chosen(corpus, every=3))
+    path = write_list(tmp_path / "exclude.jsonl", sorted(excluded))
+    daemon = start_daemon("--cache-dir", str(tmp_path / "cache"))
+    n = epoch_batches(corpus, encoding, set())
+    row_groups = sum(pq.ParquetFile(f).num_row_groups for f in split_files(corpus, "train"))
+    with daemon.feed(B, T) as feed:
+        take(feed, n)  # an epoch without the list: the cache holds every row group whole
+    wait_until(lambda: daemon.status()["cache"]["writes"] >= row_groups, what="cache writes")
+    want = concat_windows(kept(corpus, encoding, excluded), 30)
+    with daemon.feed(B, T, exclude=path) as feed:
+        for k, batch in enumerate(take(feed, 30)):
+            assert_batch_equals(batch, want[k], f"batch {k} under the list")
+    assert daemon.status()["cache"]["hits"] >= row_groups
+    plain = concat_windows(kept(corpus, encoding, set()), 30)
+    with daemon.feed(B, T) as feed:
+        for k, batch in enumerate(take(feed, 30)):
+            assert_batch_equals(batch, plain[k], f"batch {k} without it")
+
+
+def test_serve_exclude_applies_to_every_stream_of_the_daemon(
+        start_daemon, corpus, encoding, tmp_path):
+    excluded = set(chosen(corpus, every=4, first=2))
+    path = write_list(tmp_path / "daemon.csv", sorted(excluded), form="csv")
+    daemon = start_daemon("--exclude", str(path))
+    want = concat_windows(kept(corpus, encoding, excluded), 30)
+    with daemon.feed(B, T) as feed:
+        for k, batch in enumerate(take(feed, 30)):
+            assert_batch_equals(batch, want[k], f"batch {k}")
+        state = saved(feed)
+    with daemon.feed(B, T) as feed:  # its states resume on it exactly
+        feed.load_state_dict(state)
+        assert_batch_equals(next(feed), concat_windows(kept(corpus, encoding, excluded),
+                                                       31)[30], "resumed")
+
+
+@pytest.mark.parametrize("line,fix", [
+    ("shard_a.parquet,0", "3 or 4"),
+    ('{"file": "x.parquet", "row": 1}', "no row_group"),
+    ("x.parquet,zero,1", "'zero' is not an integer"),
+    ("{not json", "not JSON"),
+])
+def test_a_malformed_line_fails_at_construction_naming_it(start_daemon, tmp_path, line, fix):
+    path = tmp_path / "bad.txt"
+    path.write_text(f"# a comment\n\n{line}\n")
+    daemon = start_daemon()
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))} line 3: .*{re.escape(fix)}"):
+        daemon.feed(B, T, exclude=path)
+
+
+@pytest.mark.parametrize("entry,fix", [
+    ("elsewhere.parquet,0,0", "is not a shard of source 'data'"),
+    ("{first},7,0", "has 3 row groups, so row_group 7 does not exist"),
+    ("{first},0,100000", "so row 100000 does not exist"),
+    ("/not/the/root/{first},0,0", "is not a shard of source 'data'"),
+])
+def test_an_entry_the_daemon_does_not_serve_fails_at_attach_naming_the_line(
+        start_daemon, corpus, tmp_path, entry, fix):
+    first = split_files(corpus, "train")[0].name
+    path = tmp_path / "bad.csv"
+    path.write_text(f"{first},0,0\n{entry.format(first=first)}\n")
+    daemon = start_daemon()
+    with daemon.feed(B, T, exclude=path) as feed, pytest.raises(
+            ConfigError, match=rf"{re.escape(str(path))} line 2: .*{re.escape(fix)}"):
+        next(feed)
+
+
+def test_an_absolute_path_under_the_root_names_the_same_document(start_daemon, corpus, tmp_path):
+    docs = chosen(corpus, every=7)
+    by_name = write_list(tmp_path / "names.csv", docs, form="csv")
+    by_path = tmp_path / "paths.csv"
+    by_path.write_text("".join(f"{corpus / f},{g},{r}\n" for f, g, r in docs))
+    daemon = start_daemon()
+    shas = []
+    for path in (by_name, by_path):
+        with daemon.feed(B, T, exclude=path) as feed:
+            next(feed)
+            shas.append(_sha(saved(feed)))
+    assert shas[0] == shas[1]
+
+
+def test_serve_refuses_a_bad_exclusion_file_at_start(corpus, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("missing.parquet,0,0\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "tokenfeed.producer", "serve", "--data", str(corpus),
+         "--run-dir", str(tmp_path / "run"), "--tokenizer", ENCODING, "--exclude", str(path),
+         "--tokenizer-backend", "tiktoken"], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert f"{path} line 1: 'missing.parquet' is not a shard" in run.stderr
