@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import BOS_ID, ENCODING, wait_until
 from conftest import assert_batch_equals as assert_concat_equals
-from oracle import bestfit_windows, rank_row_groups, split_files
+from oracle import Positions, bestfit_windows, rank_row_groups, split_files
 
 from tokenfeed.common.errors import ConfigError, StateMismatchError
 
@@ -341,3 +342,102 @@ def test_serve_refuses_a_bad_exclusion_file_at_start(corpus, tmp_path):
          "--tokenizer-backend", "tiktoken"], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert f"{path} line 1: 'missing.parquet' is not a shard" in run.stderr
+
+
+# -- any configuration: a listed row is read exactly as a null one -----------------
+
+def nulled_copy(corpus: Path, out: Path, excluded: set[Doc]) -> Path:
+    """The corpus with the listed rows' text made null: same names, same row groups."""
+    out.mkdir()
+    for path in sorted(corpus.glob("*.parquet")):
+        pf = pq.ParquetFile(path)
+        with pq.ParquetWriter(out / path.name, pf.schema_arrow) as writer:
+            for g in range(pf.num_row_groups):
+                table = pf.read_row_group(g)
+                values = table.column("text").to_pylist()
+                for row in range(len(values)):
+                    if (path.name, g, row) in excluded:
+                        values[row] = None
+                column = table.schema.get_field_index("text")
+                writer.write_table(table.set_column(column, "text",
+                                                    pa.array(values, pa.string())))
+    return out
+
+
+def run_scenario(daemon: Any, scenario: str, exclude: Path | None) -> list[list[np.ndarray]]:
+    """Each rank's batches of `scenario`, as arrays (`exclude`: the feeds' list)."""
+    listed = {"exclude": exclude} if exclude is not None else {}
+    if scenario == "shuffled 2 ranks":
+        out = []
+        for rank in range(2):
+            with daemon.feed(B, T, rank=rank, world_size=2, shuffle_seed=7, **listed) as f:
+                out.append([np.concatenate([t.numpy().ravel() for t in next(f)])
+                            for _ in range(25)])
+        return out
+    if scenario == "mixture":
+        with daemon.feed(B, T, mix={"a": 0.6, "b": 0.4}, **listed) as f:
+            return [[np.concatenate([t.numpy().ravel() for t in next(f)]) for _ in range(40)]]
+    raise AssertionError(f"unknown scenario {scenario!r}")
+
+
+@pytest.mark.parametrize("scenario", [
+    "shuffled 2 ranks", pytest.param("mixture", marks=pytest.mark.slow)])
+def test_a_listed_row_is_delivered_exactly_as_a_null_one_would_be(
+        start_daemon, corpus, tmp_path, scenario):
+    """Shuffled, elastic and mixed streams need nothing of their own: the stream under a
+    list is, bit for bit, the stream of a copy of the data with those rows null."""
+    excluded = set(chosen(corpus, every=3))
+    nulled = nulled_copy(corpus, tmp_path / "nulled", excluded)
+    if scenario == "mixture":  # the list names source a; b is the corpus as it is
+        path = tmp_path / "mix.csv"
+        path.write_text("".join(f"a,{f},{g},{r}\n" for f, g, r in sorted(excluded)))
+        listed = start_daemon(sources={"a": corpus, "b": corpus})
+        plain = start_daemon(sources={"a": nulled, "b": corpus})
+    else:
+        path = write_list(tmp_path / "list.jsonl", sorted(excluded))
+        listed, plain = start_daemon(), start_daemon(data=nulled)
+    got = run_scenario(listed, scenario, path)
+    want = run_scenario(plain, scenario, None)
+    for rank, (g, w) in enumerate(zip(got, want, strict=True)):
+        for k, (a, b) in enumerate(zip(g, w, strict=True)):
+            np.testing.assert_array_equal(a, b, err_msg=f"{scenario}: rank {rank}, batch {k}")
+
+
+class ListedPositions(Positions):
+    """The oracle's positions of the nulled copy, weighed (rule 8) by the footers of the
+    data the daemon serves: a list leaves footers as they are, so elastic chunks do too."""
+
+    def __init__(self, nulled: Path, served: Path, **kwargs: Any) -> None:
+        super().__init__(nulled, **kwargs)
+        self.served = Positions(served, **kwargs)
+
+    def weight(self, kind: int, g: int, a: int) -> int:
+        return self.served.weight(kind, g, a)
+
+
+@pytest.mark.parametrize("packing", ["concat", pytest.param("bestfit", marks=pytest.mark.slow)])
+def test_an_elastic_resume_under_a_list_matches_the_oracle(
+        start_daemon, corpus, encoding, tmp_path, packing):
+    from test_elastic import BESTFIT as ELASTIC_BESTFIT
+    from test_elastic import expected, run_old_job, window_of
+
+    excluded = set(chosen(corpus, every=3))
+    path = write_list(tmp_path / "list.jsonl", sorted(excluded))
+    pos = ListedPositions(nulled_copy(corpus, tmp_path / "nulled", excluded), corpus,
+                          enc=encoding, bos_id=BOS_ID)
+    kw = {**(ELASTIC_BESTFIT if packing == "bestfit" else {}), "exclude": path}
+    k, n = 6, 10
+    daemon = start_daemon()
+    states, _ = run_old_job(daemon, 2, k, **kw)
+    want = expected(pos, 2, k, 3, packing, n)
+    for rank in range(3):
+        with daemon.feed(B, T, rank=rank, world_size=3, **kw) as feed:
+            feed.load_state_dict(states)
+            for i in range(n):
+                np.testing.assert_array_equal(window_of(next(feed), packing), want[rank][i],
+                                              err_msg=f"new rank {rank}, batch {i}")
+    without = {k: v for k, v in kw.items() if k != "exclude"}
+    with daemon.feed(B, T, rank=0, world_size=3, **without) as feed, pytest.raises(
+            StateMismatchError, match="excludes nothing"):
+        feed.load_state_dict(states)  # the job's list is in force: not without it
+        next(feed)
