@@ -30,6 +30,7 @@ the form it should have; a list over MAX_ATTACH_ENTRIES raises ConfigError namin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from tokenfeed.common.errors import ConfigError, ProtocolError
 MAX_ATTACH_ENTRIES = 65_536  # 786 KiB of triples: fits a 1 MiB frame with the names
 MAX_COUNT = 1 << 31  # row groups, rows and line numbers fit a uint32
 MAX_NAME_CHARS = 1024  # a source or file name on the wire
+MAX_WIRE_BYTES = 960 << 10  # of the attach frame's 1 MiB; the rest is the cursor's
 TRIPLE = struct.Struct("<III")
 
 FORMS = ("a JSON object with \"file\", \"row_group\" and \"row\" (and \"source\"), "
@@ -159,8 +161,15 @@ def to_wire(entries: list[Entry], where: str) -> list[list[Any]]:
     groups: dict[tuple[str, str], list[Entry]] = {}
     for e in entries:
         groups.setdefault((e.source or "", e.file), []).append(e)
-    return [[source, file, b"".join(TRIPLE.pack(e.line, e.row_group, e.row) for e in group)]
+    wire = [[source, file, b"".join(TRIPLE.pack(e.line, e.row_group, e.row) for e in group)]
             for (source, file), group in groups.items()]
+    size = sum(len(source) + len(file) + len(packed) + 8 for source, file, packed in wire)
+    if size > MAX_WIRE_BYTES:
+        raise ConfigError(
+            f"exclude file {where} takes {size} bytes to send, more than the {MAX_WIRE_BYTES} "
+            f"an attach carries (long file names?). Serve the list from the daemon instead: "
+            f"`tokenfeed serve --exclude {where} ...`")
+    return wire
 
 
 def exclude_fields(path: str | Path) -> dict[str, Any]:
@@ -173,9 +182,25 @@ def exclude_fields(path: str | Path) -> dict[str, Any]:
 
 def from_wire(value: Any) -> list[Entry]:
     """The entries of an attach's `exclude` field (untrusted), else ProtocolError."""
+    return [Entry(line, source or None, file, row_group, row)
+            for source, file, packed in _groups(value)
+            for line, row_group, row in TRIPLE.iter_unpack(packed)]
+
+
+def wire_digest(value: Any) -> str:
+    """A digest of an attach's `exclude` field (checked as `from_wire` does), to know a
+    list already seen without reading it again."""
+    digest = hashlib.sha256()
+    for source, file, packed in _groups(value):
+        digest.update(f"{len(source)}:{source}{len(file)}:{file}{len(packed)}:".encode())
+        digest.update(packed)
+    return digest.hexdigest()
+
+
+def _groups(value: Any) -> list[tuple[str, str, bytes]]:
     if not isinstance(value, list):
         raise ProtocolError("attach: 'exclude' must be a list of [source, file, triples]")
-    entries: list[Entry] = []
+    total = 0
     for group in value:
         if not (isinstance(group, list) and len(group) == 3
                 and all(isinstance(g, str) and len(g) <= MAX_NAME_CHARS for g in group[:2])
@@ -183,10 +208,8 @@ def from_wire(value: Any) -> list[Entry]:
                 and len(group[2]) % TRIPLE.size == 0):
             raise ProtocolError("attach: an 'exclude' group is not [source, file, "
                                 "uint32 (line, row_group, row) triples]")
-        source, file, packed = group
-        if len(entries) + len(packed) // TRIPLE.size > MAX_ATTACH_ENTRIES:
+        total += len(group[2]) // TRIPLE.size
+        if total > MAX_ATTACH_ENTRIES:
             raise ProtocolError(f"attach: 'exclude' names more than {MAX_ATTACH_ENTRIES} "
                                 "documents")
-        entries.extend(Entry(line, source or None, file, row_group, row)
-                       for line, row_group, row in TRIPLE.iter_unpack(packed))
-    return entries
+    return [(g[0], g[1], g[2]) for g in value]

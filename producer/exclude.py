@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from tokenfeed.common.errors import ConfigError, StateMismatchError
-from tokenfeed.common.exclude import MAX_NAME_CHARS, Entry, from_wire
+from tokenfeed.common.exclude import MAX_NAME_CHARS, Entry, from_wire, wire_digest
 from tokenfeed.producer.dataset import Dataset
 from tokenfeed.producer.position import WHOLE, BestFitPosition, ExcludeMark, Position
 
@@ -108,13 +108,21 @@ def resolve(entries: Iterable[Entry], datasets: Mapping[str, Dataset], where: st
     return Exclusion(frozenset(keys), paths)
 
 
+_SHARDS: dict[int, tuple[Dataset, dict[str, tuple[str, list[int]]]]] = {}
+
+
 def _shards(dataset: Dataset) -> dict[str, tuple[str, list[int]]]:
-    """File name -> (path, rows of each row group), over both splits."""
+    """File name -> (path, rows of each row group), over both splits; made once per
+    dataset (a daemon's are fixed), not at every attach that sends a list."""
+    known = _SHARDS.get(id(dataset))
+    if known is not None and known[0] is dataset:
+        return known[1]
     out: dict[str, tuple[str, list[int]]] = {}
     for plan in dataset.splits.values():
         for ref in plan.row_groups:
             name = ref.path.rsplit("/", 1)[-1]
             out.setdefault(name, (ref.path, []))[1].append(ref.num_rows)
+    _SHARDS[id(dataset)] = (dataset, out)
     return out
 
 
@@ -170,6 +178,22 @@ def keep_rows(row_tokens: np.ndarray, keep: int, by_documents: bool) -> int:
     return int(np.searchsorted(starts, keep, side="left"))
 
 
+def exclude_unit(tokens: np.ndarray, row_tokens: np.ndarray, rows: np.ndarray,
+                 order: np.ndarray | None, unit: int, rule: tuple[int, int, bool]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A stream's whole unit `unit` (its rows in read order: `order`, None for file order)
+    without the excluded file `rows` of its row group, under `rule` (`keep_rule`: before
+    the point where the list began, rows stay). What a reader delivers, and what an
+    offline tool must apply to reproduce it."""
+    first, keep, by_documents = rule
+    if unit < first:
+        return tokens, row_tokens
+    drop = excluded_mask(rows, order, len(row_tokens))
+    if unit == first:
+        drop[:keep_rows(row_tokens, keep, by_documents)] = False
+    return drop_rows(tokens, row_tokens, drop)
+
+
 def drop_rows(tokens: np.ndarray, row_tokens: np.ndarray, drop: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
     """The unit without the rows marked in `drop`: their tokens removed, their lengths 0
@@ -182,13 +206,31 @@ def drop_rows(tokens: np.ndarray, row_tokens: np.ndarray, drop: np.ndarray
 
 # -- admission ----------------------------------------------------------------
 
-def attach_list(msg: Mapping[str, Any], datasets: Mapping[str, Dataset]) -> Exclusion:
-    """The list an attach sends (its `exclude` field; `exclude_name` names it in errors)."""
+ATTACH_LISTS = 4  # lists kept resolved: every rank of a job sends the same one
+
+
+def for_attach(msg: Mapping[str, Any], datasets: Mapping[str, Dataset], served: Exclusion
+               ) -> Exclusion:
+    """The list a stream of this attach excludes: the daemon's own (`served`) and the one
+    the attach sends (its `exclude` field; `exclude_name` names it in errors). Checking
+    65,536 entries takes the daemon's loop ~1 s (benchmarks/exclude.py), so the last few
+    lists are kept by a digest of what was sent: the other ranks' attaches cost a hash."""
     if msg.get("exclude") is None:
-        return NONE
+        return served
+    digest = wire_digest(msg["exclude"])
+    hit = _ATTACHED.get(digest)
+    if hit is not None and hit[0] is served:
+        return hit[1]
     name = msg.get("exclude_name")
     where = name[:MAX_NAME_CHARS] if isinstance(name, str) else "sent with the attach"
-    return resolve(from_wire(msg["exclude"]), datasets, where)
+    listed = served | resolve(from_wire(msg["exclude"]), datasets, where)
+    _ATTACHED[digest] = (served, listed)
+    while len(_ATTACHED) > ATTACH_LISTS:
+        del _ATTACHED[next(iter(_ATTACHED))]
+    return listed
+
+
+_ATTACHED: dict[str, tuple[Exclusion, Exclusion]] = {}
 
 
 def admit(start: Position, saved_start: Any, exclusion: Exclusion) -> Position:

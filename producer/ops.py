@@ -129,7 +129,7 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     if d.pool.broken:
         raise StreamFailedError(d.pool.broken)
     start = d.admission.start(spec, msg, d.weights)
-    listed = d.exclusion | exclude.attach_list(msg, d.datasets)  # the daemon's and the feed's
+    listed = exclude.for_attach(msg, d.datasets, d.exclusion)  # the daemon's and the feed's
     start = exclude.admit(start, msg.get("start"), listed)
     sources = [dataclasses.replace(s, exclude=listed.rows(s.name))
                for s in d.admission.sources(start, spec.split)]

@@ -25,7 +25,7 @@ from tokenfeed.producer import elastic
 from tokenfeed.producer.cache import TokenCache, file_order
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
-from tokenfeed.producer.exclude import SourceRows, drop_rows, excluded_mask, keep_rows
+from tokenfeed.producer.exclude import SourceRows, exclude_unit
 from tokenfeed.producer.pool import Result, Task
 from tokenfeed.producer.position import Layout, unit_position
 from tokenfeed.producer.units import EMPTY, Unit
@@ -266,17 +266,13 @@ class SourceReader:
 
     def _excluding(self, unit: int, tokens: np.ndarray, row_tokens: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
-        """A whole unit without its excluded rows (before the point where the list began:
-        with them, as they were read then)."""
+        """A whole unit without its excluded rows (exclude.py)."""
         ref = self._ref(unit)
         rows = self.exclude.get((ref.path, ref.row_group))
-        first, keep, by_documents = self.exclude_keep
-        if rows is None or unit < first or len(row_tokens) != ref.num_rows:
+        if rows is None or len(row_tokens) != ref.num_rows:
             return tokens, row_tokens
-        drop = excluded_mask(rows, self._row_order(unit), len(row_tokens))
-        if unit == first:
-            drop[:keep_rows(row_tokens, keep, by_documents)] = False
-        tokens, kept = drop_rows(tokens, row_tokens, drop)
+        tokens, kept = exclude_unit(tokens, row_tokens, rows, self._row_order(unit), unit,
+                                    self.exclude_keep)
         self.excluded += int(np.count_nonzero(kept != row_tokens))
         return tokens, kept
 

@@ -441,3 +441,51 @@ def test_an_elastic_resume_under_a_list_matches_the_oracle(
             StateMismatchError, match="excludes nothing"):
         feed.load_state_dict(states)  # the job's list is in force: not without it
         next(feed)
+
+
+# -- the file and the wire (no daemon) ------------------------------------------
+
+def test_explain_batch_lines_segments_and_csv_read_as_the_same_entries(tmp_path):
+    from tokenfeed.common.exclude import read_exclude_file
+
+    segment = {"source": "web", "file": "s1.parquet", "row_group": 2, "row": 5, "start": 0,
+               "end": 40}
+    batch = {"batch": 0, "rows": [[segment, {"pad": 3}],
+                                  [{**segment, "row": 6, "start": 12}]]}
+    path = tmp_path / "mixed.txt"
+    path.write_text("\n".join(["# from explain", json.dumps(batch), "", "web,s1.parquet,2,7",
+                               "s2.parquet, 0, 1", json.dumps({"pad": 9})]) + "\n")
+    got = [(e.line, e.source, e.file, e.row_group, e.row) for e in read_exclude_file(path)]
+    assert got == [(2, "web", "s1.parquet", 2, 5), (2, "web", "s1.parquet", 2, 6),
+                   (4, "web", "s1.parquet", 2, 7), (5, None, "s2.parquet", 0, 1)]
+
+
+def test_the_wire_carries_the_entries_and_refuses_too_many(tmp_path):
+    from tokenfeed.common.errors import ProtocolError
+    from tokenfeed.common.exclude import MAX_ATTACH_ENTRIES, Entry, from_wire, to_wire
+
+    entries = [Entry(i + 1, "web" if i % 2 else None, f"s{i % 3}.parquet", i % 5, i)
+               for i in range(50)]
+    assert sorted(from_wire(to_wire(entries, "x")), key=lambda e: e.line) == entries
+    many = [Entry(1, None, "s.parquet", 0, i) for i in range(MAX_ATTACH_ENTRIES + 1)]
+    with pytest.raises(ConfigError, match="serve --exclude x"):
+        to_wire(many, "x")
+    with pytest.raises(ProtocolError):
+        from_wire([["", "s.parquet", b"\0" * 13]])  # not whole triples
+    with pytest.raises(ProtocolError):
+        from_wire([["", "s.parquet", b"\0" * 12 * (MAX_ATTACH_ENTRIES + 1)]])
+
+
+def test_the_hash_is_of_the_normalized_list(corpus):
+    from tokenfeed.common.exclude import Entry
+    from tokenfeed.producer.dataset import scan_dataset
+    from tokenfeed.producer.exclude import resolve
+
+    datasets = {"data": scan_dataset(corpus)}
+    docs = chosen(corpus, every=4)
+    plain = [Entry(i, None, f, g, r) for i, (f, g, r) in enumerate(docs)]
+    other_form = [Entry(i, "data", str(corpus / f), g, r)
+                  for i, (f, g, r) in enumerate(reversed(docs + docs[:3]))]  # repeats too
+    a, b = resolve(plain, datasets, "a"), resolve(other_form, datasets, "b")
+    assert a.sha256 == b.sha256 and len(a) == len(docs)
+    assert resolve(plain[1:], datasets, "c").sha256 != a.sha256
