@@ -33,7 +33,7 @@ import numpy as np
 from tokenfeed.common.errors import ConfigError, StateMismatchError
 from tokenfeed.common.exclude import MAX_NAME_CHARS, Entry, from_wire, wire_digest
 from tokenfeed.producer.dataset import Dataset
-from tokenfeed.producer.position import WHOLE, BestFitPosition, ExcludeMark, Position
+from tokenfeed.producer.position import WHOLE, BestFitPosition, ExcludeMark, MixState, Position
 
 Key = tuple[str, str, int, int]  # (source, file name, row_group, row)
 SourceRows = Mapping[tuple[str, int], np.ndarray]  # (shard path, row_group) -> sorted rows
@@ -236,7 +236,7 @@ _ATTACHED: dict[str, tuple[Exclusion, Exclusion]] = {}
 def admit(start: Position, saved_start: Any, exclusion: Exclusion) -> Position:
     """`start` with `exclusion` in force (NONE: no list): a fresh stream excludes from its
     beginning; a saved position resumes only under the list it was saved with, or, saved
-    under none, begins the list where it stands (one source)."""
+    under none, begins the list where it stands."""
     now = exclusion.sha256 if len(exclusion) else None
     if saved_start is None:
         return dataclasses.replace(start, exclude=ExcludeMark(now)) if now else start
@@ -247,7 +247,7 @@ def admit(start: Position, saved_start: Any, exclusion: Exclusion) -> Position:
             _same_list(mark, now)
         if now is None:
             return start
-        if any(m is None or (m.unit, m.keep) != (0, 0) for m in marks):
+        if any(m is None or (m.unit, m.keep, m.sources) != (0, 0, ()) for m in marks):
             raise StateMismatchError(
                 "an exclusion list cannot begin at an elastic resume, nor while a rank is "
                 "still in the row group where it began; resume at the saved number of ranks "
@@ -258,10 +258,7 @@ def admit(start: Position, saved_start: Any, exclusion: Exclusion) -> Position:
     if now is None or start.exclude is not None:
         return start
     if start.mix is not None:
-        raise StateMismatchError(
-            "an exclusion list can begin at a saved position of a one-source stream, or at "
-            "the start of a mixture stream, not at a saved position of a mixture; resume "
-            "this state without exclude=, or start a fresh stream with it")
+        return dataclasses.replace(start, exclude=_mixture_mark(start.mix, now))
     packed = start.packed
     if start.elastic is not None and start.elastic.item(packed.unit)[0] != WHOLE:
         raise StateMismatchError(
@@ -269,6 +266,20 @@ def admit(start: Position, saved_start: Any, exclusion: Exclusion) -> Position:
             "resume; resume without it, and add it from a state saved a row group later")
     keep = packed.doc if isinstance(packed, BestFitPosition) else packed.offset
     return dataclasses.replace(start, exclude=ExcludeMark(now, packed.unit, keep))
+
+
+def _mixture_mark(mix: MixState, sha256: str) -> ExcludeMark:
+    """Where a list begins in each source of a mixture resumed at `mix`: after the
+    documents delivered, in part or whole (concat), or read (best fit), by its cursor's
+    `exact` (source unit, document, token)."""
+    if mix.exact is None or mix.layouts is not None:
+        raise StateMismatchError(
+            "an exclusion list can begin at a mixture's saved position only from a feed "
+            "state (state_dict()) of a stream that was not resumed elastically; resume "
+            "without exclude=, save, and add the list from that state")
+    return ExcludeMark(sha256, sources=tuple(
+        (name, unit, doc + (1 if token else 0))
+        for name, (unit, doc, token) in sorted(mix.exact.items())))
 
 
 def _same_list(saved: ExcludeMark | None, now: str | None) -> None:
@@ -281,12 +292,23 @@ def _same_list(saved: ExcludeMark | None, now: str | None) -> None:
         "the daemon's serve --exclude), unchanged, so that the stream continues exactly")
 
 
-def mark_at(mark: ExcludeMark, first_unit: int) -> ExcludeMark:
-    """`mark` as a position reading from `first_unit` needs it: once past the unit where
-    the list began, it applies to every row (0, 0), so later states carry no history."""
-    return mark if first_unit <= mark.unit else ExcludeMark(mark.sha256)
+def mark_at(mark: ExcludeMark, position: Position) -> ExcludeMark:
+    """`mark` as `position` needs it: once every source reads past the unit where the
+    list began, it applies to every row (0, 0), so later states carry no history."""
+    if mark.sources and position.mix is not None:
+        cursors = position.mix.sources
+        past = all(n not in cursors or cursors[n].unit > unit for n, unit, _ in mark.sources)
+    else:
+        past = position.first_unit > mark.unit
+    return ExcludeMark(mark.sha256) if past else mark
 
 
-def keep_rule(mark: ExcludeMark | None, by_documents: bool) -> tuple[int, int, bool]:
+def keep_rule(mark: ExcludeMark | None, by_documents: bool, source: str = ""
+              ) -> tuple[int, int, bool]:
     """(unit, keep, by_documents) for a reader: where its rows start being dropped."""
-    return (0, 0, by_documents) if mark is None else (mark.unit, mark.keep, by_documents)
+    if mark is None:
+        return (0, 0, by_documents)
+    for name, unit, keep in mark.sources:
+        if name == source:
+            return (unit, keep, True)  # a mixture's: counted in documents
+    return (mark.unit, mark.keep, by_documents)

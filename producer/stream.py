@@ -79,7 +79,7 @@ class Stream:
             position = self.supply.position(packed)
             if self._exclude is not None:
                 position = dataclasses.replace(
-                    position, exclude=mark_at(self._exclude, packed.first_unit))
+                    position, exclude=mark_at(self._exclude, position))
             self._memo = (packed, position)
         return self._memo[1]
 

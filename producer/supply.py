@@ -181,6 +181,7 @@ def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Positi
     layouts = mix.layouts or {}
     readers = [SourceReader(sid, i, src.plan, src.column, cache=src.cache,
                             first_unit=mix.sources[src.name].unit,
-                            layout=layouts.get(src.name), exclude=src.exclude, **common)
+                            layout=layouts.get(src.name), exclude=src.exclude,
+                            exclude_keep=keep_rule(start.exclude, True, src.name), **common)
                for i, src in enumerate(sources)]
     return Mixture(Mixer(mix), readers)

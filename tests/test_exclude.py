@@ -198,6 +198,10 @@ def test_a_list_begins_exactly_where_a_state_saved_without_one_resumes(
     else:  # every document not yet read into the buffer is subject
         read = documents_read(corpus, encoding, k)
         want = bestfit(kept(corpus, encoding, excluded, from_doc=read), n + 1)
+    pack = concat_windows if packing == "concat" else bestfit
+    # the test can tell: the list matters from the position on, and not before it
+    assert not np.array_equal(want[n - 1], pack(kept(corpus, encoding, set()), n)[n - 1])
+    assert not np.array_equal(want[k], pack(kept(corpus, encoding, excluded), k + 1)[k])
     with daemon.feed(B, T, exclude=path, **options) as feed:
         feed.load_state_dict(state)
         for i, batch in enumerate(take(feed, n - k)):
@@ -489,3 +493,49 @@ def test_the_hash_is_of_the_normalized_list(corpus):
     a, b = resolve(plain, datasets, "a"), resolve(other_form, datasets, "b")
     assert a.sha256 == b.sha256 and len(a) == len(docs)
     assert resolve(plain[1:], datasets, "c").sha256 != a.sha256
+
+
+def test_a_list_begins_exactly_where_a_mixture_state_saved_without_one_resumes(
+        start_daemon, corpus, encoding, tmp_path):
+    """Per source, the documents delivered (in part or whole) before the position stay;
+    the mixing rule (oracle rule 7) then runs on what remains."""
+    from oracle import mix_documents
+
+    excluded = set(chosen(corpus, every=2, first=0))
+    path = tmp_path / "mix.csv"
+    path.write_text("".join(f"a,{f},{g},{r}\n" for f, g, r in sorted(excluded)))
+    daemon = start_daemon(sources={"a": corpus, "b": corpus})
+    weights = {"a": 0.6, "b": 0.4}
+    k, n = 7, 30
+    with daemon.feed(B, T, mix=weights) as feed:
+        take(feed, k)
+        state = saved(feed)
+    # documents of source a delivered in part or whole: its units before the exact one
+    # (a unit is a row group, in order, one rank), then the exact one's documents
+    per_unit = [sum(1 for d in epoch_documents(corpus) if d[:2] == (f, g))
+                for f, g in dict.fromkeys(d[:2] for d in epoch_documents(corpus))]
+    unit, doc, token = state["cursor"]["mix"]["exact"]["a"]
+    delivered = sum(per_unit[u % len(per_unit)] for u in range(unit)) + doc + (token > 0)
+
+    def source_a() -> Iterator[list[int]]:
+        for i, (d, tokens) in enumerate(labelled_documents(corpus, encoding)):
+            if i < delivered or d not in excluded:
+                yield tokens
+
+    def windows(a: Iterator[list[int]]) -> list[np.ndarray]:
+        b = (t for _, t in labelled_documents(corpus, encoding))
+        mixed = mix_documents({"a": a, "b": b}, [(0, weights)])
+        return concat_windows((tokens for _, tokens in mixed), n + 1)
+
+    want = windows(source_a())
+    # the test can tell: the list matters from the position on, and not before it
+    assert not np.array_equal(want[n - 1], windows(kept(corpus, encoding, set()))[n - 1])
+    assert not np.array_equal(want[k], windows(kept(corpus, encoding, excluded))[k])
+    with daemon.feed(B, T, mix=weights, exclude=path) as feed:
+        feed.load_state_dict(state)
+        for i, batch in enumerate(take(feed, n - k)):
+            assert_batch_equals(batch, want[k + i], f"batch {k + i}")
+        later = saved(feed)
+    with daemon.feed(B, T, mix=weights, exclude=path) as feed:
+        feed.load_state_dict(later)
+        assert_batch_equals(next(feed), want[n], f"batch {n}, resumed")
