@@ -292,6 +292,23 @@ def test_serve_exclude_applies_to_every_stream_of_the_daemon(
                                                        31)[30], "resumed")
 
 
+def test_the_daemons_list_and_the_feeds_add_up(start_daemon, corpus, encoding, tmp_path):
+    served = set(chosen(corpus, every=5, first=0))
+    sent = set(chosen(corpus, every=7, first=3))
+    daemon = start_daemon("--exclude", str(write_list(tmp_path / "d.csv", sorted(served),
+                                                      form="csv")))
+    path = write_list(tmp_path / "f.jsonl", sorted(sent))
+    want = concat_windows(kept(corpus, encoding, served | sent), 30)
+    with daemon.feed(B, T, exclude=path) as feed:
+        for k, batch in enumerate(take(feed, 30)):
+            assert_batch_equals(batch, want[k], f"batch {k}")
+        union = _sha(saved(feed))
+    both = write_list(tmp_path / "both.jsonl", sorted(served | sent))
+    with daemon.feed(B, T, exclude=both) as feed:  # the union, sent whole: the same list
+        next(feed)
+        assert _sha(saved(feed)) == union
+
+
 @pytest.mark.parametrize("line,fix", [
     ("shard_a.parquet,0", "3 or 4"),
     ('{"file": "x.parquet", "row": 1}', "no row_group"),
