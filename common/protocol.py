@@ -23,6 +23,8 @@ Ops, client -> daemon:
         ..., skipped?}: skip > 0 drops that many batches from start (a daemon that
         answers without `skipped` cannot, and the consumer refuses it)
         reweight: a resumed mixture changes to the spec's weights (the feed's mix changed)
+        exclude?, exclude_name?: documents never delivered, as content (common/exclude.py);
+        the reply's start cursor then names the list (`exclude`), or the daemon predates it
     release {stream, seq}                     (no reply; frees the slot for reuse)
     heartbeat {stall_s?, step_s?}             (no reply beyond the daemon's own beats)
         optional, from consumers: cumulative seconds its caller waited inside next()
