@@ -305,6 +305,8 @@ class Daemon:
             "staging": {"bytes": self.registry.staged(),
                         "budget_bytes": self.config.max_staging_bytes},
             "cache": self.cache.stats() if self.cache is not None else None,
+            "exclude": ({"sha256": self.exclusion.sha256, "documents": len(self.exclusion)}
+                        if len(self.exclusion) else None),
             "storage": storage_summary(self.pool.stats()),
             "tokens_delivered": self.registry.tokens_delivered,
             "streams": streams,

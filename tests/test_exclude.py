@@ -281,11 +281,13 @@ def test_serve_exclude_applies_to_every_stream_of_the_daemon(
     excluded = set(chosen(corpus, every=4, first=2))
     path = write_list(tmp_path / "daemon.csv", sorted(excluded), form="csv")
     daemon = start_daemon("--exclude", str(path))
+    assert daemon.status()["exclude"]["documents"] == len(excluded)
     want = concat_windows(kept(corpus, encoding, excluded), 30)
     with daemon.feed(B, T) as feed:
         for k, batch in enumerate(take(feed, 30)):
             assert_batch_equals(batch, want[k], f"batch {k}")
         state = saved(feed)
+    assert _sha(state) == daemon.status()["exclude"]["sha256"]
     with daemon.feed(B, T) as feed:  # its states resume on it exactly
         feed.load_state_dict(state)
         assert_batch_equals(next(feed), concat_windows(kept(corpus, encoding, excluded),
