@@ -558,3 +558,18 @@ def test_a_list_begins_exactly_where_a_mixture_state_saved_without_one_resumes(
     with daemon.feed(B, T, mix=weights, exclude=path) as feed:
         feed.load_state_dict(later)
         assert_batch_equals(next(feed), want[n], f"batch {n}, resumed")
+
+
+def test_a_list_cannot_begin_at_an_elastic_resume(start_daemon, corpus, tmp_path):
+    path = write_list(tmp_path / "list.jsonl", chosen(corpus, every=3))
+    daemon = start_daemon()
+    states = []
+    for rank in range(2):
+        with daemon.feed(B, T, rank=rank, world_size=2) as feed:
+            take(feed, 3)
+            states.append(saved(feed))
+    with daemon.feed(B, T, rank=0, world_size=3, exclude=path) as feed:
+        feed.load_state_dict(states)
+        with pytest.raises(StateMismatchError, match=r"cannot begin at an elastic resume.*"
+                           r"resume at the saved number of ranks"):
+            next(feed)
