@@ -126,13 +126,6 @@ def saved(feed: Any) -> dict[str, Any]:
     return json.loads(json.dumps(feed.state_dict()))
 
 
-@pytest.fixture(scope="module")
-def encoding() -> Any:
-    import tiktoken
-
-    return tiktoken.get_encoding(ENCODING)
-
-
 def epoch_batches(corpus: Path, encoding: Any, excluded: set[Doc]) -> int:
     one_epoch = islice(labelled_documents(corpus, encoding), len(epoch_documents(corpus)))
     tokens = sum(len(t) for doc, t in one_epoch if doc not in excluded)
