@@ -25,6 +25,8 @@ Ops, client -> daemon:
         answers without `skipped` cannot, and the consumer refuses it)
         reweight: a resumed mixture changes to the spec's weights (the feed's mix changed)
         allow_source_changes: a resumed mixture may gain or lose sources (changes.py)
+        exclude?, exclude_name?: documents never delivered, as content (common/exclude.py);
+        the reply's start cursor then names the list (`exclude`), or the daemon predates it
     release {stream, seq}                     (no reply; frees the slot for reuse)
     heartbeat {stall_s?, step_s?}             (no reply beyond the daemon's own beats)
         optional, from consumers: cumulative seconds its caller waited inside next()

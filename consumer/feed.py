@@ -67,6 +67,7 @@ from tokenfeed.common.errors import (
     StateMismatchError,
     TokenfeedError,
 )
+from tokenfeed.common.exclude import exclude_fields
 from tokenfeed.common.ring import Ring
 from tokenfeed.consumer import lifetime
 from tokenfeed.consumer.docinfo import doc_info
@@ -107,6 +108,7 @@ class TokenFeed:
         tokens: int | None = None,
         source: str | None = None,
         allow_source_changes: bool = False,
+        exclude: str | Path | None = None,
     ) -> None:
         topo = resolve_topology(rank, world_size, device)
         if source is not None:  # one source of a mixture daemon: a mixture of that one
@@ -150,6 +152,9 @@ class TokenFeed:
         self.prefetch = prefetch
         self.stall_timeout_s = stall_timeout_s
         self.reconnect_s = reconnect_s
+        # Documents this stream never delivers: read here (a bad line fails at once), sent
+        # as content with every attach (common/exclude.py), checked by the daemon.
+        self._exclude = exclude_fields(exclude) if exclude is not None else {}
         self._start: dict[str, Any] | None = None
         self._skip = 0  # batches the daemon drops after _start, until the first one arrives
         self._expect: dict[str, Any] = {}
@@ -339,6 +344,7 @@ class TokenFeed:
                 rejoin=self._attached and self.replicas > 1,
                 reweight=self._reweight, **({"skip": self._skip} if self._skip else {}),
                 **({"allow_source_changes": True} if self.allow_source_changes else {}),
+                **self._exclude,
             ))
             reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
         except BaseException:
@@ -373,6 +379,13 @@ class TokenFeed:
                 "upgrade the node's tokenfeed daemon, or load the state without skip_batches")
         if self.allow_source_changes:
             log_source_change(self._start, reply.get("start"))
+        if self._exclude and not isinstance(reply["start"].get("exclude"), dict):
+            sock.send(protocol.encode("detach"))
+            sock.close(linger=100)
+            ring.close()
+            raise StateMismatchError(
+                "the daemon did not apply exclude= (it predates exclusion lists); upgrade the "
+                "node's tokenfeed daemon")
         self._ring = ring
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]

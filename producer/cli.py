@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-host", default=_default("metrics_host"),
                        help="address /metrics listens on (default %(default)s; 0.0.0.0 for a "
                        "scraper on another host or pod)")
+    serve.add_argument("--exclude", metavar="FILE",
+                       help="documents no stream delivers, one per line: file,row_group,row, "
+                       "source,file,row_group,row, or `tokenfeed explain --json` output")
     serve.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     serve.add_argument("--log-format", default=LOG_FORMATS[0], choices=LOG_FORMATS,
                        help="json: one JSON object per line (time, level, daemon_id, stream, "
@@ -263,6 +266,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         cache_bytes=int(args.cache_gib * (1 << 30)), manifest=args.manifest,
         val_memory_bytes=args.val_memory_mib << 20,
+        exclude=Path(args.exclude).expanduser() if args.exclude else None,
     )
 
 

@@ -197,6 +197,7 @@ class DaemonConfig:
     val_memory_bytes: int = DEFAULT_VAL_MEMORY_BYTES  # without cache_dir: the val split's tokens
     metrics_port: int | None = None  # serve Prometheus /metrics there (0: any free port)
     metrics_host: str = "127.0.0.1"  # loopback by default: a scrape reveals paths and names
+    exclude: Path | None = None  # a file of documents no stream delivers (exclude.py)
 
     def __post_init__(self) -> None:
         if (self.data_dir is None) == (not self.sources):

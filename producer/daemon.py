@@ -42,9 +42,10 @@ from tokenfeed.common.config import (
 )
 from tokenfeed.common.control import error_kind
 from tokenfeed.common.errors import ConfigError, ProtocolError, TokenfeedError
+from tokenfeed.common.exclude import read_exclude_file
 from tokenfeed.common.ring import token_dtype
 from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
-from tokenfeed.producer import ops
+from tokenfeed.producer import exclude, ops
 from tokenfeed.producer.admission import Admission
 from tokenfeed.producer.backends import verified_backend
 from tokenfeed.producer.cache import TokenCache
@@ -127,6 +128,9 @@ class Daemon:
             self.weights = dict(zip(cfg.schedule.names, cfg.schedule.weights(0), strict=True))
         check_disjoint({n: [*d.splits["train"].files, *d.splits["val"].files]
                         for n, d in self.datasets.items()})
+        # serve --exclude: documents no stream delivers, checked against the data now
+        self.exclusion = (exclude.resolve(read_exclude_file(cfg.exclude), self.datasets,
+                                          str(cfg.exclude)) if cfg.exclude else exclude.NONE)
         self.fingerprint = combined_fingerprint(self.datasets)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
         self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize
@@ -314,6 +318,8 @@ class Daemon:
                         "budget_bytes": self.config.max_staging_bytes},
             "cache": self.cache.stats() if self.cache is not None else None,
             "val_store": _val_store_stats(getattr(self, "val_stores", {})),
+            "exclude": ({"sha256": self.exclusion.sha256, "documents": len(self.exclusion)}
+                        if len(self.exclusion) else None),
             "storage": storage_summary(self.pool.stats()),
             "tokens_delivered": self.registry.tokens_delivered,
             "streams": streams,

@@ -12,6 +12,7 @@ An attach that fails leaves nothing behind: the stream it created is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from tokenfeed.common.errors import (
     ProtocolError,
     StreamFailedError,
 )
+from tokenfeed.producer import exclude
 from tokenfeed.producer.config import check_workers
 from tokenfeed.producer.position import cursor_json
 
@@ -129,7 +131,10 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     if d.pool.broken:
         raise StreamFailedError(d.pool.broken)
     start = d.admission.start(spec, msg, d.weights)
-    sources = d.admission.sources(start, spec.split)
+    listed = exclude.for_attach(msg, d.datasets, d.exclusion)  # the daemon's and the feed's
+    start = exclude.admit(start, msg.get("start"), listed)
+    sources = [dataclasses.replace(s, exclude=listed.rows(s.name))
+               for s in d.admission.sources(start, spec.split)]
     start_cursor = cursor_json(start, {s.name: s.plan for s in sources}, spec)
     skip = msg.get("skip", 0)
     if not isinstance(skip, int) or isinstance(skip, bool) or not 0 <= skip < MAX_SKIP_BATCHES:

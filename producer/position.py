@@ -337,10 +337,47 @@ def _parse_exact(state: dict[str, Any], names: list[str]) -> tuple[
 
 
 @dataclass(frozen=True)
+class ExcludeMark:
+    """The exclusion list in force (producer/exclude.py), by its sha256, and where it
+    began: in the rank's unit `unit`, the first `keep` tokens (concat) or documents (best
+    fit) were read without it; every later row is subject to it. (0, 0) from the start.
+    A mixture's list begins per source instead: `sources` holds (name, unit, documents
+    kept) for each."""
+
+    sha256: str
+    unit: int = 0
+    keep: int = 0
+    sources: tuple[tuple[str, int, int], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"sha256": self.sha256, "unit": self.unit, "keep": self.keep}
+        if self.sources:
+            d["sources"] = {name: [unit, keep] for name, unit, keep in self.sources}
+        return d
+
+    @classmethod
+    def parse(cls, d: Any) -> ExcludeMark:
+        sha = d.get("sha256") if isinstance(d, dict) else None
+        sources = d.get("sources", {}) if isinstance(d, dict) else None
+        if not (isinstance(sha, str) and len(sha) == 64
+                and all(c in "0123456789abcdef" for c in sha)
+                and is_count(d.get("unit", 0)) and is_count(d.get("keep", 0))
+                and isinstance(sources, dict) and len(sources) <= MAX_SOURCES
+                and all(isinstance(n, str) and isinstance(v, list) and len(v) == 2
+                        and all(map(is_count, v)) for n, v in sources.items())):
+            raise StateMismatchError(f"exclusion {str(d)[:120]} is not {{'sha256': 64 hex "
+                                     "digits, 'unit': count, 'keep': count[, 'sources': "
+                                     "{name: [unit, keep]}]}; pass the feed state unchanged")
+        return cls(sha, d.get("unit", 0), d.get("keep", 0),
+                   tuple((n, v[0], v[1]) for n, v in sorted(sources.items())))
+
+
+@dataclass(frozen=True)
 class Position:
     packed: Packed
     elastic: Layout | None = None
     mix: MixState | None = None
+    exclude: ExcludeMark | None = None  # documents never delivered (None: no list)
 
     @property
     def first_unit(self) -> int:
@@ -353,6 +390,8 @@ class Position:
             d["elastic"] = self.elastic.to_json()
         if self.mix is not None:
             d["mix"] = self.mix.to_json()
+        if self.exclude is not None:
+            d["exclude"] = self.exclude.to_json()
         return d
 
     @classmethod
@@ -379,7 +418,8 @@ class Position:
             raise StateMismatchError(
                 f"the mixture state is at virtual unit {mix.at}, its position reads from unit "
                 f"{packed.first_unit}; pass the feed state unchanged")
-        return cls(packed, elastic, mix)
+        exclude = ExcludeMark.parse(d["exclude"]) if d.get("exclude") is not None else None
+        return cls(packed, elastic, mix, exclude)
 
 
 def unit_position(plan: SplitPlan, layout: Layout | None, rank: int, world_size: int,

@@ -25,6 +25,7 @@ from tokenfeed.producer import elastic
 from tokenfeed.producer.cache import TokenCache, file_order
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
+from tokenfeed.producer.exclude import SourceRows, exclude_unit
 from tokenfeed.producer.pool import Result, Task
 from tokenfeed.producer.position import Layout, unit_position
 from tokenfeed.producer.units import EMPTY, Unit
@@ -51,6 +52,7 @@ class Source:
     plan: SplitPlan
     column: str
     cache: TokenCache | ValStore | None = None
+    exclude: SourceRows | None = None  # excluded rows by (shard path, row group)
 
 
 class SourceReader:
@@ -60,6 +62,7 @@ class SourceReader:
         task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
         cache: TokenCache | ValStore | None = None, itemsize: int = 4,
         skip: frozenset[int] = frozenset(), layout: Layout | None = None,
+        exclude: SourceRows | None = None, exclude_keep: tuple[int, int, bool] = (0, 0, False),
     ) -> None:
         self.stream, self.source = stream, source
         self.layout = layout  # elastic.py: after an elastic resume, the rank's units
@@ -71,6 +74,9 @@ class SourceReader:
         self.on_error = on_error
         self.cache = cache
         self.skip = skip  # units the packer reads past without their content (supply.py)
+        self.exclude = exclude or {}  # rows never delivered (exclude.py)
+        self.exclude_keep = exclude_keep  # (unit, tokens or documents) read before the list
+        self.excluded = 0  # documents dropped because the list names them
         self.units_cached = 0  # units served from the token cache
         self._cache_missed = -1  # the last unit the cache did not hold
         self.next_unit = first_unit  # next (unit, part) to schedule
@@ -158,7 +164,7 @@ class SourceReader:
         if cached is None or len(cached.row_tokens) != ref.num_rows:
             self._cache_missed = unit  # one lookup (and one miss counted) per unit
             return 0
-        tokens, row_tokens = cached.in_order(self._row_order(unit))
+        tokens, row_tokens = self._excluding(unit, *cached.in_order(self._row_order(unit)))
         got = Unit.of_lengths(tokens, row_tokens)
         self.whole[unit] = got
         self.staged_bytes += _nbytes(got)
@@ -257,7 +263,19 @@ class SourceReader:
             if len(row_tokens) == ref.num_rows:
                 self.cache.put(ref.path, ref.shard_stamp, ref.row_group,
                                *file_order(tokens, row_tokens, self._row_order(unit)))
-        return self._shaped(unit, Unit.of_lengths(tokens, row_tokens))
+        return self._shaped(unit, Unit.of_lengths(*self._excluding(unit, tokens, row_tokens)))
+
+    def _excluding(self, unit: int, tokens: np.ndarray, row_tokens: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """A whole unit without its excluded rows (exclude.py)."""
+        ref = self._ref(unit)
+        rows = self.exclude.get((ref.path, ref.row_group))
+        if rows is None or len(row_tokens) != ref.num_rows:
+            return tokens, row_tokens
+        tokens, kept = exclude_unit(tokens, row_tokens, rows, self._row_order(unit), unit,
+                                    self.exclude_keep)
+        self.excluded += int(np.count_nonzero(kept != row_tokens))
+        return tokens, kept
 
     def _shaped(self, unit: int, got: Unit) -> Unit:
         """What the rank's layout keeps of a unit's row group (all of it, normally)."""

@@ -25,6 +25,7 @@ with `on_error="skip"` its whole row group delivers nothing instead.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ import numpy as np
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import TokenfeedError
 from tokenfeed.common.ring import Ring
+from tokenfeed.producer.exclude import mark_at
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Result, Task
 from tokenfeed.producer.position import Packed, Position, cursor_json
@@ -70,6 +72,7 @@ class Stream:
         # a skipped window is cut here, not into a ring slot
         self._scratch = np.empty(spec.window_tokens, dtype=ring.slots[0].dtype) if skip else None
         self._memo: tuple[Packed, Position] | None = None  # the Position at packer position
+        self._exclude = start.exclude  # the exclusion list in force, where it began
 
     # -- positions ----------------------------------------------------------
 
@@ -77,7 +80,11 @@ class Stream:
         """Where the next batch to be filled starts."""
         packed = self.packer.position
         if self._memo is None or self._memo[0] is not packed:
-            self._memo = (packed, self.supply.position(packed))
+            position = self.supply.position(packed)
+            if self._exclude is not None:
+                position = dataclasses.replace(
+                    position, exclude=mark_at(self._exclude, position))
+            self._memo = (packed, position)
         return self._memo[1]
 
     def cursor(self, position: Position | None = None) -> dict[str, Any]:
@@ -293,6 +300,7 @@ class Stream:
             "staged_bytes": self.staged(),
             "documents": self._sum("documents"),
             "skipped_values": self.skipped,
+            "excluded_documents": self._sum("excluded"),
             "skipped_row_groups": skips[-MAX_LISTED_SKIPS:],
             "skipped_row_group_count": len(skips),
             "position": {k: v for k, v in cursor.items() if k not in ("buffer", "mix")},

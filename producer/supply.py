@@ -28,6 +28,7 @@ from typing import Any
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import StateMismatchError
 from tokenfeed.producer.dataset import SplitPlan
+from tokenfeed.producer.exclude import keep_rule
 from tokenfeed.producer.mixer import RECENT_BATCHES, Mixer
 from tokenfeed.producer.position import BestFitPosition, Layout, Packed, Position
 from tokenfeed.producer.reader import Source, SourceReader
@@ -182,7 +183,9 @@ def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Positi
         src = sources[0]
         reader = SourceReader(sid, 0, src.plan, src.column, cache=src.cache,
                               first_unit=start.first_unit, skip=skipped_units(start.packed),
-                              layout=start.elastic, **common)
+                              layout=start.elastic, exclude=src.exclude,
+                              exclude_keep=keep_rule(start.exclude, spec.packing == "bestfit"),
+                              **common)
         return OneSource(reader, start.elastic)
     if [s.name for s in sources] != list(mix.names):
         raise StateMismatchError(f"a mixture of {', '.join(mix.names)} needs those sources")
@@ -196,7 +199,9 @@ def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Positi
             options["shuffle_seed"] = REPEAT_SEED  # each pass in a new order, even unshuffled
         readers.append(SourceReader(sid, i, src.plan, src.column, cache=src.cache,
                                     first_unit=mix.sources[src.name].unit,
-                                    layout=layouts.get(src.name), **options))
+                                    layout=layouts.get(src.name), exclude=src.exclude,
+                                    exclude_keep=keep_rule(start.exclude, True, src.name),
+                                    **options))
         ends.append(None if repeat is None else
                     rank_units(len(src.plan), repeat, spec.rank, spec.world_size))
     return Mixture(Mixer(mix, ends), readers)
