@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mix", metavar="FILE", help="sources and default weights from a TOML "
                        "file: a [sources.NAME] table each, with path, optional text_column "
                        "and weight (docs/recipes.md: Mixtures)")
+    serve.add_argument("--filter", metavar="EXPR", help="keep only the documents of --data "
+                       "whose row satisfies EXPR, e.g. \"int_score >= 3 and language == 'en'\" "
+                       "(a mixture: filter = \"...\" per source in --mix; docs/recipes.md: "
+                       "Filters)")
+    serve.add_argument("--allow-filter-changes", action="store_true",
+                       help="resume states saved under another filter (logged); by default "
+                       "such a resume is refused")
     serve.add_argument("--weights", metavar="NAME=W,...", help="default mixture weights, "
                        "e.g. web=0.7,code=0.3 (default: equal; normalized)")
     _add_run_dir(serve)
@@ -248,6 +255,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         metrics_host=args.metrics_host,
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         cache_bytes=int(args.cache_gib * (1 << 30)), manifest=args.manifest,
+        filter=args.filter, allow_filter_changes=args.allow_filter_changes,
     )
 
 

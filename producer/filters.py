@@ -115,7 +115,8 @@ class _Tok:
 
 
 def _tokens(text: str) -> list[_Tok]:
-    out, at = [], 0
+    out: list[_Tok] = []
+    at = 0
     while at < len(text):
         m = _TOKEN.match(text, at)
         if m is None:

@@ -8,6 +8,8 @@ A `Position` is what a packer needs to cut the same windows again:
     elastic   Layout: after an elastic resume, which units the rank reads (elastic.py)
     mix       MixState: a mixture's per-source cursors and weight schedule (mixer.py);
               its units are then virtual units of the mixed document stream
+    filters   the filters in force, normalized, per source (filters.py): a resume under
+              other filters is refused unless the daemon allows it (admission.py)
 
 Every module past the attach handler receives these frozen values; JSON exists only
 at the edges: `Position.parse` checks what a consumer sends (a `state_dict()` cursor)
@@ -315,6 +317,9 @@ class Position:
     packed: Packed
     elastic: Layout | None = None
     mix: MixState | None = None
+    # The filters in force (filters.py), normalized, per source name: what the tokens up
+    # to here were filtered by. Only its sources with a filter; None: none has one.
+    filters: Mapping[str, str] | None = field(default=None, compare=False)
 
     @property
     def first_unit(self) -> int:
@@ -327,6 +332,8 @@ class Position:
             d["elastic"] = self.elastic.to_json()
         if self.mix is not None:
             d["mix"] = self.mix.to_json()
+        if self.filters:
+            d["filters"] = dict(self.filters)
         return d
 
     @classmethod
@@ -353,7 +360,13 @@ class Position:
             raise StateMismatchError(
                 f"the mixture state is at virtual unit {mix.at}, its position reads from unit "
                 f"{packed.first_unit}; pass the feed state unchanged")
-        return cls(packed, elastic, mix)
+        filters = d.get("filters")
+        if filters is not None and not (
+                isinstance(filters, dict) and len(filters) <= MAX_SOURCES and all(
+                    isinstance(n, str) and isinstance(t, str) for n, t in filters.items())):
+            raise StateMismatchError(f"position filters {str(filters)[:120]} are not "
+                                     "{source: filter}; pass the feed state unchanged")
+        return cls(packed, elastic, mix, filters or None)
 
 
 def unit_position(plan: SplitPlan, layout: Layout | None, rank: int, world_size: int,

@@ -25,6 +25,7 @@ from tokenfeed.producer import elastic
 from tokenfeed.producer.cache import TokenCache, file_order
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
+from tokenfeed.producer.filters import Filter
 from tokenfeed.producer.pool import Result, Task
 from tokenfeed.producer.position import Layout, unit_position
 from tokenfeed.producer.units import EMPTY, Unit
@@ -50,6 +51,7 @@ class Source:
     plan: SplitPlan
     column: str
     cache: TokenCache | None = None
+    filter: Filter | None = None  # filters.py: only rows it keeps deliver documents
 
 
 class SourceReader:
@@ -59,6 +61,7 @@ class SourceReader:
         task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
         cache: TokenCache | None = None, itemsize: int = 4,
         skip: frozenset[int] = frozenset(), layout: Layout | None = None,
+        filter: Filter | None = None,
     ) -> None:
         self.stream, self.source = stream, source
         self.layout = layout  # elastic.py: after an elastic resume, the rank's units
@@ -86,6 +89,11 @@ class SourceReader:
         self.units_done = 0
         self.documents = 0
         self.skipped = 0
+        # With a filter, rows that deliver nothing are `dropped` (the filter is false or
+        # null, or the text is): a cached unit cannot tell those apart, so counting them
+        # together keeps a warm epoch's figures those of a cold one. Kept: `documents`.
+        self.filter = filter
+        self.dropped = 0
         self.skipped_row_groups: list[str] = []  # --on-error skip: "path#row_group", in order
         self._epoch_order: tuple[int, np.ndarray] = (-1, np.arange(0))
 
@@ -142,7 +150,8 @@ class SourceReader:
         estimate = int(text_bytes * self.tokens_per_text_byte * self.itemsize)
         self.inflight[(unit, part)] = estimate
         return Task(self.stream, self.source, unit, part, ref.path, ref.row_group, self.column,
-                    rows, doc_seed, text_bytes, ref.shard_stamp)
+                    rows, doc_seed, text_bytes, ref.shard_stamp,
+                    self.filter.text if self.filter is not None else "")
 
     def serve_cached(self) -> int:
         """Take the next unit from the token cache instead of the workers, if it is there;
@@ -162,7 +171,7 @@ class SourceReader:
         self.whole[unit] = got
         self.staged_bytes += _nbytes(got)
         self.documents += len(got.doc_starts)
-        self.skipped += len(row_tokens) - len(got.doc_starts)
+        self._count_empty(len(row_tokens) - len(got.doc_starts))
         self.units_cached += 1
         self.next_unit += 1
         return _nbytes(got)
@@ -225,11 +234,17 @@ class SourceReader:
         self.staged_bytes += _nbytes(result)
         self.tasks_done += 1
         self.documents += len(result.doc_starts)
-        self.skipped += result.skipped
+        self._count_empty(result.skipped)
         if task.text_bytes > 0:  # learn the corpus's tokens per byte of text for estimates
             ratio = len(result.tokens) / task.text_bytes
             self.tokens_per_text_byte += (ratio - self.tokens_per_text_byte) / min(
                 self.tasks_done, 16)
+
+    def _count_empty(self, rows: int) -> None:
+        if self.filter is not None:
+            self.dropped += rows
+        else:
+            self.skipped += rows
 
     def take(self, unit: int) -> Unit | None:
         """Unit `unit` once all its parts are in, its parts joined in order (None: not yet)."""

@@ -45,6 +45,7 @@ def skipped_units(start: Packed) -> frozenset[int]:
 
 class OneSource:
     lazy = False
+    filters: Mapping[str, str] | None = None  # the sources' filters, for positions
 
     def __init__(self, reader: SourceReader, layout: Layout | None) -> None:
         self.readers = [reader]
@@ -74,7 +75,7 @@ class OneSource:
         return [0]
 
     def position(self, packed: Packed) -> Position:
-        return Position(packed, elastic=self.layout)
+        return Position(packed, elastic=self.layout, filters=self.filters)
 
     def forget_before(self, unit: int) -> None:
         pass
@@ -91,6 +92,7 @@ class OneSource:
 
 class Mixture:
     lazy = True
+    filters: Mapping[str, str] | None = None  # the sources' filters, for positions
 
     def __init__(self, mixer: Mixer, readers: list[SourceReader]) -> None:
         self.mixer = mixer
@@ -126,7 +128,8 @@ class Mixture:
         return [self.mixer.pending_tokens(i) for i in range(len(self.readers))]
 
     def position(self, packed: Packed) -> Position:
-        return Position(packed, mix=self.mixer.state(packed.first_unit, packed))
+        return Position(packed, mix=self.mixer.state(packed.first_unit, packed),
+                        filters=self.filters)
 
     def forget_before(self, unit: int) -> None:
         self.mixer.forget_before(unit)
@@ -164,6 +167,28 @@ def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Positi
                 reader_options: dict[str, Any]) -> Supply:
     """The supply of a stream `sid` starting at `start`: a mixture when the position
     holds a mixture state (its sources in the state's name order), else one source."""
+    supply = _make_supply(sid, spec, sources, start, reader_options)
+    supply.filters = source_filters(sources)
+    return supply
+
+
+def filter_counts(supply: Supply) -> dict[str, dict[str, Any]] | None:
+    """Per filtered source (status): its filter, documents kept and rows dropped (the
+    filter false or null, or no text), as read so far (read-ahead included)."""
+    if not supply.filters:
+        return None
+    names = supply.mixer.names if isinstance(supply, Mixture) else tuple(supply.filters)
+    return {name: {"filter": r.filter.text, "kept": r.documents, "dropped": r.dropped}
+            for name, r in zip(names, supply.readers, strict=True) if r.filter is not None}
+
+
+def source_filters(sources: list[Source]) -> dict[str, str] | None:
+    """The filters of `sources` that have one, normalized, by name (None: none has)."""
+    return {s.name: s.filter.text for s in sources if s.filter is not None} or None
+
+
+def _make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Position,
+                 reader_options: dict[str, Any]) -> Supply:
     common = {"rank": spec.rank, "world_size": spec.world_size,
               "shuffle_seed": spec.shuffle_seed, **reader_options}
     mix = start.mix
@@ -171,13 +196,13 @@ def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Positi
         src = sources[0]
         reader = SourceReader(sid, 0, src.plan, src.column, cache=src.cache,
                               first_unit=start.first_unit, skip=skipped_units(start.packed),
-                              layout=start.elastic, **common)
+                              layout=start.elastic, filter=src.filter, **common)
         return OneSource(reader, start.elastic)
     if [s.name for s in sources] != list(mix.names):
         raise StateMismatchError(f"a mixture of {', '.join(mix.names)} needs those sources")
     layouts = mix.layouts or {}
     readers = [SourceReader(sid, i, src.plan, src.column, cache=src.cache,
                             first_unit=mix.sources[src.name].unit,
-                            layout=layouts.get(src.name), **common)
+                            layout=layouts.get(src.name), filter=src.filter, **common)
                for i, src in enumerate(sources)]
     return Mixture(Mixer(mix), readers)

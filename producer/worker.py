@@ -34,10 +34,12 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zmq
 
@@ -46,6 +48,7 @@ from tokenfeed.common.errors import ProtocolError
 from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment
 from tokenfeed.producer.backends import make_encoder
+from tokenfeed.producer.filters import Filter
 from tokenfeed.producer.storage import open_parquet, take_counts
 from tokenfeed.producer.tokenizer import load_tokenizer
 
@@ -64,12 +67,27 @@ def staging_layout(n_tokens: int, n_rows: int, itemsize: int) -> tuple[int, int]
     return rows_offset, rows_offset + 8 * n_rows
 
 
+@lru_cache(maxsize=16)
+def _parsed(text: str) -> Filter:
+    return Filter.parse(text)
+
+
+def filtered_text(table: pa.Table, column: str, kept: Filter | None) -> pa.ChunkedArray:
+    """`table`'s text column, null where `kept` (a source's filter) drops the row: a
+    dropped document then delivers nothing, as a null text does, and keeps its row index,
+    so positions, elastic layouts and provenance count rows the same with or without it."""
+    text = table.column(column)
+    if kept is None:
+        return text
+    return pc.if_else(kept.mask(table), text, pa.scalar(None, text.type))
+
+
 class RowGroupReader:
     """Rows of a row group's text column; the last row group read stays decoded."""
 
     def __init__(self) -> None:
         self.files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
-        self.key: tuple[str, int, str] | None = None
+        self.key: tuple[str, int, str, str] | None = None
         self.column: pa.ChunkedArray | None = None
         self.order_seed: list[int] | None = None
         self.order: np.ndarray | None = None
@@ -85,14 +103,18 @@ class RowGroupReader:
 
     def values(
         self, path: str, row_group: int, column: str, rows: Sequence[int],
-        doc_seed: list[int] | None, stamp: str = "",
+        doc_seed: list[int] | None, stamp: str = "", filter_text: str = "",
     ) -> list[Any]:
-        """Values `rows[0]:rows[1]` of the row group, in its seeded order if `doc_seed`."""
-        key = (path, row_group, column)
+        """Values `rows[0]:rows[1]` of the row group, in its seeded order if `doc_seed`;
+        with `filter_text`, None where the filter drops the row."""
+        key = (path, row_group, column, filter_text)
         if key != self.key:
             self.key = self.column = self.order = None  # a failed read keeps nothing stale
-            self.column = self._file(path, stamp).read_row_group(
-                row_group, columns=[column]).column(0)
+            kept = _parsed(filter_text) if filter_text else None
+            # the text and the filter's columns only: a row group's other columns stay unread
+            columns = list(dict.fromkeys([column, *(kept.columns if kept else ())]))
+            table = self._file(path, stamp).read_row_group(row_group, columns=columns)
+            self.column = filtered_text(table, column, kept)
             self.key = key
         assert self.column is not None
         lo, hi = rows
@@ -164,6 +186,14 @@ class _Channel:
         self.ctx.term()
 
 
+def task_filter(msg: protocol.Message) -> str:
+    """A task's optional filter text ("" : none); anything but a string is refused."""
+    text = msg.get("filter", "")
+    if not isinstance(text, str):
+        raise ProtocolError(f"task field 'filter' = {text!r:.40} is not a string")
+    return text
+
+
 def worker_niceness(nice: int, daemon_pid: int = 0) -> int:
     """A worker's niceness: the daemon's (`daemon_pid`, 0: this process) plus `nice`,
     absolute so that the pool and the worker itself can both set it."""
@@ -207,7 +237,7 @@ def worker_main(
             started = time.perf_counter()
             try:
                 values = reader.values(path, row_group, msg["column"], msg["rows"],
-                                       msg["doc_seed"], msg["stamp"])
+                                       msg["doc_seed"], msg["stamp"], task_filter(msg))
                 read_s = time.perf_counter() - started
                 tokens, row_tokens = tokenize_documents(values, encode_batch, tokenizer.bos_id)
                 tokenize_s = time.perf_counter() - started - read_s
