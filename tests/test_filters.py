@@ -335,9 +335,12 @@ def test_the_token_cache_never_serves_a_unit_filtered_another_way(
             (FILTER, offline_filter)]
     for i, (text, offline) in enumerate(runs):
         d = start_daemon("--cache-dir", cache, "--filter", text, data=scored)
-        expected = expected_windows(scored, encoding, offline, n=24)  # past one epoch
+        epoch_tokens = sum(len(encoding.encode_ordinary(t)) + 1 for texts, _ in kept_documents(
+            scored, offline, rank=0, world_size=1, units=train_units) for t in texts)
+        n = epoch_tokens // (B * T + 1) + 2  # into the second epoch: every unit was taken
+        expected = expected_windows(scored, encoding, offline, n=n)
         with d.feed(B, T) as feed:
-            for k, batch in enumerate(take(feed, 24)):
+            for k, batch in enumerate(take(feed, n)):
                 assert_batch_equals(batch, expected[k], f"filter {text!r} batch {k}")
             cache_stats = d.status()["cache"]
         # run 1 finds none of run 0's entries (another key); run 2 finds all of run 0's
