@@ -72,14 +72,25 @@ def _parsed(text: str) -> Filter:
     return Filter.parse(text)
 
 
-def filtered_text(table: pa.Table, column: str, kept: Filter | None) -> pa.ChunkedArray:
-    """`table`'s text column, null where `kept` (a source's filter) drops the row: a
+def read_filtered(pf: pq.ParquetFile, row_group: int, column: str,
+                  kept: Filter | None) -> pa.ChunkedArray:
+    """A row group's text column, null where `kept` (a source's filter) drops the row: a
     dropped document then delivers nothing, as a null text does, and keeps its row index,
-    so positions, elastic layouts and provenance count rows the same with or without it."""
-    text = table.column(column)
+    so positions, elastic layouts and provenance count rows the same with or without it.
+
+    Only the filter's columns are read besides the text, and the filter first: a row
+    group it drops whole costs no text decoding (decoding is the filter's main cost, ~8
+    ms per 1,024 documents of ~4 MB, against ~500 ms of tokenizing what it keeps)."""
     if kept is None:
-        return text
-    return pc.if_else(kept.mask(table), text, pa.scalar(None, text.type))
+        return pf.read_row_group(row_group, columns=[column]).column(0)
+    table = pf.read_row_group(row_group, columns=list(kept.columns))
+    mask = kept.mask(table)
+    text_type = pf.schema_arrow.field(column).type
+    if not pc.any(mask).as_py():
+        return pa.chunked_array([pa.nulls(len(mask), text_type)], text_type)
+    text = (table.column(column) if column in kept.columns
+            else pf.read_row_group(row_group, columns=[column]).column(0))
+    return pc.if_else(mask, text, pa.scalar(None, text_type))
 
 
 class RowGroupReader:
@@ -110,11 +121,8 @@ class RowGroupReader:
         key = (path, row_group, column, filter_text)
         if key != self.key:
             self.key = self.column = self.order = None  # a failed read keeps nothing stale
-            kept = _parsed(filter_text) if filter_text else None
-            # the text and the filter's columns only: a row group's other columns stay unread
-            columns = list(dict.fromkeys([column, *(kept.columns if kept else ())]))
-            table = self._file(path, stamp).read_row_group(row_group, columns=columns)
-            self.column = filtered_text(table, column, kept)
+            self.column = read_filtered(self._file(path, stamp), row_group, column,
+                                        _parsed(filter_text) if filter_text else None)
             self.key = key
         assert self.column is not None
         lo, hi = rows
