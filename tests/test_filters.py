@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 from conftest import BOS_ID, assert_batch_equals
-from oracle import rank_row_groups, split_files
+from oracle import bestfit_windows, mix_documents, rank_documents, rank_row_groups, split_files
 
 from tokenfeed.common.errors import ConfigError, StateMismatchError
+from tokenfeed.producer.bestfit import DEFAULT_BUFFER_DOCS, DEFAULT_MAX_AGE_DOCS, DEFAULT_MIN_TAIL
 from tokenfeed.producer.config import DaemonConfig, load_mix_file
 from tokenfeed.producer.filters import Filter, FilterError
 from tokenfeed.tools.corpus import sample_documents
@@ -89,6 +90,13 @@ def expected_windows(data: Path, enc: tiktoken.Encoding, keep: Offline | None, *
         if len(stream) >= n * size:
             break
     return [np.array(stream[k * size:(k + 1) * size], dtype=np.int64) for k in range(n)]
+
+
+def kept_token_docs(data: Path, enc: tiktoken.Encoding, keep: Offline) -> Iterator[list[int]]:
+    """Infinite: the kept documents' tokens, BOS first, in rank 0 of 1's order."""
+    for texts, _ in kept_documents(data, keep, rank=0, world_size=1, units=10**9):
+        for text in texts:
+            yield [BOS_ID, *enc.encode_ordinary(text)]
 
 
 def take(feed: Any, n: int) -> list[tuple[Any, Any]]:
@@ -347,3 +355,43 @@ def test_the_token_cache_never_serves_a_unit_filtered_another_way(
         assert (cache_stats["misses"] > 0) == (i < 2), f"run {i}: {cache_stats}"
         assert i < 2 or cache_stats["hits"] >= train_units, f"run {i}: {cache_stats}"
         d.stop()
+
+
+def test_best_fit_packs_exactly_the_kept_documents(
+        start_daemon: Any, scored: Path, encoding: tiktoken.Encoding) -> None:
+    n = 12
+    expected, _ = bestfit_windows(
+        kept_token_docs(scored, encoding, offline_filter), bos_id=BOS_ID, batch_size=B,
+        seq_len=T, num_batches=n, buffer_docs=DEFAULT_BUFFER_DOCS, min_tail=DEFAULT_MIN_TAIL,
+        max_age_docs=DEFAULT_MAX_AGE_DOCS)
+    d = start_daemon("--filter", FILTER, data=scored)
+    with d.feed(B, T, packing="bestfit") as feed:
+        for k, (x, y) in enumerate(take(feed, n)):
+            rows = expected[k].reshape(B, T + 1)
+            np.testing.assert_array_equal(x.numpy(), rows[:, :-1], err_msg=f"batch {k}")
+            np.testing.assert_array_equal(y.numpy(), rows[:, 1:], err_msg=f"batch {k}")
+
+
+def test_a_mixture_filters_only_the_source_whose_table_has_a_filter(
+        start_daemon: Any, scored: Path, corpus: Path, encoding: tiktoken.Encoding,
+        tmp_path: Path) -> None:
+    mix = tmp_path / "mix.toml"
+    mix.write_text(f'[sources.web]\npath = "{scored}"\nweight = 0.6\nfilter = "{FILTER}"\n'
+                   f'[sources.docs]\npath = "{corpus}"\nweight = 0.4\n')
+    n, size = 20, B * T + 1
+    mixed = mix_documents({
+        "docs": rank_documents(corpus, enc=encoding, bos_id=BOS_ID, split="train", rank=0,
+                               world_size=1),
+        "web": kept_token_docs(scored, encoding, offline_filter)},
+        [(0, {"docs": 0.4, "web": 0.6})])
+    stream: list[int] = []
+    while len(stream) < n * size:
+        stream += next(mixed)[1]
+    d = start_daemon("--mix", str(mix), sources={})
+    with d.feed(B, T) as feed:
+        for k, batch in enumerate(take(feed, n)):
+            assert_batch_equals(batch, np.array(stream[k * size:(k + 1) * size]), f"batch {k}")
+        assert feed.state_dict()["cursor"]["filters"] == {
+            "web": "(int_score >= 3) and (language == 'en')"}
+        figures = d.status()["streams"][0]["filters"]
+    assert set(figures) == {"web"} and figures["web"]["dropped"] > 0
