@@ -61,7 +61,7 @@ class SourceReader:
         task_bytes: int = DEFAULT_TASK_BYTES, on_error: str = "fail",
         cache: TokenCache | None = None, itemsize: int = 4,
         skip: frozenset[int] = frozenset(), layout: Layout | None = None,
-        filter: Filter | None = None,
+        filter: Filter | None = None, counted: tuple[int, int, int] | None = None,
     ) -> None:
         self.stream, self.source = stream, source
         self.layout = layout  # elastic.py: after an elastic resume, the rank's units
@@ -94,6 +94,15 @@ class SourceReader:
         # together keeps a warm epoch's figures those of a cold one. Kept: `documents`.
         self.filter = filter
         self.dropped = 0
+        # Exact counts for positions: unit -> (kept, dropped) in the rank's units before
+        # it, from `counted` = (unit, kept, dropped), a resumed state's (else 0, 0, 0), on
+        # (units taken in order extend it). None: not counted (no filter, or an elastic
+        # layout, whose units are pieces of row groups).
+        self._counts: dict[int, tuple[int, int]] | None = None
+        if filter is not None and layout is None:
+            unit0, kept0, dropped0 = counted or (0, 0, 0)
+            self._counts = {unit0: (kept0, dropped0)}
+        self._unit_counts: dict[int, tuple[int, int]] = {}  # cached units' (kept, dropped)
         self.skipped_row_groups: list[str] = []  # --on-error skip: "path#row_group", in order
         self._epoch_order: tuple[int, np.ndarray] = (-1, np.arange(0))
 
@@ -169,6 +178,7 @@ class SourceReader:
         tokens, row_tokens = cached.in_order(self._row_order(unit))
         got = Unit.of_lengths(tokens, row_tokens)
         self.whole[unit] = got
+        self._unit_counts[unit] = (len(got.doc_starts), len(row_tokens) - len(got.doc_starts))
         self.staged_bytes += _nbytes(got)
         self.documents += len(got.doc_starts)
         self._count_empty(len(row_tokens) - len(got.doc_starts))
@@ -251,6 +261,7 @@ class SourceReader:
         if unit in self.whole:
             got = self.whole.pop(unit)
             self.units_done += 1
+            self._counted(unit, self._unit_counts.pop(unit, (0, 0)))
             if got is None:
                 return EMPTY
             self.staged_bytes -= _nbytes(got)
@@ -266,12 +277,31 @@ class SourceReader:
                   else np.concatenate([r.tokens for r in ordered]))
         row_tokens = (ordered[0].row_tokens if len(ordered) == 1
                       else np.concatenate([r.row_tokens for r in ordered]))
+        kept = int(np.count_nonzero(row_tokens))
+        self._counted(unit, (kept, len(row_tokens) - kept))
         if self.cache is not None:  # tokenized here: keep it
             ref = self._ref(unit)
             if len(row_tokens) == ref.num_rows:
                 self.cache.put(ref.path, ref.shard_stamp, ref.row_group,
                                *file_order(tokens, row_tokens, self._row_order(unit)))
         return self._shaped(unit, Unit.of_lengths(tokens, row_tokens))
+
+    def _counted(self, unit: int, counts: tuple[int, int]) -> None:
+        """Unit `unit` was taken with `counts` (kept, dropped): the counts before the next."""
+        if self._counts is not None and unit in self._counts:
+            kept, dropped = self._counts[unit]
+            self._counts[unit + 1] = (kept + counts[0], dropped + counts[1])
+
+    def counts_before(self, unit: int) -> tuple[int, int] | None:
+        """(kept, dropped) in the rank's units before `unit`, exactly (None: not known).
+        Positions ask in order, so older entries go."""
+        if self._counts is None:
+            return None
+        got = self._counts.get(unit)
+        if got is not None:
+            for u in [u for u in self._counts if u < unit]:
+                del self._counts[u]
+        return got
 
     def _shaped(self, unit: int, got: Unit) -> Unit:
         """What the rank's layout keeps of a unit's row group (all of it, normally)."""

@@ -75,7 +75,9 @@ class OneSource:
         return [0]
 
     def position(self, packed: Packed) -> Position:
-        return Position(packed, elastic=self.layout, filters=self.filters)
+        counts = self.readers[0].counts_before(packed.unit)
+        return Position(packed, elastic=self.layout, filters=self.filters,
+                        filtered={n: counts for n in self.filters or ()} if counts else None)
 
     def forget_before(self, unit: int) -> None:
         pass
@@ -128,8 +130,12 @@ class Mixture:
         return [self.mixer.pending_tokens(i) for i in range(len(self.readers))]
 
     def position(self, packed: Packed) -> Position:
-        return Position(packed, mix=self.mixer.state(packed.first_unit, packed),
-                        filters=self.filters)
+        mix = self.mixer.state(packed.first_unit, packed)
+        counts = {name: reader.counts_before(mix.sources[name].unit)
+                  for name, reader in zip(self.mixer.names, self.readers, strict=True)
+                  if reader.filter is not None}
+        return Position(packed, mix=mix, filters=self.filters,
+                        filtered={n: c for n, c in counts.items() if c is not None} or None)
 
     def forget_before(self, unit: int) -> None:
         self.mixer.forget_before(unit)
@@ -182,6 +188,12 @@ def filter_counts(supply: Supply) -> dict[str, dict[str, Any]] | None:
             for name, r in zip(names, supply.readers, strict=True) if r.filter is not None}
 
 
+def _counted(start: Position, name: str, unit: int) -> tuple[int, int, int] | None:
+    """(unit, kept, dropped) a resumed source's counts continue from (None: from 0)."""
+    counts = (start.filtered or {}).get(name)
+    return (unit, *counts) if counts is not None else None
+
+
 def source_filters(sources: list[Source]) -> dict[str, str] | None:
     """The filters of `sources` that have one, normalized, by name (None: none has)."""
     return {s.name: s.filter.text for s in sources if s.filter is not None} or None
@@ -196,13 +208,16 @@ def _make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Posit
         src = sources[0]
         reader = SourceReader(sid, 0, src.plan, src.column, cache=src.cache,
                               first_unit=start.first_unit, skip=skipped_units(start.packed),
-                              layout=start.elastic, filter=src.filter, **common)
+                              layout=start.elastic, filter=src.filter,
+                              counted=_counted(start, src.name, start.packed.unit), **common)
         return OneSource(reader, start.elastic)
     if [s.name for s in sources] != list(mix.names):
         raise StateMismatchError(f"a mixture of {', '.join(mix.names)} needs those sources")
     layouts = mix.layouts or {}
     readers = [SourceReader(sid, i, src.plan, src.column, cache=src.cache,
                             first_unit=mix.sources[src.name].unit,
-                            layout=layouts.get(src.name), filter=src.filter, **common)
+                            layout=layouts.get(src.name), filter=src.filter,
+                            counted=_counted(start, src.name, mix.sources[src.name].unit),
+                            **common)
                for i, src in enumerate(sources)]
     return Mixture(Mixer(mix), readers)

@@ -99,6 +99,15 @@ def kept_token_docs(data: Path, enc: tiktoken.Encoding, keep: Offline) -> Iterat
             yield [BOS_ID, *enc.encode_ordinary(text)]
 
 
+def counts_before(data: Path, keep: Offline, unit: int) -> list[int]:
+    """[kept, dropped] in rank 0 of 1's units before `unit`, computed offline."""
+    counts = [0, 0]
+    for texts, dropped in kept_documents(data, keep, rank=0, world_size=1, units=unit):
+        counts[0] += len(texts)
+        counts[1] += dropped
+    return counts
+
+
 def take(feed: Any, n: int) -> list[tuple[Any, Any]]:
     return [next(feed) for _ in range(n)]
 
@@ -222,7 +231,10 @@ def _mix_file(tmp_path: Path, web_filter: str) -> Path:
 
 def test_one_rank_gets_exactly_the_documents_the_filter_keeps_in_order(
         start_daemon: Any, scored: Path, encoding: tiktoken.Encoding) -> None:
-    n = 40  # about two epochs of the kept documents
+    units = sum(pq.ParquetFile(p).num_row_groups for p in split_files(scored, "train"))
+    epoch_tokens = sum(len(encoding.encode_ordinary(t)) + 1 for texts, _ in kept_documents(
+        scored, offline_filter, rank=0, world_size=1, units=units) for t in texts)
+    n = epoch_tokens // (B * T + 1) + 3  # into the second epoch
     expected = expected_windows(scored, encoding, offline_filter, n=n)
     unfiltered = expected_windows(scored, encoding, None, n=1)
     assert not np.array_equal(expected[0], unfiltered[0])  # the filter changes the stream
@@ -232,6 +244,9 @@ def test_one_rank_gets_exactly_the_documents_the_filter_keeps_in_order(
             assert_batch_equals(batch, expected[k], f"batch {k}")
         state = feed.state_dict()
     assert state["cursor"]["filters"] == {"data": "(int_score >= 3) and (language == 'en')"}
+    unit = state["cursor"]["unit"]
+    assert unit >= units  # into the second epoch
+    assert state["cursor"]["filtered"] == {"data": counts_before(scored, offline_filter, unit)}
 
 
 def test_kept_and_dropped_counts_are_those_of_the_units_read(
@@ -315,6 +330,9 @@ def test_a_resume_continues_exactly_and_refuses_another_filter(
         feed.load_state_dict(state)
         for k, batch in enumerate(take(feed, 5)):
             assert_batch_equals(batch, expected[7 + k], f"resumed batch {k}")
+        cursor = feed.state_dict()["cursor"]  # the counts continue from the saved ones
+        assert cursor["filtered"]["data"] == counts_before(scored, offline_filter,
+                                                           cursor["unit"])
     again.stop()
     plain = start_daemon(data=scored)
     with plain.feed(B, T) as feed:
@@ -350,6 +368,8 @@ def test_the_token_cache_never_serves_a_unit_filtered_another_way(
         with d.feed(B, T) as feed:
             for k, batch in enumerate(take(feed, n)):
                 assert_batch_equals(batch, expected[k], f"filter {text!r} batch {k}")
+            cursor = feed.state_dict()["cursor"]  # counted alike from tokens or the cache
+            assert cursor["filtered"]["data"] == counts_before(scored, offline, cursor["unit"])
             cache_stats = d.status()["cache"]
         # run 1 finds none of run 0's entries (another key); run 2 finds all of run 0's
         assert (cache_stats["misses"] > 0) == (i < 2), f"run {i}: {cache_stats}"
@@ -370,6 +390,8 @@ def test_best_fit_packs_exactly_the_kept_documents(
             rows = expected[k].reshape(B, T + 1)
             np.testing.assert_array_equal(x.numpy(), rows[:, :-1], err_msg=f"batch {k}")
             np.testing.assert_array_equal(y.numpy(), rows[:, 1:], err_msg=f"batch {k}")
+        cursor = feed.state_dict()["cursor"]  # before the next document to read
+    assert cursor["filtered"]["data"] == counts_before(scored, offline_filter, cursor["unit"])
 
 
 def test_a_mixture_filters_only_the_source_whose_table_has_a_filter(
@@ -391,7 +413,9 @@ def test_a_mixture_filters_only_the_source_whose_table_has_a_filter(
     with d.feed(B, T) as feed:
         for k, batch in enumerate(take(feed, n)):
             assert_batch_equals(batch, np.array(stream[k * size:(k + 1) * size]), f"batch {k}")
-        assert feed.state_dict()["cursor"]["filters"] == {
-            "web": "(int_score >= 3) and (language == 'en')"}
+        cursor = feed.state_dict()["cursor"]
+        assert cursor["filters"] == {"web": "(int_score >= 3) and (language == 'en')"}
+        assert cursor["filtered"] == {"web": counts_before(
+            scored, offline_filter, cursor["mix"]["sources"]["web"][0])}
         figures = d.status()["streams"][0]["filters"]
     assert set(figures) == {"web"} and figures["web"]["dropped"] > 0
