@@ -178,7 +178,9 @@ class SourceReader:
         tokens, row_tokens = cached.in_order(self._row_order(unit))
         got = Unit.of_lengths(tokens, row_tokens)
         self.whole[unit] = got
-        self._unit_counts[unit] = (len(got.doc_starts), len(row_tokens) - len(got.doc_starts))
+        if self._counts is not None:
+            self._unit_counts[unit] = (len(got.doc_starts),
+                                       len(row_tokens) - len(got.doc_starts))
         self.staged_bytes += _nbytes(got)
         self.documents += len(got.doc_starts)
         self._count_empty(len(row_tokens) - len(got.doc_starts))
@@ -277,8 +279,9 @@ class SourceReader:
                   else np.concatenate([r.tokens for r in ordered]))
         row_tokens = (ordered[0].row_tokens if len(ordered) == 1
                       else np.concatenate([r.row_tokens for r in ordered]))
-        kept = int(np.count_nonzero(row_tokens))
-        self._counted(unit, (kept, len(row_tokens) - kept))
+        if self._counts is not None:
+            kept = int(np.count_nonzero(row_tokens))
+            self._counted(unit, (kept, len(row_tokens) - kept))
         if self.cache is not None:  # tokenized here: keep it
             ref = self._ref(unit)
             if len(row_tokens) == ref.num_rows:
