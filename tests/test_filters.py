@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
-from conftest import BOS_ID, assert_batch_equals
+from conftest import BOS_ID, assert_batch_equals, wait_until
 from oracle import bestfit_windows, mix_documents, rank_documents, rank_row_groups, split_files
 
 from tokenfeed.common.errors import ConfigError, StateMismatchError
@@ -268,15 +268,23 @@ def test_kept_and_dropped_counts_are_those_of_the_units_read(
         assert figures["kept"] > 0 and figures["dropped"] > 0
         assert figures["kept"] == stream["documents"]
         assert status["sources"]["data"]["filter"] == figures["filter"]
-        with urllib.request.urlopen(status["metrics_url"], timeout=10) as r:
-            text = r.read().decode()
+        # the exporter serves the status published at the last heartbeat: wait for one
+        # that holds the stream
+        scraped = wait_until(lambda: _scrape_filter_counts(status["metrics_url"]),
+                             what="filter counts in /metrics")
+    assert (scraped["kept"], scraped["dropped"]) in prefixes
+
+
+def _scrape_filter_counts(url: str) -> dict[str, int] | None:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
     scraped = {}
     for line in text.splitlines():
         for what in ("kept", "dropped"):
             if line.startswith(f"tokenfeed_filter_{what}_documents_total{{"):
                 assert 'source="data"' in line
                 scraped[what] = int(float(line.rsplit(" ", 1)[1]))
-    assert (scraped["kept"], scraped["dropped"]) in prefixes
+    return scraped if len(scraped) == 2 else None
 
 
 def test_two_ranks_each_get_their_row_groups_filtered(
