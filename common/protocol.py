@@ -58,7 +58,8 @@ tasks and works through them in order). `WORKER_OPS` lists every op's fields and
                and given up on since the worker's last report)
         grow   {task, need_bytes}             the result does not fit its staging buffer
     daemon -> worker:
-        task    {task, buffer, staging, path, row_group, column, rows, doc_seed, stamp}
+        task    {task, buffer, staging, path, row_group, column, rows, doc_seed, stamp,
+                 filter?}                  filter: the source's, normalized (filters.py)
         staging {buffer, name}                reply to grow ("" when none can be made)
         exit    {}
 

@@ -11,6 +11,9 @@ module checks all of it against the data this daemon serves and returns a typed
   names `mix`) starts with a mixture state: the saved one, or new weights.
 - `elastic_from`: elastic.py divides the old ranks' work left among the new ranks.
 - Fingerprints: a saved state refuses other data, naming the shards that changed.
+- Filters (filters.py): checked against a source's columns at its first attach (a
+  missing column or a type mismatch names the column and its type); a saved state
+  recorded under other filters is refused unless the daemon allows filter changes.
 
 Failure behaviour: every mismatch is a StateMismatchError or ConfigError whose
 message names the problem and the fix; a malformed message is a ProtocolError.
@@ -30,9 +33,11 @@ from tokenfeed.producer import elastic
 from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.changes import SourceChange, rebase, source_change
 from tokenfeed.producer.dataset import Dataset, RowGroupRef, changed_shards, split_fingerprint
+from tokenfeed.producer.filters import Filter
 from tokenfeed.producer.position import MixState, Position
 from tokenfeed.producer.reader import Source, epoch_order
 from tokenfeed.producer.recipe import Curve, Limits
+from tokenfeed.producer.storage import open_parquet
 from tokenfeed.producer.tokenizer import Tokenizer
 from tokenfeed.producer.valstore import ValStore
 
@@ -43,7 +48,9 @@ class Admission:
     def __init__(self, datasets: dict[str, Dataset], tokenizer: Tokenizer,
                  caches: Mapping[str, TokenCache],
                  val_stores: Mapping[str, ValStore] | None = None, curve: Curve | None = None,
-                 limits: Mapping[str, Limits] | None = None) -> None:
+                 limits: Mapping[str, Limits] | None = None,
+                 filters: Mapping[str, Filter] | None = None,
+                 allow_filter_changes: bool = False) -> None:
         self.datasets = datasets
         # the mix file's declared recipe: a new train stream without weights of its own
         # follows `curve`; every mixture stream keeps `limits` (recipe.py)
@@ -52,8 +59,11 @@ class Admission:
         self.limits = dict(limits or {})
         self.served = tuple(datasets)
         self.tokenizer = tokenizer
-        self.caches = caches  # text column -> its token cache
+        self.caches = caches  # cache_key(text column, filter) -> its token cache
         self.val_stores = val_stores or {}  # text column -> val row groups, without a cache
+        self.filters = dict(filters or {})  # source name -> its filter (filters.py)
+        self.allow_filter_changes = allow_filter_changes
+        self._filters_checked: set[str] = set()  # sources whose columns fit their filter
 
     # -- what the state was saved on ----------------------------------------
 
@@ -96,7 +106,36 @@ class Admission:
     def start(self, spec: StreamSpec, msg: protocol.Message,
               weights: Mapping[str, float]) -> Position:
         """The checked start of an attach; `weights`: the daemon's current mixture
-        weights, for a new mixture stream whose consumer names none."""
+        weights, for a new mixture stream whose consumer names none. It carries the
+        filters in force, checked against those a resumed state recorded."""
+        position = self._start(spec, msg, weights)
+        names = position.mix.names if position.mix is not None else self.served
+        now = {n: self.filters[n].text for n in names if n in self.filters} or None
+        if msg.get("start") is not None and not (
+                isinstance(msg["start"], dict) and "elastic_from" in msg["start"]):
+            self.check_filters_unchanged(position.filters, now)
+        return dataclasses.replace(position, filters=now)
+
+    def check_filters_unchanged(self, saved: Mapping[str, str] | None,
+                                now: Mapping[str, str] | None) -> None:
+        """A state recorded under `saved` filters continues under `now`'s only if they
+        are the same, or the daemon was started with --allow-filter-changes (logged)."""
+        saved, now = dict(saved or {}), dict(now or {})
+        changes = [f"source {n}: {_shown(saved.get(n))} -> {_shown(now.get(n))}"
+                   for n in sorted(set(saved) | set(now)) if saved.get(n) != now.get(n)]
+        if not changes:
+            return
+        if self.allow_filter_changes:
+            log.warning("resuming a state saved under other filters (--allow-filter-changes): "
+                        "%s", "; ".join(changes))
+            return
+        raise StateMismatchError(
+            f"the saved state was filtered differently: {'; '.join(changes)}; serve the "
+            "filters it was saved with, or start the daemon with --allow-filter-changes to "
+            "continue its position under the new ones")
+
+    def _start(self, spec: StreamSpec, msg: protocol.Message,
+               weights: Mapping[str, float]) -> Position:
         start = msg.get("start")
         if start is not None and not isinstance(start, dict):
             raise ProtocolError(f"attach: start {start!r} is not a map")
@@ -177,11 +216,26 @@ class Admission:
         out = []
         for name in names:
             dataset = self.datasets[name]
+            plan = dataset.split(split)
+            kept = self.filters.get(name)
+            if kept is not None:
+                self._check_filter(name, plan.row_groups[0] if len(plan) else None)
             column = dataset.text_column
-            cache = self.caches.get(column) or (self.val_stores.get(column)
-                                                 if split == "val" else None)
-            out.append(Source(name, dataset.split(split), column, cache))
+            cache = self.caches.get(cache_key(column, kept)) or (
+                self.val_stores.get(column) if split == "val" and kept is None else None)
+            out.append(Source(name, plan, column, cache, filter=kept))
         return out
+
+    def _check_filter(self, name: str, ref: RowGroupRef | None) -> None:
+        """The source's filter fits its columns (one footer read, at its first attach)."""
+        if name in self._filters_checked or ref is None:
+            return
+        schema = open_parquet(ref.path, ref.shard_stamp).schema_arrow
+        try:
+            self.filters[name].check(schema, f"source {name} ({ref.path})")
+        except ConfigError as e:  # as a ConfigError: the class an error reply carries
+            raise ConfigError(str(e)) from None
+        self._filters_checked.add(name)
 
     def _elastic(self, spec: StreamSpec, cursors: Any) -> Position:
         """The start of rank spec.rank of spec.world_size continuing a job that every
@@ -201,6 +255,9 @@ class Admission:
             try:
                 old = dataclasses.replace(spec, rank=rank, world_size=len(cursors))
                 position = Position.parse(cursor, old, self.served)
+                names = position.mix.names if position.mix is not None else self.served
+                self.check_filters_unchanged(position.filters, {
+                    n: self.filters[n].text for n in names if n in self.filters})
                 if mixture and (position.mix is None or position.mix.exact is None):
                     raise StateMismatchError(
                         "its mixture state lacks 'exact' [unit, doc, token] for every "
@@ -241,3 +298,14 @@ class Admission:
             return split.row_groups[int(epoch_order(n, spec.shuffle_seed, epoch)[ordinal])]
 
         return n, ref_of
+
+
+def cache_key(column: str, kept: Filter | None) -> str:
+    """The token cache of a text column under a filter: a filtered source's entries are
+    keyed by its filter too, so no unit is ever served filtered another way (and an
+    unfiltered source keeps the keys it always had)."""
+    return column if kept is None else f"{column}\0filter {kept.text}"
+
+
+def _shown(text: str | None) -> str:
+    return "no filter" if text is None else repr(text)

@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mix", metavar="FILE", help="sources and default weights from a TOML "
                        "file: a [sources.NAME] table each, with path, optional text_column "
                        "and weight (docs/recipes.md: Mixtures)")
+    serve.add_argument("--filter", metavar="EXPR", help="keep only the documents of --data "
+                       "whose row satisfies EXPR, e.g. \"int_score >= 3 and language == 'en'\" "
+                       "(a mixture: filter = \"...\" per source in --mix; docs/recipes.md: "
+                       "Filters)")
+    serve.add_argument("--allow-filter-changes", action="store_true",
+                       help="resume states saved under another filter (logged); by default "
+                       "such a resume is refused")
     serve.add_argument("--weights", metavar="NAME=W,...", help="default mixture weights, "
                        "e.g. web=0.7,code=0.3 (default: equal; normalized)")
     _add_run_dir(serve)
@@ -267,6 +274,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         cache_bytes=int(args.cache_gib * (1 << 30)), manifest=args.manifest,
         val_memory_bytes=args.val_memory_mib << 20,
         exclude=Path(args.exclude).expanduser() if args.exclude else None,
+        filter=args.filter, allow_filter_changes=args.allow_filter_changes,
     )
 
 

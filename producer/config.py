@@ -65,6 +65,7 @@ class SourceConfig:
     name: str
     data: Path | str
     text_column: str | None = None  # None: the daemon's --text-column
+    filter: str | None = None  # filters.py: keep only the documents whose row satisfies it
 
 
 def data_path(value: str) -> Path | str:
@@ -104,6 +105,7 @@ def load_mix_file(path: Path) -> tuple[tuple[SourceConfig, ...], tuple[tuple[str
         path = "/data/stack"
         text_column = "content"     # default: --text-column
         weight = 0.3                # default: 1 (weights are normalized)
+        filter = "stars >= 10"      # optional: filters.py
     """
     if sys.version_info >= (3, 11):
         import tomllib
@@ -120,16 +122,25 @@ def load_mix_file(path: Path) -> tuple[tuple[SourceConfig, ...], tuple[tuple[str
                           "--help` for the format")
     sources, weights = [], {}
     for name, table in tables.items():
-        unknown = (set(table) - {"path", "text_column", "weight", *LIMIT_KEYS}
+        unknown = (set(table) - {"path", "text_column", "weight", "filter", *LIMIT_KEYS}
                    if isinstance(table, dict) else {})
         if not isinstance(table, dict) or not isinstance(table.get("path"), str) or unknown:
             raise ConfigError(f"--mix {path}: [sources.{name}] needs path = \"...\" and may "
-                              f"have text_column, weight, {', '.join(LIMIT_KEYS)} "
+                              f"have text_column, weight, filter, {', '.join(LIMIT_KEYS)} "
                               f"(not {sorted(unknown or [])})")
         column = table.get("text_column")
         if column is not None and (not isinstance(column, str) or not column):
             raise ConfigError(f"--mix {path}: sources.{name}.text_column must be a name")
-        sources.append(SourceConfig(check_source_name(name), data_path(table["path"]), column))
+        text = table.get("filter")
+        if text is not None:
+            from tokenfeed.producer.filters import Filter, FilterError  # pyarrow: only here
+
+            try:
+                Filter.parse(text)
+            except FilterError as e:
+                raise FilterError(f"--mix {path}: sources.{name}.filter: {e}") from None
+        sources.append(SourceConfig(check_source_name(name), data_path(table["path"]), column,
+                                    text))
         weights[name] = table.get("weight", 1.0)
     return tuple(sources), normalize_mix(weights)
 
@@ -198,6 +209,8 @@ class DaemonConfig:
     metrics_port: int | None = None  # serve Prometheus /metrics there (0: any free port)
     metrics_host: str = "127.0.0.1"  # loopback by default: a scrape reveals paths and names
     exclude: Path | None = None  # a file of documents no stream delivers (exclude.py)
+    filter: str | None = None  # --data's filter (filters.py); a mixture's are per source
+    allow_filter_changes: bool = False  # resume states saved under another filter
 
     def __post_init__(self) -> None:
         if (self.data_dir is None) == (not self.sources):
@@ -256,6 +269,13 @@ class DaemonConfig:
                 raise ConfigError(f"sources {self.sources[paths.index(p)].name} and "
                                   f"{self.sources[i].name} have the same path {p}; a document "
                                   "would be mixed twice: give each source its own folder")
+        if self.filter is not None:
+            if self.data_dir is None:
+                raise ConfigError("--filter filters --data; a mixture's sources each take "
+                                  "theirs in the --mix file (filter = \"...\")")
+            from tokenfeed.producer.filters import Filter  # pyarrow: only with a filter
+
+            Filter.parse(self.filter)
         if self.manifest is not None and self.data_dir is None:
             raise ConfigError("--manifest describes the shards of --data; a mixture's sources "
                               "find theirs next to their data (`tokenfeed index PATH` each)")
@@ -263,8 +283,8 @@ class DaemonConfig:
     def source_list(self) -> list[SourceConfig]:
         """Every source, sorted by name, with its text column."""
         if self.data_dir is not None:
-            return [SourceConfig(ONE_SOURCE, self.data_dir, self.text_column)]
-        return sorted((SourceConfig(s.name, s.data, s.text_column or self.text_column)
+            return [SourceConfig(ONE_SOURCE, self.data_dir, self.text_column, self.filter)]
+        return sorted((SourceConfig(s.name, s.data, s.text_column or self.text_column, s.filter)
                        for s in self.sources), key=lambda s: s.name)
 
     def default_weights(self) -> dict[str, float]:

@@ -46,11 +46,12 @@ from tokenfeed.common.exclude import read_exclude_file
 from tokenfeed.common.ring import token_dtype
 from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
 from tokenfeed.producer import exclude, ops
-from tokenfeed.producer.admission import Admission
+from tokenfeed.producer.admission import Admission, cache_key
 from tokenfeed.producer.backends import verified_backend
 from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.config import PARITY_SAMPLE_BYTES, DaemonConfig, max_workers
 from tokenfeed.producer.dataset import combined_fingerprint, scan_dataset
+from tokenfeed.producer.filters import Filter
 from tokenfeed.producer.logs import set_daemon_id
 from tokenfeed.producer.metrics import MetricsServer, check_available
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
@@ -131,6 +132,8 @@ class Daemon:
         # serve --exclude: documents no stream delivers, checked against the data now
         self.exclusion = (exclude.resolve(read_exclude_file(cfg.exclude), self.datasets,
                                           str(cfg.exclude)) if cfg.exclude else exclude.NONE)
+        self.filters = {src.name: Filter.parse(src.filter) for src in cfg.source_list()
+                        if src.filter is not None}  # checked against columns at attach
         self.fingerprint = combined_fingerprint(self.datasets)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
         self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize
@@ -168,18 +171,22 @@ class Daemon:
         self.pool.resize(cfg.workers)
         if (budget_warning := ring_budget_warning(cfg.max_ring_bytes)) is not None:
             log.warning(budget_warning)  # warn, not refuse: rings are made per attach, each checked
-        self.caches: dict[str, TokenCache] = {}  # text column -> its cache (keys hold it)
+        # cache_key(text column, filter) -> its cache (keys hold it: admission.cache_key)
+        self.caches: dict[str, TokenCache] = {}
         if cfg.cache_dir is not None:
-            for column in sorted({d.text_column for d in self.datasets.values()}):
-                self.caches[column] = TokenCache(cfg.cache_dir, cfg.cache_bytes,
-                                                 self.tokenizer.identity, self.itemsize, column)
+            for key in sorted({cache_key(d.text_column, self.filters.get(n))
+                               for n, d in self.datasets.items()}):
+                self.caches[key] = TokenCache(cfg.cache_dir, cfg.cache_bytes,
+                                              self.tokenizer.identity, self.itemsize, key)
         # Without a token cache, the val split's row groups are kept in memory instead, so
         # a fixed validation set is tokenized once (valstore.py).
         self.val_stores = {} if self.caches else {
             column: ValStore(cfg.val_memory_bytes)
             for column in sorted({d.text_column for d in self.datasets.values()})}
         self.admission = Admission(self.datasets, self.tokenizer, self.caches, self.val_stores,
-                                   curve=cfg.schedule, limits=dict(cfg.limits))
+                                   curve=cfg.schedule, limits=dict(cfg.limits),
+                                   filters=self.filters,
+                                   allow_filter_changes=cfg.allow_filter_changes)
         self.registry = StreamRegistry(
             daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
             max_ring_bytes=cfg.max_ring_bytes, linger_s=cfg.linger_s,
@@ -309,7 +316,9 @@ class Daemon:
             "metrics_url": self.metrics.url if self.metrics is not None else None,
             "data_dir": self._data_description(),
             "sources": {n: {"path": str(d.root), "text_column": d.text_column,
-                            "weight": self.weights.get(n)} for n, d in self.datasets.items()},
+                            "weight": self.weights.get(n),
+                            **({"filter": self.filters[n].text} if n in self.filters else {})}
+                        for n, d in self.datasets.items()},
             "tokenizer": self.tokenizer.name,
             "tokenizer_backend": self.backend,
             "workers": worker_summary(self.pool.stats(), self.worker_restarts,

@@ -22,6 +22,9 @@ ever goes down):
     tokenfeed_skipped_documents_total     counter  null / non-string text values skipped
     tokenfeed_skipped_row_groups_total    counter  row groups skipped (--on-error skip)
 
+Filtered sources add, labelled by `source` too (live streams): `tokenfeed_filter_kept_
+documents_total` and `tokenfeed_filter_dropped_documents_total` (filters.py).
+
 Per daemon: `tokenfeed_workers{state="target|alive|busy"}`,
 `tokenfeed_worker_restarts_total`, `tokenfeed_worker_busy_seconds_total{phase="read|
 tokenize"}`, `tokenfeed_storage_retries_total`, `tokenfeed_storage_failed_requests_total`
@@ -72,6 +75,9 @@ STREAM_COUNTERS = (
 # Mixtures only (absent without one): per stream labels and source.
 MIX_METRICS = ("tokenfeed_mix_weight_ratio", "tokenfeed_mixed_tokens_total",
                "tokenfeed_mix_share_ratio", "tokenfeed_mix_source_done")
+# Filtered sources only (absent without a filter): per stream labels and source.
+FILTER_METRICS = ("tokenfeed_filter_kept_documents_total",
+                  "tokenfeed_filter_dropped_documents_total")
 
 
 def metric_names() -> list[str]:
@@ -135,6 +141,25 @@ def _mixture_families(status: dict[str, Any], gauge: Any, counter: Any) -> Itera
     yield g
 
 
+def _filter_families(status: dict[str, Any], counter: Any) -> Iterator[Any]:
+    """Documents each filtered source kept and dropped (filters.py), per stream labels."""
+    counts: dict[str, dict[tuple[str, ...], float]] = {"kept": {}, "dropped": {}}
+    for s in status.get("streams", []):
+        for source, f in (s.get("filters") or {}).items():
+            key = (str(s["split"]), str(s["rank"]), str(s["world_size"]), str(source))
+            for what, into in counts.items():
+                into[key] = into.get(key, 0.0) + float(f[what])
+    if not counts["kept"]:
+        return
+    for name, (what, values) in zip(FILTER_METRICS, counts.items(), strict=True):
+        c = counter(name.removesuffix("_total"),
+                    f"Documents of a filtered source its filter {what} (dropped: the filter "
+                    "false or null, or no text).", labels=(*STREAM_LABELS, "source"))
+        for labelled, value in values.items():
+            c.add_metric(labelled, value)
+        yield c
+
+
 class StatusCollector:
     """A prometheus_client collector over the last status the daemon published."""
 
@@ -163,6 +188,7 @@ class StatusCollector:
                 c.add_metric(key, values[field])
             yield c
         yield from _mixture_families(status, GaugeMetricFamily, CounterMetricFamily)
+        yield from _filter_families(status, CounterMetricFamily)
         w = status["workers"]
         g = GaugeMetricFamily("tokenfeed_workers", "Tokenizer worker processes.",
                               labels=("state",))

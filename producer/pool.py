@@ -67,6 +67,7 @@ class Task:
     doc_seed: list[int] | None = None
     text_bytes: int = 0  # of the rows, estimated from the footer: sizes the staging estimate
     stamp: str = ""  # the shard's "<size>:<mtime>" when listed: a worker refuses a changed one
+    filter: str = ""  # the source's filter, normalized (filters.py); "": every document
 
 
 @dataclass
@@ -245,6 +246,7 @@ class WorkerPool:
             "task", task=list(key), buffer=b, staging=w.staging[b].name, path=task.path,
             row_group=task.row_group, column=task.column, rows=list(task.rows),
             doc_seed=task.doc_seed, stamp=task.stamp,
+            **({"filter": task.filter} if task.filter else {}),
         )
         w.tasks[b] = task  # only once the message exists: a failed encode leaves the worker idle
         w.keys[b] = key

@@ -8,6 +8,9 @@ A `Position` is what a packer needs to cut the same windows again:
     elastic   Layout: after an elastic resume, which units the rank reads (elastic.py)
     mix       MixState: a mixture's per-source cursors and weight schedule (mixer.py);
               its units are then virtual units of the mixed document stream
+    filters   the filters in force, normalized, per source (filters.py): a resume under
+              other filters is refused unless the daemon allows it (admission.py)
+    filtered  per filtered source, documents kept and rows dropped before the position
 
 Every module past the attach handler receives these frozen values; JSON exists only
 at the edges: `Position.parse` checks what a consumer sends (a `state_dict()` cursor)
@@ -378,6 +381,14 @@ class Position:
     elastic: Layout | None = None
     mix: MixState | None = None
     exclude: ExcludeMark | None = None  # documents never delivered (None: no list)
+    # The filters in force (filters.py), normalized, per source name: what the tokens up
+    # to here were filtered by. Only its sources with a filter; None: none has one.
+    filters: Mapping[str, str] | None = field(default=None, compare=False)
+    # Per filtered source, (kept, dropped): documents kept and rows dropped in the rank's
+    # units before the one the position reads (one source: its unit, best fit's next to
+    # read; a mixture: the source cursor's). None: not counted (e.g. after an elastic
+    # resume, or a state saved before filters).
+    filtered: Mapping[str, tuple[int, int]] | None = field(default=None, compare=False)
 
     @property
     def first_unit(self) -> int:
@@ -392,6 +403,10 @@ class Position:
             d["mix"] = self.mix.to_json()
         if self.exclude is not None:
             d["exclude"] = self.exclude.to_json()
+        if self.filters:
+            d["filters"] = dict(self.filters)
+        if self.filtered:
+            d["filtered"] = {n: list(c) for n, c in self.filtered.items()}
         return d
 
     @classmethod
@@ -419,7 +434,21 @@ class Position:
                 f"the mixture state is at virtual unit {mix.at}, its position reads from unit "
                 f"{packed.first_unit}; pass the feed state unchanged")
         exclude = ExcludeMark.parse(d["exclude"]) if d.get("exclude") is not None else None
-        return cls(packed, elastic, mix, exclude)
+        filters = d.get("filters")
+        if filters is not None and not (
+                isinstance(filters, dict) and len(filters) <= MAX_SOURCES and all(
+                    isinstance(n, str) and isinstance(t, str) for n, t in filters.items())):
+            raise StateMismatchError(f"position filters {str(filters)[:120]} are not "
+                                     "{source: filter}; pass the feed state unchanged")
+        filtered = d.get("filtered")
+        if filtered is not None and not (
+                isinstance(filtered, dict) and len(filtered) <= MAX_SOURCES and all(
+                    isinstance(n, str) and isinstance(c, list) and len(c) == 2
+                    and all(map(is_count, c)) for n, c in filtered.items())):
+            raise StateMismatchError(f"position counts {str(filtered)[:120]} are not "
+                                     "{source: [kept, dropped]}; pass the feed state unchanged")
+        return cls(packed, elastic, mix, exclude, filters or None,
+                   {n: (c[0], c[1]) for n, c in filtered.items()} if filtered else None)
 
 
 def unit_position(plan: SplitPlan, layout: Layout | None, rank: int, world_size: int,

@@ -26,6 +26,7 @@ from tokenfeed.producer.cache import TokenCache, file_order
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
 from tokenfeed.producer.exclude import SourceRows, exclude_unit
+from tokenfeed.producer.filters import Filter
 from tokenfeed.producer.pool import Result, Task
 from tokenfeed.producer.position import Layout, unit_position
 from tokenfeed.producer.units import EMPTY, Unit
@@ -53,6 +54,7 @@ class Source:
     column: str
     cache: TokenCache | ValStore | None = None
     exclude: SourceRows | None = None  # excluded rows by (shard path, row group)
+    filter: Filter | None = None  # filters.py: only rows it keeps deliver documents
 
 
 class SourceReader:
@@ -63,6 +65,7 @@ class SourceReader:
         cache: TokenCache | ValStore | None = None, itemsize: int = 4,
         skip: frozenset[int] = frozenset(), layout: Layout | None = None,
         exclude: SourceRows | None = None, exclude_keep: tuple[int, int, bool] = (0, 0, False),
+        filter: Filter | None = None, counted: tuple[int, int, int] | None = None,
     ) -> None:
         self.stream, self.source = stream, source
         self.layout = layout  # elastic.py: after an elastic resume, the rank's units
@@ -93,6 +96,20 @@ class SourceReader:
         self.units_done = 0
         self.documents = 0
         self.skipped = 0
+        # With a filter, rows that deliver nothing are `dropped` (the filter is false or
+        # null, or the text is): a cached unit cannot tell those apart, so counting them
+        # together keeps a warm epoch's figures those of a cold one. Kept: `documents`.
+        self.filter = filter
+        self.dropped = 0
+        # Exact counts for positions: unit -> (kept, dropped) in the rank's units before
+        # it, from `counted` = (unit, kept, dropped), a resumed state's (else 0, 0, 0), on
+        # (units taken in order extend it). None: not counted (no filter, or an elastic
+        # layout, whose units are pieces of row groups).
+        self._counts: dict[int, tuple[int, int]] | None = None
+        if filter is not None and layout is None:
+            unit0, kept0, dropped0 = counted or (0, 0, 0)
+            self._counts = {unit0: (kept0, dropped0)}
+        self._unit_counts: dict[int, tuple[int, int]] = {}  # cached units' (kept, dropped)
         self.skipped_row_groups: list[str] = []  # --on-error skip: "path#row_group", in order
         self._epoch_order: tuple[int, np.ndarray] = (-1, np.arange(0))
 
@@ -149,7 +166,8 @@ class SourceReader:
         estimate = int(text_bytes * self.tokens_per_text_byte * self.itemsize)
         self.inflight[(unit, part)] = estimate
         return Task(self.stream, self.source, unit, part, ref.path, ref.row_group, self.column,
-                    rows, doc_seed, text_bytes, ref.shard_stamp)
+                    rows, doc_seed, text_bytes, ref.shard_stamp,
+                    self.filter.text if self.filter is not None else "")
 
     def serve_cached(self) -> int:
         """Take the next unit from the token cache instead of the workers, if it is there;
@@ -167,9 +185,12 @@ class SourceReader:
         tokens, row_tokens = self._excluding(unit, *cached.in_order(self._row_order(unit)))
         got = Unit.of_lengths(tokens, row_tokens)
         self.whole[unit] = got
+        if self._counts is not None:
+            self._unit_counts[unit] = (len(got.doc_starts),
+                                       len(row_tokens) - len(got.doc_starts))
         self.staged_bytes += _nbytes(got)
         self.documents += len(got.doc_starts)
-        self.skipped += len(row_tokens) - len(got.doc_starts)
+        self._count_empty(len(row_tokens) - len(got.doc_starts))
         self.units_cached += 1
         self.next_unit += 1
         return _nbytes(got)
@@ -232,17 +253,24 @@ class SourceReader:
         self.staged_bytes += _nbytes(result)
         self.tasks_done += 1
         self.documents += len(result.doc_starts)
-        self.skipped += result.skipped
+        self._count_empty(result.skipped)
         if task.text_bytes > 0:  # learn the corpus's tokens per byte of text for estimates
             ratio = len(result.tokens) / task.text_bytes
             self.tokens_per_text_byte += (ratio - self.tokens_per_text_byte) / min(
                 self.tasks_done, 16)
+
+    def _count_empty(self, rows: int) -> None:
+        if self.filter is not None:
+            self.dropped += rows
+        else:
+            self.skipped += rows
 
     def take(self, unit: int) -> Unit | None:
         """Unit `unit` once all its parts are in, its parts joined in order (None: not yet)."""
         if unit in self.whole:
             got = self.whole.pop(unit)
             self.units_done += 1
+            self._counted(unit, self._unit_counts.pop(unit, (0, 0)))
             if got is None:
                 return EMPTY
             self.staged_bytes -= _nbytes(got)
@@ -258,6 +286,9 @@ class SourceReader:
                   else np.concatenate([r.tokens for r in ordered]))
         row_tokens = (ordered[0].row_tokens if len(ordered) == 1
                       else np.concatenate([r.row_tokens for r in ordered]))
+        if self._counts is not None:
+            kept = int(np.count_nonzero(row_tokens))
+            self._counted(unit, (kept, len(row_tokens) - kept))
         if self.cache is not None:  # tokenized here: keep it
             ref = self._ref(unit)
             if len(row_tokens) == ref.num_rows:
@@ -276,6 +307,23 @@ class SourceReader:
                                     self.exclude_keep)
         self.excluded += int(np.count_nonzero(kept != row_tokens))
         return tokens, kept
+
+    def _counted(self, unit: int, counts: tuple[int, int]) -> None:
+        """Unit `unit` was taken with `counts` (kept, dropped): the counts before the next."""
+        if self._counts is not None and unit in self._counts:
+            kept, dropped = self._counts[unit]
+            self._counts[unit + 1] = (kept + counts[0], dropped + counts[1])
+
+    def counts_before(self, unit: int) -> tuple[int, int] | None:
+        """(kept, dropped) in the rank's units before `unit`, exactly (None: not known).
+        Positions ask in order, so older entries go."""
+        if self._counts is None:
+            return None
+        got = self._counts.get(unit)
+        if got is not None:
+            for u in [u for u in self._counts if u < unit]:
+                del self._counts[u]
+        return got
 
     def _shaped(self, unit: int, got: Unit) -> Unit:
         """What the rank's layout keeps of a unit's row group (all of it, normally)."""

@@ -42,7 +42,7 @@ from tokenfeed.producer.pool import Result, Task
 from tokenfeed.producer.position import Packed, Position, cursor_json
 from tokenfeed.producer.reader import Source, SourceReader
 from tokenfeed.producer.slots import Attachment, SlotTable
-from tokenfeed.producer.supply import make_supply
+from tokenfeed.producer.supply import filter_counts, make_supply
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +305,7 @@ class Stream:
             "skipped_row_group_count": len(skips),
             "position": {k: v for k, v in cursor.items() if k not in ("buffer", "mix")},
             "mix": self.supply.status(cursor.get("epochs") or {}),
+            "filters": filter_counts(self.supply),
             **self.packer.stats(),
             "error": self.error,
         }

@@ -46,6 +46,7 @@ def skipped_units(start: Packed) -> frozenset[int]:
 
 class OneSource:
     lazy = False
+    filters: Mapping[str, str] | None = None  # the sources' filters, for positions
 
     def __init__(self, reader: SourceReader, layout: Layout | None) -> None:
         self.readers = [reader]
@@ -75,7 +76,9 @@ class OneSource:
         return [0]
 
     def position(self, packed: Packed) -> Position:
-        return Position(packed, elastic=self.layout)
+        counts = self.readers[0].counts_before(packed.unit)
+        return Position(packed, elastic=self.layout, filters=self.filters,
+                        filtered={n: counts for n in self.filters or ()} if counts else None)
 
     def forget_before(self, unit: int) -> None:
         pass
@@ -92,6 +95,7 @@ class OneSource:
 
 class Mixture:
     lazy = True
+    filters: Mapping[str, str] | None = None  # the sources' filters, for positions
 
     def __init__(self, mixer: Mixer, readers: list[SourceReader]) -> None:
         self.mixer = mixer
@@ -134,7 +138,12 @@ class Mixture:
         return [self.mixer.pending_tokens(i) for i in range(len(self.readers))]
 
     def position(self, packed: Packed) -> Position:
-        return Position(packed, mix=self.mixer.state(packed.first_unit, packed))
+        mix = self.mixer.state(packed.first_unit, packed)
+        counts = {name: reader.counts_before(mix.sources[name].unit)
+                  for name, reader in zip(self.mixer.names, self.readers, strict=True)
+                  if reader.filter is not None}
+        return Position(packed, mix=mix, filters=self.filters,
+                        filtered={n: c for n, c in counts.items() if c is not None} or None)
 
     def forget_before(self, unit: int) -> None:
         self.mixer.forget_before(unit)
@@ -176,6 +185,34 @@ def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Positi
                 reader_options: dict[str, Any]) -> Supply:
     """The supply of a stream `sid` starting at `start`: a mixture when the position
     holds a mixture state (its sources in the state's name order), else one source."""
+    supply = _make_supply(sid, spec, sources, start, reader_options)
+    supply.filters = source_filters(sources)
+    return supply
+
+
+def filter_counts(supply: Supply) -> dict[str, dict[str, Any]] | None:
+    """Per filtered source (status): its filter, documents kept and rows dropped (the
+    filter false or null, or no text), as read so far (read-ahead included)."""
+    if not supply.filters:
+        return None
+    names = supply.mixer.names if isinstance(supply, Mixture) else tuple(supply.filters)
+    return {name: {"filter": r.filter.text, "kept": r.documents, "dropped": r.dropped}
+            for name, r in zip(names, supply.readers, strict=True) if r.filter is not None}
+
+
+def _counted(start: Position, name: str, unit: int) -> tuple[int, int, int] | None:
+    """(unit, kept, dropped) a resumed source's counts continue from (None: from 0)."""
+    counts = (start.filtered or {}).get(name)
+    return (unit, *counts) if counts is not None else None
+
+
+def source_filters(sources: list[Source]) -> dict[str, str] | None:
+    """The filters of `sources` that have one, normalized, by name (None: none has)."""
+    return {s.name: s.filter.text for s in sources if s.filter is not None} or None
+
+
+def _make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Position,
+                 reader_options: dict[str, Any]) -> Supply:
     common = {"rank": spec.rank, "world_size": spec.world_size,
               "shuffle_seed": spec.shuffle_seed, **reader_options}
     mix = start.mix
@@ -185,7 +222,8 @@ def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Positi
                               first_unit=start.first_unit, skip=skipped_units(start.packed),
                               layout=start.elastic, exclude=src.exclude,
                               exclude_keep=keep_rule(start.exclude, spec.packing == "bestfit"),
-                              **common)
+                              filter=src.filter,
+                              counted=_counted(start, src.name, start.packed.unit), **common)
         return OneSource(reader, start.elastic)
     if [s.name for s in sources] != list(mix.names):
         raise StateMismatchError(f"a mixture of {', '.join(mix.names)} needs those sources")
@@ -201,6 +239,9 @@ def make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Positi
                                     first_unit=mix.sources[src.name].unit,
                                     layout=layouts.get(src.name), exclude=src.exclude,
                                     exclude_keep=keep_rule(start.exclude, True, src.name),
+                                    filter=src.filter,
+                                    counted=_counted(start, src.name,
+                                                     mix.sources[src.name].unit),
                                     **options))
         ends.append(None if repeat is None else
                     rank_units(len(src.plan), repeat, spec.rank, spec.world_size))

@@ -34,10 +34,12 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zmq
 
@@ -46,6 +48,7 @@ from tokenfeed.common.errors import ProtocolError
 from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment
 from tokenfeed.producer.backends import make_encoder
+from tokenfeed.producer.filters import Filter
 from tokenfeed.producer.storage import open_parquet, take_counts
 from tokenfeed.producer.tokenizer import load_tokenizer
 
@@ -64,12 +67,38 @@ def staging_layout(n_tokens: int, n_rows: int, itemsize: int) -> tuple[int, int]
     return rows_offset, rows_offset + 8 * n_rows
 
 
+@lru_cache(maxsize=16)
+def _parsed(text: str) -> Filter:
+    return Filter.parse(text)
+
+
+def read_filtered(pf: pq.ParquetFile, row_group: int, column: str,
+                  kept: Filter | None) -> pa.ChunkedArray:
+    """A row group's text column, null where `kept` (a source's filter) drops the row: a
+    dropped document then delivers nothing, as a null text does, and keeps its row index,
+    so positions, elastic layouts and provenance count rows the same with or without it.
+
+    Only the filter's columns are read besides the text, and the filter first: a row
+    group it drops whole costs no text decoding (decoding is the filter's main cost, ~8
+    ms per 1,024 documents of ~4 MB, against ~500 ms of tokenizing what it keeps)."""
+    if kept is None:
+        return pf.read_row_group(row_group, columns=[column]).column(0)
+    table = pf.read_row_group(row_group, columns=list(kept.columns))
+    mask = kept.mask(table)
+    text_type = pf.schema_arrow.field(column).type
+    if not pc.any(mask).as_py():
+        return pa.chunked_array([pa.nulls(len(mask), text_type)], text_type)
+    text = (table.column(column) if column in kept.columns
+            else pf.read_row_group(row_group, columns=[column]).column(0))
+    return pc.if_else(mask, text, pa.scalar(None, text_type))
+
+
 class RowGroupReader:
     """Rows of a row group's text column; the last row group read stays decoded."""
 
     def __init__(self) -> None:
         self.files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
-        self.key: tuple[str, int, str] | None = None
+        self.key: tuple[str, int, str, str] | None = None
         self.column: pa.ChunkedArray | None = None
         self.order_seed: list[int] | None = None
         self.order: np.ndarray | None = None
@@ -85,14 +114,15 @@ class RowGroupReader:
 
     def values(
         self, path: str, row_group: int, column: str, rows: Sequence[int],
-        doc_seed: list[int] | None, stamp: str = "",
+        doc_seed: list[int] | None, stamp: str = "", filter_text: str = "",
     ) -> list[Any]:
-        """Values `rows[0]:rows[1]` of the row group, in its seeded order if `doc_seed`."""
-        key = (path, row_group, column)
+        """Values `rows[0]:rows[1]` of the row group, in its seeded order if `doc_seed`;
+        with `filter_text`, None where the filter drops the row."""
+        key = (path, row_group, column, filter_text)
         if key != self.key:
             self.key = self.column = self.order = None  # a failed read keeps nothing stale
-            self.column = self._file(path, stamp).read_row_group(
-                row_group, columns=[column]).column(0)
+            self.column = read_filtered(self._file(path, stamp), row_group, column,
+                                        _parsed(filter_text) if filter_text else None)
             self.key = key
         assert self.column is not None
         lo, hi = rows
@@ -164,6 +194,14 @@ class _Channel:
         self.ctx.term()
 
 
+def task_filter(msg: protocol.Message) -> str:
+    """A task's optional filter text ("" : none); anything but a string is refused."""
+    text = msg.get("filter", "")
+    if not isinstance(text, str):
+        raise ProtocolError(f"task field 'filter' = {text!r:.40} is not a string")
+    return text
+
+
 def worker_niceness(nice: int, daemon_pid: int = 0) -> int:
     """A worker's niceness: the daemon's (`daemon_pid`, 0: this process) plus `nice`,
     absolute so that the pool and the worker itself can both set it."""
@@ -207,7 +245,7 @@ def worker_main(
             started = time.perf_counter()
             try:
                 values = reader.values(path, row_group, msg["column"], msg["rows"],
-                                       msg["doc_seed"], msg["stamp"])
+                                       msg["doc_seed"], msg["stamp"], task_filter(msg))
                 read_s = time.perf_counter() - started
                 tokens, row_tokens = tokenize_documents(values, encode_batch, tokenizer.bos_id)
                 tokenize_s = time.perf_counter() - started - read_s
