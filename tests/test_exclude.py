@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -407,8 +408,9 @@ def test_a_listed_row_is_delivered_exactly_as_a_null_one_would_be(
     if scenario == "mixture":  # the list names source a; b is the corpus as it is
         path = tmp_path / "mix.csv"
         path.write_text("".join(f"a,{f},{g},{r}\n" for f, g, r in sorted(excluded)))
-        listed = start_daemon(sources={"a": corpus, "b": corpus})
-        plain = start_daemon(sources={"a": nulled, "b": corpus})
+        b = shutil.copytree(corpus, tmp_path / "b")  # two sources never share a folder
+        listed = start_daemon(sources={"a": corpus, "b": b})
+        plain = start_daemon(sources={"a": nulled, "b": b})
     else:
         path = write_list(tmp_path / "list.jsonl", sorted(excluded))
         listed, plain = start_daemon(), start_daemon(data=nulled)
@@ -516,7 +518,8 @@ def test_a_list_begins_exactly_where_a_mixture_state_saved_without_one_resumes(
     excluded = set(chosen(corpus, every=2, first=0))
     path = tmp_path / "mix.csv"
     path.write_text("".join(f"a,{f},{g},{r}\n" for f, g, r in sorted(excluded)))
-    daemon = start_daemon(sources={"a": corpus, "b": corpus})
+    # b: the same documents in a folder of its own (two sources never share one)
+    daemon = start_daemon(sources={"a": corpus, "b": shutil.copytree(corpus, tmp_path / "b")})
     weights = {"a": 0.6, "b": 0.4}
     k, n = 7, 30
     with daemon.feed(B, T, mix=weights) as feed:
