@@ -196,6 +196,24 @@ def normalize_mix(mix: Any) -> tuple[tuple[str, float], ...]:
     return tuple(sorted((name, float(w) / total) for name, w in pairs))
 
 
+def check_feed_options(*, vocab_size: Any, prefetch: Any, replicas: Any,
+                       allow_source_changes: Any) -> None:
+    """TokenFeed's scalar options, checked before anything connects."""
+    if not isinstance(allow_source_changes, bool):
+        raise ConfigError(f"allow_source_changes={allow_source_changes!r} must be True or False")
+    if vocab_size is not None and (
+        not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1
+    ):
+        raise ConfigError(f"vocab_size={vocab_size!r} must be None or an integer >= 1")
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
+        raise ConfigError(f"prefetch={prefetch!r} must be an integer >= 1")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
+            1 <= replicas <= MAX_REPLICAS):
+        raise ConfigError(
+            f"replicas={replicas!r} must be an integer in [1, {MAX_REPLICAS}]: the number "
+            "of processes on this node that read this data-parallel rank's batches")
+
+
 def check_source_name(name: Any) -> str:
     if (not isinstance(name, str) or not 1 <= len(name) <= MAX_SOURCE_NAME
             or not all(c.isalnum() or c in "_-." for c in name)):

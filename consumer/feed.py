@@ -46,20 +46,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import zmq
 
-from tokenfeed.common import protocol
 from tokenfeed.common.config import (
-    MAX_REPLICAS,
     PRESET,
     Preset,
     StreamSpec,
+    check_feed_options,
     check_source_name,
     resolve_packing,
     resolve_run_dir,
     round_batches,
 )
-from tokenfeed.common.control import connect, receive
 from tokenfeed.common.errors import (
     ConfigError,
     DaemonGoneError,
@@ -70,17 +67,14 @@ from tokenfeed.common.errors import (
 from tokenfeed.common.exclude import exclude_fields
 from tokenfeed.common.ring import Ring
 from tokenfeed.consumer import lifetime
+from tokenfeed.consumer.attach import attach
 from tokenfeed.consumer.docinfo import doc_info
 from tokenfeed.consumer.link import Link, wait_for_daemon
 from tokenfeed.consumer.state import STATE_VERSION, log_source_change, parse_state
 from tokenfeed.consumer.tokenizer import check_bos, checked_facts, fact
 from tokenfeed.consumer.topology import mesh_placement, resolve_topology
-from tokenfeed.consumer.transfer import make_transfer
 
 log = logging.getLogger(__name__)
-
-ATTACH_TIMEOUT_S = 30.0
-
 
 class TokenFeed:
     def __init__(
@@ -124,25 +118,13 @@ class TokenFeed:
             **resolve_packing(packing, buffer_docs, min_tail),
         )
         self.round_batches = 0  # batches returned in this validation round (max_batches)
+        check_feed_options(vocab_size=vocab_size, prefetch=prefetch, replicas=replicas,
+                           allow_source_changes=allow_source_changes)
         # A loaded mixture state may name other sources than the daemon serves: resume
         # anyway (kept sources exactly, added ones from their beginning; producer/changes.py)
-        if not isinstance(allow_source_changes, bool):
-            raise ConfigError(f"allow_source_changes={allow_source_changes!r} must be True or "
-                              "False")
         self.allow_source_changes = allow_source_changes
         self._reweight = False  # a resumed mixture changes to this feed's mix (see load)
-        if vocab_size is not None and (
-            not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1
-        ):
-            raise ConfigError(f"vocab_size={vocab_size!r} must be None or an integer >= 1")
         self.model_vocab_size = vocab_size
-        if prefetch < 1:
-            raise ConfigError(f"prefetch={prefetch} must be >= 1")
-        if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
-                1 <= replicas <= MAX_REPLICAS):
-            raise ConfigError(
-                f"replicas={replicas!r} must be an integer in [1, {MAX_REPLICAS}]: the number "
-                "of processes on this node that read this data-parallel rank's batches")
         # Sent with the first attach only: a replica that re-attaches later rejoins its
         # group's stream at its own position, it does not start a new group there.
         self.replicas = replicas
@@ -228,7 +210,7 @@ class TokenFeed:
             item = link.batches.get_nowait()
         except queue.Empty:
             try:
-                item = self._wait(link)
+                item = link.next_batch(self.stall_timeout_s)
             except DaemonGoneError as gone:
                 if self.reconnect_s <= 0:
                     raise
@@ -282,23 +264,6 @@ class TokenFeed:
                 return
             yield batch
 
-    def _wait(self, link: Link) -> Any:
-        deadline = time.monotonic() + self.stall_timeout_s
-        while True:
-            try:
-                return link.batches.get(timeout=0.05)
-            except queue.Empty:
-                pass
-            if link.error is not None:
-                raise link.error
-            if not link.is_alive():
-                raise TokenfeedError("the feed is closed")
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"no batch for {self.stall_timeout_s:.0f} s although the daemon is alive; "
-                    "check `tokenfeed status` (workers, stream errors)"
-                )
-
     def _wait_reconnecting(self, gone: DaemonGoneError) -> tuple[Link, Any]:
         """Re-attach and wait for the next batch, again and again for `reconnect_s`: the
         daemon may restart (or drop this consumer) again while it re-attaches."""
@@ -306,7 +271,7 @@ class TokenFeed:
         while True:
             try:
                 link = self._reconnect(gone)
-                return link, self._wait(link)
+                return link, link.next_batch(self.stall_timeout_s)
             except (DaemonGoneError, DaemonUnavailableError) as again:
                 if time.monotonic() > deadline:
                     raise
@@ -334,65 +299,28 @@ class TokenFeed:
     def _attach(self) -> Link:
         if self._closed:
             raise TokenfeedError("the feed is closed; create a new TokenFeed")
-        ctx: zmq.Context[Any] = zmq.Context.instance()
-        sock = connect(ctx, self.run_dir)
+        done = attach(
+            self.run_dir, self.spec, self.device, start=self._start, expect=self._expect,
+            replicas=1 if self._attached else self.replicas,
+            # A replica coming back must find its group's stream, not start a new one.
+            rejoin=self._attached and self.replicas > 1, reweight=self._reweight,
+            skip=self._skip, allow_source_changes=self.allow_source_changes,
+            exclude=self._exclude)
+        reply = done.reply
         try:
-            sock.send(protocol.encode(
-                "attach", spec=self.spec.to_dict(), start=self._start, expect=self._expect,
-                replicas=1 if self._attached else self.replicas,
-                # A replica coming back must find its group's stream, not start a new one.
-                rejoin=self._attached and self.replicas > 1,
-                reweight=self._reweight, **({"skip": self._skip} if self._skip else {}),
-                **({"allow_source_changes": True} if self.allow_source_changes else {}),
-                **self._exclude,
-            ))
-            reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
+            self._learn_tokenizer(reply["tokenizer"])
         except BaseException:
-            sock.close(linger=0)
+            done.abort()
             raise
-        ring = None
-        try:
-            ring = Ring.attach(protocol.field(reply, "ring", str))
-            transfer = make_transfer(ring, self.spec.batch_size, self.spec.seq_len,
-                                     self.spec.packing, self.device)
-        except BaseException:  # e.g. pinning refused: give the slots back before raising
-            with contextlib.suppress(zmq.ZMQError):
-                sock.send(protocol.encode("detach"), zmq.NOBLOCK)
-            sock.close(linger=100)
-            if ring is not None:
-                ring.close()
-            raise
-        try:
-            self._learn_tokenizer(protocol.field(reply, "tokenizer", dict))
-        except BaseException:
-            with contextlib.suppress(zmq.ZMQError):
-                sock.send(protocol.encode("detach"), zmq.NOBLOCK)
-            sock.close(linger=100)
-            ring.close()
-            raise
-        if self._skip and reply.get("skipped") != self._skip:
-            sock.send(protocol.encode("detach"))
-            sock.close(linger=100)
-            ring.close()
-            raise StateMismatchError(
-                f"the daemon did not skip {self._skip} batches (it predates skip_batches); "
-                "upgrade the node's tokenfeed daemon, or load the state without skip_batches")
         if self.allow_source_changes:
             log_source_change(self._start, reply.get("start"))
-        if self._exclude and not isinstance(reply["start"].get("exclude"), dict):
-            sock.send(protocol.encode("detach"))
-            sock.close(linger=100)
-            ring.close()
-            raise StateMismatchError(
-                "the daemon did not apply exclude= (it predates exclusion lists); upgrade the "
-                "node's tokenfeed daemon")
-        self._ring = ring
+        self._ring = done.ring
         self._info = {k: reply[k] for k in ("stream", "fingerprint", "tokenizer", "start")}
         self._cursor = reply["start"]
         self._attached = True
         self._reweight = False  # done: a re-attach resumes the cursor's schedule as it is
-        self._link = Link(sock, ring, int(reply["stream"]), int(reply["start_seq"]), transfer,
-                          self.prefetch, str(self.run_dir))
+        self._link = Link(done.sock, done.ring, int(reply["stream"]), int(reply["start_seq"]),
+                          done.transfer, self.prefetch, str(self.run_dir))
         self._link.start()
         return self._link
 

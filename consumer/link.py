@@ -92,6 +92,25 @@ class Link(threading.Thread):
         """Called by next() on the caller's thread: the batch left the read-ahead."""
         self._returned.append(seq)  # deque.append is atomic; the link thread drains it
 
+    def next_batch(self, stall_timeout_s: float) -> Prepared:
+        """The next prepared batch; the link's error if it failed, TimeoutError after
+        `stall_timeout_s` without one while the daemon is alive."""
+        deadline = time.monotonic() + stall_timeout_s
+        while True:
+            try:
+                return self.batches.get(timeout=0.05)
+            except queue.Empty:
+                pass
+            if self.error is not None:
+                raise self.error
+            if not self.is_alive():
+                raise TokenfeedError("the feed is closed")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no batch for {stall_timeout_s:.0f} s although the daemon is alive; "
+                    "check `tokenfeed status` (workers, stream errors)"
+                )
+
     def seconds(self) -> tuple[float, float]:
         """The caller's stall and step seconds so far, the interval now open included."""
         stall_s, step_s, mark, inside = self.timing
@@ -211,13 +230,19 @@ class Link(threading.Thread):
         self.sock.send(protocol.encode("release", stream=self.stream_id, seq=seq))
 
 
+PING_TIMEOUT_S = 5.0  # a daemon busy on a loaded node may take seconds to answer
+
+
 def wait_for_daemon(run_dir: str | Any, timeout_s: float) -> protocol.Message:
-    """The `pong` of a daemon on `run_dir`, waiting up to `timeout_s` for one to answer."""
+    """The `pong` of a daemon on `run_dir`, waiting up to `timeout_s` for one to answer.
+
+    No socket file fails at once; a socket whose daemon does not answer (busy, or gone
+    without cleaning up) gets PING_TIMEOUT_S, so that a CPU-starved daemon is not taken
+    for a dead one."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return request(run_dir, "ping", timeout_s=max(1.0, min(5.0, timeout_s)),
-                           expect="pong")
+            return request(run_dir, "ping", timeout_s=PING_TIMEOUT_S, expect="pong")
         except DaemonUnavailableError:
             if time.monotonic() >= deadline:
                 raise
