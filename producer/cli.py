@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -286,6 +287,9 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
 
     configure_logging(args.log_level, args.log_format)
     serve(daemon_config(args))
+    # Cleaned up; what is left is the interpreter's exit: a second SIGTERM (a supervisor's
+    # stop after the first) must not turn that clean stop into a kill.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 

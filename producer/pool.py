@@ -1,8 +1,9 @@
 """The pool of tokenizer worker processes: spawn, assign, collect, respawn, resize.
 
-Workers are OS processes (`multiprocess`, spawn start method: no inherited
-ZeroMQ state) that connect a DEALER to the daemon's ROUTER at
-`ipc://<run_dir>/workers` and speak the worker channel of common/protocol.py.
+Workers are OS processes (`multiprocess`, forked from a fork server that has their
+imports and tokenizer loaded, worker_preload.py: no inherited ZeroMQ state) that
+connect a DEALER to the daemon's ROUTER at `ipc://<run_dir>/workers` and speak
+the worker channel of common/protocol.py.
 Each owns nothing: its two staging buffers are segments created and unlinked
 here, so a crashed worker leaves no memory behind. A worker holds up to
 QUEUE_DEPTH tasks, one per staging buffer; a buffer is given a new task only
@@ -25,9 +26,11 @@ retires idle workers first; a busy one retires after its tasks.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +43,7 @@ from tokenfeed.common.errors import ProtocolError, TokenfeedError
 from tokenfeed.common.protocol import TaskKey
 from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment, segment_name
-from tokenfeed.producer.worker import worker_main, worker_niceness
+from tokenfeed.producer.worker import PRELOAD_ENV, worker_main, worker_niceness
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,7 @@ class Worker:
     wid: int
     process: Any
     staging: list[Segment]  # one per buffer
+    started: Future[None]  # the process's start: a fork from the fork server
     generation: int = 0
     ready: bool = False
     tasks: dict[int, Task] = field(default_factory=dict)  # buffer index -> task held
@@ -140,7 +144,13 @@ class WorkerPool:
         self.target = 0
         self.serial = 0  # tasks assigned so far: the first field of a task's wire key
         self._next_wid = 0
-        self._mp = mp.get_context("spawn")
+        # Workers fork from a server that has their imports and tokenizer loaded
+        # (worker_preload.py); the daemon itself never forks.
+        self._mp = mp.get_context("forkserver")
+        self._mp.set_forkserver_preload(["tokenfeed.producer.worker_preload"])
+        self._starter = ThreadPoolExecutor(1, thread_name_prefix="tokenfeed-fork")
+        os.environ[PRELOAD_ENV] = json.dumps(
+            {"spec": tokenizer_spec, "bos": bos, "niceness": worker_niceness(nice)})
         self.start_failures = 0
         self.broken: str | None = None  # set when workers keep dying at start
         self.read_s = 0.0  # seconds workers spent reading Parquet, over all tasks
@@ -166,6 +176,10 @@ class WorkerPool:
 
     def tick(self) -> None:
         """Spawn up to SPAWNS_PER_TICK of the workers the target still lacks."""
+        for w in [w for w in self.workers.values() if w.started.done()]:
+            if w.started.exception() is not None:  # the fork server died mid-start
+                self._remove(w)
+                self._count_start_failure(f"could not fork it: {w.started.exception()}")
         for _ in range(min(SPAWNS_PER_TICK, self.target - self.size)):
             if self.broken is not None:
                 return
@@ -190,21 +204,26 @@ class WorkerPool:
                 name=f"tokenfeed-worker-{wid}",
                 daemon=True,
             )
-            process.start()
-            if self.nice:
-                # From its first instruction, not from worker_main: a worker's start-up
-                # (imports, tokenizer: ~0.2 CPU s) at full weight took the cores a daemon
-                # serving from the token cache needs (second daemon: 35.93-43.47 M
-                # tokens/s while its workers start, 144.51-147.42 once they are up).
-                with contextlib.suppress(OSError):
-                    os.setpriority(os.PRIO_PROCESS, process.pid, worker_niceness(self.nice))
         except BaseException:
             for seg in staging:
                 seg.close()
                 seg.unlink()
             raise
-        self.workers[wid] = Worker(wid, process, staging)
-        log.info("worker %d started (pid %d)", wid, process.pid)
+        # Off the loop: a fork is milliseconds, but a fork server (re)starting loads the
+        # tokenizer first, and heartbeats must not wait for that.
+        self.workers[wid] = Worker(wid, process, staging, self._starter.submit(self._start,
+                                                                                 process))
+
+    def _start(self, process: Any) -> None:
+        process.start()
+        if self.nice:
+            # From its first instruction, not from worker_main: a worker's start-up at
+            # full weight took the cores a daemon serving from the token cache needs
+            # (second daemon: 35.93-43.47 M tokens/s while its workers start,
+            # 144.51-147.42 once they are up).
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, process.pid, worker_niceness(self.nice))
+        log.info("%s started (pid %d)", process.name, process.pid)
 
     def _retire(self, w: Worker) -> None:
         self.socket.send_multipart([w.identity, protocol.encode("exit")])
@@ -254,7 +273,12 @@ class WorkerPool:
         self.socket.send_multipart([w.identity, msg])
 
     def sentinels(self) -> dict[int, Worker]:
-        return {w.process.sentinel: w for w in self.workers.values()}
+        return {w.process.sentinel: w for w in self._running()}
+
+    def _running(self) -> list[Worker]:
+        """Workers whose process has started (a fork can still be on its way)."""
+        return [w for w in self.workers.values()
+                if w.started.done() and w.started.exception() is None]
 
     def collect(self) -> list[Result | Failure]:
         """Drain worker messages without blocking; drop (and count) whatever is malformed."""
@@ -357,17 +381,19 @@ class WorkerPool:
         code = w.process.exitcode
         self._remove(w)
         if not w.ready and not w.retiring:
-            self.start_failures += 1
-            if self.start_failures >= MAX_START_FAILURES:
-                self.broken = (
-                    f"tokenizer workers died before starting {self.start_failures} times in a "
-                    f"row (last exit code {code}); see the daemon's log, fix, restart the daemon"
-                )
-                log.error(self.broken)
+            self._count_start_failure(f"last exit code {code}")
         if not w.retiring:
             log.warning("worker %d died (exit code %s); a new one replaces it", w.wid, code)
         return [Failure(t, f"worker {w.wid} died with exit code {code}")
                 for t in w.tasks.values()]
+
+    def _count_start_failure(self, why: str) -> None:
+        self.start_failures += 1
+        if self.start_failures >= MAX_START_FAILURES:
+            self.broken = (
+                f"tokenizer workers died before starting {self.start_failures} times in a row "
+                f"({why}); see the daemon's log, fix, restart the daemon")
+            log.error(self.broken)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -376,11 +402,14 @@ class WorkerPool:
             "read_s": round(self.read_s, 3), "tokenize_s": round(self.tokenize_s, 3),
             "dropped_messages": self.dropped_messages,
             "storage_retries": self.storage_retries, "storage_failed": self.storage_failed,
-            "pids": [w.process.pid for w in self.workers.values()],
+            "pids": [w.process.pid for w in self._running()],
         }
 
     def close(self) -> None:
         """Ask ready workers to exit, stop the ones still starting, kill what lingers."""
+        self._starter.shutdown(wait=True)  # every fork answered: each has a pid, or failed
+        for w in [w for w in list(self.workers.values()) if w not in self._running()]:
+            self._remove(w)
         for w in list(self.workers.values()):
             if w.ready:
                 with contextlib.suppress(zmq.ZMQError):

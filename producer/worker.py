@@ -24,7 +24,8 @@ Failure behaviour: an exception while reading or tokenizing becomes a `failed`
 reply naming the row group; a result larger than its staging buffer asks the daemon
 for a bigger one (`grow`) and waits for it (an empty name: none could be made, and
 the daemon has failed the task itself); a malformed message is logged and dropped;
-a worker whose daemon died (parent pid changed) exits within a second.
+a worker whose daemon died (its parent, the daemon's fork server, exits with it) exits
+within a second.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from tokenfeed.producer.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 PARENT_CHECK_MS = 1000
+PRELOAD_ENV = "TOKENFEED_WORKER_PRELOAD"  # the fork server's tokenizer (worker_preload.py)
 OPEN_FILES = 8  # ParquetFile objects kept open: footers are re-parsed otherwise
 
 # texts -> (all tokens, one flat uint32 array without BOS; int64 length of each text)
@@ -158,13 +160,16 @@ def tokenize_documents(
 class _Channel:
     """The worker's DEALER: messages in order, with those that arrive out of turn kept."""
 
-    def __init__(self, worker_id: int, address: str, parent_pid: int) -> None:
+    def __init__(self, worker_id: int, address: str, daemon_pid: int) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, f"w{worker_id}".encode())
         self.sock.connect(address)
-        self.parent_pid = parent_pid
+        self.daemon_pid = daemon_pid
+        # Forked by the pool's fork server, which exits with the daemon: a new parent
+        # pid (or no daemon pid) means the daemon is gone.
+        self.server_pid = os.getppid()
         self.inbox: deque[protocol.Message] = deque()
 
     def send(self, op: str, **fields: Any) -> None:
@@ -176,7 +181,7 @@ class _Channel:
             if msg["op"] in (*ops, "exit"):
                 self.inbox.remove(msg)
                 return msg
-        while os.getppid() == self.parent_pid:
+        while os.getppid() == self.server_pid and _alive(self.daemon_pid):
             if not self.sock.poll(PARENT_CHECK_MS):
                 continue
             try:
@@ -192,6 +197,16 @@ class _Channel:
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a pid reused by another user's process
+        return False
+    return True
 
 
 def task_filter(msg: protocol.Message) -> str:
@@ -223,7 +238,9 @@ def worker_main(
         target = worker_niceness(nice, parent_pid)
         if os.getpriority(os.PRIO_PROCESS, 0) < target:  # the pool may have set it already
             os.setpriority(os.PRIO_PROCESS, 0, target)
-    tokenizer = load_tokenizer(tokenizer_spec, bos)
+    from tokenfeed.producer.worker_preload import preloaded  # the fork server's copy
+
+    tokenizer = preloaded(tokenizer_spec, bos) or load_tokenizer(tokenizer_spec, bos)
     encode_batch = make_encoder(tokenizer, backend).encode_batch
     dtype = token_dtype_of_size(itemsize)
     reader = RowGroupReader()

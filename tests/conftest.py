@@ -314,7 +314,18 @@ def start_daemon(corpus: Path) -> Iterator[Callable[..., Daemon]]:
 
 
 def worker_pids(daemon: Daemon) -> list[int]:
-    return list(daemon.status()["workers"]["pids"])
+    """The pids of the daemon's workers, once as many have started as it wants (they
+    fork off its loop, so a daemon that just answered may not list them yet)."""
+    def started() -> list[int] | None:
+        workers = daemon.status()["workers"]
+        return list(workers["pids"]) if len(workers["pids"]) >= workers["target"] else None
+
+    return wait_until(started, what="the daemon's workers to start")
+
+
+def parent_of(pid: int) -> int:
+    """A process's parent pid (a worker's: the daemon's fork server)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def pid_alive(pid: int) -> bool:

@@ -12,7 +12,14 @@ import time
 import msgpack
 import pytest
 import zmq
-from conftest import Daemon, assert_batch_equals, pid_alive, wait_until, worker_pids
+from conftest import (
+    Daemon,
+    assert_batch_equals,
+    parent_of,
+    pid_alive,
+    wait_until,
+    worker_pids,
+)
 
 from tokenfeed.common import protocol
 from tokenfeed.common.config import control_address
@@ -96,9 +103,10 @@ def test_worker_killed_mid_stream_is_respawned_and_batches_stay_exact(start_daem
         for k in range(n):
             if k in (5, 25):
                 os.kill(worker_pids(daemon)[0], signal.SIGKILL)
+            if k == 40:  # the fork server: every worker follows it, a new one forks more
+                os.kill(parent_of(worker_pids(daemon)[0]), signal.SIGKILL)
             assert_batch_equals(next(feed), want[k], f"batch {k}")
-    status = daemon.status()
-    assert status["workers"]["alive"] == 2
+    wait_until(lambda: daemon.status()["workers"]["alive"] == 2, what="2 workers again")
 
 
 def test_second_daemon_on_the_same_run_dir_is_refused(start_daemon, corpus):
@@ -286,7 +294,11 @@ def test_workers_that_keep_dying_at_start_fail_streams_instead_of_respawning_for
     save_tokenizer_dir(encoding, tmp_path / "tok", bos="<|endoftext|>")
     daemon = start_daemon("--tokenizer", str(tmp_path / "tok"), workers=1)
     shutil.rmtree(tmp_path / "tok")  # every new worker now fails to load the tokenizer
-    os.kill(worker_pids(daemon)[0], signal.SIGKILL)
+    # ...once the fork server that preloaded it is gone too (it is restarted, and finds
+    # no tokenizer to preload): kill both.
+    worker = worker_pids(daemon)[0]
+    os.kill(parent_of(worker), signal.SIGKILL)
+    os.kill(worker, signal.SIGKILL)
     deadline = time.monotonic() + 60
     with daemon.feed(2, 64) as feed, pytest.raises(StreamFailedError, match="died before"):
         while time.monotonic() < deadline:

@@ -13,7 +13,7 @@ import time
 import msgpack
 import pytest
 import zmq
-from conftest import assert_batch_equals, wait_until, worker_pids
+from conftest import assert_batch_equals, wait_until
 
 from tokenfeed.common import protocol
 from tokenfeed.common.config import WORKER_SOCKET_NAME, ipc_address
@@ -97,7 +97,7 @@ def test_scaling_to_the_limit_never_stalls_the_loop(start_daemon, oracle):
         got = [next(feed) for _ in range(5)]
         request(daemon.run_dir, "scale", workers=max_workers())
         slowest = 0.0
-        while len(worker_pids(daemon)) < max_workers():
+        while len(daemon.status()["workers"]["pids"]) < max_workers():
             start = time.monotonic()
             daemon.status()
             slowest = max(slowest, time.monotonic() - start)
