@@ -72,6 +72,9 @@ from tokenfeed.common.ring import Ring
 from tokenfeed.consumer import lifetime
 from tokenfeed.consumer.docinfo import doc_info
 from tokenfeed.consumer.link import Link, wait_for_daemon
+from tokenfeed.consumer.provenance import attach_fields as provenance_fields
+from tokenfeed.consumer.provenance import check_attached as check_provenance
+from tokenfeed.consumer.provenance import last_rows as provenance_rows
 from tokenfeed.consumer.state import STATE_VERSION, log_source_change, parse_state
 from tokenfeed.consumer.tokenizer import check_bos, checked_facts, fact
 from tokenfeed.consumer.topology import mesh_placement, resolve_topology
@@ -109,6 +112,7 @@ class TokenFeed:
         source: str | None = None,
         allow_source_changes: bool = False,
         exclude: str | Path | None = None,
+        provenance: bool = False,
     ) -> None:
         topo = resolve_topology(rank, world_size, device)
         if source is not None:  # one source of a mixture daemon: a mixture of that one
@@ -155,6 +159,7 @@ class TokenFeed:
         # Documents this stream never delivers: read here (a bad line fails at once), sent
         # as content with every attach (common/exclude.py), checked by the daemon.
         self._exclude = exclude_fields(exclude) if exclude is not None else {}
+        self._provenance = (provenance_fields(provenance), None)  # (attach fields, last batch's)
         self._start: dict[str, Any] | None = None
         self._skip = 0  # batches the daemon drops after _start, until the first one arrives
         self._expect: dict[str, Any] = {}
@@ -240,6 +245,7 @@ class TokenFeed:
             item.targets.record_stream(current)
         link.taken(item.seq)
         self._cursor = item.cursor
+        self._provenance = (self._provenance[0], item.provenance)
         self._skip = 0
         self.batches_returned += 1
         self.round_batches += 1
@@ -270,6 +276,11 @@ class TokenFeed:
             except StopIteration:  # a validation round ended
                 return
             yield (*batch, state)
+
+    def last_provenance(self) -> list[list[dict[str, Any]]] | None:
+        """The documents of the batch `next()` last returned (None before the first): B
+        rows of segments, as `tokenfeed explain --json` lists them (consumer/provenance.py)."""
+        return provenance_rows(bool(self._provenance[0]), self._provenance[1])
 
     def take(self, n: int) -> Iterator[tuple[Any, ...]]:
         """Exactly `n` batches, e.g. one evaluation pass: `for x, y in val.take(20): ...`."""
@@ -344,7 +355,7 @@ class TokenFeed:
                 rejoin=self._attached and self.replicas > 1,
                 reweight=self._reweight, **({"skip": self._skip} if self._skip else {}),
                 **({"allow_source_changes": True} if self.allow_source_changes else {}),
-                **self._exclude,
+                **self._exclude, **self._provenance[0],
             ))
             reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
         except BaseException:
@@ -364,6 +375,7 @@ class TokenFeed:
             raise
         try:
             self._learn_tokenizer(protocol.field(reply, "tokenizer", dict))
+            check_provenance(bool(self._provenance[0]), reply)
         except BaseException:
             with contextlib.suppress(zmq.ZMQError):
                 sock.send(protocol.encode("detach"), zmq.NOBLOCK)
