@@ -188,7 +188,7 @@ class Link(threading.Thread):
         self._check_slot(slot, seq)
         record = msg.get("provenance")  # checked before the copy: untrusted like the rest
         told = None if record is None else parse_provenance(
-            record, self.transfer.B, self.transfer.T + 1)
+            record, self.transfer.B, self.transfer.T, self.transfer.packing)
         (x, y), token = self.transfer.copy(slot)
         batch = Prepared(x, y, seq, cursor, token, told)
         if token is None:

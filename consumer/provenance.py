@@ -3,20 +3,19 @@
 With `TokenFeed(..., provenance=True)` the attach asks the daemon to record, per ring
 slot, which documents fill each row (producer/slot_provenance.py), and every `ready`
 carries that record. The link thread checks it on receipt (`parse`): the frame is
-untrusted, so every array is bounded, every index in range, and every row must cover
-exactly T+1 tokens; a bad record fails the feed with ProtocolError, as any malformed
-`ready` does. `BatchProvenance.rows()` turns it into what `tokenfeed explain --json`
+untrusted, so every index must be in range, every span non-empty, and the spans must
+cover the window's tokens exactly; a bad record fails the feed with ProtocolError, as
+any malformed `ready` does. `BatchProvenance.rows()` turns it into what `tokenfeed explain --json`
 prints for the same batch: B rows, each a list of segments
 `{"source", "file", "row_group", "row", "start", "end"}` (tokens start:end of the
-document's [BOS] + encode_ordinary(text)); built only when asked, so `next()` pays
-nothing but keeping a reference.
+document's [BOS] + encode_ordinary(text)); cut into rows only when asked, so `next()`
+pays nothing but keeping a reference.
 
-Record layout (little-endian int64 arrays as msgpack bin):
+Record layout (a little-endian int64 array as msgpack bin):
 
     files  [[source, file name], ...]
-    docs   (n, 3)  index into files, row group, row
-    segs   (k, 3)  index into docs, start, end
-    rows   (B,)    segments of each row, in order
+    spans  (k, 5)  index into files, row group, row, start, end: the window's tokens in
+                   order (concat: row r is window tokens rT..rT+T; best fit r(T+1)..)
 
 Failure behaviour: `parse` raises ProtocolError naming what is wrong; a record the
 daemon could not send (`{"unavailable": why}`) parses to an unavailable provenance,
@@ -34,56 +33,64 @@ from tokenfeed.common.errors import ConfigError, ProtocolError, StateMismatchErr
 
 MAX_FILES = 1 << 16
 MAX_DOCUMENT_TOKENS = 1 << 40  # a document's token offsets: far above any real document
-_FIELDS = ("files", "docs", "segs", "rows")
+_FIELDS = ("files", "spans")
 
 
 @dataclass(frozen=True)
 class BatchProvenance:
-    """A batch's segments, checked; `rows()` gives them as dicts."""
+    """A batch's spans, checked; `rows()` gives them as explain's rows."""
 
     files: list[tuple[str, str]]
-    docs: np.ndarray  # (n, 3)
-    segs: np.ndarray  # (k, 3)
-    counts: np.ndarray  # (B,)
+    spans: np.ndarray  # (k, 5): file index, row group, row, start, end; in window order
+    batch_size: int
+    seq_len: int
+    packing: str  # "concat" (rows overlap by one token) or "bestfit" (B rows of T+1)
     unavailable: str | None = None
 
     def rows(self) -> list[list[dict[str, Any]]]:
+        """B rows: row r covers inputs[r] + targets[r][-1], its segments in order, one per
+        run of consecutive tokens of a document (explain's rule)."""
         if self.unavailable is not None:
             raise ConfigError(
                 f"the daemon recorded no provenance for this batch ({self.unavailable}); "
                 "list it with `tokenfeed explain` from the state before it")
-        docs = [(*self.files[f], rg, row) for f, rg, row in self.docs.tolist()]
-        out: list[list[dict[str, Any]]] = []
-        at = 0
-        segs = self.segs.tolist()
-        for n in self.counts.tolist():
-            row = []
-            for d, start, end in segs[at:at + n]:
-                source, file, rg, r = docs[d]
-                row.append({"source": source, "file": file, "row_group": rg, "row": r,
-                            "start": start, "end": end})
-            out.append(row)
-            at += n
+        b, t, spans = self.batch_size, self.seq_len, self.spans
+        width = t + 1 if self.packing == "bestfit" else t  # where row r starts
+        lo = np.arange(b, dtype=np.int64) * width
+        hi = lo + t + 1
+        start, end = spans[:, 3], spans[:, 4]
+        ends = np.cumsum(end - start)  # window position after each span
+        begins = ends - (end - start)
+        first = np.searchsorted(ends, lo, side="right")  # row r: spans first[r]..
+        counts = np.searchsorted(begins, hi, side="left") - first
+        row = np.repeat(np.arange(b), counts)
+        span = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts - first,
+                                                        counts)
+        s = start[span] + np.maximum(lo[row] - begins[span], 0)
+        e = end[span] - np.maximum(ends[span] - hi[row], 0)
+        doc = spans[span, :3]
+        keep = np.ones(len(s), dtype=bool)  # neighbours of one document, consecutive: one
+        keep[1:] = (doc[1:] != doc[:-1]).any(axis=1) | (s[1:] != e[:-1]) | (row[1:] != row[:-1])
+        heads = np.flatnonzero(keep)
+        last = np.append(heads[1:], len(s)) - 1
+        files = self.files
+        out: list[list[dict[str, Any]]] = [[] for _ in range(b)]
+        for r, (f, rg, rw), a, z in zip(row[heads].tolist(), doc[heads].tolist(),
+                                        s[heads].tolist(), e[last].tolist(), strict=True):
+            out[r].append({"source": files[f][0], "file": files[f][1], "row_group": rg,
+                           "row": rw, "start": a, "end": z})
         return out
 
 
-def _array(record: dict[str, Any], name: str, width: int) -> np.ndarray:
-    raw = record.get(name)
-    if not isinstance(raw, bytes) or len(raw) % (8 * width):
-        raise ProtocolError(f"provenance field {name!r} is not int64 rows of {width}")
-    return np.frombuffer(raw, dtype="<i8").reshape(-1, width) if width > 1 else \
-        np.frombuffer(raw, dtype="<i8")
-
-
-def parse(record: Any, batch_size: int, row_tokens: int) -> BatchProvenance:
-    """A `ready`'s provenance field, checked against the batch shape (B rows of
-    `row_tokens` = T+1 tokens each)."""
+def parse(record: Any, batch_size: int, seq_len: int, packing: str) -> BatchProvenance:
+    """A `ready`'s provenance field, checked against the batch shape: its spans must
+    cover the window's tokens exactly (B*T+1 concat, B*(T+1) best fit)."""
+    shape = (batch_size, seq_len, packing)
     if isinstance(record, dict) and set(record) == {"unavailable"}:
         why = record["unavailable"]
         if not isinstance(why, str):
             raise ProtocolError("provenance field 'unavailable' is not a string")
-        empty = np.zeros(0, dtype=np.int64)
-        return BatchProvenance([], empty.reshape(0, 3), empty.reshape(0, 3), empty, why[:500])
+        return BatchProvenance([], np.zeros((0, 5), dtype=np.int64), *shape, why[:500])
     if not isinstance(record, dict) or set(record) != set(_FIELDS):
         raise ProtocolError(f"provenance record is not a map of {', '.join(_FIELDS)}")
     files = record["files"]
@@ -91,22 +98,20 @@ def parse(record: Any, batch_size: int, row_tokens: int) -> BatchProvenance:
             isinstance(f, list) and len(f) == 2 and all(isinstance(s, str) for s in f)
             for f in files):
         raise ProtocolError("provenance field 'files' is not a list of [source, file]")
-    docs, segs = _array(record, "docs", 3), _array(record, "segs", 3)
-    counts = _array(record, "rows", 1)
-    if len(counts) != batch_size or (counts < 0).any() or int(counts.sum()) != len(segs):
-        raise ProtocolError(f"provenance rows do not split its {len(segs)} segments into "
-                            f"{batch_size} rows")
-    if len(docs) and ((docs < 0).any() or (docs[:, 0] >= len(files)).any()):
-        raise ProtocolError("provenance names a file or row outside its table")
-    if len(segs) and ((segs[:, 0] < 0).any() or (segs[:, 0] >= len(docs)).any()
-                      or (segs[:, 1] < 0).any() or (segs[:, 2] <= segs[:, 1]).any()
-                      or (segs[:, 2] > MAX_DOCUMENT_TOKENS).any()):
-        raise ProtocolError("provenance holds a segment outside its documents or empty")
-    per_row = np.add.reduceat(segs[:, 2] - segs[:, 1], np.cumsum(counts) - counts) \
-        if len(segs) and counts.all() else None
-    if per_row is None or (per_row != row_tokens).any():
-        raise ProtocolError(f"provenance rows do not each cover {row_tokens} tokens")
-    return BatchProvenance([(s, f) for s, f in files], docs, segs, counts)
+    raw = record["spans"]
+    if not isinstance(raw, bytes) or not raw or len(raw) % 40:
+        raise ProtocolError("provenance field 'spans' is not int64 rows of 5")
+    spans = np.frombuffer(raw, dtype="<i8").reshape(-1, 5)
+    if (spans[:, :4] < 0).any() or (spans[:, 0] >= len(files)).any():
+        raise ProtocolError("provenance names a file, row or token outside its table")
+    lengths = spans[:, 4] - spans[:, 3]
+    if (lengths <= 0).any() or (spans[:, 4] > MAX_DOCUMENT_TOKENS).any():
+        raise ProtocolError("provenance holds an empty or oversized span")
+    window = batch_size * (seq_len + 1) if packing == "bestfit" else batch_size * seq_len + 1
+    if int(lengths.sum()) != window:
+        raise ProtocolError(f"provenance spans cover {int(lengths.sum())} tokens, not the "
+                            f"window's {window}")
+    return BatchProvenance([(s, f) for s, f in files], spans, *shape)
 
 
 def attach_fields(enabled: bool) -> dict[str, Any]:

@@ -20,20 +20,19 @@ document's [BOS] + encode_ordinary(text)). A plain unit has one run per document
 offset 0; an elastic layout's item reshapes it (elastic.apply, run on token positions
 instead of tokens, so no layout rule is written twice). A window is then runs sliced by
 token range (concat: from the packer position before it, over the units it spans; best
-fit: the placements), cut into the B rows (row r: the T+1 tokens inputs[r] +
-targets[r][-1]), neighbours of one document with consecutive offsets merged — the
-segments `tokenfeed explain` prints (producer/provenance.py), compared in the tests.
+fit: the placements); cut into rows by the consumer, they are the segments `tokenfeed
+explain` prints (producer/provenance.py), compared in the tests.
 
-Per slot the record is sent with that slot's `ready` to the consumers that asked:
+Per slot the record of the window (its spans in window order; the consumer cuts them
+into rows when asked) is sent with that slot's `ready` to the consumers that asked:
 
     files  [[source, file name], ...]
-    docs   int64 LE (n, 3): index into files, row group, row
-    segs   int64 LE (k, 3): index into docs, start, end
-    rows   int64 LE (B,): segments of each row, in order (they sum to k)
+    spans  int64 LE (k, 5): index into files, row group, row, start, end
 
-A few KB for B=32 T=2048 (a few hundred segments). A record over MAX_RECORD_BYTES
-(windows of thousands of tiny documents) is not sent: `{"unavailable": why}` instead,
-and the consumer's last_provenance() names `tokenfeed explain` for that batch.
+3-5 KB for B=32 T=2048 on FineWeb-shaped documents (~100 spans). A record
+over MAX_RECORD_BYTES (windows of thousands of tiny documents) is not sent:
+`{"unavailable": why}` instead, and the consumer's last_provenance() names
+`tokenfeed explain` for that batch.
 
 Failure behaviour: provenance never fails the stream. A unit whose record disagrees
 with the tokens the packer got (a bug) logs an error once and marks every later slot
@@ -43,7 +42,6 @@ with the tokens the packer got (a bug) logs an error once and marks every later 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -238,82 +236,68 @@ class SlotProvenance:
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                 np.concatenate([p[2] for p in parts]))
 
-    def _placed(self, placed: Iterable[tuple[int, int, int, int, int]]
+    def _placed(self, placed: list[tuple[int, int, int, int, int]]
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A best-fit window from its placements, in order."""
-        idents: list[Any] = []
-        starts: list[int] = []
-        ends: list[int] = []
-        slices = []
-        for unit, doc, start, take, tail in placed:
-            runs = self.units[unit]
+        """A best-fit window from its placements, in order: each (unit, doc, start, take,
+        tail) is tokens start..start+take of the unit's document, a tail's BOS first."""
+        p = np.array(placed, dtype=np.int64).reshape(-1, 5)
+        unit, doc, first, take, tail = p.T
+        ident = np.empty((len(p), 3), dtype=np.int64)
+        base = np.empty(len(p), dtype=np.int64)  # the document token of the unit doc's first
+        general = []
+        for u in np.unique(unit).tolist():
+            runs = self.units[u]
+            at = np.flatnonzero(unit == u)
             if runs.simple:
-                ident, o = runs.ident[doc], int(runs.off[doc])
-                if tail:
-                    idents.append(ident)
-                    starts.append(o)
-                    ends.append(o + 1)
-                    take -= 1
-                if take:
-                    idents.append(ident)
-                    starts.append(o + start)
-                    ends.append(o + start + take)
+                ident[at] = runs.ident[doc[at]]
+                base[at] = runs.off[doc[at]]
+            else:
+                general.extend(at.tolist())
+        # a tail is two spans: its BOS (token 0 of the unit's document), then the rest
+        n = 1 + tail
+        which = np.repeat(np.arange(len(p)), n)
+        second = np.zeros(len(which), dtype=bool)
+        second[np.cumsum(n) - 1] = tail.astype(bool)
+        lo = np.where(second | (tail[which] == 0), first[which], 0)
+        hi = np.where(second, first[which] + take[which] - 1,
+                      np.where(tail[which] == 1, 1, first[which] + take[which]))
+        if not general:
+            keep = hi > lo
+            return (ident[which][keep], (base[which] + lo)[keep], (base[which] + hi)[keep])
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        special = set(general)
+        for i, w in enumerate(which.tolist()):
+            if hi[i] <= lo[i]:
                 continue
-            base = int(runs.doc_starts[doc])
-            if idents:  # keep the order: flush the simple ones first
-                slices.append((np.array(idents, dtype=np.int64).reshape(-1, 3),
-                               np.array(starts, dtype=np.int64), np.array(ends, np.int64)))
-                idents, starts, ends = [], [], []
-            if tail:
-                slices.append(runs.slice(base, base + 1))
-                take -= 1
-            if take:
-                slices.append(runs.slice(base + start, base + start + take))
-        if idents:
-            slices.append((np.array(idents, dtype=np.int64).reshape(-1, 3),
-                           np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)))
-        return (np.concatenate([s[0] for s in slices]), np.concatenate([s[1] for s in slices]),
-                np.concatenate([s[2] for s in slices]))
+            if w in special:  # a unit of several runs per document: through its runs
+                runs = self.units[int(unit[w])]
+                d0 = int(runs.doc_starts[doc[w]])
+                parts.append(runs.slice(d0 + int(lo[i]), d0 + int(hi[i])))
+            else:
+                parts.append((ident[w:w + 1], base[w:w + 1] + lo[i], base[w:w + 1] + hi[i]))
+        return (np.concatenate([q[0] for q in parts]), np.concatenate([q[1] for q in parts]),
+                np.concatenate([q[2] for q in parts]))
 
     def _encode(self, ident: np.ndarray, start: np.ndarray, end: np.ndarray
                 ) -> dict[str, Any]:
-        """A window's spans, cut into rows and merged, as the wire record."""
-        b, t = self.spec.batch_size, self.spec.seq_len
-        width = t + 1 if self.bestfit else t  # where row r starts in the window
-        ends = np.cumsum(end - start)  # window position after each span
-        begins = ends - (end - start)
-        row_ident, row_start, row_end, counts = [], [], [], []
-        for r in range(b):
-            lo, hi = r * width, r * width + t + 1
-            i0 = int(np.searchsorted(ends, lo, side="right"))
-            i1 = int(np.searchsorted(begins, hi, side="left"))
-            s = start[i0:i1] + np.maximum(lo - begins[i0:i1], 0)
-            e = end[i0:i1] - np.maximum(ends[i0:i1] - hi, 0)
-            idn = ident[i0:i1]
-            # merge neighbours of one document with consecutive tokens (explain's cut rule)
-            keep = np.ones(len(s), dtype=bool)
-            keep[1:] = (idn[1:] != idn[:-1]).any(axis=1) | (s[1:] != e[:-1])
-            heads = np.flatnonzero(keep)
-            last = np.append(heads[1:], len(s)) - 1
-            row_ident.append(idn[heads])
-            row_start.append(s[heads])
-            row_end.append(e[last])
-            counts.append(len(heads))
-        all_ident = np.concatenate(row_ident)
-        docs, which = np.unique(all_ident, axis=0, return_inverse=True)
-        used, file_index = np.unique(docs[:, 0], return_inverse=True)
-        docs = np.column_stack([file_index, docs[:, 1], docs[:, 2]]).astype("<i8")
-        segs = np.column_stack([which.reshape(-1), np.concatenate(row_start),
-                                np.concatenate(row_end)]).astype("<i8")
+        """A window's spans as the wire record. Cutting them into rows is the consumer's,
+        when asked (consumer/provenance.py): the daemon serves every rank of the node."""
+        keys = ident[:, 0]
+        if (keys == keys[0]).all():  # one file: the usual window
+            used, file_index = keys[:1], np.zeros(len(keys), dtype=np.int64)
+        else:
+            used, file_index = np.unique(keys, return_inverse=True)
+        spans = np.empty((len(keys), 5), dtype="<i8")
+        spans[:, 0] = file_index.reshape(-1)
+        spans[:, 1:3] = ident[:, 1:]
+        spans[:, 3] = start
+        spans[:, 4] = end
         files = [self.files[k] for k in used.tolist()]
-        record: dict[str, Any] = {"files": files, "docs": docs.tobytes(),
-                                  "segs": segs.tobytes(),
-                                  "rows": np.array(counts, dtype="<i8").tobytes()}
-        size = docs.nbytes + segs.nbytes + sum(len(s) + len(f) + 8 for s, f in files)
+        size = spans.nbytes + sum(len(f[0]) + len(f[1]) + 8 for f in files)
         if size > MAX_RECORD_BYTES:
-            return {"unavailable": f"the batch's record of {len(segs)} segments takes {size} "
+            return {"unavailable": f"the batch's record of {len(spans)} spans takes {size} "
                     f"bytes, over {MAX_RECORD_BYTES}"}
-        return record
+        return {"files": files, "spans": spans.tobytes()}
 
 
 def enable(stream: Stream, names: list[str]) -> SlotProvenance:

@@ -204,51 +204,64 @@ def test_attach_with_a_bad_provenance_field_is_refused(start_daemon):
     assert daemon.status()["streams"] == [], "a refused attach leaves no stream"
 
 
-def _record(segs: list[tuple[int, int, int]], rows: list[int],
-            docs: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
+def _record(spans: list[tuple[int, int, int, int, int]]) -> dict[str, Any]:
     return {"files": [["data", "shard_00000.parquet"]],
-            "docs": np.array(docs or [(0, 0, 3)], dtype="<i8").tobytes(),
-            "segs": np.array(segs, dtype="<i8").reshape(-1, 3).tobytes(),
-            "rows": np.array(rows, dtype="<i8").tobytes()}
+            "spans": np.array(spans, dtype="<i8").reshape(-1, 5).tobytes()}
 
 
 def test_a_valid_record_reads_as_explains_rows():
-    got = parse(_record([(0, 0, 33), (0, 40, 73)], [1, 1]), 2, 33).rows()
-    assert got == [[{"source": "data", "file": "shard_00000.parquet", "row_group": 0,
-                     "row": 3, "start": 0, "end": 33}],
-                   [{"source": "data", "file": "shard_00000.parquet", "row_group": 0,
-                     "row": 3, "start": 40, "end": 73}]]
+    doc = {"source": "data", "file": "shard_00000.parquet", "row_group": 0, "row": 3}
+    # concat, B=2 T=32: 65 tokens; row 1 starts at token 32, the last token of row 0
+    got = parse(_record([(0, 0, 3, 0, 40), (0, 0, 3, 40, 50), (0, 1, 5, 0, 15)]), 2, 32,
+                "concat").rows()
+    assert got == [[{**doc, "start": 0, "end": 33}],
+                   [{**doc, "start": 32, "end": 50},  # two spans of one run: one segment
+                    {**doc, "row_group": 1, "row": 5, "start": 0, "end": 15}]]
+    # best fit, B=2 T=32: rows of 33 tokens, a tail's BOS then its rest
+    got = parse(_record([(0, 0, 3, 0, 33), (0, 0, 4, 0, 1), (0, 0, 4, 90, 122)]), 2, 32,
+                "bestfit").rows()
+    assert got == [[{**doc, "start": 0, "end": 33}],
+                   [{**doc, "row": 4, "start": 0, "end": 1},
+                    {**doc, "row": 4, "start": 90, "end": 122}]]
+
+
+ONE = (0, 0, 3, 0, 33)  # a whole window of 33 tokens: B=1, T=32, concat
 
 
 @pytest.mark.parametrize("bad, why", [
     ("not a map", "not a map"),
-    ({"files": [], "docs": b"", "segs": b""}, "not a map"),
-    ({**_record([(0, 0, 33)], [1]), "files": [["data"]]}, "'files'"),
-    ({**_record([(0, 0, 33)], [1]), "docs": b"\x00" * 7}, "'docs' is not int64"),
-    ({**_record([(0, 0, 33)], [1]), "segs": "text"}, "'segs' is not int64"),
-    (_record([(0, 0, 33)], [2]), "do not split"),
-    (_record([(0, 0, 33)], [1, 0]), "into 1 rows"),
-    (_record([(1, 0, 33)], [1]), "outside its documents"),
-    (_record([(0, 5, 5)], [1]), "or empty"),
-    (_record([(0, -3, 30)], [1]), "outside its documents"),
-    (_record([(0, 0, 32)], [1]), "cover 33 tokens"),
-    (_record([(0, 0, 33)], [1], docs=[(4, 0, 3)]), "file or row outside"),
-    (_record([(0, 0, 33)], [1], docs=[(0, -1, 3)]), "file or row outside"),
+    ({"files": []}, "not a map"),
+    ({**_record([ONE]), "rows": b""}, "not a map"),
+    ({**_record([ONE]), "files": [["data"]]}, "'files'"),
+    ({**_record([ONE]), "files": [[1, "f"]]}, "'files'"),
+    ({**_record([ONE]), "files": "data"}, "'files'"),
+    ({**_record([ONE]), "spans": b"\x00" * 7}, "'spans' is not int64"),
+    ({**_record([ONE]), "spans": b""}, "'spans' is not int64"),
+    ({**_record([ONE]), "spans": "text"}, "'spans' is not int64"),
+    (_record([(1, 0, 3, 0, 33)]), "outside its table"),
+    (_record([(0, -1, 3, 0, 33)]), "outside its table"),
+    (_record([(0, 0, -3, 0, 33)]), "outside its table"),
+    (_record([(0, 0, 3, -3, 30)]), "outside its table"),
+    (_record([(0, 0, 3, 5, 5), ONE]), "empty or oversized"),
+    (_record([(0, 0, 3, 9, 5), (0, 0, 3, 0, 37)]), "empty or oversized"),
+    (_record([(0, 0, 3, 1 << 62, (1 << 62) + 33)]), "empty or oversized"),
+    (_record([(0, 0, 3, 0, 32)]), "cover 32 tokens, not the window's 33"),
+    (_record([ONE, ONE]), "cover 66 tokens"),
     ({"unavailable": 7}, "'unavailable' is not a string"),
 ])
 def test_bad_records_are_refused_naming_the_fault(bad, why):
     with pytest.raises(ProtocolError, match=why):
-        parse(bad, 1, 33)
+        parse(bad, 1, 32, "concat")
 
 
 def test_a_record_the_daemon_could_not_send_names_explain():
-    got = parse({"unavailable": "over 524288 bytes"}, 1, 33)
+    got = parse({"unavailable": "over 524288 bytes"}, 1, 32, "concat")
     with pytest.raises(ConfigError, match=r"tokenfeed explain"):
         got.rows()
 
 
 def test_an_oversized_frame_is_refused_before_decoding():
     frame = protocol.encode("ready", stream=0, slot=0, seq=0, cursor={},
-                            provenance=_record([(0, 0, 33)] * 50_000, [50_000]))
+                            provenance=_record([ONE] * 30_000))
     with pytest.raises(ProtocolError, match=r"exceeds"):
         protocol.decode(frame)

