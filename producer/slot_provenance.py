@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -133,6 +134,7 @@ class SlotProvenance:
         self.slots: dict[int, dict[str, Any]] = {}  # slot index -> record of its batch
         self.consumers: set[bytes] = set()  # identities that asked for provenance
         self.broken: str | None = None
+        self._table: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # -- hooks --------------------------------------------------------------
 
@@ -166,6 +168,7 @@ class SlotProvenance:
                            f"{len(got.tokens)}")
             log.error("provenance of stream %s is off from here on: %s", self.spec, self.broken)
         self.units[unit] = runs
+        self._table = None
 
     def place(self, unit: int, doc: int, start: int, take: int, tail: int) -> None:
         """Best fit placed `take` tokens of unit `unit`'s document `doc` (BestFitPacker)."""
@@ -184,6 +187,7 @@ class SlotProvenance:
         first = self.packer.position.first_unit
         for unit in [u for u in self.units if u < first]:
             del self.units[unit]
+            self._table = None
 
     def field(self, identity: bytes, slot: int) -> dict[str, Any]:
         """The `ready` field of `slot` for consumer `identity` (none if it did not ask)."""
@@ -240,19 +244,16 @@ class SlotProvenance:
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A best-fit window from its placements, in order: each (unit, doc, start, take,
         tail) is tokens start..start+take of the unit's document, a tail's BOS first."""
-        p = np.array(placed, dtype=np.int64).reshape(-1, 5)
+        p = np.fromiter(chain.from_iterable(placed), dtype=np.int64,
+                        count=5 * len(placed)).reshape(-1, 5)  # 3x np.array's speed here
         unit, doc, first, take, tail = p.T
-        ident = np.empty((len(p), 3), dtype=np.int64)
-        base = np.empty(len(p), dtype=np.int64)  # the document token of the unit doc's first
-        general = []
-        for u in np.unique(unit).tolist():
-            runs = self.units[u]
-            at = np.flatnonzero(unit == u)
-            if runs.simple:
-                ident[at] = runs.ident[doc[at]]
-                base[at] = runs.off[doc[at]]
-            else:
-                general.extend(at.tolist())
+        first_unit, offsets, simple, table_ident, table_off = self._doc_table()
+        rel = unit - first_unit
+        plain = simple[rel]
+        row = np.where(plain, offsets[rel] + doc, 0)
+        ident = table_ident[row]
+        base = table_off[row]  # the document token of the unit document's first token
+        general = np.flatnonzero(~plain).tolist()
         # a tail is two spans: its BOS (token 0 of the unit's document), then the rest
         n = 1 + tail
         which = np.repeat(np.arange(len(p)), n)
@@ -277,6 +278,20 @@ class SlotProvenance:
                 parts.append((ident[w:w + 1], base[w:w + 1] + lo[i], base[w:w + 1] + hi[i]))
         return (np.concatenate([q[0] for q in parts]), np.concatenate([q[1] for q in parts]),
                 np.concatenate([q[2] for q in parts]))
+
+    def _doc_table(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The kept units' documents in one table (rebuilt when units come or go: every
+        ~16 best-fit windows on FineWeb-shaped units): first unit, each unit's first row,
+        whether it is simple, and every simple unit's documents' ident and offset."""
+        if self._table is None:
+            first = min(self.units)
+            runs = [self.units.get(u, _EMPTY_RUNS) for u in range(first, max(self.units) + 1)]
+            counts = np.array([len(r.ident) for r in runs], dtype=np.int64)
+            self._table = (first, np.cumsum(counts) - counts,
+                           np.array([r.simple for r in runs], dtype=bool),
+                           np.concatenate([r.ident for r in runs]),
+                           np.concatenate([r.off for r in runs]))
+        return self._table
 
     def _encode(self, ident: np.ndarray, start: np.ndarray, end: np.ndarray
                 ) -> dict[str, Any]:
