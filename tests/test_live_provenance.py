@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import tiktoken
 from conftest import ENCODING
@@ -186,6 +187,33 @@ def test_elastic_resume_4_to_3_provenance(start_daemon, corpus, encoding, packin
             state = feed.state_dict()
             batches, live = taken(feed)
         check({"data": corpus}, state, batches, live, encoding, f"{packing} new rank {r}")
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_excluded_documents_are_never_named(start_daemon, corpus, encoding, tmp_path,
+                                            packing):
+    """With an exclusion list the rows still re-tokenize from their segments, and no
+    segment names a listed document (explain applying lists is compared elsewhere)."""
+    listed = []
+    for path in sorted(corpus.glob("*.parquet"))[:-1]:  # the train split
+        pf = pq.ParquetFile(path)
+        for g in range(pf.num_row_groups):
+            values = pf.read_row_group(g, columns=["text"]).column(0).to_pylist()
+            listed += [(path.name, g, r) for r, v in enumerate(values) if isinstance(v, str)]
+    listed = listed[1::3]
+    exclude = tmp_path / "exclude.jsonl"
+    exclude.write_text("".join(f"{f},{g},{r}\n" for f, g, r in listed))
+    with start_daemon().feed(4, 64, provenance=True, exclude=exclude, packing=packing,
+                             buffer_docs=16) as feed:
+        batches, live = taken(feed, 12)
+    named = set()
+    for k, ((x, y), rows) in enumerate(zip(batches, live, strict=True)):
+        for r, segments in enumerate(rows):
+            want = [*x[r].tolist(), int(y[r][-1])]
+            got = [t for s in segments for t in segment_tokens(s, {"data": corpus}, encoding)]
+            assert got == want, f"{packing}: batch {k} row {r}"
+            named |= {(s["file"], s["row_group"], s["row"]) for s in segments}
+    assert named and not named & set(listed)
 
 
 def test_provenance_off_is_a_clear_error(start_daemon):
