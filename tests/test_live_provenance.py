@@ -26,7 +26,9 @@ from tokenfeed.common.control import request
 from tokenfeed.common.errors import ConfigError, ProtocolError
 from tokenfeed.consumer.provenance import parse
 from tokenfeed.producer.dataset import scan_dataset
+from tokenfeed.producer.position import DOCS, PIECE, REST, TOKENS
 from tokenfeed.producer.provenance import explain
+from tokenfeed.producer.slot_provenance import Runs
 from tokenfeed.producer.tokenizer import load_tokenizer
 from tokenfeed.tools.corpus import sample_documents, write_shards
 
@@ -214,6 +216,24 @@ def test_excluded_documents_are_never_named(start_daemon, corpus, encoding, tmp_
             assert got == want, f"{packing}: batch {k} row {r}"
             named |= {(s["file"], s["row_group"], s["row"]) for s in segments}
     assert named and not named & set(listed)
+
+
+@pytest.mark.parametrize("item, at, rows, offsets, doc_starts", [
+    ((PIECE, 9, 1, 3), [0, 1], [3, 3], [0, 3], [0]),  # a tail: its BOS, then token 3 on
+    ((PIECE, 9, 1, 1), [0], [3], [0], [0]),  # BOS + tokens 1.. is the whole document
+    ((TOKENS, 9, 7, 0), [0, 5], [3, 4], [2, 0], [5]),  # the rest of a document, no BOS
+    ((DOCS, 9, 1, 0), [0, 7], [3, 4], [0, 0], [0, 7]),
+    ((REST, 9, 1, 2), [0, 5], [3, 4], [2, 0], [0, 5]),
+])
+def test_elastic_items_keep_each_tokens_document_offset(item, at, rows, offsets, doc_starts):
+    """A row group of documents (rows 0, 3, 4; 5, 7 and 4 tokens) under each kind of
+    elastic item (elastic.py), read back as runs: where each run starts in the unit,
+    its document's row and the document token it starts at."""
+    runs = Runs.of_docs(0, 2, np.array([0, 3, 4]), np.array([5, 7, 4])).shaped(item)
+    assert (runs.at.tolist(), runs.ident[:, 2].tolist(), runs.off.tolist(),
+            runs.doc_starts.tolist()) == (at, rows, offsets, doc_starts)
+    _, start, end = runs.slice(0, runs.n)
+    assert int((end - start).sum()) == runs.n
 
 
 def test_provenance_off_is_a_clear_error(start_daemon):
