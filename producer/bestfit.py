@@ -211,7 +211,7 @@ class BestFitPacker:
         self._starved = False  # the packing waits for documents no push has brought yet
         # slot_provenance.py: told each placement (unit, doc, start, take, tail), in window
         # order; set only with provenance on, before the first window
-        self.recorder: Callable[[int, int, int, int, int], None] | None = None
+        self.recorder: Callable[[tuple[int, int, int, int, int]], None] | None = None
         self.position = self._position()
 
     # -- input --------------------------------------------------------------
@@ -366,7 +366,7 @@ class BestFitPacker:
                     else:
                         out[at : at + take] = data[start : start + take]
                     if record is not None:
-                        record(unit, doc, start, take, tail)
+                        record((unit, doc, start, take, tail))
                     pos += take
                     rest = length - take
                     if rest >= min_tail:  # keeps the document's born: its age goes on

@@ -11,8 +11,8 @@ what the stream already does, through three hooks:
     Stream.pack -> pushed(unit, Unit) / filled(slot, packed before)   what the packer
         takes and each window it fills (a mixture's virtual unit: the mixer's
         `compositions`, each entry a source unit's document)
-    BestFitPacker.recorder(unit, doc, start, take, tail)   each piece best fit places, in
-        window order (a tail: its document's BOS, then tokens start.. of it)
+    BestFitPacker.recorder((unit, doc, start, take, tail))   each piece best fit places,
+        in window order (a tail: its document's BOS, then tokens start.. of it)
 
 A unit is kept as RUNS: maximal spans of consecutive tokens of one document, each
 `(at, file key, row group, row, offset)` (the unit's token `at` is token `offset` of the
@@ -170,14 +170,11 @@ class SlotProvenance:
         self.units[unit] = runs
         self._table = None
 
-    def place(self, unit: int, doc: int, start: int, take: int, tail: int) -> None:
-        """Best fit placed `take` tokens of unit `unit`'s document `doc` (BestFitPacker)."""
-        self.placed.append((unit, doc, start, take, tail))
-
     def filled(self, slot: int | None, before: Packed) -> None:
         """The packer filled the window after `before` into `slot` (None: a skipped
         batch): its record, and the units no later window needs dropped."""
-        placed, self.placed = self.placed, []
+        placed = self.placed[:]
+        self.placed.clear()  # in place: the packer holds its bound append
         if slot is not None:
             if self.broken is not None:
                 self.slots[slot] = {"unavailable": self.broken}
@@ -237,6 +234,8 @@ class SlotProvenance:
             unit, pos = unit + 1, 0
             if unit > max(self.units, default=-1) + 1:
                 raise RuntimeError("provenance: the window runs past the units pushed")
+        if len(parts) == 1:  # most windows: 65K tokens of a ~1M-token unit
+            return parts[0]
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                 np.concatenate([p[2] for p in parts]))
 
@@ -321,7 +320,7 @@ def enable(stream: Stream, names: list[str]) -> SlotProvenance:
         recorder = SlotProvenance(stream, names)
         for reader in stream.readers:
             reader.recorder = recorder.read
-        if isinstance(stream.packer, BestFitPacker):
-            stream.packer.recorder = recorder.place
+        if isinstance(stream.packer, BestFitPacker):  # (unit, doc, start, take, tail) each
+            stream.packer.recorder = recorder.placed.append  # a C call: ~5x a method's speed
         stream.provenance = recorder
     return stream.provenance
