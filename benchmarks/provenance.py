@@ -26,6 +26,10 @@ daemon with N workers and one consumer on CPU in this process; off and on altern
   same load; `last_provenance()` p50: building explain's rows (dicts) from a batch's
   record, for a caller that asks each batch.
 - record: spans and bytes per batch sent with each `ready`.
+- packing per window, in-process (first, and alone with --recorder-only): thread CPU of
+  the packer's fill, plus recording with provenance on (best fit's hook runs while it
+  packs: counted), on synthetic units of 1,024 lognormal documents; no daemon, so the
+  figure is free of other processes' load.
 
 Targets (issue 22): <= 2% throughput loss, <= 10 us added to next() p50. Benchmarks
 report; they never assert.
@@ -40,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -55,9 +60,16 @@ from _common import (
     train_files,
 )
 
+from tokenfeed.common.config import PRESET, StreamSpec, resolve_packing
 from tokenfeed.consumer import TokenFeed
+from tokenfeed.producer.bestfit import BestFitPacker
+from tokenfeed.producer.packer import make_packer
+from tokenfeed.producer.position import BestFitPosition, ConcatPosition
+from tokenfeed.producer.slot_provenance import Runs, SlotProvenance
+from tokenfeed.producer.units import Unit
 
 THROUGHPUT_TARGET = 0.02
+WARM_WINDOWS = 20  # in-process: windows before timing (the best-fit buffer fills)
 P50_TARGET_US = 10.0
 
 
@@ -137,6 +149,63 @@ def paired_latency(data: Path, args: argparse.Namespace, packing: str, cache: Pa
             "rows_us": float(np.percentile(rows_s, 50)) * 1e6}
 
 
+def recorder_cost(packing: str, on: bool, batch_size: int, seq_len: int, windows: int = 150,
+                  seed: int = 0) -> float:
+    """Thread CPU µs per window of the packer's fill plus, with `on`, SlotProvenance's
+    record of it (the best-fit hook runs while packing: counted too), in this process:
+    no daemon, so no other process's load. Units of 1,024 documents of lognormal lengths
+    (median ~600 tokens), recorded as the reader hook would."""
+    spec = StreamSpec(split="train", rank=0, world_size=1, batch_size=batch_size,
+                      seq_len=seq_len, **resolve_packing(packing, PRESET, PRESET))
+    start = BestFitPosition(0, 0, 0, "", 0) if spec.packing == "bestfit" else ConcatPosition(0)
+    packer = make_packer(spec, start)
+    stream = SimpleNamespace(spec=spec, packer=packer, supply=SimpleNamespace())
+    recorder = SlotProvenance(stream, ["data"])  # type: ignore[arg-type]
+    recorder.files = [["data", "shard_00000.parquet"]]
+    if on and isinstance(packer, BestFitPacker):
+        packer.recorder = recorder.placed.append
+    rng = np.random.default_rng(seed)
+    out = np.empty(spec.window_tokens, dtype=np.uint32)
+    unit, spent = 0, 0.0
+    for w in range(windows):
+        while True:
+            t0 = time.thread_time()
+            ready = packer.ready()
+            if w >= WARM_WINDOWS:
+                spent += time.thread_time() - t0
+            if ready:
+                break
+            lengths = rng.lognormal(6.4, 1, 1024).astype(np.int64) + 1
+            got = Unit.of_lengths(rng.integers(0, 50_000, int(lengths.sum()), dtype=np.uint32),
+                                  lengths)
+            if on:
+                recorder.units[unit] = Runs.of_docs(0, unit, np.arange(1024), lengths)
+                recorder._table = None
+            packer.push(unit, got.tokens, got.doc_starts)
+            unit += 1
+        before = packer.position
+        t0 = time.thread_time()
+        packer.fill(out)
+        if on:
+            recorder.filled(w % 8, before)
+        if w >= WARM_WINDOWS:
+            spent += time.thread_time() - t0
+    return spent / (windows - WARM_WINDOWS) * 1e6
+
+
+def recorder_table(packings: list[str], batch_size: int, seq_len: int,
+                   repeats: int = 5) -> list[list[Any]]:
+    rows = []
+    for packing in packings:
+        off, on = [], []
+        for _ in range(repeats):  # in turn: the same load on both
+            off.append(recorder_cost(packing, False, batch_size, seq_len))
+            on.append(recorder_cost(packing, True, batch_size, seq_len))
+        rows.append([f"{packing} packing per window, in-process", f"{median(off):.0f} us",
+                     f"{median(on):.0f} us", f"{median(on) - median(off):+.0f} us", ""])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, help="folder of *.parquet (default: the installed "
@@ -154,13 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=200, help="timed next() calls per run")
     p.add_argument("--step-s", type=float, default=0.02, help="simulated training step")
     p.add_argument("--skip-cold", action="store_true", help="warm (cached) runs only")
+    p.add_argument("--recorder-only", action="store_true",
+                   help="only the in-process packing + recording cost (no daemon)")
     args = p.parse_args(argv)
+    packings = args.packings.split(",")
+    recorder_rows = recorder_table(packings, args.batch_size, args.seq_len)
+    if args.recorder_only:
+        print(machine_line())
+        print(table(["figure", "provenance off", "on", "cost", "target"], recorder_rows))
+        return 0
 
     data = args.data or installed_corpus(args.docs_per_group)[0]
     files = train_files(data)
     groups = sum(pq.ParquetFile(f).num_row_groups for f in files)
     docs = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    packings = args.packings.split(",")
     cache = Path(tempfile.mkdtemp(prefix="tfb-provenance-cache-", dir="/tmp"))
     results: dict[tuple[str, str, bool], list[dict[str, float]]] = {}
     try:
@@ -240,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{med(packing, 'warm', True, 'segments'):.0f} spans, "
             f"{med(packing, 'warm', True, 'record_kb'):.1f} KB"),
             "", ""])
-    print(table(["figure", "provenance off", "on", "cost", "target"], rows))
+    print(table(["figure", "provenance off", "on", "cost", "target"], rows + recorder_rows))
     print()
     print(f"/dev/shm segments left by these daemons: {len(leftover_segments())}")
     return 0
