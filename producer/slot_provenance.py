@@ -29,7 +29,7 @@ into rows when asked) is sent with that slot's `ready` to the consumers that ask
     files  [[source, file name], ...]
     spans  int64 LE (k, 5): index into files, row group, row, start, end
 
-3-5 KB for B=32 T=2048 on FineWeb-shaped documents (~100 spans). A record
+2.5-5.1 KB for B=32 T=2048 on FineWeb-shaped documents (62-128 spans). A record
 over MAX_RECORD_BYTES (windows of thousands of tiny documents) is not sent:
 `{"unavailable": why}` instead, and the consumer's last_provenance() names
 `tokenfeed explain` for that batch.
