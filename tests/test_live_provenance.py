@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,13 +23,14 @@ from conftest import ENCODING
 from test_explain import segment_tokens
 
 from tokenfeed.common import protocol
+from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import ConfigError, ProtocolError
 from tokenfeed.consumer.provenance import parse
 from tokenfeed.producer.dataset import scan_dataset
 from tokenfeed.producer.position import DOCS, PIECE, REST, TOKENS
 from tokenfeed.producer.provenance import explain
-from tokenfeed.producer.slot_provenance import Runs
+from tokenfeed.producer.slot_provenance import MAX_RECORD_BYTES, Runs, SlotProvenance
 from tokenfeed.producer.tokenizer import load_tokenizer
 from tokenfeed.tools.corpus import sample_documents, write_shards
 
@@ -234,6 +236,22 @@ def test_elastic_items_keep_each_tokens_document_offset(item, at, rows, offsets,
             runs.doc_starts.tolist()) == (at, rows, offsets, doc_starts)
     _, start, end = runs.slice(0, runs.n)
     assert int((end - start).sum()) == runs.n
+
+
+def test_a_record_over_the_bound_is_sent_as_unavailable():
+    """Windows of tens of thousands of tiny documents: the daemon sends no record over
+    MAX_RECORD_BYTES (a control frame holds 1 MiB), and says why."""
+    spec = StreamSpec(split="train", rank=0, world_size=1, batch_size=32, seq_len=2048)
+    stream = SimpleNamespace(spec=spec, packer=None, supply=SimpleNamespace())
+    recorder = SlotProvenance(stream, ["data"])  # type: ignore[arg-type]
+    recorder.files = [["data", "shard_00000.parquet"]]
+    n = spec.window_tokens  # one span per token
+    ident = np.zeros((n, 3), dtype=np.int64)
+    ident[:, 2] = np.arange(n)
+    got = recorder._encode(ident, np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64))
+    assert set(got) == {"unavailable"} and f"over {MAX_RECORD_BYTES}" in got["unavailable"]
+    with pytest.raises(ConfigError, match=r"tokenfeed explain"):
+        parse(got, 32, 2048, "concat").rows()
 
 
 def test_provenance_off_is_a_clear_error(start_daemon):
