@@ -27,6 +27,8 @@ Ops, client -> daemon:
         allow_source_changes: a resumed mixture may gain or lose sources (changes.py)
         exclude?, exclude_name?: documents never delivered, as content (common/exclude.py);
         the reply's start cursor then names the list (`exclude`), or the daemon predates it
+        provenance?: record each batch's documents (the reply says `provenance: true`, or
+        the daemon predates it; producer/slot_provenance.py)
     release {stream, seq}                     (no reply; frees the slot for reuse)
     heartbeat {stall_s?, step_s?}             (no reply beyond the daemon's own beats)
         optional, from consumers: cumulative seconds its caller waited inside next()
@@ -38,7 +40,9 @@ Ops, client -> daemon:
     mix {weights, split}                      -> mix {weights, streams}: new mixture weights
     stop {}                                   -> ok {}
 Ops, daemon -> consumer:
-    ready {stream, slot, seq, cursor}         slot `slot` holds batch `seq`
+    ready {stream, slot, seq, cursor, provenance?}   slot `slot` holds batch `seq`;
+        provenance: its documents, for a consumer that attached with it (checked by
+        consumer/provenance.py)
     heartbeat {}                              sent every HEARTBEAT_INTERVAL_S
     shutdown {reason}                         the daemon is going away
     error {message, kind}                     a request failed; `kind` maps to an exception

@@ -50,8 +50,9 @@ class Attachment:
 def attach(
     run_dir: Path, spec: StreamSpec, device: torch.device, *, start: dict[str, Any] | None,
     expect: dict[str, Any], replicas: int, rejoin: bool, reweight: bool, skip: int,
-    allow_source_changes: bool, exclude: dict[str, Any],
+    allow_source_changes: bool, fields: dict[str, Any],
 ) -> Attachment:
+    """`fields`: the attach's optional parts (an exclusion list, provenance), as sent."""
     ctx: zmq.Context[Any] = zmq.Context.instance()
     sock = connect(ctx, run_dir)
     try:
@@ -59,7 +60,7 @@ def attach(
             "attach", spec=spec.to_dict(), start=start, expect=expect, replicas=replicas,
             rejoin=rejoin, reweight=reweight, **({"skip": skip} if skip else {}),
             **({"allow_source_changes": True} if allow_source_changes else {}),
-            **exclude,
+            **fields,
         ))
         reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
     except BaseException:
@@ -79,7 +80,8 @@ def attach(
             raise StateMismatchError(
                 f"the daemon did not skip {skip} batches (it predates skip_batches); "
                 "upgrade the node's tokenfeed daemon, or load the state without skip_batches")
-        if exclude and not isinstance(protocol.field(reply, "start", dict).get("exclude"), dict):
+        start = protocol.field(reply, "start", dict)
+        if "exclude" in fields and not isinstance(start.get("exclude"), dict):
             raise StateMismatchError(
                 "the daemon did not apply exclude= (it predates exclusion lists); upgrade the "
                 "node's tokenfeed daemon")

@@ -66,7 +66,7 @@ from tokenfeed.common.errors import (
 )
 from tokenfeed.common.exclude import exclude_fields
 from tokenfeed.common.ring import Ring
-from tokenfeed.consumer import lifetime
+from tokenfeed.consumer import lifetime, provenance
 from tokenfeed.consumer.attach import attach
 from tokenfeed.consumer.docinfo import doc_info
 from tokenfeed.consumer.link import Link, wait_for_daemon
@@ -103,6 +103,7 @@ class TokenFeed:
         source: str | None = None,
         allow_source_changes: bool = False,
         exclude: str | Path | None = None,
+        provenance: bool = False,
     ) -> None:
         topo = resolve_topology(rank, world_size, device)
         if source is not None:  # one source of a mixture daemon: a mixture of that one
@@ -137,6 +138,8 @@ class TokenFeed:
         # Documents this stream never delivers: read here (a bad line fails at once), sent
         # as content with every attach (common/exclude.py), checked by the daemon.
         self._exclude = exclude_fields(exclude) if exclude is not None else {}
+        # (attach fields, the last batch's record): consumer/provenance.py
+        self._provenance = (provenance.attach_fields(provenance), None)
         self._start: dict[str, Any] | None = None
         self._skip = 0  # batches the daemon drops after _start, until the first one arrives
         self._expect: dict[str, Any] = {}
@@ -222,6 +225,7 @@ class TokenFeed:
             item.targets.record_stream(current)
         link.taken(item.seq)
         self._cursor = item.cursor
+        self._provenance = (self._provenance[0], item.provenance)
         self._skip = 0
         self.batches_returned += 1
         self.round_batches += 1
@@ -252,6 +256,11 @@ class TokenFeed:
             except StopIteration:  # a validation round ended
                 return
             yield (*batch, state)
+
+    def last_provenance(self) -> list[list[dict[str, Any]]] | None:
+        """The documents of the batch `next()` last returned (None before the first): B
+        rows of segments, as `tokenfeed explain --json` lists them (consumer/provenance.py)."""
+        return provenance.last_rows(bool(self._provenance[0]), self._provenance[1])
 
     def take(self, n: int) -> Iterator[tuple[Any, ...]]:
         """Exactly `n` batches, e.g. one evaluation pass: `for x, y in val.take(20): ...`."""
@@ -305,10 +314,11 @@ class TokenFeed:
             # A replica coming back must find its group's stream, not start a new one.
             rejoin=self._attached and self.replicas > 1, reweight=self._reweight,
             skip=self._skip, allow_source_changes=self.allow_source_changes,
-            exclude=self._exclude)
+            fields={**self._exclude, **self._provenance[0]})
         reply = done.reply
         try:
             self._learn_tokenizer(reply["tokenizer"])
+            provenance.check_attached(bool(self._provenance[0]), reply)
         except BaseException:
             done.abort()
             raise

@@ -102,7 +102,7 @@ from __future__ import annotations
 import sys
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
 from typing import Any
@@ -209,6 +209,9 @@ class BestFitPacker:
         self._packing: Iterator[bool] | None = None  # packs windows into _scratch
         self._window_ready = False
         self._starved = False  # the packing waits for documents no push has brought yet
+        # slot_provenance.py: told each placement (unit, doc, start, take, tail), in window
+        # order; set only with provenance on, before the first window
+        self.recorder: Callable[[tuple[int, int, int, int, int]], None] | None = None
         self.position = self._position()
 
     # -- input --------------------------------------------------------------
@@ -299,6 +302,7 @@ class BestFitPacker:
         ages_cap = 4 * buffer_docs  # rebuilt from the buffer past this: O(1) amortized
         docs_read = self._docs_read
         stats = self._window_stats
+        record = self.recorder
         while True:
             for row_start in range(0, self.window_tokens, cap):
                 pos = 0
@@ -361,6 +365,8 @@ class BestFitPacker:
                         out[at + 1 : at + take] = data[start : start + take - 1]
                     else:
                         out[at : at + take] = data[start : start + take]
+                    if record is not None:
+                        record((unit, doc, start, take, tail))
                     pos += take
                     rest = length - take
                     if rest >= min_tail:  # keeps the document's born: its age goes on

@@ -27,7 +27,7 @@ from tokenfeed.common.errors import (
     ProtocolError,
     StreamFailedError,
 )
-from tokenfeed.producer import exclude
+from tokenfeed.producer import exclude, slot_provenance
 from tokenfeed.producer.config import check_workers
 from tokenfeed.producer.position import cursor_json
 
@@ -144,8 +144,13 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     if not isinstance(replicas, int) or isinstance(replicas, bool) or not (
             1 <= replicas <= MAX_REPLICAS):
         raise ConfigError(f"replicas={replicas!r} must be an integer in [1, {MAX_REPLICAS}]")
+    provenance = msg.get("provenance", False)
+    if not isinstance(provenance, bool):
+        raise ConfigError(f"provenance={provenance!r} must be True or False")
     d.registry.forget(identity)
     found = d.registry.find(spec, start, skip)
+    if found is not None and provenance and found[0].provenance is None:
+        found = None  # a stream records from its first unit: a new one, which does
     stream, seq = found if found is not None else (None, 0)
     if stream is None and msg.get("rejoin") is True:
         raise StreamFailedError(
@@ -156,6 +161,8 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
         )
     if stream is None:
         stream = d.registry.create(spec, sources, start, skip)
+        if provenance:
+            slot_provenance.enable(stream, [s.name for s in sources])
     layout = stream.ring.layout
     try:  # encoded first: a reply that cannot be sent attaches nothing
         reply = d.peers.encode(
@@ -163,12 +170,15 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
             slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
             start_seq=seq, start=start_cursor, fingerprint=d.fingerprint,
             tokenizer=d.tokenizer_facts(), **({"skipped": skip} if skip else {}),
+            **({"provenance": True} if provenance else {}),
         )
     except Exception:
         if found is None:  # a failed attach leaves nothing behind
             d.registry.drop(stream.sid)
         raise
     d.registry.attach(identity, stream, seq, replicas)
+    if provenance and stream.provenance is not None:
+        stream.provenance.consumers.add(identity)
     d.control.send_multipart([identity, reply])
     log.info("consumer %s (%s) attached to stream %d (%s rank %d/%d) at batch %d",
              identity.decode(errors="replace"), d.peers.describe(identity), stream.sid,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +113,8 @@ class SourceReader:
         self._unit_counts: dict[int, tuple[int, int]] = {}  # cached units' (kept, dropped)
         self.skipped_row_groups: list[str] = []  # --on-error skip: "path#row_group", in order
         self._epoch_order: tuple[int, np.ndarray] = (-1, np.arange(0))
+        # slot_provenance.py: told each unit's rows as read (set only with provenance on)
+        self.recorder: Callable[[SourceReader, int, np.ndarray], None] | None = None
 
     # -- where units come from ----------------------------------------------
 
@@ -183,6 +186,8 @@ class SourceReader:
             self._cache_missed = unit  # one lookup (and one miss counted) per unit
             return 0
         tokens, row_tokens = self._excluding(unit, *cached.in_order(self._row_order(unit)))
+        if self.recorder is not None:
+            self.recorder(self, unit, row_tokens)
         got = Unit.of_lengths(tokens, row_tokens)
         self.whole[unit] = got
         if self._counts is not None:
@@ -294,7 +299,10 @@ class SourceReader:
             if len(row_tokens) == ref.num_rows:
                 self.cache.put(ref.path, ref.shard_stamp, ref.row_group,
                                *file_order(tokens, row_tokens, self._row_order(unit)))
-        return self._shaped(unit, Unit.of_lengths(*self._excluding(unit, tokens, row_tokens)))
+        tokens, row_tokens = self._excluding(unit, tokens, row_tokens)
+        if self.recorder is not None:
+            self.recorder(self, unit, row_tokens)
+        return self._shaped(unit, Unit.of_lengths(tokens, row_tokens))
 
     def _excluding(self, unit: int, tokens: np.ndarray, row_tokens: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:

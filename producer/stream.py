@@ -41,6 +41,7 @@ from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Result, Task
 from tokenfeed.producer.position import Packed, Position, cursor_json
 from tokenfeed.producer.reader import Source, SourceReader
+from tokenfeed.producer.slot_provenance import SlotProvenance
 from tokenfeed.producer.slots import Attachment, SlotTable
 from tokenfeed.producer.supply import filter_counts, make_supply
 
@@ -73,6 +74,7 @@ class Stream:
         self._scratch = np.empty(spec.window_tokens, dtype=ring.slots[0].dtype) if skip else None
         self._memo: tuple[Packed, Position] | None = None  # the Position at packer position
         self._exclude = start.exclude  # the exclusion list in force, where it began
+        self.provenance: SlotProvenance | None = None  # slot_provenance.enable: recording
 
     # -- positions ----------------------------------------------------------
 
@@ -213,13 +215,18 @@ class Stream:
                     unit = self.supply.take(self.packer.next_unit)
                     if unit is None:
                         break
+                    if self.provenance is not None:
+                        self.provenance.pushed(self.packer.next_unit, unit)
                     self.packer.push(self.packer.next_unit, unit.tokens, unit.doc_starts)
                 except TokenfeedError as e:  # a resumed position the data cannot hold
                     self.error = f"stream {self.sid}: {e}"
                     log.error(self.error)
                     return filled
             if self.skip_left and self._scratch is not None and self.packer.ready():
+                skipped = self.packer.position
                 self.packer.fill(self._scratch)  # skipped: never published, never sent
+                if self.provenance is not None:
+                    self.provenance.filled(None, skipped)
                 self.skip_left -= 1
                 self.supply.forget_before(self.packer.position.first_unit)
                 continue
@@ -228,6 +235,8 @@ class Stream:
             index = self.table.begin_fill()
             before = self.position()
             self.packer.fill(self.ring.slots[index])
+            if self.provenance is not None:
+                self.provenance.filled(index, before.packed)
             after = self.position()
             self.table.publish(index, before, self.cursor(after))
             self.supply.forget_before(after.first_unit)  # no position before it is made again
@@ -243,7 +252,9 @@ class Stream:
 
     def announcements(self) -> list[tuple[bytes, dict[str, Any]]]:
         """`ready` messages now due: each consumer gets each filled batch once, in order."""
-        return [(identity, {"stream": self.sid, "slot": index, "seq": seq, "cursor": after})
+        told = self.provenance.field if self.provenance is not None else None
+        return [(identity, {"stream": self.sid, "slot": index, "seq": seq, "cursor": after,
+                            **(told(identity, index) if told is not None else {})})
                 for identity, index, seq, after in self.table.announcements()]
 
     def reclaim(self) -> None:

