@@ -66,7 +66,8 @@ from tokenfeed.common.errors import (
 )
 from tokenfeed.common.exclude import exclude_fields
 from tokenfeed.common.ring import Ring
-from tokenfeed.consumer import lifetime, provenance
+from tokenfeed.consumer import lifetime
+from tokenfeed.consumer import provenance as records
 from tokenfeed.consumer.attach import attach
 from tokenfeed.consumer.docinfo import doc_info
 from tokenfeed.consumer.link import Link, wait_for_daemon
@@ -139,7 +140,7 @@ class TokenFeed:
         # as content with every attach (common/exclude.py), checked by the daemon.
         self._exclude = exclude_fields(exclude) if exclude is not None else {}
         # (attach fields, the last batch's record): consumer/provenance.py
-        self._provenance = (provenance.attach_fields(provenance), None)
+        self._provenance = (records.attach_fields(provenance), None)
         self._start: dict[str, Any] | None = None
         self._skip = 0  # batches the daemon drops after _start, until the first one arrives
         self._expect: dict[str, Any] = {}
@@ -260,7 +261,7 @@ class TokenFeed:
     def last_provenance(self) -> list[list[dict[str, Any]]] | None:
         """The documents of the batch `next()` last returned (None before the first): B
         rows of segments, as `tokenfeed explain --json` lists them (consumer/provenance.py)."""
-        return provenance.last_rows(bool(self._provenance[0]), self._provenance[1])
+        return records.last_rows(bool(self._provenance[0]), self._provenance[1])
 
     def take(self, n: int) -> Iterator[tuple[Any, ...]]:
         """Exactly `n` batches, e.g. one evaluation pass: `for x, y in val.take(20): ...`."""
@@ -318,7 +319,7 @@ class TokenFeed:
         reply = done.reply
         try:
             self._learn_tokenizer(reply["tokenizer"])
-            provenance.check_attached(bool(self._provenance[0]), reply)
+            records.check_attached(bool(self._provenance[0]), reply)
         except BaseException:
             done.abort()
             raise
