@@ -159,7 +159,8 @@ def test_a_state_under_a_serve_filter_is_explained_exactly(
     kw = PACKINGS[packing]
     data, roots = ["--data", str(corpus)], {"data": corpus}
     normal = {"data": Filter.parse(text).text}
-    for p, state in zip([0, 4, 25], states_at(daemon, B, T, [0, 4, 25], **kw), strict=True):
+    states = states_at(daemon, B, T, [0, 4, 25], **kw)
+    for p, state in zip([0, 4, 25], states, strict=True):
         want = resumed(daemon, B, T, state, **kw)
         # the filter as the state records it, or given again as for serve: the same batches
         # (a fresh feed's state records no position, so no filter: it must be given)
@@ -173,10 +174,14 @@ def test_a_state_under_a_serve_filter_is_explained_exactly(
     code, out, err = run_explain(capsys, data, state, tmp_path, "--batches", "2")
     assert code == 0 and out.startswith(f"dropped: filter of data: {normal['data']}\n"
                                         "batch 0\n"), err
+    # --skip prints the state the feed saved 21 batches on, its kept/dropped counts too
+    code, out, err = run_explain(capsys, data, states[1], tmp_path, "--skip", "21")
+    assert code == 0, err
+    assert json.loads(out)["cursor"] == states[2]["cursor"]
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
-def test_a_per_source_filter_in_a_mixture_is_explained_exactly(
+def test_a_per_source_filter_and_a_list_in_a_mixture_are_explained_exactly(
         start_daemon, sources, encoding, capsys, tmp_path, packing):
     web = train_documents(sources["web"])
     drop = dropped_ids(len(web))
@@ -185,8 +190,12 @@ def test_a_per_source_filter_in_a_mixture_is_explained_exactly(
     mix.write_text(f'[sources.code]\npath = "{sources["code"]}"\nweight = 0.3\n'
                    f'[sources.web]\npath = "{sources["web"]}"\nweight = 0.7\n'
                    f'filter = "{text}"\n')
+    # and every other document of the other source excluded, by a list of source entries
+    excluded = train_documents(sources["code"])[::2]
+    path = tmp_path / "code.csv"
+    path.write_text("".join(f"code,{f},{g},{r}\n" for f, g, r in excluded))
     daemon = start_daemon("--mix", str(mix), sources={})
-    kw = {**PACKINGS[packing], "shuffle_seed": 3}
+    kw = {**PACKINGS[packing], "shuffle_seed": 3, "exclude": str(path)}
     flags = [f for n, p in sources.items() for f in ("--source", f"{n}={p}")]
     seen = set()
     normal = {"web": Filter.parse(text).text}
@@ -195,10 +204,13 @@ def test_a_per_source_filter_in_a_mixture_is_explained_exactly(
         want = resumed(daemon, B, 256, state, **kw)
         # the mix file's filter, or --source flags and the filter the state records
         for data in (["--mix", str(mix)], flags):
-            header, lines = split(explained(capsys, data, state, tmp_path))
+            header, lines = split(explained(capsys, data, state, tmp_path, "--exclude",
+                                            str(path)))
             assert header["filters"] == normal
+            assert header["exclude"]["sha256"] == state["cursor"]["exclude"]["sha256"]
             assert_explains(lines, want, sources, encoding, f"{packing} after {p}, {data[0]}")
             assert not {ids(sources["web"], d) for d in named(lines, "web")} & set(drop)
+            assert not named(lines, "code") & set(excluded)
             seen |= {s["source"] for line in lines for row in line["rows"] for s in row}
     assert seen == {"code", "web"}
 
@@ -228,6 +240,27 @@ def test_a_filter_other_than_the_states_is_refused_naming_both(
     assert "--filter filters --data" in err
 
 
+def test_an_elastic_resume_under_a_filter_and_a_list_is_explained_exactly(
+        start_daemon, corpus, encoding, capsys, tmp_path):
+    """A 2-rank job saved under both, resumed on 3 ranks: the gathered state, --world-size."""
+    b, t = 2, 32
+    docs = train_documents(corpus)
+    text = f"id not in [{', '.join(map(str, dropped_ids(len(docs))))}]"
+    path = write_list(tmp_path / "spike.csv", docs[::4])
+    daemon = start_daemon("--filter", text)
+    kw = {"exclude": str(path)}
+    job = [states_at(daemon, b, t, [5], rank=r, world_size=2, **kw)[0] for r in range(2)]
+    data, roots = ["--data", str(corpus)], {"data": corpus}
+    for r in range(3):
+        header, lines = split(explained(capsys, data, job, tmp_path, "--rank", str(r),
+                                        "--world-size", "3", "--exclude", str(path)))
+        assert header["filters"] == {"data": Filter.parse(text).text}
+        assert header["exclude"]["sha256"] == job[0]["cursor"]["exclude"]["sha256"]
+        assert_explains(lines, resumed(daemon, b, t, job, rank=r, world_size=3, **kw), roots,
+                        encoding, f"new rank {r} of 3")
+        assert not named(lines) & set(docs[::4])
+
+
 @pytest.fixture
 def damaged(corpus: Path, tmp_path: Path) -> Path:
     out = tmp_path / "data"
@@ -254,6 +287,10 @@ def test_a_row_group_skipped_under_on_error_skip_is_explained_exactly(
                         f"{packing} after {p}")
         assert not any(f == BAD_FILE and g == BAD_GROUP for f, g, _ in named(lines))
         skipped_by.append(header["skipped_row_groups"])
+    code, out, err = run_explain(capsys, data, states[1], tmp_path, "--skip", "6",
+                                 "--on-error", "skip")
+    assert code == 0, err
+    assert json.loads(out)["cursor"] == states[2]["cursor"]
     bad = {"source": "data", "file": BAD_FILE, "row_group": BAD_GROUP}
     met = [s for s, skipped in zip(states, skipped_by, strict=True) if bad in skipped]
     assert met, f"no explained range read the bad row group: {skipped_by}"
