@@ -83,6 +83,7 @@ OFFSET_BITS = 32  # a document's token index in an address; its id above
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
 UNREAD = (1 << 31) - 1  # the document id of a document tokenized empty: never packed
 MIN_DOCS_PER_THREAD = 16
+WHOLE_UNIT = sys.maxsize  # task_bytes: one task a unit
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,8 +355,10 @@ class Replay:
         sources = [dataclasses.replace(s, exclude=exclusion.rows(s.name))
                    for s in admission.sources(start, spec.split)]  # as ops.py's attach
         self.names = [s.name for s in sources]
-        self.supply = make_supply(0, spec, sources, start, {"itemsize": 8,
-                                                            "on_error": on_error})
+        # a unit is one task here (its rows are tokenized on every core by _encode), so
+        # the rules of whole units apply to what a task reads: _unread, exclude_unit
+        self.supply = make_supply(0, spec, sources, start, {
+            "itemsize": 8, "on_error": on_error, "task_bytes": WHOLE_UNIT})
         self.mark = start.exclude  # the exclusion list in force, where it began
         self.packer = make_packer(spec, start.packed)
         self.tokenizer = tokenizer
@@ -379,10 +382,6 @@ class Replay:
             for piece in packed.pieces:
                 self.pieces.setdefault(piece.unit, set()).add(piece.doc)
         self.read_at = (packed.unit, getattr(packed, "doc", 0))
-        # per unit: documents in its parts tokenized so far, as read and as delivered (a
-        # piece's and the read position's document index are of the unit the packer got,
-        # without its excluded rows)
-        self.unit_docs: dict[int, tuple[int, int]] = {}
         self.excluded = sources[0].exclude or {}
         self.exclude_rule = exclude.keep_rule(start.exclude, True)  # best fit: by documents
 
@@ -446,7 +445,7 @@ class Replay:
         lo, hi = task.rows
         order = self.reader.order if task.doc_seed is not None else None
         rows = order[lo:hi] if order is not None else np.arange(lo, hi)
-        unread = self._unread(task, values, rows)
+        unread = self._unread(task, values, order)
         if unread is not None:
             values = ["" if skip else v for v, skip in zip(values, unread, strict=True)]
         try:
@@ -482,33 +481,28 @@ class Replay:
             [text] = self.reader.values(path, row_group, column, (row, row + 1), None)
             self.documents[key] = tokenize_documents([text], self._encode, self.bos_id)[0]
 
-    def _unread(self, task: Task, values: list[Any], rows: np.ndarray) -> list[bool] | None:
-        """Which of a task's values (file `rows`, in read order) to tokenize empty:
+    def _unread(self, task: Task, values: list[Any], order: np.ndarray | None
+                ) -> list[bool] | None:
+        """Which of a unit's values (read in `order`; None: file order) to tokenize empty:
         documents of a unit before a best-fit read position that no buffered piece names,
-        and those the exclusion list drops there (None: tokenize every one)."""
+        and those the exclusion list drops there (None: tokenize every one). A piece's and
+        the read position's document index are of the unit the packer gets: without the
+        rows the reader's own rule (exclude.exclude_unit) drops."""
         unit = task.unit
         read_unit, read_doc = self.read_at
         if self.pieces is None or unit > read_unit:
             return None
         named = self.pieces.get(unit, set())
         first = read_doc if unit == read_unit else sys.maxsize  # from there on: all read
-        # exclude.exclude_unit's rule, on documents: from unit `since` on, a listed row is
-        # dropped, but in unit `since` not among its first `keep` documents
+        is_doc = np.fromiter((isinstance(v, str) for v in values), dtype=np.int64,
+                             count=len(values))  # a document: one token will do here
         listed = self.excluded.get((task.path, task.row_group))
-        dropping = set(listed.tolist()) if listed is not None else set()
-        since, keep, _ = self.exclude_rule
-        read, delivered = self.unit_docs.get(unit, (0, 0))  # the worker's document index
-        out = []
-        for v, row in zip(values, rows.tolist(), strict=True):
-            if not isinstance(v, str):
-                out.append(False)
-                continue
-            dropped = row in dropping and (unit > since or (unit == since and read >= keep))
-            out.append(dropped or (delivered not in named and delivered < first))
-            read += 1
-            delivered += not dropped
-        self.unit_docs[unit] = (read, delivered)
-        return out
+        kept = is_doc if listed is None else exclude.exclude_unit(
+            np.zeros(int(is_doc.sum())), is_doc, listed, order, unit, self.exclude_rule)[1]
+        index = np.cumsum(kept) - kept  # each kept document's index in the packer's unit
+        return [bool(d) and (not k or (i not in named and i < first))  # dropped, or unread
+                for d, k, i in zip(is_doc.tolist(), kept.tolist(), index.tolist(),
+                                   strict=True)]
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The encoder's batch, split over the cores."""
