@@ -90,8 +90,9 @@ def test_a_state_saved_under_an_exclusion_list_is_explained_exactly(
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
 def test_a_list_begun_at_a_resumed_state_is_explained_exactly(
         start_daemon, corpus, encoding, capsys, tmp_path, packing):
-    """The loss-spike case: a state saved without a list, resumed with one; and a state
-    saved while the list's first row group is still being read (its mark says where)."""
+    """The loss-spike case: a state saved without a list, explained with one (the list
+    begins inside its unit, as for a feed resumed with exclude=), and the states such a
+    feed saves later."""
     excluded = train_documents(corpus)[::2]
     path = write_list(tmp_path / "spike.csv", excluded)
     kw = PACKINGS[packing]
@@ -102,7 +103,7 @@ def test_a_list_begun_at_a_resumed_state_is_explained_exactly(
     with daemon.feed(B, T, exclude=str(path), **kw) as feed:
         feed.load_state_dict(plain)
         want = [next(feed) for _ in range(N)]
-        begun = feed.state_dict()  # N batches on: the list began inside that unit
+        begun = feed.state_dict()  # N batches on, its mark (0, 0) once past the list's unit
     header, lines = split(explained(capsys, data, plain, tmp_path, *listed))
     assert header["exclude"]["sha256"] == begun["cursor"]["exclude"]["sha256"]
     assert_explains(lines, want, roots, encoding, f"{packing}: the list begins at the state")
