@@ -9,7 +9,8 @@ A file names documents, one per line, in either form (`#` starts a comment line)
 A JSON line is a segment as `tokenfeed explain --json` prints it (other keys are
 ignored, `{"pad": n}` lines skipped); a whole batch line of `explain --json`
 (`{"batch": k, "rows": [[segment, ...], ...]}`) names every document of its segments,
-so its output can be piped in as it is. `file` is the shard's file name as the daemon
+and its header line (`{"explain": {...}}`, what was dropped) names none, so its output
+can be piped in as it is. `file` is the shard's file name as the daemon
 lists it (an absolute path or URL under the source's root is accepted; the daemon
 checks it). `source` may be left out when one source serves the file.
 
@@ -92,6 +93,8 @@ def _parse_line(line: str, number: int) -> Iterator[Entry]:
             raise ValueError(f"not JSON: {e.msg}") from None
         if not isinstance(obj, dict):
             raise ValueError("not a JSON object")
+        if "explain" in obj and "file" not in obj:  # `explain --json`'s header: no document
+            return
         if "rows" in obj and "file" not in obj:  # a batch line of `explain --json`
             rows = obj["rows"]
             if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):

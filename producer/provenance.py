@@ -27,9 +27,22 @@ an address no window may hold), so a state whose buffer spans 8 row groups token
 about one buffer of documents, not 8 row groups (one source, no elastic layout; else
 every document). Documents are tokenized on every core (tiktoken releases the GIL).
 
+What the run dropped is dropped here by the daemon's own code, so an explained state
+saved under it is exact: an exclusion list (`exclusion`, the run's file resolved by
+exclude.resolve) is admitted at the state as an attach admits it (exclude.admit: the
+state's list must be that one) and applied by the readers (keep_rule, exclude_unit);
+the filters the state records (or given ones, which must be the state's) are the
+readers' and the tasks', read by worker.read_filtered; a row group that fails to read
+fails the reader or, with `on_error="skip"` as the run served, delivers nothing
+(reader.py's rule, after the same MAX_ATTEMPTS reads). `Explanation.applied` says
+which list, filters and skipped row groups were in force.
+
 Failure behaviour: a state of other data or another tokenizer, a rank outside a job
-state, a malformed state: StateMismatchError naming the fix; a position the data
-cannot hold raises the packer's StateMismatchError.
+state, a malformed state, a state saved under an exclusion list explained without it
+or with another, a filter other than the state's: StateMismatchError naming the fix; a
+row group that cannot be read under `on_error="fail"`: DataError naming the file, the
+row group and the fix; a position the data cannot hold raises the packer's
+StateMismatchError.
 """
 
 from __future__ import annotations
@@ -47,14 +60,18 @@ from typing import Any
 import numpy as np
 
 from tokenfeed.common.config import MAX_SKIP_BATCHES, StreamSpec
-from tokenfeed.common.errors import ConfigError, StateMismatchError, TokenizerError
+from tokenfeed.common.errors import ConfigError, DataError, StateMismatchError, TokenizerError
+from tokenfeed.producer import exclude
 from tokenfeed.producer.admission import Admission
 from tokenfeed.producer.backends import check_parity, make_encoder
-from tokenfeed.producer.config import PARITY_SAMPLE_BYTES
+from tokenfeed.producer.config import ON_ERROR, PARITY_SAMPLE_BYTES
 from tokenfeed.producer.dataset import Dataset, combined_fingerprint
+from tokenfeed.producer.exclude import Exclusion
+from tokenfeed.producer.filters import Filter
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Result, Task
-from tokenfeed.producer.position import BestFitPosition, Position, cursor_json
+from tokenfeed.producer.position import BestFitPosition, ExcludeMark, Position, cursor_json
+from tokenfeed.producer.reader import MAX_ATTEMPTS
 from tokenfeed.producer.supply import make_supply
 from tokenfeed.producer.tokenizer import Tokenizer
 from tokenfeed.producer.worker import RowGroupReader, tokenize_documents
@@ -66,6 +83,7 @@ OFFSET_BITS = 32  # a document's token index in an address; its id above
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
 UNREAD = (1 << 31) - 1  # the document id of a document tokenized empty: never packed
 MIN_DOCS_PER_THREAD = 16
+WHOLE_UNIT = sys.maxsize  # task_bytes: one task a unit
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +108,33 @@ class Segment:
 Row = list[Segment]  # the T+1 tokens inputs[r] + targets[r][-1]
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What the explained batches were cut without, as the run cut them: the exclusion
+    list in force at the state (its mark: sha256, and where it began) and how many
+    documents it names, the filters by source, the run's --on-error, and the row groups
+    that rule skipped, as (source, file, row_group)."""
+
+    exclude: ExcludeMark | None = None
+    excluded_documents: int = 0
+    filters: Mapping[str, str] | None = None
+    on_error: str = "fail"
+    skipped_row_groups: tuple[tuple[str, str, int], ...] = ()
+
+    def __bool__(self) -> bool:
+        """Something could have been dropped (what `explain` shows a header for)."""
+        return bool(self.exclude or self.filters or self.on_error != "fail")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exclude": ({**self.exclude.to_json(), "documents": self.excluded_documents}
+                        if self.exclude else None),
+            "filters": dict(self.filters) if self.filters else None,
+            "on_error": self.on_error,
+            "skipped_row_groups": [{"source": s, "file": f, "row_group": g}
+                                   for s, f, g in self.skipped_row_groups]}
+
+
 @dataclass
 class Explanation:
     """Batches as rows of segments, and the feed state right after the last of them."""
@@ -97,6 +142,7 @@ class Explanation:
     batches: list[list[Row]]
     state: dict[str, Any]
     documents: dict[tuple[str, str, int, int], np.ndarray]  # [BOS] + tokens, of each
+    applied: Applied = dataclasses.field(default_factory=Applied)
 
     def tokens(self, segment: Segment) -> np.ndarray:
         return self.documents[segment.document][segment.start:segment.end]
@@ -166,24 +212,33 @@ def _spec(state: Any) -> dict[str, Any]:
 
 def explain(datasets: Mapping[str, Dataset], tokenizer: Tokenizer, state: dict[str, Any],
             *, batches: int, skip: int = 0, weights: Mapping[str, float] | None = None,
-            backend: str = "auto") -> Explanation:
+            backend: str = "auto", exclusion: Exclusion | None = None,
+            filters: Mapping[str, Filter] | None = None, on_error: str = "fail"
+            ) -> Explanation:
     """The `batches` batches a feed resumed from `state` (one rank's) returns first,
     after `skip` more (with the state's own pending skip), as rows of segments; and the
     state after them. `datasets`: the sources by name (one: "data"); `weights`: a
     mixture's default, for a state saved before its first batch; `backend`: the
     tokenizer backend (backends.py; a faster one only once it equals tiktoken on the
-    first documents read, else tiktoken)."""
+    first documents read, else tiktoken); `exclusion`: the run's exclusion list
+    (exclude.resolve; required when the state records one, and the same); `filters`:
+    filters by source, each the one the state records (unset ones: the state's);
+    `on_error`: the run's --on-error, for row groups that fail to read."""
     if not isinstance(batches, int) or not isinstance(skip, int) or batches < 0 or not (
             0 <= skip < MAX_SKIP_BATCHES):
         raise ConfigError(f"--batches {batches} and --skip {skip} must be counts (skip below "
                           f"{MAX_SKIP_BATCHES})")
-    spec, position = _start(datasets, tokenizer, state, weights)
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"--on-error {on_error!r} must be one of {', '.join(ON_ERROR)}: "
+                          "the one the run served with")
+    spec, position, admission = _start(datasets, tokenizer, state, weights,
+                                       exclusion or exclude.NONE, filters)
     pending = state.get("skip_batches", 0)
     if not isinstance(pending, int) or isinstance(pending, bool) or pending < 0:
         raise StateMismatchError(f"the state's skip_batches {pending!r} is not a count; pass "
                                  "the state unchanged")
-    replay = Replay(spec, Admission(dict(datasets), tokenizer, {}), position, tokenizer,
-                    backend)
+    replay = Replay(spec, admission, position, tokenizer, backend,
+                    exclusion=exclusion or exclude.NONE, on_error=on_error)
     try:
         for _ in range(pending + skip):
             replay.next_window()
@@ -195,13 +250,17 @@ def explain(datasets: Mapping[str, Dataset], tokenizer: Tokenizer, state: dict[s
     after = {"version": STATE_VERSION, "spec": spec.to_dict(), "cursor": replay.cursor(),
              "fingerprint": state.get("fingerprint") or combined_fingerprint(dict(datasets)),
              "tokenizer": tokenizer.identity}
-    return Explanation(out, after, replay.documents)
+    applied = Applied(position.exclude, len(exclusion or ()), position.filters, on_error,
+                      replay.skipped_row_groups())
+    return Explanation(out, after, replay.documents, applied)
 
 
 def _start(datasets: Mapping[str, Dataset], tokenizer: Tokenizer, state: dict[str, Any],
-           weights: Mapping[str, float] | None) -> tuple[StreamSpec, Position]:
+           weights: Mapping[str, float] | None, exclusion: Exclusion,
+           filters: Mapping[str, Filter] | None) -> tuple[StreamSpec, Position, Admission]:
     """The stream and position a feed resumed from `state` attaches with, checked as the
-    daemon checks them (admission.py)."""
+    daemon checks them (admission.py, exclude.admit), under the state's filters and
+    `exclusion`; and the admission that gives its sources."""
     if state.get("version") != STATE_VERSION or "cursor" not in state:
         raise StateMismatchError(
             f"{str(state)[:80]} is not a feed state of version {STATE_VERSION} (with 'spec' "
@@ -216,27 +275,91 @@ def _start(datasets: Mapping[str, Dataset], tokenizer: Tokenizer, state: dict[st
             f"the state was saved with tokenizer identity {saved}, and --tokenizer "
             f"{tokenizer.name} is {tokenizer.identity}; pass the --tokenizer (and --bos) the "
             "state was saved with")
-    admission = Admission(dict(datasets), tokenizer, {})
+    cursor = state["cursor"]
+    _check_exclusion(cursor, exclusion)
+    admission = Admission(dict(datasets), tokenizer, {},
+                          filters=_state_filters(cursor, filters or {}))
     try:
         admission.check_expectations({"fingerprint": state.get("fingerprint")})
         names = sorted(datasets)
         default = dict(weights) if weights else {n: 1 / len(names) for n in names}
-        position = admission.start(spec, {"start": state["cursor"]}, default)
+        position = admission.start(spec, {"start": cursor}, default)
+        position = exclude.admit(position, cursor, exclusion)
     except StateMismatchError as e:
         raise StateMismatchError(f"{e} (for explain: pass the --data or --mix the state was "
                                  "saved on)") from None
-    return spec, position
+    return spec, position, admission
+
+
+def _cursors(cursor: Any) -> list[dict[str, Any]]:
+    """The saved cursors a state resumes from: its own, or every old rank's (elastic)."""
+    if not isinstance(cursor, dict):
+        return []
+    old = cursor.get("elastic_from")
+    return [c for c in old if isinstance(c, dict)] if isinstance(old, list) else [cursor]
+
+
+def _check_exclusion(cursor: Any, exclusion: Exclusion) -> None:
+    """A state saved under an exclusion list is explained under that list alone."""
+    now = exclusion.sha256 if len(exclusion) else None
+    for c in _cursors(cursor):
+        saved = c.get("exclude")
+        sha = saved.get("sha256") if isinstance(saved, dict) else None
+        if saved is None or sha == now:
+            continue
+        given = ("explain was given no --exclude" if now is None else
+                 f"--exclude names the list with sha256 {now} ({len(exclusion)} documents)")
+        raise StateMismatchError(
+            f"the state was saved under the exclusion list with sha256 {sha}, and {given}; "
+            "pass --exclude with the exclusion file kept next to that checkpoint, unchanged "
+            "(the run's TokenFeed(exclude=) and serve --exclude files: --exclude once each)")
+
+
+def _state_filters(cursor: Any, given: Mapping[str, Filter]) -> dict[str, Filter]:
+    """The filters the state was filtered by, per source: those it records, parsed again
+    (a filter is recorded in full, normalized); a given one must be the recorded one. A
+    state saved before its first batch records none: the given ones, as at an attach."""
+    if not _cursors(cursor):
+        return dict(given)
+    recorded: dict[str, str] = {}
+    for c in _cursors(cursor):
+        filters = c.get("filters")
+        if isinstance(filters, dict):  # Position.parse checks the form
+            recorded.update({n: t for n, t in filters.items() if isinstance(t, str)})
+    for name, kept in sorted(given.items()):
+        saved = recorded.get(name)
+        if saved != kept.text:
+            shown = "no filter" if saved is None else f"the filter {saved!r}"
+            raise StateMismatchError(
+                f"source {name}'s filter is given as {kept.text!r}, and the state was saved "
+                f"under {shown}; pass the filter the run used (--filter for --data, filter = "
+                "in --mix), or leave it out: explain applies the filters the state records")
+    return {n: given[n] if n in given else Filter.parse(t) for n, t in recorded.items()}
+
+
+class _TaskFailed(Exception):
+    """Reading or tokenizing a task failed, as a worker would report it."""
+
+    @classmethod
+    def of(cls, e: Exception) -> _TaskFailed:  # one line: Arrow's messages span several
+        return cls(f"{type(e).__name__}: {' '.join(str(e).split())}")
 
 
 class Replay:
     """A stream's supply and packer, run in this process over units of token addresses."""
 
     def __init__(self, spec: StreamSpec, admission: Admission, start: Position,
-                 tokenizer: Tokenizer, backend: str = "tiktoken") -> None:
+                 tokenizer: Tokenizer, backend: str = "tiktoken", *,
+                 exclusion: Exclusion = exclude.NONE, on_error: str = "fail") -> None:
         self.spec = spec
-        sources = admission.sources(start, spec.split)
+        sources = [dataclasses.replace(s, exclude=exclusion.rows(s.name))
+                   for s in admission.sources(start, spec.split)]  # as ops.py's attach
         self.names = [s.name for s in sources]
-        self.supply = make_supply(0, spec, sources, start, {"itemsize": 8})
+        # a unit is one task here (its rows are tokenized on every core by _encode), so
+        # the rules of whole units apply to what a task reads: _unread, exclude_unit
+        self.supply = make_supply(0, spec, sources, start, {
+            "itemsize": 8, "on_error": on_error, "task_bytes": WHOLE_UNIT})
+        self.mark = start.exclude  # the exclusion list in force, where it began
         self.packer = make_packer(spec, start.packed)
         self.tokenizer = tokenizer
         self.encoder = make_encoder(tokenizer, backend)
@@ -259,7 +382,8 @@ class Replay:
             for piece in packed.pieces:
                 self.pieces.setdefault(piece.unit, set()).add(piece.doc)
         self.read_at = (packed.unit, getattr(packed, "doc", 0))
-        self.unit_docs: dict[int, int] = {}  # documents in a unit's parts tokenized so far
+        self.excluded = sources[0].exclude or {}
+        self.exclude_rule = exclude.keep_rule(start.exclude, True)  # best fit: by documents
 
     def close(self) -> None:
         self.threads.shutdown()
@@ -278,28 +402,56 @@ class Replay:
         return self.window
 
     def cursor(self) -> dict[str, Any]:
-        """The cursor of the next window, as consumers get it."""
+        """The cursor of the next window, as consumers get it (stream.py's position)."""
         position = self.supply.position(self.packer.position)
+        if self.mark is not None:
+            position = dataclasses.replace(position, exclude=exclude.mark_at(self.mark,
+                                                                               position))
         return cursor_json(position, self.supply.plans, self.spec)
 
+    def skipped_row_groups(self) -> tuple[tuple[str, str, int], ...]:
+        """(source, file, row_group) of the row groups skipped under on_error="skip"."""
+        return tuple((name, ref.rsplit("#", 1)[0].rsplit("/", 1)[-1],
+                      int(ref.rsplit("#", 1)[1]))
+                     for name, reader in zip(self.names, self.supply.readers, strict=True)
+                     for ref in reader.skipped_row_groups)
+
     def _read(self, index: int | None) -> None:
-        """One task of the reader packing waits on, tokenized here."""
+        """One task of the reader packing waits on, tokenized here; a task that fails is
+        the reader's to re-run, skip (on_error="skip") or fail on, as in the daemon."""
         if index is None:  # every task is run at once here: the unit must be in
             raise RuntimeError("the packer waits for a unit no reader schedules")
         reader = self.supply.readers[index]
         task = reader.next_task()
-        reader.on_result(self._tokenize(self.names[index], task))
+        try:
+            result = self._tokenize(self.names[index], task)
+        except _TaskFailed as e:
+            reader.on_failure(task, str(e))
+            if reader.error is not None:
+                raise DataError(
+                    f"{task.path} row group {task.row_group} cannot be read ({e}; "
+                    f"{MAX_ATTEMPTS} attempts); the run's stream failed on it too unless it "
+                    "served with --on-error skip: then pass explain --on-error skip (the row "
+                    "group delivers nothing, as in the daemon), else fix the file") from None
+            return
+        reader.on_result(result)
 
     def _tokenize(self, source: str, task: Task) -> Result:
-        values = self.reader.values(task.path, task.row_group, task.column, task.rows,
-                                    task.doc_seed, task.stamp)
-        unread = self._unread(task.unit, values)
-        if unread is not None:
-            values = ["" if skip else v for v, skip in zip(values, unread, strict=True)]
-        tokens, row_tokens = tokenize_documents(values, self._encode, self.bos_id)
+        try:  # what a worker reports as `failed` (worker.py): reading and tokenizing
+            values = self.reader.values(task.path, task.row_group, task.column, task.rows,
+                                        task.doc_seed, task.stamp, task.filter)
+        except Exception as e:
+            raise _TaskFailed.of(e) from None
         lo, hi = task.rows
         order = self.reader.order if task.doc_seed is not None else None
         rows = order[lo:hi] if order is not None else np.arange(lo, hi)
+        unread = self._unread(task, values, order)
+        if unread is not None:
+            values = ["" if skip else v for v, skip in zip(values, unread, strict=True)]
+        try:
+            tokens, row_tokens = tokenize_documents(values, self._encode, self.bos_id)
+        except Exception as e:
+            raise _TaskFailed.of(e) from None
         kept = row_tokens > 0
         starts = np.cumsum(row_tokens) - row_tokens
         lengths = row_tokens[kept]
@@ -329,21 +481,28 @@ class Replay:
             [text] = self.reader.values(path, row_group, column, (row, row + 1), None)
             self.documents[key] = tokenize_documents([text], self._encode, self.bos_id)[0]
 
-    def _unread(self, unit: int, values: list[Any]) -> list[bool] | None:
-        """Which of a task's values to tokenize empty: documents of a unit before a best-fit
-        read position that no buffered piece names (None: tokenize every one)."""
+    def _unread(self, task: Task, values: list[Any], order: np.ndarray | None
+                ) -> list[bool] | None:
+        """Which of a unit's values (read in `order`; None: file order) to tokenize empty:
+        documents of a unit before a best-fit read position that no buffered piece names,
+        and those the exclusion list drops there (None: tokenize every one). A piece's and
+        the read position's document index are of the unit the packer gets: without the
+        rows the reader's own rule (exclude.exclude_unit) drops."""
+        unit = task.unit
         read_unit, read_doc = self.read_at
         if self.pieces is None or unit > read_unit:
             return None
         named = self.pieces.get(unit, set())
         first = read_doc if unit == read_unit else sys.maxsize  # from there on: all read
-        doc = self.unit_docs.get(unit, 0)  # the worker's document index: non-null values
-        out = []
-        for v in values:
-            out.append(isinstance(v, str) and doc not in named and doc < first)
-            doc += isinstance(v, str)
-        self.unit_docs[unit] = doc
-        return out
+        is_doc = np.fromiter((isinstance(v, str) for v in values), dtype=np.int64,
+                             count=len(values))  # a document: one token will do here
+        listed = self.excluded.get((task.path, task.row_group))
+        kept = is_doc if listed is None else exclude.exclude_unit(
+            np.zeros(int(is_doc.sum())), is_doc, listed, order, unit, self.exclude_rule)[1]
+        index = np.cumsum(kept) - kept  # each kept document's index in the packer's unit
+        return [bool(d) and (not k or (i not in named and i < first))  # dropped, or unread
+                for d, k, i in zip(is_doc.tolist(), kept.tolist(), index.tolist(),
+                                   strict=True)]
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The encoder's batch, split over the cores."""

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -132,6 +133,22 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
     write_shards(docs, out, num_files=5, rows_per_group=-(-per_file // 3))
     return out
+
+
+def two_source_corpus(root: Path) -> dict[str, Path]:
+    """A mixture's two sources under `root`: web, Python's documentation (5 files of 11-row
+    groups); code, the standard library's modules (4 files of 10-row groups)."""
+    write_shards(sample_documents(160_000), root / "web", num_files=5, rows_per_group=11)
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:200]
+    code = [text[:6000] for p in stdlib if len(text := p.read_text(errors="replace")) > 200]
+    write_shards(code, root / "code", num_files=4, rows_per_group=10)
+    return {"code": root / "code", "web": root / "web"}
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The two-source corpus of mixture tests (two_source_corpus), built once."""
+    return two_source_corpus(tmp_path_factory.mktemp("mixture"))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from oracle import (
     row_group_sequence,
     split_files,
 )
-from test_mixture import WEIGHTS, sources  # noqa: F401 (a fixture)
+from test_mixture import WEIGHTS
 
 from tokenfeed.common.errors import StateMismatchError
 
@@ -191,7 +191,7 @@ def test_bad_job_states_are_refused_naming_the_problem(start_daemon, tmp_path):
 
 
 @pytest.mark.parametrize("packing", ["concat", pytest.param("bestfit", marks=pytest.mark.slow)])
-def test_elastic_resume_of_a_mixture_matches_the_oracle(start_daemon, sources,  # noqa: F811
+def test_elastic_resume_of_a_mixture_matches_the_oracle(start_daemon, sources,
                                                         packing):
     """3 ranks mixing two sources -> 2 ranks: each source divided on its own."""
     import tiktoken

@@ -9,7 +9,6 @@ T+1 tokens (inputs[r] + targets[r][-1]) with the concatenated segments."""
 from __future__ import annotations
 
 import json
-import sysconfig
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -174,17 +173,6 @@ def test_elastic_resume_4_to_3_is_explained_exactly(start_daemon, corpus, encodi
 
 
 WEIGHTS = {"code": 0.3, "web": 0.7}
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """web: Python's documentation (5 files); code: the standard library's modules (4)."""
-    root = tmp_path_factory.mktemp("mixture")
-    write_shards(sample_documents(160_000), root / "web", num_files=5, rows_per_group=11)
-    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:200]
-    code = [text[:6000] for p in stdlib if len(text := p.read_text(errors="replace")) > 200]
-    write_shards(code, root / "code", num_files=4, rows_per_group=10)
-    return {"code": root / "code", "web": root / "web"}
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import sysconfig
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,20 +15,8 @@ from oracle import mixture_windows
 
 from tokenfeed.common.errors import ConfigError, StateMismatchError
 from tokenfeed.producer.view import render_text
-from tokenfeed.tools.corpus import sample_documents, write_shards
 
 WEIGHTS = {"code": 0.3, "web": 0.7}
-
-
-@pytest.fixture(scope="session")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """web: Python's documentation (5 files); code: the standard library's modules (4 files)."""
-    root = tmp_path_factory.mktemp("mixture")
-    write_shards(sample_documents(160_000), root / "web", num_files=5, rows_per_group=11)
-    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:200]
-    code = [text[:6000] for p in stdlib if len(text := p.read_text(errors="replace")) > 200]
-    write_shards(code, root / "code", num_files=4, rows_per_group=10)
-    return {"code": root / "code", "web": root / "web"}
 
 
 def oracle(sources, schedule, *, b, t, n, **kw):
