@@ -136,16 +136,28 @@ class SourceReader:
             parts = self._unit_parts[unit] = ref.parts(self._task_text_bytes(ref))
         return parts
 
+    @property
+    def task_tokens(self) -> float:
+        """About the tokens one task brings (read-ahead keeps a task per pool place): a
+        filtered source's tasks hold `task_bytes` of the text it keeps, more in all."""
+        return self.task_bytes * self.tokens_per_text_byte / self._kept_share()
+
+    def _kept_share(self) -> float:
+        """The share of rows this source's filter kept so far (1: none yet, no filter)."""
+        seen = self.documents + self.dropped
+        if self.filter is None or not seen:
+            return 1.0
+        return max(self.documents / seen, MIN_KEPT_SHARE)
+
     def _task_text_bytes(self, ref: RowGroupRef) -> int:
         """Text per task: `task_bytes`; of a filtered source, enough that each part
         keeps at least `task_bytes` of text at the share of rows its filter kept so far
         (a part's tokenizing then weighs what an unfiltered one does, and a row group
         whose text is mostly dropped is decoded by one worker, not by every worker that
         gets a part of it: decoding the dropped text is the filter's main cost)."""
-        seen = self.documents + self.dropped
-        if self.filter is None or not seen:
+        share = self._kept_share()
+        if share == 1.0:
             return self.task_bytes
-        share = max(self.documents / seen, MIN_KEPT_SHARE)
         n = max(1, int(ref.text_bytes * share // self.task_bytes))
         return max(1, -(-ref.text_bytes // n))
 
