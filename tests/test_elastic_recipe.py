@@ -7,6 +7,8 @@ old ranks' mean tokens, and a new rank's own state resumes bit for bit."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from itertools import pairwise
 
@@ -172,3 +174,57 @@ def test_an_elastic_resume_under_another_recipe_is_refused_naming_both(
         with pytest.raises(StateMismatchError, match=r"rank 0 of the saved job: the saved "
                            r"state's source limits \(code: max_tokens = 3000\) differ"):
             next(feed)
+
+
+@pytest.mark.parametrize("how", ["mix=", "mix --set"])
+def test_after_a_live_change_the_new_ranks_keep_the_set_weights(
+        start_daemon, corpus, tmp_path, how):  # noqa: F811
+    ramp = RAMP.replace("130_000", "6_000").replace("30_000", "1_000")
+    mix = mix_file(tmp_path / "mix.toml", corpus, ramp)
+    daemon = start_daemon("--mix", str(mix), data=None, sources={})
+    weights = {"code": 0.25, "web": 0.75}
+    named = {"mix": weights} if how == "mix=" else {}  # the consumer names them, or not
+    if how == "mix=":
+        first, _ = old_job(daemon, 3)
+        states = []
+        for rank in range(OLD_WORLD):  # each old rank sets its weights, then goes on
+            with daemon.feed(B, T, rank=rank, world_size=OLD_WORLD, **named) as feed:
+                feed.load_state_dict(first[rank])
+                for _ in range(3):
+                    next(feed)
+                states.append(json.loads(json.dumps(feed.state_dict())))
+    else:
+        feeds = [daemon.feed(B, T, rank=r, world_size=OLD_WORLD) for r in range(OLD_WORLD)]
+        try:
+            for f in feeds:
+                for _ in range(3):
+                    next(f)
+            out = subprocess.run(
+                [sys.executable, "-m", "tokenfeed.producer", "mix", "--set",
+                 "code=0.25,web=0.75", "--run-dir", str(daemon.run_dir)],
+                capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            for f in feeds:  # past the batches packed before the change (ring: 8 slots)
+                for _ in range(20):
+                    next(f)
+            states = [json.loads(json.dumps(f.state_dict())) for f in feeds]
+        finally:
+            for f in feeds:
+                f.close()
+    assert all(len(s["cursor"]["mix"]["weights"]) == 2 for s in states), states
+    for rank in range(NEW_WORLD):
+        with daemon.feed(B, T, rank=rank, world_size=NEW_WORLD, **named) as feed:
+            feed.load_state_dict(states)
+            batches = [next(feed) for _ in range(8)]
+            status = next(s for s in daemon.status()["streams"]
+                          if s["rank"] == rank and s["world_size"] == NEW_WORLD)
+            mid = json.loads(json.dumps(feed.state_dict()))
+            batches += [next(feed) for _ in range(4)]
+        assert {n: m["weight"] for n, m in status["mix"].items()} == weights
+        assert "curve" not in mid["cursor"]["mix"]  # the schedule no longer decides
+        with daemon.feed(B, T, rank=rank, world_size=NEW_WORLD, **named) as feed:
+            feed.load_state_dict(mid)  # on the daemon that declares the schedule
+            for i in range(8, 12):
+                x, _ = next(feed)
+                np.testing.assert_array_equal(x.numpy(), batches[i][0].numpy(),
+                                              err_msg=f"rank {rank} batch {i}")
