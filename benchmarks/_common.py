@@ -8,6 +8,7 @@ reported and removed, so a benchmark never leaves shared memory behind.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -128,6 +129,18 @@ class DaemonProcess:
                 path.unlink(missing_ok=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.log_path.unlink(missing_ok=True)
+
+
+def corpus_parser(doc: str, *, batch_size: int, seq_len: int) -> argparse.ArgumentParser:
+    """The options every benchmark over a corpus shares: --data (default: the installed
+    corpus), --workers (default: every core), --batch-size and --seq-len; its description
+    is the first line of `doc` (the benchmark's docstring)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--data", type=Path)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--seq-len", type=int, default=seq_len)
+    return p
 
 
 CORPUS_CACHE_DIR = Path("/tmp")

@@ -29,8 +29,6 @@ run to compare figures across installs.
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -40,6 +38,7 @@ from pathlib import Path
 import _others
 from _common import (
     DaemonProcess,
+    corpus_parser,
     installed_corpus,
     machine_line,
     read_texts,
@@ -73,11 +72,7 @@ def drain(feed: TokenFeed, n: int, b: int, t: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p = corpus_parser(__doc__, batch_size=32, seq_len=2048)
     p.add_argument("--tokenizer-backend", default="tiktoken")
     p.add_argument("--loader-workers", default="0,1",
                    help="DataLoader worker counts LitData and MosaicML are drained with")

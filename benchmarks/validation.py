@@ -19,23 +19,23 @@ one rank draining on CPU:
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
-from pathlib import Path
 
-from _common import DaemonProcess, installed_corpus, leftover_segments, machine_line, table
+from _common import (
+    DaemonProcess,
+    corpus_parser,
+    installed_corpus,
+    leftover_segments,
+    machine_line,
+    table,
+)
 
 from tokenfeed.consumer import TokenFeed
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p = corpus_parser(__doc__, batch_size=8, seq_len=1024)
     p.add_argument("--batches", type=int, default=384)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     b, t, n = args.batch_size, args.seq_len, args.batches

@@ -38,6 +38,7 @@ from tokenfeed.producer.position import MixState, Position
 from tokenfeed.producer.reader import Source, epoch_order
 from tokenfeed.producer.recipe import Curve, Limits
 from tokenfeed.producer.storage import open_parquet
+from tokenfeed.producer.supply import REPEAT_SEED
 from tokenfeed.producer.tokenizer import Tokenizer
 from tokenfeed.producer.valstore import ValStore
 
@@ -191,7 +192,9 @@ class Admission:
         """A saved mixture resumes under the recipe it was saved with: another declared
         schedule or other limits are refused (docs/data-recipes.md)."""
         declared = self.curve if spec.mix is None and spec.split == "train" else None
-        live = len(mix.schedule) > 1  # weights set live since: the schedule no longer decides
+        # weights set live since: the schedule no longer decides (an elastic resume's
+        # new state then keeps only the weights, and its layouts: elastic.plan_mixture)
+        live = len(mix.schedule) > 1 or (mix.curve is None and mix.layouts is not None)
         if mix.curve != declared and not (live and mix.curve is None):
             saved = mix.curve.describe() if mix.curve else "none"
             now = declared.describe() if declared else "none"
@@ -267,14 +270,19 @@ class Admission:
             saved.append(position)
         begin = Position.start(spec).packed
         first_mix = saved[0].mix
-        if first_mix is not None and (first_mix.curve is not None or first_mix.limits):
-            raise StateMismatchError(
-                "an elastic resume of a mixture with a [schedule] or source limits is not "
-                "supported: resume at the world size it was saved at")
         if mixture and first_mix is not None:
-            mix = elastic.plan_mixture(saved, spec.packing,
-                                       {n: self._refs(n, spec) for n in first_mix.names},
-                                       spec.rank, spec.world_size)
+            for rank, position in enumerate(saved):  # the recipe it was saved under
+                assert position.mix is not None  # checked above
+                try:  # a consumer naming its weights follows no schedule: limits only
+                    self._check_recipe(position.mix if spec.mix is None else
+                                       dataclasses.replace(position.mix, curve=None), spec)
+                except StateMismatchError as e:
+                    raise StateMismatchError(f"rank {rank} of the saved job: {e}") from None
+            limits = first_mix.limits or {}
+            mix = elastic.plan_mixture(saved, spec.packing, {n: self._refs(n, dataclasses.replace(
+                spec, shuffle_seed=REPEAT_SEED) if spec.shuffle_seed is None and n in limits
+                and limits[n].repeat is not None else spec) for n in first_mix.names},
+                spec.rank, spec.world_size)
             log.info("elastic resume of a mixture: rank %d of %d continues %d ranks",
                      spec.rank, spec.world_size, len(cursors))
             return Position(begin, mix=mix)

@@ -31,6 +31,15 @@ mixture state records (`exact`: next token not delivered; best fit: next documen
 read, and the buffered pieces as source documents); the new ranks mix their sources
 from the start of their lists with the old job's current weights.
 
+A declared recipe carries on. A source with `repeat = k` is divided only up to the end
+of its pass k (a rank that finished its passes is in epoch k; no rank reads past it),
+and a new rank's source ends where its layout reaches the end of pass k. Each new rank
+starts from the old ranks' mean counts at their exact positions (`given`): tokens
+mixed per source, which place it on the weight schedule (while no live change has
+fixed the weights), and tokens and documents given, which its budgets count on from.
+So a schedule's x and a budget stay per rank stream, as without a re-layout: after it,
+each new rank is where an average old rank was.
+
 Failure behaviour: a malformed layout or a state that does not fit the data is a
 StateMismatchError naming it.
 """
@@ -221,6 +230,13 @@ def plan_mixture(cursors: list[Position], packing: str,
         raise StateMismatchError("the old ranks' mixture states name different sources, or "
                                  "lack the exact positions elastic resume needs; pass every "
                                  "rank's state unchanged")
+    recipe = first.curve is not None or bool(first.limits)
+    if recipe and any(m is None or m.given is None for m in states):
+        raise StateMismatchError(
+            "the saved job follows a [schedule] or source limits, and its mixture states "
+            "lack 'given' (the counts an elastic resume carries on: states saved before this "
+            "release); resume it at the world size it was saved at")
+    limits = first.limits or {}
     layouts = {}
     for s, name in enumerate(first.names):
         n, ref_of = sources[name]
@@ -231,13 +247,28 @@ def plan_mixture(cursors: list[Position], packing: str,
         heads = [olds[r].item(m.exact[name][0])[1] // n
                  for r, m in enumerate(states)]
         g_end = (max(heads) + 1) * n
+        repeat = limits[name].repeat if name in limits else None
+        if repeat is not None:  # a rank done with its passes is in epoch `repeat`: no further
+            g_end = min(g_end, repeat * n)
         for r, m in enumerate(states):
             assert m is not None and m.exact is not None
             pieces = [(u, d, start) for src, u, d, start in m.pieces or () if src == s]
             work += source_remaining(m.exact[name], pieces, packing, olds[r], g_end)
         layouts[name] = _divide(work, ref_of, g_end, new_rank, new_world_size)
-    return MixState(0, {n: SourceCursor(0, 0, 0, 0) for n in first.names},
-                    ((0, first.weights),), 0, layouts)
+    if not recipe:
+        return MixState(0, {n: SourceCursor(0, 0, 0, 0) for n in first.names},
+                        ((0, first.weights),), 0, layouts)
+    # Every new rank goes on from the old ranks' mean: tokens mixed per source (the
+    # schedule's x, while the schedule still decides) and tokens and documents given
+    # (budgets), each at the old ranks' exact positions (docs/data-recipes.md).
+    curve = first.curve if len(first.schedule) == 1 else None  # None: set live since
+    new_cursors: dict[str, SourceCursor] = {}
+    for name in first.names:
+        tokens = sum(m.given[name][0] for m in states if m is not None and m.given) // old_world
+        docs = sum(m.given[name][1] for m in states if m is not None and m.given) // old_world
+        new_cursors[name] = SourceCursor(0, 0, tokens if curve is not None else 0, tokens, docs)
+    return MixState(0, new_cursors, ((0, first.weights),), 0, layouts, curve=curve,
+                    limits=first.limits)
 
 
 def plan(cursors: list[Position], n: int, ref_of: Callable[[int], RowGroupRef],

@@ -25,6 +25,12 @@ ever goes down):
 Filtered sources add, labelled by `source` too (live streams): `tokenfeed_filter_kept_
 documents_total` and `tokenfeed_filter_dropped_documents_total` (filters.py).
 
+Without --cache-dir, the val split's in-memory store (valstore.py) adds
+`tokenfeed_val_store_bytes`, `tokenfeed_val_store_budget_bytes` and
+`tokenfeed_val_store_row_groups` (held), `tokenfeed_val_store_lookups_total{result="hit|
+miss"}` (a later round's row groups are hits) and `tokenfeed_val_store_refused_total`
+(row groups past the bound, tokenized again every round).
+
 Per daemon: `tokenfeed_workers{state="target|alive|busy"}`,
 `tokenfeed_worker_restarts_total`, `tokenfeed_worker_busy_seconds_total{phase="read|
 tokenize"}`, `tokenfeed_storage_retries_total`, `tokenfeed_storage_failed_requests_total`
@@ -78,6 +84,11 @@ MIX_METRICS = ("tokenfeed_mix_weight_ratio", "tokenfeed_mixed_tokens_total",
 # Filtered sources only (absent without a filter): per stream labels and source.
 FILTER_METRICS = ("tokenfeed_filter_kept_documents_total",
                   "tokenfeed_filter_dropped_documents_total")
+
+# The val store only (absent with --cache-dir, whose token cache keeps the val split).
+VAL_STORE_METRICS = ("tokenfeed_val_store_bytes", "tokenfeed_val_store_budget_bytes",
+                     "tokenfeed_val_store_row_groups", "tokenfeed_val_store_lookups_total",
+                     "tokenfeed_val_store_refused_total")
 
 
 def metric_names() -> list[str]:
@@ -160,6 +171,28 @@ def _filter_families(status: dict[str, Any], counter: Any) -> Iterator[Any]:
         yield c
 
 
+def _val_store_families(status: dict[str, Any], gauge: Any, counter: Any) -> Iterator[Any]:
+    """What the val store holds and how its lookups went (status `val_store`)."""
+    vs = status.get("val_store")
+    if not vs:
+        return
+    yield gauge(VAL_STORE_METRICS[0], "Bytes of tokens the val store holds.",
+                value=float(vs.get("bytes", 0)))
+    yield gauge(VAL_STORE_METRICS[1], "--val-memory-mib, in bytes.",
+                value=float(vs.get("max_bytes", 0)))
+    yield gauge(VAL_STORE_METRICS[2], "Tokenized val row groups the val store holds.",
+                value=float(vs.get("row_groups", 0)))
+    c = counter(VAL_STORE_METRICS[3].removesuffix("_total"),
+                "Val row groups asked of the val store: found (hit, not tokenized again) "
+                "or not (miss).", labels=("result",))
+    c.add_metric(("hit",), float(vs.get("hits", 0)))
+    c.add_metric(("miss",), float(vs.get("misses", 0)))
+    yield c
+    yield counter(VAL_STORE_METRICS[4].removesuffix("_total"),
+                  "Val row groups not kept because the store was full (tokenized again "
+                  "every round).", value=float(vs.get("refused", 0)))
+
+
 class StatusCollector:
     """A prometheus_client collector over the last status the daemon published."""
 
@@ -189,6 +222,7 @@ class StatusCollector:
             yield c
         yield from _mixture_families(status, GaugeMetricFamily, CounterMetricFamily)
         yield from _filter_families(status, CounterMetricFamily)
+        yield from _val_store_families(status, GaugeMetricFamily, CounterMetricFamily)
         w = status["workers"]
         g = GaugeMetricFamily("tokenfeed_workers", "Tokenizer worker processes.",
                               labels=("state",))

@@ -165,9 +165,38 @@ class Mixer:
                   else self._pieces(position.pieces))
         cursors = (SourceCursor(*c) for c in self.snapshots[at])
         limits = {n: v for n, v in zip(self.names, self.limits, strict=True) if v} or None
+        given = (self._given(position) if self.curve is not None or self.bounded else None)
         return MixState(at, dict(zip(self.names, cursors, strict=True)), tuple(self.schedule),
                         self.next_unit, self.layouts, self._exact(position), pieces,
-                        curve=self.curve, limits=limits)
+                        curve=self.curve, limits=limits, given=given)
+
+    def _given(self, position: Packed) -> dict[str, tuple[int, int]]:
+        """Every source's tokens and documents given at packer `position` (what an
+        elastic resume carries on). Concat: a document cut at the position counts its
+        tokens delivered, not itself (the new rank that reads its rest counts it); best
+        fit: documents read, less the pieces still buffered (their new rank counts them;
+        a buffered tail's BOS is counted once more there)."""
+        v = position.unit
+        comp = self.compositions.get(v, [])
+        snap = self.snapshots[v]
+        tokens, docs = [c[3] for c in snap], [c[4] for c in snap]
+        if isinstance(position, ConcatPosition):
+            left = position.offset
+            for s, _, _, n in comp:
+                if left < n:
+                    tokens[s] += left
+                    break
+                tokens[s], docs[s], left = tokens[s] + n, docs[s] + 1, left - n
+        else:
+            for s, _, _, n in comp[:position.doc]:
+                tokens[s], docs[s] = tokens[s] + n, docs[s] + 1
+            for p in position.pieces:
+                s, _, _, n = self.compositions[p.unit][p.doc]
+                tokens[s], docs[s] = tokens[s] - (n - p.start), docs[s] - 1
+        if not self.bounded:  # documents are counted only where limits may use them
+            docs = [0] * len(docs)
+        return {name: (max(0, t), max(0, d))
+                for name, t, d in zip(self.names, tokens, docs, strict=True)}
 
     def _exact(self, position: Packed) -> dict[str, tuple[int, int, int]]:
         """Every source's next token not delivered at packer `position` (best fit: next

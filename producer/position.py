@@ -199,6 +199,10 @@ class MixState:
     # the first live change of `schedule`, and per-source limits (repeat, budgets).
     curve: Curve | None = None
     limits: Mapping[str, Limits] | None = None
+    # Only in cursors of a mixture with a schedule or limits: every source's tokens and
+    # documents given at `exact` (the counts of `sources` are at `at`): what an elastic
+    # resume carries on (elastic.plan_mixture).
+    given: Mapping[str, tuple[int, int]] | None = field(default=None, compare=False)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -255,6 +259,8 @@ class MixState:
             d["curve"] = self.curve.to_json()
         if self.limits:
             d["limits"] = {n: v.to_json() for n, v in self.limits.items()}
+        if self.given is not None:
+            d["given"] = {n: list(g) for n, g in self.given.items()}
         return d
 
     @classmethod
@@ -290,8 +296,16 @@ class MixState:
         curve = Curve.parse(state["curve"]) if state.get("curve") is not None else None
         limits = (parse_limits(state["limits"], tuple(names))
                   if state.get("limits") is not None else None)
+        given = state.get("given")
+        if given is not None and not (isinstance(given, dict) and set(given) == set(names) and all(
+                isinstance(g, list) and len(g) == 2 and all(map(is_count, g))
+                for g in given.values())):
+            raise StateMismatchError("mixture state's 'given' must map every source to "
+                                     "[tokens, documents]; pass the feed state unchanged")
         return cls(state["at"], {n: SourceCursor(*sources[n]) for n in names}, entries,
-                   state["mixed"], layouts, exact, pieces, curve=curve, limits=limits)
+                   state["mixed"], layouts, exact, pieces, curve=curve, limits=limits,
+                   given=({n: (given[n][0], given[n][1]) for n in names}
+                          if given is not None else None))
 
 
 def _parse_schedule(schedule: Any, names: set[str]) -> Schedule:

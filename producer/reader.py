@@ -1,7 +1,9 @@
 """One source's reading for one stream: its rank's row groups -> tokenized units, in order.
 
 A reader schedules its row groups as units (each split into tasks of about
-`task_bytes` of text), re-runs lost tasks, serves units the token cache holds, and
+`task_bytes` of text; of a filtered source, about `task_bytes` of the text its filter has
+kept so far, so a row group is read by fewer workers: each decodes all of its text, kept
+or not, `benchmarks/filter.py`), re-runs lost tasks, serves units the token cache holds, and
 hands finished units out whole and in order (`take`). The stream above it decides
 how far to read ahead, and packs (one source) or mixes (a mixture) them: supply.py.
 Its tasks name their stream and source (the reader's index in the stream), so a
@@ -36,6 +38,7 @@ from tokenfeed.producer.valstore import ValStore
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+MIN_KEPT_SHARE = 1 / 64  # a filter keeping less still splits a ~64-task row group in parts
 INITIAL_TOKENS_PER_TEXT_BYTE = 0.25  # English under cl100k; learnt from results as they come
 
 
@@ -115,6 +118,7 @@ class SourceReader:
         self._epoch_order: tuple[int, np.ndarray] = (-1, np.arange(0))
         # slot_provenance.py: told each unit's rows as read (set only with provenance on)
         self.recorder: Callable[[SourceReader, int, np.ndarray], None] | None = None
+        self._unit_parts: dict[int, list[tuple[int, int]]] = {}  # fixed at a unit's first task
 
     # -- where units come from ----------------------------------------------
 
@@ -127,7 +131,38 @@ class SourceReader:
         return self.plan.row_groups[self._order(epoch)[ordinal]]
 
     def _parts(self, unit: int) -> list[tuple[int, int]]:
-        return self._ref(unit).parts(self.task_bytes)
+        """The unit's row ranges, one a task: fixed once asked, so a share learnt later
+        never re-cuts a unit whose parts are out."""
+        parts = self._unit_parts.get(unit)
+        if parts is None:
+            ref = self._ref(unit)
+            parts = self._unit_parts[unit] = ref.parts(self._task_text_bytes(ref))
+        return parts
+
+    @property
+    def task_tokens(self) -> float:
+        """About the tokens one task brings (read-ahead keeps a task per pool place): a
+        filtered source's tasks hold `task_bytes` of the text it keeps, more in all."""
+        return self.task_bytes * self.tokens_per_text_byte / self._kept_share()
+
+    def _kept_share(self) -> float:
+        """The share of rows this source's filter kept so far (1: none yet, no filter)."""
+        seen = self.documents + self.dropped
+        if self.filter is None or not seen:
+            return 1.0
+        return max(self.documents / seen, MIN_KEPT_SHARE)
+
+    def _task_text_bytes(self, ref: RowGroupRef) -> int:
+        """Text per task: `task_bytes`; of a filtered source, enough that each part
+        keeps at least `task_bytes` of text at the share of rows its filter kept so far
+        (a part's tokenizing then weighs what an unfiltered one does, and a row group
+        whose text is mostly dropped is decoded by one worker, not by every worker that
+        gets a part of it: decoding the dropped text is the filter's main cost)."""
+        share = self._kept_share()
+        if share == 1.0:
+            return self.task_bytes
+        n = max(1, int(ref.text_bytes * share // self.task_bytes))
+        return max(1, -(-ref.text_bytes // n))
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._epoch_order[0] != epoch:  # asked for every part: compute once per epoch
@@ -161,7 +196,7 @@ class SourceReader:
             unit, part = self._advance()
         epoch, ordinal = self.unit_position(unit)
         ref = self._ref(unit)
-        rows = ref.parts(self.task_bytes)[part]
+        rows = self._parts(unit)[part]
         doc_seed = None
         if self.shuffle_seed is not None:
             doc_seed = [self.shuffle_seed, epoch, ordinal]
@@ -243,6 +278,7 @@ class SourceReader:
         self.skipped_row_groups.append(f"{task.path}#{task.row_group}")
         for part in self.results.pop(unit, {}).values():
             self.staged_bytes -= _nbytes(part)
+        self._unit_parts.pop(unit, None)
         for key in [k for k in self.inflight if k[0] == unit]:
             del self.inflight[key]  # their results are dropped as strays when they come
         self.retry = deque(k for k in self.retry if k[0] != unit)
@@ -284,6 +320,7 @@ class SourceReader:
         if parts is None or len(parts) < len(self._parts(unit)):
             return None
         del self.results[unit]
+        self._unit_parts.pop(unit, None)
         ordered = [parts[i] for i in range(len(parts))]
         self.staged_bytes -= sum(_nbytes(r) for r in ordered)
         self.units_done += 1

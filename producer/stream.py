@@ -131,7 +131,7 @@ class Stream:
     def wanted_tokens(self, pool_capacity: int) -> float:
         """Read-ahead: the free slots plus one task per pool place (every worker busy with
         a second task queued), whatever the ring's size."""
-        task_tokens = max(r.task_bytes * r.tokens_per_text_byte for r in self.readers)
+        task_tokens = max(r.task_tokens for r in self.readers)
         windows = len(self.table.free) + 1 + min(self.skip_left, self.ring.layout.slot_count)
         return windows * self.spec.window_tokens + pool_capacity * task_tokens
 

@@ -244,11 +244,21 @@ def _make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Posit
                                                      mix.sources[src.name].unit),
                                     **options))
         ends.append(None if repeat is None else
-                    rank_units(len(src.plan), repeat, spec.rank, spec.world_size))
+                    layout_units(layouts.get(src.name),
+                                 rank_units(len(src.plan), repeat, spec.rank, spec.world_size)))
     return Mixture(Mixer(mix, ends), readers)
 
 
 REPEAT_SEED = 0  # the order of a repeated source's passes when the stream has no shuffle_seed
+
+
+def layout_units(layout: Layout | None, stride_units: int) -> int:
+    """Units of a rank that reads `layout` (elastic.py: its items, then its stride from
+    unit `stride_from`) before its stride's unit `stride_units`: where a repeated source
+    ends after an elastic resume (its items never pass the last pass: plan_mixture)."""
+    if layout is None:
+        return stride_units
+    return layout.items + max(0, stride_units - layout.stride_from)
 
 
 def rank_units(row_groups: int, epochs: int, rank: int, world_size: int) -> int:

@@ -92,3 +92,48 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_2(corpus, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("tokenfeed:")]
     assert len(errors) == 1 and f"--metrics-port {port}" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def wait_scrape(daemon: Any, ready: Any, what: str, timeout_s: float = 60.0
+                ) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Scrape until `ready(m)` (/metrics serves the status of the last heartbeat)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready(m := scrape(daemon)):
+        assert time.monotonic() < deadline, f"{what}: {m}"
+        time.sleep(0.1)
+    return m
+
+
+def test_val_store_metrics_show_what_is_held_and_rounds_after_the_first_as_hits(
+        start_daemon):
+    daemon = start_daemon("--metrics-port", "0", workers=2)
+    hits = "tokenfeed_val_store_lookups_total"
+    with daemon.feed(2, 64, split="val", max_batches=6) as feed:
+        assert len(list(feed)) == 6  # round 1: tokenized, kept
+        vs = daemon.status()["val_store"]
+        assert vs["row_groups"] > 0 and vs["bytes"] > 0 and vs["misses"] > 0
+        m = wait_scrape(daemon, lambda m: m.get("tokenfeed_val_store_row_groups", {}).get(())
+                        == vs["row_groups"], "round 1 never reached /metrics")
+        assert m["tokenfeed_val_store_bytes"][()] == vs["bytes"]
+        assert m["tokenfeed_val_store_budget_bytes"][()] == vs["max_bytes"] == 1 << 30
+        assert m["tokenfeed_val_store_refused_total"][()] == 0
+        misses = m[hits][(("result", "miss"),)]
+        assert misses == vs["misses"] and m[hits][(("result", "hit"),)] == vs["hits"]
+        assert len(list(feed)) == 6  # round 2: every row group from the store
+        after = daemon.status()["val_store"]
+    assert after["misses"] == vs["misses"] and after["hits"] >= vs["hits"] + vs["row_groups"]
+    assert after["bytes"] == vs["bytes"]
+    m = wait_scrape(daemon, lambda m: m.get(hits, {}).get((("result", "hit"),))
+                    == after["hits"], "round 2's hits never reached /metrics")
+    assert m[hits][(("result", "miss"),)] == misses
+    assert m["tokenfeed_val_store_row_groups"][()] == vs["row_groups"]
+
+
+def test_no_val_store_metrics_with_a_token_cache(start_daemon, tmp_path):
+    daemon = start_daemon("--metrics-port", "0", "--cache-dir", str(tmp_path / "cache"),
+                          workers=1)
+    with daemon.feed(2, 64, split="val", max_batches=2) as feed:
+        assert len(list(feed)) == 2
+    m = wait_scrape(daemon, lambda m: "tokenfeed_workers" in m, "no scrape")
+    assert daemon.status()["val_store"] is None
+    assert not any(name.startswith("tokenfeed_val_store") for name in m)

@@ -212,15 +212,18 @@ def test_mix_file_limits_schedule_and_errors(tmp_path):
                         "code": [str(tmp_path / "a" / ".." / "a" / "x.parquet")]})
 
 
-def test_an_elastic_resume_of_a_scheduled_mixture_is_refused_naming_the_way_out():
-    from tokenfeed.common.config import StreamSpec
-    from tokenfeed.producer.admission import Admission
+def test_an_elastic_resume_of_a_scheduled_mixture_saved_without_its_counts_is_refused():
+    """States saved before `given` was recorded lack what a new rank counts on from."""
+    import dataclasses
+
+    from tokenfeed.producer.elastic import plan_mixture
+    from tokenfeed.producer.position import Position
 
     mixer = Mixer(MixState.initial({"code": 0.5, "math": 0.0, "web": 0.5}, RAMP))
     mix_units(mixer, 2)
-    cursor = {"unit": 1, "offset": 0, "mix": mixer.state(1, ConcatPosition(1)).to_json()}
-    admission = Admission(dict.fromkeys(NAMES), None, {})  # type: ignore[arg-type]
-    spec = StreamSpec(batch_size=2, seq_len=8, rank=0, world_size=3)
-    with pytest.raises(StateMismatchError, match="elastic resume of a mixture with a "
-                       "\\[schedule\\] or source limits is not supported"):
-        admission._elastic(spec, [cursor, cursor])
+    state = mixer.state(1, ConcatPosition(1))
+    assert state.given is not None and sum(g[0] for g in state.given.values()) > 0
+    old = Position(ConcatPosition(1), mix=dataclasses.replace(state, given=None))
+    with pytest.raises(StateMismatchError, match=r"lack 'given'.*resume it at the world size "
+                       r"it was saved at"):
+        plan_mixture([old, old], "concat", {}, 0, 3)
