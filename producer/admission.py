@@ -6,7 +6,7 @@ what the state was saved on (`expect`: the data's fingerprint, the tokenizer). T
 module checks all of it against the data this daemon serves and returns a typed
 `Position` and the stream's `Source`s; the stream is built from those alone.
 
-- A saved cursor is parsed by position.py (nothing is constructed to check it).
+- A saved cursor is parsed by position/ (nothing is constructed to check it).
 - A one-source daemon's stream starts plain; a mixture daemon's (or a consumer that
   names `mix`) starts with a mixture state: the saved one, or new weights.
 - `elastic_from`: elastic.py divides the old ranks' work left among the new ranks.
@@ -87,7 +87,7 @@ class Admission:
     def _check_fingerprint(self, name: str, saved: str) -> None:
         dataset = self.datasets.get(name)
         if dataset is None:
-            return  # a source this daemon lacks: the mixture state names it (position.py)
+            return  # a source this daemon lacks: the mixture state names it (position/)
         now = dataset.fingerprint
         if saved.split(".")[0] != now.split(".")[0]:
             among = changed_shards(saved, dataset)

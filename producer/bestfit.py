@@ -58,7 +58,7 @@ ages cost more best fit on the sample corpus (min_tail 32; lag: see Resume):
 of under 33 tokens out of the buffer, and holds a tail's extra BOS under 3% of its
 tokens.
 
-Position (position.py's BestFitPosition, right after the last window): the next
+Position (position/packed.py's BestFitPosition, right after the last window): the next
 document to read `(u, d)`, the documents read into the buffer so far, and the buffer's
 pieces, compact (bestfit_codec.py). `(u, d)` is never `d == documents in u` (that is
 `(u + 1, 0)`), so a position is canonical and depends only on the windows cut, never

@@ -1,6 +1,6 @@
 """The best-fit position's compact buffer: its pieces as one short string, and back.
 
-A best-fit position (position.py) names the documents its buffer holds. A piece is
+A best-fit position (position/) names the documents its buffer holds. A piece is
 document `b - z` of unit `v` from token `s` on, where `b` is its born (the document's
 index in the rank's document stream; a tail keeps its document's) and `z` the born of
 document 0 of `v`; `s > 0` marks a tail (a BOS, then document tokens `s..`). The

@@ -62,7 +62,7 @@ def source_change(start: Any, spec: StreamSpec, served: tuple[str, ...],
                   allowed: bool) -> SourceChange:
     """The change between a saved cursor's mixture and the sources served now; refused
     (StateMismatchError) unless `allowed`. A cursor without a readable mixture has no
-    change here (position.py reports what is malformed)."""
+    change here (position/ reports what is malformed)."""
     mix = start.get("mix") if isinstance(start, dict) else None
     sources = mix.get("sources") if isinstance(mix, dict) else None
     if not isinstance(sources, dict) or not sources:

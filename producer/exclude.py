@@ -5,7 +5,7 @@ the sources this daemon serves (common/exclude.py reads the files): `file` is th
 shard's file name, as the dataset scan lists it. It is indexed once by
 `(source, shard path, row_group)`, so a reader finds a unit's excluded rows with one
 lookup, and it is named by `sha256`: a hash of its sorted entries, what a position
-records (`ExcludeMark`, position.py), so that a state saved under one list never
+records (`ExcludeMark`, position/), so that a state saved under one list never
 resumes under another.
 
 Dropping: a reader's unit keeps all its rows, tokenized (the token cache stores them

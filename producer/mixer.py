@@ -14,7 +14,7 @@ of every source therefore stays within one document of its weight at every point
 
 Weights change (`tokenfeed mix --set`, or a resume with other weights) at the next
 virtual unit not yet mixed, and the change is recorded in the schedule: a list of
-`(from_unit, {name: weight})`. A state (position.py's MixState) holds the mixer at
+`(from_unit, {name: weight})`. A state (position/mixture.py's MixState) holds the mixer at
 the first virtual unit the packer still needs: `at`, every source's cursor (next
 document: its unit in the source's stream and index in it; tokens taken since the
 last change; tokens taken in all), the schedule, and `mixed` (virtual units mixed

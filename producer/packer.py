@@ -5,7 +5,7 @@ tokens, each starting at a BOS), in `bestfit.py`.
 
 `ConcatPacker` (the default) concatenates every document of the rank's stream and
 cuts consecutive, non-overlapping windows of `B*T+1` tokens: batch k is
-`stream[k*L:(k+1)*L]`. A position in the stream is `(unit, offset)` (position.py's
+`stream[k*L:(k+1)*L]`. A position in the stream is `(unit, offset)` (position/'s
 ConcatPosition): the next token is at `offset` of the rank's `unit`-th row group.
 A position derives only from the last token written (never from how many units
 happen to be buffered),
@@ -52,7 +52,7 @@ class Packer(Protocol):
 
 
 def make_packer(spec: StreamSpec, start: Packed) -> Packer:
-    """The packer of `spec.packing`, at `start` (position.py checked it against spec)."""
+    """The packer of `spec.packing`, at `start` (position/ checked it against spec)."""
     if isinstance(start, BestFitPosition):
         return BestFitPacker(spec.batch_size, spec.seq_len, start,
                              buffer_docs=spec.buffer_docs, min_tail=spec.min_tail)

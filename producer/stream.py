@@ -4,7 +4,7 @@ A stream takes its units from its supply (supply.py: one source as it is, or sev
 mixed), packs them in order into free slots, and tracks which attached consumer has
 been sent and has released which batch. Slots and the consumers holding them are
 `SlotTable`'s (slots.py): the stream fills and publishes, the table announces,
-releases and reclaims. Where the stream is, is its `Position` (position.py); the JSON
+releases and reclaims. Where the stream is, is its `Position` (position/); the JSON
 cursor consumers get is made from it once per batch.
 
 Read-ahead: the stream exposes what it holds and wants, and the scheduler decides:
