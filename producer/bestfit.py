@@ -120,7 +120,9 @@ DEFAULT_MIN_TAIL = 32
 _AGE_BUFFERS = 8
 DEFAULT_MAX_AGE_DOCS = _AGE_BUFFERS * DEFAULT_BUFFER_DOCS
 _EMPTY = np.zeros(0, dtype=np.int64)
-_LAST = sys.maxsize  # sorts after every insertion counter in a (length, counter) key
+# A (length or born, insertion counter) pair as one int: first << _SHIFT | counter.
+_SHIFT = 40  # counters stay below 2**40: a piece a document or tail, ~10^12 of them
+_COUNTER = (1 << _SHIFT) - 1
 
 # A buffer piece: (document tokens, BOS first, owned; start; tail 0/1; unit; doc; born).
 # A tuple, not a dataclass: ~100k are made per second and a tuple is 5x cheaper.
@@ -175,13 +177,15 @@ class BestFitPacker:
         # index of (length, counter) keys for O(log n) best-fit and shortest lookups, and a
         # heap of (born, counter) for the oldest piece (entries of pieces gone are skipped
         # when they surface, and the heap is rebuilt when they pass 3 buffers' worth).
+        # Both pairs are packed into one int, `first << _SHIFT | counter`: they order as
+        # the tuples do, and bisect and heapq compare ints ~3x faster than tuples.
         self._pieces: dict[int, Piece] = {}
-        self._keys: list[tuple[int, int]] = []
-        self._ages: list[tuple[int, int]] = []
+        self._keys: list[int] = []
+        self._ages: list[int] = []
         self._unresolved: dict[int, list[int]] = {}  # unit -> counters of pieces it holds
         for c, (u, d, s, born) in enumerate(start.pieces):
             self._pieces[c] = (_EMPTY, s, int(s > 0), u, d, born)
-            self._ages.append((born, c))
+            self._ages.append(born << _SHIFT | c)
             self._unresolved.setdefault(u, []).append(c)
         heapify(self._ages)
         self._counter = len(self._pieces)
@@ -205,7 +209,10 @@ class BestFitPacker:
         self.tokens_by_age = 0  # placed by the age rule instead of best fit
         self._window_stats = [0, 0, 0]  # cropped, from tails, by age: of the window being packed
         self._seen = [0, 0, 0]  # units, documents, tokens pushed: means for estimates
-        self._scratch = np.empty(self.window_tokens, dtype=np.int64)
+        # The window being packed, in the pushed tokens' dtype (set by the first push), so
+        # placing a piece and filling a slot are plain copies, not conversions.
+        self._scratch = np.empty(self.window_tokens, dtype=np.uint16)
+        self._scratch_set = False
         self._packing: Iterator[bool] | None = None  # packs windows into _scratch
         self._window_ready = False
         self._starved = False  # the packing waits for documents no push has brought yet
@@ -216,6 +223,9 @@ class BestFitPacker:
     def push(self, unit: int, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
         assert unit == self.next_unit, (unit, self.next_unit)
         self.next_unit += 1
+        if len(tokens) and (not self._scratch_set or not np.can_cast(
+                tokens.dtype, self._scratch.dtype, "safe")):
+            self._widen_scratch(tokens.dtype)
         bounds = [*doc_starts.tolist(), len(tokens)]
         docs = len(bounds) - 1
         for c in self._unresolved.pop(unit, []):
@@ -227,7 +237,7 @@ class BestFitPacker:
                 )
             data = tokens[bounds[d] : bounds[d + 1]].copy()
             self._pieces[c] = (data, start, tail, u, d, born)
-            insort(self._keys, (len(data) - start + tail, c))
+            insort(self._keys, (len(data) - start + tail) << _SHIFT | c)
         read_unit, read_doc = self._read
         if unit >= read_unit:
             first = read_doc if unit == read_unit else 0
@@ -281,6 +291,13 @@ class BestFitPacker:
         self.position = self._position()
         return self.position
 
+    def _widen_scratch(self, dtype: np.dtype[Any]) -> None:
+        """Pack into `dtype` from now on: the first push's, or one wide enough for both."""
+        dtype = dtype if not self._scratch_set else np.promote_types(self._scratch.dtype, dtype)
+        scratch = np.empty(self.window_tokens, dtype=dtype)
+        scratch[:] = self._scratch  # a paused window keeps what it placed
+        self._scratch, self._scratch_set = scratch, True
+
     def _starve(self, lacking_tokens: int) -> None:
         self._starved = True
         self.buffered_tokens = 0
@@ -291,69 +308,83 @@ class BestFitPacker:
         caller fills before resuming), False while documents are lacking (the caller
         pushes before resuming). Nothing here is undone: pushes only append units, so a
         paused window continues exactly as if the documents had been there all along.
+
+        The read cursor (`_read`, `_docs_read`, `_pending_tokens`, `_counter`) lives in
+        locals while packing and is written back before every yield (and read again
+        after a pause, which a push may have changed): ~85 placements a window, and
+        attribute writes were a fifth of their cost.
         """
         keys, pieces, ages, pending = self._keys, self._pieces, self._ages, self._pending
         new_refs = self._new_refs
-        out, cap, min_tail = self._scratch, self.row_tokens, self.min_tail
+        cap, min_tail = self.row_tokens, self.min_tail
         buffer_docs, max_age_docs = self.buffer_docs, self.max_age_docs
         ages_cap = 4 * buffer_docs  # rebuilt from the buffer past this: O(1) amortized
-        docs_read = self._docs_read
+        shift, mask = _SHIFT, _COUNTER
+        docs_read, counter = self._docs_read, self._counter
         stats = self._window_stats
         while True:
+            out = self._scratch  # a push may widen its dtype (a paused window is copied)
             for row_start in range(0, self.window_tokens, cap):
                 pos = 0
                 while pos < cap:
-                    while len(keys) < buffer_docs:  # refill, in stream order
-                        while not pending:
-                            _, docs, tokens = self._seen
-                            lacking = buffer_docs - len(keys)
-                            self._starve(lacking * (tokens // max(docs, 1))
-                                         + self.window_tokens - row_start - pos)
-                            yield False
-                        u = pending[0]
-                        d = u.next_doc
-                        lo, hi = u.bounds[d], u.bounds[d + 1]
-                        c = self._counter
-                        self._counter = c + 1
-                        pieces[c] = (u.tokens[lo:hi].copy(), 0, 0, u.unit, d, docs_read)
-                        new_refs.append((u.unit, d, 0, docs_read))
-                        insort(keys, (hi - lo, c))
-                        heappush(ages, (docs_read, c))
-                        docs_read += 1
-                        self._docs_read = docs_read
-                        self._pending_tokens -= hi - lo
-                        u.next_doc = d = d + 1
-                        if d == u.docs:
-                            pending.popleft()  # drop the unit's array: its docs are copied
-                            self._read = (u.unit + 1, 0)
-                        else:
-                            self._read = (u.unit, d)
-                        del u  # a paused generator must not keep a read unit's array alive
+                    if len(keys) < buffer_docs:  # refill, in stream order
+                        pending_tokens = self._pending_tokens
+                        while len(keys) < buffer_docs:
+                            while not pending:
+                                self._docs_read, self._counter = docs_read, counter
+                                self._pending_tokens = pending_tokens
+                                _, docs, tokens = self._seen
+                                lacking = buffer_docs - len(keys)
+                                self._starve(lacking * (tokens // max(docs, 1))
+                                             + self.window_tokens - row_start - pos)
+                                yield False
+                                pending_tokens = self._pending_tokens  # pushed meanwhile
+                                out = self._scratch
+                            u = pending[0]
+                            d = u.next_doc
+                            bounds = u.bounds
+                            lo, hi = bounds[d], bounds[d + 1]
+                            c = counter
+                            counter += 1
+                            pieces[c] = (u.tokens[lo:hi].copy(), 0, 0, u.unit, d, docs_read)
+                            new_refs.append((u.unit, d, 0, docs_read))
+                            insort(keys, (hi - lo) << shift | c)
+                            heappush(ages, docs_read << shift | c)
+                            docs_read += 1
+                            pending_tokens -= hi - lo
+                            u.next_doc = d = d + 1
+                            if d == u.docs:
+                                pending.popleft()  # drop the unit's array: docs are copied
+                                self._read = (u.unit + 1, 0)
+                            else:
+                                self._read = (u.unit, d)
+                            del u, bounds  # a paused generator must not keep a unit alive
+                        self._pending_tokens = pending_tokens
                     room = cap - pos
                     if len(ages) > ages_cap:  # under an old piece, entries of gone ones pile up
-                        ages[:] = [(piece[5], c) for c, piece in pieces.items()]
+                        ages[:] = [piece[5] << shift | c for c, piece in pieces.items()]
                         heapify(ages)
-                    while ages[0][1] not in pieces:  # entries of pieces gone since
+                    while ages[0] & mask not in pieces:  # entries of pieces gone since
                         heappop(ages)
-                    born, c = ages[0]
-                    if docs_read - born > max_age_docs:  # too old: the oldest goes next
+                    age = ages[0]
+                    if docs_read - (age >> shift) > max_age_docs:  # too old: the oldest next
                         heappop(ages)
-                        data, start, tail, unit, doc, born = pieces.pop(c)
+                        data, start, tail, unit, doc, born = pieces.pop(age & mask)
                         length = len(data) - start + tail
-                        del keys[bisect_left(keys, (length, c))]
+                        del keys[bisect_left(keys, length << shift | age & mask)]
                         take = min(length, room)
                         stats[2] += take
                     else:
-                        i = bisect_right(keys, (room, _LAST)) - 1
+                        i = bisect_right(keys, room << shift | mask) - 1
                         if i >= 0:  # the longest piece that fits, the earliest of that length
-                            take = keys[i][0]
-                            if i and keys[i - 1][0] == take:
-                                i = bisect_left(keys, (take, -1))
+                            take = keys[i] >> shift
+                            if i and keys[i - 1] >> shift == take:
+                                i = bisect_left(keys, take << shift)
                             length = take
                         else:  # nothing fits: crop the shortest (earliest) piece to the room
                             i, take = 0, room
-                            length = keys[0][0]
-                        data, start, tail, unit, doc, born = pieces.pop(keys.pop(i)[1])
+                            length = keys[0] >> shift
+                        data, start, tail, unit, doc, born = pieces.pop(keys.pop(i) & mask)
                     at = row_start + pos
                     if tail:
                         stats[1] += take
@@ -364,14 +395,15 @@ class BestFitPacker:
                     pos += take
                     rest = length - take
                     if rest >= min_tail:  # keeps the document's born: its age goes on
-                        c = self._counter
-                        self._counter = c + 1
+                        c = counter
+                        counter += 1
                         pieces[c] = (data, start + take - tail, 1, unit, doc, born)
                         new_refs.append((unit, doc, start + take - tail, born))
-                        insort(keys, (rest + 1, c))
-                        heappush(ages, (born, c))
+                        insort(keys, (rest + 1) << shift | c)
+                        heappush(ages, born << shift | c)
                     else:
                         stats[0] += rest
+            self._docs_read, self._counter = docs_read, counter
             yield True
 
     # -- position -----------------------------------------------------------
