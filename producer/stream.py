@@ -227,7 +227,12 @@ class Stream:
                 return filled
             index = self.table.begin_fill()
             before = self.position()
-            self.packer.fill(self.ring.slots[index])
+            try:
+                self.packer.fill(self.ring.slots[index])
+            except TokenfeedError as e:  # a cache entry truncated under it (cache.py)
+                self.error = f"stream {self.sid}: {e}"
+                log.error(self.error)
+                return filled
             after = self.position()
             self.table.publish(index, before, self.cursor(after))
             self.supply.forget_before(after.first_unit)  # no position before it is made again
