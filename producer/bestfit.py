@@ -100,6 +100,7 @@ offset past the end) raises `StateMismatchError` from `push`.
 from __future__ import annotations
 
 import sys
+from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Iterator
@@ -189,13 +190,16 @@ class BestFitPacker:
             self._unresolved.setdefault(u, []).append(c)
         heapify(self._ages)
         self._counter = len(self._pieces)
-        # Every piece's (unit, doc, start, born) at row c - _base for counter c: the
-        # position gathers the buffer's rows with one numpy index each window instead of
-        # walking the buffer's tuples in Python (which took as long as packing the window).
-        # (Rows are appended as tuples while packing, 40 ns each, and moved into the
-        # array once per window.)
-        self._new_refs: list[tuple[int, int, int, int]] = [tuple(p) for p in start.pieces]
+        # Every piece's (unit, doc, start, born) at row c - _base for counter c, and
+        # whether that piece is still buffered: the position gathers the buffer's rows
+        # with one numpy index each window instead of walking the buffer's tuples in
+        # Python (which took as long as packing the window). Counters grow with insertion,
+        # so counter order is buffer order. Rows are appended while packing (`_new_refs`,
+        # flat int64s; `_gone`: counters placed) and moved into the arrays once a window.
+        self._new_refs = array("q", [v for p in start.pieces for v in p])
+        self._gone = array("q")
         self._refs = np.empty((max(4 * buffer_docs, 16), 4), dtype=np.int64)
+        self._alive = np.zeros(len(self._refs), dtype=bool)
         self._rows = 0  # rows of _refs in use
         self._base = 0
         self._pending: deque[_Unit] = deque()  # pushed units with documents still to read
@@ -315,7 +319,7 @@ class BestFitPacker:
         attribute writes were a fifth of their cost.
         """
         keys, pieces, ages, pending = self._keys, self._pieces, self._ages, self._pending
-        new_refs = self._new_refs
+        new_refs, gone = self._new_refs, self._gone
         cap, min_tail = self.row_tokens, self.min_tail
         buffer_docs, max_age_docs = self.buffer_docs, self.max_age_docs
         ages_cap = 4 * buffer_docs  # rebuilt from the buffer past this: O(1) amortized
@@ -340,25 +344,27 @@ class BestFitPacker:
                                 yield False
                                 pending_tokens = self._pending_tokens  # pushed meanwhile
                                 out = self._scratch
+                            # the documents lacking, as far as the first pending unit goes
                             u = pending[0]
-                            d = u.next_doc
-                            bounds = u.bounds
-                            lo, hi = bounds[d], bounds[d + 1]
-                            c = counter
-                            counter += 1
-                            pieces[c] = (u.tokens[lo:hi].copy(), 0, 0, u.unit, d, docs_read)
-                            new_refs.append((u.unit, d, 0, docs_read))
-                            insort(keys, (hi - lo) << shift | c)
-                            heappush(ages, docs_read << shift | c)
-                            docs_read += 1
-                            pending_tokens -= hi - lo
-                            u.next_doc = d = d + 1
-                            if d == u.docs:
+                            read, bounds, unit, first = u.tokens, u.bounds, u.unit, u.next_doc
+                            end = min(u.docs, first + buffer_docs - len(keys))
+                            for d in range(first, end):
+                                lo, hi = bounds[d], bounds[d + 1]
+                                c = counter
+                                counter += 1
+                                pieces[c] = (read[lo:hi].copy(), 0, 0, unit, d, docs_read)
+                                new_refs.extend((unit, d, 0, docs_read))
+                                insort(keys, (hi - lo) << shift | c)
+                                heappush(ages, docs_read << shift | c)
+                                docs_read += 1
+                            pending_tokens -= bounds[end] - bounds[first]
+                            u.next_doc = end
+                            if end == u.docs:
                                 pending.popleft()  # drop the unit's array: docs are copied
-                                self._read = (u.unit + 1, 0)
+                                self._read = (unit + 1, 0)
                             else:
-                                self._read = (u.unit, d)
-                            del u, bounds  # a paused generator must not keep a unit alive
+                                self._read = (unit, end)
+                            del u, read, bounds  # a paused generator must not keep a unit
                         self._pending_tokens = pending_tokens
                     room = cap - pos
                     if len(ages) > ages_cap:  # under an old piece, entries of gone ones pile up
@@ -369,6 +375,7 @@ class BestFitPacker:
                     age = ages[0]
                     if docs_read - (age >> shift) > max_age_docs:  # too old: the oldest next
                         heappop(ages)
+                        gone.append(age & mask)
                         data, start, tail, unit, doc, born = pieces.pop(age & mask)
                         length = len(data) - start + tail
                         del keys[bisect_left(keys, length << shift | age & mask)]
@@ -384,7 +391,9 @@ class BestFitPacker:
                         else:  # nothing fits: crop the shortest (earliest) piece to the room
                             i, take = 0, room
                             length = keys[0] >> shift
-                        data, start, tail, unit, doc, born = pieces.pop(keys.pop(i) & mask)
+                        c = keys.pop(i) & mask
+                        gone.append(c)
+                        data, start, tail, unit, doc, born = pieces.pop(c)
                     at = row_start + pos
                     if tail:
                         stats[1] += take
@@ -398,10 +407,10 @@ class BestFitPacker:
                         c = counter
                         counter += 1
                         pieces[c] = (data, start + take - tail, 1, unit, doc, born)
-                        new_refs.append((unit, doc, start + take - tail, born))
+                        new_refs.extend((unit, doc, start + take - tail, born))
                         insort(keys, (rest + 1) << shift | c)
                         heappush(ages, born << shift | c)
-                    else:
+                    elif rest:
                         stats[0] += rest
             self._docs_read, self._counter = docs_read, counter
             yield True
@@ -410,24 +419,33 @@ class BestFitPacker:
 
     def _position(self) -> BestFitPosition:
         # Here, not later: packing runs ahead of the last window filled.
-        n = len(self._pieces)
-        counters = np.fromiter(self._pieces, dtype=np.int64, count=n)  # in buffer order
         if self._new_refs:
             new = np.array(self._new_refs, dtype=np.int64).reshape(-1, 4)
-            self._new_refs.clear()
-            # rows of pieces older than the buffer's oldest are dropped to make room
-            dead = min(int(counters[0]) - self._base if n else self._rows, self._rows)
-            if self._rows + len(new) > len(self._refs):
-                kept = self._refs[dead : self._rows]
-                if len(kept) + len(new) > len(self._refs) // 2:
-                    self._refs = np.empty((2 * (len(kept) + len(new)), 4), dtype=np.int64)
-                self._refs[: len(kept)] = kept.copy()
-                self._rows, self._base = len(kept), self._base + dead
-            self._refs[self._rows : self._rows + len(new)] = new
-            self._rows += len(new)
-        refs = self._refs[counters - self._base]
+            del self._new_refs[:]
+            rows = self._rows
+            if rows + len(new) > len(self._refs):
+                # rows of pieces older than the buffer's oldest are dropped to make room
+                alive = np.flatnonzero(self._alive[:rows])
+                dead = int(alive[0]) if len(alive) else rows
+                refs, flags = self._refs[dead:rows].copy(), self._alive[dead:rows].copy()
+                if len(refs) + len(new) > len(self._refs) // 2:
+                    size = 2 * (len(refs) + len(new))
+                    self._refs = np.empty((size, 4), dtype=np.int64)
+                    self._alive = np.zeros(size, dtype=bool)
+                rows = len(refs)
+                self._refs[:rows] = refs
+                self._alive[:rows] = flags
+                self._alive[rows:] = False
+                self._base += dead
+            self._refs[rows : rows + len(new)] = new
+            self._alive[rows : rows + len(new)] = True
+            self._rows = rows + len(new)
+        if self._gone:
+            self._alive[np.array(self._gone, dtype=np.int64) - self._base] = False
+            del self._gone[:]
+        refs = self._refs[: self._rows][self._alive[: self._rows]]
         unit, docs_read = self._read[0], self._docs_read
-        first = min(unit, int(refs[:, 0].min())) if n else unit
+        first = min(unit, int(refs[:, 0].min())) if len(refs) else unit
         buffer = bestfit_codec.encode(refs, unit, docs_read)
         return BestFitPosition(unit, self._read[1], docs_read, buffer, first)
 
