@@ -51,8 +51,10 @@ def next_reader(stream: Stream, pool_capacity: int) -> int:
     return hungry[0] if hungry else 0
 
 
-def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int) -> int:
-    """Assign tasks while workers have room and the budget allows; returns how many."""
+def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int,
+             full: bool = True) -> int:
+    """Assign tasks while workers have room and the budget allows; returns how many.
+    Unless `full`, a stream that did not change since it last wanted no work is not asked."""
     streams = list(streams)
     staged = sum(s.staged() for s in streams)
     capacity = pool.capacity
@@ -60,10 +62,11 @@ def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int) -> 
     # that just got some: it depends on that stream alone (and the pool's capacity), and
     # asking every stream for every free worker place was a fifth of the daemon's CPU
     # serving 8 ranks from a warm cache.
-    wanting: dict[int, bool] = {}
+    wanting: dict[int, bool] = {s.sid: False for s in streams
+                                if not (full or s.changed or s.wants)}
     for stream in streams:  # cached units first: no worker needed, memory speed
-        while staged < budget_bytes:
-            wanting[stream.sid] = wants_work(stream, capacity)
+        while staged < budget_bytes and stream.sid not in wanting:
+            wanting[stream.sid] = stream.wants = wants_work(stream, capacity)
             if not wanting[stream.sid]:
                 break
             served = stream.serve_cached(next_reader(stream, capacity))
@@ -76,7 +79,7 @@ def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int) -> 
     while free:
         for stream in streams:
             if stream.sid not in wanting:
-                wanting[stream.sid] = wants_work(stream, capacity)
+                wanting[stream.sid] = stream.wants = wants_work(stream, capacity)
         hungry = [s for s in streams if wanting[s.sid]]
         if not hungry:
             break
@@ -90,6 +93,7 @@ def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int) -> 
         except Exception as e:  # one stream's bad position must not stop the node's feed
             log.exception("stream %d cannot be scheduled", stream.sid)
             stream.error = f"stream {stream.sid} cannot be scheduled: {type(e).__name__}: {e}"
+            stream.changed = True
             continue
         worker = _pick(free, task)
         pool.assign(worker, task)
