@@ -241,9 +241,9 @@ class Daemon:
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.pool.socket, zmq.POLLIN)
         polled: dict[int, Any] = {}
-        # A pass looks only at the streams that changed (stream.py), except a full one: when
-        # the poll timed out, after a heartbeat (which may detach consumers or drop
-        # reservations) and when the pool's capacity changed.
+        # A pass looks only at the streams that changed (stream.py), except a full one: after
+        # a heartbeat (which may detach consumers or drop reservations), and when the pool's
+        # capacity changed.
         full, capacity = True, self.pool.capacity
         while self.stopping is None:
             self.pool.tick()
@@ -262,7 +262,7 @@ class Daemon:
             self._drain_control()
             for outcome in self.pool.collect():
                 self._on_outcome(outcome)
-            full = full or not events or capacity != self.pool.capacity
+            full = full or capacity != self.pool.capacity
             capacity = self.pool.capacity
             schedule(self.registry, self.pool, self.config.max_staging_bytes, full)
             self.registry.advance(self.pool.broken, full)

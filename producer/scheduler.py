@@ -56,6 +56,8 @@ def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int,
     """Assign tasks while workers have room and the budget allows; returns how many.
     Unless `full`, a stream that did not change since it last wanted no work is not asked."""
     streams = list(streams)
+    if not full and not any(s.changed or s.wants for s in streams):
+        return 0  # nothing changed since every stream last wanted no work
     staged = sum(s.staged() for s in streams)
     capacity = pool.capacity
     # Whether each stream wants work, asked once a pass and again only for the stream
