@@ -91,7 +91,9 @@ stream then keeps a pool's worth of units in flight instead of one per loop tick
 Speed: 70-85M tokens/s on the sample corpus (T=2048, B=32, one core), ~3% of the
 time `encode_ordinary` takes for the same tokens (2.3M tokens/s); the age rule's
 heap costs nothing measurable (median of 7: 75M before it, 73M off, 79M at 8000).
-The compact position costs ~0.3 ms a window of 1000 pieces.
+The compact position costs ~0.3 ms a window of 1000 pieces. Packing then filling a
+window: 0.985 ms of CPU against 1.160 at 0b190f8 (`benchmarks/bestfit_speed.py`, units of
+1,024 lognormal documents, on a shared 2-core machine; docs/benchmarks.md).
 
 Failure behaviour: a reference that the pushed data cannot hold (a document or
 offset past the end) raises `StateMismatchError` from `push`.

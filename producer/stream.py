@@ -217,11 +217,17 @@ class Stream:
 
         A lazy supply makes units only while a free slot waits for tokens; otherwise
         whatever is finished is pushed."""
-        before = (self.packer.next_unit, self.batches, self.skip_left, self.error)
+        before = self._progress()
         filled = self._pack()
-        if (self.packer.next_unit, self.batches, self.skip_left, self.error) != before:
+        if self._progress() != before:
             self.changed = True
         return filled
+
+    def _progress(self) -> tuple[Any, ...]:
+        """What packing moves: units pushed and taken (a mixture takes some without
+        pushing), batches filled or skipped, an error."""
+        return (self.packer.next_unit, sum(r.units_done for r in self.readers), self.batches,
+                self.skip_left, self.error)
 
     def _pack(self) -> bool:
         filled = False
