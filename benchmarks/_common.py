@@ -41,7 +41,8 @@ class DaemonProcess:
     """`python -m tokenfeed.producer serve` on its own run dir; use as a context manager."""
 
     def __init__(
-        self, data: Path, *, workers: int, slots: int, tokenizer: str, extra: Sequence[str] = ()
+        self, data: Path, *, workers: int, slots: int, tokenizer: str, extra: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.run_dir = Path(tempfile.mkdtemp(prefix="tfb-", dir="/tmp"))
         self.log_path = self.run_dir.parent / f"{self.run_dir.name}.log"
@@ -51,13 +52,15 @@ class DaemonProcess:
             "--workers", str(workers), "--slots", str(slots), "--log-level", "WARNING",
             *extra,
         ]
+        self.env = env  # None: this process's (e.g. PYTHONPATH of another commit's tree)
         self.proc: subprocess.Popen[bytes] | None = None
         self.daemon_id = ""
 
     def __enter__(self) -> DaemonProcess:
         try:
             with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+                self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             env=self.env)
             self.daemon_id = str(self._wait_ready()["daemon_id"])
             STARTED_IDS.append(self.daemon_id)
         except BaseException:

@@ -28,18 +28,33 @@ from tokenfeed.producer.bestfit import BestFitPacker
 B, T = 32, 2048
 
 
-def load_packer(commit: str) -> Any:
-    source = subprocess.run(["git", "show", f"{commit}:producer/bestfit.py"], check=True,
+def _module_at(commit: str, path: str, name: str, replace: tuple[str, str] = ("", "")) -> Any:
+    """`path` as it was at `commit`, imported as module `name` (`replace`: an edit first)."""
+    source = subprocess.run(["git", "show", f"{commit}:{path}"], check=True,
                             capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout
-    path = Path(tempfile.mkdtemp()) / "bestfit_then.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("bestfit_then", path)
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(source.replace(*replace) if replace[0] else source)
+    spec = importlib.util.spec_from_file_location(name, file)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bestfit_then"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
-    return module.BestFitPacker
+    return module
+
+
+def load_packer(commit: str) -> Any:
+    """The BestFitPacker of `commit`, with that commit's position codec (when it had one)."""
+    import_codec = "from tokenfeed.producer import bestfit_codec"
+    bestfit = subprocess.run(["git", "show", f"{commit}:producer/bestfit.py"], check=True,
+                             capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent).stdout
+    tag = commit.replace("/", "_").replace("~", "_").replace("^", "_")
+    replace = ("", "")
+    if import_codec in bestfit:
+        _module_at(commit, "producer/bestfit_codec.py", f"bestfit_codec_{tag}")
+        replace = (import_codec, f"import bestfit_codec_{tag} as bestfit_codec")
+    return _module_at(commit, "producer/bestfit.py", f"bestfit_{tag}", replace).BestFitPacker
 
 
 def make_units(n: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -61,14 +76,14 @@ def run(packer_class: Any, units: list[tuple[int, np.ndarray, np.ndarray]]
     for unit, tokens, starts in units:
         packer.push(unit, tokens, starts)
         while True:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             ready = packer.ready()
-            t1 = time.perf_counter()
+            t1 = time.thread_time()
             pack_s += t1 - t0
             if not ready:
                 break
             packer.fill(out)
-            fill_s += time.perf_counter() - t1
+            fill_s += time.thread_time() - t1
             windows += 1
     return pack_s / windows * 1e3, fill_s / windows * 1e3, windows
 

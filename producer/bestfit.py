@@ -91,7 +91,9 @@ stream then keeps a pool's worth of units in flight instead of one per loop tick
 Speed: 70-85M tokens/s on the sample corpus (T=2048, B=32, one core), ~3% of the
 time `encode_ordinary` takes for the same tokens (2.3M tokens/s); the age rule's
 heap costs nothing measurable (median of 7: 75M before it, 73M off, 79M at 8000).
-The compact position costs ~0.3 ms a window of 1000 pieces.
+The compact position costs ~0.3 ms a window of 1000 pieces. Packing then filling a
+window: 0.985 ms of CPU against 1.160 at 0b190f8 (`benchmarks/bestfit_speed.py`, units of
+1,024 lognormal documents, on a shared 2-core machine; docs/benchmarks.md).
 
 Failure behaviour: a reference that the pushed data cannot hold (a document or
 offset past the end) raises `StateMismatchError` from `push`.
@@ -100,6 +102,7 @@ offset past the end) raises `StateMismatchError` from `push`.
 from __future__ import annotations
 
 import sys
+from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -120,7 +123,9 @@ DEFAULT_MIN_TAIL = 32
 _AGE_BUFFERS = 8
 DEFAULT_MAX_AGE_DOCS = _AGE_BUFFERS * DEFAULT_BUFFER_DOCS
 _EMPTY = np.zeros(0, dtype=np.int64)
-_LAST = sys.maxsize  # sorts after every insertion counter in a (length, counter) key
+# A (length or born, insertion counter) pair as one int: first << _SHIFT | counter.
+_SHIFT = 40  # counters stay below 2**40: a piece a document or tail, ~10^12 of them
+_COUNTER = (1 << _SHIFT) - 1
 
 # A buffer piece: (document tokens, BOS first, owned; start; tail 0/1; unit; doc; born).
 # A tuple, not a dataclass: ~100k are made per second and a tuple is 5x cheaper.
@@ -175,23 +180,28 @@ class BestFitPacker:
         # index of (length, counter) keys for O(log n) best-fit and shortest lookups, and a
         # heap of (born, counter) for the oldest piece (entries of pieces gone are skipped
         # when they surface, and the heap is rebuilt when they pass 3 buffers' worth).
+        # Both pairs are packed into one int, `first << _SHIFT | counter`: they order as
+        # the tuples do, and bisect and heapq compare ints ~3x faster than tuples.
         self._pieces: dict[int, Piece] = {}
-        self._keys: list[tuple[int, int]] = []
-        self._ages: list[tuple[int, int]] = []
+        self._keys: list[int] = []
+        self._ages: list[int] = []
         self._unresolved: dict[int, list[int]] = {}  # unit -> counters of pieces it holds
         for c, (u, d, s, born) in enumerate(start.pieces):
             self._pieces[c] = (_EMPTY, s, int(s > 0), u, d, born)
-            self._ages.append((born, c))
+            self._ages.append(born << _SHIFT | c)
             self._unresolved.setdefault(u, []).append(c)
         heapify(self._ages)
         self._counter = len(self._pieces)
-        # Every piece's (unit, doc, start, born) at row c - _base for counter c: the
-        # position gathers the buffer's rows with one numpy index each window instead of
-        # walking the buffer's tuples in Python (which took as long as packing the window).
-        # (Rows are appended as tuples while packing, 40 ns each, and moved into the
-        # array once per window.)
-        self._new_refs: list[tuple[int, int, int, int]] = [tuple(p) for p in start.pieces]
+        # Every piece's (unit, doc, start, born) at row c - _base for counter c, and
+        # whether that piece is still buffered: the position gathers the buffer's rows
+        # with one numpy index each window instead of walking the buffer's tuples in
+        # Python (which took as long as packing the window). Counters grow with insertion,
+        # so counter order is buffer order. Rows are appended while packing (`_new_refs`,
+        # flat int64s; `_gone`: counters placed) and moved into the arrays once a window.
+        self._new_refs = array("q", [v for p in start.pieces for v in p])
+        self._gone = array("q")
         self._refs = np.empty((max(4 * buffer_docs, 16), 4), dtype=np.int64)
+        self._alive = np.zeros(len(self._refs), dtype=bool)
         self._rows = 0  # rows of _refs in use
         self._base = 0
         self._pending: deque[_Unit] = deque()  # pushed units with documents still to read
@@ -205,7 +215,10 @@ class BestFitPacker:
         self.tokens_by_age = 0  # placed by the age rule instead of best fit
         self._window_stats = [0, 0, 0]  # cropped, from tails, by age: of the window being packed
         self._seen = [0, 0, 0]  # units, documents, tokens pushed: means for estimates
-        self._scratch = np.empty(self.window_tokens, dtype=np.int64)
+        # The window being packed, in the pushed tokens' dtype (set by the first push), so
+        # placing a piece and filling a slot are plain copies, not conversions.
+        self._scratch = np.empty(self.window_tokens, dtype=np.uint16)
+        self._scratch_set = False
         self._packing: Iterator[bool] | None = None  # packs windows into _scratch
         self._window_ready = False
         self._starved = False  # the packing waits for documents no push has brought yet
@@ -219,6 +232,9 @@ class BestFitPacker:
     def push(self, unit: int, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
         assert unit == self.next_unit, (unit, self.next_unit)
         self.next_unit += 1
+        if len(tokens) and (not self._scratch_set or not np.can_cast(
+                tokens.dtype, self._scratch.dtype, "safe")):
+            self._widen_scratch(tokens.dtype)
         bounds = [*doc_starts.tolist(), len(tokens)]
         docs = len(bounds) - 1
         for c in self._unresolved.pop(unit, []):
@@ -230,7 +246,7 @@ class BestFitPacker:
                 )
             data = tokens[bounds[d] : bounds[d + 1]].copy()
             self._pieces[c] = (data, start, tail, u, d, born)
-            insort(self._keys, (len(data) - start + tail, c))
+            insort(self._keys, (len(data) - start + tail) << _SHIFT | c)
         read_unit, read_doc = self._read
         if unit >= read_unit:
             first = read_doc if unit == read_unit else 0
@@ -284,6 +300,13 @@ class BestFitPacker:
         self.position = self._position()
         return self.position
 
+    def _widen_scratch(self, dtype: np.dtype[Any]) -> None:
+        """Pack into `dtype` from now on: the first push's, or one wide enough for both."""
+        dtype = dtype if not self._scratch_set else np.promote_types(self._scratch.dtype, dtype)
+        scratch = np.empty(self.window_tokens, dtype=dtype)
+        scratch[:] = self._scratch  # a paused window keeps what it placed
+        self._scratch, self._scratch_set = scratch, True
+
     def _starve(self, lacking_tokens: int) -> None:
         self._starved = True
         self.buffered_tokens = 0
@@ -294,70 +317,89 @@ class BestFitPacker:
         caller fills before resuming), False while documents are lacking (the caller
         pushes before resuming). Nothing here is undone: pushes only append units, so a
         paused window continues exactly as if the documents had been there all along.
+
+        The read cursor (`_read`, `_docs_read`, `_pending_tokens`, `_counter`) lives in
+        locals while packing and is written back before every yield (and read again
+        after a pause, which a push may have changed): ~85 placements a window, and
+        attribute writes were a fifth of their cost.
         """
         keys, pieces, ages, pending = self._keys, self._pieces, self._ages, self._pending
-        new_refs = self._new_refs
-        out, cap, min_tail = self._scratch, self.row_tokens, self.min_tail
+        new_refs, gone = self._new_refs, self._gone
+        cap, min_tail = self.row_tokens, self.min_tail
         buffer_docs, max_age_docs = self.buffer_docs, self.max_age_docs
         ages_cap = 4 * buffer_docs  # rebuilt from the buffer past this: O(1) amortized
-        docs_read = self._docs_read
+        shift, mask = _SHIFT, _COUNTER
+        docs_read, counter = self._docs_read, self._counter
         stats = self._window_stats
         record = self.recorder
         while True:
+            out = self._scratch  # a push may widen its dtype (a paused window is copied)
             for row_start in range(0, self.window_tokens, cap):
                 pos = 0
                 while pos < cap:
-                    while len(keys) < buffer_docs:  # refill, in stream order
-                        while not pending:
-                            _, docs, tokens = self._seen
-                            lacking = buffer_docs - len(keys)
-                            self._starve(lacking * (tokens // max(docs, 1))
-                                         + self.window_tokens - row_start - pos)
-                            yield False
-                        u = pending[0]
-                        d = u.next_doc
-                        lo, hi = u.bounds[d], u.bounds[d + 1]
-                        c = self._counter
-                        self._counter = c + 1
-                        pieces[c] = (u.tokens[lo:hi].copy(), 0, 0, u.unit, d, docs_read)
-                        new_refs.append((u.unit, d, 0, docs_read))
-                        insort(keys, (hi - lo, c))
-                        heappush(ages, (docs_read, c))
-                        docs_read += 1
-                        self._docs_read = docs_read
-                        self._pending_tokens -= hi - lo
-                        u.next_doc = d = d + 1
-                        if d == u.docs:
-                            pending.popleft()  # drop the unit's array: its docs are copied
-                            self._read = (u.unit + 1, 0)
-                        else:
-                            self._read = (u.unit, d)
-                        del u  # a paused generator must not keep a read unit's array alive
+                    if len(keys) < buffer_docs:  # refill, in stream order
+                        pending_tokens = self._pending_tokens
+                        while len(keys) < buffer_docs:
+                            while not pending:
+                                self._docs_read, self._counter = docs_read, counter
+                                self._pending_tokens = pending_tokens
+                                _, docs, tokens = self._seen
+                                lacking = buffer_docs - len(keys)
+                                self._starve(lacking * (tokens // max(docs, 1))
+                                             + self.window_tokens - row_start - pos)
+                                yield False
+                                pending_tokens = self._pending_tokens  # pushed meanwhile
+                                out = self._scratch
+                            # the documents lacking, as far as the first pending unit goes
+                            u = pending[0]
+                            read, bounds, unit, first = u.tokens, u.bounds, u.unit, u.next_doc
+                            end = min(u.docs, first + buffer_docs - len(keys))
+                            for d in range(first, end):
+                                lo, hi = bounds[d], bounds[d + 1]
+                                c = counter
+                                counter += 1
+                                pieces[c] = (read[lo:hi].copy(), 0, 0, unit, d, docs_read)
+                                new_refs.extend((unit, d, 0, docs_read))
+                                insort(keys, (hi - lo) << shift | c)
+                                heappush(ages, docs_read << shift | c)
+                                docs_read += 1
+                            pending_tokens -= bounds[end] - bounds[first]
+                            u.next_doc = end
+                            if end == u.docs:
+                                pending.popleft()  # drop the unit's array: docs are copied
+                                self._read = (unit + 1, 0)
+                            else:
+                                self._read = (unit, end)
+                            del u, read, bounds  # a paused generator must not keep a unit
+                        self._pending_tokens = pending_tokens
                     room = cap - pos
                     if len(ages) > ages_cap:  # under an old piece, entries of gone ones pile up
-                        ages[:] = [(piece[5], c) for c, piece in pieces.items()]
+                        ages[:] = [piece[5] << shift | c for c, piece in pieces.items()]
                         heapify(ages)
-                    while ages[0][1] not in pieces:  # entries of pieces gone since
+                    while ages[0] & mask not in pieces:  # entries of pieces gone since
                         heappop(ages)
-                    born, c = ages[0]
-                    if docs_read - born > max_age_docs:  # too old: the oldest goes next
+                    age = ages[0]
+                    if docs_read - (age >> shift) > max_age_docs:  # too old: the oldest next
                         heappop(ages)
-                        data, start, tail, unit, doc, born = pieces.pop(c)
+                        gone.append(age & mask)
+                        data, start, tail, unit, doc, born = pieces.pop(age & mask)
                         length = len(data) - start + tail
-                        del keys[bisect_left(keys, (length, c))]
+                        del keys[bisect_left(keys, length << shift | age & mask)]
                         take = min(length, room)
                         stats[2] += take
                     else:
-                        i = bisect_right(keys, (room, _LAST)) - 1
+                        i = bisect_right(keys, room << shift | mask) - 1
                         if i >= 0:  # the longest piece that fits, the earliest of that length
-                            take = keys[i][0]
-                            if i and keys[i - 1][0] == take:
-                                i = bisect_left(keys, (take, -1))
+                            take = keys[i] >> shift
+                            if i and keys[i - 1] >> shift == take:
+                                i = bisect_left(keys, take << shift)
                             length = take
                         else:  # nothing fits: crop the shortest (earliest) piece to the room
                             i, take = 0, room
-                            length = keys[0][0]
-                        data, start, tail, unit, doc, born = pieces.pop(keys.pop(i)[1])
+                            length = keys[0] >> shift
+                        c = keys.pop(i) & mask
+                        gone.append(c)
+                        data, start, tail, unit, doc, born = pieces.pop(c)
                     at = row_start + pos
                     if tail:
                         stats[1] += take
@@ -370,38 +412,48 @@ class BestFitPacker:
                     pos += take
                     rest = length - take
                     if rest >= min_tail:  # keeps the document's born: its age goes on
-                        c = self._counter
-                        self._counter = c + 1
+                        c = counter
+                        counter += 1
                         pieces[c] = (data, start + take - tail, 1, unit, doc, born)
-                        new_refs.append((unit, doc, start + take - tail, born))
-                        insort(keys, (rest + 1, c))
-                        heappush(ages, (born, c))
-                    else:
+                        new_refs.extend((unit, doc, start + take - tail, born))
+                        insort(keys, (rest + 1) << shift | c)
+                        heappush(ages, born << shift | c)
+                    elif rest:
                         stats[0] += rest
+            self._docs_read, self._counter = docs_read, counter
             yield True
 
     # -- position -----------------------------------------------------------
 
     def _position(self) -> BestFitPosition:
         # Here, not later: packing runs ahead of the last window filled.
-        n = len(self._pieces)
-        counters = np.fromiter(self._pieces, dtype=np.int64, count=n)  # in buffer order
         if self._new_refs:
             new = np.array(self._new_refs, dtype=np.int64).reshape(-1, 4)
-            self._new_refs.clear()
-            # rows of pieces older than the buffer's oldest are dropped to make room
-            dead = min(int(counters[0]) - self._base if n else self._rows, self._rows)
-            if self._rows + len(new) > len(self._refs):
-                kept = self._refs[dead : self._rows]
-                if len(kept) + len(new) > len(self._refs) // 2:
-                    self._refs = np.empty((2 * (len(kept) + len(new)), 4), dtype=np.int64)
-                self._refs[: len(kept)] = kept.copy()
-                self._rows, self._base = len(kept), self._base + dead
-            self._refs[self._rows : self._rows + len(new)] = new
-            self._rows += len(new)
-        refs = self._refs[counters - self._base]
+            del self._new_refs[:]
+            rows = self._rows
+            if rows + len(new) > len(self._refs):
+                # rows of pieces older than the buffer's oldest are dropped to make room
+                alive = np.flatnonzero(self._alive[:rows])
+                dead = int(alive[0]) if len(alive) else rows
+                refs, flags = self._refs[dead:rows].copy(), self._alive[dead:rows].copy()
+                if len(refs) + len(new) > len(self._refs) // 2:
+                    size = 2 * (len(refs) + len(new))
+                    self._refs = np.empty((size, 4), dtype=np.int64)
+                    self._alive = np.zeros(size, dtype=bool)
+                rows = len(refs)
+                self._refs[:rows] = refs
+                self._alive[:rows] = flags
+                self._alive[rows:] = False
+                self._base += dead
+            self._refs[rows : rows + len(new)] = new
+            self._alive[rows : rows + len(new)] = True
+            self._rows = rows + len(new)
+        if self._gone:
+            self._alive[np.array(self._gone, dtype=np.int64) - self._base] = False
+            del self._gone[:]
+        refs = self._refs[: self._rows][self._alive[: self._rows]]
         unit, docs_read = self._read[0], self._docs_read
-        first = min(unit, int(refs[:, 0].min())) if n else unit
+        first = min(unit, int(refs[:, 0].min())) if len(refs) else unit
         buffer = bestfit_codec.encode(refs, unit, docs_read)
         return BestFitPosition(unit, self._read[1], docs_read, buffer, first)
 

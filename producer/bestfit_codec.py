@@ -62,13 +62,23 @@ def encode(refs: np.ndarray, unit: int, docs_read: int) -> str:
     if not n:
         return ""
     u, d, s, born = refs[:, 0], refs[:, 1], refs[:, 2], refs[:, 3]
-    held, first = np.unique(u, return_index=True)
-    zs = (born - d)[first]
+    # The units holding pieces, ascending, and each one's z (the born of its document 0):
+    # a unit's pieces all share it (documents are read in order), so any of them gives it,
+    # and a scatter over the few units spanned replaces a sort (np.unique) of the pieces.
+    low = int(u.min())
+    at = u - low
+    span = int(at.max()) + 1
+    present = np.zeros(span, dtype=bool)
+    present[at] = True
+    z_of = np.empty(span, dtype=np.int64)
+    z_of[at] = born - d
+    held_at = np.flatnonzero(present)
+    held, zs = held_at + low, z_of[held_at]
     tails = np.flatnonzero(s)
     out = np.empty(3 + n + 2 * len(held) + 2 * len(tails), dtype=np.int64)
     out[:3] = n, len(held), len(tails)
     out[3] = docs_read - born[0]  # born: the first piece's age, then differences
-    out[4 : 3 + n] = np.diff(born)
+    np.subtract(born[1:], born[:-1], out=out[4 : 3 + n])
     units = out[3 + n : 3 + n + 2 * len(held)]
     units[0], units[1] = unit - held[0], docs_read - zs[0]  # back from (unit, docs_read)
     units[2::2], units[3::2] = np.diff(held), np.diff(zs)
@@ -173,16 +183,25 @@ def _check_order(pieces: list[Piece], unit: int, doc: int, docs_read: int) -> No
 def _varints_to_text(values: np.ndarray) -> str:
     """Zigzag LEB128 varints of int64 values, as unpadded URL-safe base64."""
     zz = ((values << 1) ^ (values >> 63)).view(np.uint64)
-    if not len(zz) or zz.max() < 0x80:  # the common case: ages and gaps, one byte each
+    top = int(zz.max()) if len(zz) else 0
+    if top < 0x80:  # the common case: ages and gaps, one byte each
         return base64.urlsafe_b64encode(zz.astype(np.uint8).tobytes()).rstrip(b"=").decode()
+    # Byte k of every value that has one, lane by lane: values are mostly one byte, so a
+    # lane per byte of the largest value (2-3) beats expanding every value to its bytes.
     nbytes = np.ones(len(zz), dtype=np.int64)
-    for width in range(1, 10):
+    width = 1
+    while top >= 1 << (7 * width):
         nbytes += zz >= np.uint64(1 << (7 * width))
-    owner = np.repeat(np.arange(len(zz)), nbytes)
-    index = np.arange(len(owner)) - np.repeat(np.cumsum(nbytes) - nbytes, nbytes)
-    more = (index < nbytes[owner] - 1).astype(np.uint64) << np.uint64(7)
-    data = ((zz[owner] >> (7 * index).astype(np.uint64)) & np.uint64(0x7F)) | more
-    return base64.urlsafe_b64encode(data.astype(np.uint8).tobytes()).rstrip(b"=").decode()
+        width += 1
+    ends = np.cumsum(nbytes)
+    data = np.empty(int(ends[-1]), dtype=np.uint8)
+    first = ends - nbytes
+    for k in range(width):
+        has = slice(None) if k == 0 else nbytes > k
+        more = (nbytes[has] > k + 1).astype(np.uint8) << np.uint8(7)
+        data[first[has] + k] = ((zz[has] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(
+            np.uint8) | more
+    return base64.urlsafe_b64encode(data.tobytes()).rstrip(b"=").decode()
 
 
 def _text_to_varints(text: str) -> list[int]:

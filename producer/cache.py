@@ -25,6 +25,14 @@ Checking every read would cost 32% of the daemon's time serving a warm cache (2.
 of each 1.08M-token unit, 1.9 of them adler32); a bounded memo skips it for unchanged
 files, so warm epochs cost a read (~0.4 ms a unit). What the memo lets through: a file
 changed in place within the mtime's resolution, or media errors after a verified read.
+A stream that cuts a unit's tokens into windows as they lie (concat, in file order, no
+exclusions) can leave them in the file: `get(..., in_file=True)` of an entry verified
+before returns `FileTokens`, which `read_into` a ring slot straight from the file (one
+copy, the kernel's, instead of a read into an array and a second copy into the slot;
+serving 8 ranks from a warm cache, those reads and copies were ~40% of the daemon's CPU).
+It holds the entry open, so an eviction or a rewrite meanwhile (both rename or unlink)
+does not change what it reads; a file truncated in place under it is a short read,
+raised as CacheError (the stream fails, naming the entry).
 Writes happen on a background thread, so the daemon's loop never waits for a disk.
 The directory is bounded by `max_bytes`: before a write that would push it over, the
 least recently used entries (mtime, touched on every hit) are removed, under an flock so
@@ -45,12 +53,15 @@ import queue
 import struct
 import threading
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from tokenfeed.common.errors import TokenfeedError
 from tokenfeed.common.ring import token_dtype_of_size
 
 log = logging.getLogger(__name__)
@@ -71,14 +82,60 @@ class CachedRows:
     """A row group's rows in file order: `tokens[starts[i]:starts[i] + row_tokens[i]]`,
     in arrays of their own (read from the entry, not views of it)."""
 
-    tokens: np.ndarray
+    tokens: np.ndarray | FileTokens  # FileTokens: asked with in_file=True
     row_tokens: np.ndarray
 
     def in_order(self, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, row_tokens) with the rows in `order` (None: file order, these arrays)."""
+        assert isinstance(self.tokens, np.ndarray), "FileTokens are taken as they lie"
         if order is None:
             return self.tokens, self.row_tokens
         return gather_rows(self.tokens, self.row_tokens, order)
+
+
+class CacheError(TokenfeedError):
+    """A cache entry read in place changed under its reader (truncated in place)."""
+
+
+class FileTokens:
+    """A verified entry's tokens left in its file, read on demand into their destination.
+
+    Behaves as far as a unit's token array is asked (`len`, `dtype`, `nbytes`); the
+    concat packer copies windows out of it with `read_into`. Owns a duplicate of the
+    entry's descriptor, closed by `close` or when it is collected.
+    """
+
+    def __init__(self, fd: int, offset: int, n_tokens: int, dtype: np.dtype[Any],
+                 path: Path) -> None:
+        self.fd, self.offset, self.n_tokens, self.dtype, self.path = (
+            fd, offset, n_tokens, dtype, path)
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_tokens * self.dtype.itemsize
+
+    def read_into(self, out: np.ndarray, start: int) -> None:
+        """Tokens `start : start + len(out)` into `out` (1-D, contiguous)."""
+        if not 0 <= start <= start + len(out) <= self.n_tokens:
+            raise IndexError(f"tokens {start}:{start + len(out)} of {self.n_tokens}")
+        target = out if out.dtype == self.dtype else np.empty(len(out), dtype=self.dtype)
+        try:
+            got = _read_into(self.fd, [target], self.offset + start * self.dtype.itemsize)
+        except OSError as e:
+            raise CacheError(f"token cache entry {self.path} could not be read: {e}") from e
+        if got != target.nbytes:
+            raise CacheError(
+                f"token cache entry {self.path} is shorter than when it was opened (truncated "
+                "in place by another process?); clear the --cache-dir and restart the daemon")
+        if target is not out:
+            out[:] = target
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 def _read_into(fd: int, arrays: list[np.ndarray], offset: int) -> int:
@@ -161,7 +218,10 @@ class TokenCache:
 
     # -- reads ----------------------------------------------------------------
 
-    def get(self, shard: str, stamp: str, row_group: int) -> CachedRows | None:
+    def get(self, shard: str, stamp: str, row_group: int, *, in_file: bool = False
+            ) -> CachedRows | None:
+        """The entry's rows, or None. `in_file`: an entry verified before keeps its tokens
+        in the file (FileTokens), for a reader that takes them in file order."""
         if not self.enabled:
             return None
         path = self.path(shard, stamp, row_group)
@@ -176,14 +236,14 @@ class TokenCache:
             self.misses += 1
             return None
         try:
-            return self._read(fd, path)
+            return self._read(fd, path, in_file)
         except OSError as e:
             self._discard(path, str(e))
             return None
         finally:
             os.close(fd)
 
-    def _read(self, fd: int, path: Path) -> CachedRows | None:
+    def _read(self, fd: int, path: Path, in_file: bool = False) -> CachedRows | None:
         """The entry open at `fd`, read into arrays of its own (a read, not a map: an entry
         truncated meanwhile is a short read here, where a map would raise SIGBUS)."""
         st = os.fstat(fd)
@@ -198,11 +258,19 @@ class TokenCache:
             self._discard(path, f"header or size wrong ({st.st_size} bytes, {payload} expected)")
             return None
         row_tokens = np.empty(n_rows, dtype=np.int64)  # sizes checked against the file's
+        seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if in_file and self._verified.get(path.name) == seen:
+            if _read_into(fd, [row_tokens], HEADER.size) != row_tokens.nbytes:
+                self._discard(path, "shorter than its header says")
+                return None
+            self._touch(fd, path)
+            self.hits += 1
+            return CachedRows(FileTokens(os.dup(fd), HEADER.size + row_tokens.nbytes, n_tokens,
+                                         self.dtype, path), row_tokens)
         tokens = np.empty(n_tokens, dtype=self.dtype)
         if _read_into(fd, [row_tokens, tokens], HEADER.size) != payload - HEADER.size:
             self._discard(path, "shorter than its header says")
             return None
-        seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if self._verified.get(path.name) != seen:
             if zlib.adler32(tokens.data, zlib.adler32(row_tokens.data)) != checksum:
                 self._discard(path, "checksum mismatch")
@@ -210,12 +278,16 @@ class TokenCache:
             if int(row_tokens.sum()) != n_tokens or (row_tokens < 0).any():
                 self._discard(path, "row lengths do not add up")
                 return None
+        self._touch(fd, path)
+        self.hits += 1
+        return CachedRows(tokens, row_tokens)
+
+    def _touch(self, fd: int, path: Path) -> None:
+        """Mark the entry just read as recently used, and as verified in that state."""
         with contextlib.suppress(OSError):
             os.utime(fd)  # least recently used goes first
             st = os.fstat(fd)  # the mtime just set, as the file system stores it
             self._remember(path.name, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        self.hits += 1
-        return CachedRows(tokens, row_tokens)
 
     def _remember(self, name: str, seen: tuple[int, int, int, int]) -> None:
         """Note an entry as verified while its file stays as `seen`, in a bounded memo."""

@@ -236,14 +236,23 @@ class Daemon:
 
     def _loop(self) -> None:
         next_beat = 0.0
+        # One poller for the life of the loop; worker sentinels come and go with the pool.
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.pool.socket, zmq.POLLIN)
+        polled: dict[int, Any] = {}
+        # A pass looks only at the streams that changed (stream.py), except a full one: after
+        # a heartbeat (which may detach consumers or drop reservations), and when the pool's
+        # capacity changed.
+        full, capacity = True, self.pool.capacity
         while self.stopping is None:
             self.pool.tick()
-            poller = zmq.Poller()
-            poller.register(self.control, zmq.POLLIN)
-            poller.register(self.pool.socket, zmq.POLLIN)
             sentinels = self.pool.sentinels()
-            for fd in sentinels:
+            for fd in polled.keys() - sentinels.keys():
+                poller.unregister(fd)
+            for fd in sentinels.keys() - polled.keys():
                 poller.register(fd, zmq.POLLIN)
+            polled = sentinels
             events = dict(poller.poll(int(LOOP_TICK_S * 1000)))
             for fd, worker in sentinels.items():
                 if fd in events:
@@ -253,12 +262,16 @@ class Daemon:
             self._drain_control()
             for outcome in self.pool.collect():
                 self._on_outcome(outcome)
-            schedule(self.registry, self.pool, self.config.max_staging_bytes)
-            self.registry.advance(self.pool.broken)
+            full = full or capacity != self.pool.capacity
+            capacity = self.pool.capacity
+            schedule(self.registry, self.pool, self.config.max_staging_bytes, full)
+            self.registry.advance(self.pool.broken, full)
+            full = False
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + protocol.HEARTBEAT_INTERVAL_S
                 self.registry.beat(now)
+                full = True
                 if self.metrics is not None:  # scrapes read this copy from their own thread
                     self.metrics.publish(self.status())
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.producer.bestfit import BestFitPacker
+from tokenfeed.producer.cache import FileTokens
 from tokenfeed.producer.position import BestFitPosition, ConcatPosition, Packed
 
 
@@ -62,7 +63,7 @@ def make_packer(spec: StreamSpec, start: Packed) -> Packer:
 @dataclass
 class _Chunk:
     unit: int
-    tokens: np.ndarray
+    tokens: np.ndarray | FileTokens  # FileTokens: a cache entry's, read straight into `out`
     doc_starts: np.ndarray
     pos: int
 
@@ -81,7 +82,7 @@ class ConcatPacker:
         self.buffered_tokens = 0
         self.position = ConcatPosition(start.unit, start.offset)
 
-    def push(self, unit: int, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
+    def push(self, unit: int, tokens: np.ndarray | FileTokens, doc_starts: np.ndarray) -> None:
         assert unit == self.next_unit, (unit, self.next_unit)
         self.next_unit += 1
         pos, self._skip = min(self._skip, len(tokens)), 0
@@ -99,13 +100,18 @@ class ConcatPacker:
             chunk = self._chunks[0]
             take = min(need, len(chunk.tokens) - chunk.pos)
             if take:
-                out[written : written + take] = chunk.tokens[chunk.pos : chunk.pos + take]
+                if isinstance(chunk.tokens, FileTokens):
+                    chunk.tokens.read_into(out[written : written + take], chunk.pos)
+                else:
+                    out[written : written + take] = chunk.tokens[chunk.pos : chunk.pos + take]
                 chunk.pos += take
                 written += take
                 need -= take
                 last = chunk
             if chunk.pos == len(chunk.tokens):
                 self._chunks.popleft()
+                if isinstance(chunk.tokens, FileTokens):
+                    chunk.tokens.close()  # read to the end: its descriptor goes now
         self.buffered_tokens -= self.window_tokens
         self.tokens_packed += self.window_tokens
         assert last is not None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenfeed.producer import elastic
-from tokenfeed.producer.cache import TokenCache, file_order
+from tokenfeed.producer.cache import FileTokens, TokenCache, file_order
 from tokenfeed.producer.config import DEFAULT_TASK_BYTES
 from tokenfeed.producer.dataset import RowGroupRef, SplitPlan
 from tokenfeed.producer.exclude import SourceRows, exclude_unit
@@ -70,6 +70,7 @@ class SourceReader:
         skip: frozenset[int] = frozenset(), layout: Layout | None = None,
         exclude: SourceRows | None = None, exclude_keep: tuple[int, int, bool] = (0, 0, False),
         filter: Filter | None = None, counted: tuple[int, int, int] | None = None,
+        in_file: bool = False,
     ) -> None:
         self.stream, self.source = stream, source
         self.layout = layout  # elastic.py: after an elastic resume, the rank's units
@@ -80,6 +81,9 @@ class SourceReader:
         self.task_bytes = task_bytes
         self.on_error = on_error
         self.cache = cache
+        # Cached units whose tokens a packer takes as they lie (concat) stay in their file
+        # until cut into a slot (cache.py: FileTokens), when nothing reorders or drops rows.
+        self.in_file = in_file and shuffle_seed is None and layout is None
         self.skip = skip  # units the packer reads past without their content (supply.py)
         self.exclude = exclude or {}  # rows never delivered (exclude.py)
         self.exclude_keep = exclude_keep  # (unit, tokens or documents) read before the list
@@ -216,11 +220,18 @@ class SourceReader:
         if unit == self._cache_missed or unit in self.skip:
             return 0  # asked once already / _advance pushes it empty
         ref = self._ref(unit)
-        cached = self.cache.get(ref.path, ref.shard_stamp, ref.row_group)
+        if isinstance(self.cache, TokenCache):
+            in_file = self.in_file and (ref.path, ref.row_group) not in self.exclude
+            cached = self.cache.get(ref.path, ref.shard_stamp, ref.row_group, in_file=in_file)
+        else:
+            cached = self.cache.get(ref.path, ref.shard_stamp, ref.row_group)
         if cached is None or len(cached.row_tokens) != ref.num_rows:
             self._cache_missed = unit  # one lookup (and one miss counted) per unit
             return 0
-        tokens, row_tokens = self._excluding(unit, *cached.in_order(self._row_order(unit)))
+        if isinstance(cached.tokens, FileTokens):  # in file order, nothing excluded
+            tokens, row_tokens = cached.tokens, cached.row_tokens
+        else:
+            tokens, row_tokens = self._excluding(unit, *cached.in_order(self._row_order(unit)))
         if self.recorder is not None:
             self.recorder(self, unit, row_tokens)
         got = Unit.of_lengths(tokens, row_tokens)

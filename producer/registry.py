@@ -162,9 +162,13 @@ class StreamRegistry:
 
     # -- each loop pass -----------------------------------------------------
 
-    def advance(self, broken: str | None) -> None:
-        """Pack finished work into free slots and announce it; report failed streams."""
+    def advance(self, broken: str | None, full: bool = True) -> None:
+        """Pack finished work into free slots and announce it; report failed streams.
+        Only streams that changed since the last pass, unless `full` (stream.py)."""
         for stream in self.streams.values():
+            if not (full or broken or stream.changed):
+                continue
+            stream.changed = False  # set again below by anything that happens
             if broken and stream.error is None:
                 stream.error = broken
             if stream.error is not None:

@@ -18,6 +18,12 @@ A bounded stream (`spec.max_batches`: a fixed validation round) fills exactly th
 many batches and reads no unit packing does not wait for, so every round reads the
 same row groups and a round served from the cache tokenizes nothing (docs/recipes.md).
 
+Change tracking: `changed` is set by whatever can change what the stream wants or can
+deliver (a release, an attach or detach, a result, a task, a unit pushed, a slot filled or
+freed, new weights) and cleared by the registry once a pass found nothing to do; the
+daemon's loop passes then look only at changed streams (and at all of them at least
+every heartbeat), so a message for one stream no longer costs a walk over eight.
+
 Failure behaviour: a reader's task that fails MAX_ATTEMPTS times fails the stream
 (`on_error="fail"`), and its consumers get an error naming the file and row group;
 with `on_error="skip"` its whole row group delivers nothing instead.
@@ -75,6 +81,8 @@ class Stream:
         self._memo: tuple[Packed, Position] | None = None  # the Position at packer position
         self._exclude = start.exclude  # the exclusion list in force, where it began
         self.provenance: SlotProvenance | None = None  # slot_provenance.enable: recording
+        self.changed = True  # something happened since the registry last found nothing to do
+        self.wants = True  # the scheduler's last answer to "wants work?" (scheduler.py)
 
     # -- positions ----------------------------------------------------------
 
@@ -172,12 +180,14 @@ class Stream:
         return self.depth / self.ring.layout.slot_count
 
     def next_task(self, reader: int) -> Task:
+        self.changed = True
         return self.readers[reader].next_task()
 
     def serve_cached(self, reader: int) -> int:
         """Take `reader`'s next unit from the token cache, if it is there; returns the
         bytes it staged (0: not cached, the workers will tokenize it)."""
         served = self.readers[reader].serve_cached()
+        self.changed = self.changed or bool(served)
         if served and self.spec.max_batches is not None:
             # A bounded stream reads only what packing waits for: pack at once, so the next
             # unit it waits for is known in this same pass (not one unit per loop pass).
@@ -191,6 +201,7 @@ class Stream:
     # -- outcomes -----------------------------------------------------------
 
     def on_failure(self, task: Task, error: str) -> None:
+        self.changed = True
         reader = self.readers[task.source]
         reader.on_failure(task, error)
         if reader.error is not None and self.error is None:
@@ -198,6 +209,7 @@ class Stream:
             log.error(self.error)
 
     def on_result(self, result: Result) -> None:
+        self.changed = True
         self.readers[result.task.source].on_result(result)
 
     # -- packing and delivery -----------------------------------------------
@@ -207,6 +219,19 @@ class Stream:
 
         A lazy supply makes units only while a free slot waits for tokens; otherwise
         whatever is finished is pushed."""
+        before = self._progress()
+        filled = self._pack()
+        if self._progress() != before:
+            self.changed = True
+        return filled
+
+    def _progress(self) -> tuple[Any, ...]:
+        """What packing moves: units pushed and taken (a mixture takes some without
+        pushing), batches filled or skipped, an error."""
+        return (self.packer.next_unit, sum(r.units_done for r in self.readers), self.batches,
+                self.skip_left, self.error)
+
+    def _pack(self) -> bool:
         filled = False
         lazy = self.supply.lazy
         while not self.done:
@@ -234,7 +259,12 @@ class Stream:
                 return filled
             index = self.table.begin_fill()
             before = self.position()
-            self.packer.fill(self.ring.slots[index])
+            try:
+                self.packer.fill(self.ring.slots[index])
+            except TokenfeedError as e:  # a cache entry truncated under it (cache.py)
+                self.error = f"stream {self.sid}: {e}"
+                log.error(self.error)
+                return filled
             if self.provenance is not None:
                 self.provenance.filled(index, before.packed)
             after = self.position()
@@ -249,6 +279,7 @@ class Stream:
         """A mixture's new weights, from the next virtual unit not yet mixed."""
         self.supply.reweight(weights)
         self._memo = None  # positions carry the schedule
+        self.changed = True
 
     def announcements(self) -> list[tuple[bytes, dict[str, Any]]]:
         """`ready` messages now due: each consumer gets each filled batch once, in order."""
@@ -258,7 +289,8 @@ class Stream:
                 for identity, index, seq, after in self.table.announcements()]
 
     def reclaim(self) -> None:
-        self.table.reclaim()
+        if self.table.reclaim():
+            self.changed = True
 
     # -- consumers ----------------------------------------------------------
 
@@ -266,12 +298,15 @@ class Stream:
                replica_wait_s: float = 0.0) -> None:
         self.table.attach(identity, first_seq, replicas, replica_wait_s)
         self.idle_since = None
+        self.changed = True
 
     def release(self, identity: bytes, seq: int) -> None:
         self.table.release(identity, seq)
+        self.changed = True
 
     def detach(self, identity: bytes) -> None:
         self.table.detach(identity)
+        self.changed = True
         if not self.consumers:
             self.idle_since = time.monotonic()
 

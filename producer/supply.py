@@ -223,7 +223,8 @@ def _make_supply(sid: int, spec: StreamSpec, sources: list[Source], start: Posit
                               layout=start.elastic, exclude=src.exclude,
                               exclude_keep=keep_rule(start.exclude, spec.packing == "bestfit"),
                               filter=src.filter,
-                              counted=_counted(start, src.name, start.packed.unit), **common)
+                              counted=_counted(start, src.name, start.packed.unit),
+                              in_file=spec.packing == "concat", **common)
         return OneSource(reader, start.elastic)
     if [s.name for s in sources] != list(mix.names):
         raise StateMismatchError(f"a mixture of {', '.join(mix.names)} needs those sources")

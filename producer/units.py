@@ -14,7 +14,7 @@ import numpy as np
 
 @dataclass(frozen=True, slots=True)
 class Unit:
-    tokens: np.ndarray
+    tokens: np.ndarray  # or, concat from the token cache, cache.FileTokens (read on fill)
     doc_starts: np.ndarray  # index in `tokens` of each document's first token (its BOS)
 
     @classmethod

@@ -17,7 +17,8 @@ from test_bestfit import assert_rows_equal, bestfit_oracle  # noqa: F401 (fixtur
 from test_shuffle import SEED, shuffled_oracle  # noqa: F401 (fixture)
 
 from tokenfeed.common.ring import token_dtype
-from tokenfeed.producer.cache import TokenCache
+from tokenfeed.producer.cache import CacheError, FileTokens, TokenCache
+from tokenfeed.producer.packer import ConcatPacker
 
 B, T = 4, 256
 EPOCHS_3 = 52  # ~17 batches an epoch of the train split: epochs 1 and 2 come from the cache
@@ -244,5 +245,46 @@ def test_an_entry_changed_in_place_after_a_read_is_checked_again(tmp_path):
         wait_until(damage, 10, "a write that moves the entry's modification time")
         assert cache.get("a.parquet", "1:1", 0) is None
         assert cache.corrupt == 1 and not entries(tmp_path)
+    finally:
+        cache.close()
+
+
+def test_a_verified_entry_is_read_in_place_into_windows_exactly(tmp_path):
+    cache = one_entry_cache(tmp_path)
+    try:
+        first = cache.get("a.parquet", "1:1", 0, in_file=True)  # unverified: read and checked
+        assert first is not None and isinstance(first.tokens, np.ndarray)
+        rows = cache.get("a.parquet", "1:1", 0, in_file=True)
+        assert rows is not None and isinstance(rows.tokens, FileTokens)
+        assert len(rows.tokens) == 1000 and rows.tokens.nbytes == 4000
+        np.testing.assert_array_equal(rows.row_tokens, [600, 400])
+        # a concat packer cuts the same windows from the file as from the array
+        from_file, from_array = ConcatPacker(300), ConcatPacker(300)
+        from_file.push(0, rows.tokens, np.array([0, 600]))
+        from_array.push(0, np.arange(1000, dtype=np.uint32), np.array([0, 600]))
+        for _ in range(3):
+            a, b = np.empty(300, dtype=np.uint32), np.empty(300, dtype=np.uint32)
+            assert from_file.fill(a) == from_array.fill(b)
+            np.testing.assert_array_equal(a, b)
+        wide = np.empty(50, dtype=np.int64)  # another dtype: read, then converted
+        rows.tokens.read_into(wide, 950)
+        np.testing.assert_array_equal(wide, np.arange(950, 1000))
+    finally:
+        cache.close()
+
+
+def test_an_entry_truncated_in_place_under_a_reader_is_a_clear_error(tmp_path):
+    cache = one_entry_cache(tmp_path)
+    try:
+        assert cache.get("a.parquet", "1:1", 0) is not None  # verified
+        rows = cache.get("a.parquet", "1:1", 0, in_file=True)
+        assert rows is not None and isinstance(rows.tokens, FileTokens)
+        (entry,) = entries(tmp_path)
+        os.truncate(entry, entry.stat().st_size - 400)  # the last 100 tokens gone
+        out = np.empty(200, dtype=np.uint32)
+        rows.tokens.read_into(out, 0)  # still there
+        np.testing.assert_array_equal(out, np.arange(200))
+        with pytest.raises(CacheError, match=r"shorter than when it was opened.*--cache-dir"):
+            rows.tokens.read_into(out, 800)
     finally:
         cache.close()
