@@ -73,8 +73,10 @@ LOCK_NAME = "daemon.lock"
 INFO_NAME = "daemon.json"
 
 
-class _StopDuringStart(Exception):
-    """SIGTERM/SIGINT before the daemon serves: stop the start where it is."""
+class _StopDuringStart(BaseException):
+    """SIGTERM/SIGINT before the daemon serves: stop the start where it is (a
+    BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way
+    turns it into a data error)."""
 
 
 class Daemon:
@@ -142,6 +144,7 @@ class Daemon:
         remove_stale_segments()  # of killed daemons on any run dir (Slurm: one per job)
         self.daemon_id = new_daemon_id()
         set_daemon_id(self.daemon_id)
+        self._write_info()
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.pool = WorkerPool(
             self.ctx, ipc_address(self.run_dir, WORKER_SOCKET_NAME),
@@ -192,13 +195,18 @@ class Daemon:
                         if src.filter is not None}  # checked against columns at attach
         self.fingerprint = combined_fingerprint(self.datasets)
 
-    def _setup(self) -> None:
+    def _write_info(self) -> None:
+        """daemon.json, before the first segment exists: a daemon killed while it still
+        scans is cleaned up by the next start like any other."""
         cfg = self.config
         info = {"daemon_id": self.daemon_id, "pid": os.getpid(), "started": self.started,
                 "data_dir": self._data_description(), "tokenizer": cfg.tokenizer}
         tmp = self.run_dir / f"{INFO_NAME}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self.run_dir / INFO_NAME)  # readers never see a half-written file
+
+    def _setup(self) -> None:
+        cfg = self.config
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
         # zmq drops peers that send frames this large, before they reach Python.
@@ -243,6 +251,8 @@ class Daemon:
     def _data_description(self) -> str:
         if self.config.data_dir is not None:
             return str(self.config.data_dir)
+        if not hasattr(self, "datasets"):  # daemon.json is written before the scan
+            return " ".join(f"{s.name}={s.data}" for s in self.config.source_list())
         return " ".join(f"{n}={d.root}" for n, d in self.datasets.items())
 
     @property
