@@ -94,7 +94,7 @@ def build_shards(n: int) -> Path:
 def shape(data: Path) -> str:
     first = pq.ParquetFile(data / "shard_00000.parquet")
     text_mb = first.metadata.row_group(0).column(0).total_uncompressed_size / 1e6
-    return (f"shards 0-{REAL_SHARDS - 1}: 1 row group of {first.metadata.num_rows} documents "
+    return (f"first {REAL_SHARDS}: 1 row group of {first.metadata.num_rows} documents "
             f"({text_mb:.1f} MB of text); the rest: {DOCS_PER_SHARD} documents")
 
 
