@@ -144,7 +144,9 @@ def timed_start(data: str | Path, want: list[np.ndarray], n: int, *, extra: tupl
         ready_s = time.perf_counter() - started
         requests = proxy.requests if proxy is not None else 0
         exact = True
-        with TokenFeed(B, T, run_dir=daemon.run_dir, device="cpu") as feed:
+        # reconnect_s: a daemon slow to answer its first ping on a busy machine is waited
+        # for (its time still counts), not a failed run
+        with TokenFeed(B, T, run_dir=daemon.run_dir, device="cpu", reconnect_s=30) as feed:
             for k in range(n):
                 x, y = next(feed)
                 if k == 0:

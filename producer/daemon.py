@@ -89,6 +89,7 @@ class Daemon:
         self.worker_restarts = 0  # workers that died (not retired) and were replaced
         self.tokens_tokenized = 0  # tokens workers returned (status: per worker-second)
         self.metrics: MetricsServer | None = None
+        self._starting = True  # until the loop runs: SIGTERM/SIGINT end the start at once
 
     # -- start-up -----------------------------------------------------------
 
@@ -272,6 +273,8 @@ class Daemon:
                 self._setup()
             except _StopDuringStart:
                 return  # the finally below cleans up, as after a stop while serving
+            finally:
+                self._starting = False  # from here a signal only sets `stopping`
             self._loop()
         finally:
             # Our handler stays during teardown: a second SIGTERM must not cut the clean-up.
@@ -284,7 +287,7 @@ class Daemon:
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stopping is None:
             self.stopping = signal.Signals(signum).name
-            if not hasattr(self, "registry"):  # still starting: a scan may take a while
+            if self._starting:  # a scan may take a while: stop it where it is
                 raise _StopDuringStart(self.stopping)
 
     def _loop(self) -> None:
