@@ -311,8 +311,6 @@ class Daemon:
                 self._on_outcome(outcome)
             schedule(self.registry, self.pool, self.config.max_staging_bytes)
             self.registry.advance(self.pool.broken)
-            if self.pool.starting and self.registry.tokens_delivered:
-                self.pool.settle()  # the node's first batch is out: workers yield again
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + protocol.HEARTBEAT_INTERVAL_S

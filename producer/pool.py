@@ -15,11 +15,6 @@ the worker does not hold is logged and dropped; a `done` whose sizes do not fit
 its staging buffer fails that task (it is re-run). Nothing a peer sends can stop
 the daemon's loop.
 
-Workers are spawned before the daemon has read its data (daemon.py), so their start
-overlaps the scan; the backend and token size they tokenize with come with every task
-(`configure`). Until the daemon's first batch is out they run at its priority, then at
-`nice` more (`settle`); a worker spawned after that is niced from its first instruction.
-
 Failure behaviour: a worker that dies (its process sentinel becomes readable) is
 reported with the tasks it held so the caller can re-run them, and is replaced
 while the pool's target size says so. Growing spawns at most SPAWNS_PER_TICK
@@ -134,14 +129,6 @@ class WorkerPool:
         self.tokenizer_spec = tokenizer_spec
         self.bos = bos
         self.nice = nice
-        # Until the daemon's first batch is out, workers run at the daemon's own priority:
-        # that batch is what every trainer of the node waits for. From serving to the
-        # first batch of a FineWeb-shaped unit (1,024 documents) on a 2-core machine that
-        # others' test suites kept busy, two starts each: 2.32 and 2.96 s with workers at
-        # +10, 1.32 and 0.59 s at the daemon's priority. `settle` then gives the
-        # trainer's threads the cores back, as a worker spawned later has from its first
-        # instruction.
-        self.starting = True
         self.backend, self.itemsize = "", 0
         if backend:
             self.configure(backend=backend, itemsize=itemsize)
@@ -172,15 +159,6 @@ class WorkerPool:
         """
         self.backend, self.itemsize = backend, itemsize
         self.dtype = token_dtype_of_size(itemsize)
-
-    def settle(self) -> None:
-        """The first batch is out: every worker takes its niceness (`nice`) from now on."""
-        self.starting = False
-        if not self.nice:
-            return
-        for w in self.workers.values():
-            with contextlib.suppress(OSError):  # it may have died meanwhile
-                os.setpriority(os.PRIO_PROCESS, w.process.pid, worker_niceness(self.nice))
 
     # -- size ---------------------------------------------------------------
 
@@ -218,13 +196,13 @@ class WorkerPool:
                                               STAGING_BYTES))
             process = self._mp.Process(
                 target=worker_main,
-                args=(wid, self.address, self.tokenizer_spec, self.bos,
-                      0 if self.starting else self.nice, os.getpid()),
+                args=(wid, self.address, self.tokenizer_spec, self.bos, self.nice,
+                      os.getpid()),
                 name=f"tokenfeed-worker-{wid}",
                 daemon=True,
             )
             process.start()
-            if self.nice and not self.starting:
+            if self.nice:
                 # From its first instruction, not from worker_main: a worker's start-up
                 # (imports, tokenizer: ~0.2 CPU s) at full weight took the cores a daemon
                 # serving from the token cache needs (second daemon: 35.93-43.47 M

@@ -7,9 +7,7 @@ every request 0.5 s, the scan takes at least three round trips (listing, then a 
 a footer read per shard), a window in which the workers must already exist while the
 control socket does not yet. The batches stay the oracle's; a SIGTERM in that window
 stops the start and leaves no process or segment behind. Orders and counts are
-asserted here, never times (benchmarks/startup.py measures those). Until the first
-batch is out the workers run at the daemon's priority; then they yield (`worker_nice` of the
-serve config), as every worker spawned later does from its first instruction.
+asserted here, never times (benchmarks/startup.py measures those).
 """
 
 from __future__ import annotations
@@ -25,14 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ENCODING, assert_batch_equals, pid_alive, worker_pids
+from conftest import ENCODING, assert_batch_equals, pid_alive
 from s3proxy import FaultProxy
 from test_object_storage import s3, upload  # noqa: F401  (s3: the moto fixture)
 
 from tokenfeed.common.control import request
 from tokenfeed.common.errors import DaemonUnavailableError
 from tokenfeed.common.shm import SHM_DIR, segment_name
-from tokenfeed.producer.config import DaemonConfig
 from tokenfeed.producer.worker import task_encoding
 
 B, T = 4, 256
@@ -160,25 +157,3 @@ def test_a_task_without_a_valid_backend_or_token_size_is_refused(fields):
 
 def test_a_task_names_its_backend_and_token_size():
     assert task_encoding({"op": "task", "backend": "tiktoken", "itemsize": 2}) == ("tiktoken", 2)
-
-
-def test_workers_yield_the_cores_once_the_first_batch_is_out(start_daemon, oracle):
-    daemon = start_daemon(workers=2)
-    base = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
-    deadline = time.monotonic() + WAIT_S
-    while len(pids := worker_pids(daemon)) < 2:
-        assert time.monotonic() < deadline, "the workers never started"
-        time.sleep(0.05)
-    # no batch yet: the node waits for its first one, the workers run at the daemon's weight
-    assert [os.getpriority(os.PRIO_PROCESS, p) for p in pids] == [base, base]
-    with daemon.feed(B, T) as feed:
-        assert_batch_equals(next(feed), oracle(batch_size=B, seq_len=T, n=1)[0], "batch 0")
-        nice = min(19, base + DaemonConfig.__dataclass_fields__["worker_nice"].default)
-        while [os.getpriority(os.PRIO_PROCESS, p) for p in pids] != [nice, nice]:
-            assert time.monotonic() < deadline, "the workers kept the daemon's priority"
-            time.sleep(0.05)
-        os.kill(pids[0], signal.SIGKILL)  # a replacement starts niced, as any later spawn
-        while not (new := set(worker_pids(daemon)) - set(pids)):
-            assert time.monotonic() < deadline, "the killed worker was not replaced"
-            time.sleep(0.05)
-        assert [os.getpriority(os.PRIO_PROCESS, p) for p in new] == [nice]
