@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
@@ -67,8 +68,15 @@ from tokenfeed.producer.valstore import ValStore
 log = logging.getLogger(__name__)
 
 LOOP_TICK_S = 0.05
+EARLY_WORKERS = 64  # spawned before the data is read; more follow from the loop
 LOCK_NAME = "daemon.lock"
 INFO_NAME = "daemon.json"
+
+
+class _StopDuringStart(BaseException):
+    """SIGTERM/SIGINT before the daemon serves: stop the start where it is (a
+    BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way
+    turns it into a data error)."""
 
 
 class Daemon:
@@ -81,6 +89,7 @@ class Daemon:
         self.worker_restarts = 0  # workers that died (not retired) and were replaced
         self.tokens_tokenized = 0  # tokens workers returned (status: per worker-second)
         self.metrics: MetricsServer | None = None
+        self._starting = True  # until the loop runs: SIGTERM/SIGINT end the start at once
 
     # -- start-up -----------------------------------------------------------
 
@@ -114,12 +123,63 @@ class Daemon:
         for name in (CONTROL_SOCKET_NAME, WORKER_SOCKET_NAME):
             (self.run_dir / name).unlink(missing_ok=True)
 
-    def _validate(self) -> None:
-        """Check every input before touching anything shared: bad input exits cleanly."""
-        cfg = self.config
+    def _check_flags(self) -> None:
+        """What can be checked without the data, before anything else happens."""
         control_address(self.run_dir)
-        if cfg.metrics_port is not None:
+        if self.config.metrics_port is not None:
             check_available()
+
+    def _start_workers(self) -> None:
+        """Take the run dir and spawn the workers, before the data is read.
+
+        A worker's start (interpreter, imports, tokenizer: 2.6-3.4 s measured on a loaded
+        2-core machine) is most of a daemon's time to its first batch, and needs nothing
+        the scan learns: started first, it overlaps the scan (footers, a manifest) and the
+        daemon's own tokenizer load. The backend and token size follow in every task
+        (`WorkerPool.configure`). If the data then turns out bad, the workers are stopped
+        and the error is the same one line as before (nothing was served).
+        """
+        cfg = self.config
+        self._take_lock()
+        self._clean_predecessor()
+        remove_stale_segments()  # of killed daemons on any run dir (Slurm: one per job)
+        self.daemon_id = new_daemon_id()
+        set_daemon_id(self.daemon_id)
+        self._write_info()
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.pool = WorkerPool(
+            self.ctx, ipc_address(self.run_dir, WORKER_SOCKET_NAME),
+            daemon_id=self.daemon_id, tokenizer_spec=cfg.tokenizer, bos=cfg.bos,
+            nice=cfg.worker_nice,
+        )
+        self.pool.resize(cfg.workers)
+        while self.pool.size < min(cfg.workers, EARLY_WORKERS) and self.pool.broken is None:
+            self.pool.tick()  # the rest are spawned by the loop, SPAWNS_PER_TICK a pass
+
+    def _validate(self) -> None:
+        """Check every input before serving anything: bad input exits cleanly."""
+        cfg = self.config
+        # the tokenizer loads while the scan waits on storage (a manifest or footers over
+        # S3 are round trips; cl100k's ranks are ~0.5 s of CPU)
+        loading = ThreadPoolExecutor(1, thread_name_prefix="tokenfeed-tokenizer")
+        try:
+            tokenizer = loading.submit(load_tokenizer, cfg.tokenizer, cfg.bos)
+            self._scan()
+            self.tokenizer = tokenizer.result()
+        finally:
+            loading.shutdown(wait=True, cancel_futures=True)
+        self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize
+        share = PARITY_SAMPLE_BYTES // len(self.datasets)
+        self.backend = verified_backend(
+            self.tokenizer, cfg.tokenizer_backend,
+            [t for d in self.datasets.values() for t in d.sample_texts(share)]
+            if cfg.tokenizer_backend != "tiktoken" else [],  # tiktoken needs no parity check
+            cfg.on_backend_mismatch,
+        )
+
+    def _scan(self) -> None:
+        """The sources' plans, and what is checked against them (exclusions, filters)."""
+        cfg = self.config
         self.datasets = {src.name: scan_dataset(src.data, text_column=src.text_column or "",
                                                 val_files=cfg.val_files, manifest=cfg.manifest,
                                                 cache_dir=cfg.cache_dir)
@@ -135,40 +195,25 @@ class Daemon:
         self.filters = {src.name: Filter.parse(src.filter) for src in cfg.source_list()
                         if src.filter is not None}  # checked against columns at attach
         self.fingerprint = combined_fingerprint(self.datasets)
-        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.bos)
-        self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize
-        share = PARITY_SAMPLE_BYTES // len(self.datasets)
-        self.backend = verified_backend(
-            self.tokenizer, cfg.tokenizer_backend,
-            [t for d in self.datasets.values() for t in d.sample_texts(share)]
-            if cfg.tokenizer_backend != "tiktoken" else [],  # tiktoken needs no parity check
-            cfg.on_backend_mismatch,
-        )
 
-    def _setup(self) -> None:
+    def _write_info(self) -> None:
+        """daemon.json, before the first segment exists: a daemon killed while it still
+        scans is cleaned up by the next start like any other."""
         cfg = self.config
-        self._take_lock()
-        self._clean_predecessor()
-        remove_stale_segments()  # of killed daemons on any run dir (Slurm: one per job)
-        self.daemon_id = new_daemon_id()
-        set_daemon_id(self.daemon_id)
         info = {"daemon_id": self.daemon_id, "pid": os.getpid(), "started": self.started,
                 "data_dir": self._data_description(), "tokenizer": cfg.tokenizer}
         tmp = self.run_dir / f"{INFO_NAME}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self.run_dir / INFO_NAME)  # readers never see a half-written file
-        self.ctx: zmq.Context[Any] = zmq.Context()
+
+    def _setup(self) -> None:
+        cfg = self.config
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
         # zmq drops peers that send frames this large, before they reach Python.
         self.control.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_FRAME_BYTES)
         self.peers = protocol.Peers()  # each client is answered in its protocol version
-        self.pool = WorkerPool(
-            self.ctx, ipc_address(self.run_dir, WORKER_SOCKET_NAME),
-            daemon_id=self.daemon_id, tokenizer_spec=cfg.tokenizer, bos=self.tokenizer.bos,
-            backend=self.backend, itemsize=self.itemsize, nice=cfg.worker_nice,
-        )
-        self.pool.resize(cfg.workers)
+        self.pool.configure(backend=self.backend, itemsize=self.itemsize)
         if (budget_warning := ring_budget_warning(cfg.max_ring_bytes)) is not None:
             log.warning(budget_warning)  # warn, not refuse: rings are made per attach, each checked
         # cache_key(text column, filter) -> its cache (keys hold it: admission.cache_key)
@@ -207,6 +252,8 @@ class Daemon:
     def _data_description(self) -> str:
         if self.config.data_dir is not None:
             return str(self.config.data_dir)
+        if not hasattr(self, "datasets"):  # daemon.json is written before the scan
+            return " ".join(f"{s.name}={s.data}" for s in self.config.source_list())
         return " ".join(f"{n}={d.root}" for n, d in self.datasets.items())
 
     @property
@@ -217,10 +264,17 @@ class Daemon:
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT or a `stop` request; always clean up."""
-        self._validate()
+        self._check_flags()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self._setup()
+            try:
+                self._start_workers()
+                self._validate()
+                self._setup()
+            except _StopDuringStart:
+                return  # the finally below cleans up, as after a stop while serving
+            finally:
+                self._starting = False  # from here a signal only sets `stopping`
             self._loop()
         finally:
             # Our handler stays during teardown: a second SIGTERM must not cut the clean-up.
@@ -233,6 +287,8 @@ class Daemon:
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stopping is None:
             self.stopping = signal.Signals(signum).name
+            if self._starting:  # a scan may take a while: stop it where it is
+                raise _StopDuringStart(self.stopping)
 
     def _loop(self) -> None:
         next_beat = 0.0
@@ -357,7 +413,8 @@ class Daemon:
         if self._lock_fd is None:  # another daemon holds the run dir: nothing here is ours
             return
         reason = self.stopping or "daemon exiting"
-        log.info("shutting down (%s)", reason)
+        if hasattr(self, "registry"):  # a start refused before serving says only why (cli)
+            log.info("shutting down (%s)", reason)
         if hasattr(self, "registry"):
             for identity in list(self.registry.peers):
                 self.send(identity, "shutdown", reason=reason)
@@ -371,6 +428,7 @@ class Daemon:
             cache.close()
         if hasattr(self, "control"):
             self.control.close(linger=500)  # let the shutdown notices reach the consumers
+        if hasattr(self, "ctx"):
             self.ctx.term()
         for name in (CONTROL_SOCKET_NAME, WORKER_SOCKET_NAME, INFO_NAME):
             (self.run_dir / name).unlink(missing_ok=True)

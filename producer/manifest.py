@@ -57,6 +57,9 @@ from tokenfeed.producer.storage import (
 log = logging.getLogger(__name__)
 
 FOOTER_READS_IN_FLIGHT = 64  # S3 serves thousands of GETs/s per prefix; 64 keeps one node polite
+# Local footers are CPU, not round trips: 2,000 of them cost 0.14 CPU s read one after
+# another, 0.22-0.35 s on 64 threads contending for the GIL (0.17-0.19 s on 4)
+LOCAL_FOOTER_READS_IN_FLIGHT = 4
 MANIFEST_NAME = "tokenfeed-manifest.json.gz"
 FORMAT = "tokenfeed-manifest"
 FORMAT_VERSION = 1
@@ -116,7 +119,10 @@ def read_footer(shard: Shard, text_column: str) -> ShardEntry:
 
 def read_footers(shards: Sequence[Shard], text_column: str,
                  in_flight: int = FOOTER_READS_IN_FLIGHT) -> list[ShardEntry]:
-    """Entries of `shards`, in their order, reading up to `in_flight` footers at once."""
+    """Entries of `shards`, in their order, reading up to `in_flight` footers at once
+    (`LOCAL_FOOTER_READS_IN_FLIGHT` at most for local files)."""
+    if shards and not is_url(shards[0].path):
+        in_flight = min(in_flight, LOCAL_FOOTER_READS_IN_FLIGHT)
     if len(shards) <= 1 or in_flight <= 1:
         return [read_footer(s, text_column) for s in shards]
     pool = ThreadPoolExecutor(max_workers=min(in_flight, len(shards)),

@@ -124,18 +124,18 @@ class WorkerPool:
         daemon_id: str,
         tokenizer_spec: str,
         bos: str | None,
-        backend: str,
-        itemsize: int,
         nice: int,
+        backend: str = "",
+        itemsize: int = 0,
     ) -> None:
         self.address = address
-        self.backend = backend
         self.daemon_id = daemon_id
         self.tokenizer_spec = tokenizer_spec
         self.bos = bos
-        self.itemsize = itemsize
         self.nice = nice
-        self.dtype = token_dtype_of_size(itemsize)
+        self.backend, self.itemsize = "", 0
+        if backend:
+            self.configure(backend=backend, itemsize=itemsize)
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_FRAME_BYTES)
@@ -158,6 +158,17 @@ class WorkerPool:
         self.tokenize_s = 0.0
         self.tasks_done = 0
         self.dropped_messages = 0
+
+    def configure(self, *, backend: str, itemsize: int) -> None:
+        """The backend and token size every task is run with (each task names them).
+
+        Separate from the constructor so that workers can be spawned before the daemon
+        knows them: a worker's start (interpreter, imports, tokenizer: ~2.5 s on a loaded
+        2-core machine) then overlaps the daemon's own start (scan, tokenizer, backend
+        check) instead of following it. No task is assigned before this is called.
+        """
+        self.backend, self.itemsize = backend, itemsize
+        self.dtype = token_dtype_of_size(itemsize)
 
     # -- size ---------------------------------------------------------------
 
@@ -199,8 +210,8 @@ class WorkerPool:
                                               STAGING_BYTES))
             process = self._mp.Process(
                 target=worker_main,
-                args=(wid, self.address, self.tokenizer_spec, self.bos, self.backend,
-                      self.itemsize, self.nice, os.getpid()),
+                args=(wid, self.address, self.tokenizer_spec, self.bos, self.nice,
+                      os.getpid()),
                 name=f"tokenfeed-worker-{wid}",
                 daemon=True,
             )
@@ -223,7 +234,10 @@ class WorkerPool:
             # 144.51-147.42 once they are up).
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, process.pid, worker_niceness(self.nice))
-        log.info("%s started (pid %d)", process.name, process.pid)
+        # before configure() the daemon has not checked its data yet: a refused start
+        # says only why (one line), so this is debug until then
+        log.log(logging.INFO if self.backend else logging.DEBUG, "%s started (pid %d)",
+                process.name, process.pid)
 
     def _retire(self, w: Worker) -> None:
         self.socket.send_multipart([w.identity, protocol.encode("exit")])
@@ -258,14 +272,15 @@ class WorkerPool:
         return sum(len(w.tasks) for w in self.workers.values())
 
     def assign(self, w: Worker, task: Task) -> None:
+        assert self.backend, "configure() before the first task"
         b = next(i for i in range(QUEUE_DEPTH) if i not in w.tasks)
         self.serial += 1  # on the wire a task is [serial, unit, part]: unique per daemon
         key = (self.serial, task.unit, task.part)
         msg = protocol.encode(
             "task", task=list(key), buffer=b, staging=w.staging[b].name, path=task.path,
             row_group=task.row_group, column=task.column, rows=list(task.rows),
-            doc_seed=task.doc_seed, stamp=task.stamp,
-            **({"filter": task.filter} if task.filter else {}),
+            doc_seed=task.doc_seed, stamp=task.stamp, backend=self.backend,
+            itemsize=self.itemsize, **({"filter": task.filter} if task.filter else {}),
         )
         w.tasks[b] = task  # only once the message exists: a failed encode leaves the worker idle
         w.keys[b] = key

@@ -217,6 +217,17 @@ def task_filter(msg: protocol.Message) -> str:
     return text
 
 
+def task_encoding(msg: protocol.Message) -> tuple[str, int]:
+    """A task's (backend, token itemsize): the daemon learns them after it spawned its
+    workers (pool.configure), so they travel with every task; anything else is refused."""
+    backend, itemsize = msg.get("backend"), msg.get("itemsize")
+    if not isinstance(backend, str) or not backend:
+        raise ProtocolError(f"task field 'backend' = {backend!r:.40} is not a backend name")
+    if itemsize not in (2, 4) or isinstance(itemsize, bool):
+        raise ProtocolError(f"task field 'itemsize' = {itemsize!r:.40} is not 2 or 4")
+    return backend, int(itemsize)
+
+
 def worker_niceness(nice: int, daemon_pid: int = 0) -> int:
     """A worker's niceness: the daemon's (`daemon_pid`, 0: this process) plus `nice`,
     absolute so that the pool and the worker itself can both set it."""
@@ -228,12 +239,11 @@ def worker_main(
     address: str,
     tokenizer_spec: str,
     bos: str | None,
-    backend: str,
-    itemsize: int,
     nice: int,
     parent_pid: int,
 ) -> None:
-    """Entry point of a worker process (spawned by the pool)."""
+    """Entry point of a worker process (spawned by the pool, possibly before the daemon
+    knows the backend and token size: every task names them)."""
     if nice:  # keep the trainer's latency tail short on shared cores
         target = worker_niceness(nice, parent_pid)
         if os.getpriority(os.PRIO_PROCESS, 0) < target:  # the pool may have set it already
@@ -241,8 +251,13 @@ def worker_main(
     from tokenfeed.producer.worker_preload import preloaded  # the fork server's copy
 
     tokenizer = preloaded(tokenizer_spec, bos) or load_tokenizer(tokenizer_spec, bos)
-    encode_batch = make_encoder(tokenizer, backend).encode_batch
-    dtype = token_dtype_of_size(itemsize)
+    encoders: dict[str, EncodeBatch] = {}  # by backend name: one, in practice
+
+    def encoder(backend: str) -> EncodeBatch:
+        if backend not in encoders:
+            encoders[backend] = make_encoder(tokenizer, backend).encode_batch
+        return encoders[backend]
+
     reader = RowGroupReader()
     staging: dict[int, Segment] = {}  # buffer index -> mapped segment
     channel = _Channel(worker_id, address, parent_pid)
@@ -261,6 +276,8 @@ def worker_main(
             task, path, row_group = msg["task"], msg["path"], msg["row_group"]
             started = time.perf_counter()
             try:
+                backend, itemsize = task_encoding(msg)
+                encode_batch = encoder(backend)
                 values = reader.values(path, row_group, msg["column"], msg["rows"],
                                        msg["doc_seed"], msg["stamp"], task_filter(msg))
                 read_s = time.perf_counter() - started
@@ -280,7 +297,7 @@ def worker_main(
                 if not reply["name"]:
                     continue  # no room: the daemon failed this task
                 seg = buffer(reply["buffer"], reply["name"])
-            out = np.ndarray(len(tokens), dtype=dtype, buffer=seg.mm)
+            out = np.ndarray(len(tokens), dtype=token_dtype_of_size(itemsize), buffer=seg.mm)
             np.copyto(out, tokens, casting="unsafe")
             np.ndarray(len(row_tokens), dtype=np.int64, buffer=seg.mm, offset=rows_offset)[:] = (
                 row_tokens

@@ -166,7 +166,9 @@ class FaultProxy:
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(data)
+                    # a client that stopped (a daemon shut down mid-read) is no server error
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        self.wfile.write(data)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
