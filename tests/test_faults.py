@@ -293,6 +293,8 @@ def test_workers_that_keep_dying_at_start_fail_streams_instead_of_respawning_for
 
     save_tokenizer_dir(encoding, tmp_path / "tok", bos="<|endoftext|>")
     daemon = start_daemon("--tokenizer", str(tmp_path / "tok"), workers=1)
+    with daemon.feed(2, 64) as feed:
+        next(feed)  # a batch: the worker (and the fork server) loaded the tokenizer
     shutil.rmtree(tmp_path / "tok")  # every new worker now fails to load the tokenizer
     # ...once the fork server that preloaded it is gone too (it is restarted, and finds
     # no tokenizer to preload): kill both.
