@@ -68,9 +68,9 @@ def start_serving(procs: list[subprocess.Popen[bytes]], url: str, workers: int,
     return proc, run_dir
 
 
-def worker_children(pid: int) -> list[int]:
-    """Pids of `pid`'s spawned worker processes (their command line names spawn_main)."""
-    found = []
+def children(pid: int) -> dict[int, bytes]:
+    """pid -> command line of each of `pid`'s child processes."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -79,9 +79,15 @@ def worker_children(pid: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
-        if ppid == pid and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
+        if ppid == pid:
+            found[int(entry.name)] = cmdline
     return found
+
+
+def worker_children(pid: int) -> list[int]:
+    """Pids of `pid`'s worker processes: the children of its fork server."""
+    servers = [c for c, cmd in children(pid).items() if b"forkserver" in cmd]
+    return [w for server in servers for w in children(server)]
 
 
 def wait_for_workers_before_serving(proc: subprocess.Popen[bytes], run_dir: Path,
