@@ -6,14 +6,14 @@ creates and unlinks every shared-memory segment (names `tokenfeed-<id>-...`),
 and runs a single-threaded poll loop: control messages, finished tasks, dead
 workers, scheduling (scheduler.py), packing and announcing (registry.py),
 heartbeats. The worker pool lives in pool.py, the streams and their consumers in
-registry.py, the control ops in ops.py and what an attach may start from in
-admission.py; this module owns their lifecycle and runs the loop.
+registry.py, the control ops in ops.py, what an attach may start from in
+admission.py, the data served in served.py; this module owns their lifecycle and
+runs the loop.
 
-Start-up takes an exclusive lock on `<run_dir>/daemon.lock`, so one daemon serves
-a run dir; holding it also proves any predecessor is dead, so the segments named
-in its `daemon.json` are unlinked before anything else happens (no manual
-clean-up after a crash or `kill -9`); so are this user's segments of any daemon
-that is provably dead, whatever its run dir (producer/owners.py).
+Start-up takes the run dir (rundir.py: one daemon a run dir, and a dead
+predecessor's segments and sockets removed first, so no manual clean-up after a
+crash or `kill -9`); this user's segments of any daemon that is provably dead,
+whatever its run dir, go too (producer/owners.py).
 
 Failure behaviour: malformed or unknown control messages get an `error` reply and
 never stop the loop; SIGTERM/SIGINT/`stop` tell every consumer `shutdown`, join
@@ -22,8 +22,6 @@ the workers, unlink every segment and remove the sockets.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import signal
@@ -34,34 +32,26 @@ from typing import Any
 import zmq
 
 from tokenfeed.common import protocol
-from tokenfeed.common.config import (
-    CONTROL_SOCKET_NAME,
-    WORKER_SOCKET_NAME,
-    control_address,
-    ensure_private_dir,
-    ipc_address,
-)
+from tokenfeed.common.config import WORKER_SOCKET_NAME, control_address, ipc_address
 from tokenfeed.common.control import error_kind
-from tokenfeed.common.errors import ConfigError, ProtocolError, TokenfeedError
-from tokenfeed.common.exclude import read_exclude_file
+from tokenfeed.common.errors import ProtocolError, TokenfeedError
 from tokenfeed.common.ring import token_dtype
-from tokenfeed.common.shm import ring_budget_warning, unlink_daemon_segments
-from tokenfeed.producer import exclude, ops
-from tokenfeed.producer.admission import Admission, cache_key
+from tokenfeed.common.shm import ring_budget_warning
+from tokenfeed.producer import ops
+from tokenfeed.producer.admission import Admission
 from tokenfeed.producer.backends import verified_backend
 from tokenfeed.producer.cache import TokenCache
 from tokenfeed.producer.config import PARITY_SAMPLE_BYTES, DaemonConfig, max_workers
-from tokenfeed.producer.dataset import combined_fingerprint, scan_dataset
-from tokenfeed.producer.filters import Filter
 from tokenfeed.producer.logs import set_daemon_id
 from tokenfeed.producer.metrics import MetricsServer, check_available
 from tokenfeed.producer.owners import new_daemon_id, remove_stale_segments
 from tokenfeed.producer.pool import Failure, Result, WorkerPool
-from tokenfeed.producer.recipe import check_disjoint
 from tokenfeed.producer.registry import StreamRegistry
+from tokenfeed.producer.rundir import RunDir
 from tokenfeed.producer.scheduler import schedule
+from tokenfeed.producer.served import data_description, scan
 from tokenfeed.producer.storage import storage_summary
-from tokenfeed.producer.telemetry import advice, totals, worker_summary
+from tokenfeed.producer.telemetry import advice, totals, val_store_stats, worker_summary
 from tokenfeed.producer.tokenizer import load_tokenizer
 from tokenfeed.producer.valstore import ValStore
 
@@ -69,8 +59,6 @@ log = logging.getLogger(__name__)
 
 LOOP_TICK_S = 0.05
 EARLY_WORKERS = 64  # spawned before the data is read; more follow from the loop
-LOCK_NAME = "daemon.lock"
-INFO_NAME = "daemon.json"
 
 
 class _StopDuringStart(BaseException):
@@ -82,9 +70,8 @@ class _StopDuringStart(BaseException):
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.run_dir = config.run_dir
         self.stopping: str | None = None
-        self._lock_fd: int | None = None
+        self.rundir = RunDir(config.run_dir)
         self.started = time.time()
         self.worker_restarts = 0  # workers that died (not retired) and were replaced
         self.tokens_tokenized = 0  # tokens workers returned (status: per worker-second)
@@ -93,39 +80,9 @@ class Daemon:
 
     # -- start-up -----------------------------------------------------------
 
-    def _take_lock(self) -> None:
-        ensure_private_dir(self.run_dir)
-        fd = os.open(self.run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            info = self._read_info()
-            raise ConfigError(
-                f"a tokenfeed daemon (pid {info.get('pid', '?')}) already serves {self.run_dir}; "
-                f"stop it with `tokenfeed stop --run-dir {self.run_dir}` or pass another --run-dir"
-            ) from None
-        self._lock_fd = fd
-
-    def _read_info(self) -> dict[str, Any]:
-        try:
-            info: dict[str, Any] = json.loads((self.run_dir / INFO_NAME).read_text())
-            return info
-        except (OSError, ValueError):
-            return {}
-
-    def _clean_predecessor(self) -> None:
-        old = self._read_info().get("daemon_id")
-        if old:
-            removed = unlink_daemon_segments(str(old))
-            if removed:
-                log.warning("removed %d segments left by crashed daemon %s", len(removed), old)
-        for name in (CONTROL_SOCKET_NAME, WORKER_SOCKET_NAME):
-            (self.run_dir / name).unlink(missing_ok=True)
-
     def _check_flags(self) -> None:
         """What can be checked without the data, before anything else happens."""
-        control_address(self.run_dir)
+        control_address(self.rundir.path)
         if self.config.metrics_port is not None:
             check_available()
 
@@ -140,15 +97,15 @@ class Daemon:
         and the error is the same one line as before (nothing was served).
         """
         cfg = self.config
-        self._take_lock()
-        self._clean_predecessor()
+        self.rundir.take()
         remove_stale_segments()  # of killed daemons on any run dir (Slurm: one per job)
         self.daemon_id = new_daemon_id()
         set_daemon_id(self.daemon_id)
-        self._write_info()
+        self.rundir.write_info(daemon_id=self.daemon_id, started=self.started,
+                               data_dir=data_description(cfg, None), tokenizer=cfg.tokenizer)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.pool = WorkerPool(
-            self.ctx, ipc_address(self.run_dir, WORKER_SOCKET_NAME),
+            self.ctx, ipc_address(self.rundir.path, WORKER_SOCKET_NAME),
             daemon_id=self.daemon_id, tokenizer_spec=cfg.tokenizer, bos=cfg.bos,
             nice=cfg.worker_nice,
         )
@@ -164,47 +121,18 @@ class Daemon:
         loading = ThreadPoolExecutor(1, thread_name_prefix="tokenfeed-tokenizer")
         try:
             tokenizer = loading.submit(load_tokenizer, cfg.tokenizer, cfg.bos)
-            self._scan()
+            self.served = scan(cfg)
             self.tokenizer = tokenizer.result()
         finally:
             loading.shutdown(wait=True, cancel_futures=True)
+        self.weights = dict(self.served.weights)  # live: `tokenfeed mix` replaces it (ops.py)
         self.itemsize = token_dtype(self.tokenizer.n_vocab).itemsize
-        share = PARITY_SAMPLE_BYTES // len(self.datasets)
         self.backend = verified_backend(
             self.tokenizer, cfg.tokenizer_backend,
-            [t for d in self.datasets.values() for t in d.sample_texts(share)]
+            self.served.sample_texts(PARITY_SAMPLE_BYTES)
             if cfg.tokenizer_backend != "tiktoken" else [],  # tiktoken needs no parity check
             cfg.on_backend_mismatch,
         )
-
-    def _scan(self) -> None:
-        """The sources' plans, and what is checked against them (exclusions, filters)."""
-        cfg = self.config
-        self.datasets = {src.name: scan_dataset(src.data, text_column=src.text_column or "",
-                                                val_files=cfg.val_files, manifest=cfg.manifest,
-                                                cache_dir=cfg.cache_dir)
-                         for src in cfg.source_list()}
-        self.weights = cfg.default_weights()  # a mixture's, when a consumer names none
-        if cfg.schedule is not None:  # the schedule's weights at its start
-            self.weights = dict(zip(cfg.schedule.names, cfg.schedule.weights(0), strict=True))
-        check_disjoint({n: [*d.splits["train"].files, *d.splits["val"].files]
-                        for n, d in self.datasets.items()})
-        # serve --exclude: documents no stream delivers, checked against the data now
-        self.exclusion = (exclude.resolve(read_exclude_file(cfg.exclude), self.datasets,
-                                          str(cfg.exclude)) if cfg.exclude else exclude.NONE)
-        self.filters = {src.name: Filter.parse(src.filter) for src in cfg.source_list()
-                        if src.filter is not None}  # checked against columns at attach
-        self.fingerprint = combined_fingerprint(self.datasets)
-
-    def _write_info(self) -> None:
-        """daemon.json, before the first segment exists: a daemon killed while it still
-        scans is cleaned up by the next start like any other."""
-        cfg = self.config
-        info = {"daemon_id": self.daemon_id, "pid": os.getpid(), "started": self.started,
-                "data_dir": self._data_description(), "tokenizer": cfg.tokenizer}
-        tmp = self.run_dir / f"{INFO_NAME}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, self.run_dir / INFO_NAME)  # readers never see a half-written file
 
     def _setup(self) -> None:
         cfg = self.config
@@ -219,18 +147,16 @@ class Daemon:
         # cache_key(text column, filter) -> its cache (keys hold it: admission.cache_key)
         self.caches: dict[str, TokenCache] = {}
         if cfg.cache_dir is not None:
-            for key in sorted({cache_key(d.text_column, self.filters.get(n))
-                               for n, d in self.datasets.items()}):
+            for key in self.served.cache_keys():
                 self.caches[key] = TokenCache(cfg.cache_dir, cfg.cache_bytes,
                                               self.tokenizer.identity, self.itemsize, key)
         # Without a token cache, the val split's row groups are kept in memory instead, so
         # a fixed validation set is tokenized once (valstore.py).
         self.val_stores = {} if self.caches else {
-            column: ValStore(cfg.val_memory_bytes)
-            for column in sorted({d.text_column for d in self.datasets.values()})}
-        self.admission = Admission(self.datasets, self.tokenizer, self.caches, self.val_stores,
-                                   curve=cfg.schedule, limits=dict(cfg.limits),
-                                   filters=self.filters,
+            column: ValStore(cfg.val_memory_bytes) for column in self.served.text_columns()}
+        self.admission = Admission(self.served.datasets, self.tokenizer, self.caches,
+                                   self.val_stores, curve=cfg.schedule, limits=dict(cfg.limits),
+                                   filters=self.served.filters,
                                    allow_filter_changes=cfg.allow_filter_changes)
         self.registry = StreamRegistry(
             daemon_id=self.daemon_id, itemsize=self.itemsize, slots=cfg.slots,
@@ -242,23 +168,12 @@ class Daemon:
             self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port)
             self.metrics.publish(self.status())
             log.info("metrics at %s", self.metrics.url)
-        self.control.bind(control_address(self.run_dir))
-        for name, d in self.datasets.items():
+        self.control.bind(control_address(self.rundir.path))
+        for name, d in self.served.datasets.items():
             log.info("source %s: %s (train %d row groups, val %d)", name, d.root,
                      len(d.splits["train"]), len(d.splits["val"]))
         log.info("serving with %s (%s), %d workers, at %s", self.tokenizer.name, self.backend,
-                 cfg.workers, control_address(self.run_dir))
-
-    def _data_description(self) -> str:
-        if self.config.data_dir is not None:
-            return str(self.config.data_dir)
-        if not hasattr(self, "datasets"):  # daemon.json is written before the scan
-            return " ".join(f"{s.name}={s.data}" for s in self.config.source_list())
-        return " ".join(f"{n}={d.root}" for n, d in self.datasets.items())
-
-    @property
-    def cache(self) -> TokenCache | None:
-        return next(iter(self.caches.values()), None)
+                 cfg.workers, control_address(self.rundir.path))
 
     # -- main loop ----------------------------------------------------------
 
@@ -383,21 +298,17 @@ class Daemon:
             "uptime_s": time.time() - self.started,
             "started": self.started,
             "metrics_url": self.metrics.url if self.metrics is not None else None,
-            "data_dir": self._data_description(),
-            "sources": {n: {"path": str(d.root), "text_column": d.text_column,
-                            "weight": self.weights.get(n),
-                            **({"filter": self.filters[n].text} if n in self.filters else {})}
-                        for n, d in self.datasets.items()},
+            "data_dir": data_description(self.config, self.served),
+            "sources": self.served.describe(self.weights),
             "tokenizer": self.tokenizer.name,
             "tokenizer_backend": self.backend,
             "workers": worker_summary(self.pool.stats(), self.worker_restarts,
                                       self.tokens_tokenized, self.pool.size),
             "staging": {"bytes": self.registry.staged(),
                         "budget_bytes": self.config.max_staging_bytes},
-            "cache": self.cache.stats() if self.cache is not None else None,
-            "val_store": _val_store_stats(getattr(self, "val_stores", {})),
-            "exclude": ({"sha256": self.exclusion.sha256, "documents": len(self.exclusion)}
-                        if len(self.exclusion) else None),
+            "cache": next((c.stats() for c in self.caches.values()), None),  # the first one
+            "val_store": val_store_stats(getattr(self, "val_stores", {})),
+            "exclude": self.served.describe_exclusion(),
             "storage": storage_summary(self.pool.stats()),
             "tokens_delivered": self.registry.tokens_delivered,
             "streams": streams,
@@ -410,12 +321,11 @@ class Daemon:
     # -- shutdown -----------------------------------------------------------
 
     def _teardown(self) -> None:
-        if self._lock_fd is None:  # another daemon holds the run dir: nothing here is ours
+        if not self.rundir.owned:  # another daemon holds the run dir: nothing here is ours
             return
         reason = self.stopping or "daemon exiting"
         if hasattr(self, "registry"):  # a start refused before serving says only why (cli)
             log.info("shutting down (%s)", reason)
-        if hasattr(self, "registry"):
             for identity in list(self.registry.peers):
                 self.send(identity, "shutdown", reason=reason)
         if self.metrics is not None:
@@ -430,22 +340,7 @@ class Daemon:
             self.control.close(linger=500)  # let the shutdown notices reach the consumers
         if hasattr(self, "ctx"):
             self.ctx.term()
-        for name in (CONTROL_SOCKET_NAME, WORKER_SOCKET_NAME, INFO_NAME):
-            (self.run_dir / name).unlink(missing_ok=True)
-        if hasattr(self, "daemon_id"):
-            unlink_daemon_segments(self.daemon_id)  # anything a code path above missed
-        os.close(self._lock_fd)
-
-
-def _val_store_stats(stores: dict[str, ValStore]) -> dict[str, int] | None:
-    """The val stores' counters, summed over text columns (None: a token cache serves)."""
-    if not stores:
-        return None
-    total: dict[str, int] = {}
-    for store in stores.values():
-        for key, value in store.stats().items():
-            total[key] = total.get(key, 0) + int(value)
-    return total
+        self.rundir.release(getattr(self, "daemon_id", None))  # sockets, segments, lock
 
 
 def serve(config: DaemonConfig) -> None:

@@ -131,7 +131,8 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     if d.pool.broken:
         raise StreamFailedError(d.pool.broken)
     start = d.admission.start(spec, msg, d.weights)
-    listed = exclude.for_attach(msg, d.datasets, d.exclusion)  # the daemon's and the feed's
+    # the daemon's exclusion list and the feed's
+    listed = exclude.for_attach(msg, d.served.datasets, d.served.exclusion)
     start = exclude.admit(start, msg.get("start"), listed)
     sources = [dataclasses.replace(s, exclude=listed.rows(s.name))
                for s in d.admission.sources(start, spec.split)]
@@ -168,7 +169,7 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
         reply = d.peers.encode(
             identity, "attached", stream=stream.sid, ring=stream.ring.segment.name,
             slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
-            start_seq=seq, start=start_cursor, fingerprint=d.fingerprint,
+            start_seq=seq, start=start_cursor, fingerprint=d.served.fingerprint,
             tokenizer=d.tokenizer_facts(), **({"skipped": skip} if skip else {}),
             **({"provenance": True} if provenance else {}),
         )

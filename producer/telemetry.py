@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenfeed.producer.valstore import ValStore
 
 WINDOW_S = 10.0  # rates over the last 10 s: steady enough to read, recent enough to act on
 STALL_ADVICE_SHARE = 0.01  # a trainer waiting 1% of its time for data deserves a line
@@ -137,6 +141,17 @@ def worker_summary(pool: dict[str, Any], restarts: int, tokens_tokenized: float,
     busy_s = float(pool.get("read_s", 0.0)) + float(pool.get("tokenize_s", 0.0))
     return {**pool, "count": size, "restarts": restarts, "tokens_tokenized": tokens_tokenized,
             "tokens_per_worker_cpu_s": tokens_tokenized / busy_s if busy_s > 0 else None}
+
+
+def val_store_stats(stores: Mapping[str, ValStore]) -> dict[str, int] | None:
+    """The val stores' counters, summed over text columns (None: a token cache serves)."""
+    if not stores:
+        return None
+    total: dict[str, int] = {}
+    for store in stores.values():
+        for key, value in store.stats().items():
+            total[key] = total.get(key, 0) + int(value)
+    return total
 
 
 def _label(s: dict[str, Any]) -> str:
