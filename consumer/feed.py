@@ -23,12 +23,11 @@ at its first batch, and the daemon serves rounds after the first from memory or 
 token cache (producer/valstore.py).
 
 Failure behaviour: a daemon that shuts down or goes silent makes `next()` raise
-`DaemonGoneError` within DAEMON_SILENCE_S (after the batches already prepared),
-or, with `reconnect_s > 0`, wait that long for a daemon to answer on the run dir
-again (a systemd restart, say; the constructor waits as long for a daemon that is
-still starting) and re-attach at the position after the last
-batch returned, so the trainer continues as if nothing happened; no batch for
-`stall_timeout_s` while the daemon is alive raises `TimeoutError`.
+`DaemonGoneError` within DAEMON_SILENCE_S (after the batches already prepared), or,
+with `reconnect_s > 0`, wait that long for a daemon on the run dir and re-attach after
+the last batch returned (consumer/reconnect.py; the constructor waits as long for a
+daemon still starting);
+no batch for `stall_timeout_s` while the daemon is alive raises `TimeoutError`.
 Tensors handed out are never written again by tokenfeed.
 """
 
@@ -66,7 +65,7 @@ from tokenfeed.common.errors import (
 )
 from tokenfeed.common.exclude import exclude_fields
 from tokenfeed.common.ring import Ring
-from tokenfeed.consumer import lifetime
+from tokenfeed.consumer import lifetime, reconnect
 from tokenfeed.consumer import provenance as records
 from tokenfeed.consumer.attach import attach
 from tokenfeed.consumer.docinfo import doc_info
@@ -206,9 +205,7 @@ class TokenFeed:
             raise StopIteration
         called = time.perf_counter()
         if self._link is not None:  # the step since the last return ends; a wait begins
-            stall_s, step_s, mark, _ = self._link.timing
-            step_s += called - mark if mark is not None else 0.0
-            self._link.timing = (stall_s, step_s, called, True)
+            self._link.wait_begins(called)
         link = self._link if self._link is not None else self._attach()
         try:
             item = link.batches.get_nowait()
@@ -218,7 +215,8 @@ class TokenFeed:
             except DaemonGoneError as gone:
                 if self.reconnect_s <= 0:
                     raise
-                link, item = self._wait_reconnecting(gone)
+                link, item = reconnect.next_batch(gone, self.reconnect_s,
+                                                  self.stall_timeout_s, self._reconnect)
         if item.event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(item.event)
@@ -231,9 +229,7 @@ class TokenFeed:
         self.batches_returned += 1
         self.round_batches += 1
         # The wait ends, a step begins (a new link, after an attach, counts from zero).
-        returned = time.perf_counter()
-        stall_s, step_s, _, _ = link.timing
-        link.timing = (stall_s + returned - called, step_s, returned, False)
+        link.wait_ends(called, time.perf_counter())
         if self.doc_info:  # computed on the batch's device, on the caller's stream
             return item.inputs, item.targets, doc_info(item.inputs, self.bos_id)
         return item.inputs, item.targets
@@ -274,27 +270,13 @@ class TokenFeed:
                 return
             yield batch
 
-    def _wait_reconnecting(self, gone: DaemonGoneError) -> tuple[Link, Any]:
-        """Re-attach and wait for the next batch, again and again for `reconnect_s`: the
-        daemon may restart (or drop this consumer) again while it re-attaches."""
-        deadline = time.monotonic() + self.reconnect_s
-        while True:
-            try:
-                link = self._reconnect(gone)
-                return link, link.next_batch(self.stall_timeout_s)
-            except (DaemonGoneError, DaemonUnavailableError) as again:
-                if time.monotonic() > deadline:
-                    raise
-                gone = again if isinstance(again, DaemonGoneError) else gone
-
     def _reconnect(self, gone: DaemonGoneError) -> Link:
         """Wait for a daemon on the run dir and re-attach after the last batch returned."""
         log.warning("%s; waiting up to %.0f s for a daemon to re-attach", gone, self.reconnect_s)
         self._drop_link()
         if self._cursor is not None:
             self._start = self._cursor
-        self._expect = {"fingerprint": self._info.get("fingerprint"),
-                        "tokenizer": self._info.get("tokenizer", {}).get("identity")}
+        self._expect = reconnect.expected(self._info)
         try:
             self._wait_for_daemon(self.reconnect_s)
         except DaemonUnavailableError:

@@ -114,6 +114,18 @@ class Link(threading.Thread):
                     "check `tokenfeed status` (workers, stream errors)"
                 )
 
+    def wait_begins(self, now: float) -> None:
+        """next() was called at `now` (perf_counter): the caller's step since the last
+        return ends, its wait begins."""
+        stall_s, step_s, mark, _ = self.timing
+        step_s += now - mark if mark is not None else 0.0
+        self.timing = (stall_s, step_s, now, True)
+
+    def wait_ends(self, called: float, now: float) -> None:
+        """next(), called at `called`, returns at `now`: its wait ends, a step begins."""
+        stall_s, step_s, _, _ = self.timing
+        self.timing = (stall_s + now - called, step_s, now, False)
+
     def seconds(self) -> tuple[float, float]:
         """The caller's stall and step seconds so far, the interval now open included."""
         stall_s, step_s, mark, inside = self.timing

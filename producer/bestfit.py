@@ -60,9 +60,9 @@ tokens.
 
 Position (position/packed.py's BestFitPosition, right after the last window): the next
 document to read `(u, d)`, the documents read into the buffer so far, and the buffer's
-pieces, compact (bestfit_codec.py). `(u, d)` is never `d == documents in u` (that is
-`(u + 1, 0)`), so a position is canonical and depends only on the windows cut, never
-on how far ahead units were pushed.
+pieces, compact (bestfit_codec.py; their references kept in bestfit_refs.py's table).
+`(u, d)` is never `d == documents in u` (that is `(u + 1, 0)`), so a position is
+canonical and depends only on the windows cut, never on how far ahead units were pushed.
 
 Resume: the packer starts at the earliest unit the position names (`next_unit`),
 resolves the buffer's references as those units are pushed and reads documents
@@ -102,7 +102,6 @@ offset past the end) raises `StateMismatchError` from `push`.
 from __future__ import annotations
 
 import sys
-from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -114,6 +113,7 @@ import numpy as np
 
 from tokenfeed.common.errors import ConfigError, StateMismatchError
 from tokenfeed.producer import bestfit_codec
+from tokenfeed.producer.bestfit_refs import RefTable
 from tokenfeed.producer.position import BestFitPosition
 
 DEFAULT_BUFFER_DOCS = 1000  # nanochat's buffer_size
@@ -192,18 +192,8 @@ class BestFitPacker:
             self._unresolved.setdefault(u, []).append(c)
         heapify(self._ages)
         self._counter = len(self._pieces)
-        # Every piece's (unit, doc, start, born) at row c - _base for counter c, and
-        # whether that piece is still buffered: the position gathers the buffer's rows
-        # with one numpy index each window instead of walking the buffer's tuples in
-        # Python (which took as long as packing the window). Counters grow with insertion,
-        # so counter order is buffer order. Rows are appended while packing (`_new_refs`,
-        # flat int64s; `_gone`: counters placed) and moved into the arrays once a window.
-        self._new_refs = array("q", [v for p in start.pieces for v in p])
-        self._gone = array("q")
-        self._refs = np.empty((max(4 * buffer_docs, 16), 4), dtype=np.int64)
-        self._alive = np.zeros(len(self._refs), dtype=bool)
-        self._rows = 0  # rows of _refs in use
-        self._base = 0
+        # Every piece's reference, for the position: one numpy index a window (bestfit_refs.py)
+        self._refs = RefTable(buffer_docs, start.pieces)
         self._pending: deque[_Unit] = deque()  # pushed units with documents still to read
         self._pending_tokens = 0
         self.next_unit = min([unit, *self._unresolved])
@@ -324,7 +314,7 @@ class BestFitPacker:
         attribute writes were a fifth of their cost.
         """
         keys, pieces, ages, pending = self._keys, self._pieces, self._ages, self._pending
-        new_refs, gone = self._new_refs, self._gone
+        new_refs, gone = self._refs.new, self._refs.gone
         cap, min_tail = self.row_tokens, self.min_tail
         buffer_docs, max_age_docs = self.buffer_docs, self.max_age_docs
         ages_cap = 4 * buffer_docs  # rebuilt from the buffer past this: O(1) amortized
@@ -427,31 +417,7 @@ class BestFitPacker:
 
     def _position(self) -> BestFitPosition:
         # Here, not later: packing runs ahead of the last window filled.
-        if self._new_refs:
-            new = np.array(self._new_refs, dtype=np.int64).reshape(-1, 4)
-            del self._new_refs[:]
-            rows = self._rows
-            if rows + len(new) > len(self._refs):
-                # rows of pieces older than the buffer's oldest are dropped to make room
-                alive = np.flatnonzero(self._alive[:rows])
-                dead = int(alive[0]) if len(alive) else rows
-                refs, flags = self._refs[dead:rows].copy(), self._alive[dead:rows].copy()
-                if len(refs) + len(new) > len(self._refs) // 2:
-                    size = 2 * (len(refs) + len(new))
-                    self._refs = np.empty((size, 4), dtype=np.int64)
-                    self._alive = np.zeros(size, dtype=bool)
-                rows = len(refs)
-                self._refs[:rows] = refs
-                self._alive[:rows] = flags
-                self._alive[rows:] = False
-                self._base += dead
-            self._refs[rows : rows + len(new)] = new
-            self._alive[rows : rows + len(new)] = True
-            self._rows = rows + len(new)
-        if self._gone:
-            self._alive[np.array(self._gone, dtype=np.int64) - self._base] = False
-            del self._gone[:]
-        refs = self._refs[: self._rows][self._alive[: self._rows]]
+        refs = self._refs.alive()
         unit, docs_read = self._read[0], self._docs_read
         first = min(unit, int(refs[:, 0].min())) if len(refs) else unit
         buffer = bestfit_codec.encode(refs, unit, docs_read)
