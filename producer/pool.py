@@ -43,7 +43,12 @@ from tokenfeed.common.errors import ProtocolError, TokenfeedError
 from tokenfeed.common.protocol import TaskKey
 from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment, segment_name
-from tokenfeed.producer.worker import PRELOAD_ENV, worker_main, worker_niceness
+from tokenfeed.producer.worker import (
+    NO_TOKENIZER_EXIT,
+    PRELOAD_ENV,
+    worker_main,
+    worker_niceness,
+)
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +401,9 @@ class WorkerPool:
         code = w.process.exitcode
         self._remove(w)
         if not w.ready and not w.retiring:
-            self._count_start_failure(f"last exit code {code}")
+            self._count_start_failure(
+                "the tokenizer did not load" if code == NO_TOKENIZER_EXIT
+                else f"last exit code {code}")
         if not w.retiring:
             log.warning("worker %d died (exit code %s); a new one replaces it", w.wid, code)
         return [Failure(t, f"worker {w.wid} died with exit code {code}")

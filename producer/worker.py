@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import zmq
 
 from tokenfeed.common import protocol
-from tokenfeed.common.errors import ProtocolError
+from tokenfeed.common.errors import ProtocolError, TokenizerError
 from tokenfeed.common.ring import token_dtype_of_size
 from tokenfeed.common.shm import Segment
 from tokenfeed.producer.backends import make_encoder
@@ -56,6 +56,7 @@ from tokenfeed.producer.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 PARENT_CHECK_MS = 1000
+NO_TOKENIZER_EXIT = 3  # a worker's exit code when its tokenizer does not load
 PRELOAD_ENV = "TOKENFEED_WORKER_PRELOAD"  # the fork server's tokenizer (worker_preload.py)
 OPEN_FILES = 8  # ParquetFile objects kept open: footers are re-parsed otherwise
 
@@ -250,7 +251,12 @@ def worker_main(
             os.setpriority(os.PRIO_PROCESS, 0, target)
     from tokenfeed.producer.worker_preload import preloaded  # the fork server's copy
 
-    tokenizer = preloaded(tokenizer_spec, bos) or load_tokenizer(tokenizer_spec, bos)
+    try:
+        tokenizer = preloaded(tokenizer_spec, bos) or load_tokenizer(tokenizer_spec, bos)
+    except TokenizerError:
+        # Workers start before the daemon has checked its tokenizer; the daemon reports
+        # a bad one in one line (and the pool names this exit code), so no traceback here.
+        os._exit(NO_TOKENIZER_EXIT)
     encoders: dict[str, EncodeBatch] = {}  # by backend name: one, in practice
 
     def encoder(backend: str) -> EncodeBatch:
