@@ -284,6 +284,7 @@ def test_positions_do_not_depend_on_push_timing(config: Config) -> None:
 
 @pytest.mark.parametrize("config", [  # the first four (every feature) fast, the rest slow
     *CONFIGS[:4], *(pytest.param(c, marks=pytest.mark.slow) for c in CONFIGS[4:])])
+@pytest.mark.slow
 def test_resume_from_every_third_position_reproduces_the_rest(
     config: Config,
 ) -> None:
@@ -317,6 +318,7 @@ def oldest_reference(position: BestFitPosition) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("max_age_docs", [0, 16, 64, 300])
+@pytest.mark.slow
 def test_age_rule_bounds_how_far_the_oldest_reference_trails(max_age_docs: int) -> None:
     # No piece outlives max_age_docs + 1 documents read (buffer_docs when larger: the
     # buffer itself spans that many), so resume re-reads only the units they span.
@@ -341,6 +343,7 @@ def test_without_the_age_rule_the_oldest_reference_trails_by_the_whole_run() -> 
 
 
 @pytest.mark.parametrize("max_age_docs", [16, pytest.param(64, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_resume_late_in_a_long_run_reproduces_the_rest_from_near_the_read_unit(
     max_age_docs: int,
 ) -> None:
@@ -692,6 +695,7 @@ def test_bestfit_status_reports_tokens_packed_and_cropped(start_daemon):
 
 @pytest.mark.parametrize(("shuffle_seed", "workers"), [  # a shuffled one: test_state_fixtures
     (None, 1), pytest.param(7, 3, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_bestfit_resume_on_a_new_daemon_continues_bit_identically(
     start_daemon, bestfit_oracle, shuffle_seed, workers
 ):

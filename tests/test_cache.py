@@ -93,6 +93,7 @@ def test_bestfit_from_the_cache_is_exact(start_daemon, tmp_path, bestfit_oracle)
         assert daemon.status()["streams"][0]["units_cached"] > 0
 
 
+@pytest.mark.slow
 def test_a_second_daemon_serves_from_the_first_ones_cache(start_daemon, oracle, tmp_path):
     cache = tmp_path / "cache"
     want = oracle(batch_size=B, seq_len=T, n=20)
@@ -129,6 +130,7 @@ def test_damaged_entries_are_detected_and_rebuilt(start_daemon, oracle, corpus, 
         assert path.stat().st_size == size, f"{path.name} was not rebuilt"
 
 
+@pytest.mark.slow
 def test_two_daemons_filling_one_cache_at_once_never_read_a_partial_entry(start_daemon, oracle,
                                                                          tmp_path):
     cache = tmp_path / "cache"
@@ -167,6 +169,7 @@ def test_the_cache_stays_within_its_bound(start_daemon, tmp_path):
 
 
 @pytest.mark.parametrize("action", ["info", "clear"])
+@pytest.mark.slow
 def test_cache_command_reports_and_clears(start_daemon, tmp_path, action):
     cache = tmp_path / "cache"
     daemon = start_daemon(*cache_args(cache), workers=1)

@@ -87,6 +87,7 @@ def test_consumer_of_a_daemon_restarted_at_once_gets_detached_saying_so(start_da
 
 
 @pytest.mark.parametrize("state", [{}, None, {"version": 1}, "state"])
+@pytest.mark.slow
 def test_load_state_dict_of_something_else_is_a_state_mismatch(start_daemon, state):
     daemon = start_daemon(workers=1)
     with daemon.feed(2, 64) as feed, pytest.raises(StateMismatchError, match="state_dict"):
@@ -136,6 +137,7 @@ OTHER_SHM_CONSUMER = textwrap.dedent("""
 
 @pytest.mark.skipif(not _can_mount_private_tmpfs(),
                     reason="needs root and unshare -m to mount a private tmpfs on /dev/shm")
+@pytest.mark.slow
 def test_trainer_with_another_dev_shm_is_told_it_does_not_share_it(start_daemon):
     daemon = start_daemon(workers=1)
     script = "mount -t tmpfs -o size=1m tokenfeed-test /dev/shm && exec \"$0\" \"$@\""

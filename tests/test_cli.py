@@ -112,6 +112,7 @@ def test_stop_command_stops_the_daemon_cleanly(start_daemon):
     assert daemon.segments() == []
 
 
+@pytest.mark.slow
 def test_demo_on_given_data_runs_and_leaves_nothing_behind(corpus: Path):
     """The demo's run at small scale; the default demo, corpus build included, is slow."""
     before = set(p.name for p in SHM_DIR.glob("tokenfeed-*"))

@@ -85,6 +85,7 @@ def positions(corpus):
     pytest.param(2, 5, "concat", None, marks=pytest.mark.slow),
     pytest.param(4, 3, "bestfit", None, marks=pytest.mark.slow), (2, 5, "bestfit", 3),
 ])
+@pytest.mark.slow
 def test_elastic_resume_matches_the_oracle(start_daemon, positions, corpus, encoding, old_world,
                                            new_world, packing, seed):
     k, n = 10, 12

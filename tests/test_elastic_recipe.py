@@ -130,6 +130,7 @@ def test_a_budget_counts_on_from_the_old_ranks_mean_across_an_elastic_resume(
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.slow
 def test_a_schedule_goes_on_from_the_old_ranks_mean_and_a_new_rank_resumes_exactly(
         start_daemon, corpus, tmp_path, packing):  # noqa: F811
     kw = {"packing": "bestfit", "buffer_docs": 8} if packing == "bestfit" else {}
@@ -167,6 +168,7 @@ def test_a_schedule_goes_on_from_the_old_ranks_mean_and_a_new_rank_resumes_exact
                 np.testing.assert_array_equal(y.numpy(), batches[i][1].numpy())
 
 
+@pytest.mark.slow
 def test_an_elastic_resume_under_another_recipe_is_refused_naming_both(
         start_daemon, corpus, tmp_path):  # noqa: F811
     mix = mix_file(tmp_path / "mix.toml", corpus, "")
@@ -184,6 +186,7 @@ def test_an_elastic_resume_under_another_recipe_is_refused_naming_both(
 
 
 @pytest.mark.parametrize("how", ["mix=", "mix --set"])
+@pytest.mark.slow
 def test_after_a_live_change_the_new_ranks_keep_the_set_weights(
         start_daemon, corpus, tmp_path, how):  # noqa: F811
     ramp = RAMP.replace("130_000", "6_000").replace("30_000", "1_000")

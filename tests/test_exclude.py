@@ -176,6 +176,7 @@ def test_a_state_saved_under_a_list_resumes_exactly_under_it(
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.slow
 def test_a_list_begins_exactly_where_a_state_saved_without_one_resumes(
         start_daemon, corpus, encoding, tmp_path, packing):
     """After a loss spike: resume the checkpoint before it, excluding from there on."""
@@ -311,6 +312,7 @@ def test_the_daemons_list_and_the_feeds_add_up(start_daemon, corpus, encoding, t
     ("x.parquet,zero,1", "'zero' is not an integer"),
     ("{not json", "not JSON"),
 ])
+@pytest.mark.slow
 def test_a_malformed_line_fails_at_construction_naming_it(start_daemon, tmp_path, line, fix):
     path = tmp_path / "bad.txt"
     path.write_text(f"# a comment\n\n{line}\n")
@@ -325,6 +327,7 @@ def test_a_malformed_line_fails_at_construction_naming_it(start_daemon, tmp_path
     ("{first},0,100000", "so row 100000 does not exist"),
     ("/not/the/root/{first},0,0", "is not a shard of source 'data'"),
 ])
+@pytest.mark.slow
 def test_an_entry_the_daemon_does_not_serve_fails_at_attach_naming_the_line(
         start_daemon, corpus, tmp_path, entry, fix):
     first = split_files(corpus, "train")[0].name
@@ -399,6 +402,7 @@ def run_scenario(daemon: Any, scenario: str, exclude: Path | None) -> list[list[
 
 @pytest.mark.parametrize("scenario", [
     "shuffled 2 ranks", pytest.param("mixture", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_a_listed_row_is_delivered_exactly_as_a_null_one_would_be(
         start_daemon, corpus, tmp_path, scenario):
     """Shuffled, elastic and mixed streams need nothing of their own: the stream under a

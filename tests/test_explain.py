@@ -113,6 +113,7 @@ def test_best_fit_batches_are_explained_exactly(start_daemon, corpus, encoding, 
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.slow
 def test_shuffled_batches_name_each_documents_row_in_the_file(start_daemon, corpus, encoding,
                                                               capsys, tmp_path, packing):
     # a seed shuffles row groups per epoch and rows inside each (the worker's doc_seed)
@@ -132,6 +133,7 @@ def holey(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.slow
 def test_second_epoch_with_null_rows_is_explained_exactly(start_daemon, holey, encoding,
                                                           capsys, tmp_path, packing):
     daemon = start_daemon(data=holey)
@@ -146,6 +148,7 @@ def test_second_epoch_with_null_rows_is_explained_exactly(start_daemon, holey, e
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.slow
 def test_elastic_resume_4_to_3_is_explained_exactly(start_daemon, corpus, encoding, capsys,
                                                     tmp_path, packing):
     b, t = 2, 32
@@ -176,6 +179,7 @@ WEIGHTS = {"code": 0.3, "web": 0.7}
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.slow
 def test_mixture_after_a_live_reweight_is_explained_exactly(start_daemon, sources, encoding,
                                                             capsys, tmp_path, packing):
     b, t = 4, 256
@@ -202,6 +206,7 @@ def test_mixture_after_a_live_reweight_is_explained_exactly(start_daemon, source
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.slow
 def test_skip_prints_the_state_a_consumer_reaches_that_many_batches_later(
         start_daemon, corpus, encoding, capsys, tmp_path, packing):
     b, t, k = 4, 64, 7

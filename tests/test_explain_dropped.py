@@ -88,6 +88,7 @@ def test_a_state_saved_under_an_exclusion_list_is_explained_exactly(
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.slow
 def test_a_list_begun_at_a_resumed_state_is_explained_exactly(
         start_daemon, corpus, encoding, capsys, tmp_path, packing):
     """The loss-spike case: a state saved without a list, explained with one (the list
@@ -182,6 +183,7 @@ def test_a_state_under_a_serve_filter_is_explained_exactly(
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.slow
 def test_a_per_source_filter_and_a_list_in_a_mixture_are_explained_exactly(
         start_daemon, sources, encoding, capsys, tmp_path, packing):
     web = train_documents(sources["web"])
@@ -216,6 +218,7 @@ def test_a_per_source_filter_and_a_list_in_a_mixture_are_explained_exactly(
     assert seen == {"code", "web"}
 
 
+@pytest.mark.slow
 def test_a_filter_other_than_the_states_is_refused_naming_both(
         start_daemon, corpus, sources, capsys, tmp_path):
     text = "id not in [1, 2, 3]"
@@ -270,6 +273,7 @@ def damaged(corpus: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
+@pytest.mark.slow
 def test_a_row_group_skipped_under_on_error_skip_is_explained_exactly(
         start_daemon, damaged, encoding, capsys, tmp_path, packing):
     daemon = start_daemon("--on-error", "skip", data=damaged)

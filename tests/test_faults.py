@@ -71,6 +71,7 @@ def test_shutdown_error_tells_how_to_resume(start_daemon):
                 next(feed)
 
 
+@pytest.mark.slow
 def test_killed_daemon_is_noticed_by_consumer_and_cleaned_by_next_start(start_daemon, corpus):
     daemon = start_daemon(workers=2)
     feed = daemon.feed(2, 64)
@@ -179,6 +180,7 @@ def test_state_for_another_batch_shape_is_refused(start_daemon):
         feed.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_killed_consumer_is_dropped_and_its_slots_reclaimed_for_the_others(
     start_daemon, oracle, tmp_path
 ):
@@ -258,6 +260,7 @@ def test_feed_without_daemon_fails_fast_with_how_to_start_one(tmp_path):
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.slow
 def test_consumer_dropped_for_silence_is_told_so_not_that_the_daemon_died(start_daemon):
     daemon = start_daemon("--consumer-timeout-s", "2", workers=1)
     consumer = subprocess.Popen(

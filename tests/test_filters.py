@@ -317,6 +317,7 @@ def test_a_filter_on_a_missing_column_or_of_another_type_fails_the_attach(
         next(feed)
 
 
+@pytest.mark.slow
 def test_a_resume_continues_exactly_and_refuses_another_filter(
         start_daemon: Any, scored: Path, encoding: tiktoken.Encoding, tmp_path: Path) -> None:
     expected = expected_windows(scored, encoding, offline_filter, n=12)
@@ -359,6 +360,7 @@ def test_a_resume_continues_exactly_and_refuses_another_filter(
     assert "resuming a state saved under other filters" in allowed.log()
 
 
+@pytest.mark.slow
 def test_the_token_cache_never_serves_a_unit_filtered_another_way(
         start_daemon: Any, scored: Path, encoding: tiktoken.Encoding, tmp_path: Path) -> None:
     """Entries are keyed by the filter: a second filter over the same cache tokenizes
@@ -385,6 +387,7 @@ def test_the_token_cache_never_serves_a_unit_filtered_another_way(
         d.stop()
 
 
+@pytest.mark.slow
 def test_best_fit_packs_exactly_the_kept_documents(
         start_daemon: Any, scored: Path, encoding: tiktoken.Encoding) -> None:
     n = 12

@@ -56,6 +56,7 @@ def test_healthy_ranks_pass_every_check_and_end_together(tmp_path):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_a_rank_stalled_in_next_is_the_same_error_on_every_rank(tmp_path):
     results = run_ranks("stall", tmp_path)
     assert {r["type"] for r in results} == {"JobFeedError"}
@@ -68,6 +69,7 @@ def test_a_rank_stalled_in_next_is_the_same_error_on_every_rank(tmp_path):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_two_failing_ranks_name_the_first_and_the_others(tmp_path):
     results = run_ranks("daemon_gone", tmp_path)
     assert len({r["error"] for r in results}) == 1, results
@@ -78,6 +80,7 @@ def test_two_failing_ranks_name_the_first_and_the_others(tmp_path):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_a_feed_that_ends_on_one_rank_only_is_an_error_everywhere(tmp_path):
     results = run_ranks("ends_early", tmp_path)
     assert len({r["error"] for r in results}) == 1, results
@@ -86,6 +89,7 @@ def test_a_feed_that_ends_on_one_rank_only_is_an_error_everywhere(tmp_path):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_a_rank_whose_process_dies_is_an_error_on_every_other_rank(tmp_path):
     results = run_ranks("rank_dies", tmp_path)
     assert [r["rank"] for r in results] == [1, 2]

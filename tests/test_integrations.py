@@ -59,6 +59,7 @@ def test_stateful_dataloader_resumes_exactly_from_its_own_state_dict(start_daemo
         second.close()
 
 
+@pytest.mark.slow
 def test_dataloader_workers_are_refused_naming_the_fix(start_daemon):
     daemon = start_daemon(workers=1)
     ds = TokenFeedDataset(B, T, run_dir=daemon.run_dir, device="cpu")

@@ -76,6 +76,7 @@ def test_batches_from_s3_equal_batches_from_disk(start_daemon, oracle, corpus, s
             assert_batch_equals(next(feed), want[k], f"batch {k}")
 
 
+@pytest.mark.slow
 def test_a_replaced_object_makes_the_saved_state_fail_naming_it(start_daemon, corpus, s3,
                                                                tmp_path):
     url = upload(s3, corpus, "replaced")

@@ -37,6 +37,7 @@ def proxy(s3: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]: 
         yield p
 
 
+@pytest.mark.slow
 def test_a_start_from_the_manifest_makes_at_most_five_requests_before_serving(
         start_daemon, s3, proxy, tmp_path: Path):  # noqa: F811
     root = write_corpus(tmp_path / "data", {f"shard_{i:03d}.parquet": 2 for i in range(60)})
@@ -53,6 +54,7 @@ def test_a_start_from_the_manifest_makes_at_most_five_requests_before_serving(
     assert with_manifest <= 5, [ln for ln in second.log().splitlines() if "ignoring" in ln]
 
 
+@pytest.mark.slow
 def test_a_restart_with_a_cache_dir_reads_its_own_copy_of_the_manifest(
         start_daemon, s3, proxy, tmp_path: Path):  # noqa: F811
     root = write_corpus(tmp_path / "data", {f"shard_{i:03d}.parquet": 1 for i in range(30)})

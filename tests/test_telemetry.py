@@ -42,6 +42,7 @@ def _consumer(daemon: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("value", ["1.0", -1.0, float("nan"), float("inf"), True, 2.0**60])
+@pytest.mark.slow
 def test_heartbeat_with_a_bad_stall_field_gets_an_error_reply_and_changes_nothing(
         start_daemon, value):
     daemon = start_daemon(workers=1)

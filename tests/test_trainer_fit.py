@@ -94,6 +94,7 @@ def run_ranks(world_size: int, run_dir: Path, ckpt: Path, out: Path, **flags: An
 
 
 @pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_nanochat_loop_resumed_on_a_fresh_daemon_trains_on_the_uninterrupted_sequence(
     start_daemon, nanochat_oracle, tmp_path, world_size
 ):
@@ -213,6 +214,7 @@ def test_a_group_with_tp_peers_gathers_one_state_per_stream_rank():
         (lambda s: [], "non-empty list"),
     ],
 )
+@pytest.mark.slow
 def test_a_malformed_job_state_is_refused_naming_the_entry(start_daemon, edit, match):
     daemon = start_daemon(workers=1)
     states = states_of_two_ranks(daemon, 1)
