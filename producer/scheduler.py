@@ -85,8 +85,14 @@ def schedule(streams: Iterable[Stream], pool: WorkerPool, budget_bytes: int,
         over_budget = staged >= budget_bytes and pool.inflight() > 0
         if over_budget and stream.blocked_reader() is None:
             break
+        reader = next_reader(stream, capacity)
+        served = stream.serve_cached(reader)  # a unit starts here: the cache before workers
+        if served:
+            staged += served
+            wanting[stream.sid] = stream.wants = wants_work(stream, capacity)
+            continue
         try:
-            task = stream.next_task(next_reader(stream, capacity))
+            task = stream.next_task(reader)
         except Exception as e:  # one stream's bad position must not stop the node's feed
             log.exception("stream %d cannot be scheduled", stream.sid)
             stream.error = f"stream {stream.sid} cannot be scheduled: {type(e).__name__}: {e}"

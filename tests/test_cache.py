@@ -130,6 +130,27 @@ def test_damaged_entries_are_detected_and_rebuilt(start_daemon, oracle, corpus, 
         assert path.stat().st_size == size, f"{path.name} was not rebuilt"
 
 
+def test_a_unit_after_a_miss_is_still_taken_from_the_cache(start_daemon, oracle, corpus,
+                                                          tmp_path):
+    """The workers tokenize only what the cache lacks: the unit after a missed one is looked
+    up too, not handed to a worker in the same scheduling pass (where a damaged entry of it
+    would also have been left in place, unseen, rather than rebuilt)."""
+    cache = tmp_path / "cache"
+    want = oracle(batch_size=B, seq_len=T, n=20)
+    facts = fill(start_daemon, cache)  # 20 batches: the whole first epoch is cached
+    (missing,) = first_entries(cache, corpus, facts, 1)
+    missing.unlink()
+    second = start_daemon(*cache_args(cache), workers=2)
+    with second.feed(B, T) as feed:
+        for k in range(20):
+            assert_batch_equals(next(feed), want[k], f"batch {k}")
+        status = second.status()
+    (stream,) = status["streams"]
+    tokenized = stream["units_done"] - stream["units_cached"]
+    assert tokenized == 1, (stream, status["cache"])  # the one unit the cache lacked
+    assert status["cache"]["misses"] == 1 and status["cache"]["corrupt"] == 0, status["cache"]
+
+
 @pytest.mark.slow
 def test_two_daemons_filling_one_cache_at_once_never_read_a_partial_entry(start_daemon, oracle,
                                                                          tmp_path):
