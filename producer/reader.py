@@ -301,11 +301,14 @@ class SourceReader:
         task = result.task
         if self.inflight.pop((task.unit, task.part), None) is None:
             return  # a duplicate (re-run after a worker death that had in fact finished)
-        self.results.setdefault(task.unit, {})[task.part] = result
+        parts = self.results.setdefault(task.unit, {})
+        parts[task.part] = result
         self.staged_bytes += _nbytes(result)
         self.tasks_done += 1
-        self.documents += len(result.doc_starts)
-        self._count_empty(result.skipped)
+        if len(parts) == len(self._parts(task.unit)):  # counted whole: status shows the
+            for part in parts.values():                # counts of a prefix of units read
+                self.documents += len(part.doc_starts)
+                self._count_empty(part.skipped)
         if task.text_bytes > 0:  # learn the corpus's tokens per byte of text for estimates
             ratio = len(result.tokens) / task.text_bytes
             self.tokens_per_text_byte += (ratio - self.tokens_per_text_byte) / min(
