@@ -151,6 +151,11 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     d.registry.forget(identity)
     found = d.registry.find(spec, start, skip)
     if found is not None and provenance and found[0].provenance is None:
+        if msg.get("rejoin") is True:
+            raise ConfigError(
+                "this replica asks for provenance=True but its group's stream does not "
+                "record provenance (the replica that created it did not ask for it); give "
+                "every replica of a group the same provenance= setting")
         found = None  # a stream records from its first unit: a new one, which does
     stream, seq = found if found is not None else (None, 0)
     if stream is None and msg.get("rejoin") is True:

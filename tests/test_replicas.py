@@ -180,3 +180,16 @@ def test_a_replica_back_after_its_group_moved_on_gets_a_clear_error(start_daemon
             paused.wait()
     assert paused.returncode != 0
     assert "no longer in its group's ring" in "".join(errors)
+
+
+def test_a_replica_rejoining_with_provenance_its_group_lacks_is_told_why(start_daemon):
+    from tokenfeed.common.control import request
+
+    daemon = start_daemon(workers=1)
+    with daemon.feed(B, T, replicas=2) as first:  # the group's stream, without provenance
+        next(first)  # attaches; the batch stays held for the second replica
+        spec = {"batch_size": B, "seq_len": T, "rank": 0, "world_size": 1}
+        with pytest.raises(ConfigError, match="same provenance= setting"):
+            request(daemon.run_dir, "attach", expect="attached", spec=spec, replicas=2,
+                    rejoin=True, provenance=True)
+        assert len(daemon.status()["streams"]) == 1  # nothing was created for it
