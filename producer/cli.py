@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -286,10 +288,14 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     from tokenfeed.producer.logs import configure as configure_logging
 
     configure_logging(args.log_level, args.log_format)
-    serve(daemon_config(args))
+    request_left = serve(daemon_config(args))
     # Cleaned up; what is left is the interpreter's exit: a second SIGTERM (a supervisor's
     # stop after the first) must not turn that clean stop into a kill.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if request_left:  # a start stopped mid-scan: end now, not when the request gives up
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -25,9 +25,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import zmq
 
@@ -57,6 +59,8 @@ from tokenfeed.producer.valstore import ValStore
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+SCAN_THREAD = "tokenfeed-scan"
 LOOP_TICK_S = 0.05
 EARLY_WORKERS = 64  # spawned before the data is read; more follow from the loop
 
@@ -65,6 +69,23 @@ class _StopDuringStart(BaseException):
     """SIGTERM/SIGINT before the daemon serves: stop the start where it is (a
     BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way
     turns it into a data error)."""
+
+
+def _interruptible(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)` on a thread of its own, waited for here: a signal handler runs (and
+    may stop the start) at once, not when a blocking call in C++ (a slow object-storage
+    request, retried for up to a minute) returns. The thread is a daemon one: a start
+    stopped meanwhile leaves it behind, to end with the process."""
+    done: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(call(*args))
+        except BaseException as e:  # handed to the waiting thread, raised there
+            done.set_exception(e)
+
+    threading.Thread(target=run, name=SCAN_THREAD, daemon=True).start()
+    return done.result()
 
 
 class Daemon:
@@ -121,7 +142,7 @@ class Daemon:
         loading = ThreadPoolExecutor(1, thread_name_prefix="tokenfeed-tokenizer")
         try:
             tokenizer = loading.submit(load_tokenizer, cfg.tokenizer, cfg.bos)
-            self.served = scan(cfg)
+            self.served = _interruptible(scan, cfg)
             self.tokenizer = tokenizer.result()
         finally:
             loading.shutdown(wait=True, cancel_futures=True)
@@ -343,6 +364,10 @@ class Daemon:
         self.rundir.release(getattr(self, "daemon_id", None))  # sockets, segments, lock
 
 
-def serve(config: DaemonConfig) -> None:
+def serve(config: DaemonConfig) -> bool:
+    """Serve until stopped. True when a start stopped mid-scan left a storage request in
+    flight: the process should then end without waiting for it (pyarrow's S3 finalizer,
+    run at exit, would wait for it, up to a minute of retries)."""
     Daemon(config).run()
+    return any(t.name == SCAN_THREAD and t.is_alive() for t in threading.enumerate())
 

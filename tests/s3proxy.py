@@ -10,7 +10,10 @@ What object storage does to a job at scale, on 127.0.0.1: every request waits
 `latency_s` before it is forwarded (a region's round trip); the `fail_every`-th request
 is answered `503 SlowDown` without reaching the server (S3's throttling reply, 5% at
 20); the `slow_every`-th waits `slow_s` more. Which requests are hit is decided by their
-arrival order, not by chance, so a run is repeatable. HTTP/1.1 keep-alive on both sides
+arrival order, not by chance, so a run is repeatable. While `held` (an Event) is not set,
+a reply's body is sent a byte at a time, one every `TRICKLE_S`, until it is: the client
+waits as long as the test wants (a request answered slowly, not a silent one, which the
+AWS SDK would time out after 3 s and retry), and goes on at full speed once it is set. HTTP/1.1 keep-alive on both sides
 (one upstream connection per client connection), as a real endpoint would be used.
 
 Used by the tests (test_object_storage_faults.py) and the start-up benchmark; standard
@@ -32,19 +35,22 @@ from urllib.parse import urlsplit
 
 SLOW_DOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
              b"<Message>Please reduce your request rate.</Message></Error>")
+TRICKLE_S = 0.25  # a held body's pace: over the SDK's "1 byte in 3 s" low-speed limit
 HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
                "te", "trailer"}
 
 
 class FaultProxy:
     def __init__(self, upstream: str, *, latency_s: float = 0.0, fail_every: int = 0,
-                 slow_every: int = 0, slow_s: float = 0.0) -> None:
+                 slow_every: int = 0, slow_s: float = 0.0,
+                 held: threading.Event | None = None) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.latency_s = latency_s
         self.fail_every = fail_every
         self.slow_every = slow_every
         self.slow_s = slow_s
+        self.held = held
         self.lock = threading.Lock()
         self.requests = 0  # every request received, faults included
         self.failed = 0  # answered 503 by the proxy
@@ -71,6 +77,8 @@ class FaultProxy:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if self.held is not None:
+            self.held.set()  # no handler thread stays in a trickle
         self.server.shutdown()
         with self.lock:
             for conn in self.connections:
@@ -168,7 +176,17 @@ class FaultProxy:
                 if self.command != "HEAD":
                     # a client that stopped (a daemon shut down mid-read) is no server error
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                        self.wfile.write(data)
+                        self._send_body(data)
+
+            def _send_body(self, data: bytes) -> None:
+                sent = 0
+                while proxy.held is not None and sent < len(data) - 1:
+                    if proxy.held.wait(TRICKLE_S):  # released: the rest at once
+                        break
+                    self.wfile.write(data[sent:sent + 1])
+                    self.wfile.flush()
+                    sent += 1
+                self.wfile.write(data[sent:])
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 

@@ -3,11 +3,11 @@
 A worker's start (interpreter, imports, tokenizer) is most of the time to a first batch,
 and needs nothing the scan learns, so the daemon spawns its workers before it scans; the
 backend and token size then travel with every task. Over S3 behind a proxy that holds
-every request 0.5 s, the scan takes at least three round trips (listing, then a HEAD and
-a footer read per shard), a window in which the workers must already exist while the
-control socket does not yet. The batches stay the oracle's; a SIGTERM in that window
-stops the start and leaves no process or segment behind. Orders and counts are
-asserted here, never times (benchmarks/startup.py measures those).
+every reply (its body trickles) until the test lets it go, the scan cannot end before
+the workers are seen: they must exist while the control socket does not yet, however
+loaded the machine. The batches stay the oracle's; a SIGTERM in that window stops the
+start and leaves no process or segment behind. Orders and counts are asserted here,
+never times (benchmarks/startup.py measures those).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,14 +34,14 @@ from tokenfeed.common.shm import SHM_DIR, segment_name
 from tokenfeed.producer.worker import task_encoding
 
 B, T = 4, 256
-ROUND_TRIP_S = 0.5
 WAIT_S = 60.0
 
 
 @pytest.fixture
 def slow_proxy(s3: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:  # noqa: F811
-    """Every request to moto held ROUND_TRIP_S; daemons started after this go through it."""
-    with FaultProxy(os.environ["AWS_ENDPOINT_URL"], latency_s=ROUND_TRIP_S) as p:
+    """Every reply from moto held until `proxy.held` is set; daemons started after this go
+    through it."""
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"], held=threading.Event()) as p:
         monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
         yield p
 
@@ -111,7 +112,7 @@ def test_workers_start_while_the_footers_are_read_and_batches_stay_exact(
     url = upload(s3, corpus, "early")
     proc, run_dir = start_serving(serve, url, workers=2)
     wait_for_workers_before_serving(proc, run_dir, workers=2)
-    slow_proxy.latency_s = 0.0  # the window was seen: the rest needs no slow requests
+    slow_proxy.held.set()  # the window was seen: let the scan finish
     deadline = time.monotonic() + WAIT_S
     while True:
         try:
