@@ -122,14 +122,20 @@ DEFAULT_MIN_TAIL = 32
 # max_age_docs=None means this many buffers' worth of documents; see the docstring.
 _AGE_BUFFERS = 8
 DEFAULT_MAX_AGE_DOCS = _AGE_BUFFERS * DEFAULT_BUFFER_DOCS
-_EMPTY = np.zeros(0, dtype=np.int64)
+# The token arena grows to this many times its live tokens (plus the one being put)
+# when it fills: compacting copies the live pieces, once per ~(_ARENA_GROWTH - 1) x
+# the buffer's tokens placed.
+_ARENA_GROWTH = 3
+_NO_TOKENS = memoryview(b"")  # the packing loop's unit tokens while it reads none
 # A (length or born, insertion counter) pair as one int: first << _SHIFT | counter.
 _SHIFT = 40  # counters stay below 2**40: a piece a document or tail, ~10^12 of them
 _COUNTER = (1 << _SHIFT) - 1
 
-# A buffer piece: (document tokens, BOS first, owned; start; tail 0/1; unit; doc; born).
-# A tuple, not a dataclass: ~100k are made per second and a tuple is 5x cheaper.
-Piece = tuple[np.ndarray, int, int, int, int, int]
+# A buffer piece: (arena offset of its next token; start; tail 0/1; unit; doc; born;
+# arena end; the document's BOS, for a tail). Its tokens are arena[offset:end] (a tail:
+# the BOS first, then those), document tokens start.. of (unit, doc). A tuple, not a
+# dataclass: ~100k are made per second and a tuple is 5x cheaper.
+Piece = tuple[int, int, int, int, int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -187,7 +193,7 @@ class BestFitPacker:
         self._ages: list[int] = []
         self._unresolved: dict[int, list[int]] = {}  # unit -> counters of pieces it holds
         for c, (u, d, s, born) in enumerate(start.pieces):
-            self._pieces[c] = (_EMPTY, s, int(s > 0), u, d, born)
+            self._pieces[c] = (0, s, int(s > 0), u, d, born, 0, 0)  # tokens: at its push
             self._ages.append(born << _SHIFT | c)
             self._unresolved.setdefault(u, []).append(c)
         heapify(self._ages)
@@ -209,6 +215,11 @@ class BestFitPacker:
         # placing a piece and filling a slot are plain copies, not conversions.
         self._scratch = np.empty(self.window_tokens, dtype=np.uint16)
         self._scratch_set = False
+        # Buffered pieces' tokens, copied out of their units as they enter (a unit's array
+        # is dropped once read), in the scratch's dtype: placing a piece is one memoryview
+        # copy. Appended at _top; compacted when full (_compact).
+        self._arena = np.empty(0, dtype=np.uint16)
+        self._top = 0
         self._packing: Iterator[bool] | None = None  # packs windows into _scratch
         self._window_ready = False
         self._starved = False  # the packing waits for documents no push has brought yet
@@ -225,18 +236,25 @@ class BestFitPacker:
         if len(tokens) and (not self._scratch_set or not np.can_cast(
                 tokens.dtype, self._scratch.dtype, "safe")):
             self._widen_scratch(tokens.dtype)
+        # the scratch's dtype (the same but for an empty unit), contiguous: for memoryviews
+        tokens = np.ascontiguousarray(tokens, dtype=self._scratch.dtype)
         bounds = [*doc_starts.tolist(), len(tokens)]
         docs = len(bounds) - 1
         for c in self._unresolved.pop(unit, []):
-            _, start, tail, u, d, born = self._pieces[c]
+            _, start, tail, u, d, born, _, _ = self._pieces[c]
             if d >= docs or bounds[d] + start >= bounds[d + 1]:
                 raise StateMismatchError(
                     f"bestfit position names document {d} from token {start} of unit {unit}, "
                     f"which holds {docs} documents there; the state belongs to other data"
                 )
-            data = tokens[bounds[d] : bounds[d + 1]].copy()
-            self._pieces[c] = (data, start, tail, u, d, born)
-            insort(self._keys, (len(data) - start + tail) << _SHIFT | c)
+            lo, hi = bounds[d] + start, bounds[d + 1]
+            if self._top + hi - lo > len(self._arena):
+                self._compact(hi - lo)
+            off = self._top
+            self._arena[off : off + hi - lo] = tokens[lo:hi]
+            self._top += hi - lo
+            self._pieces[c] = (off, start, tail, u, d, born, off + hi - lo, int(tokens[bounds[d]]))
+            insort(self._keys, (hi - lo + tail) << _SHIFT | c)
         read_unit, read_doc = self._read
         if unit >= read_unit:
             first = read_doc if unit == read_unit else 0
@@ -296,6 +314,31 @@ class BestFitPacker:
         scratch = np.empty(self.window_tokens, dtype=dtype)
         scratch[:] = self._scratch  # a paused window keeps what it placed
         self._scratch, self._scratch_set = scratch, True
+        self._arena = self._arena.astype(dtype)
+        for u in self._pending:
+            u.tokens = u.tokens.astype(dtype)
+
+    def _compact(self, need: int) -> None:
+        """Make room for `need` more tokens in the arena: the live pieces' tokens move down
+        to its start, in place (a fresh array's pages fault in as they are first written,
+        which cost more than the copy), into a larger arena only when they fill over
+        1/_ARENA_GROWTH of it."""
+        pieces = self._pieces
+        order = sorted([(p[0], c) for c, p in pieces.items()])  # by offset: moves go down
+        live = need + sum(p[6] - p[0] for p in pieces.values())
+        if _ARENA_GROWTH * live > len(self._arena):
+            arena = np.empty(max(_ARENA_GROWTH * live, 1 << 16), dtype=self._arena.dtype)
+        else:
+            arena = self._arena
+        new, old = arena.data, self._arena.data
+        top = 0
+        for off, c in order:
+            _, start, tail, unit, doc, born, end, bos = pieces[c]
+            if off != top or arena is not self._arena:
+                new[top : top + end - off] = old[off:end]  # memmove: overlaps are safe
+            pieces[c] = (top, start, tail, unit, doc, born, top + end - off, bos)
+            top += end - off
+        self._arena, self._top = arena, top
 
     def _starve(self, lacking_tokens: int) -> None:
         self._starved = True
@@ -308,10 +351,12 @@ class BestFitPacker:
         pushes before resuming). Nothing here is undone: pushes only append units, so a
         paused window continues exactly as if the documents had been there all along.
 
-        The read cursor (`_read`, `_docs_read`, `_pending_tokens`, `_counter`) lives in
-        locals while packing and is written back before every yield (and read again
-        after a pause, which a push may have changed): ~85 placements a window, and
-        attribute writes were a fifth of their cost.
+        The read cursor (the unit being read, its next document, `_docs_read`,
+        `_counter`, the arena's top and the tokens read) lives in locals while packing
+        and is written back before every yield; the arrays a push may widen (scratch,
+        arena, the unit's tokens) are looked up again after one. ~85 placements and ~65
+        documents read a window: attribute accesses and numpy calls were most of their
+        cost, so tokens move as memoryview slices.
         """
         keys, pieces, ages, pending = self._keys, self._pieces, self._ages, self._pending
         new_refs, gone = self._refs.new, self._refs.gone
@@ -319,61 +364,75 @@ class BestFitPacker:
         buffer_docs, max_age_docs = self.buffer_docs, self.max_age_docs
         ages_cap = 4 * buffer_docs  # rebuilt from the buffer past this: O(1) amortized
         shift, mask = _SHIFT, _COUNTER
-        docs_read, counter = self._docs_read, self._counter
+        docs_read, counter, top = self._docs_read, self._counter, self._top
         stats = self._window_stats
         record = self.recorder
+        # the unit being read: its record, tokens, bounds, number, next and last document
+        ru: _Unit | None = None
+        rtok = _NO_TOKENS
+        rbounds: list[int] = []
+        runit = rdoc = rend = 0
+        taken = 0  # tokens read into the buffer since the last write-back
         while True:
-            out = self._scratch  # a push may widen its dtype (a paused window is copied)
-            for row_start in range(0, self.window_tokens, cap):
-                pos = 0
-                while pos < cap:
-                    if len(keys) < buffer_docs:  # refill, in stream order
-                        pending_tokens = self._pending_tokens
-                        while len(keys) < buffer_docs:
-                            while not pending:
-                                self._docs_read, self._counter = docs_read, counter
-                                self._pending_tokens = pending_tokens
+            out, arena = self._scratch.data, self._arena.data
+            arena_end = len(arena)
+            if ru is not None:
+                rtok = ru.tokens.data
+            for row_end in range(cap, self.window_tokens + 1, cap):
+                at = row_end - cap  # where the next piece goes
+                while at < row_end:
+                    while len(keys) < buffer_docs:  # refill, in stream order
+                        if ru is None:
+                            if not pending:
+                                self._docs_read, self._counter, self._top = docs_read, counter, top
+                                self._pending_tokens -= taken
+                                taken = 0
                                 _, docs, tokens = self._seen
                                 lacking = buffer_docs - len(keys)
                                 self._starve(lacking * (tokens // max(docs, 1))
-                                             + self.window_tokens - row_start - pos)
+                                             + self.window_tokens - at)
                                 yield False
-                                pending_tokens = self._pending_tokens  # pushed meanwhile
-                                out = self._scratch
-                            # the documents lacking, as far as the first pending unit goes
-                            u = pending[0]
-                            read, bounds, unit, first = u.tokens, u.bounds, u.unit, u.next_doc
-                            end = min(u.docs, first + buffer_docs - len(keys))
-                            for d in range(first, end):
-                                lo, hi = bounds[d], bounds[d + 1]
-                                c = counter
-                                counter += 1
-                                pieces[c] = (read[lo:hi].copy(), 0, 0, unit, d, docs_read)
-                                new_refs.extend((unit, d, 0, docs_read))
-                                insort(keys, (hi - lo) << shift | c)
-                                heappush(ages, docs_read << shift | c)
-                                docs_read += 1
-                            pending_tokens -= bounds[end] - bounds[first]
-                            u.next_doc = end
-                            if end == u.docs:
-                                pending.popleft()  # drop the unit's array: docs are copied
-                                self._read = (unit + 1, 0)
-                            else:
-                                self._read = (unit, end)
-                            del u, read, bounds  # a paused generator must not keep a unit
-                        self._pending_tokens = pending_tokens
-                    room = cap - pos
+                                out, arena = self._scratch.data, self._arena.data
+                                arena_end = len(arena)
+                                continue
+                            ru = pending[0]
+                            rtok, rbounds, runit = ru.tokens.data, ru.bounds, ru.unit
+                            rdoc, rend = ru.next_doc, ru.docs
+                            # counted as read now; a write-back gives back what is left
+                            taken += rbounds[rend] - rbounds[rdoc]
+                        lo = rbounds[rdoc]
+                        n = rbounds[rdoc + 1] - lo
+                        if top + n > arena_end:
+                            self._top = top
+                            self._compact(n)
+                            arena, top = self._arena.data, self._top
+                            arena_end = len(arena)
+                        arena[top : top + n] = rtok[lo : lo + n]
+                        pieces[counter] = (top, 0, 0, runit, rdoc, docs_read, top + n, 0)
+                        new_refs.extend((runit, rdoc, 0, docs_read))
+                        insort(keys, n << shift | counter)
+                        heappush(ages, docs_read << shift | counter)
+                        counter += 1
+                        top += n
+                        docs_read += 1
+                        rdoc += 1
+                        if rdoc == rend:  # drop the unit's array: its documents are copied
+                            pending.popleft()
+                            self._read = (runit + 1, 0)
+                            ru, rtok = None, _NO_TOKENS
+                    room = row_end - at
                     if len(ages) > ages_cap:  # under an old piece, entries of gone ones pile up
                         ages[:] = [piece[5] << shift | c for c, piece in pieces.items()]
                         heapify(ages)
-                    while ages[0] & mask not in pieces:  # entries of pieces gone since
-                        heappop(ages)
                     age = ages[0]
+                    while age & mask not in pieces:  # entries of pieces gone since
+                        heappop(ages)
+                        age = ages[0]
                     if docs_read - (age >> shift) > max_age_docs:  # too old: the oldest next
                         heappop(ages)
                         gone.append(age & mask)
-                        data, start, tail, unit, doc, born = pieces.pop(age & mask)
-                        length = len(data) - start + tail
+                        off, start, tail, unit, doc, born, end, bos = pieces.pop(age & mask)
+                        length = end - off + tail
                         del keys[bisect_left(keys, length << shift | age & mask)]
                         take = min(length, room)
                         stats[2] += take
@@ -389,28 +448,37 @@ class BestFitPacker:
                             length = keys[0] >> shift
                         c = keys.pop(i) & mask
                         gone.append(c)
-                        data, start, tail, unit, doc, born = pieces.pop(c)
-                    at = row_start + pos
+                        off, start, tail, unit, doc, born, end, bos = pieces.pop(c)
                     if tail:
                         stats[1] += take
-                        out[at] = data[0]
-                        out[at + 1 : at + take] = data[start : start + take - 1]
+                        out[at] = bos
+                        out[at + 1 : at + take] = arena[off : off + take - 1]
                     else:
-                        out[at : at + take] = data[start : start + take]
+                        out[at : at + take] = arena[off : off + take]
                     if record is not None:
                         record((unit, doc, start, take, tail))
-                    pos += take
+                    at += take
                     rest = length - take
                     if rest >= min_tail:  # keeps the document's born: its age goes on
                         c = counter
                         counter += 1
-                        pieces[c] = (data, start + take - tail, 1, unit, doc, born)
+                        pieces[c] = (off + take - tail, start + take - tail, 1, unit, doc, born,
+                                     end, bos if tail else arena[off])
                         new_refs.extend((unit, doc, start + take - tail, born))
                         insort(keys, (rest + 1) << shift | c)
                         heappush(ages, born << shift | c)
                     elif rest:
                         stats[0] += rest
-            self._docs_read, self._counter = docs_read, counter
+            self._docs_read, self._counter, self._top = docs_read, counter, top
+            if ru is not None:
+                ru.next_doc = rdoc
+                self._read = (runit, rdoc)
+                left = rbounds[rend] - rbounds[rdoc]
+                self._pending_tokens -= taken - left
+                taken = left
+            else:
+                self._pending_tokens -= taken
+                taken = 0
             yield True
 
     # -- position -----------------------------------------------------------
