@@ -44,17 +44,28 @@ def _module_at(commit: str, path: str, name: str, replace: tuple[str, str] = (""
 
 
 def load_packer(commit: str) -> Any:
-    """The BestFitPacker of `commit`, with that commit's position codec (when it had one)."""
-    import_codec = "from tokenfeed.producer import bestfit_codec"
+    """The BestFitPacker of `commit`, with that commit's position codec and reference
+    table (when it had them), not this tree's."""
     bestfit = subprocess.run(["git", "show", f"{commit}:producer/bestfit.py"], check=True,
                              capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent).stdout
     tag = commit.replace("/", "_").replace("~", "_").replace("^", "_")
-    replace = ("", "")
-    if import_codec in bestfit:
-        _module_at(commit, "producer/bestfit_codec.py", f"bestfit_codec_{tag}")
-        replace = (import_codec, f"import bestfit_codec_{tag} as bestfit_codec")
-    return _module_at(commit, "producer/bestfit.py", f"bestfit_{tag}", replace).BestFitPacker
+    for module, line in (("bestfit_codec", "from tokenfeed.producer import bestfit_codec"),
+                         ("bestfit_refs", "from tokenfeed.producer.bestfit_refs import RefTable")):
+        if line in bestfit:
+            name = f"{module}_{tag}"
+            _module_at(commit, f"producer/{module}.py", name)
+            imported = (f"import {name} as {module}" if line.endswith(module)
+                        else f"from {name} import RefTable")
+            bestfit = bestfit.replace(line, imported)
+    file = Path(tempfile.mkdtemp()) / f"bestfit_{tag}.py"
+    file.write_text(bestfit)
+    spec = importlib.util.spec_from_file_location(f"bestfit_{tag}", file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"bestfit_{tag}"] = module
+    spec.loader.exec_module(module)
+    return module.BestFitPacker
 
 
 def make_units(n: int) -> list[tuple[int, np.ndarray, np.ndarray]]:

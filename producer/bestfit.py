@@ -487,8 +487,8 @@ class BestFitPacker:
         # Here, not later: packing runs ahead of the last window filled.
         refs = self._refs.alive()
         unit, docs_read = self._read[0], self._docs_read
-        first = min(unit, int(refs[:, 0].min())) if len(refs) else unit
-        buffer = bestfit_codec.encode(refs, unit, docs_read)
+        first = min(unit, int(refs[0].min())) if refs.shape[1] else unit
+        buffer = bestfit_codec.encode_columns(refs, unit, docs_read)
         return BestFitPosition(unit, self._read[1], docs_read, buffer, first)
 
     def stats(self) -> dict[str, Any]:
