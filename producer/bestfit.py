@@ -373,6 +373,9 @@ class BestFitPacker:
         rbounds: list[int] = []
         runit = rdoc = rend = 0
         taken = 0  # tokens read into the buffer since the last write-back
+        # The age rule: the oldest piece's born and the docs_read past which it is too old,
+        # -1 until looked up again (after it left): only then is the heap looked at.
+        oldest = age_limit = -1
         while True:
             out, arena = self._scratch.data, self._arena.data
             arena_end = len(arena)
@@ -424,11 +427,15 @@ class BestFitPacker:
                     if len(ages) > ages_cap:  # under an old piece, entries of gone ones pile up
                         ages[:] = [piece[5] << shift | c for c, piece in pieces.items()]
                         heapify(ages)
-                    age = ages[0]
-                    while age & mask not in pieces:  # entries of pieces gone since
-                        heappop(ages)
+                    if docs_read > age_limit:  # past the oldest's limit, or that is unknown
                         age = ages[0]
-                    if docs_read - (age >> shift) > max_age_docs:  # too old: the oldest next
+                        while age & mask not in pieces:  # entries of pieces gone since
+                            heappop(ages)
+                            age = ages[0]
+                        oldest = age >> shift
+                        age_limit = oldest + max_age_docs
+                    if docs_read > age_limit:  # too old: the oldest (ages[0]) next
+                        age_limit = -1
                         heappop(ages)
                         gone.append(age & mask)
                         off, start, tail, unit, doc, born, end, bos = pieces.pop(age & mask)
@@ -449,6 +456,8 @@ class BestFitPacker:
                         c = keys.pop(i) & mask
                         gone.append(c)
                         off, start, tail, unit, doc, born, end, bos = pieces.pop(c)
+                        if born == oldest:  # (a tail of it keeps its born)
+                            age_limit = -1
                     if tail:
                         stats[1] += take
                         out[at] = bos
