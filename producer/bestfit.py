@@ -72,9 +72,12 @@ ones spanned by the last max(max_age_docs + 1, buffer_docs) documents read.
 Measured, the most units between `next_unit` and the read unit over the runs
 above: sample 501 (8001 documents) against 1355, all of the run, without the age
 rule; lognormal 9 (8001 documents) against 149, all of the run.
-Each piece owns a copy of its document's tokens: a unit's array is dropped once
-all its documents entered the buffer, and memory is the buffer's tokens plus the
-units not yet read (views would keep the units of up to max_age_docs documents).
+A document's tokens are copied into the packer's arena (one array) as it enters the
+buffer, so a unit's array is dropped once all its documents entered the buffer (views
+would keep the units of up to max_age_docs documents). The arena is compacted in place
+when full and grows to _ARENA_GROWTH = 3 times the buffered tokens: memory is ~3x the
+buffer's tokens (lognormal above: 3.4M buffered, a 10.3M-token arena, 41 MB in
+uint32) plus the units not yet read.
 
 Readiness: `ready()` packs the next window in place into a scratch array and
 says True once all B rows are placed; `fill()` copies it out and only then moves
@@ -91,9 +94,11 @@ stream then keeps a pool's worth of units in flight instead of one per loop tick
 Speed: 70-85M tokens/s on the sample corpus (T=2048, B=32, one core), ~3% of the
 time `encode_ordinary` takes for the same tokens (2.3M tokens/s); the age rule's
 heap costs nothing measurable (median of 7: 75M before it, 73M off, 79M at 8000).
-The compact position costs ~0.3 ms a window of 1000 pieces. Packing then filling a
-window: 0.985 ms of CPU against 1.160 at 0b190f8 (`benchmarks/bestfit_speed.py`, units of
-1,024 lognormal documents, on a shared 2-core machine; docs/benchmarks.md).
+Per window (~93 placements, ~66 documents read): a placement moves its tokens as one
+memoryview slice from the arena; the age heap is looked at only when the oldest
+piece may be too old or has left; the position is a handful of numpy calls over the
+~1,000 buffered pieces (bestfit_refs.py, bestfit_codec.py). Figures against 0b190f8:
+`benchmarks/bestfit_speed.py` and docs/benchmarks.md.
 
 Failure behaviour: a reference that the pushed data cannot hold (a document or
 offset past the end) raises `StateMismatchError` from `push`.
@@ -327,7 +332,13 @@ class BestFitPacker:
         order = sorted([(p[0], c) for c, p in pieces.items()])  # by offset: moves go down
         live = need + sum(p[6] - p[0] for p in pieces.values())
         if _ARENA_GROWTH * live > len(self._arena):
-            arena = np.empty(max(_ARENA_GROWTH * live, 1 << 16), dtype=self._arena.dtype)
+            # at least double, from a full buffer of the documents seen so far: growing
+            # copies the live tokens into pages written for the first time, which cost
+            # more than the copy (40 MB: ~5 ms, or ~140 ms where the host backs them late)
+            _, docs, tokens = self._seen
+            first = self.buffer_docs * (tokens // max(docs, 1))
+            size = max(_ARENA_GROWTH * live, 2 * len(self._arena), first, 1 << 16)
+            arena = np.empty(size, dtype=self._arena.dtype)
         else:
             arena = self._arena
         new, old = arena.data, self._arena.data
