@@ -72,12 +72,13 @@ ones spanned by the last max(max_age_docs + 1, buffer_docs) documents read.
 Measured, the most units between `next_unit` and the read unit over the runs
 above: sample 501 (8001 documents) against 1355, all of the run, without the age
 rule; lognormal 9 (8001 documents) against 149, all of the run.
-A document's tokens are copied into the packer's arena (one array) as it enters the
-buffer, so a unit's array is dropped once all its documents entered the buffer (views
-would keep the units of up to max_age_docs documents). The arena is compacted in place
-when full and grows to _ARENA_GROWTH = 3 times the buffered tokens: memory is ~3x the
-buffer's tokens (lognormal above: 3.4M buffered, a 10.3M-token arena, 41 MB in
-uint32) plus the units not yet read.
+A document's tokens are copied as it enters the buffer, so a unit's array is dropped
+once all its documents entered the buffer (views would keep the units of up to
+max_age_docs documents): into 64 KiB chunks, filled in reading order (a document over
+a quarter of one gets an array of its own). A chunk is freed with its last piece, so
+memory is the chunks the buffer's pieces hold (~2.4x their tokens on the lognormal
+stream: 31 MB for 3.3M tokens in uint32; each piece owning a copy held 1x) plus the
+units not yet read.
 
 Readiness: `ready()` packs the next window in place into a scratch array and
 says True once all B rows are placed; `fill()` copies it out and only then moves
@@ -95,7 +96,7 @@ Speed: 70-85M tokens/s on the sample corpus (T=2048, B=32, one core), ~3% of the
 time `encode_ordinary` takes for the same tokens (2.3M tokens/s); the age rule's
 heap costs nothing measurable (median of 7: 75M before it, 73M off, 79M at 8000).
 Per window (~93 placements, ~66 documents read): a placement moves its tokens as one
-memoryview slice from the arena; the age heap is looked at only when the oldest
+memoryview slice from its chunk; the age heap is looked at only when the oldest
 piece may be too old or has left; the position is a handful of numpy calls over the
 ~1,000 buffered pieces (bestfit_refs.py, bestfit_codec.py). Figures against 0b190f8:
 `benchmarks/bestfit_speed.py` and docs/benchmarks.md.
@@ -127,20 +128,22 @@ DEFAULT_MIN_TAIL = 32
 # max_age_docs=None means this many buffers' worth of documents; see the docstring.
 _AGE_BUFFERS = 8
 DEFAULT_MAX_AGE_DOCS = _AGE_BUFFERS * DEFAULT_BUFFER_DOCS
-# The token arena grows to this many times its live tokens (plus the one being put)
-# when it fills: compacting copies the live pieces, once per ~(_ARENA_GROWTH - 1) x
-# the buffer's tokens placed.
-_ARENA_GROWTH = 3
+# Buffered documents' tokens are copied into chunks of this many bytes, under glibc's
+# mmap threshold (128 KiB): a chunk freed (its last piece placed) is reused from the
+# heap, where large arrays come back as pages written for the first time, which cost
+# more than the copy (40 MB: ~5 ms, up to ~140 ms where the host backs them late).
+_CHUNK_BYTES = 1 << 16
 _NO_TOKENS = memoryview(b"")  # the packing loop's unit tokens while it reads none
 # A (length or born, insertion counter) pair as one int: first << _SHIFT | counter.
 _SHIFT = 40  # counters stay below 2**40: a piece a document or tail, ~10^12 of them
 _COUNTER = (1 << _SHIFT) - 1
 
-# A buffer piece: (arena offset of its next token; start; tail 0/1; unit; doc; born;
-# arena end; the document's BOS, for a tail). Its tokens are arena[offset:end] (a tail:
-# the BOS first, then those), document tokens start.. of (unit, doc). A tuple, not a
-# dataclass: ~100k are made per second and a tuple is 5x cheaper.
-Piece = tuple[int, int, int, int, int, int, int, int]
+# A buffer piece: (the chunk holding its tokens; start; tail 0/1; unit; doc; born;
+# offset of its next token in the chunk; end; the document's BOS, for a tail). Its
+# tokens are chunk[offset:end] (a tail: the BOS first, then those), document tokens
+# start.. of (unit, doc). A tuple, not a dataclass: ~100k are made per second and a
+# tuple is 5x cheaper.
+Piece = tuple[memoryview, int, int, int, int, int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -198,7 +201,7 @@ class BestFitPacker:
         self._ages: list[int] = []
         self._unresolved: dict[int, list[int]] = {}  # unit -> counters of pieces it holds
         for c, (u, d, s, born) in enumerate(start.pieces):
-            self._pieces[c] = (0, s, int(s > 0), u, d, born, 0, 0)  # tokens: at its push
+            self._pieces[c] = (_NO_TOKENS, s, int(s > 0), u, d, born, 0, 0, 0)  # at its push
             self._ages.append(born << _SHIFT | c)
             self._unresolved.setdefault(u, []).append(c)
         heapify(self._ages)
@@ -220,11 +223,11 @@ class BestFitPacker:
         # placing a piece and filling a slot are plain copies, not conversions.
         self._scratch = np.empty(self.window_tokens, dtype=np.uint16)
         self._scratch_set = False
-        # Buffered pieces' tokens, copied out of their units as they enter (a unit's array
-        # is dropped once read), in the scratch's dtype: placing a piece is one memoryview
-        # copy. Appended at _top; compacted when full (_compact).
-        self._arena = np.empty(0, dtype=np.uint16)
-        self._top = 0
+        # Buffered documents' tokens, copied out of their units as they enter (a unit's
+        # array is dropped once read) into the chunk being filled (up to _chunk_top), in
+        # the scratch's dtype: placing a piece is one memoryview copy.
+        self._chunk = _NO_TOKENS
+        self._chunk_top = 0
         self._packing: Iterator[bool] | None = None  # packs windows into _scratch
         self._window_ready = False
         self._starved = False  # the packing waits for documents no push has brought yet
@@ -246,19 +249,16 @@ class BestFitPacker:
         bounds = [*doc_starts.tolist(), len(tokens)]
         docs = len(bounds) - 1
         for c in self._unresolved.pop(unit, []):
-            _, start, tail, u, d, born, _, _ = self._pieces[c]
+            _, start, tail, u, d, born, _, _, _ = self._pieces[c]
             if d >= docs or bounds[d] + start >= bounds[d + 1]:
                 raise StateMismatchError(
                     f"bestfit position names document {d} from token {start} of unit {unit}, "
                     f"which holds {docs} documents there; the state belongs to other data"
                 )
             lo, hi = bounds[d] + start, bounds[d + 1]
-            if self._top + hi - lo > len(self._arena):
-                self._compact(hi - lo)
-            off = self._top
-            self._arena[off : off + hi - lo] = tokens[lo:hi]
-            self._top += hi - lo
-            self._pieces[c] = (off, start, tail, u, d, born, off + hi - lo, int(tokens[bounds[d]]))
+            own = tokens[lo:hi].copy()  # a resumed piece: an array of its own
+            self._pieces[c] = (own.data, start, tail, u, d, born, 0, hi - lo,
+                               int(tokens[bounds[d]]))
             insort(self._keys, (hi - lo + tail) << _SHIFT | c)
         read_unit, read_doc = self._read
         if unit >= read_unit:
@@ -319,37 +319,16 @@ class BestFitPacker:
         scratch = np.empty(self.window_tokens, dtype=dtype)
         scratch[:] = self._scratch  # a paused window keeps what it placed
         self._scratch, self._scratch_set = scratch, True
-        self._arena = self._arena.astype(dtype)
         for u in self._pending:
             u.tokens = u.tokens.astype(dtype)
-
-    def _compact(self, need: int) -> None:
-        """Make room for `need` more tokens in the arena: the live pieces' tokens move down
-        to its start, in place (a fresh array's pages fault in as they are first written,
-        which cost more than the copy), into a larger arena only when they fill over
-        1/_ARENA_GROWTH of it."""
-        pieces = self._pieces
-        order = sorted([(p[0], c) for c, p in pieces.items()])  # by offset: moves go down
-        live = need + sum(p[6] - p[0] for p in pieces.values())
-        if _ARENA_GROWTH * live > len(self._arena):
-            # at least double, from a full buffer of the documents seen so far: growing
-            # copies the live tokens into pages written for the first time, which cost
-            # more than the copy (40 MB: ~5 ms, or ~140 ms where the host backs them late)
-            _, docs, tokens = self._seen
-            first = self.buffer_docs * (tokens // max(docs, 1))
-            size = max(_ARENA_GROWTH * live, 2 * len(self._arena), first, 1 << 16)
-            arena = np.empty(size, dtype=self._arena.dtype)
-        else:
-            arena = self._arena
-        new, old = arena.data, self._arena.data
-        top = 0
-        for off, c in order:
-            _, start, tail, unit, doc, born, end, bos = pieces[c]
-            if off != top or arena is not self._arena:
-                new[top : top + end - off] = old[off:end]  # memmove: overlaps are safe
-            pieces[c] = (top, start, tail, unit, doc, born, top + end - off, bos)
-            top += end - off
-        self._arena, self._top = arena, top
+        converted: dict[int, tuple[Any, memoryview]] = {}  # each chunk once (kept alive)
+        for c, (held, start, tail, unit, doc, born, off, end, bos) in self._pieces.items():
+            if len(held):
+                if id(held.obj) not in converted:
+                    converted[id(held.obj)] = (held.obj, np.asarray(held.obj).astype(dtype).data)
+                self._pieces[c] = (converted[id(held.obj)][1], start, tail, unit, doc, born, off,
+                                   end, bos)
+        self._chunk, self._chunk_top = _NO_TOKENS, 0  # a new chunk, in the new dtype
 
     def _starve(self, lacking_tokens: int) -> None:
         self._starved = True
@@ -363,9 +342,9 @@ class BestFitPacker:
         paused window continues exactly as if the documents had been there all along.
 
         The read cursor (the unit being read, its next document, `_docs_read`,
-        `_counter`, the arena's top and the tokens read) lives in locals while packing
-        and is written back before every yield; the arrays a push may widen (scratch,
-        arena, the unit's tokens) are looked up again after one. ~85 placements and ~65
+        `_counter`, the chunk being filled and the tokens read) lives in locals while
+        packing and is written back before every yield; the arrays a push may widen
+        (scratch, chunk, the unit's tokens) are looked up again after one. ~93 placements and ~66
         documents read a window: attribute accesses and numpy calls were most of their
         cost, so tokens move as memoryview slices.
         """
@@ -375,7 +354,7 @@ class BestFitPacker:
         buffer_docs, max_age_docs = self.buffer_docs, self.max_age_docs
         ages_cap = 4 * buffer_docs  # rebuilt from the buffer past this: O(1) amortized
         shift, mask = _SHIFT, _COUNTER
-        docs_read, counter, top = self._docs_read, self._counter, self._top
+        docs_read, counter = self._docs_read, self._counter
         stats = self._window_stats
         record = self.recorder
         # the unit being read: its record, tokens, bounds, number, next and last document
@@ -388,8 +367,12 @@ class BestFitPacker:
         # -1 until looked up again (after it left): only then is the heap looked at.
         oldest = age_limit = -1
         while True:
-            out, arena = self._scratch.data, self._arena.data
-            arena_end = len(arena)
+            # after a yield: what a push may have widened (scratch, chunk, unit tokens)
+            out, dtype = self._scratch.data, self._scratch.dtype
+            chunk, top = self._chunk, self._chunk_top
+            chunk_end = len(chunk)
+            chunk_tokens = _CHUNK_BYTES // dtype.itemsize
+            long_doc = chunk_tokens // 4  # longer documents get an array of their own
             if ru is not None:
                 rtok = ru.tokens.data
             for row_end in range(cap, self.window_tokens + 1, cap):
@@ -398,7 +381,8 @@ class BestFitPacker:
                     while len(keys) < buffer_docs:  # refill, in stream order
                         if ru is None:
                             if not pending:
-                                self._docs_read, self._counter, self._top = docs_read, counter, top
+                                self._docs_read, self._counter = docs_read, counter
+                                self._chunk, self._chunk_top = chunk, top
                                 self._pending_tokens -= taken
                                 taken = 0
                                 _, docs, tokens = self._seen
@@ -406,8 +390,11 @@ class BestFitPacker:
                                 self._starve(lacking * (tokens // max(docs, 1))
                                              + self.window_tokens - at)
                                 yield False
-                                out, arena = self._scratch.data, self._arena.data
-                                arena_end = len(arena)
+                                out, dtype = self._scratch.data, self._scratch.dtype
+                                chunk, top = self._chunk, self._chunk_top
+                                chunk_end = len(chunk)
+                                chunk_tokens = _CHUNK_BYTES // dtype.itemsize
+                                long_doc = chunk_tokens // 4
                                 continue
                             ru = pending[0]
                             rtok, rbounds, runit = ru.tokens.data, ru.bounds, ru.unit
@@ -416,18 +403,20 @@ class BestFitPacker:
                             taken += rbounds[rend] - rbounds[rdoc]
                         lo = rbounds[rdoc]
                         n = rbounds[rdoc + 1] - lo
-                        if top + n > arena_end:
-                            self._top = top
-                            self._compact(n)
-                            arena, top = self._arena.data, self._top
-                            arena_end = len(arena)
-                        arena[top : top + n] = rtok[lo : lo + n]
-                        pieces[counter] = (top, 0, 0, runit, rdoc, docs_read, top + n, 0)
+                        if top + n <= chunk_end:
+                            chunk[top : top + n] = rtok[lo : lo + n]
+                            pieces[counter] = (chunk, 0, 0, runit, rdoc, docs_read, top, top + n, 0)
+                            top += n
+                        else:  # a new chunk, or for a long document an array of its own
+                            held = np.empty(chunk_tokens if n <= long_doc else n, dtype=dtype).data
+                            held[:n] = rtok[lo : lo + n]
+                            pieces[counter] = (held, 0, 0, runit, rdoc, docs_read, 0, n, 0)
+                            if n <= long_doc:
+                                chunk, top, chunk_end = held, n, len(held)
                         new_refs.extend((runit, rdoc, 0, docs_read))
                         insort(keys, n << shift | counter)
                         heappush(ages, docs_read << shift | counter)
                         counter += 1
-                        top += n
                         docs_read += 1
                         rdoc += 1
                         if rdoc == rend:  # drop the unit's array: its documents are copied
@@ -449,7 +438,7 @@ class BestFitPacker:
                         age_limit = -1
                         heappop(ages)
                         gone.append(age & mask)
-                        off, start, tail, unit, doc, born, end, bos = pieces.pop(age & mask)
+                        held, start, tail, unit, doc, born, off, end, bos = pieces.pop(age & mask)
                         length = end - off + tail
                         del keys[bisect_left(keys, length << shift | age & mask)]
                         take = min(length, room)
@@ -466,15 +455,15 @@ class BestFitPacker:
                             length = keys[0] >> shift
                         c = keys.pop(i) & mask
                         gone.append(c)
-                        off, start, tail, unit, doc, born, end, bos = pieces.pop(c)
+                        held, start, tail, unit, doc, born, off, end, bos = pieces.pop(c)
                         if born == oldest:  # (a tail of it keeps its born)
                             age_limit = -1
                     if tail:
                         stats[1] += take
                         out[at] = bos
-                        out[at + 1 : at + take] = arena[off : off + take - 1]
+                        out[at + 1 : at + take] = held[off : off + take - 1]
                     else:
-                        out[at : at + take] = arena[off : off + take]
+                        out[at : at + take] = held[off : off + take]
                     if record is not None:
                         record((unit, doc, start, take, tail))
                     at += take
@@ -482,14 +471,15 @@ class BestFitPacker:
                     if rest >= min_tail:  # keeps the document's born: its age goes on
                         c = counter
                         counter += 1
-                        pieces[c] = (off + take - tail, start + take - tail, 1, unit, doc, born,
-                                     end, bos if tail else arena[off])
+                        pieces[c] = (held, start + take - tail, 1, unit, doc, born,
+                                     off + take - tail, end, bos if tail else held[off])
                         new_refs.extend((unit, doc, start + take - tail, born))
                         insort(keys, (rest + 1) << shift | c)
                         heappush(ages, born << shift | c)
                     elif rest:
                         stats[0] += rest
-            self._docs_read, self._counter, self._top = docs_read, counter, top
+            self._docs_read, self._counter = docs_read, counter
+            self._chunk, self._chunk_top = chunk, top
             if ru is not None:
                 ru.next_doc = rdoc
                 self._read = (runit, rdoc)
