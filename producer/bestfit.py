@@ -415,7 +415,8 @@ class BestFitPacker:
                                 chunk, top, chunk_end = held, n, len(held)
                         new_refs.extend((runit, rdoc, 0, docs_read))
                         insort(keys, n << shift | counter)
-                        heappush(ages, docs_read << shift | counter)
+                        # its born is above every key's in the heap: appending keeps it one
+                        ages.append(docs_read << shift | counter)
                         counter += 1
                         docs_read += 1
                         rdoc += 1
@@ -497,8 +498,9 @@ class BestFitPacker:
         # Here, not later: packing runs ahead of the last window filled.
         refs = self._refs.alive()
         unit, docs_read = self._read[0], self._docs_read
-        first = min(unit, int(refs[0].min())) if refs.shape[1] else unit
-        buffer = bestfit_codec.encode_columns(refs, unit, docs_read)
+        low = int(refs[0].min()) if refs.shape[1] else unit
+        buffer = bestfit_codec.encode_columns(refs, unit, docs_read, low)
+        first = min(unit, low)
         return BestFitPosition(unit, self._read[1], docs_read, buffer, first)
 
     def stats(self) -> dict[str, Any]:

@@ -61,8 +61,10 @@ def encode(refs: np.ndarray, unit: int, docs_read: int) -> str:
     return encode_columns(refs.T, unit, docs_read)
 
 
-def encode_columns(cols: np.ndarray, unit: int, docs_read: int) -> str:
-    """`encode` of the pieces as four rows (unit, doc, start, born), a column a piece."""
+def encode_columns(cols: np.ndarray, unit: int, docs_read: int, low: int | None = None
+                   ) -> str:
+    """`encode` of the pieces as four rows (unit, doc, start, born), a column a piece
+    (`low`: their least unit, when the caller has it)."""
     u, d, s, born = cols
     n = len(born)
     if not n:
@@ -71,7 +73,7 @@ def encode_columns(cols: np.ndarray, unit: int, docs_read: int) -> str:
     # a unit's pieces all share it (documents are read in order), so any of them gives it,
     # and a scatter over the few units spanned replaces a sort (np.unique) of the pieces.
     # z >= 0, so -1 marks the units in the span that hold none.
-    low = int(u.min())
+    low = int(u.min()) if low is None else low
     z_of = np.full(int(u.max()) - low + 1, -1, dtype=np.int64)
     z_of[u - low] = born - d
     held_at = np.flatnonzero(z_of >= 0)

@@ -6,8 +6,8 @@ long as packing the window, so the packer (bestfit.py) also appends each piece's
 reference to this table as it buffers it, and the counter of each piece it places.
 Counters grow with insertion, so counter order is buffer order. `alive()` (once a
 window) appends what was buffered, drops what was placed (found by its counter with a
-binary search) and returns the pieces still buffered as four contiguous rows (unit,
-doc, start, born), which bestfit_codec.py encodes.
+binary search) and returns the pieces still buffered as contiguous rows (unit, doc,
+start, born), which bestfit_codec.py encodes.
 
 Memory and time: the table holds the buffered pieces only (~buffer_docs), whatever
 their ages; it once kept every reference since the oldest piece's, which under the age
@@ -23,8 +23,8 @@ import numpy as np
 
 
 class RefTable:
-    """References `(unit, doc, start, born)` of the buffered pieces, a column each (so
-    that each field comes out as one contiguous row), with their counters.
+    """References `(unit, doc, start, born)` of the buffered pieces and their counters:
+    five int64 rows, a column a piece, so that each field comes out contiguous.
 
     The packing loop binds `new` and `gone` to locals and appends to them directly:
     `new.extend((unit, doc, start, born))` per piece buffered, `gone.append(counter)`
@@ -34,24 +34,23 @@ class RefTable:
     def __init__(self, buffer_docs: int, start: Iterable[tuple[int, int, int, int]] = ()) -> None:
         self.new = array("q", [v for p in start for v in p])
         self.gone = array("q")
-        self._refs = np.empty((4, 0), dtype=np.int64)
-        self._counters = np.empty(0, dtype=np.int64)  # of the columns, ascending
+        self._table = np.empty((5, 0), dtype=np.int64)  # unit, doc, start, born, counter
         self._next = 0  # the counter of the next reference appended
 
     def alive(self) -> np.ndarray:
         """The pieces still buffered, in buffer order: rows unit, doc, start and born."""
         if self.new:
-            new = np.array(self.new, dtype=np.int64).reshape(-1, 4).T
+            added = len(self.new) // 4
+            table = np.empty((5, self._table.shape[1] + added), dtype=np.int64)
+            table[:, : -added] = self._table
+            table[:4, -added:] = np.frombuffer(self.new, dtype=np.int64).reshape(added, 4).T
+            table[4, -added:] = np.arange(self._next, self._next + added)
             del self.new[:]
-            added = new.shape[1]
-            self._refs = np.concatenate((self._refs, new), axis=1)
-            self._counters = np.concatenate(
-                (self._counters, np.arange(self._next, self._next + added, dtype=np.int64)))
             self._next += added
+            self._table = table
         if self.gone:
-            keep = np.ones(len(self._counters), dtype=bool)
-            keep[np.searchsorted(self._counters, np.array(self.gone, dtype=np.int64))] = False
+            keep = np.ones(self._table.shape[1], dtype=bool)
+            keep[np.searchsorted(self._table[4], np.frombuffer(self.gone, dtype=np.int64))] = False
             del self.gone[:]
-            self._refs = self._refs[:, keep]
-            self._counters = self._counters[keep]
-        return self._refs
+            self._table = self._table[:, keep]
+        return self._table[:4]
