@@ -344,9 +344,9 @@ class BestFitPacker:
         The read cursor (the unit being read, its next document, `_docs_read`,
         `_counter`, the chunk being filled and the tokens read) lives in locals while
         packing and is written back before every yield; the arrays a push may widen
-        (scratch, chunk, the unit's tokens) are looked up again after one. ~93 placements and ~66
-        documents read a window: attribute accesses and numpy calls were most of their
-        cost, so tokens move as memoryview slices.
+        (scratch, chunk, the unit's tokens) are looked up again after one. ~93 placements
+        and ~66 documents read a window: attribute accesses and numpy calls were most of
+        their cost, so tokens move as memoryview slices.
         """
         keys, pieces, ages, pending = self._keys, self._pieces, self._ages, self._pending
         new_refs, gone = self._refs.new, self._refs.gone
@@ -403,7 +403,7 @@ class BestFitPacker:
                             taken += rbounds[rend] - rbounds[rdoc]
                         lo = rbounds[rdoc]
                         n = rbounds[rdoc + 1] - lo
-                        if top + n <= chunk_end:
+                        if top + n < chunk_end:  # (never into the empty _NO_TOKENS)
                             chunk[top : top + n] = rtok[lo : lo + n]
                             pieces[counter] = (chunk, 0, 0, runit, rdoc, docs_read, top, top + n, 0)
                             top += n

@@ -34,23 +34,33 @@ class RefTable:
     def __init__(self, buffer_docs: int, start: Iterable[tuple[int, int, int, int]] = ()) -> None:
         self.new = array("q", [v for p in start for v in p])
         self.gone = array("q")
-        self._table = np.empty((5, 0), dtype=np.int64)  # unit, doc, start, born, counter
+        # unit, doc, start, born, counter: the first _used columns
+        self._table = np.empty((5, 2 * buffer_docs + 64), dtype=np.int64)
+        self._used = 0
         self._next = 0  # the counter of the next reference appended
 
     def alive(self) -> np.ndarray:
         """The pieces still buffered, in buffer order: rows unit, doc, start and born."""
+        used = self._used
         if self.new:
             added = len(self.new) // 4
-            table = np.empty((5, self._table.shape[1] + added), dtype=np.int64)
-            table[:, : -added] = self._table
-            table[:4, -added:] = np.frombuffer(self.new, dtype=np.int64).reshape(added, 4).T
-            table[4, -added:] = np.arange(self._next, self._next + added)
+            if used + added > self._table.shape[1]:  # more pieces than ever: twice the room
+                table = np.empty((5, 2 * (used + added)), dtype=np.int64)
+                table[:, :used] = self._table[:, :used]
+                self._table = table
+            self._table[:4, used : used + added] = np.frombuffer(
+                self.new, dtype=np.int64).reshape(added, 4).T
+            self._table[4, used : used + added] = np.arange(self._next, self._next + added)
             del self.new[:]
             self._next += added
-            self._table = table
+            used += added
         if self.gone:
-            keep = np.ones(self._table.shape[1], dtype=bool)
-            keep[np.searchsorted(self._table[4], np.frombuffer(self.gone, dtype=np.int64))] = False
+            keep = np.ones(used, dtype=bool)
+            keep[np.searchsorted(self._table[4, :used], np.frombuffer(self.gone, dtype=np.int64))
+                 ] = False
             del self.gone[:]
-            self._table = self._table[:, keep]
-        return self._table[:4]
+            kept = self._table[:, :used][:, keep]
+            used = kept.shape[1]
+            self._table[:, :used] = kept
+        self._used = used
+        return self._table[:4, :used]
