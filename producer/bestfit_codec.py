@@ -36,6 +36,8 @@ import numpy as np
 from tokenfeed.common.config import MAX_POSITION
 from tokenfeed.common.errors import StateMismatchError
 
+_SEVEN = np.uint64(7)
+
 
 class Piece(NamedTuple):
     """A buffered document: `doc` of the rank's unit `unit`, from token `start` on (a
@@ -188,28 +190,24 @@ def _check_order(pieces: list[Piece], unit: int, doc: int, docs_read: int) -> No
 def _varints_to_text(values: np.ndarray) -> str:
     """Zigzag LEB128 varints of int64 values, as unpadded URL-safe base64."""
     zz = ((values << 1) ^ (values >> 63)).view(np.uint64)
-    big = np.flatnonzero(zz >> np.uint64(7))
-    low = zz.astype(np.uint8)  # each value's low byte
+    big = np.flatnonzero(zz >> _SEVEN)
+    flat = zz.astype(np.uint8).tobytes()  # each value's low byte: all of one under 128
     if len(big):
         # Values are ages and gaps, one byte each but for a few (~12 of ~1,000 a window):
-        # every value's first byte in numpy, the rest of those few in Python, spliced in.
-        low &= np.uint8(0x7F)
-        low[big] |= np.uint8(0x80)
-        flat = low.tobytes()
+        # those few are encoded in Python and spliced in.
         parts: list[bytes] = []
         at = 0
         for i, value in zip(big.tolist(), zz[big].tolist(), strict=True):
-            value >>= 7
             more = bytearray()
             while value >= 0x80:
                 more.append(value & 0x7F | 0x80)
                 value >>= 7
             more.append(value)
-            parts += (flat[at : i + 1], bytes(more))
+            parts += (flat[at:i], bytes(more))
             at = i + 1
         parts.append(flat[at:])
-        return base64.urlsafe_b64encode(b"".join(parts)).rstrip(b"=").decode()
-    return base64.urlsafe_b64encode(low.tobytes()).rstrip(b"=").decode()
+        flat = b"".join(parts)
+    return base64.urlsafe_b64encode(flat).rstrip(b"=").decode()
 
 
 def _text_to_varints(text: str) -> list[int]:
