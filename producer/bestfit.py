@@ -72,9 +72,13 @@ ones spanned by the last max(max_age_docs + 1, buffer_docs) documents read.
 Measured, the most units between `next_unit` and the read unit over the runs
 above: sample 501 (8001 documents) against 1355, all of the run, without the age
 rule; lognormal 9 (8001 documents) against 149, all of the run.
-Each piece owns a copy of its document's tokens: a unit's array is dropped once
-all its documents entered the buffer, and memory is the buffer's tokens plus the
-units not yet read (views would keep the units of up to max_age_docs documents).
+A document's tokens are copied as it enters the buffer, so a unit's array is dropped
+once all its documents entered the buffer (views would keep the units of up to
+max_age_docs documents): into 64 KiB chunks, filled in reading order (a document over
+a quarter of one gets an array of its own). A chunk is freed with its last piece, so
+memory is the chunks the buffer's pieces hold (~2.4x their tokens on the lognormal
+stream: 31 MB for 3.3M tokens in uint32; each piece owning a copy held 1x) plus the
+units not yet read.
 
 Readiness: `ready()` packs the next window in place into a scratch array and
 says True once all B rows are placed; `fill()` copies it out and only then moves
@@ -91,9 +95,11 @@ stream then keeps a pool's worth of units in flight instead of one per loop tick
 Speed: 70-85M tokens/s on the sample corpus (T=2048, B=32, one core), ~3% of the
 time `encode_ordinary` takes for the same tokens (2.3M tokens/s); the age rule's
 heap costs nothing measurable (median of 7: 75M before it, 73M off, 79M at 8000).
-The compact position costs ~0.3 ms a window of 1000 pieces. Packing then filling a
-window: 0.985 ms of CPU against 1.160 at 0b190f8 (`benchmarks/bestfit_speed.py`, units of
-1,024 lognormal documents, on a shared 2-core machine; docs/benchmarks.md).
+Per window (~93 placements, ~66 documents read): a placement moves its tokens as one
+memoryview slice from its chunk; the age heap is looked at only when the oldest
+piece may be too old or has left; the position is a handful of numpy calls over the
+~1,000 buffered pieces (bestfit_refs.py, bestfit_codec.py). Figures against 0b190f8:
+`benchmarks/bestfit_speed.py` and docs/benchmarks.md.
 
 Failure behaviour: a reference that the pushed data cannot hold (a document or
 offset past the end) raises `StateMismatchError` from `push`.
@@ -122,14 +128,22 @@ DEFAULT_MIN_TAIL = 32
 # max_age_docs=None means this many buffers' worth of documents; see the docstring.
 _AGE_BUFFERS = 8
 DEFAULT_MAX_AGE_DOCS = _AGE_BUFFERS * DEFAULT_BUFFER_DOCS
-_EMPTY = np.zeros(0, dtype=np.int64)
+# Buffered documents' tokens are copied into chunks of this many bytes, under glibc's
+# mmap threshold (128 KiB): a chunk freed (its last piece placed) is reused from the
+# heap, where large arrays come back as pages written for the first time, which cost
+# more than the copy (40 MB: ~5 ms, up to ~140 ms where the host backs them late).
+_CHUNK_BYTES = 1 << 16
+_NO_TOKENS = memoryview(b"")  # the packing loop's unit tokens while it reads none
 # A (length or born, insertion counter) pair as one int: first << _SHIFT | counter.
 _SHIFT = 40  # counters stay below 2**40: a piece a document or tail, ~10^12 of them
 _COUNTER = (1 << _SHIFT) - 1
 
-# A buffer piece: (document tokens, BOS first, owned; start; tail 0/1; unit; doc; born).
-# A tuple, not a dataclass: ~100k are made per second and a tuple is 5x cheaper.
-Piece = tuple[np.ndarray, int, int, int, int, int]
+# A buffer piece: (the chunk holding its tokens; start; tail 0/1; unit; doc; born;
+# offset of its next token in the chunk; end; the document's BOS, for a tail). Its
+# tokens are chunk[offset:end] (a tail: the BOS first, then those), document tokens
+# start.. of (unit, doc). A tuple, not a dataclass: ~100k are made per second and a
+# tuple is 5x cheaper.
+Piece = tuple[memoryview, int, int, int, int, int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -187,7 +201,7 @@ class BestFitPacker:
         self._ages: list[int] = []
         self._unresolved: dict[int, list[int]] = {}  # unit -> counters of pieces it holds
         for c, (u, d, s, born) in enumerate(start.pieces):
-            self._pieces[c] = (_EMPTY, s, int(s > 0), u, d, born)
+            self._pieces[c] = (_NO_TOKENS, s, int(s > 0), u, d, born, 0, 0, 0)  # at its push
             self._ages.append(born << _SHIFT | c)
             self._unresolved.setdefault(u, []).append(c)
         heapify(self._ages)
@@ -209,6 +223,11 @@ class BestFitPacker:
         # placing a piece and filling a slot are plain copies, not conversions.
         self._scratch = np.empty(self.window_tokens, dtype=np.uint16)
         self._scratch_set = False
+        # Buffered documents' tokens, copied out of their units as they enter (a unit's
+        # array is dropped once read) into the chunk being filled (up to _chunk_top), in
+        # the scratch's dtype: placing a piece is one memoryview copy.
+        self._chunk = _NO_TOKENS
+        self._chunk_top = 0
         self._packing: Iterator[bool] | None = None  # packs windows into _scratch
         self._window_ready = False
         self._starved = False  # the packing waits for documents no push has brought yet
@@ -225,18 +244,22 @@ class BestFitPacker:
         if len(tokens) and (not self._scratch_set or not np.can_cast(
                 tokens.dtype, self._scratch.dtype, "safe")):
             self._widen_scratch(tokens.dtype)
+        # the scratch's dtype (the same but for an empty unit), contiguous: for memoryviews
+        tokens = np.ascontiguousarray(tokens, dtype=self._scratch.dtype)
         bounds = [*doc_starts.tolist(), len(tokens)]
         docs = len(bounds) - 1
         for c in self._unresolved.pop(unit, []):
-            _, start, tail, u, d, born = self._pieces[c]
+            _, start, tail, u, d, born, _, _, _ = self._pieces[c]
             if d >= docs or bounds[d] + start >= bounds[d + 1]:
                 raise StateMismatchError(
                     f"bestfit position names document {d} from token {start} of unit {unit}, "
                     f"which holds {docs} documents there; the state belongs to other data"
                 )
-            data = tokens[bounds[d] : bounds[d + 1]].copy()
-            self._pieces[c] = (data, start, tail, u, d, born)
-            insort(self._keys, (len(data) - start + tail) << _SHIFT | c)
+            lo, hi = bounds[d] + start, bounds[d + 1]
+            own = tokens[lo:hi].copy()  # a resumed piece: an array of its own
+            self._pieces[c] = (own.data, start, tail, u, d, born, 0, hi - lo,
+                               int(tokens[bounds[d]]))
+            insort(self._keys, (hi - lo + tail) << _SHIFT | c)
         read_unit, read_doc = self._read
         if unit >= read_unit:
             first = read_doc if unit == read_unit else 0
@@ -296,6 +319,16 @@ class BestFitPacker:
         scratch = np.empty(self.window_tokens, dtype=dtype)
         scratch[:] = self._scratch  # a paused window keeps what it placed
         self._scratch, self._scratch_set = scratch, True
+        for u in self._pending:
+            u.tokens = u.tokens.astype(dtype)
+        converted: dict[int, tuple[Any, memoryview]] = {}  # each chunk once (kept alive)
+        for c, (held, start, tail, unit, doc, born, off, end, bos) in self._pieces.items():
+            if len(held):
+                if id(held.obj) not in converted:
+                    converted[id(held.obj)] = (held.obj, np.asarray(held.obj).astype(dtype).data)
+                self._pieces[c] = (converted[id(held.obj)][1], start, tail, unit, doc, born, off,
+                                   end, bos)
+        self._chunk, self._chunk_top = _NO_TOKENS, 0  # a new chunk, in the new dtype
 
     def _starve(self, lacking_tokens: int) -> None:
         self._starved = True
@@ -308,10 +341,12 @@ class BestFitPacker:
         pushes before resuming). Nothing here is undone: pushes only append units, so a
         paused window continues exactly as if the documents had been there all along.
 
-        The read cursor (`_read`, `_docs_read`, `_pending_tokens`, `_counter`) lives in
-        locals while packing and is written back before every yield (and read again
-        after a pause, which a push may have changed): ~85 placements a window, and
-        attribute writes were a fifth of their cost.
+        The read cursor (the unit being read, its next document, `_docs_read`,
+        `_counter`, the chunk being filled and the tokens read) lives in locals while
+        packing and is written back before every yield; the arrays a push may widen
+        (scratch, chunk, the unit's tokens) are looked up again after one. ~93 placements
+        and ~66 documents read a window: attribute accesses and numpy calls were most of
+        their cost, so tokens move as memoryview slices.
         """
         keys, pieces, ages, pending = self._keys, self._pieces, self._ages, self._pending
         new_refs, gone = self._refs.new, self._refs.gone
@@ -322,58 +357,90 @@ class BestFitPacker:
         docs_read, counter = self._docs_read, self._counter
         stats = self._window_stats
         record = self.recorder
+        # the unit being read: its record, tokens, bounds, number, next and last document
+        ru: _Unit | None = None
+        rtok = _NO_TOKENS
+        rbounds: list[int] = []
+        runit = rdoc = rend = 0
+        taken = 0  # tokens read into the buffer since the last write-back
+        # The age rule: the oldest piece's born and the docs_read past which it is too old,
+        # -1 until looked up again (after it left): only then is the heap looked at.
+        oldest = age_limit = -1
         while True:
-            out = self._scratch  # a push may widen its dtype (a paused window is copied)
-            for row_start in range(0, self.window_tokens, cap):
-                pos = 0
-                while pos < cap:
-                    if len(keys) < buffer_docs:  # refill, in stream order
-                        pending_tokens = self._pending_tokens
-                        while len(keys) < buffer_docs:
-                            while not pending:
+            # after a yield: what a push may have widened (scratch, chunk, unit tokens)
+            out, dtype = self._scratch.data, self._scratch.dtype
+            chunk, top = self._chunk, self._chunk_top
+            chunk_end = len(chunk)
+            chunk_tokens = _CHUNK_BYTES // dtype.itemsize
+            long_doc = chunk_tokens // 4  # longer documents get an array of their own
+            if ru is not None:
+                rtok = ru.tokens.data
+            for row_end in range(cap, self.window_tokens + 1, cap):
+                at = row_end - cap  # where the next piece goes
+                while at < row_end:
+                    while len(keys) < buffer_docs:  # refill, in stream order
+                        if ru is None:
+                            if not pending:
                                 self._docs_read, self._counter = docs_read, counter
-                                self._pending_tokens = pending_tokens
+                                self._chunk, self._chunk_top = chunk, top
+                                self._pending_tokens -= taken
+                                taken = 0
                                 _, docs, tokens = self._seen
                                 lacking = buffer_docs - len(keys)
                                 self._starve(lacking * (tokens // max(docs, 1))
-                                             + self.window_tokens - row_start - pos)
+                                             + self.window_tokens - at)
                                 yield False
-                                pending_tokens = self._pending_tokens  # pushed meanwhile
-                                out = self._scratch
-                            # the documents lacking, as far as the first pending unit goes
-                            u = pending[0]
-                            read, bounds, unit, first = u.tokens, u.bounds, u.unit, u.next_doc
-                            end = min(u.docs, first + buffer_docs - len(keys))
-                            for d in range(first, end):
-                                lo, hi = bounds[d], bounds[d + 1]
-                                c = counter
-                                counter += 1
-                                pieces[c] = (read[lo:hi].copy(), 0, 0, unit, d, docs_read)
-                                new_refs.extend((unit, d, 0, docs_read))
-                                insort(keys, (hi - lo) << shift | c)
-                                heappush(ages, docs_read << shift | c)
-                                docs_read += 1
-                            pending_tokens -= bounds[end] - bounds[first]
-                            u.next_doc = end
-                            if end == u.docs:
-                                pending.popleft()  # drop the unit's array: docs are copied
-                                self._read = (unit + 1, 0)
-                            else:
-                                self._read = (unit, end)
-                            del u, read, bounds  # a paused generator must not keep a unit
-                        self._pending_tokens = pending_tokens
-                    room = cap - pos
+                                out, dtype = self._scratch.data, self._scratch.dtype
+                                chunk, top = self._chunk, self._chunk_top
+                                chunk_end = len(chunk)
+                                chunk_tokens = _CHUNK_BYTES // dtype.itemsize
+                                long_doc = chunk_tokens // 4
+                                continue
+                            ru = pending[0]
+                            rtok, rbounds, runit = ru.tokens.data, ru.bounds, ru.unit
+                            rdoc, rend = ru.next_doc, ru.docs
+                            # counted as read now; a write-back gives back what is left
+                            taken += rbounds[rend] - rbounds[rdoc]
+                        lo = rbounds[rdoc]
+                        n = rbounds[rdoc + 1] - lo
+                        if top + n < chunk_end:  # (never into the empty _NO_TOKENS)
+                            chunk[top : top + n] = rtok[lo : lo + n]
+                            pieces[counter] = (chunk, 0, 0, runit, rdoc, docs_read, top, top + n, 0)
+                            top += n
+                        else:  # a new chunk, or for a long document an array of its own
+                            held = np.empty(chunk_tokens if n <= long_doc else n, dtype=dtype).data
+                            held[:n] = rtok[lo : lo + n]
+                            pieces[counter] = (held, 0, 0, runit, rdoc, docs_read, 0, n, 0)
+                            if n <= long_doc:
+                                chunk, top, chunk_end = held, n, len(held)
+                        new_refs.extend((runit, rdoc, 0, docs_read))
+                        insort(keys, n << shift | counter)
+                        # its born is above every key's in the heap: appending keeps it one
+                        ages.append(docs_read << shift | counter)
+                        counter += 1
+                        docs_read += 1
+                        rdoc += 1
+                        if rdoc == rend:  # drop the unit's array: its documents are copied
+                            pending.popleft()
+                            self._read = (runit + 1, 0)
+                            ru, rtok = None, _NO_TOKENS
+                    room = row_end - at
                     if len(ages) > ages_cap:  # under an old piece, entries of gone ones pile up
                         ages[:] = [piece[5] << shift | c for c, piece in pieces.items()]
                         heapify(ages)
-                    while ages[0] & mask not in pieces:  # entries of pieces gone since
-                        heappop(ages)
-                    age = ages[0]
-                    if docs_read - (age >> shift) > max_age_docs:  # too old: the oldest next
+                    if docs_read > age_limit:  # past the oldest's limit, or that is unknown
+                        age = ages[0]
+                        while age & mask not in pieces:  # entries of pieces gone since
+                            heappop(ages)
+                            age = ages[0]
+                        oldest = age >> shift
+                        age_limit = oldest + max_age_docs
+                    if docs_read > age_limit:  # too old: the oldest (ages[0]) next
+                        age_limit = -1
                         heappop(ages)
                         gone.append(age & mask)
-                        data, start, tail, unit, doc, born = pieces.pop(age & mask)
-                        length = len(data) - start + tail
+                        held, start, tail, unit, doc, born, off, end, bos = pieces.pop(age & mask)
+                        length = end - off + tail
                         del keys[bisect_left(keys, length << shift | age & mask)]
                         take = min(length, room)
                         stats[2] += take
@@ -389,28 +456,40 @@ class BestFitPacker:
                             length = keys[0] >> shift
                         c = keys.pop(i) & mask
                         gone.append(c)
-                        data, start, tail, unit, doc, born = pieces.pop(c)
-                    at = row_start + pos
+                        held, start, tail, unit, doc, born, off, end, bos = pieces.pop(c)
+                        if born == oldest:  # (a tail of it keeps its born)
+                            age_limit = -1
                     if tail:
                         stats[1] += take
-                        out[at] = data[0]
-                        out[at + 1 : at + take] = data[start : start + take - 1]
+                        out[at] = bos
+                        out[at + 1 : at + take] = held[off : off + take - 1]
                     else:
-                        out[at : at + take] = data[start : start + take]
+                        out[at : at + take] = held[off : off + take]
                     if record is not None:
                         record((unit, doc, start, take, tail))
-                    pos += take
+                    at += take
                     rest = length - take
                     if rest >= min_tail:  # keeps the document's born: its age goes on
                         c = counter
                         counter += 1
-                        pieces[c] = (data, start + take - tail, 1, unit, doc, born)
+                        pieces[c] = (held, start + take - tail, 1, unit, doc, born,
+                                     off + take - tail, end, bos if tail else held[off])
                         new_refs.extend((unit, doc, start + take - tail, born))
                         insort(keys, (rest + 1) << shift | c)
                         heappush(ages, born << shift | c)
                     elif rest:
                         stats[0] += rest
             self._docs_read, self._counter = docs_read, counter
+            self._chunk, self._chunk_top = chunk, top
+            if ru is not None:
+                ru.next_doc = rdoc
+                self._read = (runit, rdoc)
+                left = rbounds[rend] - rbounds[rdoc]
+                self._pending_tokens -= taken - left
+                taken = left
+            else:
+                self._pending_tokens -= taken
+                taken = 0
             yield True
 
     # -- position -----------------------------------------------------------
@@ -419,8 +498,9 @@ class BestFitPacker:
         # Here, not later: packing runs ahead of the last window filled.
         refs = self._refs.alive()
         unit, docs_read = self._read[0], self._docs_read
-        first = min(unit, int(refs[:, 0].min())) if len(refs) else unit
-        buffer = bestfit_codec.encode(refs, unit, docs_read)
+        low = int(refs[0].min()) if refs.shape[1] else unit
+        buffer = bestfit_codec.encode_columns(refs, unit, docs_read, low)
+        first = min(unit, low)
         return BestFitPosition(unit, self._read[1], docs_read, buffer, first)
 
     def stats(self) -> dict[str, Any]:

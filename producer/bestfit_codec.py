@@ -36,6 +36,8 @@ import numpy as np
 from tokenfeed.common.config import MAX_POSITION
 from tokenfeed.common.errors import StateMismatchError
 
+_SEVEN = np.uint64(7)
+
 
 class Piece(NamedTuple):
     """A buffered document: `doc` of the rank's unit `unit`, from token `start` on (a
@@ -58,32 +60,37 @@ def _is_int(v: Any) -> bool:
 def encode(refs: np.ndarray, unit: int, docs_read: int) -> str:
     """The compact buffer of the pieces `refs` ((unit, doc, start, born) rows, int64, in
     buffer order) of a position reading at `unit` with `docs_read` documents read."""
-    n = len(refs)
+    return encode_columns(refs.T, unit, docs_read)
+
+
+def encode_columns(cols: np.ndarray, unit: int, docs_read: int, low: int | None = None
+                   ) -> str:
+    """`encode` of the pieces as four rows (unit, doc, start, born), a column a piece
+    (`low`: their least unit, when the caller has it)."""
+    u, d, s, born = cols
+    n = len(born)
     if not n:
         return ""
-    u, d, s, born = refs[:, 0], refs[:, 1], refs[:, 2], refs[:, 3]
     # The units holding pieces, ascending, and each one's z (the born of its document 0):
     # a unit's pieces all share it (documents are read in order), so any of them gives it,
     # and a scatter over the few units spanned replaces a sort (np.unique) of the pieces.
-    low = int(u.min())
-    at = u - low
-    span = int(at.max()) + 1
-    present = np.zeros(span, dtype=bool)
-    present[at] = True
-    z_of = np.empty(span, dtype=np.int64)
-    z_of[at] = born - d
-    held_at = np.flatnonzero(present)
-    held, zs = held_at + low, z_of[held_at]
+    # z >= 0, so -1 marks the units in the span that hold none.
+    low = int(u.min()) if low is None else low
+    z_of = np.full(int(u.max()) - low + 1, -1, dtype=np.int64)
+    z_of[u - low] = born - d
+    held_at = np.flatnonzero(z_of >= 0)
+    zs = z_of[held_at]
     tails = np.flatnonzero(s)
-    out = np.empty(3 + n + 2 * len(held) + 2 * len(tails), dtype=np.int64)
-    out[:3] = n, len(held), len(tails)
-    out[3] = docs_read - born[0]  # born: the first piece's age, then differences
+    v, k = len(held_at), 3 + n + 2 * len(held_at)
+    out = np.empty(k + 2 * len(tails), dtype=np.int64)
+    out[:4] = n, v, len(tails), docs_read - int(born[0])  # born: the first's age, then steps
     np.subtract(born[1:], born[:-1], out=out[4 : 3 + n])
-    units = out[3 + n : 3 + n + 2 * len(held)]
-    units[0], units[1] = unit - held[0], docs_read - zs[0]  # back from (unit, docs_read)
-    units[2::2], units[3::2] = np.diff(held), np.diff(zs)
-    out[3 + n + 2 * len(held) :: 2] = tails
-    out[4 + n + 2 * len(held) :: 2] = s[tails]
+    out[3 + n : 5 + n] = unit - low - int(held_at[0]), docs_read - int(zs[0])  # back from
+    if v > 1:                                                               # (unit, docs_read)
+        np.subtract(held_at[1:], held_at[:-1], out=out[5 + n : k : 2])
+        np.subtract(zs[1:], zs[:-1], out=out[6 + n : k : 2])
+    out[k::2] = tails
+    out[k + 1 :: 2] = s[tails]
     return _varints_to_text(out)
 
 
@@ -183,25 +190,24 @@ def _check_order(pieces: list[Piece], unit: int, doc: int, docs_read: int) -> No
 def _varints_to_text(values: np.ndarray) -> str:
     """Zigzag LEB128 varints of int64 values, as unpadded URL-safe base64."""
     zz = ((values << 1) ^ (values >> 63)).view(np.uint64)
-    top = int(zz.max()) if len(zz) else 0
-    if top < 0x80:  # the common case: ages and gaps, one byte each
-        return base64.urlsafe_b64encode(zz.astype(np.uint8).tobytes()).rstrip(b"=").decode()
-    # Byte k of every value that has one, lane by lane: values are mostly one byte, so a
-    # lane per byte of the largest value (2-3) beats expanding every value to its bytes.
-    nbytes = np.ones(len(zz), dtype=np.int64)
-    width = 1
-    while top >= 1 << (7 * width):
-        nbytes += zz >= np.uint64(1 << (7 * width))
-        width += 1
-    ends = np.cumsum(nbytes)
-    data = np.empty(int(ends[-1]), dtype=np.uint8)
-    first = ends - nbytes
-    for k in range(width):
-        has = slice(None) if k == 0 else nbytes > k
-        more = (nbytes[has] > k + 1).astype(np.uint8) << np.uint8(7)
-        data[first[has] + k] = ((zz[has] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(
-            np.uint8) | more
-    return base64.urlsafe_b64encode(data.tobytes()).rstrip(b"=").decode()
+    big = np.flatnonzero(zz >> _SEVEN)
+    flat = zz.astype(np.uint8).tobytes()  # each value's low byte: all of one under 128
+    if len(big):
+        # Values are ages and gaps, one byte each but for a few (~12 of ~1,000 a window):
+        # those few are encoded in Python and spliced in.
+        parts: list[bytes] = []
+        at = 0
+        for i, value in zip(big.tolist(), zz[big].tolist(), strict=True):
+            more = bytearray()
+            while value >= 0x80:
+                more.append(value & 0x7F | 0x80)
+                value >>= 7
+            more.append(value)
+            parts += (flat[at:i], bytes(more))
+            at = i + 1
+        parts.append(flat[at:])
+        flat = b"".join(parts)
+    return base64.urlsafe_b64encode(flat).rstrip(b"=").decode()
 
 
 def _text_to_varints(text: str) -> list[int]:

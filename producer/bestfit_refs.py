@@ -1,15 +1,17 @@
-"""The best-fit buffer's references, kept as a table, so a position costs one numpy index.
+"""The best-fit buffer's references, kept as a table, so a position costs a few numpy calls.
 
 A best-fit position (position/packed.py's BestFitPosition) names every buffered piece
 by `(unit, doc, start, born)`. Walking the buffer's tuples in Python for that took as
 long as packing the window, so the packer (bestfit.py) also appends each piece's
-reference to this table as it buffers it, and the counter of each piece it places:
-counter c is row c - base, counters grow with insertion, so row order is buffer
-order. `alive()` moves what was appended into the arrays (once a window) and returns
-the rows of the pieces still buffered, which bestfit_codec.py encodes.
+reference to this table as it buffers it, and the counter of each piece it places.
+Counters grow with insertion, so counter order is buffer order. `alive()` (once a
+window) appends what was buffered, drops what was placed (found by its counter with a
+binary search) and returns the pieces still buffered as contiguous rows (unit, doc,
+start, born), which bestfit_codec.py encodes.
 
-Memory: at most ~4 buffers' worth of rows; rows older than the buffer's oldest piece
-are dropped to make room, and the arrays double only when the live rows need it.
+Memory and time: the table holds the buffered pieces only (~buffer_docs), whatever
+their ages; it once kept every reference since the oldest piece's, which under the age
+rule was ~12 buffers' worth to scan each window.
 """
 
 from __future__ import annotations
@@ -21,44 +23,44 @@ import numpy as np
 
 
 class RefTable:
-    """Rows `(unit, doc, start, born)`, one per piece ever buffered, and which are alive.
+    """References `(unit, doc, start, born)` of the buffered pieces and their counters:
+    five int64 rows, a column a piece, so that each field comes out contiguous.
 
     The packing loop binds `new` and `gone` to locals and appends to them directly:
     `new.extend((unit, doc, start, born))` per piece buffered, `gone.append(counter)`
-    per piece placed (flat int64s, ~85 placements a window, no method call each)."""
+    per piece placed (flat int64s, ~90 placements a window, no method call each); the
+    n-th reference appended is the piece of counter n."""
 
     def __init__(self, buffer_docs: int, start: Iterable[tuple[int, int, int, int]] = ()) -> None:
         self.new = array("q", [v for p in start for v in p])
         self.gone = array("q")
-        self._refs = np.empty((max(4 * buffer_docs, 16), 4), dtype=np.int64)
-        self._alive = np.zeros(len(self._refs), dtype=bool)
-        self._rows = 0  # rows of _refs in use
-        self._base = 0  # the counter of row 0
+        # unit, doc, start, born, counter: the first _used columns
+        self._table = np.empty((5, 2 * buffer_docs + 64), dtype=np.int64)
+        self._used = 0
+        self._next = 0  # the counter of the next reference appended
 
     def alive(self) -> np.ndarray:
-        """The rows of the pieces still buffered, in buffer order."""
+        """The pieces still buffered, in buffer order: rows unit, doc, start and born."""
+        used = self._used
         if self.new:
-            new = np.array(self.new, dtype=np.int64).reshape(-1, 4)
+            added = len(self.new) // 4
+            if used + added > self._table.shape[1]:  # more pieces than ever: twice the room
+                table = np.empty((5, 2 * (used + added)), dtype=np.int64)
+                table[:, :used] = self._table[:, :used]
+                self._table = table
+            self._table[:4, used : used + added] = np.frombuffer(
+                self.new, dtype=np.int64).reshape(added, 4).T
+            self._table[4, used : used + added] = np.arange(self._next, self._next + added)
             del self.new[:]
-            rows = self._rows
-            if rows + len(new) > len(self._refs):
-                # rows of pieces older than the buffer's oldest are dropped to make room
-                alive = np.flatnonzero(self._alive[:rows])
-                dead = int(alive[0]) if len(alive) else rows
-                refs, flags = self._refs[dead:rows].copy(), self._alive[dead:rows].copy()
-                if len(refs) + len(new) > len(self._refs) // 2:
-                    size = 2 * (len(refs) + len(new))
-                    self._refs = np.empty((size, 4), dtype=np.int64)
-                    self._alive = np.zeros(size, dtype=bool)
-                rows = len(refs)
-                self._refs[:rows] = refs
-                self._alive[:rows] = flags
-                self._alive[rows:] = False
-                self._base += dead
-            self._refs[rows : rows + len(new)] = new
-            self._alive[rows : rows + len(new)] = True
-            self._rows = rows + len(new)
+            self._next += added
+            used += added
         if self.gone:
-            self._alive[np.array(self.gone, dtype=np.int64) - self._base] = False
+            keep = np.ones(used, dtype=bool)
+            keep[np.searchsorted(self._table[4, :used], np.frombuffer(self.gone, dtype=np.int64))
+                 ] = False
             del self.gone[:]
-        return self._refs[: self._rows][self._alive[: self._rows]]
+            kept = self._table[:, :used][:, keep]
+            used = kept.shape[1]
+            self._table[:, :used] = kept
+        self._used = used
+        return self._table[:4, :used]
