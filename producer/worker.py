@@ -84,7 +84,7 @@ def read_filtered(pf: pq.ParquetFile, row_group: int, column: str, kept: Filter 
     Only the filter's columns are read besides the text, and the filter first: a row
     group it drops whole costs no text decoding. Decoding the text of the rows it drops
     is the filter's remaining cost (~7 ms of CPU per 1,024 documents of ~4 MB, against
-    ~110 ms of tokenizing the ~30% that `benchmarks/filter.py`'s filter keeps): Parquet
+    ~140 ms of tokenizing the 31% that `benchmarks/filter.py`'s filter keeps): Parquet
     decodes a column chunk's pages whole, and kept rows lie in every page."""
     if kept is None:
         return _read(pf, row_group, [column]).column(0), None
