@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zmq
 
@@ -75,25 +74,36 @@ def _parsed(text: str) -> Filter:
     return Filter.parse(text)
 
 
-def read_filtered(pf: pq.ParquetFile, row_group: int, column: str,
-                  kept: Filter | None) -> pa.ChunkedArray:
-    """A row group's text column, null where `kept` (a source's filter) drops the row: a
-    dropped document then delivers nothing, as a null text does, and keeps its row index,
-    so positions, elastic layouts and provenance count rows the same with or without it.
+def read_filtered(pf: pq.ParquetFile, row_group: int, column: str, kept: Filter | None
+                  ) -> tuple[pa.ChunkedArray | None, np.ndarray | None]:
+    """A row group's text column and which of its rows `kept` (a source's filter) keeps:
+    (text, None) without a filter; (None, mask) when the filter keeps no row. A dropped
+    document then delivers nothing, as a null text does, and keeps its row index, so
+    positions, elastic layouts and provenance count rows the same with or without it.
 
     Only the filter's columns are read besides the text, and the filter first: a row
-    group it drops whole costs no text decoding (decoding is the filter's main cost, ~8
-    ms per 1,024 documents of ~4 MB, against ~500 ms of tokenizing what it keeps)."""
+    group it drops whole costs no text decoding. Decoding the text of the rows it drops
+    is the filter's remaining cost (~7 ms of CPU per 1,024 documents of ~4 MB, against
+    ~140 ms of tokenizing the 31% that `benchmarks/filter.py`'s filter keeps): Parquet
+    decodes a column chunk's pages whole, and kept rows lie in every page."""
     if kept is None:
-        return pf.read_row_group(row_group, columns=[column]).column(0)
-    table = pf.read_row_group(row_group, columns=list(kept.columns))
-    mask = kept.mask(table)
-    text_type = pf.schema_arrow.field(column).type
-    if not pc.any(mask).as_py():
-        return pa.chunked_array([pa.nulls(len(mask), text_type)], text_type)
+        return _read(pf, row_group, [column]).column(0), None
+    table = _read(pf, row_group, list(kept.columns))
+    mask = kept.mask(table).to_numpy(zero_copy_only=False)
+    if not mask.any():
+        return None, mask
     text = (table.column(column) if column in kept.columns
-            else pf.read_row_group(row_group, columns=[column]).column(0))
-    return pc.if_else(mask, text, pa.scalar(None, text_type))
+            else _read(pf, row_group, [column]).column(0))
+    return text, mask
+
+
+def _read(pf: pq.ParquetFile, row_group: int, columns: list[str]) -> pa.Table:
+    """Columns of a row group, decoded on this thread: a worker is one process per core,
+    and Arrow's thread pool (which parallelizes across columns, one here) only hands
+    the work to another thread and back. Two worker-like processes reading the filtered
+    row groups of benchmarks/filter.py at load 12-16: read wall -38% and -9%, read CPU
+    -30% and -6% in two runs."""
+    return pf.read_row_group(row_group, columns=columns, use_threads=False)
 
 
 class RowGroupReader:
@@ -102,7 +112,9 @@ class RowGroupReader:
     def __init__(self) -> None:
         self.files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
         self.key: tuple[str, int, str, str] | None = None
-        self.column: pa.ChunkedArray | None = None
+        self.column: pa.ChunkedArray | None = None  # None: a filter dropped every row
+        self.mask: np.ndarray | None = None  # rows the filter keeps (None: no filter)
+        self.num_rows = 0
         self.order_seed: list[int] | None = None
         self.order: np.ndarray | None = None
 
@@ -123,20 +135,37 @@ class RowGroupReader:
         with `filter_text`, None where the filter drops the row."""
         key = (path, row_group, column, filter_text)
         if key != self.key:
-            self.key = self.column = self.order = None  # a failed read keeps nothing stale
-            self.column = read_filtered(self._file(path, stamp), row_group, column,
-                                        _parsed(filter_text) if filter_text else None)
+            self.key = self.column = self.mask = self.order = None  # a failed read keeps
+            text, mask = read_filtered(                             # nothing stale
+                self._file(path, stamp), row_group, column,
+                _parsed(filter_text) if filter_text else None)
+            self.column, self.mask = text, mask
+            self.num_rows = len(text) if text is not None else len(mask) if mask is not None else 0
             self.key = key
-        assert self.column is not None
         lo, hi = rows
-        if hi > len(self.column):
-            raise ValueError(f"rows {lo}:{hi} are past the row group's {len(self.column)} rows")
-        if doc_seed is None:
-            return self.column.slice(lo, hi - lo).to_pylist()
-        if self.order is None or self.order_seed != doc_seed:
-            self.order = np.random.default_rng(doc_seed).permutation(len(self.column))
-            self.order_seed = doc_seed
-        return self.column.take(pa.array(self.order[lo:hi])).to_pylist()
+        if hi > self.num_rows:
+            raise ValueError(f"rows {lo}:{hi} are past the row group's {self.num_rows} rows")
+        picked: np.ndarray | None = None  # row indices, in the seeded order
+        if doc_seed is not None:
+            if self.order is None or self.order_seed != doc_seed:
+                self.order = np.random.default_rng(doc_seed).permutation(self.num_rows)
+                self.order_seed = doc_seed
+            picked = self.order[lo:hi]
+        if self.mask is None:
+            assert self.column is not None
+            if picked is None:
+                return self.column.slice(lo, hi - lo).to_pylist()
+            return self.column.take(pa.array(picked)).to_pylist()
+        # Filtered: only the kept rows' text becomes Python strings (a dropped row is
+        # None without touching its text), and no array is built for the rest.
+        out: list[Any] = [None] * (hi - lo)
+        at = np.flatnonzero(self.mask[lo:hi] if picked is None else self.mask[picked])
+        if len(at) and self.column is not None:
+            index = at + lo if picked is None else picked[at]
+            for i, v in zip(at.tolist(), self.column.take(pa.array(index)).to_pylist(),
+                            strict=True):
+                out[i] = v
+        return out
 
 
 def tokenize_documents(

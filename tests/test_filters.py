@@ -186,6 +186,37 @@ def test_a_mask_keeps_the_rows_the_predicate_holds_for_nulls_dropped(
         offline(table), False).to_pylist()
 
 
+def test_a_worker_reads_each_part_as_the_filter_keeps_it_in_file_or_seeded_order(
+        tmp_path: Path) -> None:
+    """A worker's rows of a filtered row group, in parts, in file order and shuffled: the
+    text where the offline predicate holds (a null text stays null), None elsewhere; a
+    row group the filter drops whole gives None for every row."""
+    from tokenfeed.producer.worker import RowGroupReader
+
+    n = 50
+    texts = [None if i % 11 == 4 else f"document {i}" for i in range(n)]
+    table = pa.table({"text": pa.array(texts, pa.string()),
+                      "int_score": pa.array([None if i % 9 == 2 else i % 6 for i in range(n)],
+                                            pa.int64()),
+                      "language": pa.array([LANGUAGES[i % len(LANGUAGES)] for i in range(n)],
+                                           pa.string())})
+    path = tmp_path / "rg.parquet"
+    pq.write_table(pa.concat_tables([table, table.slice(0, 10).set_column(
+        1, "int_score", pa.array([0] * 10, pa.int64()))]), path, row_group_size=n)
+    keep = pc.fill_null(offline_filter(table), False).to_pylist()
+    want = [t if k else None for t, k in zip(texts, keep, strict=True)]
+    text = Filter.parse(FILTER).text
+    reader = RowGroupReader()
+    for seed in (None, [7, 0, 1]):
+        order = (list(range(n)) if seed is None
+                 else np.random.default_rng(seed).permutation(n).tolist())
+        got = [v for lo, hi in ((0, 17), (17, 18), (18, 50))
+               for v in reader.values(str(path), 0, "text", (lo, hi), seed, "", text)]
+        assert got == [want[i] for i in order]
+    assert reader.values(str(path), 1, "text", (0, 10), None, "", text) == [None] * 10
+    assert reader.values(str(path), 1, "text", (0, 10), [1, 2, 3], "", text) == [None] * 10
+
+
 def test_a_missing_column_or_a_type_mismatch_names_the_column_and_its_type() -> None:
     schema = pa.schema([("text", pa.string()), ("int_score", pa.int64()),
                         ("language", pa.string()), ("when", pa.timestamp("s"))])
