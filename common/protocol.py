@@ -39,10 +39,11 @@ Ops, client -> daemon:
     scale {workers}                           -> ok {workers}
     mix {weights, split}                      -> mix {weights, streams}: new mixture weights
     stop {}                                   -> ok {}
+    provenance {stream, seq}                  -> provenance {record}: the documents of
+        batch `seq` of a stream attached with provenance, among the last it published
+        (producer/slot_provenance.py; checked by consumer/provenance.py)
 Ops, daemon -> consumer:
-    ready {stream, slot, seq, cursor, provenance?}   slot `slot` holds batch `seq`;
-        provenance: its documents, for a consumer that attached with it (checked by
-        consumer/provenance.py)
+    ready {stream, slot, seq, cursor}         slot `slot` holds batch `seq`
     heartbeat {}                              sent every HEARTBEAT_INTERVAL_S
     shutdown {reason}                         the daemon is going away
     error {message, kind}                     a request failed; `kind` maps to an exception
