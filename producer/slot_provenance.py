@@ -28,9 +28,11 @@ and cuts nothing: per published batch `seq`, the packer position before it (conc
 its placements (best fit), and the kept units' runs (one shared snapshot until units
 come or go). Measured on B=32 T=2048 FineWeb-shaped windows, cutting spans at fill
 time cost 42 us a concat window (a 36 us fill) and 110 us a best-fit one (a ~1 ms
-fill), and checking the record on arrival a share of the consumer's link thread; a
-reference store costs ~1 us. The record is cut only when a consumer asks for it
-(`provenance {stream, seq}`, answered from `record`), so `ready` carries nothing extra:
+fill), and checking the record on arrival a share of the consumer's link thread; keeping
+the makings costs ~2 us a concat batch (best fit: its placement tuples, made by the
+packer's hook, copied, freed later). The record is cut only when a consumer asks for it
+(`provenance {stream, seq, ring}`, producer/ops.py, answered by `record`), so `ready`
+carries nothing extra. The record:
 
     files  [[source, file name], ...]
     spans  int64 LE (k, 5): index into files, row group, row, start, end
@@ -163,7 +165,7 @@ class SlotProvenance:
         self.batches: dict[int, _Batch | str] = {}  # seq -> its record's makings, or why none
         table = getattr(stream, "table", None)  # (absent in unit tests that never fill)
         self.keep_batches = 2 * len(table.slots) + 2 if table is not None else 0
-        self.consumers: set[bytes] = set()  # identities that asked for provenance
+        self.consumers: set[bytes] = set()  # identities that attached asking for it
         self.broken: str | None = None
         self._kept: _Kept | None = None  # the snapshot of `units` batches share
 
