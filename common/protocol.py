@@ -39,9 +39,11 @@ Ops, client -> daemon:
     scale {workers}                           -> ok {workers}
     mix {weights, split}                      -> mix {weights, streams}: new mixture weights
     stop {}                                   -> ok {}
-    provenance {stream, seq}                  -> provenance {record}: the documents of
-        batch `seq` of a stream attached with provenance, among the last it published
-        (producer/slot_provenance.py; checked by consumer/provenance.py)
+    provenance {stream, seq, ring}            -> provenance {record}: the documents of
+        batch `seq` of a stream attached with provenance, among the last it published;
+        `ring` (the stream's segment name) ties the request to the daemon and stream
+        that delivered the batch (producer/slot_provenance.py; checked by
+        consumer/provenance.py)
 Ops, daemon -> consumer:
     ready {stream, slot, seq, cursor}         slot `slot` holds batch `seq`
     heartbeat {}                              sent every HEARTBEAT_INTERVAL_S
