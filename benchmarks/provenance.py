@@ -8,28 +8,34 @@ Corpus: --data, or the installed corpus in FineWeb-sized row groups of --docs-pe
 documents (`_common.installed_corpus`; the shape is printed). B=32, T=2048 (the shape
 nanochat trains with), per packing of --packings (concat; nanochat = best fit, buffer
 1000, cropped tails dropped; bestfit = best fit with tails kept). Each run is a fresh
-daemon with N workers and one consumer on CPU in this process; off and on alternate,
---repeats times, and the tables give medians (every run's figures are printed too).
+daemon with N workers and one consumer on CPU in this process; off and on run side by
+side in each round (their order alternating), --repeats rounds, and the tables give
+medians, and the median of the rounds' on/off ratios (every run's figures and every
+round's ratio are printed too): on a shared machine a round's two runs see the most
+similar load.
 
 - tokens/s: B*T per batch over --batches batches drained as fast as the consumer can,
   after a warm-up and once the ring is full. `warm`: every unit from a token cache
   filled before the first run (the daemon's loop, packing and recording are then the
   bound, so their cost shows most); `cold`: no cache, the workers tokenize (the normal
   first epoch).
-- daemon CPU ms per batch over the same batches (utime + stime of the daemon process):
-  what recording costs, with the least noise on a shared machine; cold, also the daemon's
-  and workers' CPU per batch, and the daemon's extra CPU as a share of it (where CPU
-  bounds the pipeline, its throughput cost; tokens/s beside other work is noisier).
+- daemon CPU ms per batch over the same batches (all its threads, in ns, `cpu_s`):
+  what recording costs, with the least noise on a shared machine; also the daemon's and
+  workers' CPU per batch, and the daemon's extra CPU as a share of it (where CPU bounds
+  the pipeline, its throughput cost; tokens/s beside other work is noisier).
 - next() p50 / p99: one daemon, a feed with provenance off and one with it on (a
   stream each, rings full, cache warm), --calls calls of each in turn with a --step-s
   simulated step between every two calls (as benchmarks/latency.py), so both see the
-  same load; `last_provenance()` p50: building explain's rows (dicts) from a batch's
-  record, for a caller that asks each batch.
-- record: spans and bytes per batch sent with each `ready`.
+  same load; then `last_provenance()` p50 over --calls / 4 batches: asking the daemon for
+  the batch's record, checking it and building explain's rows (dicts).
+- record: spans and bytes of a batch's record, sent when asked (the last batch of each
+  warm run).
 - packing per window, in-process (first, and alone with --recorder-only): thread CPU of
   the packer's fill, plus recording with provenance on (best fit's hook runs while it
-  packs: counted), on synthetic units of 1,024 lognormal documents; no daemon, so the
-  figure is free of other processes' load.
+  packs: counted), on synthetic units of 1,024 lognormal documents; a packer without
+  and one with provenance, window by window in turn in one process, so both see the same
+  load (`InProcess`, `recorder_table`). And the cut of a batch's record, which the daemon
+  pays only for a batch a consumer asks about.
 
 Targets (issue 22): <= 2% throughput loss, <= 10 us added to next() p50. Benchmarks
 report; they never assert.
@@ -38,6 +44,7 @@ report; they never assert.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -51,7 +58,6 @@ import numpy as np
 import pyarrow.parquet as pq
 from _common import (
     DaemonProcess,
-    cpu_s,
     installed_corpus,
     leftover_segments,
     machine_line,
@@ -62,6 +68,7 @@ from _common import (
 
 from tokenfeed.common.config import PRESET, StreamSpec, resolve_packing
 from tokenfeed.consumer import TokenFeed
+from tokenfeed.consumer import provenance as records
 from tokenfeed.producer.bestfit import BestFitPacker
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.position import BestFitPosition, ConcatPosition
@@ -71,6 +78,17 @@ from tokenfeed.producer.units import Unit
 THROUGHPUT_TARGET = 0.02
 WARM_WINDOWS = 20  # in-process: windows before timing (the best-fit buffer fills)
 P50_TARGET_US = 10.0
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds of every thread of process `pid` so far (0 if it is gone), from the
+    scheduler's nanosecond count (/proc/PID/task/*/schedstat): utime + stime tick at
+    10 ms, 0.07 ms a batch over 150 batches, coarser than the effect measured."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # a thread gone
+            total += int(task.read_text().split()[0])
+    return total / 1e9
 
 
 def one_run(data: Path, args: argparse.Namespace, packing: str, on: bool,
@@ -88,26 +106,23 @@ def one_run(data: Path, args: argparse.Namespace, packing: str, on: bool,
             pids = [daemon.pid, *(int(p) for p in daemon.status()["workers"]["pids"])]
             pipeline0 = sum(cpu_s(p) for p in pids)
             cpu0, start = cpu_s(daemon.pid), time.perf_counter()
-            segments = record_bytes = 0
             for _ in range(args.batches):
                 x, y = next(feed)
-                if on:  # the batch's checked record, as the link thread parsed it
-                    got = feed._provenance[1]
-                    assert got is not None
-                    segments += len(got.spans)
-                    record_bytes += got.spans.nbytes
             elapsed = time.perf_counter() - start
             cpu = cpu_s(daemon.pid) - cpu0
             pipeline = sum(cpu_s(p) for p in pids) - pipeline0
             del x, y
-            if cache is None:
-                return {"tokens_s": args.batches * b * t / elapsed,
-                        "cpu_ms": cpu / args.batches * 1e3,
-                        "pipeline_ms": pipeline / args.batches * 1e3}
+            got = {"tokens_s": args.batches * b * t / elapsed,
+                   "cpu_ms": cpu / args.batches * 1e3,
+                   "pipeline_ms": pipeline / args.batches * 1e3}
+            if on and cache is not None:  # the last batch's record, asked for after timing
+                last = feed._provenance[1]
+                assert last is not None
+                spans = records.fetch(last).spans
+                got |= {"segments": len(spans), "record_kb": spans.nbytes / 1e3}
         finally:
             feed.close()
-    return {"tokens_s": args.batches * b * t / elapsed, "cpu_ms": cpu / args.batches * 1e3,
-            "segments": segments / args.batches, "record_kb": record_bytes / args.batches / 1e3}
+    return got
 
 
 def paired_latency(data: Path, args: argparse.Namespace, packing: str, cache: Path
@@ -129,13 +144,18 @@ def paired_latency(data: Path, args: argparse.Namespace, packing: str, cache: Pa
             while time.monotonic() < deadline and not all(
                     s["depth"] >= args.slots for s in daemon.status()["streams"]):
                 time.sleep(0.02)
-            waits, rows_s = np.zeros((2, args.calls)), np.zeros(args.calls)
+            waits, rows_s = np.zeros((2, args.calls)), np.zeros(args.calls // 4)
             for i in range(args.calls):
                 for k in (0, 1) if i % 2 == 0 else (1, 0):
                     t0 = time.perf_counter()
                     next(feeds[k])
                     waits[k, i] = time.perf_counter() - t0
                     time.sleep(args.step_s)
+            # then, apart (a request wakes the daemon, which the next() above must not
+            # see): last_provenance() of the batch just returned, a step after each
+            for i in range(len(rows_s)):
+                next(feeds[1])
+                time.sleep(args.step_s)
                 t0 = time.perf_counter()
                 feeds[1].last_provenance()
                 rows_s[i] = time.perf_counter() - t0
@@ -149,60 +169,89 @@ def paired_latency(data: Path, args: argparse.Namespace, packing: str, cache: Pa
             "rows_us": float(np.percentile(rows_s, 50)) * 1e6}
 
 
-def recorder_cost(packing: str, on: bool, batch_size: int, seq_len: int, windows: int = 150,
-                  seed: int = 0) -> float:
-    """Thread CPU µs per window of the packer's fill plus, with `on`, SlotProvenance's
-    record of it (the best-fit hook runs while packing: counted too), in this process:
-    no daemon, so no other process's load. Units of 1,024 documents of lognormal lengths
-    (median ~600 tokens), recorded as the reader hook would."""
-    spec = StreamSpec(split="train", rank=0, world_size=1, batch_size=batch_size,
-                      seq_len=seq_len, **resolve_packing(packing, PRESET, PRESET))
-    start = BestFitPosition(0, 0, 0, "", 0) if spec.packing == "bestfit" else ConcatPosition(0)
-    packer = make_packer(spec, start)
-    stream = SimpleNamespace(spec=spec, packer=packer, supply=SimpleNamespace())
-    recorder = SlotProvenance(stream, ["data"])  # type: ignore[arg-type]
-    recorder.files = [["data", "shard_00000.parquet"]]
-    if on and isinstance(packer, BestFitPacker):
-        packer.recorder = recorder.placed.append
-    rng = np.random.default_rng(seed)
-    out = np.empty(spec.window_tokens, dtype=np.uint32)
-    unit, spent = 0, 0.0
-    for w in range(windows):
+class InProcess:
+    """One packer fed synthetic units of 1,024 lognormal documents (median ~600 tokens),
+    recorded as the reader hook would with `on`; `window()` packs the next window and
+    returns the thread CPU seconds of the packer's fill plus, with `on`, SlotProvenance's
+    keeping of it (the best-fit hook runs while packing: counted too)."""
+
+    def __init__(self, packing: str, on: bool, batch_size: int, seq_len: int,
+                 seed: int = 0) -> None:
+        spec = StreamSpec(split="train", rank=0, world_size=1, batch_size=batch_size,
+                          seq_len=seq_len, **resolve_packing(packing, PRESET, PRESET))
+        start = (BestFitPosition(0, 0, 0, "", 0) if spec.packing == "bestfit"
+                 else ConcatPosition(0))
+        self.packer = make_packer(spec, start)
+        self.table = SimpleNamespace(next_seq=0, slots=[None] * 8)  # as the stream's
+        stream = SimpleNamespace(spec=spec, packer=self.packer, supply=SimpleNamespace(),
+                                 table=self.table)
+        self.recorder = SlotProvenance(stream, ["data"])  # type: ignore[arg-type]
+        self.recorder.files = [["data", "shard_00000.parquet"]]
+        if on and isinstance(self.packer, BestFitPacker):
+            self.packer.recorder = self.recorder.placed.append
+        self.on = on
+        self.rng = np.random.default_rng(seed)  # the same seed: the same work off and on
+        self.out = np.empty(spec.window_tokens, dtype=np.uint32)
+        self.unit = 0
+
+    def window(self) -> float:
+        spent = 0.0
         while True:
             t0 = time.thread_time()
-            ready = packer.ready()
-            if w >= WARM_WINDOWS:
-                spent += time.thread_time() - t0
+            ready = self.packer.ready()
+            spent += time.thread_time() - t0
             if ready:
                 break
-            lengths = rng.lognormal(6.4, 1, 1024).astype(np.int64) + 1
-            got = Unit.of_lengths(rng.integers(0, 50_000, int(lengths.sum()), dtype=np.uint32),
-                                  lengths)
-            if on:
-                recorder.units[unit] = Runs.of_docs(0, unit, np.arange(1024), lengths)
-                recorder._table = None
-            packer.push(unit, got.tokens, got.doc_starts)
-            unit += 1
-        before = packer.position
+            lengths = self.rng.lognormal(6.4, 1, 1024).astype(np.int64) + 1
+            got = Unit.of_lengths(
+                self.rng.integers(0, 50_000, int(lengths.sum()), dtype=np.uint32), lengths)
+            if self.on:  # as pushed() would
+                self.recorder.units[self.unit] = Runs.of_docs(0, self.unit, np.arange(1024),
+                                                              lengths)
+                self.recorder._kept = None
+            self.packer.push(self.unit, got.tokens, got.doc_starts)
+            self.unit += 1
+        before = self.packer.position
         t0 = time.thread_time()
-        packer.fill(out)
-        if on:
-            recorder.filled(w % 8, before)
-        if w >= WARM_WINDOWS:
-            spent += time.thread_time() - t0
-    return spent / (windows - WARM_WINDOWS) * 1e6
+        self.packer.fill(self.out)
+        if self.on:
+            self.recorder.filled(0, before)
+        spent += time.thread_time() - t0
+        self.table.next_seq += 1
+        return spent
+
+    def cut(self) -> float:
+        """Thread CPU seconds of cutting the last window's record, as a request would."""
+        t0 = time.thread_time()
+        record = self.recorder.record(self.table.next_seq - 1)
+        spent = time.thread_time() - t0
+        assert "spans" in record, record
+        return spent
 
 
 def recorder_table(packings: list[str], batch_size: int, seq_len: int,
-                   repeats: int = 5) -> list[list[Any]]:
+                   windows: int = 400) -> list[list[Any]]:
+    """Per packing, a packer without provenance and one with it, in this process, window
+    by window in turn (their order alternating): both see the same load, which moves
+    separate runs of one setting by +-25% on a busy 2-core machine. Sums of thread CPU
+    over the windows after WARM_WINDOWS; and the median cut of one record."""
     rows = []
     for packing in packings:
-        off, on = [], []
-        for _ in range(repeats):  # in turn: the same load on both
-            off.append(recorder_cost(packing, False, batch_size, seq_len))
-            on.append(recorder_cost(packing, True, batch_size, seq_len))
-        rows.append([f"{packing} packing per window, in-process", f"{median(off):.0f} us",
-                     f"{median(on):.0f} us", f"{median(on) - median(off):+.0f} us", ""])
+        pair = [InProcess(packing, on, batch_size, seq_len) for on in (False, True)]
+        spent, cuts = [0.0, 0.0], []
+        for w in range(windows):
+            for k in (0, 1) if w % 2 == 0 else (1, 0):
+                got = pair[k].window()
+                if w >= WARM_WINDOWS:
+                    spent[k] += got
+            if w >= WARM_WINDOWS:
+                cuts.append(pair[1].cut())
+        timed = windows - WARM_WINDOWS
+        off, on = spent[0] / timed * 1e6, spent[1] / timed * 1e6
+        rows.append([f"{packing} packing per window, in-process", f"{off:.1f} us",
+                     f"{on:.1f} us", f"{on - off:+.1f} us ({(on / off - 1) * 100:+.2f}%)", ""])
+        rows.append([f"{packing} cut of one record, when asked", "",
+                     f"{median(cuts) * 1e6:.0f} us", "", ""])
     return rows
 
 
@@ -282,24 +331,28 @@ def main(argv: list[str] | None = None) -> int:
             if (packing, kind, False) not in results:
                 continue
             off, on = med(packing, kind, False, "tokens_s"), med(packing, kind, True, "tokens_s")
-            loss = 1 - on / off
+            ratios = [b["tokens_s"] / a["tokens_s"] for a, b in
+                      zip(results[(packing, kind, False)], results[(packing, kind, True)],
+                          strict=True)]
+            print(f"{packing} {kind} tokens/s on/off, round by round: "
+                  + ", ".join(f"{r:.3f}" for r in ratios))
+            loss = 1 - median(ratios)
             rows.append([f"{packing} tokens/s, {kind}", f"{off / 1e6:.2f} M",
-                         f"{on / 1e6:.2f} M", f"{loss * 100:+.1f}% loss",
+                         f"{on / 1e6:.2f} M", f"{loss * 100:+.1f}% loss (median of rounds)",
                          "PASS" if loss <= THROUGHPUT_TARGET else "MISS"])
         for kind in ("warm", "cold"):
             if (packing, kind, False) not in results:
                 continue
             off, on = med(packing, kind, False, "cpu_ms"), med(packing, kind, True, "cpu_ms")
-            rows.append([f"{packing} daemon CPU per batch, {kind}", f"{off:.2f} ms",
-                         f"{on:.2f} ms", f"{on - off:+.2f} ms", ""])
-        if (packing, "cold", False) in results:
-            # tokenizing: the pipeline's CPU per batch bounds throughput on a busy node
-            off = med(packing, "cold", False, "pipeline_ms")
-            on = med(packing, "cold", True, "pipeline_ms")
-            extra = (med(packing, "cold", True, "cpu_ms")
-                     - med(packing, "cold", False, "cpu_ms")) / off
-            rows.append([f"{packing} daemon + workers CPU per batch, cold", f"{off:.1f} ms",
-                         f"{on:.1f} ms", f"daemon's extra: {extra * 100:+.2f}%",
+            rows.append([f"{packing} daemon CPU per batch, {kind}", f"{off:.3f} ms",
+                         f"{on:.3f} ms", f"{on - off:+.3f} ms", ""])
+            # where CPU bounds the pipeline, the daemon's extra CPU over all of it per batch
+            # is the throughput it costs; less sensitive to other work than tokens/s
+            whole = med(packing, kind, False, "pipeline_ms")
+            extra = (on - off) / whole
+            rows.append([f"{packing} daemon + workers CPU per batch, {kind}",
+                         f"{whole:.2f} ms", f"{med(packing, kind, True, 'pipeline_ms'):.2f} ms",
+                         f"daemon's extra: {extra * 100:+.2f}%",
                          "PASS" if extra <= THROUGHPUT_TARGET else "MISS"])
         lat = {k: med(packing, "latency", True, k) for k in
                ("p50_off", "p50_on", "p99_off", "p99_on", "p50_diff", "rows_us")}

@@ -39,10 +39,13 @@ Ops, client -> daemon:
     scale {workers}                           -> ok {workers}
     mix {weights, split}                      -> mix {weights, streams}: new mixture weights
     stop {}                                   -> ok {}
-Ops, daemon -> consumer:
-    ready {stream, slot, seq, cursor, provenance?}   slot `slot` holds batch `seq`;
-        provenance: its documents, for a consumer that attached with it (checked by
+    provenance {stream, seq, ring}            -> provenance {record}: the documents of
+        batch `seq` of a stream attached with provenance, among the last it published;
+        `ring` (the stream's segment name) ties the request to the daemon and stream
+        that delivered the batch (producer/slot_provenance.py; checked by
         consumer/provenance.py)
+Ops, daemon -> consumer:
+    ready {stream, slot, seq, cursor}         slot `slot` holds batch `seq`
     heartbeat {}                              sent every HEARTBEAT_INTERVAL_S
     shutdown {reason}                         the daemon is going away
     error {message, kind}                     a request failed; `kind` maps to an exception

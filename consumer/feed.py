@@ -138,7 +138,7 @@ class TokenFeed:
         # Documents this stream never delivers: read here (a bad line fails at once), sent
         # as content with every attach (common/exclude.py), checked by the daemon.
         self._exclude = exclude_fields(exclude) if exclude is not None else {}
-        # (attach fields, the last batch's record): consumer/provenance.py
+        # (attach fields, the batch next() returned last): consumer/provenance.py
         self._provenance = (records.attach_fields(provenance), None)
         self._start: dict[str, Any] | None = None
         self._skip = 0  # batches the daemon drops after _start, until the first one arrives
@@ -224,7 +224,8 @@ class TokenFeed:
             item.targets.record_stream(current)
         link.taken(item.seq)
         self._cursor = item.cursor
-        self._provenance = (self._provenance[0], item.provenance)
+        if self._provenance[0]:  # which batch: its record is asked for only when wanted
+            self._provenance = (self._provenance[0], records.Delivered(link, item.seq))
         self._skip = 0
         self.batches_returned += 1
         self.round_batches += 1
@@ -257,7 +258,7 @@ class TokenFeed:
     def last_provenance(self) -> list[list[dict[str, Any]]] | None:
         """The documents of the batch `next()` last returned (None before the first): B
         rows of segments, as `tokenfeed explain --json` lists them (consumer/provenance.py)."""
-        return records.last_rows(bool(self._provenance[0]), self._provenance[1])
+        return records.last_rows(bool(self._provenance[0]), self._provenance[1], self._link)
 
     def take(self, n: int) -> Iterator[tuple[Any, ...]]:
         """Exactly `n` batches, e.g. one evaluation pass: `for x, y in val.take(20): ...`."""

@@ -40,8 +40,6 @@ from tokenfeed.common.errors import (
     TokenfeedError,
 )
 from tokenfeed.common.ring import WRITING_SEQ, Ring
-from tokenfeed.consumer.provenance import BatchProvenance
-from tokenfeed.consumer.provenance import parse as parse_provenance
 from tokenfeed.consumer.transfer import CpuTransfer, CudaTransfer
 
 log = logging.getLogger(__name__)
@@ -54,7 +52,6 @@ class Prepared:
     seq: int
     cursor: dict[str, Any]
     event: Any  # CUDA event the caller's stream must wait on, or None
-    provenance: BatchProvenance | None = None  # its documents (provenance=True)
 
 
 class Link(threading.Thread):
@@ -217,11 +214,8 @@ class Link(threading.Thread):
                                 f"{self.ring.layout.slot_count}")
         self.expected_seq += 1
         self._check_slot(slot, seq)
-        record = msg.get("provenance")  # checked before the copy: untrusted like the rest
-        told = None if record is None else parse_provenance(
-            record, self.transfer.B, self.transfer.T, self.transfer.packing)
         (x, y), token = self.transfer.copy(slot)
-        batch = Prepared(x, y, seq, cursor, token, told)
+        batch = Prepared(x, y, seq, cursor, token)
         if token is None:
             self._hand_out(slot, batch)
         else:

@@ -1,15 +1,18 @@
 """The consumer's side of live provenance: a batch's documents, as the daemon recorded them.
 
-With `TokenFeed(..., provenance=True)` the attach asks the daemon to record, per ring
-slot, which documents fill each row (producer/slot_provenance.py), and every `ready`
-carries that record. The link thread checks it on receipt (`parse`): the frame is
-untrusted, so every index must be in range, every span non-empty, and the spans must
-cover the window's tokens exactly; a bad record fails the feed with ProtocolError, as
-any malformed `ready` does. `BatchProvenance.rows()` turns it into what `tokenfeed explain --json`
-prints for the same batch: B rows, each a list of segments
-`{"source", "file", "row_group", "row", "start", "end"}` (tokens start:end of the
-document's [BOS] + encode_ordinary(text)); cut into rows only when asked, so `next()`
-pays nothing but keeping a reference.
+With `TokenFeed(..., provenance=True)` the attach asks the daemon to record, per
+published batch, what its documents are cut from (producer/slot_provenance.py). `next()`
+keeps only which batch it returned (`Delivered`: the link, hence the daemon's stream
+and ring, and the seq); `last_provenance()` asks the daemon for that batch's record
+(`provenance {stream, seq, ring}`, on a socket of its own: the link thread's is busy
+with batches) and checks it (`parse`): the frame is untrusted, so every index must be
+in range, every span non-empty, and the spans must cover the window's tokens exactly;
+a bad record raises ProtocolError before any value from it is used.
+`BatchProvenance.rows()` turns it into what `tokenfeed explain --json` prints for the
+same batch: B rows, each a list of segments `{"source", "file", "row_group", "row",
+"start", "end"}` (tokens start:end of the document's [BOS] + encode_ordinary(text)).
+So a batch costs `next()` one small object, the daemon a few reference stores, and the
+record is cut, sent and checked only for the batches asked about.
 
 Record layout (a little-endian int64 array as msgpack bin):
 
@@ -18,17 +21,20 @@ Record layout (a little-endian int64 array as msgpack bin):
                    order (concat: row r is window tokens rT..rT+T; best fit r(T+1)..)
 
 Failure behaviour: `parse` raises ProtocolError naming what is wrong; a record the
-daemon could not send (`{"unavailable": why}`) parses to an unavailable provenance,
-and `rows()` raises ConfigError naming `tokenfeed explain` instead.
+daemon could not send or no longer keeps (`{"unavailable": why}`), or a batch whose
+daemon or stream is gone since (the feed re-attached), gives ConfigError naming
+`tokenfeed explain` instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tokenfeed.common.control import request
 from tokenfeed.common.errors import ConfigError, ProtocolError, StateMismatchError
 
 MAX_FILES = 1 << 16
@@ -129,9 +135,41 @@ def check_attached(enabled: bool, reply: dict[str, Any]) -> None:
             "upgrade the node's tokenfeed daemon, or drop provenance=True")
 
 
-def last_rows(enabled: bool, last: BatchProvenance | None) -> list[list[dict[str, Any]]] | None:
-    """TokenFeed.last_provenance()."""
+REQUEST_TIMEOUT_S = 5.0  # a daemon busy on a loaded node may take seconds to answer
+
+
+@dataclass(slots=True)
+class Delivered:
+    """The batch `next()` returned last: the link that delivered it and its seq; its
+    record once fetched and checked."""
+
+    link: Any  # consumer/link.py Link: run_dir, stream_id, ring, transfer's batch shape
+    seq: int
+    got: BatchProvenance | None = field(default=None)
+
+
+def fetch(delivered: Delivered) -> BatchProvenance:
+    """The daemon's record of `delivered`, checked against the batch shape."""
+    link = delivered.link
+    reply = request(Path(link.run_dir), "provenance", timeout_s=REQUEST_TIMEOUT_S,
+                    stream=link.stream_id, seq=delivered.seq, ring=link.ring.segment.name)
+    return parse(reply.get("record"), link.transfer.B, link.transfer.T, link.transfer.packing)
+
+
+def last_rows(enabled: bool, last: Delivered | None, link: Any
+              ) -> list[list[dict[str, Any]]] | None:
+    """TokenFeed.last_provenance(): `last` was delivered by `last.link`; `link` is the
+    feed's link now."""
     if not enabled:
         raise ConfigError("last_provenance() needs TokenFeed(..., provenance=True); or list "
                           "any batch offline with `tokenfeed explain`")
-    return None if last is None else last.rows()
+    if last is None:
+        return None
+    if last.got is None:
+        if last.link is not link:
+            raise ConfigError(
+                f"batch {last.seq}'s record stayed with the daemon stream that delivered it, "
+                "which this feed has left since (a re-attach or a new round); list the batch "
+                "with `tokenfeed explain` from the state before it")
+        last.got = fetch(last)
+    return last.got.rows()

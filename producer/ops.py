@@ -191,6 +191,22 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
              spec.split, spec.rank, spec.world_size, seq)
 
 
+def _provenance(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
+    """The documents of published batch `seq` of a stream that records them, cut now
+    (producer/slot_provenance.py): recording keeps what to cut, not the cut record."""
+    sid, seq = protocol.field(msg, "stream", int), protocol.field(msg, "seq", int)
+    ring = protocol.field(msg, "ring", str)  # names the daemon and stream that sent the batch
+    stream = d.registry.get(sid)
+    if stream is None or stream.ring.segment.name != ring:
+        raise ConfigError(
+            f"stream {sid} with ring {ring[:80]!r} is not on this daemon (it restarted, or the "
+            "stream ended): list the batch with `tokenfeed explain` from the state before it")
+    if stream.provenance is None:
+        raise ConfigError(f"stream {sid} records no provenance; attach with "
+                          "TokenFeed(..., provenance=True), or use `tokenfeed explain`")
+    d.send(identity, "provenance", record=stream.provenance.record(seq))
+
+
 OPS: dict[str, Handler] = {
     "heartbeat": _heartbeat,
     "release": _release,
@@ -201,4 +217,5 @@ OPS: dict[str, Handler] = {
     "scale": _scale,
     "mix": _mix,
     "stop": _stop,
+    "provenance": _provenance,
 }

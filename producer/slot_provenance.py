@@ -23,8 +23,16 @@ token range (concat: from the packer position before it, over the units it spans
 fit: the placements); cut into rows by the consumer, they are the segments `tokenfeed
 explain` prints (producer/provenance.py), compared in the tests.
 
-Per slot the record of the window (its spans in window order; the consumer cuts them
-into rows when asked) is sent with that slot's `ready` to the consumers that asked:
+Recording is what every batch pays, so it keeps only what the batch's record needs
+and cuts nothing: per published batch `seq`, the packer position before it (concat) or
+its placements (best fit), and the kept units' runs (one shared snapshot until units
+come or go). Measured on B=32 T=2048 FineWeb-shaped windows, cutting spans at fill
+time cost 42 us a concat window (a 36 us fill) and 110 us a best-fit one (a ~1 ms
+fill), and checking the record on arrival a share of the consumer's link thread; keeping
+the makings costs ~2 us a concat batch (best fit: its placement tuples, made by the
+packer's hook, copied, freed later). The record is cut only when a consumer asks for it
+(`provenance {stream, seq, ring}`, producer/ops.py, answered by `record`), so `ready`
+carries nothing extra. The record:
 
     files  [[source, file name], ...]
     spans  int64 LE (k, 5): index into files, row group, row, start, end
@@ -32,7 +40,9 @@ into rows when asked) is sent with that slot's `ready` to the consumers that ask
 2.5-5.1 KB for B=32 T=2048 on FineWeb-shaped documents (62-128 spans). A record
 over MAX_RECORD_BYTES (windows of thousands of tiny documents) is not sent:
 `{"unavailable": why}` instead, and the consumer's last_provenance() names
-`tokenfeed explain` for that batch.
+`tokenfeed explain` for that batch. The last `2 * slots + 2` published batches are
+kept: a consumer holds at most `slots` batches after the one it returned last (the
+ring is full), so that batch's record is always there when it asks.
 
 Failure behaviour: provenance never fails the stream. A unit whose record disagrees
 with the tokens the packer got (a bug) logs an error once and marks every later slot
@@ -44,7 +54,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -116,25 +126,48 @@ class Runs:
 _EMPTY_RUNS = Runs(_NO_INT, _NO_IDENT, _NO_INT, 0, _NO_INT, True)
 
 
+@dataclass(slots=True)
+class _Kept:
+    """The kept units' runs at some fill, shared by the records of every batch filled
+    until units come or go (a unit's runs never change); and their best-fit document
+    table, built the first time a record of them is cut."""
+
+    units: dict[int, Runs]
+    table: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+
+class _Batch(NamedTuple):
+    """What a published batch's record is cut from, when asked: the units it names, and
+    concat's position before it or best fit's placements. (A tuple: made every batch,
+    3x a frozen dataclass's speed.)"""
+
+    kept: _Kept
+    before: Packed  # concat: where its window starts
+    placed: list[tuple[int, int, int, int, int]] | None  # best fit: its pieces, in order
+
+
 class SlotProvenance:
-    """One stream's recorder: units' runs, the window being packed, and per slot the
-    record of the batch it holds (encoded once, sent with every `ready` of it)."""
+    """One stream's recorder: units' runs, the window being packed, and per published
+    batch what its record is cut from (module docstring)."""
 
     def __init__(self, stream: Stream, names: list[str]) -> None:
         self.spec = stream.spec
         self.packer = stream.packer
         self.supply = stream.supply
+        self.stream = stream  # its slot table numbers the batches (`next_seq`)
         self.names = names  # source names, in the readers' order
         self.bestfit = isinstance(stream.packer, BestFitPacker)
         self.files: list[list[str]] = []  # file key -> [source, file name]
         self._file_keys: dict[tuple[int, str], int] = {}
         self.source_units: dict[tuple[int, int], Runs] = {}  # (reader, unit) -> as read
-        self.units: dict[int, Runs] = {}  # packer unit -> its runs
+        self.units: dict[int, Runs] = {}  # packer unit -> its runs, in unit order
         self.placed: list[tuple[int, int, int, int, int]] = []  # best fit: this window's
-        self.slots: dict[int, dict[str, Any]] = {}  # slot index -> record of its batch
-        self.consumers: set[bytes] = set()  # identities that asked for provenance
+        self.batches: dict[int, _Batch | str] = {}  # seq -> its record's makings, or why none
+        table = getattr(stream, "table", None)  # (absent in unit tests that never fill)
+        self.keep_batches = 2 * len(table.slots) + 2 if table is not None else 0
+        self.consumers: set[bytes] = set()  # identities that attached asking for it
         self.broken: str | None = None
-        self._table: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._kept: _Kept | None = None  # the snapshot of `units` batches share
 
     # -- hooks --------------------------------------------------------------
 
@@ -168,29 +201,50 @@ class SlotProvenance:
                            f"{len(got.tokens)}")
             log.error("provenance of stream %s is off from here on: %s", self.spec, self.broken)
         self.units[unit] = runs
-        self._table = None
+        self._kept = None
 
     def filled(self, slot: int | None, before: Packed) -> None:
         """The packer filled the window after `before` into `slot` (None: a skipped
-        batch): its record, and the units no later window needs dropped."""
-        placed = self.placed[:]
-        self.placed.clear()  # in place: the packer holds its bound append
+        batch), to be published as the table's next seq: keep what its record is cut
+        from, and drop the units no later window needs. A few reference stores: this
+        runs for every batch (module docstring)."""
+        placed = None
+        if self.bestfit:
+            placed = self.placed[:]
+            self.placed.clear()  # in place: the packer holds its bound append
         if slot is not None:
+            seq = self.stream.table.next_seq
             if self.broken is not None:
-                self.slots[slot] = {"unavailable": self.broken}
+                self.batches[seq] = self.broken
             else:
-                segs = self._placed(placed) if self.bestfit else self._concat(before)
-                self.slots[slot] = self._encode(*segs)
+                kept = self._kept
+                if kept is None:
+                    kept = self._kept = _Kept(dict(self.units))
+                self.batches[seq] = _Batch(kept, before, placed)
+            self.batches.pop(seq - self.keep_batches, None)
         first = self.packer.position.first_unit
-        for unit in [u for u in self.units if u < first]:
-            del self.units[unit]
-            self._table = None
+        if self.units and next(iter(self.units)) < first:  # kept in unit order
+            for unit in [u for u in self.units if u < first]:
+                del self.units[unit]
+            self._kept = None
+
+    def record(self, seq: int) -> dict[str, Any]:
+        """The wire record of published batch `seq` (module docstring), cut now."""
+        batch = self.batches.get(seq)
+        if batch is None:
+            return {"unavailable": f"batch {seq} of this stream is not kept (the daemon keeps "
+                    f"the last {self.keep_batches} published)"}
+        if isinstance(batch, str):
+            return {"unavailable": batch}
+        if batch.placed is not None:
+            return self._encode(*self._placed(batch.placed, batch.kept))
+        assert isinstance(batch.before, ConcatPosition)
+        return self._encode(*self._concat(batch.before, batch.kept.units))
 
     def field(self, identity: bytes, slot: int) -> dict[str, Any]:
-        """The `ready` field of `slot` for consumer `identity` (none if it did not ask)."""
-        if identity not in self.consumers:
-            return {}
-        return {"provenance": self.slots.get(slot, {"unavailable": "not recorded"})}
+        """What a `ready` of `slot` adds for consumer `identity`: nothing; a consumer asks
+        for a batch's record when it wants it (`record`)."""
+        return {}
 
     # -- windows ------------------------------------------------------------
 
@@ -219,34 +273,34 @@ class SlotProvenance:
         simple = len(at) == len(doc_starts) and not start.any()
         return Runs(at, ident, start, int(span.sum()), doc_starts, simple)
 
-    def _concat(self, before: Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _concat(self, before: ConcatPosition, units: dict[int, Runs]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The window after concat position `before`: window_tokens from its unit and
         offset on, over the units that follow."""
-        assert isinstance(before, ConcatPosition)
         unit, pos, need = before.unit, before.offset, self.spec.window_tokens
         parts = []
         while need > 0:
-            runs = self.units.get(unit, _EMPTY_RUNS)
+            runs = units.get(unit, _EMPTY_RUNS)
             take = min(runs.n - pos, need)
             if take > 0:
                 parts.append(runs.slice(pos, pos + take))
                 need -= take
             unit, pos = unit + 1, 0
-            if unit > max(self.units, default=-1) + 1:
+            if unit > max(units, default=-1) + 1:
                 raise RuntimeError("provenance: the window runs past the units pushed")
         if len(parts) == 1:  # most windows: 65K tokens of a ~1M-token unit
             return parts[0]
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                 np.concatenate([p[2] for p in parts]))
 
-    def _placed(self, placed: list[tuple[int, int, int, int, int]]
+    def _placed(self, placed: list[tuple[int, int, int, int, int]], kept: _Kept
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A best-fit window from its placements, in order: each (unit, doc, start, take,
         tail) is tokens start..start+take of the unit's document, a tail's BOS first."""
         p = np.fromiter(chain.from_iterable(placed), dtype=np.int64,
                         count=5 * len(placed)).reshape(-1, 5)  # 3x np.array's speed here
         unit, doc, first, take, tail = p.T
-        first_unit, offsets, simple, table_ident, table_off = self._doc_table()
+        first_unit, offsets, simple, table_ident, table_off = _doc_table(kept)
         rel = unit - first_unit
         plain = simple[rel]
         row = np.where(plain, offsets[rel] + doc, 0)
@@ -270,27 +324,13 @@ class SlotProvenance:
             if hi[i] <= lo[i]:
                 continue
             if w in special:  # a unit of several runs per document: through its runs
-                runs = self.units[int(unit[w])]
+                runs = kept.units[int(unit[w])]
                 d0 = int(runs.doc_starts[doc[w]])
                 parts.append(runs.slice(d0 + int(lo[i]), d0 + int(hi[i])))
             else:
                 parts.append((ident[w:w + 1], base[w:w + 1] + lo[i], base[w:w + 1] + hi[i]))
         return (np.concatenate([q[0] for q in parts]), np.concatenate([q[1] for q in parts]),
                 np.concatenate([q[2] for q in parts]))
-
-    def _doc_table(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The kept units' documents in one table (rebuilt when units come or go: every
-        ~16 best-fit windows on FineWeb-shaped units): first unit, each unit's first row,
-        whether it is simple, and every simple unit's documents' ident and offset."""
-        if self._table is None:
-            first = min(self.units)
-            runs = [self.units.get(u, _EMPTY_RUNS) for u in range(first, max(self.units) + 1)]
-            counts = np.array([len(r.ident) for r in runs], dtype=np.int64)
-            self._table = (first, np.cumsum(counts) - counts,
-                           np.array([r.simple for r in runs], dtype=bool),
-                           np.concatenate([r.ident for r in runs]),
-                           np.concatenate([r.off for r in runs]))
-        return self._table
 
     def _encode(self, ident: np.ndarray, start: np.ndarray, end: np.ndarray
                 ) -> dict[str, Any]:
@@ -312,6 +352,22 @@ class SlotProvenance:
             return {"unavailable": f"the batch's record of {len(spans)} spans takes {size} "
                     f"bytes, over {MAX_RECORD_BYTES}"}
         return {"files": files, "spans": spans.tobytes()}
+
+
+def _doc_table(kept: _Kept) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The kept units' documents in one table (built once per snapshot: units come or go
+    every ~16 best-fit windows on FineWeb-shaped units): first unit, each unit's first
+    row, whether it is simple, and every simple unit's documents' ident and offset."""
+    if kept.table is None:
+        units = kept.units
+        first = min(units)
+        runs = [units.get(u, _EMPTY_RUNS) for u in range(first, max(units) + 1)]
+        counts = np.array([len(r.ident) for r in runs], dtype=np.int64)
+        kept.table = (first, np.cumsum(counts) - counts,
+                      np.array([r.simple for r in runs], dtype=bool),
+                      np.concatenate([r.ident for r in runs]),
+                      np.concatenate([r.off for r in runs]))
+    return kept.table
 
 
 def enable(stream: Stream, names: list[str]) -> SlotProvenance:
