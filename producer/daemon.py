@@ -267,13 +267,17 @@ class Daemon:
 
     def _drain_control(self) -> None:
         for _ in range(10_000):
-            if not self.control.poll(0):
+            try:  # one call a message: a poll before each recv was a second system call
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
                 return
-            frames = self.control.recv_multipart()
             identity = frames[0]
             try:
                 if len(frames) != 2:
                     raise ProtocolError(f"expected 1 frame, got {len(frames) - 1}")
+                if protocol.is_releases(frames[1]):  # the hot frame: a struct, not a map
+                    ops.releases(self, identity, frames[1])
+                    continue
                 msg = protocol.decode(frames[1])
                 self.peers.heard(identity, msg)
                 ops.handle(self, identity, msg)
