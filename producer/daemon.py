@@ -225,6 +225,12 @@ class Daemon:
                 poller.register(fd, zmq.POLLIN)
             polled = sentinels
             events = dict(poller.poll(int(LOOP_TICK_S * 1000)))
+            if not (events or full or time.monotonic() >= next_beat or self.pool.broken
+                    or self.registry.changed()):
+                # Woken by the tick alone: no message, no dead worker, no stream that changed,
+                # so nothing to schedule or pack (the beat does the timed work). Serving eight
+                # ranks from a warm cache, most wake-ups between messages are such passes.
+                continue
             for fd, worker in sentinels.items():
                 if fd in events:
                     self.worker_restarts += not worker.retiring

@@ -168,6 +168,10 @@ class StreamRegistry:
 
     # -- each loop pass -----------------------------------------------------
 
+    def changed(self) -> bool:
+        """Whether a stream changed since the last pass looked at it (stream.py)."""
+        return any(s.changed for s in self.streams.values())
+
     def advance(self, broken: str | None, full: bool = True) -> None:
         """Pack finished work into free slots and announce it; report failed streams.
         Only streams that changed since the last pass, unless `full` (stream.py)."""
