@@ -10,11 +10,11 @@ consumer that stops and re-attaches at its `state_dict()` finds its next batch s
 in the ring (warm re-attach, no re-tokenization). With a daemon that batches control
 traffic (the attach answered `batch: true`, common/protocol.py), several announcements
 arrive in one `readies` frame and releases go several to a RELEASES frame: a slot done
-with is held back only while more than half the ring is filled ahead of the caller, the
-caller is not waiting inside next(), and no heartbeat is due (so for at most
-HEARTBEAT_INTERVAL_S). The daemon then refills half a ring at a time (one wake-up, one
-frame each way, for about `slots / 2` batches) and the caller never runs short. It also
-sends heartbeats and
+with is held back only while more than half the ring is filled ahead of the caller, an
+announced batch is still left to prepare (this thread is not about to wait for the
+daemon), and no heartbeat is due (so for at most HEARTBEAT_INTERVAL_S). The daemon then
+refills half a ring at a time (one wake-up, one frame each way, for about `slots / 2`
+batches) and the caller never runs short. It also sends heartbeats and
 watches the daemon's (a consumer's heartbeat carries `stall_s` and `step_s`, the
 seconds its caller waited inside next() and spent between calls): silence longer
 than DAEMON_SILENCE_S, a `shutdown` or an `error` is stored in `self.error` and ends
@@ -194,7 +194,7 @@ class Link(threading.Thread):
                     self._release(seq)
             now = time.monotonic()
             beat_due = now - last_beat >= protocol.HEARTBEAT_INTERVAL_S
-            if self._done and (beat_due or self.timing[3]
+            if self._done and (beat_due or not self._pending
                                or self._filled_ahead() <= self.ring.layout.slot_count // 2):
                 self.sock.send(protocol.encode_releases(self.stream_id, self._done))
                 self._done.clear()

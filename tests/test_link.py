@@ -248,13 +248,15 @@ def test_a_batched_link_takes_a_readies_frame_and_releases_half_a_ring_in_one_fr
         link.join(timeout=5)
 
 
-def test_a_batched_link_releases_at_once_while_its_caller_waits_in_next(ring4, pair,
-                                                                       monkeypatch):
-    monkeypatch.setattr(protocol, "HEARTBEAT_INTERVAL_S", 60.0)
+def test_a_batched_link_releases_at_once_when_no_announced_batch_is_left(ring4, pair,
+                                                                         monkeypatch):
+    monkeypatch.setattr(protocol, "HEARTBEAT_INTERVAL_S", 60.0)  # no beat flushes early
     daemon_side, feed_side = pair
     transfer = DeferredTransfer(ring4)
     transfer.completed = True
-    link = Link(feed_side, ring4, 0, 0, transfer, prefetch=2, run_dir="/nowhere",  # type: ignore[arg-type]
+    # prefetch 3 of a 4-slot ring: once batch 0 is taken, 3 are ahead (over half the ring)
+    # but all of them prepared, so the link waits for the daemon next: it releases now
+    link = Link(feed_side, ring4, 0, 0, transfer, prefetch=3, run_dir="/nowhere",  # type: ignore[arg-type]
                 batch=True)
     link.start()
     try:
@@ -262,9 +264,8 @@ def test_a_batched_link_releases_at_once_while_its_caller_waits_in_next(ring4, p
                                          batches=[fill(ring4, s, s) for s in range(4)]))
         assert link.batches.get(timeout=5).seq == 0
         link.taken(0)
-        wait_for(lambda: link._done == [0])  # held: 3 of 4 ahead
-        link.wait_begins(time.perf_counter())  # the caller is inside next() again
         assert next_releases(daemon_side) == (0, (0,))
+        assert link._filled_ahead() == 3
     finally:
         link.stop()
         link.join(timeout=5)
