@@ -284,3 +284,30 @@ def test_a_malformed_readies_frame_is_a_protocol_error(ring4, pair, batches):
     finally:
         link.stop()
         link.join(timeout=5)
+
+
+def test_a_link_to_a_daemon_that_does_not_batch_releases_each_batch_in_its_own_message(
+        ring4, pair):
+    daemon_side, feed_side = pair  # a daemon that did not answer `batch: true` (0.2.0)
+    transfer = DeferredTransfer(ring4)
+    transfer.completed = True
+    link = Link(feed_side, ring4, 0, 0, transfer, prefetch=2, run_dir="/nowhere")  # type: ignore[arg-type]
+    link.start()
+    try:
+        for s in range(4):
+            fill(ring4, s, s)
+            daemon_side.send(protocol.encode("ready", stream=0, slot=s, seq=s, cursor={}))
+        released = []
+        for seq in range(2):
+            assert link.batches.get(timeout=5).seq == seq
+            link.taken(seq)
+            while True:  # heartbeats skipped
+                assert daemon_side.poll(5000)
+                msg = protocol.decode(daemon_side.recv())
+                if msg["op"] == "release":
+                    released.append(msg["seq"])
+                    break
+        assert released == [0, 1] and link.error is None
+    finally:
+        link.stop()
+        link.join(timeout=5)
