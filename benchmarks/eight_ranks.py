@@ -1,7 +1,7 @@
 """Eight ranks on one daemon, from a warm token cache: the DGX shape, before and after.
 
     python benchmarks/eight_ranks.py [--data DIR] [--batches 150] [--packing concat,bestfit]
-                                     [--against 0b190f8]
+                                     [--against 0b190f8] [--rounds 1]
 
 One daemon (2 workers, --cache-dir, 8 slots a stream), 8 consumer processes
 (`python -m tokenfeed.consumer`, rank r of 8, each its own stream, B=32 T=2048 on CPU,
@@ -17,7 +17,9 @@ Before and after, in one run: each packing is measured with the daemon of `--aga
 (its `common/`, `producer/`... extracted with `git archive` and put first on the daemon's
 PYTHONPATH; 0b190f8 is the tree before the warm-path work) and with this tree's, each
 with its own cache directory filled by its own first round, the consumers this tree's.
-The last lines give the ratio of the daemon's CPU per batch (before / after).
+The last lines give the ratio of the daemon's CPU per batch (before / after), one line a
+pair; `--rounds N` measures N pairs of each packing, interleaved, since a 2-core machine's
+load moves between two measurements (each row ends with the load average after it).
 
 The corpus: the real-shaped installed corpus (row groups of ~1,024 documents) copied 4x
 as 24 one-row-group shards (the installed one has 6: fewer than 8 ranks), unless --data.
@@ -40,7 +42,8 @@ from pathlib import Path
 from _common import DaemonProcess, cpu_s, installed_corpus, machine_line, table, wait_quiet
 
 RANKS = 8
-HEADER = ["packing", "daemon", "M tok/s", "daemon ms CPU/batch", "wall s", "tasks done"]
+HEADER = ["packing", "daemon", "M tok/s", "daemon ms CPU/batch", "wall s", "tasks done",
+          "load 1 min"]
 SOURCE_DIRS = ("common", "producer", "consumer", "tools", "integrations")
 
 
@@ -97,7 +100,7 @@ def run(data: Path, packing: str, batches: int, epoch_batches: int, b: int, t: i
         tasks = daemon.status()["workers"]["tasks_done"]
     delivered = RANKS * batches
     return [packing, name, f"{delivered * b * t / wall / 1e6:.2f}",
-            f"{cpu / delivered * 1e3:.3f}", f"{wall:.2f}", tasks]
+            f"{cpu / delivered * 1e3:.3f}", f"{wall:.2f}", tasks, f"{os.getloadavg()[0]:.1f}"]
 
 
 def main() -> None:
@@ -110,6 +113,8 @@ def main() -> None:
     ap.add_argument("--packing", default="concat,bestfit")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="before/after pairs per packing, interleaved (the load moves)")
     ap.add_argument("--against", default="0b190f8",
                     help="the commit whose daemon is measured as 'before' ('' for none)")
     args = ap.parse_args()
@@ -123,7 +128,7 @@ def main() -> None:
     if args.against:
         daemons.insert(0, (args.against, tree_at(args.against, old)))
     try:
-        for packing in args.packing.split(","):
+        for packing in [p for _ in range(args.rounds) for p in args.packing.split(",")]:
             for name, env in daemons:
                 with tempfile.TemporaryDirectory(prefix="tf-eight-cache-") as cache:
                     rows.append(run(data, packing, args.batches, args.epoch_batches,

@@ -58,7 +58,7 @@ def attach(
     try:
         sock.send(protocol.encode(
             "attach", spec=spec.to_dict(), start=start, expect=expect, replicas=replicas,
-            rejoin=rejoin, reweight=reweight, **({"skip": skip} if skip else {}),
+            rejoin=rejoin, reweight=reweight, batch=True, **({"skip": skip} if skip else {}),
             **({"allow_source_changes": True} if allow_source_changes else {}),
             **fields,
         ))

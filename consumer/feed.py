@@ -314,7 +314,8 @@ class TokenFeed:
         self._attached = True
         self._reweight = False  # done: a re-attach resumes the cursor's schedule as it is
         self._link = Link(done.sock, done.ring, int(reply["stream"]), int(reply["start_seq"]),
-                          done.transfer, self.prefetch, str(self.run_dir))
+                          done.transfer, self.prefetch, str(self.run_dir),
+                          batch=reply.get("batch") is True)
         self._link.start()
         return self._link
 

@@ -7,7 +7,14 @@ consumer, and the copy is discarded with `DetachedError`), and releases each slo
 once its copy is done (at once on CPU, when the copy's CUDA event completes on GPU)
 AND the caller has taken the batch: until then the daemon keeps the slot, so a
 consumer that stops and re-attaches at its `state_dict()` finds its next batch still
-in the ring (warm re-attach, no re-tokenization). It also sends heartbeats and
+in the ring (warm re-attach, no re-tokenization). With a daemon that batches control
+traffic (the attach answered `batch: true`, common/protocol.py), several announcements
+arrive in one `readies` frame and releases go several to a RELEASES frame: a slot done
+with is held back only while more than half the ring is filled ahead of the caller, an
+announced batch is still left to prepare (this thread is not about to wait for the
+daemon), and no heartbeat is due (so for at most HEARTBEAT_INTERVAL_S). The daemon then
+refills half a ring at a time (one wake-up, one frame each way, for about `slots / 2`
+batches) and the caller never runs short. It also sends heartbeats and
 watches the daemon's (a consumer's heartbeat carries `stall_s` and `step_s`, the
 seconds its caller waited inside next() and spent between calls): silence longer
 than DAEMON_SILENCE_S, a `shutdown` or an `error` is stored in `self.error` and ends
@@ -64,6 +71,7 @@ class Link(threading.Thread):
         transfer: CpuTransfer | CudaTransfer,
         prefetch: int,
         run_dir: str,
+        batch: bool = False,
     ) -> None:
         super().__init__(name=f"tokenfeed-link-{stream_id}", daemon=True)
         self.sock, self.ring, self.stream_id, self.transfer = sock, ring, stream_id, transfer
@@ -79,6 +87,8 @@ class Link(threading.Thread):
         self._copied: set[int] = set()
         self._returned: deque[int] = deque()  # seqs the caller took (appended by next())
         self._taken: set[int] = set()
+        self.batch = batch  # the daemon takes readies and releases frames
+        self._done: list[int] = []  # seqs copied and taken, not yet released (batch only)
         # (stall_s, step_s, mark, inside): seconds the caller waited inside next() and spent
         # between calls up to `mark` (perf_counter), and whether it is inside next() since.
         # next() replaces the whole tuple (atomic); heartbeats add the open interval, so a
@@ -175,9 +185,17 @@ class Link(threading.Thread):
             for seq in sorted(self._copied & self._taken):
                 self._copied.discard(seq)
                 self._taken.discard(seq)
-                self._release(seq)
+                if self.batch:
+                    self._done.append(seq)
+                else:
+                    self._release(seq)
             now = time.monotonic()
-            if now - last_beat >= protocol.HEARTBEAT_INTERVAL_S:
+            beat_due = now - last_beat >= protocol.HEARTBEAT_INTERVAL_S
+            if self._done and (beat_due or not self._pending
+                               or self._filled_ahead() <= self.ring.layout.slot_count // 2):
+                self.sock.send(protocol.encode_releases(self.stream_id, self._done))
+                self._done.clear()
+            if beat_due:
                 stall_s, step_s = self.seconds()
                 self.sock.send(protocol.encode("heartbeat", stall_s=stall_s, step_s=step_s))
                 last_beat = now
@@ -192,6 +210,17 @@ class Link(threading.Thread):
         op = msg["op"]
         if op == "ready":
             self._pending.append(msg)
+        elif op == "readies":
+            batches = msg.get("batches")
+            if not isinstance(batches, list) or not 0 < len(batches) <= protocol.MAX_RELEASES:
+                raise ProtocolError(f"readies frame whose batches are {str(batches)[:80]}, "
+                                    f"not a list of 1 to {protocol.MAX_RELEASES}")
+            for entry in batches:  # each field is checked by _prepare, like a ready's
+                if not isinstance(entry, list) or len(entry) != 3:
+                    raise ProtocolError(f"readies entry {str(entry)[:80]} is not "
+                                        "[slot, seq, cursor]")
+                self._pending.append({"op": "ready", "slot": entry[0], "seq": entry[1],
+                                      "cursor": entry[2]})
         elif op == "shutdown":
             raise DaemonGoneError(
                 f"the tokenfeed daemon at {self.run_dir} shut down ({msg.get('reason')}); "
@@ -199,6 +228,10 @@ class Link(threading.Thread):
             )
         elif op == "error":
             raise error_from_reply(msg)
+
+    def _filled_ahead(self) -> int:
+        """Batches the daemon filled for this consumer that the caller has not taken."""
+        return len(self._pending) + self._ahead()
 
     def _ahead(self) -> int:
         """Batches prepared or being copied, not yet taken by the caller."""

@@ -41,7 +41,17 @@ Handler = Callable[["Daemon", bytes, protocol.Message], None]
 
 def handle(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     op = msg["op"]
-    if not d.registry.heard(identity) and op in ("heartbeat", "release"):
+    if op in ("heartbeat", "release"):
+        _known(d, identity)
+    handler = OPS.get(op)
+    if handler is None:
+        raise ProtocolError(f"unknown op {op!r}")
+    handler(d, identity, msg)
+
+
+def _known(d: Daemon, identity: bytes) -> None:
+    """Note that an attached consumer spoke; DetachedError if this daemon does not know it."""
+    if not d.registry.heard(identity):
         up_s, timeout_s = time.time() - d.started, d.config.consumer_timeout_s
         # Up for less than the timeout, this daemon cannot have dropped anyone for silence.
         why = ("it restarted after this consumer attached to its predecessor"
@@ -52,10 +62,6 @@ def handle(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
             f"the tokenfeed daemon (up {up_s:.1f} s) does not know this consumer: {why}. "
             "Resume from feed.state_dict(), or pass reconnect_s to re-attach by itself"
         )
-    handler = OPS.get(op)
-    if handler is None:
-        raise ProtocolError(f"unknown op {op!r}")
-    handler(d, identity, msg)
 
 
 def _heartbeat(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
@@ -66,6 +72,16 @@ def _release(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     stream = d.registry.get(protocol.field(msg, "stream", int))
     if stream is not None:
         stream.release(identity, protocol.field(msg, "seq", int))
+
+
+def releases(d: Daemon, identity: bytes, frame: bytes) -> None:
+    """A RELEASES frame (common/protocol.py): several `release`s of one stream at once."""
+    sid, seqs = protocol.decode_releases(frame)
+    _known(d, identity)
+    stream = d.registry.get(sid)
+    if stream is not None:
+        for seq in seqs:
+            stream.release(identity, seq)
 
 
 def _detach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
@@ -148,6 +164,9 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     provenance = msg.get("provenance", False)
     if not isinstance(provenance, bool):
         raise ConfigError(f"provenance={provenance!r} must be True or False")
+    # readies and releases frames (protocol.py); a consumer recording provenance gets each
+    # batch's documents in its own `ready`
+    batch = msg.get("batch", False) is True and not provenance
     d.registry.forget(identity)
     found = d.registry.find(spec, start, skip)
     if found is not None and provenance and found[0].provenance is None:
@@ -177,12 +196,13 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
             start_seq=seq, start=start_cursor, fingerprint=d.served.fingerprint,
             tokenizer=d.tokenizer_facts(), **({"skipped": skip} if skip else {}),
             **({"provenance": True} if provenance else {}),
+            **({"batch": True} if batch else {}),
         )
     except Exception:
         if found is None:  # a failed attach leaves nothing behind
             d.registry.drop(stream.sid)
         raise
-    d.registry.attach(identity, stream, seq, replicas)
+    d.registry.attach(identity, stream, seq, replicas, batch=batch)
     if provenance and stream.provenance is not None:
         stream.provenance.consumers.add(identity)
     d.control.send_multipart([identity, reply])

@@ -111,6 +111,7 @@ class Worker:
     keys: dict[int, TaskKey] = field(default_factory=dict)  # buffer index -> its wire key
     retiring: bool = False
     last_row_group: tuple[str, int] | None = None  # what its reader has decoded
+    up: bool = False  # `started` completed without an exception (settled: never changes)
 
     @property
     def identity(self) -> bytes:
@@ -192,10 +193,14 @@ class WorkerPool:
 
     def tick(self) -> None:
         """Spawn up to SPAWNS_PER_TICK of the workers the target still lacks."""
-        for w in [w for w in self.workers.values() if w.started.done()]:
+        # Each start is looked at until it settles, not every pass: a future's done() and
+        # exception() take a lock each, and the loop passes hundreds of times a second.
+        for w in [w for w in self.workers.values() if not w.up and w.started.done()]:
             if w.started.exception() is not None:  # the fork server died mid-start
                 self._remove(w)
                 self._count_start_failure(f"could not fork it: {w.started.exception()}")
+            else:
+                w.up = True
         for _ in range(min(SPAWNS_PER_TICK, self.target - self.size)):
             if self.broken is not None:
                 return
@@ -297,8 +302,9 @@ class WorkerPool:
 
     def _running(self) -> list[Worker]:
         """Workers whose process has started (a fork can still be on its way)."""
-        return [w for w in self.workers.values()
-                if w.started.done() and w.started.exception() is None]
+        for w in self.workers.values():
+            w.up = w.up or (w.started.done() and w.started.exception() is None)
+        return [w for w in self.workers.values() if w.up]
 
     def collect(self) -> list[Result | Failure]:
         """Drain worker messages without blocking; drop (and count) whatever is malformed."""

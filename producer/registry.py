@@ -56,6 +56,7 @@ class StreamRegistry:
         self.streams: dict[int, Stream] = {}
         self.peers: dict[bytes, float] = {}  # consumer identity -> last heard (monotonic)
         self.peer_stream: dict[bytes, int] = {}
+        self.batched: set[bytes] = set()  # consumers sent one `readies` a pass (protocol.py)
         self._next_sid = 0
         self.tokens_delivered = 0
         self.rates: dict[int, RateWindow] = {}  # sid -> its counters over the last seconds
@@ -121,6 +122,7 @@ class StreamRegistry:
         for identity in list(stream.consumers):
             self.peers.pop(identity, None)
             self.peer_stream.pop(identity, None)
+            self.batched.discard(identity)
         stream.ring.close()
         stream.ring.segment.unlink()
         log.info("stream %d closed", sid, extra={"stream": sid})
@@ -131,10 +133,13 @@ class StreamRegistry:
 
     # -- consumers ----------------------------------------------------------
 
-    def attach(self, identity: bytes, stream: Stream, seq: int, replicas: int = 1) -> None:
+    def attach(self, identity: bytes, stream: Stream, seq: int, replicas: int = 1,
+               batch: bool = False) -> None:
         stream.attach(identity, seq, replicas, self.replica_wait_s)
         self.peers[identity] = time.monotonic()
         self.peer_stream[identity] = stream.sid
+        if batch:
+            self.batched.add(identity)
 
     def heard(self, identity: bytes) -> bool:
         """Note that `identity` spoke; False if it is not an attached consumer."""
@@ -155,12 +160,17 @@ class StreamRegistry:
 
     def forget(self, identity: bytes) -> None:
         self.peers.pop(identity, None)
+        self.batched.discard(identity)
         sid = self.peer_stream.pop(identity, None)
         stream = self.streams.get(sid) if sid is not None else None
         if stream is not None:
             stream.detach(identity)
 
     # -- each loop pass -----------------------------------------------------
+
+    def changed(self) -> bool:
+        """Whether a stream changed since the last pass looked at it (stream.py)."""
+        return any(s.changed for s in self.streams.values())
 
     def advance(self, broken: str | None, full: bool = True) -> None:
         """Pack finished work into free slots and announce it; report failed streams.
@@ -179,9 +189,16 @@ class StreamRegistry:
                 continue
             stream.reclaim()
             stream.pack()
+            batches: dict[bytes, list[list[Any]]] = {}  # a batched consumer's, in seq order
             for identity, ready in stream.announcements():
-                self.send(identity, "ready", **ready)
                 self.tokens_delivered += stream.spec.window_tokens
+                if identity in self.batched:
+                    batches.setdefault(identity, []).append(
+                        [ready["slot"], ready["seq"], ready["cursor"]])
+                else:
+                    self.send(identity, "ready", **ready)
+            for identity, entries in batches.items():
+                self.send(identity, "readies", stream=stream.sid, batches=entries)
 
     def beat(self, now: float) -> None:
         """Heartbeat live consumers, detach silent ones, drop streams past their linger;

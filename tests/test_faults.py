@@ -140,6 +140,9 @@ def test_second_daemon_on_the_same_run_dir_is_refused(start_daemon, corpus):
                                                           "world_size": 2**40}}),
         msgpack.packb({"v": 1, "op": "heartbeat"}),  # from a consumer the daemon never knew
         b"x" * (protocol.MAX_FRAME_BYTES + 1),
+        protocol.encode_releases(0, [0, 1]),  # well formed, from a consumer never attached
+        protocol.RELEASES_MAGIC + b"\0" * 7,  # a header cut short
+        protocol.encode_releases(0, [0, 1])[:-3],  # fewer seqs than its count
     ],
 )
 def test_malformed_control_message_gets_error_reply_and_daemon_survives(shared_daemon, frame):

@@ -2,7 +2,8 @@
 
 Any process of the user can connect to `<run_dir>/control` and `<run_dir>/workers`.
 Thousands of frames of every shape (random bytes, msgpack of the wrong type, maps with
-known ops and wrong, missing or huge fields, multipart garbage) go to both sockets of a
+known ops and wrong, missing or huge fields, RELEASES struct frames well-formed or not,
+multipart garbage) go to both sockets of a
 live daemon; meanwhile and afterwards a consumer still gets the oracle's batches and
 the daemon still answers. Only the ops a user may legitimately send to change the
 daemon (`stop`, `scale`, `attach`, `detach`) are left out of the generated ops.
@@ -25,7 +26,8 @@ from tokenfeed.common import protocol
 from tokenfeed.common.config import WORKER_SOCKET_NAME, control_address, ipc_address
 
 FRAMES = int(os.environ.get("TOKENFEED_FUZZ_FRAMES", "10000"))
-SAFE_CONTROL_OPS = ["ping", "status", "heartbeat", "release", "ready", "error", "bogus", ""]
+SAFE_CONTROL_OPS = ["ping", "status", "heartbeat", "release", "ready", "readies", "error",
+                    "bogus", ""]
 WORKER_OPS = [*protocol.WORKER_OPS, "bogus", ""]
 
 scalars = st.one_of(
@@ -47,13 +49,24 @@ def message(ops: list[str], field_names: list[str]) -> st.SearchStrategy[bytes]:
     )
 
 
-def frames(ops: list[str], field_names: list[str]) -> st.SearchStrategy[list[bytes]]:
+def frames(ops: list[str], field_names: list[str],
+           *more: st.SearchStrategy[bytes]) -> st.SearchStrategy[list[bytes]]:
     one = st.one_of(message(ops, field_names), st.binary(max_size=64),
-                    st.builds(lambda v: msgpack.packb(v, use_bin_type=True), values))
+                    st.builds(lambda v: msgpack.packb(v, use_bin_type=True), values), *more)
     return st.lists(one, min_size=1, max_size=3)
 
 
-CONTROL_FIELDS = ["stream", "seq", "slot", "spec", "start", "expect", "workers", "cursor"]
+# RELEASES frames (common/protocol.py): well-formed ones of any stream and seqs, and the
+# magic followed by anything (a wrong count, a cut or padded body).
+releases_frames = st.one_of(
+    st.builds(protocol.encode_releases, st.integers(0, 2**32 - 1),
+              st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=8)),
+    st.binary(max_size=80).map(lambda b: protocol.RELEASES_MAGIC + b),
+)
+
+
+CONTROL_FIELDS = ["stream", "seq", "slot", "spec", "start", "expect", "workers", "cursor",
+                  "batches"]
 WORKER_FIELDS = sorted({f for schema in protocol.WORKER_OPS.values() for f in schema})
 
 
@@ -90,7 +103,8 @@ def test_thousands_of_malformed_frames_on_both_sockets_break_nothing(start_daemo
 
             @settings(max_examples=frames_sent // 2, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))
-            @given(frames(SAFE_CONTROL_OPS, CONTROL_FIELDS), frames(WORKER_OPS, WORKER_FIELDS),
+            @given(frames(SAFE_CONTROL_OPS, CONTROL_FIELDS, releases_frames),
+                   frames(WORKER_OPS, WORKER_FIELDS),
                    st.booleans())
             def send(to_control: list[bytes], to_workers: list[bytes], as_stranger: bool) -> None:
                 control.send_multipart(to_control)

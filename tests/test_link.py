@@ -178,3 +178,136 @@ def test_released_batches_are_reused_so_memory_stays_flat():
         x, _y = pool.take()  # the previous batch is dropped on the next iteration
         seen.add(x.data_ptr())
     assert len(seen) <= 2 and len(pool.pairs) <= POOL_PAIRS
+
+
+# -- batched control traffic (a daemon that answered `batch: true`) --------------------
+
+
+@pytest.fixture
+def ring4() -> Iterator[Ring]:
+    layout = RingLayout(slot_count=4, slot_tokens=9, itemsize=4)
+    r = Ring.create(segment_name(f"test-{uuid.uuid4().hex[:8]}", "s0"), layout)
+    try:
+        yield r
+    finally:
+        r.close()
+        r.segment.unlink()
+
+
+def fill(ring: Ring, slot: int, seq: int) -> list[Any]:
+    ring.invalidate(slot)
+    ring.slots[slot][:] = seq
+    ring.publish(slot, seq, ring.layout.slot_tokens)
+    return [slot, seq, {"seq": seq}]
+
+
+def next_releases(daemon_side: zmq.Socket, timeout_s: float = 5.0) -> tuple[int, tuple[int, ...]]:
+    """The next RELEASES frame the link sent (heartbeats skipped), within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while daemon_side.poll(max(int((deadline - time.monotonic()) * 1000), 1)):
+        frame = daemon_side.recv()
+        if protocol.is_releases(frame):
+            return protocol.decode_releases(frame)
+        assert protocol.decode(frame)["op"] == "heartbeat"
+        assert time.monotonic() < deadline
+    raise AssertionError("no releases frame within the deadline")
+
+
+def test_a_batched_link_takes_a_readies_frame_and_releases_half_a_ring_in_one_frame(
+        ring4, pair, monkeypatch):
+    monkeypatch.setattr(protocol, "HEARTBEAT_INTERVAL_S", 60.0)  # no beat flushes early
+    daemon_side, feed_side = pair
+    transfer = DeferredTransfer(ring4)
+    transfer.completed = True
+    link = Link(feed_side, ring4, 0, 0, transfer, prefetch=2, run_dir="/nowhere",  # type: ignore[arg-type]
+                batch=True)
+    link.start()
+    try:
+        daemon_side.send(protocol.encode("readies", stream=0,
+                                         batches=[fill(ring4, s, s) for s in range(4)]))
+        batch = link.batches.get(timeout=5)
+        assert batch.seq == 0 and batch.cursor == {"seq": 0}
+        link.taken(0)
+        # 3 of 4 still filled ahead of the caller: the link keeps the release of batch 0
+        wait_for(lambda: link._done == [0])
+        assert not daemon_side.poll(0)
+        assert link.batches.get(timeout=5).seq == 1
+        link.taken(1)  # 2 of 4 ahead: both go, in one frame
+        assert next_releases(daemon_side) == (0, (0, 1))
+        daemon_side.send(protocol.encode("readies", stream=0,
+                                         batches=[fill(ring4, s, s + 4) for s in range(2)]))
+        released: list[int] = []
+        for seq in range(2, 6):
+            assert link.batches.get(timeout=5).seq == seq
+            link.taken(seq)
+        while len(released) < 4:
+            released += next_releases(daemon_side)[1]
+        assert released == [2, 3, 4, 5] and link.error is None
+    finally:
+        link.stop()
+        link.join(timeout=5)
+
+
+def test_a_batched_link_releases_at_once_when_no_announced_batch_is_left(ring4, pair,
+                                                                         monkeypatch):
+    monkeypatch.setattr(protocol, "HEARTBEAT_INTERVAL_S", 60.0)  # no beat flushes early
+    daemon_side, feed_side = pair
+    transfer = DeferredTransfer(ring4)
+    transfer.completed = True
+    # prefetch 3 of a 4-slot ring: once batch 0 is taken, 3 are ahead (over half the ring)
+    # but all of them prepared, so the link waits for the daemon next: it releases now
+    link = Link(feed_side, ring4, 0, 0, transfer, prefetch=3, run_dir="/nowhere",  # type: ignore[arg-type]
+                batch=True)
+    link.start()
+    try:
+        daemon_side.send(protocol.encode("readies", stream=0,
+                                         batches=[fill(ring4, s, s) for s in range(4)]))
+        assert link.batches.get(timeout=5).seq == 0
+        link.taken(0)
+        assert next_releases(daemon_side) == (0, (0,))
+        assert link._filled_ahead() == 3
+    finally:
+        link.stop()
+        link.join(timeout=5)
+
+
+@pytest.mark.parametrize("batches", [[], [[0, 0]], [[0, 0, {}, 1]], "x", [7]])
+def test_a_malformed_readies_frame_is_a_protocol_error(ring4, pair, batches):
+    daemon_side, feed_side = pair
+    link = Link(feed_side, ring4, 0, 0, DeferredTransfer(ring4), prefetch=2,  # type: ignore[arg-type]
+                run_dir="/nowhere", batch=True)
+    link.start()
+    try:
+        daemon_side.send(protocol.encode("readies", stream=0, batches=batches))
+        wait_for(lambda: not link.is_alive())
+        assert "readies" in str(link.error)
+    finally:
+        link.stop()
+        link.join(timeout=5)
+
+
+def test_a_link_to_a_daemon_that_does_not_batch_releases_each_batch_in_its_own_message(
+        ring4, pair):
+    daemon_side, feed_side = pair  # a daemon that did not answer `batch: true` (0.2.0)
+    transfer = DeferredTransfer(ring4)
+    transfer.completed = True
+    link = Link(feed_side, ring4, 0, 0, transfer, prefetch=2, run_dir="/nowhere")  # type: ignore[arg-type]
+    link.start()
+    try:
+        for s in range(4):
+            fill(ring4, s, s)
+            daemon_side.send(protocol.encode("ready", stream=0, slot=s, seq=s, cursor={}))
+        released = []
+        for seq in range(2):
+            assert link.batches.get(timeout=5).seq == seq
+            link.taken(seq)
+            while True:  # heartbeats skipped
+                assert daemon_side.poll(5000)
+                msg = protocol.decode(daemon_side.recv())
+                if msg["op"] == "release":
+                    released.append(msg["seq"])
+                    break
+        assert released == [0, 1] and link.error is None
+    finally:
+        link.stop()
+        link.join(timeout=5)

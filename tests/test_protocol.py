@@ -232,3 +232,37 @@ def test_connect_without_a_socket_file_raises_daemon_unavailable_naming_serve(
     message = str(info.value)
     assert "tokenfeed serve" in message
     assert str(short_run_dir) in message
+
+
+# -- the RELEASES frame (batched control traffic) ----------------------------------------
+
+
+def test_a_releases_frame_round_trips_its_stream_and_seqs() -> None:
+    frame = protocol.encode_releases(3, [7, 8, 2**63])
+    assert protocol.is_releases(frame)
+    assert protocol.decode_releases(frame) == (3, (7, 8, 2**63))
+
+
+def test_a_msgpack_message_is_never_taken_for_a_releases_frame() -> None:
+    assert not protocol.is_releases(protocol.encode("release", stream=0, seq=1))
+
+
+@pytest.mark.parametrize("frame, problem", [
+    (b"TFr1", "shorter than its 12-byte header"),
+    (protocol.encode_releases(0, [1, 2])[:-1], "does not hold the 2 seqs"),
+    (protocol.encode_releases(0, [1]) + b"\0" * 8, "does not hold the 1 seqs"),
+    (protocol.RELEASES_HEADER.pack(b"TFr1", 0, 0, 0), "does not hold the 0 seqs"),
+    (protocol.RELEASES_HEADER.pack(b"TFr1", 0, protocol.MAX_RELEASES + 1, 0)
+     + b"\0" * 8 * (protocol.MAX_RELEASES + 1), "1 to 1024"),
+    (protocol.RELEASES_HEADER.pack(b"TFr2", 0, 1, 0) + b"\0" * 8, "not b'TFr1'"),
+])
+def test_decode_releases_rejects_a_frame_that_does_not_match_its_layout(frame, problem) -> None:
+    with pytest.raises(ProtocolError, match=problem):
+        protocol.decode_releases(frame)
+
+
+def test_encode_releases_refuses_an_empty_or_oversized_list() -> None:
+    with pytest.raises(ValueError, match="1 to 1024 seqs"):
+        protocol.encode_releases(0, [])
+    with pytest.raises(ValueError, match="1 to 1024 seqs"):
+        protocol.encode_releases(0, list(range(protocol.MAX_RELEASES + 1)))
