@@ -13,8 +13,9 @@ is answered `503 SlowDown` without reaching the server (S3's throttling reply, 5
 arrival order, not by chance, so a run is repeatable. While `held` (an Event) is not set,
 a reply's body is sent a byte at a time, one every `TRICKLE_S`, until it is: the client
 waits as long as the test wants (a request answered slowly, not a silent one, which the
-AWS SDK would time out after 3 s and retry), and goes on at full speed once it is set. HTTP/1.1 keep-alive on both sides
-(one upstream connection per client connection), as a real endpoint would be used.
+AWS SDK would time out after 3 s and retry), and goes on at full speed once it is set.
+HTTP/1.1 keep-alive on both sides (one upstream connection per client connection), as a
+real endpoint would be used.
 
 Used by the tests (test_object_storage_faults.py) and the start-up benchmark; standard
 library only.
