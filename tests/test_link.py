@@ -213,9 +213,9 @@ def next_releases(daemon_side: zmq.Socket, timeout_s: float = 5.0) -> tuple[int,
     raise AssertionError("no releases frame within the deadline")
 
 
-def test_a_batched_link_takes_a_readies_frame_and_releases_half_a_ring_in_one_frame(
+def test_a_batched_link_takes_a_readies_frame_and_releases_each_taken_batch_at_once(
         ring4, pair, monkeypatch):
-    monkeypatch.setattr(protocol, "HEARTBEAT_INTERVAL_S", 60.0)  # no beat flushes early
+    monkeypatch.setattr(protocol, "HEARTBEAT_INTERVAL_S", 60.0)  # no beat sends anything
     daemon_side, feed_side = pair
     transfer = DeferredTransfer(ring4)
     transfer.completed = True
@@ -227,45 +227,17 @@ def test_a_batched_link_takes_a_readies_frame_and_releases_half_a_ring_in_one_fr
                                          batches=[fill(ring4, s, s) for s in range(4)]))
         batch = link.batches.get(timeout=5)
         assert batch.seq == 0 and batch.cursor == {"seq": 0}
-        link.taken(0)
-        # 3 of 4 still filled ahead of the caller: the link keeps the release of batch 0
-        wait_for(lambda: link._done == [0])
-        assert not daemon_side.poll(0)
-        assert link.batches.get(timeout=5).seq == 1
-        link.taken(1)  # 2 of 4 ahead: both go, in one frame
-        assert next_releases(daemon_side) == (0, (0, 1))
+        link.taken(0)  # 3 of 4 still filled ahead: the release goes all the same
+        assert next_releases(daemon_side) == (0, (0,))
         daemon_side.send(protocol.encode("readies", stream=0,
-                                         batches=[fill(ring4, s, s + 4) for s in range(2)]))
+                                         batches=[fill(ring4, 0, 4)]))
         released: list[int] = []
-        for seq in range(2, 6):
+        for seq in range(1, 5):
             assert link.batches.get(timeout=5).seq == seq
             link.taken(seq)
         while len(released) < 4:
             released += next_releases(daemon_side)[1]
-        assert released == [2, 3, 4, 5] and link.error is None
-    finally:
-        link.stop()
-        link.join(timeout=5)
-
-
-def test_a_batched_link_releases_at_once_when_no_announced_batch_is_left(ring4, pair,
-                                                                         monkeypatch):
-    monkeypatch.setattr(protocol, "HEARTBEAT_INTERVAL_S", 60.0)  # no beat flushes early
-    daemon_side, feed_side = pair
-    transfer = DeferredTransfer(ring4)
-    transfer.completed = True
-    # prefetch 3 of a 4-slot ring: once batch 0 is taken, 3 are ahead (over half the ring)
-    # but all of them prepared, so the link waits for the daemon next: it releases now
-    link = Link(feed_side, ring4, 0, 0, transfer, prefetch=3, run_dir="/nowhere",  # type: ignore[arg-type]
-                batch=True)
-    link.start()
-    try:
-        daemon_side.send(protocol.encode("readies", stream=0,
-                                         batches=[fill(ring4, s, s) for s in range(4)]))
-        assert link.batches.get(timeout=5).seq == 0
-        link.taken(0)
-        assert next_releases(daemon_side) == (0, (0,))
-        assert link._filled_ahead() == 3
+        assert released == [1, 2, 3, 4] and link.error is None
     finally:
         link.stop()
         link.join(timeout=5)
