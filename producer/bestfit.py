@@ -21,42 +21,12 @@ the packer places
   the newest piece, keeping its born) prefixed with the document's BOS; a shorter
   rest is discarded (`tokens_cropped`).
 
-Without the age rule, a piece longer than a row leaves only when cropped as the
-shortest, so the buffer keeps the longest documents it has seen and its oldest
-reference trails the read position by the whole run. With it, every buffered
-document is among the last max(max_age_docs + 1, buffer_docs) read (tested, and
-tight). max_age_docs < buffer_docs makes the packing first in, first out: the
-oldest of buffer_docs pieces is always at least buffer_docs old. None means
-8 * buffer_docs (DEFAULT_MAX_AGE_DOCS = 8000 for the default buffer).
+The age rule bounds how far back a position's references reach (and so a resume):
+every buffered document is among the last max(max_age_docs + 1, buffer_docs) read.
+None means 8 * buffer_docs (DEFAULT_MAX_AGE_DOCS = 8000 for the default buffer).
 
-Rows are always full. Share of the tokens read that is discarded, T=2048, B=32,
-1000 pieces, on the sample corpus (`sample_documents(4_000_000)`, cl100k, read 40
-times over, units of 16 documents) and on a synthetic stream of lognormal lengths
-(median 600 tokens, sigma 1, units of 1000 documents), which reproduces nanochat's
-~35% on FineWeb-Edu, without the age rule and with max_age_docs = 8000:
-
-    min_tail                    None (nanochat)  1       32      128     512
-    sample, 21M tokens, no age  21.7%            0.00%   0.09%   0.95%   4.3%
-    sample, max age 8000        36.9%            0.00%   0.15%   1.30%   2.0%
-    lognormal, 150M, no age     31.9%            0.00%   0.03%   0.45%   4.6%
-    lognormal, max age 8000     31.4%            0.00%   0.09%   1.06%   4.4%
-
-(nanochat's rule reaches 34.5% at 600M lognormal tokens.) With nanochat's rule the
-age rule crops more pieces and drops their rests (sample: 21.7% -> 36.9%); with
-tails kept it costs little. At max age 8000 and min_tail 32, 39% (sample) and 34%
-(lognormal) of the delivered tokens come from tails (a BOS, then a document's
-middle; 29% and 40% without the age rule), and 44% and 40% are placed by the age
-rule (`tokens_by_age`): the long documents that best fit alone would keep. Smaller
-ages cost more best fit on the sample corpus (min_tail 32; lag: see Resume):
-
-    max_age_docs      2000    4000    8000    16000   none
-    from tails        44%     43%     39%     34%     29%
-    placed by age     58%     51%     44%     15%     0%
-    resume lag        126     251     501     1002    1355 units (the whole run)
-
-`min_tail` = 32 (DEFAULT_MIN_TAIL) keeps all but 0.2% of the tokens, keeps pieces
-of under 33 tokens out of the buffer, and holds a tail's extra BOS under 3% of its
-tokens.
+Rows are always full. What each setting discards, how the age rule trades best fit for
+a bounded resume, and why `min_tail` = 32 (DEFAULT_MIN_TAIL): docs/best-fit.md.
 
 Position (position/packed.py's BestFitPosition, right after the last window): the next
 document to read `(u, d)`, the documents read into the buffer so far, and the buffer's
@@ -65,43 +35,18 @@ pieces, compact (bestfit_codec.py; their references kept in bestfit_refs.py's ta
 canonical and depends only on the windows cut, never on how far ahead units were pushed.
 
 Resume: the packer starts at the earliest unit the position names (`next_unit`),
-resolves the buffer's references as those units are pushed and reads documents
-again from `(u, d)`; units in between that hold no piece are ignored (supply.py's
-`skipped_units`: they are pushed empty, untokenized). By the age rule those units are at most the
-ones spanned by the last max(max_age_docs + 1, buffer_docs) documents read.
-Measured, the most units between `next_unit` and the read unit over the runs
-above: sample 501 (8001 documents) against 1355, all of the run, without the age
-rule; lognormal 9 (8001 documents) against 149, all of the run.
-A document's tokens are copied as it enters the buffer, so a unit's array is dropped
-once all its documents entered the buffer (views would keep the units of up to
-max_age_docs documents): into 64 KiB chunks, filled in reading order (a document over
-a quarter of one gets an array of its own). A chunk is freed with its last piece, so
-memory is the chunks the buffer's pieces hold (~2.4x their tokens on the lognormal
-stream: 31 MB for 3.3M tokens in uint32; each piece owning a copy held 1x) plus the
-units not yet read.
+resolves the buffer's references as those units are pushed and reads on from `(u, d)`;
+units in between that hold no piece are pushed empty, untokenized (supply.py).
 
-Readiness: `ready()` packs the next window in place into a scratch array and
-says True once all B rows are placed; `fill()` copies it out and only then moves
-`position`. When the pushed documents run out mid-window, the packing pauses (a
-generator) and continues after the next `push`, exactly as if the documents had
-been there all along: pushes only append. `buffered_tokens` counts the tokens of
-pushed documents not yet in the buffer; while the packing is paused it is 0 and
-`lacking_tokens` estimates the tokens still lacking, since pushed tokens do not
-measure readiness here (one long document can outweigh a window yet supply only
-one of the refills it needs; the first window needs `buffer_docs` documents). The
-stream then keeps a pool's worth of units in flight instead of one per loop tick
-(tests: 20-36 s -> 2-4 s to the first window on the test corpus).
+Memory: documents are copied into 64 KiB chunks as they enter the buffer, so a unit's
+array is dropped once read; a chunk is freed with its last piece.
 
-Speed: 70-85M tokens/s on the sample corpus (T=2048, B=32, one core), ~3% of the
-time `encode_ordinary` takes for the same tokens (2.3M tokens/s); the age rule's
-heap costs nothing measurable (median of 7: 75M before it, 73M off, 79M at 8000).
-Per window (~93 placements, ~66 documents read): a placement moves its tokens as one
-memoryview slice from its chunk; the age heap is looked at only when the oldest
-piece may be too old or has left; the position is a handful of numpy calls over the
-~1,000 buffered pieces (bestfit_refs.py, bestfit_codec.py). Figures against 0b190f8:
-`benchmarks/bestfit_speed.py` and docs/benchmarks.md.
+Readiness: `ready()` packs the next window into a scratch array (a generator that pauses
+when the pushed documents run out, `lacking_tokens` estimating what it lacks, and goes
+on after the next `push`); `fill()` copies it out and only then moves `position`.
 
-Failure behaviour: a reference that the pushed data cannot hold (a document or
+Measurements (discarded tokens, resume lags, memory, speed): docs/best-fit.md.
+A reference that the pushed data cannot hold (a document or
 offset past the end) raises `StateMismatchError` from `push`.
 """
 
@@ -123,7 +68,7 @@ from tokenfeed.producer.bestfit_refs import RefTable
 from tokenfeed.producer.position import BestFitPosition
 
 DEFAULT_BUFFER_DOCS = 1000  # nanochat's buffer_size
-# Tails shorter than this are dropped; see the module docstring for the measurement.
+# Tails shorter than this are dropped; docs/best-fit.md has the measurement.
 DEFAULT_MIN_TAIL = 32
 # max_age_docs=None means this many buffers' worth of documents; see the docstring.
 _AGE_BUFFERS = 8
