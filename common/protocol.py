@@ -30,7 +30,7 @@ Ops, client -> daemon:
         provenance?: record each batch's documents (the reply says `provenance: true`, or
         the daemon predates it; producer/slot_provenance.py)
         batch?: the consumer takes `readies` and sends RELEASES frames; the reply says
-        `batch: true` when the daemon will (not for a consumer recording provenance)
+        `batch: true` when the daemon will
     release {stream, seq}                     (no reply; frees the slot for reuse)
     releases: a RELEASES frame, not msgpack (below); only from a consumer whose attach
         was answered `batch: true`

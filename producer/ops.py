@@ -164,9 +164,7 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     provenance = msg.get("provenance", False)
     if not isinstance(provenance, bool):
         raise ConfigError(f"provenance={provenance!r} must be True or False")
-    # readies and releases frames (protocol.py); a consumer recording provenance gets each
-    # batch's documents in its own `ready`
-    batch = msg.get("batch", False) is True and not provenance
+    batch = msg.get("batch", False) is True  # readies and releases frames (protocol.py)
     d.registry.forget(identity)
     found = d.registry.find(spec, start, skip)
     if found is not None and provenance and found[0].provenance is None:
@@ -203,8 +201,6 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
             d.registry.drop(stream.sid)
         raise
     d.registry.attach(identity, stream, seq, replicas, batch=batch)
-    if provenance and stream.provenance is not None:
-        stream.provenance.consumers.add(identity)
     d.control.send_multipart([identity, reply])
     log.info("consumer %s (%s) attached to stream %d (%s rank %d/%d) at batch %d",
              identity.decode(errors="replace"), d.peers.describe(identity), stream.sid,

@@ -165,7 +165,6 @@ class SlotProvenance:
         self.batches: dict[int, _Batch | str] = {}  # seq -> its record's makings, or why none
         table = getattr(stream, "table", None)  # (absent in unit tests that never fill)
         self.keep_batches = 2 * len(table.slots) + 2 if table is not None else 0
-        self.consumers: set[bytes] = set()  # identities that attached asking for it
         self.broken: str | None = None
         self._kept: _Kept | None = None  # the snapshot of `units` batches share
 
@@ -240,11 +239,6 @@ class SlotProvenance:
             return self._encode(*self._placed(batch.placed, batch.kept))
         assert isinstance(batch.before, ConcatPosition)
         return self._encode(*self._concat(batch.before, batch.kept.units))
-
-    def field(self, identity: bytes, slot: int) -> dict[str, Any]:
-        """What a `ready` of `slot` adds for consumer `identity`: nothing; a consumer asks
-        for a batch's record when it wants it (`record`)."""
-        return {}
 
     # -- windows ------------------------------------------------------------
 

@@ -283,9 +283,7 @@ class Stream:
 
     def announcements(self) -> list[tuple[bytes, dict[str, Any]]]:
         """`ready` messages now due: each consumer gets each filled batch once, in order."""
-        told = self.provenance.field if self.provenance is not None else None
-        return [(identity, {"stream": self.sid, "slot": index, "seq": seq, "cursor": after,
-                            **(told(identity, index) if told is not None else {})})
+        return [(identity, {"stream": self.sid, "slot": index, "seq": seq, "cursor": after})
                 for identity, index, seq, after in self.table.announcements()]
 
     def reclaim(self) -> None:
