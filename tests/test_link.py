@@ -46,15 +46,20 @@ class DeferredTransfer:
         pass
 
 
-@pytest.fixture
-def ring() -> Iterator[Ring]:
-    layout = RingLayout(slot_count=2, slot_tokens=9, itemsize=4)
+def a_ring(slots: int) -> Iterator[Ring]:
+    """A ring of `slots` slots of 9 tokens, its segment unlinked afterwards."""
+    layout = RingLayout(slot_count=slots, slot_tokens=9, itemsize=4)
     r = Ring.create(segment_name(f"test-{uuid.uuid4().hex[:8]}", "s0"), layout)
     try:
         yield r
     finally:
         r.close()
         r.segment.unlink()
+
+
+@pytest.fixture
+def ring() -> Iterator[Ring]:
+    yield from a_ring(2)
 
 
 @pytest.fixture
@@ -185,13 +190,7 @@ def test_released_batches_are_reused_so_memory_stays_flat():
 
 @pytest.fixture
 def ring4() -> Iterator[Ring]:
-    layout = RingLayout(slot_count=4, slot_tokens=9, itemsize=4)
-    r = Ring.create(segment_name(f"test-{uuid.uuid4().hex[:8]}", "s0"), layout)
-    try:
-        yield r
-    finally:
-        r.close()
-        r.segment.unlink()
+    yield from a_ring(4)
 
 
 def fill(ring: Ring, slot: int, seq: int) -> list[Any]:
