@@ -8,8 +8,8 @@ daemon's start costs per node and for the whole job, with and without a manifest
 what a node holds in memory. Every figure comes from the code's own constants and
 classes, so it changes when they do:
 
-- footers in flight (`manifest.FOOTER_READS_IN_FLIGHT`); a footer read is an open (one
-  HEAD: pyarrow learns the size) and one ranged GET of the file's last
+- footers in flight (`manifest.FOOTER_READS_IN_FLIGHT`); a footer read is one ranged GET
+  (the listing gave the size, so no HEAD comes first) of the file's last
   `FOOTER_READ_BYTES` (Arrow's default footer read, 64 KiB), or the whole file if smaller;
 - the manifest's size: `manifest.Manifest.to_bytes()` of a table of that many shards
   (random row sizes, so gzip is not flattered), fetched with one HEAD and one GET;
@@ -47,7 +47,7 @@ from tokenfeed.producer.dataset import SAMPLE_FILES, RowGroupRef
 from tokenfeed.producer.manifest import FOOTER_READS_IN_FLIGHT, Manifest, ShardEntry
 
 FOOTER_READ_BYTES = 64 << 10  # Arrow's default footer read (parquet::kDefaultFooterReadSize)
-FOOTER_REQUESTS = 2  # open (HEAD, pyarrow needs the size) + one ranged GET of the tail
+FOOTER_REQUESTS = 1  # one ranged GET of the tail (storage.read_footer_metadata)
 MANIFEST_REQUESTS = 2  # HEAD + GET
 LIST_PAGE_KEYS = 1000  # S3 ListObjectsV2 page
 LIST_KEY_BYTES = 350  # XML per key in a listing page (key, size, etag, date, class)

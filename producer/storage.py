@@ -324,3 +324,20 @@ def open_parquet(path: str, stamp: str = "") -> pq.ParquetFile:
                 "restart the daemon (and its trainers) on the data as it is now") from None
     fs, inner = _filesystem(path)
     return pq.ParquetFile(_ObjectFile(fs, inner, path, stamp))
+
+
+def read_footer_metadata(shard: Shard) -> pq.FileMetaData:
+    """A shard's Parquet footer alone, as the scan reads it: in object storage one ranged
+    GET of the object's tail (its size is the listing's, so no HEAD comes first)."""
+    if not is_url(shard.path):
+        return open_parquet(shard.path).metadata
+    import pyarrow.dataset as ds  # the daemon's scan only: workers never import it
+
+    fs, inner = _filesystem(shard.path)
+
+    def read() -> pq.FileMetaData:
+        fragment = ds.ParquetFileFormat().make_fragment(inner, filesystem=fs,
+                                                        file_size=shard.size)
+        return fragment.metadata
+
+    return with_retries(f"reading the footer of {shard.path}", read)
