@@ -69,7 +69,6 @@ from _common import (
 from tokenfeed.common.config import PRESET, StreamSpec, resolve_packing
 from tokenfeed.consumer import TokenFeed
 from tokenfeed.consumer import provenance as records
-from tokenfeed.producer.bestfit import BestFitPacker
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.position import BestFitPosition, ConcatPosition
 from tokenfeed.producer.slot_provenance import Runs, SlotProvenance
@@ -77,6 +76,7 @@ from tokenfeed.producer.units import Unit
 
 THROUGHPUT_TARGET = 0.02
 WARM_WINDOWS = 20  # in-process: windows before timing (the best-fit buffer fills)
+CUTS = 16  # records cut, after the timed windows (the recorder keeps 2 x 8 slots + 2)
 P50_TARGET_US = 10.0
 
 
@@ -173,7 +173,7 @@ class InProcess:
     """One packer fed synthetic units of 1,024 lognormal documents (median ~600 tokens),
     recorded as the reader hook would with `on`; `window()` packs the next window and
     returns the thread CPU seconds of the packer's fill plus, with `on`, SlotProvenance's
-    keeping of it (the best-fit hook runs while packing: counted too)."""
+    keeping of it."""
 
     def __init__(self, packing: str, on: bool, batch_size: int, seq_len: int,
                  seed: int = 0) -> None:
@@ -187,8 +187,6 @@ class InProcess:
                                  table=self.table)
         self.recorder = SlotProvenance(stream, ["data"])  # type: ignore[arg-type]
         self.recorder.files = [["data", "shard_00000.parquet"]]
-        if on and isinstance(self.packer, BestFitPacker):
-            self.packer.recorder = self.recorder.placed.append
         self.on = on
         self.rng = np.random.default_rng(seed)  # the same seed: the same work off and on
         self.out = np.empty(spec.window_tokens, dtype=np.uint32)
@@ -220,10 +218,10 @@ class InProcess:
         self.table.next_seq += 1
         return spent
 
-    def cut(self) -> float:
-        """Thread CPU seconds of cutting the last window's record, as a request would."""
+    def cut(self, seq: int) -> float:
+        """Thread CPU seconds of cutting batch `seq`'s record, as a request would."""
         t0 = time.thread_time()
-        record = self.recorder.record(self.table.next_seq - 1)
+        record = self.recorder.record(seq)
         spent = time.thread_time() - t0
         assert "spans" in record, record
         return spent
@@ -234,7 +232,8 @@ def recorder_table(packings: list[str], batch_size: int, seq_len: int,
     """Per packing, a packer without provenance and one with it, in this process, window
     by window in turn (their order alternating): both see the same load, which moves
     separate runs of one setting by +-25% on a busy 2-core machine. Sums of thread CPU
-    over the windows after WARM_WINDOWS; and the median cut of one record."""
+    over the windows after WARM_WINDOWS; and the median cut of one record (the last CUTS
+    kept)."""
     rows = []
     for packing in packings:
         pair = [InProcess(packing, on, batch_size, seq_len) for on in (False, True)]
@@ -244,8 +243,9 @@ def recorder_table(packings: list[str], batch_size: int, seq_len: int,
                 got = pair[k].window()
                 if w >= WARM_WINDOWS:
                     spent[k] += got
-            if w >= WARM_WINDOWS:
-                cuts.append(pair[1].cut())
+        # cut after the windows: a best-fit cut packs its window again, which would
+        # leave the next window timed to a cold cache
+        cuts = [pair[1].cut(pair[1].table.next_seq - 1 - k) for k in range(CUTS)]
         timed = windows - WARM_WINDOWS
         off, on = spent[0] / timed * 1e6, spent[1] / timed * 1e6
         rows.append([f"{packing} packing per window, in-process", f"{off:.1f} us",

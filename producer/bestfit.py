@@ -53,9 +53,10 @@ offset past the end) raises `StateMismatchError` from `push`.
 from __future__ import annotations
 
 import sys
+from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
 from typing import Any
@@ -176,9 +177,9 @@ class BestFitPacker:
         self._packing: Iterator[bool] | None = None  # packs windows into _scratch
         self._window_ready = False
         self._starved = False  # the packing waits for documents no push has brought yet
-        # slot_provenance.py: told each placement (unit, doc, start, take, tail), in window
-        # order; set only with provenance on, before the first window
-        self.recorder: Callable[[tuple[int, int, int, int, int]], None] | None = None
+        # slot_provenance.py: each placement's length, in window order (the pieces placed
+        # are the position's table's: bestfit_refs.py); set only with provenance on
+        self.takes: array[int] | None = None
         self.position = self._position()
 
     # -- input --------------------------------------------------------------
@@ -258,6 +259,20 @@ class BestFitPacker:
         self.position = self._position()
         return self.position
 
+    def keep_placements(self) -> None:
+        """Keep each window's placements for live provenance (slot_provenance.py); called
+        before the first window."""
+        self.takes = array("q")
+        self._refs.keep_placed = True
+
+    def placements(self) -> tuple[np.ndarray, array[int]]:
+        """The window just filled: its pieces (rows unit, doc, start) and each one's length,
+        in placement order."""
+        assert self.takes is not None, "keep_placements() first"
+        takes = self.takes[:]
+        del self.takes[:]  # in place: the packing loop holds its bound append
+        return self._refs.placed, takes
+
     def _widen_scratch(self, dtype: np.dtype[Any]) -> None:
         """Pack into `dtype` from now on: the first push's, or one wide enough for both."""
         dtype = dtype if not self._scratch_set else np.promote_types(self._scratch.dtype, dtype)
@@ -301,7 +316,7 @@ class BestFitPacker:
         shift, mask = _SHIFT, _COUNTER
         docs_read, counter = self._docs_read, self._counter
         stats = self._window_stats
-        record = self.recorder
+        record = self.takes.append if self.takes is not None else None
         # the unit being read: its record, tokens, bounds, number, next and last document
         ru: _Unit | None = None
         rtok = _NO_TOKENS
@@ -411,7 +426,7 @@ class BestFitPacker:
                     else:
                         out[at : at + take] = held[off : off + take]
                     if record is not None:
-                        record((unit, doc, start, take, tail))
+                        record(take)
                     at += take
                     rest = length - take
                     if rest >= min_tail:  # keeps the document's born: its age goes on

@@ -7,7 +7,10 @@ reference to this table as it buffers it, and the counter of each piece it place
 Counters grow with insertion, so counter order is buffer order. `alive()` (once a
 window) appends what was buffered, drops what was placed (found by its counter with a
 binary search) and returns the pieces still buffered as contiguous rows (unit, doc,
-start, born), which bestfit_codec.py encodes.
+start, born), which bestfit_codec.py encodes. With `keep_placed` (live provenance), it
+also keeps the placed pieces' (unit, doc, start), in placement order, as `placed`: the
+window's placements come from the table the position needs anyway, not from a record
+made at each placement.
 
 Memory and time: the table holds the buffered pieces only (~buffer_docs), whatever
 their ages; it once kept every reference since the oldest piece's, which under the age
@@ -38,6 +41,8 @@ class RefTable:
         self._table = np.empty((5, 2 * buffer_docs + 64), dtype=np.int64)
         self._used = 0
         self._next = 0  # the counter of the next reference appended
+        self.keep_placed = False  # slot_provenance.enable
+        self.placed = np.zeros((3, 0), dtype=np.int64)  # the last alive()'s placed pieces
 
     def alive(self) -> np.ndarray:
         """The pieces still buffered, in buffer order: rows unit, doc, start and born."""
@@ -56,11 +61,15 @@ class RefTable:
             used += added
         if self.gone:
             keep = np.ones(used, dtype=bool)
-            keep[np.searchsorted(self._table[4, :used], np.frombuffer(self.gone, dtype=np.int64))
-                 ] = False
+            at = np.searchsorted(self._table[4, :used], np.frombuffer(self.gone, dtype=np.int64))
+            if self.keep_placed:
+                self.placed = self._table[:3, at]  # a copy: rows unit, doc, start
+            keep[at] = False
             del self.gone[:]
             kept = self._table[:, :used][:, keep]
             used = kept.shape[1]
             self._table[:, :used] = kept
+        elif self.keep_placed:
+            self.placed = np.zeros((3, 0), dtype=np.int64)
         self._used = used
         return self._table[:4, :used]

@@ -11,8 +11,11 @@ what the stream already does, through three hooks:
     Stream.pack -> pushed(unit, Unit) / filled(slot, packed before)   what the packer
         takes and each window it fills (a mixture's virtual unit: the mixer's
         `compositions`, each entry a source unit's document)
-    BestFitPacker.recorder((unit, doc, start, take, tail))   each piece best fit places,
-        in window order (a tail: its document's BOS, then tokens start.. of it)
+
+Best fit's placements are not recorded while packing: they depend only on the position
+before the window and the documents' lengths, so a record is cut by packing that one
+window again, from that position, over units of the kept lengths (`_replay`), and the
+packer's `placements()` name each piece it placed.
 
 A unit is kept as RUNS: maximal spans of consecutive tokens of one document, each
 `(at, file key, row group, row, offset)` (the unit's token `at` is token `offset` of the
@@ -20,17 +23,18 @@ document's [BOS] + encode_ordinary(text)). A plain unit has one run per document
 offset 0; an elastic layout's item reshapes it (elastic.apply, run on token positions
 instead of tokens, so no layout rule is written twice). A window is then runs sliced by
 token range (concat: from the packer position before it, over the units it spans; best
-fit: the placements); cut into rows by the consumer, they are the segments `tokenfeed
-explain` prints (producer/provenance.py), compared in the tests.
+fit: the placements, packed again from the position before it); cut into rows by the
+consumer, they are the segments `tokenfeed explain` prints (producer/provenance.py),
+compared in the tests.
 
-Recording is what every batch pays, so it keeps only what the batch's record needs
-and cuts nothing: per published batch `seq`, the packer position before it (concat) or
-its placements (best fit), and the kept units' runs (one shared snapshot until units
-come or go). Measured on B=32 T=2048 FineWeb-shaped windows, cutting spans at fill
-time cost 42 us a concat window (a 36 us fill) and 110 us a best-fit one (a ~1 ms
-fill), and checking the record on arrival a share of the consumer's link thread; keeping
-the makings costs ~2 us a concat batch (best fit: its placement tuples, made by the
-packer's hook, copied, freed later). The record is cut only when a consumer asks for it
+Recording is what every batch pays, so it keeps only what the batch's record needs and
+cuts nothing: per published batch `seq`, the packer position before it and the kept
+units' runs (one shared snapshot until units come or go). Measured on B=32 T=2048
+FineWeb-shaped windows, cutting spans at fill time cost 42 us a concat window (a 36 us
+fill) and 110 us a best-fit one (a ~1 ms fill), and checking the record on arrival a
+share of the consumer's link thread; keeping the makings costs ~2 us a batch (recording
+best fit's placements as it packed cost +3-6% of its packing: a tuple, later an int, a
+placement, and their arrays a batch). The record is cut only when a consumer asks for it
 (`provenance {stream, seq, ring}`, producer/ops.py, answered by `record`), so `ready`
 carries nothing extra. The record:
 
@@ -52,15 +56,16 @@ with the tokens the packer got (a bug) logs an error once and marks every later 
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass
-from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from tokenfeed.producer import elastic
 from tokenfeed.producer.bestfit import BestFitPacker
-from tokenfeed.producer.position import WHOLE, ConcatPosition, Packed
+from tokenfeed.producer.packer import make_packer
+from tokenfeed.producer.position import WHOLE, BestFitPosition, ConcatPosition, Packed
 from tokenfeed.producer.units import Unit
 
 if TYPE_CHECKING:
@@ -142,8 +147,7 @@ class _Batch(NamedTuple):
     3x a frozen dataclass's speed.)"""
 
     kept: _Kept
-    before: Packed  # concat: where its window starts
-    placed: list[tuple[int, int, int, int, int]] | None  # best fit: its pieces, in order
+    before: Packed  # where its window starts
 
 
 class SlotProvenance:
@@ -156,17 +160,18 @@ class SlotProvenance:
         self.supply = stream.supply
         self.stream = stream  # its slot table numbers the batches (`next_seq`)
         self.names = names  # source names, in the readers' order
-        self.bestfit = isinstance(stream.packer, BestFitPacker)
         self.files: list[list[str]] = []  # file key -> [source, file name]
         self._file_keys: dict[tuple[int, str], int] = {}
         self.source_units: dict[tuple[int, int], Runs] = {}  # (reader, unit) -> as read
         self.units: dict[int, Runs] = {}  # packer unit -> its runs, in unit order
-        self.placed: list[tuple[int, int, int, int, int]] = []  # best fit: this window's
         self.batches: dict[int, _Batch | str] = {}  # seq -> its record's makings, or why none
         table = getattr(stream, "table", None)  # (absent in unit tests that never fill)
         self.keep_batches = 2 * len(table.slots) + 2 if table is not None else 0
         self.broken: str | None = None
         self._kept: _Kept | None = None  # the snapshot of `units` batches share
+        self._zeros = _NO_INT.astype(np.uint16)  # a replayed unit's tokens (_replay)
+        # the packer that replayed the last record cut: (its seq, it, the next unit it takes)
+        self._replayer: tuple[int, BestFitPacker, int] | None = None
 
     # -- hooks --------------------------------------------------------------
 
@@ -207,10 +212,6 @@ class SlotProvenance:
         batch), to be published as the table's next seq: keep what its record is cut
         from, and drop the units no later window needs. A few reference stores: this
         runs for every batch (module docstring)."""
-        placed = None
-        if self.bestfit:
-            placed = self.placed[:]
-            self.placed.clear()  # in place: the packer holds its bound append
         if slot is not None:
             seq = self.stream.table.next_seq
             if self.broken is not None:
@@ -219,7 +220,7 @@ class SlotProvenance:
                 kept = self._kept
                 if kept is None:
                     kept = self._kept = _Kept(dict(self.units))
-                self.batches[seq] = _Batch(kept, before, placed)
+                self.batches[seq] = _Batch(kept, before)
             self.batches.pop(seq - self.keep_batches, None)
         first = self.packer.position.first_unit
         if self.units and next(iter(self.units)) < first:  # kept in unit order
@@ -235,8 +236,9 @@ class SlotProvenance:
                     f"the last {self.keep_batches} published)"}
         if isinstance(batch, str):
             return {"unavailable": batch}
-        if batch.placed is not None:
-            return self._encode(*self._placed(batch.placed, batch.kept))
+        if isinstance(batch.before, BestFitPosition):
+            return self._encode(*self._placed(self._replay(seq, batch.before, batch.kept),
+                                              batch.kept))
         assert isinstance(batch.before, ConcatPosition)
         return self._encode(*self._concat(batch.before, batch.kept.units))
 
@@ -287,13 +289,41 @@ class SlotProvenance:
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                 np.concatenate([p[2] for p in parts]))
 
-    def _placed(self, placed: list[tuple[int, int, int, int, int]], kept: _Kept
+    def _replay(self, seq: int, before: BestFitPosition, kept: _Kept
+                ) -> tuple[np.ndarray, array[int]]:
+        """Best fit's placements in batch `seq`, the window after `before`: the same packer
+        packs it again over units of the kept documents' lengths (their tokens do not
+        matter). Built from `before`, that is ~1,000 buffered pieces to decode and copy
+        (~6-10 ms, B=32 T=2048 nanochat); the packer is kept, so asking about every
+        batch in turn costs one window's packing each."""
+        last = self._replayer
+        if last is not None and last[0] == seq - 1 and last[1].position == before:
+            _, packer, unit = last
+        else:
+            packer = make_packer(self.spec, before)
+            assert isinstance(packer, BestFitPacker)
+            packer.keep_placements()
+            unit = packer.next_unit
+        self._replayer = None  # until this window is packed whole
+        while not packer.ready():
+            runs = kept.units.get(unit)
+            if runs is None:
+                raise RuntimeError("provenance: the window runs past the units pushed")
+            if len(self._zeros) < runs.n:
+                self._zeros = np.zeros(runs.n, dtype=np.uint16)
+            packer.push(unit, self._zeros[:runs.n], runs.doc_starts)
+            unit += 1
+        packer.fill(np.empty(self.spec.window_tokens, dtype=np.uint16))
+        self._replayer = (seq, packer, unit)
+        return packer.placements()
+
+    def _placed(self, placed: tuple[np.ndarray, array[int]], kept: _Kept
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A best-fit window from its placements, in order: each (unit, doc, start, take,
-        tail) is tokens start..start+take of the unit's document, a tail's BOS first."""
-        p = np.fromiter(chain.from_iterable(placed), dtype=np.int64,
-                        count=5 * len(placed)).reshape(-1, 5)  # 3x np.array's speed here
-        unit, doc, first, take, tail = p.T
+        """A best-fit window from its placements, in order: each (unit, doc, start) with
+        its length `take` is tokens start..start+take of the unit's document, a tail's
+        (start > 0) BOS first."""
+        (unit, doc, first), take = placed[0], np.frombuffer(placed[1], dtype=np.int64)
+        tail = (first > 0).astype(np.int64)
         first_unit, offsets, simple, table_ident, table_off = _doc_table(kept)
         rel = unit - first_unit
         plain = simple[rel]
@@ -303,7 +333,7 @@ class SlotProvenance:
         general = np.flatnonzero(~plain).tolist()
         # a tail is two spans: its BOS (token 0 of the unit's document), then the rest
         n = 1 + tail
-        which = np.repeat(np.arange(len(p)), n)
+        which = np.repeat(np.arange(len(unit)), n)
         second = np.zeros(len(which), dtype=bool)
         second[np.cumsum(n) - 1] = tail.astype(bool)
         lo = np.where(second | (tail[which] == 0), first[which], 0)
@@ -370,7 +400,5 @@ def enable(stream: Stream, names: list[str]) -> SlotProvenance:
         recorder = SlotProvenance(stream, names)
         for reader in stream.readers:
             reader.recorder = recorder.read
-        if isinstance(stream.packer, BestFitPacker):  # (unit, doc, start, take, tail) each
-            stream.packer.recorder = recorder.placed.append  # a C call: ~5x a method's speed
         stream.provenance = recorder
     return stream.provenance

@@ -28,10 +28,12 @@ from tokenfeed.common.control import request
 from tokenfeed.common.errors import ConfigError, ProtocolError
 from tokenfeed.consumer.provenance import parse
 from tokenfeed.producer.dataset import scan_dataset
-from tokenfeed.producer.position import DOCS, PIECE, REST, TOKENS
+from tokenfeed.producer.packer import make_packer
+from tokenfeed.producer.position import DOCS, PIECE, REST, TOKENS, BestFitPosition
 from tokenfeed.producer.provenance import explain
 from tokenfeed.producer.slot_provenance import MAX_RECORD_BYTES, Runs, SlotProvenance
 from tokenfeed.producer.tokenizer import load_tokenizer
+from tokenfeed.producer.units import Unit
 from tokenfeed.tools.corpus import sample_documents, write_shards
 
 N = 5  # batches compared per state
@@ -331,3 +333,51 @@ def test_an_oversized_frame_is_refused_before_decoding():
                             provenance=_record([ONE] * 30_000))
     with pytest.raises(ProtocolError, match=r"exceeds"):
         protocol.decode(frame)
+
+
+def test_best_fit_records_packed_again_name_exactly_the_tokens_delivered():
+    """Best fit's placements are not recorded while packing: a record is cut by packing
+    its window again from the position before it (SlotProvenance._replay). In-process,
+    every token is numbered by its place in the stream of units, so each record's spans,
+    read back as numbers, must be the window filled, bit for bit: cut in order (the
+    replaying packer kept from one batch to the next) and in reverse (packed again from
+    each batch's own position)."""
+    spec = StreamSpec(split="train", rank=0, world_size=1, batch_size=4, seq_len=256,
+                      packing="bestfit", buffer_docs=64)
+    packer = make_packer(spec, BestFitPosition(0, 0, 0, "", 0))
+    table = SimpleNamespace(next_seq=0, slots=[None] * 8)
+    stream = SimpleNamespace(spec=spec, packer=packer, supply=SimpleNamespace(), table=table)
+    recorder = SlotProvenance(stream, ["data"])  # type: ignore[arg-type]
+    recorder.files = [["data", "shard_00000.parquet"]]
+    rng = np.random.default_rng(7)
+    base, starts, windows = [], [], []
+    total = 0
+    while len(windows) < recorder.keep_batches:
+        while not packer.ready():
+            lengths = rng.lognormal(4.5, 1, 40).astype(np.int64) + 2
+            unit = Unit.of_lengths(np.arange(total, total + int(lengths.sum()),
+                                             dtype=np.uint32), lengths)
+            recorder.units[len(base)] = Runs.of_docs(0, len(base), np.arange(40), lengths)
+            recorder._kept = None
+            base.append(total)
+            starts.append(unit.doc_starts)
+            total += len(unit.tokens)
+            packer.push(len(base) - 1, unit.tokens, unit.doc_starts)
+        before = packer.position
+        out = np.empty(spec.window_tokens, dtype=np.uint32)
+        packer.fill(out)
+        recorder.filled(0, before)
+        table.next_seq += 1
+        windows.append(out)
+
+    def numbers(record: dict[str, Any]) -> np.ndarray:
+        spans = np.frombuffer(record["spans"], dtype="<i8").reshape(-1, 5)
+        return np.concatenate([base[u] + starts[u][d] + np.arange(lo, hi)
+                               for _, u, d, lo, hi in spans.tolist()])
+
+    first = len(windows) - recorder.keep_batches
+    for order in (range(first, len(windows)), reversed(range(first, len(windows)))):
+        recorder._replayer = None
+        for seq in order:
+            np.testing.assert_array_equal(numbers(recorder.record(seq)), windows[seq],
+                                          err_msg=f"batch {seq}")
