@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 from array import array
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -141,15 +141,6 @@ class _Kept:
     table: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
-class _Batch(NamedTuple):
-    """What a published batch's record is cut from, when asked: the units it names, and
-    concat's position before it or best fit's placements. (A tuple: made every batch,
-    3x a frozen dataclass's speed.)"""
-
-    kept: _Kept
-    before: Packed  # where its window starts
-
-
 class SlotProvenance:
     """One stream's recorder: units' runs, the window being packed, and per published
     batch what its record is cut from (module docstring)."""
@@ -164,9 +155,14 @@ class SlotProvenance:
         self._file_keys: dict[tuple[int, str], int] = {}
         self.source_units: dict[tuple[int, int], Runs] = {}  # (reader, unit) -> as read
         self.units: dict[int, Runs] = {}  # packer unit -> its runs, in unit order
-        self.batches: dict[int, _Batch | str] = {}  # seq -> its record's makings, or why none
         table = getattr(stream, "table", None)  # (absent in unit tests that never fill)
-        self.keep_batches = 2 * len(table.slots) + 2 if table is not None else 0
+        self.keep_batches = 2 * len(table.slots) + 2 if table is not None else 1
+        # What the last keep_batches published batches' records are cut from, at seq %
+        # keep_batches: its seq, the units it names (or why it has no record) and where
+        # its window starts. Rings of lists: a batch stores three references, no object.
+        self._seqs: list[int] = [-1] * self.keep_batches
+        self._kept_for: list[_Kept | str | None] = [None] * self.keep_batches
+        self._before: list[Packed | None] = [None] * self.keep_batches
         self.broken: str | None = None
         self._kept: _Kept | None = None  # the snapshot of `units` batches share
         self._zeros = _NO_INT.astype(np.uint16)  # a replayed unit's tokens (_replay)
@@ -214,14 +210,11 @@ class SlotProvenance:
         runs for every batch (module docstring)."""
         if slot is not None:
             seq = self.stream.table.next_seq
-            if self.broken is not None:
-                self.batches[seq] = self.broken
-            else:
-                kept = self._kept
-                if kept is None:
-                    kept = self._kept = _Kept(dict(self.units))
-                self.batches[seq] = _Batch(kept, before)
-            self.batches.pop(seq - self.keep_batches, None)
+            kept = self.broken if self.broken is not None else self._kept
+            if kept is None:
+                kept = self._kept = _Kept(dict(self.units))
+            i = seq % self.keep_batches
+            self._seqs[i], self._kept_for[i], self._before[i] = seq, kept, before
         first = self.packer.position.first_unit
         if self.units and next(iter(self.units)) < first:  # kept in unit order
             for unit in [u for u in self.units if u < first]:
@@ -230,17 +223,17 @@ class SlotProvenance:
 
     def record(self, seq: int) -> dict[str, Any]:
         """The wire record of published batch `seq` (module docstring), cut now."""
-        batch = self.batches.get(seq)
-        if batch is None:
+        i = seq % self.keep_batches
+        kept, before = self._kept_for[i], self._before[i]
+        if self._seqs[i] != seq or kept is None:
             return {"unavailable": f"batch {seq} of this stream is not kept (the daemon keeps "
                     f"the last {self.keep_batches} published)"}
-        if isinstance(batch, str):
-            return {"unavailable": batch}
-        if isinstance(batch.before, BestFitPosition):
-            return self._encode(*self._placed(self._replay(seq, batch.before, batch.kept),
-                                              batch.kept))
-        assert isinstance(batch.before, ConcatPosition)
-        return self._encode(*self._concat(batch.before, batch.kept.units))
+        if isinstance(kept, str):
+            return {"unavailable": kept}
+        if isinstance(before, BestFitPosition):
+            return self._encode(*self._placed(self._replay(seq, before, kept), kept))
+        assert isinstance(before, ConcatPosition)
+        return self._encode(*self._concat(before, kept.units))
 
     # -- windows ------------------------------------------------------------
 

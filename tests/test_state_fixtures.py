@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import Daemon
 
 STATES = Path(__file__).parent / "fixtures" / "states"
 FIXTURES = sorted(p.stem for p in STATES.glob("*.json"))
@@ -40,14 +42,29 @@ def test_the_fixtures_cover_every_kind_of_position():
                for c in load(n)["cases"] if n.startswith("second_epoch_"))
 
 
-@pytest.mark.parametrize("name", FIXTURES)
-def test_saved_state_resumes_to_its_batches(start_daemon, name):
-    fixture = load(name)
+@pytest.fixture(scope="module")
+def daemons() -> Iterator[dict[str, Daemon]]:
+    """One daemon of each kind the fixtures were saved from, shared by them: a state
+    attaches to a stream of its own position, so no fixture sees another's."""
     data = STATES / "data"
-    if fixture["daemon"] == "web":
-        daemon = start_daemon(data=data / "web")
-    else:
-        daemon = start_daemon(sources={"code": data / "code", "web": data / "web"})
+    started: dict[str, Daemon] = {}
+    try:
+        started["web"] = Daemon(data / "web")
+        started["mixture"] = Daemon(None, f"--source=code={data / 'code'}",
+                                    f"--source=web={data / 'web'}")
+        yield started
+        for kind, daemon in started.items():
+            assert daemon.stop() == 0, f"{kind} daemon:\n{daemon.log()}"
+            assert daemon.segments() == [], "a clean stop left shared memory behind"
+    finally:
+        for daemon in started.values():
+            daemon.cleanup()
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_saved_state_resumes_to_its_batches(daemons, name):
+    fixture = load(name)
+    daemon = daemons["web" if fixture["daemon"] == "web" else "mixture"]
     for case in fixture["cases"]:
         where = f"{name} rank {case['rank']}/{case['world_size']}"
         (b, t), n = np.shape(case["batches"][0][0]), len(case["batches"])
