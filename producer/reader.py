@@ -123,6 +123,7 @@ class SourceReader:
         # slot_provenance.py: told each unit's rows as read (set only with provenance on)
         self.recorder: Callable[[SourceReader, int, np.ndarray], None] | None = None
         self._unit_parts: dict[int, list[tuple[int, int]]] = {}  # fixed at a unit's first task
+        self._task_share = (-1, 1.0)  # (unit, its tasks' share of a full task): task_tokens
 
     # -- where units come from ----------------------------------------------
 
@@ -146,8 +147,18 @@ class SourceReader:
     @property
     def task_tokens(self) -> float:
         """About the tokens one task brings (read-ahead keeps a task per pool place): a
-        filtered source's tasks hold `task_bytes` of the text it keeps, more in all."""
-        return self.task_bytes * self.tokens_per_text_byte / self._kept_share()
+        filtered source's tasks hold `task_bytes` of the text it keeps, more in all; a
+        task of a row group smaller than that brings less. (Counted as `task_bytes`,
+        row groups of 17 documents were read ~100 tasks ahead: a stream left after a
+        few batches had its workers tokenize ~25 epochs of a small corpus for nothing.)"""
+        unit = self.next_unit
+        if self._task_share[0] != unit:  # once a unit: the scheduler asks every pass
+            ref = self._ref(unit)
+            want = self._task_text_bytes(ref)
+            n = max(1, min(ref.num_rows, -(-ref.text_bytes // want)))  # RowGroupRef.parts
+            self._task_share = (unit, min(1.0, ref.text_bytes / n / want))
+        return (self.task_bytes * self.tokens_per_text_byte / self._kept_share()
+                * self._task_share[1])
 
     def _kept_share(self) -> float:
         """The share of rows this source's filter kept so far (1: none yet, no filter)."""
