@@ -378,10 +378,8 @@ class Daemon:
         self.rundir.release(getattr(self, "daemon_id", None))  # sockets, segments, lock
 
 
-def serve(config: DaemonConfig) -> bool:
-    """Serve until stopped. True when a start stopped mid-scan left a storage request in
-    flight: the process should then end without waiting for it (pyarrow's S3 finalizer,
-    run at exit, would wait for it, up to a minute of retries)."""
+def serve(config: DaemonConfig) -> None:
+    """Serve until stopped (a start stopped mid-scan may leave the scan's thread waiting
+    on storage: the caller ends the process without waiting for it, cli.py)."""
     Daemon(config).run()
-    return any(t.name == SCAN_THREAD and t.is_alive() for t in threading.enumerate())
 
