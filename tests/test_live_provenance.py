@@ -339,9 +339,9 @@ def test_best_fit_records_packed_again_name_exactly_the_tokens_delivered():
     """Best fit's placements are not recorded while packing: a record is cut by packing
     its window again from the position before it (SlotProvenance._replay). In-process,
     every token is numbered by its place in the stream of units, so each record's spans,
-    read back as numbers, must be the window filled, bit for bit: cut in order (the
-    replaying packer kept from one batch to the next) and in reverse (packed again from
-    each batch's own position)."""
+    each inside its document, read back as numbers, must be the window filled, bit for
+    bit: cut in order (the replaying packer kept from one batch to the next) and in
+    reverse (packed again from each batch's own position)."""
     spec = StreamSpec(split="train", rank=0, world_size=1, batch_size=4, seq_len=256,
                       packing="bestfit", buffer_docs=64)
     packer = make_packer(spec, BestFitPosition(0, 0, 0, "", 0))
@@ -350,7 +350,7 @@ def test_best_fit_records_packed_again_name_exactly_the_tokens_delivered():
     recorder = SlotProvenance(stream, ["data"])  # type: ignore[arg-type]
     recorder.files = [["data", "shard_00000.parquet"]]
     rng = np.random.default_rng(7)
-    base, starts, windows = [], [], []
+    base, starts, sizes, windows = [], [], [], []
     total = 0
     while len(windows) < recorder.keep_batches:
         while not packer.ready():
@@ -361,6 +361,7 @@ def test_best_fit_records_packed_again_name_exactly_the_tokens_delivered():
             recorder._kept = None
             base.append(total)
             starts.append(unit.doc_starts)
+            sizes.append(lengths)
             total += len(unit.tokens)
             packer.push(len(base) - 1, unit.tokens, unit.doc_starts)
         before = packer.position
@@ -371,9 +372,10 @@ def test_best_fit_records_packed_again_name_exactly_the_tokens_delivered():
         windows.append(out)
 
     def numbers(record: dict[str, Any]) -> np.ndarray:
-        spans = np.frombuffer(record["spans"], dtype="<i8").reshape(-1, 5)
+        spans = np.frombuffer(record["spans"], dtype="<i8").reshape(-1, 5).tolist()
+        assert all(0 <= lo < hi <= sizes[u][d] for _, u, d, lo, hi in spans), spans
         return np.concatenate([base[u] + starts[u][d] + np.arange(lo, hi)
-                               for _, u, d, lo, hi in spans.tolist()])
+                               for _, u, d, lo, hi in spans])
 
     first = len(windows) - recorder.keep_batches
     for order in (range(first, len(windows)), reversed(range(first, len(windows)))):
