@@ -39,15 +39,14 @@ resolves the buffer's references as those units are pushed and reads on from `(u
 units in between that hold no piece are pushed empty, untokenized (supply.py).
 
 Memory: documents are copied into 64 KiB chunks as they enter the buffer, so a unit's
-array is dropped once read; a chunk is freed with its last piece.
+array is dropped once read; a chunk is freed with its last piece. Readiness: `ready()`
+packs the next window into a scratch array (a generator that pauses when the pushed
+documents run out, `lacking_tokens` estimating what it lacks, and goes on after the next
+`push`); `fill()` copies it out and only then moves `position`.
 
-Readiness: `ready()` packs the next window into a scratch array (a generator that pauses
-when the pushed documents run out, `lacking_tokens` estimating what it lacks, and goes
-on after the next `push`); `fill()` copies it out and only then moves `position`.
-
-Measurements (discarded tokens, resume lags, memory, speed): docs/best-fit.md.
-A reference that the pushed data cannot hold (a document or
-offset past the end) raises `StateMismatchError` from `push`.
+A reference the pushed data cannot hold (a document or offset past the end) raises
+`StateMismatchError` from `push`. Measurements (discarded tokens, resume lags, memory,
+speed): docs/best-fit.md.
 """
 
 from __future__ import annotations
@@ -177,8 +176,8 @@ class BestFitPacker:
         self._packing: Iterator[bool] | None = None  # packs windows into _scratch
         self._window_ready = False
         self._starved = False  # the packing waits for documents no push has brought yet
-        # slot_provenance.py: each placement's length, in window order (the pieces placed
-        # are the position's table's: bestfit_refs.py); set only with provenance on
+        # each placement's length, in window order, when set (slot_provenance.py's replays;
+        # the pieces placed are the position's table's: bestfit_refs.py)
         self.takes: array[int] | None = None
         self.position = self._position()
 
@@ -258,20 +257,6 @@ class BestFitPacker:
         self._window_stats[:] = [0, 0, 0]  # in place: the packing generator holds this list
         self.position = self._position()
         return self.position
-
-    def keep_placements(self) -> None:
-        """Keep each window's placements for live provenance (slot_provenance.py); called
-        before the first window."""
-        self.takes = array("q")
-        self._refs.keep_placed = True
-
-    def placements(self) -> tuple[np.ndarray, array[int]]:
-        """The window just filled: its pieces (rows unit, doc, start) and each one's length,
-        in placement order."""
-        assert self.takes is not None, "keep_placements() first"
-        takes = self.takes[:]
-        del self.takes[:]  # in place: the packing loop holds its bound append
-        return self._refs.placed, takes
 
     def _widen_scratch(self, dtype: np.dtype[Any]) -> None:
         """Pack into `dtype` from now on: the first push's, or one wide enough for both."""

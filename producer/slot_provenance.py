@@ -15,7 +15,7 @@ what the stream already does, through three hooks:
 Best fit's placements are not recorded while packing: they depend only on the position
 before the window and the documents' lengths, so a record is cut by packing that one
 window again, from that position, over units of the kept lengths (`_replay`), and the
-packer's `placements()` name each piece it placed.
+packer (`_Replayer`) names each piece it placed.
 
 A unit is kept as RUNS: maximal spans of consecutive tokens of one document, each
 `(at, file key, row group, row, offset)` (the unit's token `at` is token `offset` of the
@@ -64,11 +64,11 @@ import numpy as np
 
 from tokenfeed.producer import elastic
 from tokenfeed.producer.bestfit import BestFitPacker
-from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.position import WHOLE, BestFitPosition, ConcatPosition, Packed
 from tokenfeed.producer.units import Unit
 
 if TYPE_CHECKING:
+    from tokenfeed.common.config import StreamSpec
     from tokenfeed.producer.reader import SourceReader
     from tokenfeed.producer.stream import Stream
 
@@ -167,7 +167,7 @@ class SlotProvenance:
         self._kept: _Kept | None = None  # the snapshot of `units` batches share
         self._zeros = _NO_INT.astype(np.uint16)  # a replayed unit's tokens (_replay)
         # the packer that replayed the last record cut: (its seq, it, the next unit it takes)
-        self._replayer: tuple[int, BestFitPacker, int] | None = None
+        self._replayer: tuple[int, _Replayer, int] | None = None
 
     # -- hooks --------------------------------------------------------------
 
@@ -293,9 +293,7 @@ class SlotProvenance:
         if last is not None and last[0] == seq - 1 and last[1].position == before:
             _, packer, unit = last
         else:
-            packer = make_packer(self.spec, before)
-            assert isinstance(packer, BestFitPacker)
-            packer.keep_placements()
+            packer = _Replayer(self.spec, before)
             unit = packer.next_unit
         self._replayer = None  # until this window is packed whole
         while not packer.ready():
@@ -308,7 +306,7 @@ class SlotProvenance:
             unit += 1
         packer.fill(np.empty(self.spec.window_tokens, dtype=np.uint16))
         self._replayer = (seq, packer, unit)
-        return packer.placements()
+        return packer.placed()
 
     def _placed(self, placed: tuple[np.ndarray, array[int]], kept: _Kept
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -385,6 +383,25 @@ def _doc_table(kept: _Kept) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np
                       np.concatenate([r.ident for r in runs]),
                       np.concatenate([r.off for r in runs]))
     return kept.table
+
+
+class _Replayer(BestFitPacker):
+    """Best fit packing a window again for its record (`_replay`): the same packer, told
+    each placement's length, its pieces read off the position's table."""
+
+    def __init__(self, spec: StreamSpec, before: BestFitPosition) -> None:
+        super().__init__(spec.batch_size, spec.seq_len, before, buffer_docs=spec.buffer_docs,
+                         min_tail=spec.min_tail)  # as packer.make_packer builds the stream's
+        self.takes = array("q")
+        self._refs.keep_placed = True
+
+    def placed(self) -> tuple[np.ndarray, array[int]]:
+        """The window just filled: its pieces (rows unit, doc, start) and each one's length,
+        in placement order."""
+        assert self.takes is not None
+        takes = self.takes[:]
+        del self.takes[:]  # in place: the packing loop holds its bound append
+        return self._refs.placed, takes
 
 
 def enable(stream: Stream, names: list[str]) -> SlotProvenance:
