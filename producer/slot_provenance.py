@@ -2,7 +2,7 @@
 
 A stream attached with `provenance` (TokenFeed(provenance=True)) gets a `SlotProvenance`
 before its first unit is read; other streams get none and pay nothing. It learns from
-what the stream already does, through three hooks:
+what the stream already does, through two hooks:
 
     SourceReader.recorder(reader, unit, row_tokens)   a source unit's documents: the
         rows of its row group in read order with their token counts (0: null, filtered
@@ -33,10 +33,9 @@ units' runs (one shared snapshot until units come or go). Measured on B=32 T=204
 FineWeb-shaped windows, cutting spans at fill time cost 42 us a concat window (a 36 us
 fill) and 110 us a best-fit one (a ~1 ms fill), and checking the record on arrival a
 share of the consumer's link thread; keeping the makings costs ~2 us a batch (recording
-best fit's placements as it packed cost +3-6% of its packing: a tuple, later an int, a
-placement, and their arrays a batch). The record is cut only when a consumer asks for it
-(`provenance {stream, seq, ring}`, producer/ops.py, answered by `record`), so `ready`
-carries nothing extra. The record:
+best fit's placements as it packed, a tuple each, cost +3-6% of its packing). The record
+is cut only when a consumer asks for it (`provenance {stream, seq, ring}`,
+producer/ops.py, answered by `record`), so `ready` carries nothing extra. The record:
 
     files  [[source, file name], ...]
     spans  int64 LE (k, 5): index into files, row group, row, start, end
