@@ -41,7 +41,7 @@ class RefTable:
         self._table = np.empty((5, 2 * buffer_docs + 64), dtype=np.int64)
         self._used = 0
         self._next = 0  # the counter of the next reference appended
-        self.keep_placed = False  # slot_provenance.enable
+        self.keep_placed = False  # set by slot_provenance's replaying packer
         self.placed = np.zeros((3, 0), dtype=np.int64)  # the last alive()'s placed pieces
 
     def alive(self) -> np.ndarray:

@@ -55,9 +55,13 @@ class RowGroupRef:
         never changes what is delivered: a unit's parts are joined in order before
         packing, so it is not part of any position.
         """
-        n = max(1, min(self.num_rows, -(-self.text_bytes // task_bytes)))
+        n = self.part_count(task_bytes)
         bounds = [self.num_rows * i // n for i in range(n + 1)]
         return list(pairwise(bounds))
+
+    def part_count(self, task_bytes: int) -> int:
+        """How many parts `parts(task_bytes)` cuts the row group into."""
+        return max(1, min(self.num_rows, -(-self.text_bytes // task_bytes)))
 
 
 @dataclass(frozen=True)

@@ -155,8 +155,7 @@ class SourceReader:
         if self._task_share[0] != unit:  # once a unit: the scheduler asks every pass
             ref = self._ref(unit)
             want = self._task_text_bytes(ref)
-            n = max(1, min(ref.num_rows, -(-ref.text_bytes // want)))  # RowGroupRef.parts
-            self._task_share = (unit, min(1.0, ref.text_bytes / n / want))
+            self._task_share = (unit, min(1.0, ref.text_bytes / ref.part_count(want) / want))
         return (self.task_bytes * self.tokens_per_text_byte / self._kept_share()
                 * self._task_share[1])
 
