@@ -29,7 +29,8 @@ compared in the tests.
 
 Recording is what every batch pays, so it keeps only what the batch's record needs and
 cuts nothing: per published batch `seq`, the packer position before it and the kept
-units' runs (one shared snapshot until units come or go). Measured on B=32 T=2048
+units (one shared snapshot until units come or go), whose runs are made only when a
+record of them is first cut (`LazyRuns`). Measured on B=32 T=2048
 FineWeb-shaped windows, cutting spans at fill time cost 42 us a concat window (a 36 us
 fill) and 110 us a best-fit one (a ~1 ms fill), and checking the record on arrival a
 share of the consumer's link thread; keeping the makings costs ~2 us a batch (recording
@@ -47,16 +48,18 @@ over MAX_RECORD_BYTES (windows of thousands of tiny documents) is not sent:
 kept: a consumer holds at most `slots` batches after the one it returned last (the
 ring is full), so that batch's record is always there when it asks.
 
-Failure behaviour: provenance never fails the stream. A unit whose record disagrees
-with the tokens the packer got (a bug) logs an error once and marks every later slot
-`unavailable`.
+Failure behaviour: provenance never fails the stream. A unit whose runs, when made,
+disagree with the tokens the packer got of it (a bug) logs an error once; that record
+and every later one are `unavailable`.
 """
 
 from __future__ import annotations
 
 import logging
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -130,14 +133,57 @@ class Runs:
 _EMPTY_RUNS = Runs(_NO_INT, _NO_IDENT, _NO_INT, 0, _NO_INT, True)
 
 
+class LazyRuns:
+    """A unit's runs, made the first time a record needs them. Reading and pushing a unit
+    then cost a few references: making its runs as it was read cost ~5 us a batch of a
+    warm concat stream (its units' numpy calls), ~3.5% of its rate, for records most
+    batches never have cut. `tokens`: what the packer got of it, checked then."""
+
+    __slots__ = ("_make", "_runs", "tokens")
+
+    def __init__(self, make: Callable[[], Runs], tokens: int = -1) -> None:
+        self._make: Callable[[], Runs] | None = make
+        self._runs: Runs | None = None
+        self.tokens = tokens
+
+    def runs(self) -> Runs:
+        if self._runs is None:
+            assert self._make is not None
+            self._runs, self._make = self._make(), None
+        return self._runs
+
+
+def _no_runs() -> Runs:
+    return _EMPTY_RUNS  # a unit never read (pushed empty)
+
+
+_NO_RUNS = LazyRuns(_no_runs, 0)  # read-only: a mixture's source unit never read
+
+
 @dataclass(slots=True)
 class _Kept:
     """The kept units' runs at some fill, shared by the records of every batch filled
     until units come or go (a unit's runs never change); and their best-fit document
     table, built the first time a record of them is cut."""
 
-    units: dict[int, Runs]
+    units: dict[int, LazyRuns]
     table: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def runs(self, unit: int) -> Runs | None:
+        """The unit's runs (None: not kept); RecordError when they disagree with the
+        tokens the packer got of the unit (a bug: the batch's record is unavailable)."""
+        later = self.units.get(unit)
+        if later is None:
+            return None
+        runs = later.runs()
+        if runs.n != later.tokens:
+            raise _Disagree(f"unit {unit}: recorded {runs.n} tokens, the packer got "
+                            f"{later.tokens}")
+        return runs
+
+
+class _Disagree(Exception):
+    """A unit's runs disagree with what the packer got (`_Kept.runs`)."""
 
 
 class SlotProvenance:
@@ -152,8 +198,8 @@ class SlotProvenance:
         self.names = names  # source names, in the readers' order
         self.files: list[list[str]] = []  # file key -> [source, file name]
         self._file_keys: dict[tuple[int, str], int] = {}
-        self.source_units: dict[tuple[int, int], Runs] = {}  # (reader, unit) -> as read
-        self.units: dict[int, Runs] = {}  # packer unit -> its runs, in unit order
+        self.source_units: dict[tuple[int, int], LazyRuns] = {}  # (reader, unit) -> as read
+        self.units: dict[int, LazyRuns] = {}  # packer unit -> its runs, in unit order
         table = getattr(stream, "table", None)  # (absent in unit tests that never fill)
         self.keep_batches = 2 * len(table.slots) + 2 if table is not None else 1
         # What the last keep_batches published batches' records are cut from, at seq %
@@ -171,7 +217,12 @@ class SlotProvenance:
     # -- hooks --------------------------------------------------------------
 
     def read(self, reader: SourceReader, unit: int, row_tokens: np.ndarray) -> None:
-        """A source unit's rows (read order, after exclusion): its documents."""
+        """A source unit's rows (read order, after exclusion): its documents, as runs
+        when a record needs them (the reader's unit, order and layout never change)."""
+        self.source_units[(reader.source, unit)] = LazyRuns(
+            partial(self._source_runs, reader, unit, row_tokens))
+
+    def _source_runs(self, reader: SourceReader, unit: int, row_tokens: np.ndarray) -> Runs:
         ref = reader._ref(unit)
         kept = np.flatnonzero(row_tokens > 0)
         order = reader._row_order(unit)
@@ -183,30 +234,33 @@ class SlotProvenance:
             item = reader.layout.item(unit)
             if item[0] != WHOLE:
                 runs = runs.shaped(item)
-        self.source_units[(reader.source, unit)] = runs
+        return runs
 
     def pushed(self, unit: int, got: Unit) -> None:
-        """The packer's unit `unit` is `got`: keep its runs."""
+        """The packer's unit `unit` is `got`: keep its runs (made when first needed)."""
         mixer = getattr(self.supply, "mixer", None)
         if mixer is None:
-            runs = self.source_units.pop((0, unit), _EMPTY_RUNS)
-        else:
-            runs = self._virtual(mixer.compositions.get(unit, []))
+            later = self.source_units.pop((0, unit), None) or LazyRuns(_no_runs)
+            later.tokens = len(got.tokens)
+        else:  # the composition and its source units, as they are now
+            composition = mixer.compositions.get(unit, [])
+            sources = {(s, u): self.source_units.get((s, u), _NO_RUNS)
+                       for s, u, _, _ in composition}
+            later = LazyRuns(partial(_virtual, composition, sources), len(got.tokens))
             for s, cursor in enumerate(mixer.cursors):  # source units fully mixed go
                 for key in [k for k in self.source_units if k[0] == s and k[1] < cursor[0]]:
                     del self.source_units[key]
-        if runs.n != len(got.tokens) and self.broken is None:
-            self.broken = (f"unit {unit}: recorded {runs.n} tokens, the packer got "
-                           f"{len(got.tokens)}")
-            log.error("provenance of stream %s is off from here on: %s", self.spec, self.broken)
-        self.units[unit] = runs
+        # no window after the packer's position reads a unit before its first
+        first = self.packer.position.first_unit
+        for gone in [u for u in self.units if u < first]:
+            del self.units[gone]
+        self.units[unit] = later
         self._kept = None
 
     def filled(self, slot: int | None, before: Packed) -> None:
         """The packer filled the window after `before` into `slot` (None: a skipped
         batch), to be published as the table's next seq: keep what its record is cut
-        from, and drop the units no later window needs. A few reference stores: this
-        runs for every batch (module docstring)."""
+        from. A few reference stores: this runs for every batch (module docstring)."""
         if slot is not None:
             seq = self.stream.table.next_seq
             kept = self.broken if self.broken is not None else self._kept
@@ -214,11 +268,6 @@ class SlotProvenance:
                 kept = self._kept = _Kept(dict(self.units))
             i = seq % self.keep_batches
             self._seqs[i], self._kept_for[i], self._before[i] = seq, kept, before
-        first = self.packer.position.first_unit
-        if self.units and next(iter(self.units)) < first:  # kept in unit order
-            for unit in [u for u in self.units if u < first]:
-                del self.units[unit]
-            self._kept = None
 
     def record(self, seq: int) -> dict[str, Any]:
         """The wire record of published batch `seq` (module docstring), cut now."""
@@ -229,10 +278,16 @@ class SlotProvenance:
                     f"the last {self.keep_batches} published)"}
         if isinstance(kept, str):
             return {"unavailable": kept}
-        if isinstance(before, BestFitPosition):
-            return self._encode(*self._placed(self._replay(seq, before, kept), kept))
-        assert isinstance(before, ConcatPosition)
-        return self._encode(*self._concat(before, kept.units))
+        try:
+            if isinstance(before, BestFitPosition):
+                return self._encode(*self._placed(self._replay(seq, before, kept), kept))
+            assert isinstance(before, ConcatPosition)
+            return self._encode(*self._concat(before, kept))
+        except _Disagree as e:
+            if self.broken is None:  # logged once; every later batch is unavailable
+                self.broken = str(e)
+                log.error("provenance of stream %s is off from here on: %s", self.spec, e)
+            return {"unavailable": str(e)}
 
     # -- windows ------------------------------------------------------------
 
@@ -243,38 +298,20 @@ class SlotProvenance:
             self.files.append([self.names[source], file])
         return key
 
-    def _virtual(self, composition: list[tuple[int, int, int, int]]) -> Runs:
-        """A mixture's virtual unit: each entry (source, its unit, its document, tokens)."""
-        parts = []
-        for source, unit, doc, tokens in composition:
-            runs = self.source_units.get((source, unit), _EMPTY_RUNS)
-            lo = int(runs.doc_starts[doc]) if doc < len(runs.doc_starts) else runs.n
-            parts.append(runs.slice(lo, lo + tokens))
-        lengths = np.array([t for *_, t in composition], dtype=np.int64)
-        if not parts:
-            return _EMPTY_RUNS
-        ident = np.concatenate([p[0] for p in parts])
-        start = np.concatenate([p[1] for p in parts])
-        span = np.concatenate([p[2] - p[1] for p in parts])
-        at = np.cumsum(span) - span
-        doc_starts = np.cumsum(lengths) - lengths
-        simple = len(at) == len(doc_starts) and not start.any()
-        return Runs(at, ident, start, int(span.sum()), doc_starts, simple)
-
-    def _concat(self, before: ConcatPosition, units: dict[int, Runs]
+    def _concat(self, before: ConcatPosition, kept: _Kept
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The window after concat position `before`: window_tokens from its unit and
         offset on, over the units that follow."""
         unit, pos, need = before.unit, before.offset, self.spec.window_tokens
         parts = []
         while need > 0:
-            runs = units.get(unit, _EMPTY_RUNS)
+            runs = kept.runs(unit) or _EMPTY_RUNS
             take = min(runs.n - pos, need)
             if take > 0:
                 parts.append(runs.slice(pos, pos + take))
                 need -= take
             unit, pos = unit + 1, 0
-            if unit > max(units, default=-1) + 1:
+            if unit > max(kept.units, default=-1) + 1:
                 raise RuntimeError("provenance: the window runs past the units pushed")
         if len(parts) == 1:  # most windows: 65K tokens of a ~1M-token unit
             return parts[0]
@@ -296,7 +333,7 @@ class SlotProvenance:
             unit = packer.next_unit
         self._replayer = None  # until this window is packed whole
         while not packer.ready():
-            runs = kept.units.get(unit)
+            runs = kept.runs(unit)
             if runs is None:
                 raise RuntimeError("provenance: the window runs past the units pushed")
             if len(self._zeros) < runs.n:
@@ -338,7 +375,8 @@ class SlotProvenance:
             if hi[i] <= lo[i]:
                 continue
             if w in special:  # a unit of several runs per document: through its runs
-                runs = kept.units[int(unit[w])]
+                runs = kept.runs(int(unit[w]))
+                assert runs is not None  # (its document table row came from it)
                 d0 = int(runs.doc_starts[doc[w]])
                 parts.append(runs.slice(d0 + int(lo[i]), d0 + int(hi[i])))
             else:
@@ -368,14 +406,33 @@ class SlotProvenance:
         return {"files": files, "spans": spans.tobytes()}
 
 
+def _virtual(composition: list[tuple[int, int, int, int]],
+             sources: dict[tuple[int, int], LazyRuns]) -> Runs:
+    """A mixture's virtual unit: each entry (source, its unit, its document, tokens)."""
+    parts = []
+    for source, unit, doc, tokens in composition:
+        runs = sources[(source, unit)].runs()
+        lo = int(runs.doc_starts[doc]) if doc < len(runs.doc_starts) else runs.n
+        parts.append(runs.slice(lo, lo + tokens))
+    lengths = np.array([t for *_, t in composition], dtype=np.int64)
+    if not parts:
+        return _EMPTY_RUNS
+    ident = np.concatenate([p[0] for p in parts])
+    start = np.concatenate([p[1] for p in parts])
+    span = np.concatenate([p[2] - p[1] for p in parts])
+    at = np.cumsum(span) - span
+    doc_starts = np.cumsum(lengths) - lengths
+    simple = len(at) == len(doc_starts) and not start.any()
+    return Runs(at, ident, start, int(span.sum()), doc_starts, simple)
+
+
 def _doc_table(kept: _Kept) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The kept units' documents in one table (built once per snapshot: units come or go
     every ~16 best-fit windows on FineWeb-shaped units): first unit, each unit's first
     row, whether it is simple, and every simple unit's documents' ident and offset."""
     if kept.table is None:
-        units = kept.units
-        first = min(units)
-        runs = [units.get(u, _EMPTY_RUNS) for u in range(first, max(units) + 1)]
+        first = min(kept.units)
+        runs = [kept.runs(u) or _EMPTY_RUNS for u in range(first, max(kept.units) + 1)]
         counts = np.array([len(r.ident) for r in runs], dtype=np.int64)
         kept.table = (first, np.cumsum(counts) - counts,
                       np.array([r.simple for r in runs], dtype=bool),

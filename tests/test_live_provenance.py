@@ -11,6 +11,7 @@ an elastic resume 4 -> 3."""
 from __future__ import annotations
 
 import sysconfig
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,7 +32,12 @@ from tokenfeed.producer.dataset import scan_dataset
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.position import DOCS, PIECE, REST, TOKENS, BestFitPosition
 from tokenfeed.producer.provenance import explain
-from tokenfeed.producer.slot_provenance import MAX_RECORD_BYTES, Runs, SlotProvenance
+from tokenfeed.producer.slot_provenance import (
+    MAX_RECORD_BYTES,
+    LazyRuns,
+    Runs,
+    SlotProvenance,
+)
 from tokenfeed.producer.tokenizer import load_tokenizer
 from tokenfeed.producer.units import Unit
 from tokenfeed.tools.corpus import sample_documents, write_shards
@@ -357,7 +363,8 @@ def test_best_fit_records_packed_again_name_exactly_the_tokens_delivered():
             lengths = rng.lognormal(4.5, 1, 40).astype(np.int64) + 2
             unit = Unit.of_lengths(np.arange(total, total + int(lengths.sum()),
                                              dtype=np.uint32), lengths)
-            recorder.units[len(base)] = Runs.of_docs(0, len(base), np.arange(40), lengths)
+            recorder.units[len(base)] = LazyRuns(
+                partial(Runs.of_docs, 0, len(base), np.arange(40), lengths), len(unit.tokens))
             recorder._kept = None
             base.append(total)
             starts.append(unit.doc_starts)
