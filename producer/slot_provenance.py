@@ -33,8 +33,9 @@ units (one shared snapshot until units come or go), whose runs are made only whe
 record of them is first cut (`LazyRuns`). Measured on B=32 T=2048
 FineWeb-shaped windows, cutting spans at fill time cost 42 us a concat window (a 36 us
 fill) and 110 us a best-fit one (a ~1 ms fill), and checking the record on arrival a
-share of the consumer's link thread; keeping the makings costs ~2 us a batch (recording
-best fit's placements as it packed, a tuple each, cost +3-6% of its packing). The record
+share of the consumer's link thread; keeping the makings costs ~1% of a warm concat
+daemon's loop (py-spy; making each unit's runs as it was read cost 3.5%, and recording
+best fit's placements as it packed, a tuple each, +3-6% of its packing). The record
 is cut only when a consumer asks for it (`provenance {stream, seq, ring}`,
 producer/ops.py, answered by `record`), so `ready` carries nothing extra. The record:
 
