@@ -358,7 +358,7 @@ class BestFitPacker:
                             pieces[counter] = (held, 0, 0, runit, rdoc, docs_read, 0, n, 0)
                             if n <= long_doc:
                                 chunk, top, chunk_end = held, n, len(held)
-                        new_refs.extend((runit, rdoc, 0, docs_read))
+                        new_refs.extend((runit, docs_read - rdoc, 0, docs_read, counter))
                         insort(keys, n << shift | counter)
                         # its born is above every key's in the heap: appending keeps it one
                         ages.append(docs_read << shift | counter)
@@ -419,7 +419,7 @@ class BestFitPacker:
                         counter += 1
                         pieces[c] = (held, start + take - tail, 1, unit, doc, born,
                                      off + take - tail, end, bos if tail else held[off])
-                        new_refs.extend((unit, doc, start + take - tail, born))
+                        new_refs.extend((unit, born - doc, start + take - tail, born, c))
                         insort(keys, (rest + 1) << shift | c)
                         heappush(ages, born << shift | c)
                     elif rest:
@@ -443,10 +443,9 @@ class BestFitPacker:
         # Here, not later: packing runs ahead of the last window filled.
         refs = self._refs.alive()
         unit, docs_read = self._read[0], self._docs_read
-        low = int(refs[0].min()) if refs.shape[1] else unit
-        buffer = bestfit_codec.encode_columns(refs, unit, docs_read, low)
-        first = min(unit, low)
-        return BestFitPosition(unit, self._read[1], docs_read, buffer, first)
+        low = int(np.minimum.reduce(refs[:, 0])) if len(refs) else unit
+        buffer = bestfit_codec.encode_rows(refs, unit, docs_read, low)
+        return BestFitPosition(unit, self._read[1], docs_read, buffer, min(unit, low))
 
     def stats(self) -> dict[str, Any]:
         return {"tokens_packed": self.tokens_packed, "tokens_cropped": self.tokens_cropped,

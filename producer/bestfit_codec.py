@@ -60,24 +60,26 @@ def _is_int(v: Any) -> bool:
 def encode(refs: np.ndarray, unit: int, docs_read: int) -> str:
     """The compact buffer of the pieces `refs` ((unit, doc, start, born) rows, int64, in
     buffer order) of a position reading at `unit` with `docs_read` documents read."""
-    return encode_columns(refs.T, unit, docs_read)
+    rows = np.array(refs, dtype=np.int64).reshape(-1, 4)
+    rows[:, 1] = rows[:, 3] - rows[:, 1]  # doc -> z, the born of the unit's document 0
+    return encode_rows(rows, unit, docs_read)
 
 
-def encode_columns(cols: np.ndarray, unit: int, docs_read: int, low: int | None = None
-                   ) -> str:
-    """`encode` of the pieces as four rows (unit, doc, start, born), a column a piece
-    (`low`: their least unit, when the caller has it)."""
-    u, d, s, born = cols
-    n = len(born)
+def encode_rows(rows: np.ndarray, unit: int, docs_read: int, low: int | None = None) -> str:
+    """`encode` of the pieces as rows (unit, z, start, born, ...), z = born - doc: the
+    packer's reference table (bestfit_refs.py) as it stands (`low`: their least unit,
+    when the caller has it)."""
+    n = len(rows)
     if not n:
         return ""
-    # The units holding pieces, ascending, and each one's z (the born of its document 0):
-    # a unit's pieces all share it (documents are read in order), so any of them gives it,
-    # and a scatter over the few units spanned replaces a sort (np.unique) of the pieces.
+    u, z, s, born = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+    # The units holding pieces, ascending, and each one's z: a unit's pieces all share
+    # it (documents are read in order), so any of them gives it, and a scatter over the
+    # units from the least to the read unit replaces a sort (np.unique) of the pieces.
     # z >= 0, so -1 marks the units in the span that hold none.
-    low = int(u.min()) if low is None else low
-    z_of = np.full(int(u.max()) - low + 1, -1, dtype=np.int64)
-    z_of[u - low] = born - d
+    low = int(np.minimum.reduce(u)) if low is None else low
+    z_of = np.full(max(unit, int(np.maximum.reduce(u))) - low + 1, -1, dtype=np.int64)
+    z_of[u - low] = z
     held_at = np.flatnonzero(z_of >= 0)
     zs = z_of[held_at]
     tails = np.flatnonzero(s)
@@ -193,17 +195,21 @@ def _varints_to_text(values: np.ndarray) -> str:
     big = np.flatnonzero(zz >> _SEVEN)
     flat = zz.astype(np.uint8).tobytes()  # each value's low byte: all of one under 128
     if len(big):
-        # Values are ages and gaps, one byte each but for a few (~12 of ~1,000 a window):
-        # those few are encoded in Python and spliced in.
+        # Values are ages and gaps, one byte each but for a few (~15 of ~1,000 a window,
+        # nearly all of two bytes): those few are encoded in Python and spliced in.
         parts: list[bytes] = []
         at = 0
         for i, value in zip(big.tolist(), zz[big].tolist(), strict=True):
-            more = bytearray()
-            while value >= 0x80:
-                more.append(value & 0x7F | 0x80)
-                value >>= 7
-            more.append(value)
-            parts += (flat[at:i], bytes(more))
+            if value < 0x4000:
+                more = bytes((value & 0x7F | 0x80, value >> 7))
+            else:
+                grown = bytearray()
+                while value >= 0x80:
+                    grown.append(value & 0x7F | 0x80)
+                    value >>= 7
+                grown.append(value)
+                more = bytes(grown)
+            parts += (flat[at:i], more)
             at = i + 1
         parts.append(flat[at:])
         flat = b"".join(parts)

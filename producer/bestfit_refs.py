@@ -6,8 +6,8 @@ long as packing the window, so the packer (bestfit.py) also appends each piece's
 reference to this table as it buffers it, and the counter of each piece it places.
 Counters grow with insertion, so counter order is buffer order. `alive()` (once a
 window) appends what was buffered, drops what was placed (found by its counter with a
-binary search) and returns the pieces still buffered as contiguous rows (unit, doc,
-start, born), which bestfit_codec.py encodes. With `keep_placed` (live provenance), it
+binary search) and returns the pieces still buffered as rows (unit, z, start, born,
+counter), which bestfit_codec.py encodes. With `keep_placed` (live provenance), it
 also keeps the placed pieces' (unit, doc, start), in placement order, as `placed`: the
 window's placements come from the table the position needs anyway, not from a record
 made at each placement.
@@ -26,50 +26,52 @@ import numpy as np
 
 
 class RefTable:
-    """References `(unit, doc, start, born)` of the buffered pieces and their counters:
-    five int64 rows, a column a piece, so that each field comes out contiguous.
+    """References of the buffered pieces, a row each, in buffer (counter) order:
+    `(unit, z, start, born, counter)`, where z = born - doc is the born of the unit's
+    document 0 (what the position's codec stores; doc = born - z).
 
     The packing loop binds `new` and `gone` to locals and appends to them directly:
-    `new.extend((unit, doc, start, born))` per piece buffered, `gone.append(counter)`
-    per piece placed (flat int64s, ~90 placements a window, no method call each); the
-    n-th reference appended is the piece of counter n."""
+    `new.extend((unit, z, start, born, counter))` per piece buffered, `gone.append(counter)`
+    per piece placed (flat int64s, ~90 placements a window, no method call each).
+    A window's update is a few numpy calls whatever the buffer's size: one copy of the
+    new rows, one search for the gone ones, one compress into a spare table (swapped)."""
 
     def __init__(self, buffer_docs: int, start: Iterable[tuple[int, int, int, int]] = ()) -> None:
-        self.new = array("q", [v for p in start for v in p])
+        self.new = array("q", [v for c, (u, d, s, b) in enumerate(start)
+                               for v in (u, b - d, s, b, c)])
         self.gone = array("q")
-        # unit, doc, start, born, counter: the first _used columns
-        self._table = np.empty((5, 2 * buffer_docs + 64), dtype=np.int64)
+        rows = 2 * buffer_docs + 64
+        self._table = np.empty((rows, 5), dtype=np.int64)
+        self._spare = np.empty((rows, 5), dtype=np.int64)
         self._used = 0
-        self._next = 0  # the counter of the next reference appended
         self.keep_placed = False  # set by slot_provenance's replaying packer
         self.placed = np.zeros((3, 0), dtype=np.int64)  # the last alive()'s placed pieces
 
     def alive(self) -> np.ndarray:
-        """The pieces still buffered, in buffer order: rows unit, doc, start and born."""
-        used = self._used
+        """The pieces still buffered, in buffer order: rows (unit, z, start, born, counter)."""
+        used, table = self._used, self._table
         if self.new:
-            added = len(self.new) // 4
-            if used + added > self._table.shape[1]:  # more pieces than ever: twice the room
-                table = np.empty((5, 2 * (used + added)), dtype=np.int64)
-                table[:, :used] = self._table[:, :used]
-                self._table = table
-            self._table[:4, used : used + added] = np.frombuffer(
-                self.new, dtype=np.int64).reshape(added, 4).T
-            self._table[4, used : used + added] = np.arange(self._next, self._next + added)
+            added = len(self.new) // 5
+            if used + added > len(table):  # more pieces than ever: twice the room
+                grown = np.empty((2 * (used + added), 5), dtype=np.int64)
+                grown[:used] = table[:used]
+                table, self._spare = grown, np.empty_like(grown)
+            table[used : used + added] = np.frombuffer(self.new, dtype=np.int64).reshape(added, 5)
             del self.new[:]
-            self._next += added
             used += added
         if self.gone:
-            keep = np.ones(used, dtype=bool)
-            at = np.searchsorted(self._table[4, :used], np.frombuffer(self.gone, dtype=np.int64))
-            if self.keep_placed:
-                self.placed = self._table[:3, at]  # a copy: rows unit, doc, start
-            keep[at] = False
+            at = np.searchsorted(table[:used, 4], np.frombuffer(self.gone, dtype=np.int64))
             del self.gone[:]
-            kept = self._table[:, :used][:, keep]
-            used = kept.shape[1]
-            self._table[:, :used] = kept
+            if self.keep_placed:  # rows unit, doc, start
+                placed = table[at]
+                self.placed = np.array([placed[:, 0], placed[:, 3] - placed[:, 1],
+                                        placed[:, 2]])
+            keep = np.ones(used, dtype=bool)
+            keep[at] = False
+            left = used - len(at)
+            np.compress(keep, table[:used], axis=0, out=self._spare[:left])
+            table, self._spare, used = self._spare, table, left
         elif self.keep_placed:
             self.placed = np.zeros((3, 0), dtype=np.int64)
-        self._used = used
-        return self._table[:4, :used]
+        self._table, self._used = table, used
+        return table[:used]
