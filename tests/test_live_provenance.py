@@ -30,7 +30,14 @@ from tokenfeed.common.errors import ConfigError, ProtocolError
 from tokenfeed.consumer.provenance import parse
 from tokenfeed.producer.dataset import scan_dataset
 from tokenfeed.producer.packer import make_packer
-from tokenfeed.producer.position import DOCS, PIECE, REST, TOKENS, BestFitPosition
+from tokenfeed.producer.position import (
+    DOCS,
+    PIECE,
+    REST,
+    TOKENS,
+    BestFitPosition,
+    ConcatPosition,
+)
 from tokenfeed.producer.provenance import explain
 from tokenfeed.producer.slot_provenance import (
     MAX_RECORD_BYTES,
@@ -260,6 +267,39 @@ def test_a_record_over_the_bound_is_sent_as_unavailable():
     assert set(got) == {"unavailable"} and f"over {MAX_RECORD_BYTES}" in got["unavailable"]
     with pytest.raises(ConfigError, match=r"tokenfeed explain"):
         parse(got, 32, 2048, "concat").rows()
+
+
+def test_runs_that_disagree_with_the_packer_make_records_unavailable_not_errors():
+    """A unit's runs are made when a record of it is first cut; if they cover other than
+    the tokens the packer got of it (a bug), that record and every one filled after it
+    say so, and the records before it are still cut."""
+    spec = StreamSpec(split="train", rank=0, world_size=1, batch_size=2, seq_len=63)
+    packer = make_packer(spec, ConcatPosition(0))
+    table = SimpleNamespace(next_seq=0, slots=[None] * 4)
+    stream = SimpleNamespace(spec=spec, packer=packer, supply=SimpleNamespace(), table=table)
+    recorder = SlotProvenance(stream, ["data"])  # type: ignore[arg-type]
+    recorder.files = [["data", "shard_00000.parquet"]]
+    lengths = np.full(4, 64, dtype=np.int64)  # a unit is two windows of 128 tokens
+    for unit in range(3):
+        # unit 1 is recorded one token short
+        runs = np.array([64, 64, 64, 63 if unit == 1 else 64], dtype=np.int64)
+        recorder.source_units[(0, unit)] = LazyRuns(
+            partial(Runs.of_docs, 0, unit, np.arange(4), runs))
+        got = Unit.of_lengths(np.zeros(256, dtype=np.uint32), lengths)
+        recorder.pushed(unit, got)
+        packer.push(unit, got.tokens, got.doc_starts)
+        out = np.empty(spec.window_tokens, dtype=np.uint32)
+        for _ in range(2):
+            before = packer.position
+            packer.fill(out)
+            recorder.filled(0, before)
+            table.next_seq += 1
+    assert "spans" in recorder.record(1)  # unit 0's second window
+    why = recorder.record(2)["unavailable"]  # unit 1's first
+    assert why == "unit 1: recorded 255 tokens, the packer got 256"
+    assert recorder.record(3)["unavailable"] == why
+    # filled before the fault was found, in unit 0: still cut
+    assert "spans" in recorder.record(0)
 
 
 def test_provenance_off_is_a_clear_error(start_daemon):
