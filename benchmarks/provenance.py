@@ -77,9 +77,10 @@ from _common import (
 from tokenfeed.common.config import PRESET, StreamSpec, resolve_packing
 from tokenfeed.consumer import TokenFeed
 from tokenfeed.consumer import provenance as records
+from tokenfeed.producer.doc_runs import LazyRuns, Runs
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.position import BestFitPosition, ConcatPosition
-from tokenfeed.producer.slot_provenance import LazyRuns, Runs, SlotProvenance
+from tokenfeed.producer.slot_provenance import SlotProvenance
 from tokenfeed.producer.units import Unit
 
 THROUGHPUT_TARGET = 0.02

@@ -17,11 +17,7 @@ before the window and the documents' lengths, so a record is cut by packing that
 window again, from that position, over units of the kept lengths (`_replay`), and the
 packer (`_Replayer`) names each piece it placed.
 
-A unit is kept as RUNS: maximal spans of consecutive tokens of one document, each
-`(at, file key, row group, row, offset)` (the unit's token `at` is token `offset` of the
-document's [BOS] + encode_ordinary(text)). A plain unit has one run per document at
-offset 0; an elastic layout's item reshapes it (elastic.apply, run on token positions
-instead of tokens, so no layout rule is written twice). A window is then runs sliced by
+A unit is kept as RUNS of documents (producer/doc_runs.py). A window is then runs sliced by
 token range (concat: from the packer position before it, over the units it spans; best
 fit: the placements, packed again from the position before it); cut into rows by the
 consumer, they are the segments `tokenfeed explain` prints (producer/provenance.py),
@@ -58,15 +54,22 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tokenfeed.producer import elastic
 from tokenfeed.producer.bestfit import BestFitPacker
+from tokenfeed.producer.doc_runs import (
+    EMPTY_RUNS,
+    NO_INT,
+    NO_RUNS,
+    LazyRuns,
+    Runs,
+    no_runs,
+    virtual_runs,
+)
 from tokenfeed.producer.position import WHOLE, BestFitPosition, ConcatPosition, Packed
 from tokenfeed.producer.units import Unit
 
@@ -78,89 +81,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RECORD_BYTES = 512 << 10  # half a control frame (protocol.MAX_FRAME_BYTES = 1 MiB)
-_NO_IDENT = np.zeros((0, 3), dtype=np.int64)
-_NO_INT = np.zeros(0, dtype=np.int64)
-
-
-@dataclass(frozen=True, slots=True)
-class Runs:
-    """A unit's tokens as runs of one document each (module docstring)."""
-
-    at: np.ndarray  # int64: the unit token each run starts at (ascending, at[0] == 0)
-    ident: np.ndarray  # int64 (k, 3): file key, row group, row of each run's document
-    off: np.ndarray  # int64: the document token at `at`
-    n: int  # tokens in the unit
-    doc_starts: np.ndarray  # the unit's documents, as the packer sees them
-    simple: bool  # run i is document i from its first token: a placement needs no search
-
-    @classmethod
-    def of_docs(cls, file_key: int, row_group: int, rows: np.ndarray,
-                lengths: np.ndarray) -> Runs:
-        at = np.cumsum(lengths) - lengths
-        ident = np.empty((len(rows), 3), dtype=np.int64)
-        ident[:, 0], ident[:, 1], ident[:, 2] = file_key, row_group, rows
-        return cls(at, ident, np.zeros(len(rows), dtype=np.int64), int(lengths.sum()), at,
-                   True)
-
-    def shaped(self, item: tuple[int, int, int, int]) -> Runs:
-        """What an elastic layout item keeps of this (whole) unit: elastic.apply over the
-        tokens' positions, read back as runs."""
-        got = elastic.apply(item, Unit(np.arange(self.n, dtype=np.int64), self.doc_starts))
-        pos = got.tokens
-        if not len(pos):
-            return Runs(_NO_INT, _NO_IDENT, _NO_INT, 0, got.doc_starts, True)
-        new_doc = np.zeros(self.n + 1, dtype=bool)
-        new_doc[self.at] = True
-        breaks = np.flatnonzero(np.concatenate(
-            [[True], (pos[1:] != pos[:-1] + 1) | new_doc[pos[1:]]]))
-        first = pos[breaks]
-        run = np.searchsorted(self.at, first, side="right") - 1
-        off = self.off[run] + first - self.at[run]
-        simple = len(breaks) == len(got.doc_starts) and bool(
-            np.array_equal(breaks, got.doc_starts)) and not off.any()
-        return Runs(breaks, self.ident[run], off, len(pos), got.doc_starts, simple)
-
-    def slice(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ident, start, end) of the document spans of tokens lo:hi."""
-        at = self.at
-        i0 = int(np.searchsorted(at, lo, side="right")) - 1
-        i1 = int(np.searchsorted(at, hi, side="left"))
-        first = np.maximum(at[i0:i1], lo)
-        last = np.minimum(np.append(at[i0 + 1:i1], hi), hi)
-        start = self.off[i0:i1] + first - at[i0:i1]
-        return self.ident[i0:i1], start, start + (last - first)
-
-
-_EMPTY_RUNS = Runs(_NO_INT, _NO_IDENT, _NO_INT, 0, _NO_INT, True)
-
-
-class LazyRuns:
-    """A unit's runs, made the first time a record needs them. Reading and pushing a unit
-    then cost a few references: making its runs as it was read cost ~5 us a batch of a
-    warm concat stream (its units' numpy calls), ~3.5% of its rate, for records most
-    batches never have cut. `tokens`: what the packer got of it, checked then."""
-
-    __slots__ = ("_make", "_runs", "tokens")
-
-    def __init__(self, make: Callable[[], Runs], tokens: int = -1) -> None:
-        self._make: Callable[[], Runs] | None = make
-        self._runs: Runs | None = None
-        self.tokens = tokens
-
-    def runs(self) -> Runs:
-        if self._runs is None:
-            assert self._make is not None
-            self._runs, self._make = self._make(), None
-        return self._runs
-
-
-def _no_runs() -> Runs:
-    return _EMPTY_RUNS  # a unit never read (pushed empty)
-
-
-_NO_RUNS = LazyRuns(_no_runs, 0)  # read-only: a mixture's source unit never read
-
-
 @dataclass(slots=True)
 class _Kept:
     """The kept units' runs at some fill, shared by the records of every batch filled
@@ -211,7 +131,7 @@ class SlotProvenance:
         self._before: list[Packed | None] = [None] * self.keep_batches
         self.broken: str | None = None
         self._kept: _Kept | None = None  # the snapshot of `units` batches share
-        self._zeros = _NO_INT.astype(np.uint16)  # a replayed unit's tokens (_replay)
+        self._zeros = NO_INT.astype(np.uint16)  # a replayed unit's tokens (_replay)
         # the packer that replayed the last record cut: (its seq, it, the next unit it takes)
         self._replayer: tuple[int, _Replayer, int] | None = None
 
@@ -241,13 +161,13 @@ class SlotProvenance:
         """The packer's unit `unit` is `got`: keep its runs (made when first needed)."""
         mixer = getattr(self.supply, "mixer", None)
         if mixer is None:
-            later = self.source_units.pop((0, unit), None) or LazyRuns(_no_runs)
+            later = self.source_units.pop((0, unit), None) or LazyRuns(no_runs)
             later.tokens = len(got.tokens)
         else:  # the composition and its source units, as they are now
             composition = mixer.compositions.get(unit, [])
-            sources = {(s, u): self.source_units.get((s, u), _NO_RUNS)
+            sources = {(s, u): self.source_units.get((s, u), NO_RUNS)
                        for s, u, _, _ in composition}
-            later = LazyRuns(partial(_virtual, composition, sources), len(got.tokens))
+            later = LazyRuns(partial(virtual_runs, composition, sources), len(got.tokens))
             for s, cursor in enumerate(mixer.cursors):  # source units fully mixed go
                 for key in [k for k in self.source_units if k[0] == s and k[1] < cursor[0]]:
                     del self.source_units[key]
@@ -306,7 +226,7 @@ class SlotProvenance:
         unit, pos, need = before.unit, before.offset, self.spec.window_tokens
         parts = []
         while need > 0:
-            runs = kept.runs(unit) or _EMPTY_RUNS
+            runs = kept.runs(unit) or EMPTY_RUNS
             take = min(runs.n - pos, need)
             if take > 0:
                 parts.append(runs.slice(pos, pos + take))
@@ -407,33 +327,13 @@ class SlotProvenance:
         return {"files": files, "spans": spans.tobytes()}
 
 
-def _virtual(composition: list[tuple[int, int, int, int]],
-             sources: dict[tuple[int, int], LazyRuns]) -> Runs:
-    """A mixture's virtual unit: each entry (source, its unit, its document, tokens)."""
-    parts = []
-    for source, unit, doc, tokens in composition:
-        runs = sources[(source, unit)].runs()
-        lo = int(runs.doc_starts[doc]) if doc < len(runs.doc_starts) else runs.n
-        parts.append(runs.slice(lo, lo + tokens))
-    lengths = np.array([t for *_, t in composition], dtype=np.int64)
-    if not parts:
-        return _EMPTY_RUNS
-    ident = np.concatenate([p[0] for p in parts])
-    start = np.concatenate([p[1] for p in parts])
-    span = np.concatenate([p[2] - p[1] for p in parts])
-    at = np.cumsum(span) - span
-    doc_starts = np.cumsum(lengths) - lengths
-    simple = len(at) == len(doc_starts) and not start.any()
-    return Runs(at, ident, start, int(span.sum()), doc_starts, simple)
-
-
 def _doc_table(kept: _Kept) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The kept units' documents in one table (built once per snapshot: units come or go
     every ~16 best-fit windows on FineWeb-shaped units): first unit, each unit's first
     row, whether it is simple, and every simple unit's documents' ident and offset."""
     if kept.table is None:
         first = min(kept.units)
-        runs = [kept.runs(u) or _EMPTY_RUNS for u in range(first, max(kept.units) + 1)]
+        runs = [kept.runs(u) or EMPTY_RUNS for u in range(first, max(kept.units) + 1)]
         counts = np.array([len(r.ident) for r in runs], dtype=np.int64)
         kept.table = (first, np.cumsum(counts) - counts,
                       np.array([r.simple for r in runs], dtype=bool),

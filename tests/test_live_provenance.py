@@ -29,6 +29,7 @@ from tokenfeed.common.control import request
 from tokenfeed.common.errors import ConfigError, ProtocolError
 from tokenfeed.consumer.provenance import parse
 from tokenfeed.producer.dataset import scan_dataset
+from tokenfeed.producer.doc_runs import LazyRuns, Runs
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.position import (
     DOCS,
@@ -39,12 +40,7 @@ from tokenfeed.producer.position import (
     ConcatPosition,
 )
 from tokenfeed.producer.provenance import explain
-from tokenfeed.producer.slot_provenance import (
-    MAX_RECORD_BYTES,
-    LazyRuns,
-    Runs,
-    SlotProvenance,
-)
+from tokenfeed.producer.slot_provenance import MAX_RECORD_BYTES, SlotProvenance
 from tokenfeed.producer.tokenizer import load_tokenizer
 from tokenfeed.producer.units import Unit
 from tokenfeed.tools.corpus import sample_documents, write_shards
