@@ -103,7 +103,7 @@ NO_RUNS = LazyRuns(no_runs, 0)  # read-only: a mixture's source unit never read
 
 
 def virtual_runs(composition: list[tuple[int, int, int, int]],
-             sources: dict[tuple[int, int], LazyRuns]) -> Runs:
+                 sources: dict[tuple[int, int], LazyRuns]) -> Runs:
     """A mixture's virtual unit: each entry (source, its unit, its document, tokens)."""
     parts = []
     for source, unit, doc, tokens in composition:

@@ -91,7 +91,7 @@ class _Kept:
     table: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def runs(self, unit: int) -> Runs | None:
-        """The unit's runs (None: not kept); RecordError when they disagree with the
+        """The unit's runs (None: not kept); `_Disagree` when they disagree with the
         tokens the packer got of the unit (a bug: the batch's record is unavailable)."""
         later = self.units.get(unit)
         if later is None:
