@@ -82,8 +82,10 @@ def connect(ctx: zmq.Context[Any], run_dir: Path) -> zmq.Socket[Any]:
     return sock
 
 
-def receive(sock: zmq.Socket[Any], timeout_s: float, expect: set[str]) -> protocol.Message:
-    """Next message whose op is in `expect` (or an error), skipping beats; bounded in time."""
+def receive(sock: zmq.Socket[Any], timeout_s: float, expect: set[str],
+            waiting: str | None = None) -> protocol.Message:
+    """Next message whose op is in `expect` (or an error), skipping beats; bounded in time.
+    A message of op `waiting` (the daemon says the answer is coming) starts the bound again."""
     deadline = time.monotonic() + timeout_s
     while True:
         left_ms = int((deadline - time.monotonic()) * 1000)
@@ -97,6 +99,8 @@ def receive(sock: zmq.Socket[Any], timeout_s: float, expect: set[str]) -> protoc
             raise error_from_reply(msg)
         if msg["op"] in expect:
             return msg
+        if msg["op"] == waiting:
+            deadline = time.monotonic() + timeout_s
 
 
 def request(

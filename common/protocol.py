@@ -48,7 +48,13 @@ Ops, client -> daemon:
         `ring` (the stream's segment name) ties the request to the daemon and stream
         that delivered the batch (producer/slot_provenance.py; checked by
         consumer/provenance.py)
+    The attached reply's `fingerprint` is "" for a stream attached while the daemon still
+    reads footers (an early plan, producer/served.py): a `plan` message follows.
 Ops, daemon -> consumer:
+    scanning {message}                        to an attach held until every footer is read:
+        the reply is coming (consumers restart their wait for it)
+    plan {stream, fingerprint}                every footer is read: the data's fingerprint,
+        to the consumers of streams attached before (their states carry it)
     ready {stream, slot, seq, cursor}         slot `slot` holds batch `seq`
     readies {stream, batches: [[slot, seq, cursor], ...]}   several `ready`s in one frame,
         in seq order, to a consumer whose attach was answered `batch: true`

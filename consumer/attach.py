@@ -62,7 +62,8 @@ def attach(
             **({"allow_source_changes": True} if allow_source_changes else {}),
             **fields,
         ))
-        reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"})
+        # `scanning`: the daemon holds this attach until it has read every footer
+        reply = receive(sock, ATTACH_TIMEOUT_S, {"attached"}, waiting="scanning")
     except BaseException:
         sock.close(linger=0)
         raise

@@ -274,6 +274,8 @@ class TokenFeed:
     def _reconnect(self, gone: DaemonGoneError) -> Link:
         """Wait for a daemon on the run dir and re-attach after the last batch returned."""
         log.warning("%s; waiting up to %.0f s for a daemon to re-attach", gone, self.reconnect_s)
+        if self._info.get("fingerprint") == "" and self._link is not None:
+            self._info["fingerprint"] = self._link.fingerprint  # None: never learnt, unchecked
         self._drop_link()
         if self._cursor is not None:
             self._start = self._cursor
@@ -360,6 +362,10 @@ class TokenFeed:
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch returned (not the read-ahead); JSON-serialisable."""
+        if self._info.get("fingerprint") == "" and self._link is not None:
+            # attached while the daemon read the rest of the footers: a state names the
+            # data by every shard, so it waits for them (seconds after the daemon's start)
+            self._info["fingerprint"] = self._link.wait_fingerprint()
         state = {
             "version": STATE_VERSION,
             "spec": self.spec.to_dict(),

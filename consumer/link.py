@@ -78,6 +78,10 @@ class Link(threading.Thread):
         self.expected_seq = first_seq
         self.run_dir = run_dir
         self.error: TokenfeedError | None = None
+        # the data's fingerprint, from a `plan` message: sent to a stream attached while the
+        # daemon still read footers (its reply's fingerprint was ""), once it has them all
+        self.fingerprint: str | None = None
+        self.planned = threading.Event()
         self._stop_event = threading.Event()
         self._pending: deque[protocol.Message] = deque()
         # (event, slot, batch) whose copy is in flight: handed out once done and re-checked
@@ -95,6 +99,17 @@ class Link(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+
+    def wait_fingerprint(self) -> str:
+        """The data's fingerprint once the daemon sends it (`plan`), waiting while this link
+        runs: a daemon gone silent ends it (DAEMON_SILENCE_S), and then its error is raised."""
+        while not self.planned.wait(0.1):
+            if not self.is_alive():
+                raise self.error or DaemonGoneError(
+                    f"the tokenfeed link to {self.run_dir} ended before the daemon had read "
+                    "every shard's footer; restart the feed")
+        assert self.fingerprint is not None  # set before `planned`
+        return self.fingerprint
 
     def taken(self, seq: int) -> None:
         """Called by next() on the caller's thread: the batch left the read-ahead."""
@@ -218,6 +233,9 @@ class Link(threading.Thread):
                                         "[slot, seq, cursor]")
                 self._pending.append({"op": "ready", "slot": entry[0], "seq": entry[1],
                                       "cursor": entry[2]})
+        elif op == "plan":
+            self.fingerprint = protocol.field(msg, "fingerprint", str)
+            self.planned.set()
         elif op == "shutdown":
             raise DaemonGoneError(
                 f"the tokenfeed daemon at {self.run_dir} shut down ({msg.get('reason')}); "

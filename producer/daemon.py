@@ -13,7 +13,10 @@ runs the loop.
 Start-up takes the run dir (rundir.py: one daemon a run dir, and a dead
 predecessor's segments and sockets removed first, so no manual clean-up after a
 crash or `kill -9`); this user's segments of any daemon that is provably dead,
-whatever its run dir, go too (producer/owners.py).
+whatever its run dir, go too (producer/owners.py). It serves as soon as the scan
+hands out a plan: the whole one, or an early one of the first files (served.py),
+which the loop replaces with the whole one when the rest of the footers are in,
+answering the attaches that waited for it (ops.py).
 
 Failure behaviour: malformed or unknown control messages get an `error` reply and
 never stop the loop; SIGTERM/SIGINT/`stop` tell every consumer `shutdown`, join
@@ -25,18 +28,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import zmq
 
 from tokenfeed.common import protocol
 from tokenfeed.common.config import WORKER_SOCKET_NAME, control_address, ipc_address
 from tokenfeed.common.control import error_kind
-from tokenfeed.common.errors import ProtocolError, TokenfeedError
+from tokenfeed.common.errors import TokenfeedError
 from tokenfeed.common.ring import token_dtype
 from tokenfeed.common.shm import ring_budget_warning
 from tokenfeed.producer import ops
@@ -51,7 +53,7 @@ from tokenfeed.producer.pool import Failure, Result, WorkerPool
 from tokenfeed.producer.registry import StreamRegistry
 from tokenfeed.producer.rundir import RunDir
 from tokenfeed.producer.scheduler import schedule
-from tokenfeed.producer.served import data_description, scan
+from tokenfeed.producer.served import BackgroundScan, ServedData, check_extends, data_description
 from tokenfeed.producer.storage import storage_summary
 from tokenfeed.producer.telemetry import advice, totals, val_store_stats, worker_summary
 from tokenfeed.producer.tokenizer import load_tokenizer
@@ -59,8 +61,6 @@ from tokenfeed.producer.valstore import ValStore
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-SCAN_THREAD = "tokenfeed-scan"
 LOOP_TICK_S = 0.05
 EARLY_WORKERS = 64  # spawned before the data is read; more follow from the loop
 
@@ -69,23 +69,6 @@ class _StopDuringStart(BaseException):
     """SIGTERM/SIGINT before the daemon serves: stop the start where it is (a
     BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way
     turns it into a data error)."""
-
-
-def _interruptible(call: Callable[..., T], *args: Any) -> T:
-    """`call(*args)` on a thread of its own, waited for here: a signal handler runs (and
-    may stop the start) at once, not when a blocking call in C++ (a slow object-storage
-    request, retried for up to a minute) returns. The thread is a daemon one: a start
-    stopped meanwhile leaves it behind, to end with the process."""
-    done: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            done.set_result(call(*args))
-        except BaseException as e:  # handed to the waiting thread, raised there
-            done.set_exception(e)
-
-    threading.Thread(target=run, name=SCAN_THREAD, daemon=True).start()
-    return done.result()
 
 
 class Daemon:
@@ -98,6 +81,8 @@ class Daemon:
         self.tokens_tokenized = 0  # tokens workers returned (status: per worker-second)
         self.metrics: MetricsServer | None = None
         self._starting = True  # until the loop runs: SIGTERM/SIGINT end the start at once
+        self._whole_plan: Future[ServedData] | None = None  # while serving an early plan
+        self._held: dict[bytes, protocol.Message] = {}  # attaches that wait for the whole plan
 
     # -- start-up -----------------------------------------------------------
 
@@ -142,8 +127,12 @@ class Daemon:
         loading = ThreadPoolExecutor(1, thread_name_prefix="tokenfeed-tokenizer")
         try:
             tokenizer = loading.submit(load_tokenizer, cfg.tokenizer, cfg.bos)
-            self.served = _interruptible(scan, cfg)
+            scanning = BackgroundScan(cfg)
+            # a one-source daemon reading every footer serves once its first files' are in
+            # (served.scan); the rest of the plan arrives in the loop (_on_whole_plan)
+            self.served = scanning.first.result()
             self.tokenizer = tokenizer.result()
+            self._whole_plan = None if self.served.complete else scanning.whole
         finally:
             loading.shutdown(wait=True, cancel_futures=True)
         self.weights = dict(self.served.weights)  # live: `tokenfeed mix` replaces it (ops.py)
@@ -191,8 +180,9 @@ class Daemon:
             log.info("metrics at %s", self.metrics.url)
         self.control.bind(control_address(self.rundir.path))
         for name, d in self.served.datasets.items():
-            log.info("source %s: %s (train %d row groups, val %d)", name, d.root,
-                     len(d.splits["train"]), len(d.splits["val"]))
+            log.info("source %s: %s (train %d row groups, val %d%s)", name, d.root,
+                     len(d.splits["train"]), len(d.splits["val"]),
+                     "" if d.complete else "; the first files' only, reading the rest")
         log.info("serving with %s (%s), %d workers, at %s", self.tokenizer.name, self.backend,
                  cfg.workers, control_address(self.rundir.path))
 
@@ -246,6 +236,9 @@ class Daemon:
                 poller.register(fd, zmq.POLLIN)
             polled = sentinels
             events = dict(poller.poll(int(LOOP_TICK_S * 1000)))
+            if self._whole_plan is not None and self._whole_plan.done():
+                self._on_whole_plan(self._whole_plan)
+                full = True
             if not (events or full or time.monotonic() >= next_beat or self.pool.broken
                     or self.registry.changed()):
                 # Woken by the tick alone: no message, no dead worker, no stream that changed,
@@ -269,9 +262,37 @@ class Daemon:
             if now >= next_beat:
                 next_beat = now + protocol.HEARTBEAT_INTERVAL_S
                 self.registry.beat(now)
+                for identity in self._held:
+                    self.send(identity, "scanning", message="still reading footers")
                 full = True
                 if self.metrics is not None:  # scrapes read this copy from their own thread
                     self.metrics.publish(self.status())
+
+    def _on_whole_plan(self, whole: Future[ServedData]) -> None:
+        """Every footer is read: streams started on the early plan read on through the
+        whole one, and their consumers learn the data's fingerprint (their states carry
+        it). A shard found bad now stops the daemon, naming it, as it would have at start."""
+        self._whole_plan = None
+        held, self._held = self._held, {}
+        try:
+            served = whole.result()
+            check_extends(self.served, served)
+        except TokenfeedError as e:
+            self.stopping = f"bad data: {e}"
+            for identity in held:
+                self.send(identity, "error", kind=error_kind(e), message=str(e))
+            raise
+        self.served = served
+        self.admission.datasets = served.datasets
+        for stream in self.registry:
+            if stream.on_whole_plan(served.datasets):
+                for identity in stream.consumers:
+                    self.send(identity, "plan", stream=stream.sid, fingerprint=served.fingerprint)
+        for name, d in served.datasets.items():
+            log.info("source %s: the whole plan is known: train %d row groups, val %d", name,
+                     len(d.splits["train"]), len(d.splits["val"]))
+        for identity, msg in held.items():
+            self._answer(identity, ops.handle, msg)
 
     def _on_outcome(self, outcome: Result | Failure) -> None:
         if isinstance(outcome, Result):  # worker output only: cache hits cost no worker time
@@ -303,20 +324,32 @@ class Daemon:
             except zmq.Again:
                 return
             identity = frames[0]
-            try:
-                if len(frames) != 2:
-                    raise ProtocolError(f"expected 1 frame, got {len(frames) - 1}")
-                if protocol.is_releases(frames[1]):  # the hot frame: a struct, not a map
-                    ops.releases(self, identity, frames[1])
-                    continue
-                msg = protocol.decode(frames[1])
-                self.peers.heard(identity, msg)
-                ops.handle(self, identity, msg)
-            except TokenfeedError as e:
-                self.send(identity, "error", kind=error_kind(e), message=str(e))
-            except Exception as e:  # a bug must not take the node's data feed down
-                log.exception("control request failed")
-                self.send(identity, "error", kind="internal", message=f"{type(e).__name__}: {e}")
+            if len(frames) != 2:
+                self.send(identity, "error", kind="protocol",
+                          message=f"expected 1 frame, got {len(frames) - 1}")
+            elif protocol.is_releases(frames[1]):  # the hot frame: a struct, not a map
+                self._answer(identity, ops.releases, frames[1])
+            else:
+                self._answer(identity, _request, frames[1])
+
+    def _answer(self, identity: bytes, handler: Callable[..., None], *args: Any) -> None:
+        """`handler(self, identity, *args)`; what it raises is the requester's error reply."""
+        try:
+            handler(self, identity, *args)
+        except TokenfeedError as e:
+            self.send(identity, "error", kind=error_kind(e), message=str(e))
+        except Exception as e:  # a bug must not take the node's data feed down
+            log.exception("control request failed")
+            self.send(identity, "error", kind="internal", message=f"{type(e).__name__}: {e}")
+
+    def hold_attach(self, identity: bytes, msg: protocol.Message, why: str) -> None:
+        """Answer `msg` once the whole plan is known; meanwhile its consumer is told, every
+        heartbeat, that the daemon is still reading footers (so it keeps waiting)."""
+        self._held[identity] = msg
+        log.info("consumer %s: %s waits for the rest of the footers",
+                 identity.decode(errors="replace"), why)
+        self.send(identity, "scanning", message=f"{why} starts once the daemon has read "
+                  "every shard's footer")
 
     def tokenizer_facts(self) -> dict[str, Any]:
         tok = self.tokenizer
@@ -334,6 +367,7 @@ class Daemon:
             "started": self.started,
             "metrics_url": self.metrics.url if self.metrics is not None else None,
             "data_dir": data_description(self.config, self.served),
+            "plan_complete": self.served.complete,
             "sources": self.served.describe(self.weights),
             "tokenizer": self.tokenizer.name,
             "tokenizer_backend": self.backend,
@@ -376,6 +410,13 @@ class Daemon:
         if hasattr(self, "ctx"):
             self.ctx.term()
         self.rundir.release(getattr(self, "daemon_id", None))  # sockets, segments, lock
+
+
+def _request(d: Daemon, identity: bytes, frame: bytes) -> None:
+    """One control request (a msgpack map) from `identity`, handled by its op (ops.py)."""
+    msg = protocol.decode(frame)
+    d.peers.heard(identity, msg)
+    ops.handle(d, identity, msg)
 
 
 def serve(config: DaemonConfig) -> None:

@@ -7,8 +7,9 @@ in order, repeated once per epoch; rank `r` of `W` reads global positions
 `r, r+W, r+2W, ...`, so ranks stay balanced even when files have few row groups.
 
 Only Parquet footers are read here (no text), concurrently, or none at all when a
-manifest describes the shards (manifest.py). Problems are `DataError`s that name
-the file and the fix.
+manifest describes the shards (manifest.py). While every footer is read, the plan of
+the first files can be handed out early (`scan_dataset`'s `early`): the whole plan
+begins with its row groups. Problems are `DataError`s that name the file and the fix.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
@@ -71,6 +73,9 @@ class SplitPlan:
     name: str
     files: tuple[str, ...]
     row_groups: tuple[RowGroupRef, ...]
+    # False: the first files' row groups only, while the rest of the footers are read
+    # (scan_dataset's `early`); only a fresh epoch-0 stream reads it, up to what it knows
+    complete: bool = True
 
     def __len__(self) -> int:
         return len(self.row_groups)
@@ -90,6 +95,11 @@ class Dataset:
     # (and an object's modification time), then the same over 16 groups of shards
     fingerprint: str
     names: tuple[str, ...] = ()  # shard file names, sorted
+
+    @property
+    def complete(self) -> bool:
+        """Every shard's row groups are known (False: scan_dataset's early plan)."""
+        return self.splits["train"].complete
 
     def sample_texts(self, max_bytes: int) -> list[str]:
         """Documents from the first row groups of every file, about `max_bytes` of text.
@@ -140,9 +150,15 @@ def _bucket(name: str) -> int:
     return zlib.crc32(name.encode()) % FINGERPRINT_BUCKETS
 
 
+# Footers known before a daemon may serve: one round of reads in flight, and the files the
+# parity sample reads (so a backend is checked on the same text as with the whole plan).
+EARLY_SHARDS = SAMPLE_FILES
+
+
 def scan_dataset(root: Path | str, *, text_column: str = DEFAULT_TEXT_COLUMN,
                  val_files: int = DEFAULT_VAL_FILES,
-                 manifest: str | Path | None = None, cache_dir: Path | None = None) -> Dataset:
+                 manifest: str | Path | None = None, cache_dir: Path | None = None,
+                 early: Callable[[Dataset], None] | None = None) -> Dataset:
     """List the shards, learn their row groups, check the text column, plan both splits.
 
     Row groups come from `manifest` (a path or URL; `DataError` if it is unreadable),
@@ -150,6 +166,11 @@ def scan_dataset(root: Path | str, *, text_column: str = DEFAULT_TEXT_COLUMN,
     else from every footer; any shard the listing shows changed since the manifest was
     written is read from its footer, so the plan is the same whichever way (manifest.py).
     With `cache_dir` the table learned is kept there for the next start.
+
+    `early`, when every footer is read and the train split has more than `EARLY_SHARDS`
+    files: called with the plan of the first `EARLY_SHARDS` as soon as their footers are
+    in (`Dataset.complete` False: no val split, no fingerprint), while the rest are read.
+    Its train row groups are the first ones of the whole plan's, in the same order.
     """
     if not is_url(root):
         root = Path(root).expanduser()
@@ -161,7 +182,21 @@ def scan_dataset(root: Path | str, *, text_column: str = DEFAULT_TEXT_COLUMN,
         )
     if val_files < 0:
         raise DataError(f"--val-files {val_files} must be >= 0")
-    entries, origin = _shard_entries(root, shards, text_column, manifest, cache_dir)
+    n_val = min(val_files, len(shards))
+    prefix = None
+    if early is not None and len(shards) - n_val > EARLY_SHARDS:
+        prefix = (EARLY_SHARDS, lambda first: early(
+            _planned(root, text_column, shards[:EARLY_SHARDS], first, None)))
+    entries, origin = _shard_entries(root, shards, text_column, manifest, cache_dir, prefix)
+    log.debug("%s: %d shards, %d row groups (%s)", root, len(shards),
+              sum(len(e.rows) for e in entries), origin)
+    return _planned(root, text_column, shards, entries, n_val)
+
+
+def _planned(root: Path | str, text_column: str, shards: list[Shard],
+             entries: list[ShardEntry], n_val: int | None) -> Dataset:
+    """The dataset of `shards` (their `entries`: row groups), the last `n_val` the val
+    split; `n_val` None: an early plan of the first shards (train only, incomplete)."""
     digest = hashlib.sha256()
     buckets = [hashlib.sha256() for _ in range(FINGERPRINT_BUCKETS)]
     row_groups: dict[str, list[tuple[int, int]]] = {}  # (num_rows, text_bytes) each
@@ -174,10 +209,9 @@ def scan_dataset(root: Path | str, *, text_column: str = DEFAULT_TEXT_COLUMN,
         digest.update(f"{line}\n".encode())
         buckets[_bucket(shard.name)].update(f"{line}\n".encode())
         stamps[shard.path] = shard.stamp
-    log.debug("%s: %d shards, %d row groups (%s)", root, len(shards),
-             sum(len(e.rows) for e in entries), origin)
-    n_val = min(val_files, len(shards))
     paths = [s.path for s in shards]
+    complete = n_val is not None
+    n_val = n_val or 0
     train_files, val_list = paths[: len(paths) - n_val], paths[len(paths) - n_val :]
 
     def plan(name: str, split_files: list[str]) -> SplitPlan:
@@ -185,21 +219,24 @@ def scan_dataset(root: Path | str, *, text_column: str = DEFAULT_TEXT_COLUMN,
             RowGroupRef(p, i, rows, size, stamps[p])
             for p in split_files for i, (rows, size) in enumerate(row_groups[p])
         )
-        return SplitPlan(name, tuple(split_files), refs)
+        return SplitPlan(name, tuple(split_files), refs, complete)
 
     return Dataset(
         root=root,
         text_column=text_column,
         splits={"train": plan("train", train_files), "val": plan("val", val_list)},
-        fingerprint=digest.hexdigest()[:16] + "." + "".join(b.hexdigest()[:4] for b in buckets),
+        fingerprint=(digest.hexdigest()[:16] + "." + "".join(b.hexdigest()[:4] for b in buckets)
+                     if complete else ""),
         names=tuple(s.name for s in shards),
     )
 
 
 def _shard_entries(root: Path | str, shards: list[Shard], text_column: str,
                    manifest: str | Path | None, cache_dir: Path | None,
+                   prefix: tuple[int, Callable[[list[ShardEntry]], None]] | None = None,
                    ) -> tuple[list[ShardEntry], str]:
-    """(an entry per listed shard, where they came from): see `scan_dataset`."""
+    """(an entry per listed shard, where they came from): see `scan_dataset`. `prefix`:
+    told the first entries early, when every footer is read (manifest.read_footers)."""
     found: Manifest | None = None
     origin = "footers"
     if manifest is not None:
@@ -230,7 +267,7 @@ def _shard_entries(root: Path | str, shards: list[Shard], text_column: str,
         if candidate.text_column == text_column:
             found, origin = candidate, f"manifest {where}"
     if found is None:
-        entries, stale = read_footers(shards, text_column), len(shards)
+        entries, stale = read_footers(shards, text_column, prefix=prefix), len(shards)
     else:
         entries, stale = found.entries_for(shards, text_column)
         origin += f", {stale} footers read for shards it does not match"

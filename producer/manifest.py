@@ -36,7 +36,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,19 +118,24 @@ def read_footer(shard: Shard, text_column: str) -> ShardEntry:
 
 
 def read_footers(shards: Sequence[Shard], text_column: str,
-                 in_flight: int = FOOTER_READS_IN_FLIGHT) -> list[ShardEntry]:
+                 in_flight: int = FOOTER_READS_IN_FLIGHT,
+                 prefix: tuple[int, Callable[[list[ShardEntry]], None]] | None = None,
+                 ) -> list[ShardEntry]:
     """Entries of `shards`, in their order, reading up to `in_flight` footers at once
-    (`LOCAL_FOOTER_READS_IN_FLIGHT` at most for local files)."""
+    (`LOCAL_FOOTER_READS_IN_FLIGHT` at most for local files). `prefix` = (k, call):
+    `call` gets the first k entries as soon as they are in, while the rest are read."""
     if shards and not is_url(shards[0].path):
         in_flight = min(in_flight, LOCAL_FOOTER_READS_IN_FLIGHT)
-    if len(shards) <= 1 or in_flight <= 1:
-        return [read_footer(s, text_column) for s in shards]
-    pool = ThreadPoolExecutor(max_workers=min(in_flight, len(shards)),
+    pool = ThreadPoolExecutor(max_workers=max(1, min(in_flight, len(shards))),
                               thread_name_prefix="tokenfeed-footer")
     try:
         futures = [pool.submit(read_footer, s, text_column) for s in shards]
-        # .result() in shard order: the first bad shard by name is the one reported
-        return [f.result() for f in futures]
+        entries: list[ShardEntry] = []
+        for future in futures:  # in shard order: the first bad shard by name is reported
+            entries.append(future.result())
+            if prefix is not None and len(entries) == prefix[0]:
+                prefix[1](list(entries))
+        return entries
     finally:  # on an error, the footers not yet started are not read
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -143,6 +143,9 @@ def _mix(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
 
 def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     spec = StreamSpec.from_dict(protocol.field(msg, "spec", dict))
+    if not d.served.complete and (why := _needs_whole_plan(d, spec, msg)):
+        d.hold_attach(identity, msg, why)  # answered once every footer is read
+        return
     d.admission.check_expectations(msg.get("expect") or {})
     if d.pool.broken:
         raise StreamFailedError(d.pool.broken)
@@ -191,6 +194,7 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
         reply = d.peers.encode(
             identity, "attached", stream=stream.sid, ring=stream.ring.segment.name,
             slots=layout.slot_count, slot_tokens=layout.slot_tokens, itemsize=layout.itemsize,
+            # "" while the plan is early: a `plan` message brings it (daemon.py)
             start_seq=seq, start=start_cursor, fingerprint=d.served.fingerprint,
             tokenizer=d.tokenizer_facts(), **({"skipped": skip} if skip else {}),
             **({"provenance": True} if provenance else {}),
@@ -205,6 +209,24 @@ def _attach(d: Daemon, identity: bytes, msg: protocol.Message) -> None:
     log.info("consumer %s (%s) attached to stream %d (%s rank %d/%d) at batch %d",
              identity.decode(errors="replace"), d.peers.describe(identity), stream.sid,
              spec.split, spec.rank, spec.world_size, seq)
+
+
+def _needs_whole_plan(d: Daemon, spec: StreamSpec, msg: protocol.Message) -> str:
+    """Why an attach waits for the whole plan while the daemon serves an early one (""
+    if it need not): only a fresh stream of the train split in file order starts on the
+    first files' row groups, the one plan-independent start (a shuffle, a resumed or
+    elastic position, an exclusion list or provenance each need every row group)."""
+    train = next(iter(d.served.datasets.values())).splits["train"]
+    if msg.get("start") is not None or msg.get("skip"):
+        return "a resumed stream"
+    if spec.split != "train" or spec.shuffle_seed is not None or spec.mix is not None:
+        return f"a {spec.split} stream" + (" that shuffles" if spec.shuffle_seed is not None
+                                           else " with mixture weights" if spec.mix else "")
+    if "exclude" in msg or msg.get("provenance"):
+        return "a stream with an exclusion list or provenance"
+    if spec.rank + spec.world_size >= len(train):
+        return f"rank {spec.rank} of {spec.world_size} (past the first files' row groups)"
+    return ""
 
 
 def _provenance(d: Daemon, identity: bytes, msg: protocol.Message) -> None:

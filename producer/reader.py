@@ -127,6 +127,20 @@ class SourceReader:
 
     # -- where units come from ----------------------------------------------
 
+    @property
+    def waits_for_plan(self) -> bool:
+        """Its next unit is past what an early plan knows (dataset.scan_dataset: the daemon
+        still reads the rest of the footers); it reads on once `on_whole_plan`. A unit is
+        read only when the one after it is known too, so every position the stream can
+        reach names a known row group (its epoch, in every cursor)."""
+        return (not self.plan.complete and not self.retry and self.next_part == 0
+                and self.rank + (self.next_unit + 1) * self.world_size >= len(self.plan))
+
+    def on_whole_plan(self, plan: SplitPlan) -> None:
+        """The whole plan, which begins with the early one this reader read from."""
+        self.plan = plan
+        self._epoch_order = (-1, np.arange(0))
+
     def unit_position(self, unit: int) -> tuple[int, int]:
         """(epoch, ordinal) of the rank's `unit`-th row group in the global sequence."""
         return unit_position(self.plan, self.layout, self.rank, self.world_size, unit)
@@ -152,7 +166,7 @@ class SourceReader:
         row groups of 17 documents were read ~100 tasks ahead: a stream left after a
         few batches had its workers tokenize ~25 epochs of a small corpus for nothing.)"""
         unit = self.next_unit
-        if self._task_share[0] != unit:  # once a unit: the scheduler asks every pass
+        if self._task_share[0] != unit and not self.waits_for_plan:  # once a unit
             ref = self._ref(unit)
             want = self._task_text_bytes(ref)
             self._task_share = (unit, min(1.0, ref.text_bytes / ref.part_count(want) / want))

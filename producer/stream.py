@@ -42,6 +42,7 @@ import numpy as np
 from tokenfeed.common.config import StreamSpec
 from tokenfeed.common.errors import TokenfeedError
 from tokenfeed.common.ring import Ring
+from tokenfeed.producer.dataset import Dataset
 from tokenfeed.producer.exclude import mark_at
 from tokenfeed.producer.packer import make_packer
 from tokenfeed.producer.pool import Result, Task
@@ -69,6 +70,7 @@ class Stream:
         self.supply = make_supply(sid, spec, sources, start,
                                   {"itemsize": ring.layout.itemsize, **reader_options})
         self.readers: list[SourceReader] = self.supply.readers
+        self._source_names = [s.name for s in sources]  # the readers', in order
         self.table = SlotTable(ring)
         self.error: str | None = None
         self.told: set[bytes] = set()  # consumers already sent `error`
@@ -155,7 +157,8 @@ class Stream:
         if self.done:
             return None
         short = self._packer_tokens() < self.spec.window_tokens
-        return self.supply.blocked(self.packer.next_unit, short)
+        blocked = self.supply.blocked(self.packer.next_unit, short)
+        return None if blocked is None or self.readers[blocked].waits_for_plan else blocked
 
     def hungry_readers(self, pool_capacity: int) -> list[int]:
         """Readers under their share of the read-ahead, the hungriest first. A bounded
@@ -168,12 +171,23 @@ class Stream:
         hungry: list[tuple[float, int]] = []
         for i, (reader, share, held) in enumerate(zip(
                 self.readers, self.supply.shares(), self.supply.held_tokens(), strict=True)):
-            if share <= 0:
+            if share <= 0 or reader.waits_for_plan:
                 continue
             have = reader.pending_bytes() // itemsize + held + share * packed
             if have < share * wanted:
                 hungry.append((have / share, i))
         return [i for _, i in sorted(hungry)]
+
+    def on_whole_plan(self, datasets: Mapping[str, Dataset]) -> bool:
+        """The daemon learnt every shard's row groups: readers of an early plan read on
+        through the whole one, which begins with theirs. True if this stream had one."""
+        early = False
+        for reader, name in zip(self.readers, self._source_names, strict=True):
+            if not reader.plan.complete:
+                reader.on_whole_plan(datasets[name].splits[reader.plan.name])
+                early = True
+        self.changed = self.changed or early
+        return early
 
     def starvation(self) -> float:
         """Lower is hungrier: fraction of the ring already filled."""
@@ -320,6 +334,8 @@ class Stream:
     def progress(self, cursor: Mapping[str, Any]) -> float:
         """How far into its epoch `cursor` is (a mixture: its source furthest behind)."""
         plans = self.supply.plans
+        if not all(p.complete for p in plans.values()):
+            return 0.0  # an early plan's length is not the epoch's
         epochs = cursor.get("epochs")
         name = min(epochs, key=lambda n: epochs[n]) if epochs else next(iter(plans))
         return int(cursor["row_group"]) / max(len(plans[name]), 1)

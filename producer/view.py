@@ -64,6 +64,9 @@ def header_lines(s: dict[str, Any]) -> list[str]:
         f"workers {w['alive']}/{w['target']} alive, {w['busy']} busy  restarts "
         f"{w.get('restarts', 0)}  {_si(per_s)} tok/worker-s  skipped docs {skipped:,.0f}",
     ]
+    if s.get("plan_complete") is False:  # served.py: an early plan
+        lines.append("plan: the first files' footers only, reading the rest (shuffled and "
+                     "resumed streams wait)")
     cache = s.get("cache")
     if cache:  # --cache-dir: row groups tokenized once per node
         looked = cache.get("hits", 0) + cache.get("misses", 0)

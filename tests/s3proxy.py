@@ -11,9 +11,10 @@ What object storage does to a job at scale, on 127.0.0.1: every request waits
 is answered `503 SlowDown` without reaching the server (S3's throttling reply, 5% at
 20); the `slow_every`-th waits `slow_s` more. Which requests are hit is decided by their
 arrival order, not by chance, so a run is repeatable. While `held` (an Event) is not set,
-a reply's body is sent a byte at a time, one every `TRICKLE_S`, until it is: the client
-waits as long as the test wants (a request answered slowly, not a silent one, which the
-AWS SDK would time out after 3 s and retry), and goes on at full speed once it is set.
+a reply's body (of the requests `hold(method, path)` names; default: every one) is sent
+a byte at a time, one every `TRICKLE_S`, until it is: the client waits as long as the
+test wants (a request answered slowly, not a silent one, which the AWS SDK would time
+out after 3 s and retry), and goes on at full speed once it is set.
 HTTP/1.1 keep-alive on both sides (one upstream connection per client connection), as a
 real endpoint would be used.
 
@@ -26,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import http.client
 import socket
+import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -41,13 +44,23 @@ HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encodin
                "te", "trailer"}
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a daemon stopped while its reads were in flight) is no
+        error of the proxy's: only anything else is printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FaultProxy:
     def __init__(self, upstream: str, *, latency_s: float = 0.0, fail_every: int = 0,
                  slow_every: int = 0, slow_s: float = 0.0,
-                 held: threading.Event | None = None) -> None:
+                 held: threading.Event | None = None,
+                 hold: Callable[[str, str], bool] | None = None) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.latency_s = latency_s
+        self.hold = hold  # (method, path) -> whether `held` holds it (None: every request)
         self.fail_every = fail_every
         self.slow_every = slow_every
         self.slow_s = slow_s
@@ -58,7 +71,7 @@ class FaultProxy:
         self.slowed = 0
         self.by_method: Counter[str] = Counter()
         self.connections: set[socket.socket] = set()  # closed on exit: keep-alive threads end
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server = _Server(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = False  # server_close() joins every handler thread
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
                                        name="s3-fault-proxy")
@@ -177,11 +190,12 @@ class FaultProxy:
                 if self.command != "HEAD":
                     # a client that stopped (a daemon shut down mid-read) is no server error
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                        self._send_body(data)
+                        self._send_body(data, proxy.hold is None or proxy.hold(
+                            self.command, urlsplit(self.path).path))
 
-            def _send_body(self, data: bytes) -> None:
+            def _send_body(self, data: bytes, holds: bool) -> None:
                 sent = 0
-                while proxy.held is not None and sent < len(data) - 1:
+                while holds and proxy.held is not None and sent < len(data) - 1:
                     if proxy.held.wait(TRICKLE_S):  # released: the rest at once
                         break
                     self.wfile.write(data[sent:sent + 1])
