@@ -28,6 +28,7 @@ from test_object_storage import s3, upload  # noqa: F401  (s3: the moto fixture)
 from tokenfeed.common.errors import DaemonGoneError
 from tokenfeed.producer.dataset import EARLY_SHARDS, Dataset, scan_dataset
 from tokenfeed.producer.manifest import build_manifest, save_manifest
+from tokenfeed.producer.reader import SourceReader
 from tokenfeed.producer.storage import list_shards
 from tokenfeed.tools.corpus import sample_documents, write_shards
 
@@ -76,6 +77,27 @@ def test_a_scan_hands_out_the_first_files_plan_early_and_it_begins_the_whole_one
     assert scan_dataset(many_shards, manifest=many_shards.parent / "m.json.gz",
                         early=early.append).fingerprint == whole.fingerprint
     assert early == []
+
+
+@pytest.mark.parametrize("rank,world_size", [(0, 1), (2, 3)])
+def test_a_reader_of_the_early_plan_reads_a_unit_only_once_the_next_is_known(
+        many_shards, rank, world_size):
+    early: list[Dataset] = []
+    whole = scan_dataset(many_shards, early=early.append)
+    plan = early[0].splits["train"]
+    reader = SourceReader(0, 0, plan, "text", rank=rank, world_size=world_size,
+                          shuffle_seed=None)
+    units = []
+    while not reader.waits_for_plan:
+        units.append(reader.next_task().unit)
+    last = units[-1]  # its successor is known (a position there names its row group)...
+    assert rank + (last + 1) * world_size < len(plan) <= rank + (last + 2) * world_size
+    assert sorted(set(units)) == list(range(last + 1))  # ...and so is every unit before
+    reader.on_whole_plan(whole.splits["train"])
+    assert not reader.waits_for_plan
+    task = reader.next_task()
+    ref = whole.splits["train"].row_groups[rank + task.unit * world_size]
+    assert task.unit == last + 1 and (task.path, task.row_group) == (ref.path, ref.row_group)
 
 
 def test_a_fresh_stream_is_served_from_the_first_footers_and_others_wait_for_all(
