@@ -8,7 +8,9 @@ daemon's start costs per node and for the whole job, with and without a manifest
 what a node holds in memory. Every figure comes from the code's own constants and
 classes, so it changes when they do:
 
-- footers in flight (`manifest.FOOTER_READS_IN_FLIGHT`); a footer read is one ranged GET
+- footers in flight (`manifest.FOOTER_READS_IN_FLIGHT`), and how many files' footers a
+  one-source daemon waits for before it serves a fresh stream (`dataset.EARLY_SHARDS`:
+  the rest are read while it serves); a footer read is one ranged GET
   (the listing gave the size, so no HEAD comes first) of the file's last
   `FOOTER_READ_BYTES` (Arrow's default footer read, 64 KiB), or the whole file if smaller;
 - the manifest's size: `manifest.Manifest.to_bytes()` of a table of that many shards
@@ -43,7 +45,7 @@ from _common import table
 from tokenfeed.common.ring import RingLayout, token_dtype
 from tokenfeed.producer import pool
 from tokenfeed.producer.config import DEFAULT_STAGING_BYTES, DaemonConfig
-from tokenfeed.producer.dataset import SAMPLE_FILES, RowGroupRef
+from tokenfeed.producer.dataset import EARLY_SHARDS, SAMPLE_FILES, RowGroupRef
 from tokenfeed.producer.manifest import FOOTER_READS_IN_FLIGHT, Manifest, ShardEntry
 
 FOOTER_READ_BYTES = 64 << 10  # Arrow's default footer read (parquet::kDefaultFooterReadSize)
@@ -115,6 +117,10 @@ def main() -> int:
         cold_req = pages + FOOTER_REQUESTS * shards
         cold_bytes = list_bytes + shards * footer_bytes
         cold_s = pages * lat_s + FOOTER_REQUESTS * lat_s * -(-shards // FOOTER_READS_IN_FLIGHT)
+        # a one-source daemon serves a fresh stream once the first files' footers are in
+        early = min(shards, EARLY_SHARDS)
+        early_req = pages + FOOTER_REQUESTS * early
+        early_s = pages * lat_s + FOOTER_REQUESTS * lat_s * -(-early // FOOTER_READS_IN_FLIGHT)
         seq_s = pages * lat_s + FOOTER_REQUESTS * lat_s * shards
         warm_req = pages + MANIFEST_REQUESTS
         warm_bytes = list_bytes + m_bytes
@@ -122,13 +128,17 @@ def main() -> int:
         for nodes in NODE_COUNTS:
             rows.append([f"{shards:,}", nodes,
                          f"{cold_req:,}", mib(cold_bytes), f"{cold_s:.1f}",
+                         f"{early_req:,}", f"{early_s:.2f}",
                          f"{warm_req:,}", mib(warm_bytes), f"{warm_s:.2f}",
                          f"{cold_req * nodes:,}", f"{warm_req * nodes + cold_req:,}",
                          f"{seq_s:,.0f}"])
     print()
     print("start-up requests, MiB and seconds (critical path) per node; requests for the job")
     print("(job, manifest: every node reads the manifest + one `tokenfeed index` run)")
-    print(table(["shards", "nodes", "req/node", "MiB/node", "s/node", "req/node M",
+    print("(serves: a fresh stream of a one-source daemon is served once the first "
+          f"{EARLY_SHARDS} files' footers are in; the rest are read meanwhile)")
+    print(table(["shards", "nodes", "req/node", "MiB/node", "s/node", "serves req", "serves s",
+                 "req/node M",
                  "MiB/node M", "s/node M", "job req", "job req M", "s sequential"], rows))
     sample_req = SAMPLE_FILES * SAMPLE_REQUESTS_PER_FILE
     print(f"+ with a faster tokenizer backend (auto): the parity sample, {sample_req} requests "
