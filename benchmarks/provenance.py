@@ -22,7 +22,8 @@ similar load.
   first epoch).
 - tokens/s in turn: one warm daemon, a feed with provenance off and one with it on
   (ranks 0 and 1 of 2: a stream each), drained in chunks of --pair-batches batches, AB
-  BA, --pairs pairs, both rings full before each chunk; the median of the pairs' on/off
+  BA, --pairs pairs, both rings full before each chunk; then the same from a fresh
+  daemon with the two ranks' settings swapped (`both_ways`); the median of the pairs' on/off
   ratios is the throughput figure (separate daemons scatter by more than the 2% asked,
   even round by round), with the daemon's CPU per batch over the same chunks (the idle
   stream costs it nothing); `--control` runs the pairs again with both off.
@@ -226,6 +227,21 @@ def paired_throughput(data: Path, args: argparse.Namespace, packing: str, cache:
             "cpu_off": median(cpus[0]), "cpu_on": median(cpus[1]), "cpu_ratios": cpu_ratios}
 
 
+def both_ways(data: Path, args: argparse.Namespace, packing: str, cache: Path, on: bool
+              ) -> dict[str, Any]:
+    """`paired_throughput` with the feed under test (provenance `on`) on rank 1 and then,
+    from a fresh daemon, on rank 0: a difference between the ranks' streams (their row
+    groups, their place in the daemon's loop) falls on both sides alike. The ratios are
+    always under test / off."""
+    one = paired_throughput(data, args, packing, cache, (False, on))
+    other = paired_throughput(data, args, packing, cache, (on, False))
+    return {"off": median([one["off"], other["on"]]), "on": median([one["on"], other["off"]]),
+            "ratios": one["ratios"] + [1 / x for x in other["ratios"]],
+            "cpu_off": median([one["cpu_off"], other["cpu_on"]]),
+            "cpu_on": median([one["cpu_on"], other["cpu_off"]]),
+            "cpu_ratios": one["cpu_ratios"] + [1 / x for x in other["cpu_ratios"]]}
+
+
 class InProcess:
     """One packer fed synthetic units of 1,024 lognormal documents (median ~600 tokens),
     recorded as the reader hook would with `on`; `window()` packs the next window and
@@ -378,13 +394,13 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"repeat {r} {packing:>8} {kind} provenance "
                               f"{'on ' if on else 'off'}: " + ", ".join(
                                   f"{k} {v:,.2f}" for k, v in got.items()), flush=True)
-                for ons in ((False, True), (False, False)) if r == 0 else ():
-                    if ons[1] or args.control:  # one daemon holds every pair
-                        paired = paired_throughput(data, args, packing, cache, ons)
-                        results[(packing, "paired", ons[1])] = [paired]
-                        print(f"{packing:>8} {'on' if ons[1] else 'off (control)'} / off in "
-                              "turn, one daemon, pairs: tokens/s " + " ".join(
-                                  f"{x:.3f}" for x in paired["ratios"])
+                for on in (True, False) if r == 0 else ():
+                    if on or args.control:  # one daemon holds every pair
+                        paired = both_ways(data, args, packing, cache, on)
+                        results[(packing, "paired", on)] = [paired]
+                        print(f"{packing:>8} {'on' if on else 'off (control)'} / off in "
+                              "turn, one daemon, pairs (on rank 1, then rank 0): tokens/s "
+                              + " ".join(f"{x:.3f}" for x in paired["ratios"])
                               + "; daemon CPU a batch "
                               + " ".join(f"{x:.3f}" for x in paired["cpu_ratios"]), flush=True)
                 got = paired_latency(data, args, packing, cache)
